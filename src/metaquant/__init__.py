@@ -1,0 +1,1 @@
+"""metaquant: train networks with low-bit weights, with a learned gradient through the quantizer."""
