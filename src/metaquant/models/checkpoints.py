@@ -1,0 +1,198 @@
+"""Reading model weights from checkpoints, with clear errors on mismatch.
+
+Three checkpoint layouts are accepted:
+
+* a plain ``state_dict`` (``{name: Tensor}``), as written by the original
+  MetaQuant code (e.g. ``ResNet20-CIFAR10-pretrain.pth``);
+* this library's training checkpoint, a dict whose ``"model"`` entry is the
+  state_dict (``{"model": ..., "optimizer": ..., "epoch": ..., "config": ...}``);
+* either of the above saved from an ``nn.DataParallel`` /
+  ``DistributedDataParallel`` wrapper, whose keys start with ``"module."``
+  (the prefix is stripped).
+
+Files are read with ``torch.load(map_location="cpu", weights_only=True)``,
+so loading a checkpoint never runs pickled code.  A checkpoint made for
+another architecture (other depth, ``num_classes`` or ``in_channels``) is
+reported as one ``ValueError`` naming the first few missing keys,
+unexpected keys and shape mismatches, instead of torch's long RuntimeError.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LoadResult", "extract_state_dict", "load_weights", "read_checkpoint"]
+
+# Prefix that nn.DataParallel / DistributedDataParallel add to every key.
+WRAPPER_PREFIX = "module."
+# Key of the state_dict in this library's training checkpoints.
+MODEL_KEY = "model"
+# How many names of each kind of mismatch an error message lists.
+MAX_LISTED = 5
+
+ACCEPTED = (
+    "accepted: a state_dict {name: Tensor}, a dict with a 'model' entry holding one, "
+    "optionally with DataParallel 'module.' prefixes"
+)
+
+
+class LoadResult(NamedTuple):
+    """Keys that were not loaded; both empty after a strict load."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    )
+
+
+def _describe(obj: object) -> str:
+    """Short description of an unrecognised checkpoint, for error messages."""
+    if isinstance(obj, Mapping):
+        if not obj:
+            return "an empty dict"
+        items = list(obj.items())
+        shown = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in items[:MAX_LISTED])
+        more = f", ... ({len(items)} entries)" if len(items) > MAX_LISTED else ""
+        return f"a dict {{{shown}{more}}}"
+    if isinstance(obj, nn.Module):
+        return f"an nn.Module ({type(obj).__name__}); pass its .state_dict() instead"
+    return f"an object of type {type(obj).__name__}"
+
+
+def _strip_wrapper_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    # Strip only when *every* key has the prefix: then it came from a
+    # wrapper, not from a submodule that happens to be called "module".
+    # Loop because a wrapper can be wrapped again ("module.module.").
+    sd = dict(state_dict)
+    while sd and all(k.startswith(WRAPPER_PREFIX) for k in sd):
+        sd = {k[len(WRAPPER_PREFIX):]: v for k, v in sd.items()}
+    return sd
+
+
+def extract_state_dict(obj: object) -> dict[str, Tensor]:
+    """Return the model state_dict held by a loaded checkpoint object.
+
+    Args:
+        obj: what ``torch.load`` returned: a plain state_dict, or a dict with
+            a ``"model"`` entry holding one; ``"module."`` key prefixes are
+            removed.
+
+    Raises:
+        ValueError: ``obj`` is neither; the message says what was found.
+    """
+    if _is_state_dict(obj):
+        return _strip_wrapper_prefix(obj)  # type: ignore[arg-type]
+    if isinstance(obj, Mapping) and MODEL_KEY in obj:
+        inner = obj[MODEL_KEY]
+        if _is_state_dict(inner):
+            return _strip_wrapper_prefix(inner)
+        raise ValueError(
+            f"checkpoint has a {MODEL_KEY!r} entry but it is not a state_dict: found {_describe(inner)}; "
+            f"{ACCEPTED}"
+        )
+    raise ValueError(f"not a model checkpoint: found {_describe(obj)}; {ACCEPTED}")
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """Load a checkpoint file onto the CPU without running pickled code.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable torch checkpoint (corrupt,
+            truncated, another format, or it pickles objects that
+            ``weights_only=True`` refuses); the message names ``path``.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint file not found: {p}")
+    if not p.is_file():
+        raise ValueError(f"checkpoint path is not a file: {p}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise OSError(f"cannot read checkpoint file {p}: {e}") from e
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"cannot load checkpoint file {p}: it is not a torch checkpoint readable with "
+            f"torch.load(weights_only=True) ({type(e).__name__}: {reason}). If it is corrupt or "
+            f"truncated, re-create it; if it is a trusted file that pickles other objects, load it "
+            f"yourself with torch.load(..., weights_only=False) and pass the result to load_weights"
+        ) from e
+
+
+def _mismatch_report(model: nn.Module, state_dict: Mapping[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """Missing keys, unexpected keys and 'name: checkpoint shape vs model shape' lines."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    return missing, unexpected, mismatched
+
+
+def _listing(what: str, names: list[str]) -> str:
+    """E.g. "2 missing keys (a, b)"; at most MAX_LISTED names are shown."""
+    shown = ", ".join(names[:MAX_LISTED])
+    more = f", ... ({len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else ""
+    plural = "" if len(names) == 1 else ("es" if what.endswith("h") else "s")
+    return f"{len(names)} {what}{plural} ({shown}{more})"
+
+
+def load_weights(
+    model: nn.Module,
+    path_or_obj: str | os.PathLike[str] | Mapping[str, Any],
+    strict: bool = True,
+) -> LoadResult:
+    """Load checkpoint weights into ``model`` in place.
+
+    Args:
+        model: the model to fill, e.g. ``get_model("resnet20")``.
+        path_or_obj: a checkpoint file path, or an already loaded checkpoint
+            object in one of the layouts of :func:`extract_state_dict`.
+        strict: if True, the checkpoint must hold exactly the model's keys.
+            Shapes must match in either case.
+
+    Returns:
+        The keys that were not loaded (both lists empty when ``strict``).
+
+    Raises:
+        ValueError: the checkpoint does not fit the model; one message lists
+            the first few missing keys, unexpected keys and shape mismatches.
+        FileNotFoundError / ValueError: see :func:`read_checkpoint`.
+    """
+    source = f"checkpoint file {Path(path_or_obj)}" if isinstance(path_or_obj, (str, os.PathLike)) else "checkpoint"
+    obj = read_checkpoint(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else path_or_obj
+    state_dict = extract_state_dict(obj)
+
+    missing, unexpected, mismatched = _mismatch_report(model, state_dict)
+    problems = []
+    if strict and missing:
+        problems.append(_listing("missing key", missing))
+    if strict and unexpected:
+        problems.append(_listing("unexpected key", unexpected))
+    if mismatched:
+        problems.append(_listing("shape mismatch", mismatched))
+    if problems:
+        raise ValueError(
+            f"{source} does not fit {type(model).__name__} (was it saved for another architecture, "
+            f"num_classes or in_channels?): " + "; ".join(problems)
+        )
+
+    result = model.load_state_dict(state_dict, strict=strict)
+    return LoadResult(list(result.missing_keys), list(result.unexpected_keys))

@@ -1,0 +1,174 @@
+"""quantize_/dequantize_ and the quantized layers, against F.conv2d/F.linear computed by hand."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metaquant as mq
+from metaquant.layers import QuantConv2d, QuantLinear, quantized_layers
+from metaquant.quantizers import DoReFa
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(4, 8, 3, padding=2, dilation=2, groups=2, bias=True)
+        self.bn = nn.BatchNorm2d(8)
+        self.inner = nn.Sequential(nn.Conv2d(8, 8, 1, stride=2, bias=False), nn.ReLU())
+
+    def forward(self, x):
+        return self.inner(self.bn(self.grouped(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.blocks[1].grouped = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # depthwise
+        self.head = nn.ModuleDict({"fc": nn.Linear(8, 5)})
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.head["fc"](x.mean((2, 3)))
+
+
+EXPECTED = {
+    "stem", "blocks.0.grouped", "blocks.0.inner.0", "blocks.1.grouped", "blocks.1.inner.0", "head.fc",
+}
+
+
+def test_quantize_swaps_exactly_the_conv_and_linear_layers_and_keeps_parameter_identity():
+    torch.manual_seed(0)
+    net = Net()
+    params = dict(net.named_parameters())
+    mq.quantize_(net, mq.QuantConfig("dorefa", bits=2))
+    assert set(quantized_layers(net)) == EXPECTED
+    for name, p in net.named_parameters():
+        assert p is params[name]
+    assert isinstance(net.blocks[0].bn, nn.BatchNorm2d)
+    assert type(net.head["fc"]) is QuantLinear
+    # options carried over
+    g = net.blocks[0].grouped
+    assert (g.groups, g.dilation, g.padding, g.bias is not None) == (2, (2, 2), (2, 2), True)
+    assert net.stem.padding_mode == "reflect"
+    assert net.blocks[0].grouped.quantizer == DoReFa(2)
+
+
+def test_dequantize_restores_the_state_dict_exactly():
+    torch.manual_seed(0)
+    net = Net().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 9, 9)
+    y_float = net(x)
+    mq.quantize_(net)
+    assert list(net.state_dict()) == list(before)
+    mq.dequantize_(net)
+    after = net.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert not quantized_layers(net)
+    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    torch.testing.assert_close(net(x), y_float, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quantizer,bits", [("dorefa", 1), ("bwn", 1), ("bwn-channel", 1), ("ternary", 2), ("uniform", 4)])
+def test_quantized_conv_output_equals_conv2d_with_quantized_weight(quantizer, bits):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, bias=True)
+    holder = nn.Sequential(conv)
+    mq.quantize_(holder, mq.QuantConfig(quantizer, bits))
+    q = mq.QuantConfig(quantizer, bits).forward_quantizer
+    x = torch.randn(3, 4, 11, 11)
+    w_hat = q.quantize(q.preprocess(conv.weight.detach()))
+    expected = F.conv2d(x, w_hat, conv.bias, stride=2, padding=1, groups=2)
+    assert torch.equal(holder[0](x), expected)
+
+
+def test_quantized_linear_output_equals_linear_with_quantized_weight():
+    torch.manual_seed(2)
+    holder = nn.Sequential(nn.Linear(7, 3))
+    mq.quantize_(holder, mq.QuantConfig("dorefa", 1))
+    lin = holder[0]
+    x = torch.randn(4, 7)
+    t = torch.tanh(lin.weight.detach())
+    w_hat = torch.where(t / (2 * t.abs().max()) + 0.5 >= 0.5, 1.0, -1.0)  # 1-bit DoReFa by hand
+    torch.testing.assert_close(lin(x), F.linear(x, w_hat, lin.bias), rtol=0, atol=0)
+
+
+def test_filter_fn_keeps_chosen_layers_in_full_precision():
+    net = Net()
+    mq.quantize_(net, filter_fn=lambda m, name: isinstance(m, nn.Conv2d) and name != "stem")
+    assert set(quantized_layers(net)) == EXPECTED - {"stem", "head.fc"}
+    assert type(net.stem) is nn.Conv2d
+
+
+def test_shared_module_is_swapped_once_everywhere():
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(shared, nn.ReLU(), shared)
+    mq.quantize_(net)
+    assert net[0] is net[2] and isinstance(net[0], QuantLinear)
+
+
+def test_quantize_is_idempotent():
+    net = Net()
+    mq.quantize_(net)
+    layers = quantized_layers(net)
+    mq.quantize_(net)
+    assert all(quantized_layers(net)[k] is v for k, v in layers.items())
+
+
+def test_gradient_flows_to_latent_weight_with_ste():
+    torch.manual_seed(3)
+    net = Net()
+    mq.quantize_(net)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+@pytest.mark.parametrize(
+    "model,filter_fn,message",
+    [
+        (nn.Sequential(nn.Conv1d(2, 2, 3)), lambda m, n: isinstance(m, nn.Conv1d), "only nn.Conv2d and nn.Linear"),
+        (nn.Linear(2, 2), None, "cannot swap the root module itself"),
+        (nn.Sequential(nn.ReLU()), None, "found no nn.Conv2d or nn.Linear"),
+        (nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))), None, "parametrizations"),
+    ],
+)
+def test_what_cannot_be_quantized_fails_clearly(model, filter_fn, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        mq.quantize_(model, filter_fn=filter_fn)
+
+
+def test_hooks_are_refused_rather_than_dropped():
+    lin = nn.Linear(2, 2)
+    lin.register_forward_hook(lambda *a: None)
+    with pytest.raises(TypeError, match="hooks"):
+        mq.quantize_(nn.Sequential(lin))
+
+
+def test_weight_fn_scope_is_restored_even_on_error():
+    net = nn.Sequential(nn.Linear(3, 2))
+    mq.quantize_(net)
+    replacement = torch.ones(2, 3)
+    x = torch.randn(1, 3)
+    with pytest.raises(RuntimeError):
+        with mq.quantized_weight_fn(net, lambda layer: replacement):
+            torch.testing.assert_close(net(x), F.linear(x, replacement, net[0].bias))
+            raise RuntimeError("boom")
+    assert net[0].weight_fn is None
+
+
+def test_quant_layers_can_be_built_directly():
+    conv = QuantConv2d(2, 2, 3, quantizer=DoReFa(1))
+    assert conv(torch.randn(1, 2, 5, 5)).shape == (1, 2, 3, 3)
+
+
+def test_linear_subclasses_are_left_alone_with_a_warning(caplog):
+    net = nn.Sequential(nn.MultiheadAttention(4, 2), nn.Linear(4, 4))
+    with caplog.at_level("WARNING", logger="metaquant.layers"):
+        mq.quantize_(net)
+    assert set(quantized_layers(net)) == {"1"}
+    assert "0.out_proj" in caplog.text
