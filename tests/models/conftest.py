@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -21,6 +22,20 @@ from torch import Tensor
 # (<repo>/../shared); METAQUANT_SHARED_DIR overrides it.
 SHARED_DIR = Path(os.environ.get("METAQUANT_SHARED_DIR", Path(__file__).resolve().parents[2] / ".." / "shared"))
 ORIGINAL_RESNET20 = SHARED_DIR / "reference" / "original-checkpoints" / "ResNet20-CIFAR10-pretrain.pth"
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Run these small-batch tests on one intra-op thread, then restore.
+
+    On a 2-core machine that is also running other work, splitting tiny
+    convolutions over 2 threads made each forward ~50x slower (0.9 s vs
+    0.01 s); one thread keeps the suite fast and its timing stable.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -58,7 +73,9 @@ def resnet_forward(sd: dict[str, Tensor], x: Tensor, *, imagenet_stem: bool) -> 
             stride = 2 if has_proj else 1
             out = F.relu(_bn(sd, f"{p}.bn1", F.conv2d(x, sd[f"{p}.conv1.weight"], stride=stride, padding=1)))
             out = _bn(sd, f"{p}.bn2", F.conv2d(out, sd[f"{p}.conv2.weight"], stride=1, padding=1))
-            short = _bn(sd, f"{p}.downsample.1", F.conv2d(x, sd[f"{p}.downsample.0.weight"], stride=2)) if has_proj else x
+            short = x
+            if has_proj:
+                short = _bn(sd, f"{p}.downsample.1", F.conv2d(x, sd[f"{p}.downsample.0.weight"], stride=2))
             x = F.relu(out + short)
             block += 1
         stage += 1

@@ -90,7 +90,9 @@ def test_rejects_non_int_depth(depth: object) -> None:
         CifarResNet(depth)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [({"num_classes": 0}, "num_classes"), ({"in_channels": -1}, "in_channels")])
+@pytest.mark.parametrize(
+    ("kwargs", "name"), [({"num_classes": 0}, "num_classes"), ({"in_channels": -1}, "in_channels")]
+)
 def test_rejects_bad_sizes(kwargs: dict[str, int], name: str) -> None:
     with pytest.raises(ValueError, match=name):
         resnet20(**kwargs)
@@ -102,7 +104,8 @@ def test_kaiming_init_of_convs() -> None:
     w = model.layer3[1].conv1.weight  # 64 out channels, 3x3: fan_out = 576
     expected_std = (2.0 / (64 * 9)) ** 0.5
     assert w.std().item() == pytest.approx(expected_std, rel=0.05)
-    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)
 
 
 def test_forward_matches_functional_oracle_on_original_weights(original_resnet20_path, functional_resnet) -> None:

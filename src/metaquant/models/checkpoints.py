@@ -20,6 +20,7 @@ unexpected keys and shape mismatches, instead of torch's long RuntimeError.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -119,18 +120,43 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
         raise FileNotFoundError(f"checkpoint file not found: {p}")
     if not p.is_file():
         raise ValueError(f"checkpoint path is not a file: {p}")
+    if p.stat().st_size == 0:
+        raise ValueError(f"cannot load checkpoint file {p}: the file is empty")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except OSError as e:
         raise OSError(f"cannot read checkpoint file {p}: {e}") from e
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # RuntimeError, UnpicklingError, EOFError, ... depending on the damage
+        reason = _load_failure_reason(e)
+        if "Unsupported global" in reason:
+            raise ValueError(
+                f"cannot load checkpoint file {p} with torch.load(weights_only=True): it pickles "
+                f"objects other than tensors and plain containers ({reason}). If you trust the file, "
+                f"load it yourself with torch.load(..., weights_only=False) and pass the result to "
+                f"load_weights"
+            ) from e
         raise ValueError(
-            f"cannot load checkpoint file {p}: it is not a torch checkpoint readable with "
-            f"torch.load(weights_only=True) ({type(e).__name__}: {reason}). If it is corrupt or "
-            f"truncated, re-create it; if it is a trusted file that pickles other objects, load it "
-            f"yourself with torch.load(..., weights_only=False) and pass the result to load_weights"
+            f"cannot load checkpoint file {p}: not a torch checkpoint, or corrupt or truncated ({reason})"
         ) from e
+
+
+def _load_failure_reason(error: Exception) -> str:
+    """The informative part of a torch.load error, on one line.
+
+    For weights_only failures torch prepends a long generic paragraph; the
+    cause is what follows "WeightsUnpickler error:".
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # drop terminal colour codes
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    first = lines[0]
+    # "Unsupported global: GLOBAL x.Y was not an allowed global by default. Please use ..."
+    first = first.split(". Please", 1)[0]
+    return f"{type(error).__name__}: {first}"
 
 
 def _mismatch_report(model: nn.Module, state_dict: Mapping[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
@@ -176,9 +202,17 @@ def load_weights(
             the first few missing keys, unexpected keys and shape mismatches.
         FileNotFoundError / ValueError: see :func:`read_checkpoint`.
     """
-    source = f"checkpoint file {Path(path_or_obj)}" if isinstance(path_or_obj, (str, os.PathLike)) else "checkpoint"
-    obj = read_checkpoint(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else path_or_obj
-    state_dict = extract_state_dict(obj)
+    if isinstance(path_or_obj, (str, os.PathLike)):
+        source = f"checkpoint file {Path(path_or_obj)}"
+        try:
+            state_dict = extract_state_dict(read_checkpoint(path_or_obj))
+        except ValueError as e:
+            if str(Path(path_or_obj)) in str(e):
+                raise
+            raise ValueError(f"{source}: {e}") from e  # say which file held the wrong content
+    else:
+        source = "checkpoint"
+        state_dict = extract_state_dict(path_or_obj)
 
     missing, unexpected, mismatched = _mismatch_report(model, state_dict)
     problems = []
