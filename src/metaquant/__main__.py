@@ -1,0 +1,7 @@
+"""``python -m metaquant``: the same as the ``metaquant`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

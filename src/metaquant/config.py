@@ -1,0 +1,132 @@
+"""The configuration of one training run, validated when it is made.
+
+``RunConfig`` is what the command line builds and what a run directory stores (``config.json``). Every field
+has a default suited to a quick Fashion-MNIST run; each bad value is refused in ``__post_init__`` with a
+``ValueError`` that names the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import DATASETS
+from .estimators import CLASSICAL_ESTIMATORS
+from .models import model_names
+from .quantizers import get_quantizer
+from .schedules import SCHEDULES
+
+__all__ = ["RunConfig", "OPTIMIZERS", "TASKS", "ESTIMATORS"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+TASKS = ("pretrain", "quantize")
+#: Backward methods: the classical estimators, then the learned ones (meta quantizers).
+META_ESTIMATORS = ("fc-grad", "multifc", "lstmfc")
+ESTIMATORS = tuple(CLASSICAL_ESTIMATORS) + META_ESTIMATORS
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _choice(field: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field} {value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+def _positive(field: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok:
+        ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{field} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
+
+
+@dataclass
+class RunConfig:
+    """One run of ``metaquant pretrain`` or ``metaquant quantize``.
+
+    Names are validated against the registries (``metaquant.models``, ``metaquant.data``,
+    ``metaquant.quantizers``); numbers against their ranges.
+    """
+
+    task: str = "quantize"
+    # data and model
+    model: str = "resnet20"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = True
+    train_size: int | None = None
+    test_size: int | None = None
+    batch_size: int = 128
+    test_batch_size: int = 500
+    # optimization
+    epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    lr_schedule: str = "step"
+    lr_step: int = 30
+    lr_gamma: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    # quantization
+    init: str | None = None
+    quantizer: str = "dorefa"
+    bits: int = 1
+    estimator: str = "ste"
+    ewgs_delta: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _choice("task", self.task, TASKS)
+        _choice("model", self.model.lower(), model_names())
+        self.model = self.model.lower()
+        _choice("dataset", self.dataset, DATASETS)
+        for name in ("train_size", "test_size"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name), integer=True)
+        for name in ("batch_size", "test_batch_size", "epochs", "lr_step"):
+            _positive(name, getattr(self, name), integer=True)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _positive("lr", self.lr)
+        for name in ("momentum", "dampening"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0 and dampening 0")
+        _positive("weight_decay", self.weight_decay, allow_zero=True)
+        _choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        if not (isinstance(self.lr_gamma, (int, float)) and 0 < self.lr_gamma <= 1):
+            raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
+        if not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise ValueError(f"device {self.device!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
+        get_quantizer(self.quantizer, self.bits)  # raises with the allowed names / bit widths
+        _choice("estimator", self.estimator, ESTIMATORS)
+        _positive("ewgs_delta", self.ewgs_delta, allow_zero=True)
+
+    # --- persistence --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys {unknown}; allowed: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,51 @@
+"""Data sets as tensors, with batch augmentation on the training device.
+
+Small data sets (MNIST, Fashion-MNIST, CIFAR-10/100) are read from their
+official file formats into uint8 tensors (:func:`load_split`) and served by
+:class:`TensorLoader`, which shuffles, augments and normalises whole batches on
+the training device. ImageNet is streamed from an ImageFolder tree through
+torchvision (optional dependency). :func:`make_loaders` builds both loaders of
+a data set from its registry name (:data:`DATASETS`, :func:`dataset_info`).
+"""
+
+from .augment import crop_at, crop_offsets, flip_mask, hflip_where, random_crop, random_hflip
+from .cifar import read_cifar
+from .download import download_url, md5_file
+from .errors import ChecksumError, DatasetError, DatasetFormatError, DatasetNotFoundError, DownloadError
+from .idx import read_idx_pair
+from .imagenet import ImageFolderLoader, check_imagenet_layout, imagenet_loaders
+from .loader import BatchLoader, TensorLoader
+from .make import make_loaders
+from .registry import DATASETS, DatasetInfo, dataset_info
+from .splits import load_split
+from .tensors import ImageTensors, subset
+
+__all__ = [
+    "DATASETS",
+    "BatchLoader",
+    "ChecksumError",
+    "DatasetError",
+    "DatasetFormatError",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "DownloadError",
+    "ImageFolderLoader",
+    "ImageTensors",
+    "TensorLoader",
+    "check_imagenet_layout",
+    "crop_at",
+    "crop_offsets",
+    "dataset_info",
+    "download_url",
+    "flip_mask",
+    "hflip_where",
+    "imagenet_loaders",
+    "load_split",
+    "make_loaders",
+    "md5_file",
+    "random_crop",
+    "random_hflip",
+    "read_cifar",
+    "read_idx_pair",
+    "subset",
+]

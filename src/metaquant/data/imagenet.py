@@ -1,0 +1,220 @@
+"""ImageNet (ILSVRC-2012) from an ImageFolder layout, streamed through torchvision.
+
+ImageNet does not fit in memory, so unlike the small data sets it is decoded
+and augmented by a worker pool (torch DataLoader + torchvision transforms) and
+only the finished batches are moved to the device. Expected layout::
+
+    <root>/train/<wnid>/*.JPEG
+    <root>/val/<wnid>/*.JPEG      # validation images sorted into class folders
+
+torchvision is an optional dependency (``pip install 'metaquant-torch[vision]'``)
+and is imported only when an ImageNet loader is built. The layout is checked
+before that, so layout mistakes are reported even without torchvision.
+
+Epoch order and sharding come from :mod:`metaquant.data.sampling`, like for
+:class:`~metaquant.data.loader.TensorLoader`. Augmentation randomness lives in
+the workers, each seeded from (seed, epoch, rank, worker id), so with
+``num_workers > 0`` an epoch is reproducible; with ``num_workers == 0`` the
+transforms draw from the main process's global RNG and are not.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .errors import DatasetFormatError, DatasetNotFoundError
+from .registry import dataset_info
+from .sampling import check_batching, epoch_seed, num_batches, shard_indices
+from .tensors import subset_indices
+
+__all__ = ["ImageFolderLoader", "check_imagenet_layout", "imagenet_loaders"]
+
+logger = logging.getLogger(__name__)
+
+_LAYOUT = "<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG"
+_IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+
+
+def check_imagenet_layout(root: str | Path) -> list[str]:
+    """Check that ``root`` has the ImageFolder layout; return the sorted class names.
+
+    Raises:
+        DatasetNotFoundError: ``root``, ``root/train`` or ``root/val`` is missing.
+        DatasetFormatError: a split has no class folders, or train and val classes differ.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"ImageNet root {root} is not a directory; expected {_LAYOUT}")
+    classes: dict[str, list[str]] = {}
+    for split in ("train", "val"):
+        directory = root / split
+        if not directory.is_dir():
+            raise DatasetNotFoundError(f"ImageNet folder {directory} is missing; expected {_LAYOUT}")
+        # Same rule as torchvision's ImageFolder: every sub-directory is a class.
+        names = sorted(entry.name for entry in directory.iterdir() if entry.is_dir())
+        if not names:
+            loose = any(p.suffix.lower() in _IMAGE_SUFFIXES for p in directory.iterdir())
+            hint = (
+                "; it holds images directly: sort them into one folder per class (wnid), e.g. with "
+                "the valprep.sh script of the ILSVRC-2012 devkit"
+                if loose
+                else ""
+            )
+            raise DatasetFormatError(f"ImageNet folder {directory} has no class folders{hint}; expected {_LAYOUT}")
+        classes[split] = names
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+        raise DatasetFormatError(
+            f"ImageNet train and val class folders under {root} differ: only in train: "
+            f"{only_train[:5]}{'...' if len(only_train) > 5 else ''} ({len(only_train)}), only in val: "
+            f"{only_val[:5]}{'...' if len(only_val) > 5 else ''} ({len(only_val)})"
+        )
+    return classes["train"]
+
+
+def _import_torchvision() -> tuple[ModuleType, ModuleType]:
+    try:
+        from torchvision import datasets, transforms
+    except ImportError as exc:
+        raise ImportError(
+            "ImageNet loading needs torchvision, which is not installed; install it with "
+            "pip install 'metaquant-torch[vision]'"
+        ) from exc
+    return datasets, transforms
+
+
+def _seed_worker(seed: int, epoch: int, rank: int, worker_id: int) -> None:
+    # Seed everything a transform might draw from, per (seed, epoch, rank, worker).
+    s = epoch_seed(seed, epoch, f"augment/rank{rank}/worker{worker_id}")
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+class ImageFolderLoader:
+    """Batches of an image folder data set on ``device``; same interface as TensorLoader.
+
+    Shuffles (``train=True``) and shards like TensorLoader; a fresh torch
+    DataLoader is built per epoch so each epoch's worker seeds depend only on
+    ``(seed, epoch, rank)``.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        *,
+        train: bool,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 4,
+    ) -> None:
+        check_batching(batch_size, rank, world_size)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.train = train
+        self.device = torch.device(device)
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order and augmentation the next iteration produces."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def _indices(self) -> list[int]:
+        return shard_indices(
+            len(self.dataset),
+            seed=self.seed,
+            epoch=self.epoch,
+            shuffle=self.train,
+            rank=self.rank,
+            world_size=self.world_size,
+            drop_last=self.drop_last,
+        ).tolist()
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        used = n - n % self.world_size if self.drop_last else n
+        return num_batches(len(range(self.rank, used, self.world_size)), self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=self._indices(),
+            drop_last=self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=functools.partial(_seed_worker, self.seed, self.epoch, self.rank),
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def imagenet_loaders(
+    root: str | Path,
+    *,
+    batch_size: int,
+    test_batch_size: int,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    test_seed: int = 0,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 4,
+) -> tuple[ImageFolderLoader, ImageFolderLoader]:
+    """Train and validation loaders for ImageNet in ImageFolder layout under ``root``.
+
+    Train: RandomResizedCrop(224) + horizontal flip; eval: Resize(256) +
+    CenterCrop(224); both normalised with the ImageNet mean/std. ``train_size`` /
+    ``test_size`` pick seeded subsets (seeds ``seed`` / ``test_seed``).
+
+    Raises:
+        DatasetNotFoundError, DatasetFormatError: wrong layout (checked first).
+        ImportError: torchvision is not installed.
+    """
+    classes = check_imagenet_layout(root)
+    datasets, transforms = _import_torchvision()
+    info = dataset_info("imagenet")
+    root = Path(root).expanduser()
+    normalize = transforms.Normalize(mean=info.mean, std=info.std)
+    train_tf = transforms.Compose(
+        [transforms.RandomResizedCrop(info.image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
+    )
+    eval_tf = transforms.Compose(
+        [transforms.Resize(256), transforms.CenterCrop(info.image_size), transforms.ToTensor(), normalize]
+    )
+    train_set = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    val_set = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
+    logger.info("imagenet: %d train / %d val images in %d classes under %s", len(train_set), len(val_set), len(classes), root)
+    if train_size is not None:
+        train_set = torch.utils.data.Subset(train_set, subset_indices(len(train_set), train_size, seed).tolist())
+    if test_size is not None:
+        val_set = torch.utils.data.Subset(val_set, subset_indices(len(val_set), test_size, test_seed).tolist())
+    common = dict(device=device, rank=rank, world_size=world_size, num_workers=num_workers)
+    train = ImageFolderLoader(train_set, batch_size, train=True, seed=seed, drop_last=drop_last, **common)
+    test = ImageFolderLoader(val_set, test_batch_size, train=False, seed=seed, **common)
+    return train, test

@@ -1,0 +1,82 @@
+"""One call from a data set name to train and test loaders: :func:`make_loaders`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import DatasetNotFoundError
+from .imagenet import imagenet_loaders
+from .loader import BatchLoader, TensorLoader
+from .registry import DatasetInfo, dataset_info
+from .splits import load_split
+from .tensors import subset
+
+__all__ = ["TEST_SUBSET_SEED", "make_loaders"]
+
+# The test subset does not depend on the training seed, so runs with different
+# seeds (and different train subsets) are evaluated on the same examples and
+# their accuracies are comparable.
+TEST_SUBSET_SEED = 0x7E57
+
+
+def make_loaders(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    batch_size: int = 128,
+    test_batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    download: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 4,
+) -> tuple[BatchLoader, BatchLoader, DatasetInfo]:
+    """Train loader, test loader and :class:`DatasetInfo` of data set ``name``.
+
+    Small sets are loaded into memory (:func:`load_split`), optionally cut to a
+    seeded subset (train: ``seed``; test: the fixed :data:`TEST_SUBSET_SEED`),
+    and served by :class:`TensorLoader`; ImageNet is streamed from
+    ``data_dir`` through torchvision (``num_workers`` applies to it only).
+
+    ``batch_size`` and ``test_batch_size`` (default: ``batch_size``) are per
+    rank. The train loader drops its ragged tail when ``world_size > 1`` so all
+    ranks take the same number of steps (distributed training would otherwise
+    hang); the test loader never drops anything, so an evaluation that sums
+    correct counts over ranks covers the test set exactly once.
+    """
+    info = dataset_info(name)
+    test_batch_size = batch_size if test_batch_size is None else test_batch_size
+    drop_last = world_size > 1
+    if name == "imagenet":
+        if data_dir is None:
+            raise DatasetNotFoundError(
+                "ImageNet cannot be downloaded automatically; pass data_dir (CLI: --data-dir) pointing "
+                "at a folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
+            )
+        train, test = imagenet_loaders(
+            data_dir,
+            batch_size=batch_size,
+            test_batch_size=test_batch_size,
+            device=device,
+            seed=seed,
+            test_seed=TEST_SUBSET_SEED,
+            train_size=train_size,
+            test_size=test_size,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+        )
+        return train, test, info
+
+    train_data = subset(load_split(name, "train", data_dir, download), train_size, seed)
+    test_data = subset(load_split(name, "test", data_dir, download), test_size, TEST_SUBSET_SEED)
+    common = dict(device=device, seed=seed, rank=rank, world_size=world_size)
+    train = TensorLoader(train_data, info, batch_size, train=True, drop_last=drop_last, **common)
+    test = TensorLoader(test_data, info, test_batch_size, train=False, **common)
+    return train, test, info

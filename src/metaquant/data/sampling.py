@@ -1,0 +1,70 @@
+"""Which examples each rank sees in each epoch, as a pure function of (seed, epoch).
+
+Both loaders (:class:`~metaquant.data.loader.TensorLoader` and the ImageNet
+loader) take their epoch order from here, so shuffling and sharding behave the
+same for every data set, and replaying epoch ``e`` of a resumed run reproduces
+exactly the batches of the original run.
+
+Sharding is *strided*: every rank computes the same epoch permutation and rank
+``r`` of ``W`` takes positions ``r, r + W, r + 2W, ...``. With per-rank batch
+size ``B``, step ``k`` of the ``W`` ranks together therefore covers exactly the
+examples of step ``k`` of a single-process loader with batch size ``W * B`` and
+the same seed — scaling out does not change which examples are grouped into a
+global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+__all__ = ["check_batching", "epoch_generator", "epoch_seed", "num_batches", "shard_indices"]
+
+
+def epoch_seed(seed: int, epoch: int, stream: str) -> int:
+    """A 63-bit seed derived from ``(seed, epoch, stream)`` only.
+
+    Hashing (rather than e.g. ``seed + epoch``) keeps the streams of different
+    (seed, epoch) pairs unrelated: seed 0 epoch 1 is not seed 1 epoch 0.
+    """
+    key = f"{int(seed)}:{int(epoch)}:{stream}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
+
+
+def epoch_generator(seed: int, epoch: int, stream: str) -> torch.Generator:
+    """A fresh CPU generator seeded with :func:`epoch_seed`."""
+    return torch.Generator(device="cpu").manual_seed(epoch_seed(seed, epoch, stream))
+
+
+def check_batching(batch_size: int, rank: int, world_size: int) -> None:
+    """Raise ValueError unless ``batch_size >= 1`` and ``0 <= rank < world_size``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an integer in 0..{world_size - 1} for world_size {world_size}, got {rank!r}")
+
+
+def shard_indices(
+    n: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1, drop_last: bool = False
+) -> torch.Tensor:
+    """Indices (int64, CPU) of the examples rank ``rank`` visits in ``epoch``, in order.
+
+    Without ``shuffle`` the order is ``0..n-1``. With ``drop_last`` the epoch is
+    first cut to a multiple of ``world_size`` so all ranks get equally many
+    examples (and hence equally many full batches — distributed training needs
+    every rank to run the same number of steps). Without it every example is
+    used exactly once over all ranks, and shares differ by at most one.
+    """
+    order = torch.randperm(n, generator=epoch_generator(seed, epoch, "order")) if shuffle else torch.arange(n)
+    if drop_last:
+        order = order[: n - n % world_size]
+    return order[rank::world_size]
+
+
+def num_batches(num_examples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of ``batch_size`` that ``num_examples`` make, the last one partial unless ``drop_last``."""
+    return num_examples // batch_size if drop_last else math.ceil(num_examples / batch_size)

@@ -1,0 +1,203 @@
+"""The training loop shared by ``metaquant pretrain`` and ``metaquant quantize``.
+
+``fit`` runs epochs of ``trainer.step`` over a loader, evaluates after each epoch, appends the metrics to the
+run directory and writes a checkpoint. It knows nothing about which algorithm the trainer runs (full-precision
+training, STE, or MetaQuant): they all offer ``step(closure)``, ``set_lr_factor`` and ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .runs import RunDir, save_checkpoint
+from .schedules import lr_factor, scale_lr
+
+__all__ = ["evaluate", "fit", "FitState", "rng_state", "set_rng_state", "seed_everything"]
+
+logger = logging.getLogger(__name__)
+
+
+class StepTrainer(Protocol):
+    optimizer: torch.optim.Optimizer
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor: ...
+    def set_lr_factor(self, factor: float) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+
+
+class EpochLoader(Protocol):
+    def set_epoch(self, epoch: int) -> None: ...
+    def __len__(self) -> int: ...
+    def __iter__(self): ...
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state a run depends on, for a checkpoint, as tensors and plain Python values only (so the
+    checkpoint loads with ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """Mean cross-entropy, top-1 and top-5 accuracy (percent) of ``model`` in eval mode over ``loader``."""
+    was_training = model.training
+    model.eval()
+    total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
+    for x, y in loader:
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top == y[:, None]
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        total += y.numel()
+    model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluation loader yielded no examples")
+    return {"loss": loss_sum / total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
+
+
+@dataclass
+class FitState:
+    """Where a run stands: the next epoch to run, iterations done, best test accuracy so far."""
+
+    epoch: int = 0
+    iteration: int = 0
+    best_acc: float = 0.0
+    last_acc: float = float("nan")
+
+
+def fit(
+    model: nn.Module,
+    trainer: StepTrainer,
+    train_loader: EpochLoader,
+    test_loader: EpochLoader,
+    *,
+    epochs: int,
+    schedule: Callable[[int], float],
+    run: RunDir | None = None,
+    state: FitState | None = None,
+    extra_checkpoint: Callable[[], dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> FitState:
+    """Train ``model`` with ``trainer`` from ``state.epoch`` to ``epochs``.
+
+    Args:
+        model: the model (quantized or not).
+        trainer: does one optimization step per batch.
+        train_loader, test_loader: re-iterable loaders with ``set_epoch`` (the data order depends on the epoch
+            only, so a resumed run sees the same batches).
+        epochs: total number of epochs.
+        schedule: ``epoch -> learning-rate factor``; applied to the base optimizer and via
+            ``trainer.set_lr_factor`` to any auxiliary one (MetaQuant's meta optimizer).
+        run: where metrics and checkpoints go (None: keep nothing, e.g. in tests and notebooks).
+        state: where to start (a resumed run's saved state); default the beginning.
+        extra_checkpoint: more entries for each checkpoint (e.g. the configuration).
+        progress: show a tqdm bar per epoch.
+
+    Returns:
+        The final ``FitState``.
+    """
+    state = state or FitState()
+    for epoch in range(state.epoch, epochs):
+        factor = schedule(epoch)
+        scale_lr(trainer.optimizer, factor)
+        trainer.set_lr_factor(factor)
+        train_loader.set_epoch(epoch)
+        model.train()
+        start = time.perf_counter()
+        losses: list[tuple[int, float]] = []
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
+        for x, y in bar:
+            logits_box: list[Tensor] = []
+
+            def closure() -> Tensor:
+                logits = model(x)
+                logits_box.append(logits)
+                return F.cross_entropy(logits, y)
+
+            loss = trainer.step(closure).item()
+            state.iteration += 1
+            losses.append((state.iteration, loss))
+            loss_sum += loss * y.numel()
+            correct += (logits_box[-1].detach().argmax(1) == y).sum().item()
+            seen += y.numel()
+            bar.set_postfix(loss=f"{loss:.4f}")
+        train_time = time.perf_counter() - start
+        test = evaluate(model, test_loader)
+        state.epoch = epoch + 1
+        state.best_acc = max(state.best_acc, test["top1"])
+        state.last_acc = test["top1"]
+        record = {
+            "epoch": epoch,
+            "lr": trainer.optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": 100.0 * correct / max(seen, 1),
+            "test_loss": test["loss"],
+            "test_acc": test["top1"],
+            "test_top5": test["top5"],
+            "best_acc": state.best_acc,
+            "iteration": state.iteration,
+            "train_seconds": train_time,
+        }
+        logger.info(
+            "epoch %d/%d: train loss %.4f acc %.2f%%, test acc %.2f%% (best %.2f%%), %.1fs",
+            epoch + 1, epochs, record["train_loss"], record["train_acc"], record["test_acc"], state.best_acc,
+            train_time,
+        )
+        if run is not None:
+            run.record_epoch(record, losses)
+            checkpoint = {
+                "model": model.state_dict(),
+                "optimizer": trainer.optimizer.state_dict(),
+                "trainer": trainer.state_dict(),
+                "epoch": state.epoch,
+                "iteration": state.iteration,
+                "best_acc": state.best_acc,
+                "rng": rng_state(),
+                **(extra_checkpoint() if extra_checkpoint else {}),
+            }
+            save_checkpoint(run.checkpoint_path, checkpoint)
+    return state
+
+
+def step_schedule(kind: str, epochs: int, step_size: int, gamma: float) -> Callable[[int], float]:
+    """``epoch -> factor`` for ``fit`` from a schedule name (see ``schedules.lr_factor``)."""
+    return lambda epoch: lr_factor(kind, epoch, epochs, step_size, gamma)

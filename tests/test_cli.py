@@ -1,0 +1,75 @@
+"""The command line: tiny real runs, and bad options that exit non-zero with one line and no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from metaquant.cli import main
+
+TINY = ["--train-size", "64", "--test-size", "50", "-bs", "32", "--no-progress", "-n", "1"]
+
+
+def test_pretrain_then_quantize_writes_run_directories(tmp_path, capsys, fashion_mnist_available):
+    assert main(["pretrain", *TINY, "--run-dir", str(tmp_path), "--name", "fp"]) == 0
+    fp = tmp_path / "fp"
+    assert {p.name for p in fp.iterdir()} >= {"config.json", "metrics.jsonl", "loss.csv", "checkpoint.pt", "done"}
+    assert json.loads((fp / "config.json").read_text())["task"] == "pretrain"
+    rc = main(["quantize", *TINY, "--init", str(fp), "-q", "bwn", "--run-dir", str(tmp_path), "--name", "q"])
+    assert rc == 0
+    metrics = [json.loads(line) for line in (tmp_path / "q" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and 0 <= metrics[0]["test_acc"] <= 100
+    assert "quantize finished: final test accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("estimator", ["identity", "ewgs"])
+def test_quantize_with_other_classical_estimators(tmp_path, estimator, fashion_mnist_available):
+    assert main(["quantize", *TINY, "-meta", estimator, "--run-dir", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["quantize", "--estimator", "magic"], "invalid choice: 'magic' (choose from 'ste'"),
+        (["quantize", "--model", "vgg"], "invalid choice: 'vgg'"),
+        (["quantize", "-q", "bwn", "-bw", "2"], "bits=2; allowed: 1"),
+        (["quantize", "--lr", "0"], "lr must be a number > 0, got 0.0"),
+        (["quantize", "-n", "-1"], "epochs must be an integer > 0, got -1"),
+        (["quantize", "-bs", "0"], "batch_size must be an integer > 0, got 0"),
+        (["pretrain", "--optimizer", "lion"], "invalid choice: 'lion'"),
+        (["quantize", "--lr", "abc"], "invalid float value: 'abc'"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_init_and_existing_run_dir_fail_cleanly(tmp_path, capsys, fashion_mnist_available):
+    assert main(["quantize", *TINY, "--init", str(tmp_path / "nope.pt"), "--run-dir", str(tmp_path)]) == 1
+    assert "nope.pt: no such checkpoint" in capsys.readouterr().err
+    assert main(["pretrain", *TINY, "--run-dir", str(tmp_path), "--name", "r"]) == 0
+    before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    assert main(["pretrain", *TINY, "--run-dir", str(tmp_path), "--name", "r"]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
+
+
+def test_original_checkpoint_into_a_one_channel_model_is_a_clear_error(tmp_path, capsys, fashion_mnist_available):
+    from tests.conftest import REPO
+
+    original = REPO.parent / "shared/reference/original-checkpoints/ResNet20-CIFAR10-pretrain.pth"
+    if not original.exists():
+        pytest.skip("shared reference checkpoint not present")
+    assert main(["quantize", *TINY, "--init", str(original), "--run-dir", str(tmp_path)]) == 1
+    assert "conv1.weight: checkpoint (16, 3, 3, 3) vs model (16, 1, 3, 3)" in capsys.readouterr().err
+
+
+def test_module_entry_point_and_no_traceback_in_a_subprocess():
+    ok = subprocess.run([sys.executable, "-m", "metaquant", "quantize", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "--estimator" in ok.stdout and "--init" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "metaquant", "quantize", "-q", "nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "invalid choice: 'nope'" in bad.stderr

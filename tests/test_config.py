@@ -1,0 +1,44 @@
+"""RunConfig refuses every bad value with a message naming it and what is allowed."""
+
+import pytest
+
+from metaquant.config import RunConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"model": "vgg7"}, "model 'vgg7' is not supported; allowed: .*resnet20"),
+        ({"dataset": "svhn"}, "dataset 'svhn' is not supported; allowed: mnist, fashion-mnist"),
+        ({"quantizer": "xnor"}, "unknown quantizer 'xnor'; allowed: dorefa, bwn"),
+        ({"quantizer": "bwn", "bits": 2}, "bits=2; allowed: 1"),
+        ({"estimator": "magic"}, "estimator 'magic' is not supported; allowed: ste, identity, ewgs"),
+        ({"optimizer": "rmsprop"}, "optimizer 'rmsprop' is not supported; allowed: sgd, adam, adamw"),
+        ({"lr": 0.0}, "lr must be a number > 0, got 0.0"),
+        ({"lr": -1e-3}, "lr must be a number > 0"),
+        ({"epochs": 0}, "epochs must be an integer > 0, got 0"),
+        ({"batch_size": -5}, "batch_size must be an integer > 0, got -5"),
+        ({"train_size": 0}, "train_size must be an integer > 0"),
+        ({"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
+        ({"nesterov": True}, "nesterov needs optimizer 'sgd' with momentum > 0"),
+        ({"weight_decay": -1.0}, "weight_decay must be a number >= 0"),
+        ({"lr_schedule": "poly"}, "lr_schedule 'poly' is not supported; allowed: step, cosine, constant"),
+        ({"device": "tpu"}, "device 'tpu' is not supported; allowed: auto, cpu, cuda, cuda:N"),
+        ({"task": "finetune"}, "task 'finetune' is not supported; allowed: pretrain, quantize"),
+    ],
+)
+def test_bad_values_are_refused_with_the_allowed_ones(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig(**kwargs)
+
+
+def test_round_trip_through_json(tmp_path):
+    config = RunConfig(model="ResNet32", optimizer="adam", lr=1e-2, train_size=100)
+    assert config.model == "resnet32"
+    config.save(tmp_path / "c.json")
+    assert RunConfig.load(tmp_path / "c.json") == config
+
+
+def test_unknown_keys_are_refused():
+    with pytest.raises(ValueError, match=r"unknown configuration keys \['colour'\]"):
+        RunConfig.from_dict({"colour": "red"})

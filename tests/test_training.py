@@ -1,0 +1,83 @@
+"""The training loop: evaluation against an independent count, and a real Fashion-MNIST run."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaquant.data import make_loaders
+from metaquant.models import get_model
+from metaquant.trainer import Trainer
+from metaquant.training import FitState, evaluate, fit
+
+
+class ListLoader:
+    def __init__(self, batches):
+        self.batches = batches
+        self.epochs = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_evaluate_counts_top1_and_top5_like_an_explicit_loop():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 7)
+    batches = [(torch.randn(5, 4), torch.randint(0, 7, (5,))) for _ in range(3)]
+    result = evaluate(model, batches)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    logits = model(x).detach()
+    top1 = sum(int(logits[i].argmax() == y[i]) for i in range(len(y))) / len(y) * 100
+    top5 = sum(int(y[i] in logits[i].sort(descending=True).indices[:5]) for i in range(len(y))) / len(y) * 100
+    assert result["top1"] == pytest.approx(top1)
+    assert result["top5"] == pytest.approx(top5)
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_fit_equals_a_hand_written_sgd_loop_and_applies_the_schedule():
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3), torch.randint(0, 2, (8,))) for _ in range(4)]
+    a = nn.Linear(3, 2)
+    b = nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.5)
+    loader = ListLoader(batches)
+    state = fit(a, Trainer(a, opt_a), loader, ListLoader(batches[:1]), epochs=3,
+                schedule=lambda e: 0.1**e, progress=False)
+    assert loader.epochs == [0, 1, 2] and state.epoch == 3 and state.iteration == 12
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.5)
+    for epoch in range(3):
+        opt_b.param_groups[0]["lr"] = 0.5 * 0.1**epoch
+        for x, y in batches:
+            opt_b.zero_grad()
+            F.cross_entropy(b(x), y).backward()
+            opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_fit_resumes_from_a_state():
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
+    model = nn.Linear(3, 2)
+    loader = ListLoader(batches)
+    state = fit(model, Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1)), loader, loader,
+                epochs=5, schedule=lambda e: 1.0, state=FitState(epoch=3, iteration=3), progress=False)
+    assert state.epoch == 5 and state.iteration == 5
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist_full_precision_run_is_far_above_chance(fashion_mnist_available):
+    torch.manual_seed(0)
+    train, test, info = make_loaders("fashion-mnist", batch_size=64, train_size=6400, test_size=1000, seed=0)
+    model = get_model("resnet20", num_classes=info.num_classes, in_channels=info.in_channels)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    state = fit(model, Trainer(model, opt), train, test, epochs=2, schedule=lambda e: 1.0, progress=False)
+    assert state.iteration == 200
+    assert state.last_acc > 70.0  # chance is 10%
