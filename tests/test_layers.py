@@ -155,10 +155,10 @@ def test_weight_fn_scope_is_restored_even_on_error():
     replacement = torch.ones(2, 3)
     x = torch.randn(1, 3)
     with pytest.raises(RuntimeError):
-        with mq.quantized_weight_fn(net, lambda layer: replacement):
+        with mq.forward_params_fn(net, lambda layer: (replacement, layer.bias)):
             torch.testing.assert_close(net(x), F.linear(x, replacement, net[0].bias))
             raise RuntimeError("boom")
-    assert net[0].weight_fn is None
+    assert net[0].param_fn is None
 
 
 def test_quant_layers_can_be_built_directly():

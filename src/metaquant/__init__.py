@@ -3,7 +3,8 @@
 The public API in one place; see the README for a tour.
 """
 
-from . import quantizers
+from . import models, quantizers
+from .algorithm import MetaQuant
 from .estimators import EWGS, STE, Identity, fake_quantize
 from .layers import (
     QuantConfig,
@@ -12,7 +13,11 @@ from .layers import (
     dequantize_,
     quantize_,
     quantized_layers,
-    quantized_weight_fn,
+    forward_params_fn,
 )
+
+from .meta import LSTMFC, FCGrad, IdentityMeta, MetaQuantizer, MultiFC
+from .quantizers import get_quantizer
+from .trainer import Trainer
 
 __version__ = "0.1.0"

@@ -14,7 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import ESTIMATORS, OPTIMIZERS, RunConfig
+from .algorithm import STEP_ORDERS
+from .config import ESTIMATOR_ALIASES, ESTIMATORS, OPTIMIZERS, RunConfig
+from .meta import NONLINEARITIES
+from .refine import THROUGH
 from .data import DATASETS
 from .data.errors import DatasetError
 from .models import model_names
@@ -46,6 +49,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _lower(text: str) -> str:
     return text.lower()
+
+
+def _estimator(text: str) -> str:
+    return ESTIMATOR_ALIASES.get(text.lower(), text.lower())
 
 
 def _add_common(p: argparse.ArgumentParser, *, task: str) -> None:
@@ -102,13 +109,42 @@ def _add_quantization(p: argparse.ArgumentParser) -> None:
     q.add_argument("-q", "--quantizer", type=_lower, default="dorefa", choices=quantizer_names() + ["bwn-f"],
                    help="forward quantizer (default: %(default)s)")
     q.add_argument("-bw", "--bits", type=int, default=1, help="bit width (default: 1)")
-    q.add_argument("-meta", "--estimator", type=_lower, default="ste", choices=ESTIMATORS,
-                   help="backward method: a classical estimator or a meta quantizer (default: ste)")
+    q.add_argument("-meta", "--estimator", type=_estimator, default="ste", choices=ESTIMATORS,
+                   help="backward method: a classical estimator (ste, identity, ewgs) or a meta quantizer "
+                        "(fc-grad, multifc, lstmfc) trained by MetaQuant (default: ste)")
     q.add_argument("--ewgs-delta", type=float, default=1e-3, help="EWGS scaling factor δ (default: 1e-3)")
+
+    m = p.add_argument_group("meta quantizer (with --estimator fc-grad, multifc or lstmfc)")
+    m.add_argument("-hidden", "--hidden-size", type=int, default=100, help="hidden size (default: 100)")
+    m.add_argument("-nfc", "--num-fc", type=int, default=2,
+                   help="number of FC layers of FC-Grad and MultiFC (default: 2, the paper's)")
+    m.add_argument("-nlstm", "--num-lstm", type=int, default=1, help="number of LSTM layers of LSTMFC (default: 1)")
+    m.add_argument("-nonlinear", "--nonlinearity", type=_lower, default="none", choices=NONLINEARITIES,
+                   help="non-linearity between the FC layers (default: none)")
+    m.add_argument("--meta-lr", type=float, default=1e-3,
+                   help="learning rate γ of the meta quantizer's Adam; follows the base schedule (default: 1e-3)")
+    m.add_argument("--meta-weight-decay", type=float, default=0.0,
+                   help="weight decay of the meta optimizer (default: 0)")
+    m.add_argument("--step-order", type=_lower, default="paper", choices=STEP_ORDERS,
+                   help="paper: Algorithm 1 (default); original: the original code's order, to reproduce its "
+                        "numbers")
+    m.add_argument("--through", type=_lower, default="residual", choices=THROUGH,
+                   help="derivative of the optimizer's update w.r.t. the gradient: residual (identity, the "
+                        "paper's) or exact (e.g. through the whole Adam update) (default: residual)")
+    m.add_argument("--fix-meta", action="store_true",
+                   help="freeze the meta quantizer from --fix-meta-epoch on (with --meta-init: reuse it as is)")
+    m.add_argument("--fix-meta-epoch", type=int, default=0,
+                   help="first epoch with a frozen meta quantizer, with --fix-meta (default: 0)")
+    m.add_argument("--meta-init", default=None,
+                   help="start from a trained meta quantizer: a run directory, its meta.pt or a checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="metaquant", description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog="metaquant",
+        description="Train networks with 1-bit (or k-bit) weights, with MetaQuant's learned gradient through "
+                    "the quantizer or a classical straight-through estimator.",
+    )
     parser.add_argument("--version", action="version", version=f"metaquant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     pre = sub.add_parser("pretrain", help="train a full-precision model",
@@ -121,11 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_CONFIG = {"command", "run_dir", "name", "progress", "debug"}
+_NOT_CONFIG = {"command", "run_dir", "name", "progress", "debug", "fix_meta", "fix_meta_epoch"}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     fields = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    if getattr(args, "fix_meta", False):
+        fields["freeze_meta_epoch"] = args.fix_meta_epoch
     return RunConfig(task=args.command, **fields)
 
 

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from .data import DATASETS
+from .algorithm import STEP_ORDERS
 from .estimators import CLASSICAL_ESTIMATORS
+from .meta import META_QUANTIZERS, NONLINEARITIES
 from .models import model_names
 from .quantizers import get_quantizer
+from .refine import THROUGH
 from .schedules import SCHEDULES
 
 __all__ = ["RunConfig", "OPTIMIZERS", "TASKS", "ESTIMATORS"]
@@ -24,8 +27,10 @@ __all__ = ["RunConfig", "OPTIMIZERS", "TASKS", "ESTIMATORS"]
 OPTIMIZERS = ("sgd", "adam", "adamw")
 TASKS = ("pretrain", "quantize")
 #: Backward methods: the classical estimators, then the learned ones (meta quantizers).
-META_ESTIMATORS = ("fc-grad", "multifc", "lstmfc")
+META_ESTIMATORS = tuple(META_QUANTIZERS)
 ESTIMATORS = tuple(CLASSICAL_ESTIMATORS) + META_ESTIMATORS
+#: Spellings of the original code, accepted on input.
+ESTIMATOR_ALIASES = {"mlpfc": "multifc", "fcgrad": "fc-grad", "fc_grad": "fc-grad", "lstm-fc": "lstmfc"}
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -81,6 +86,17 @@ class RunConfig:
     bits: int = 1
     estimator: str = "ste"
     ewgs_delta: float = 1e-3
+    # meta quantizer (estimator fc-grad, multifc or lstmfc)
+    hidden_size: int = 100
+    num_fc: int = 2
+    num_lstm: int = 1
+    nonlinearity: str = "none"
+    meta_lr: float = 1e-3
+    meta_weight_decay: float = 0.0
+    step_order: str = "paper"
+    through: str = "residual"
+    freeze_meta_epoch: int | None = None
+    meta_init: str | None = None
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
@@ -109,8 +125,30 @@ class RunConfig:
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             raise ValueError(f"device {self.device!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
         get_quantizer(self.quantizer, self.bits)  # raises with the allowed names / bit widths
+        self.estimator = ESTIMATOR_ALIASES.get(self.estimator, self.estimator)
         _choice("estimator", self.estimator, ESTIMATORS)
         _positive("ewgs_delta", self.ewgs_delta, allow_zero=True)
+        for name in ("hidden_size", "num_fc", "num_lstm"):
+            _positive(name, getattr(self, name), integer=True)
+        _choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
+        _positive("meta_lr", self.meta_lr)
+        _positive("meta_weight_decay", self.meta_weight_decay, allow_zero=True)
+        _choice("step_order", self.step_order, STEP_ORDERS)
+        _choice("through", self.through, THROUGH)
+        if self.freeze_meta_epoch is not None:
+            _positive("freeze_meta_epoch", self.freeze_meta_epoch, integer=True, allow_zero=True)
+        if self.estimator not in META_ESTIMATORS:
+            for name in ("meta_init", "freeze_meta_epoch"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"{name} needs a meta quantizer estimator ({', '.join(META_ESTIMATORS)}), "
+                        f"not {self.estimator!r}"
+                    )
+
+    @property
+    def uses_meta(self) -> bool:
+        """Whether this run trains a meta quantizer (MetaQuant) rather than a classical estimator."""
+        return self.task == "quantize" and self.estimator in META_ESTIMATORS
 
     # --- persistence --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

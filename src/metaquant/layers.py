@@ -6,9 +6,10 @@ the original ``Parameter`` objects, so an optimizer built before or after the sw
 ``dequantize_`` gives back plain layers with an identical ``state_dict``.
 
 A quantized layer's forward uses ``Ŵ = Q(A(W))`` in place of ``W``. By default ``Ŵ`` back-propagates with the
-clipped STE. A training algorithm that needs another weight in the forward pass (MetaQuant's look-ahead
-weight, another classical estimator) installs a *weight function* for the duration of one forward pass with
-``quantized_weight_fn(model, fn)``; outside that scope the layers hold only parameters and configuration.
+clipped STE. A training algorithm that needs other tensors in the forward pass (MetaQuant's look-ahead
+weight, another classical estimator) installs a *parameter function* ``fn(layer) -> (weight, bias)`` for the
+duration of one forward pass with ``forward_params_fn(model, fn)``; outside that scope the layers hold only
+parameters and configuration.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ __all__ = [
     "quantize_",
     "dequantize_",
     "quantized_layers",
-    "quantized_weight_fn",
+    "forward_params_fn",
 ]
 
-WeightFn = Callable[["QuantLayer"], Tensor]
+#: ``fn(layer) -> (weight used in the forward pass, bias used in the forward pass)``
+ParamFn = Callable[["QuantLayer"], tuple[Tensor, Tensor | None]]
 FilterFn = Callable[[nn.Module, str], bool]
 
 
@@ -73,14 +75,14 @@ class QuantLayer(nn.Module):
     def __init__(self, *args: Any, quantizer: ForwardQuantizer | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.quantizer: ForwardQuantizer = quantizer if quantizer is not None else QuantConfig().forward_quantizer
-        # Set only inside ``quantized_weight_fn``; None means "fake-quantize with the clipped STE".
-        self.weight_fn: WeightFn | None = None
+        # Set only inside ``forward_params_fn``; None means "Q(A(W)) with the clipped STE, and the bias".
+        self.param_fn: ParamFn | None = None
 
-    def quantized_weight(self) -> Tensor:
-        """``Ŵ`` for this forward pass."""
-        if self.weight_fn is not None:
-            return self.weight_fn(self)
-        return fake_quantize(self.weight, self.quantizer, STE())
+    def forward_params(self) -> tuple[Tensor, Tensor | None]:
+        """``(Ŵ, bias)`` for this forward pass."""
+        if self.param_fn is not None:
+            return self.param_fn(self)
+        return fake_quantize(self.weight, self.quantizer, STE()), self.bias
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quantizer={self.quantizer.name}, bits={self.quantizer.bits}"
@@ -91,14 +93,14 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
     groups, bias) behaves as in ``nn.Conv2d``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, *self.forward_params())
 
 
 class QuantLinear(QuantLayer, nn.Linear):
     """``nn.Linear`` computing with ``Q(A(W))``."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(x, self.quantized_weight(), self.bias)
+        return nn.functional.linear(x, *self.forward_params())
 
 
 _FLOAT_TO_QUANT: dict[type[nn.Module], type[QuantLayer]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
@@ -241,18 +243,18 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLayer]:
 
 
 @contextlib.contextmanager
-def quantized_weight_fn(model: nn.Module, fn: WeightFn) -> Iterator[None]:
-    """Within this scope every quantized layer of ``model`` takes its forward weight from ``fn(layer)``.
+def forward_params_fn(model: nn.Module, fn: ParamFn) -> Iterator[None]:
+    """Within this scope every quantized layer of ``model`` takes its forward weight and bias from ``fn(layer)``.
 
-    This is the one, explicit, hook through which training algorithms change the forward weight (MetaQuant's
+    This is the one, explicit, hook through which training algorithms change the forward pass (MetaQuant's
     look-ahead ``W^t``, other estimators). The previous functions are restored on exit, even on error.
     """
     layers = list(quantized_layers(model).values())
-    previous = [layer.weight_fn for layer in layers]
+    previous = [layer.param_fn for layer in layers]
     for layer in layers:
-        layer.weight_fn = fn
+        layer.param_fn = fn
     try:
         yield
     finally:
         for layer, prev in zip(layers, previous):
-            layer.weight_fn = prev
+            layer.param_fn = prev

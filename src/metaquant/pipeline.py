@@ -6,22 +6,29 @@ run from Python: ``execute(RunConfig(task="quantize", init="runs/pretrain/checkp
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 import torch
 from torch import nn
 
+from .algorithm import MetaQuant
 from .config import RunConfig
 from .data import make_loaders
 from .estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
 from .layers import QuantConfig, quantize_
+from .meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
 from .models import get_model, load_weights
-from .runs import CHECKPOINT, RunDir
+from .runs import CHECKPOINT, RunDir, atomic_write_bytes
 from .trainer import Trainer
 from .training import FitState, fit, seed_everything, step_schedule
 
 __all__ = ["execute", "resolve_device", "build_optimizer", "build_trainer", "default_run_name", "RunResult"]
+
+#: The trained meta quantizer of a finished MetaQuant run, for ``--meta-init``.
+META_FILE = "meta.pt"
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +72,61 @@ def classical_estimator(config: RunConfig) -> ClassicalEstimator:
     return CLASSICAL_ESTIMATORS[config.estimator]()
 
 
-def build_trainer(config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer):
-    """The object doing one step per batch: plain back-propagation for pre-training and classical estimators."""
+def build_meta(config: RunConfig) -> MetaQuantizer:
+    """The meta quantizer named by ``config.estimator`` with its options."""
+    cls = META_QUANTIZERS[config.estimator]
+    if cls is LSTMFC:
+        return LSTMFC(config.hidden_size, config.num_lstm, config.nonlinearity)
+    return cls(config.hidden_size, config.num_fc, config.nonlinearity)
+
+
+def meta_config(config: RunConfig) -> dict[str, Any]:
+    """What identifies a meta quantizer's architecture, stored beside its weights."""
+    keys = ("estimator", "hidden_size", "nonlinearity") + (("num_lstm",) if config.estimator == "lstmfc" else ("num_fc",))
+    return {k: getattr(config, k) for k in keys}
+
+
+def load_meta(meta: MetaQuantizer, source: str, expected: dict[str, Any]) -> None:
+    """Load a trained meta quantizer from ``source``: a ``meta.pt``, a checkpoint, or a run directory.
+
+    Raises:
+        FileNotFoundError: nothing to load there.
+        ValueError: the saved meta quantizer has another architecture (the message names both).
+    """
+    path = Path(source)
+    if path.is_dir():
+        path = path / META_FILE if (path / META_FILE).exists() else path / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"--meta-init {source}: no {META_FILE} or {CHECKPOINT} there")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"--meta-init {path} cannot be read ({type(err).__name__}: {err})") from None
+    if "trainer" in saved:  # a checkpoint
+        state, found = saved["trainer"].get("meta"), saved.get("meta_config")
+    else:
+        state, found = saved.get("meta"), saved.get("meta_config")
+    if state is None or found is None:
+        raise ValueError(f"--meta-init {path} holds no meta quantizer")
+    if found != expected:
+        raise ValueError(f"--meta-init {path} holds a meta quantizer {found}, this run needs {expected}")
+    meta.load_state_dict(state)
+
+
+def build_trainer(config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> Trainer | MetaQuant:
+    """The object doing one step per batch: plain back-propagation for pre-training and classical estimators,
+    MetaQuant for meta quantizers."""
     if config.task == "pretrain":
         return Trainer(model, optimizer)
     if config.estimator in CLASSICAL_ESTIMATORS:
         return Trainer(model, optimizer, classical_estimator(config))
-    raise ValueError(f"estimator {config.estimator!r} is not available in this version")
+    meta = build_meta(config)
+    if config.meta_init:
+        load_meta(meta, config.meta_init, meta_config(config))
+    return MetaQuant(
+        model, optimizer, meta, meta_lr=config.meta_lr, meta_weight_decay=config.meta_weight_decay,
+        step_order=config.step_order, through=config.through, freeze_meta_epoch=config.freeze_meta_epoch,
+    )
 
 
 def default_run_name(config: RunConfig) -> str:
@@ -79,7 +134,8 @@ def default_run_name(config: RunConfig) -> str:
     base = f"{config.task}-{config.model}-{config.dataset}"
     if config.task == "pretrain":
         return f"{base}-{config.optimizer}-seed{config.seed}"
-    return f"{base}-{config.quantizer}{config.bits}-{config.estimator}-{config.optimizer}-seed{config.seed}"
+    order = "-original-order" if config.uses_meta and config.step_order == "original" else ""
+    return f"{base}-{config.quantizer}{config.bits}-{config.estimator}{order}-{config.optimizer}-seed{config.seed}"
 
 
 def _init_path(init: str) -> Path:
@@ -101,6 +157,20 @@ def build_model(config: RunConfig, num_classes: int, in_channels: int, image_siz
     return model
 
 
+def _extra(config: RunConfig) -> dict[str, Any]:
+    extra: dict[str, Any] = {"config": config.to_dict()}
+    if config.uses_meta:
+        extra["meta_config"] = meta_config(config)
+    return extra
+
+
+def save_meta(path: Path, meta: MetaQuantizer, config: RunConfig) -> None:
+    """Write the trained meta quantizer, with its architecture, for ``--meta-init`` in another run."""
+    buffer = io.BytesIO()
+    torch.save({"meta": meta.state_dict(), "meta_config": meta_config(config)}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def execute(config: RunConfig, run_dir: str | Path | None, *, progress: bool = True) -> RunResult:
     """Run ``config`` to the end, writing into a new ``run_dir`` (None: write nothing)."""
     device = resolve_device(config.device)
@@ -119,9 +189,11 @@ def execute(config: RunConfig, run_dir: str | Path | None, *, progress: bool = T
     state = fit(
         model, trainer, train_loader, test_loader, epochs=config.epochs,
         schedule=step_schedule(config.lr_schedule, config.epochs, config.lr_step, config.lr_gamma),
-        run=run, state=FitState(), extra_checkpoint=lambda: {"config": config.to_dict()}, progress=progress,
+        run=run, state=FitState(), extra_checkpoint=lambda: _extra(config), progress=progress,
     )
     if run is not None:
+        if isinstance(trainer, MetaQuant):
+            save_meta(run.path / META_FILE, trainer.meta, config)
         run.mark_done()
     return RunResult(run_dir=run.path if run else None, final_acc=state.last_acc, best_acc=state.best_acc,
                      epochs=state.epoch)

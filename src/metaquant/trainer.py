@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .estimators import STE, ClassicalEstimator, fake_quantize
-from .layers import QuantLayer, quantized_weight_fn
+from .layers import QuantLayer, forward_params_fn
 
 __all__ = ["Trainer"]
 
@@ -44,15 +44,15 @@ class Trainer:
         self.optimizer = optimizer
         self.estimator = estimator
 
-    def _weight_fn(self, layer: QuantLayer) -> Tensor:
-        return fake_quantize(layer.weight, layer.quantizer, self.estimator)
+    def _forward_params(self, layer: QuantLayer) -> tuple[Tensor, Tensor | None]:
+        return fake_quantize(layer.weight, layer.quantizer, self.estimator), layer.bias
 
     def step(self, closure: Closure) -> Tensor:
         """Zero the gradients, compute ``closure()``, back-propagate, update. Returns the loss (detached)."""
         self.optimizer.zero_grad(set_to_none=True)
         # The layers' default is the clipped STE; another estimator is installed for this forward pass only.
         scope = (
-            contextlib.nullcontext() if self.estimator == STE() else quantized_weight_fn(self.model, self._weight_fn)
+            contextlib.nullcontext() if self.estimator == STE() else forward_params_fn(self.model, self._forward_params)
         )
         with scope:
             loss = closure()
@@ -60,8 +60,8 @@ class Trainer:
         self.optimizer.step()
         return loss.detach()
 
-    def set_lr_factor(self, factor: float) -> None:
-        """Hook for schedules that also scale auxiliary optimizers (none here)."""
+    def set_epoch(self, epoch: int) -> None:
+        """Called by ``fit`` at the start of each epoch (nothing to do for classical estimators)."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs beyond the model and the base optimizer (nothing for classical estimators)."""

@@ -2,7 +2,7 @@
 
 ``fit`` runs epochs of ``trainer.step`` over a loader, evaluates after each epoch, appends the metrics to the
 run directory and writes a checkpoint. It knows nothing about which algorithm the trainer runs (full-precision
-training, STE, or MetaQuant): they all offer ``step(closure)``, ``set_lr_factor`` and ``state_dict``.
+training, STE, or MetaQuant): they all offer ``step(closure)``, ``set_epoch`` and ``state_dict``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class StepTrainer(Protocol):
     optimizer: torch.optim.Optimizer
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor: ...
-    def set_lr_factor(self, factor: float) -> None: ...
+    def set_epoch(self, epoch: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
 
 
@@ -124,8 +124,8 @@ def fit(
         train_loader, test_loader: re-iterable loaders with ``set_epoch`` (the data order depends on the epoch
             only, so a resumed run sees the same batches).
         epochs: total number of epochs.
-        schedule: ``epoch -> learning-rate factor``; applied to the base optimizer and via
-            ``trainer.set_lr_factor`` to any auxiliary one (MetaQuant's meta optimizer).
+        schedule: ``epoch -> learning-rate factor`` of the base optimizer (MetaQuant's meta optimizer
+            follows the base optimizer's rate by itself).
         run: where metrics and checkpoints go (None: keep nothing, e.g. in tests and notebooks).
         state: where to start (a resumed run's saved state); default the beginning.
         extra_checkpoint: more entries for each checkpoint (e.g. the configuration).
@@ -136,9 +136,8 @@ def fit(
     """
     state = state or FitState()
     for epoch in range(state.epoch, epochs):
-        factor = schedule(epoch)
-        scale_lr(trainer.optimizer, factor)
-        trainer.set_lr_factor(factor)
+        scale_lr(trainer.optimizer, schedule(epoch))
+        trainer.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         model.train()
         start = time.perf_counter()

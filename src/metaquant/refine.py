@@ -1,0 +1,117 @@
+"""The optimizer's refinement ``π``: the update direction ``torch.optim`` would make of a gradient.
+
+MetaQuant's look-ahead weight is ``W^t = W^{t−1} − α·π(g_W)`` (Algorithm 1, step 2, paper Eq. 6), where ``π``
+is the base optimizer's own rule applied with its state *before* this step. Each rule here is a pure,
+out-of-place function of the gradient, the parameter, the optimizer's per-parameter state and the group's
+hyperparameters, written to match ``torch.optim.SGD``, ``Adam`` and ``AdamW`` step for step: ``p − lr·π(g)`` is
+the value ``optimizer.step()`` gives. Nothing in the optimizer is changed.
+
+Because the functions are out of place and built from differentiable ops, autograd can differentiate through
+them (``through="exact"``). The paper's default (``through="residual"``) writes ``π(g) = g + r`` with the
+residual ``r = π(g) − g`` treated as a constant: the value is the optimizer's update, the derivative w.r.t. ``g``
+is the identity (exact for SGD without Nesterov or dampening).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "sgd_direction", "adam_direction", "refinement_for", "with_derivative", "Refinement", "SUPPORTED_OPTIMIZERS",
+    "THROUGH",
+]
+
+#: ``(grad, param, state, group) -> direction``; ``state`` is ``optimizer.state[param]`` (may be empty).
+Refinement = Callable[[Tensor, Tensor, dict[str, Any], dict[str, Any]], Tensor]
+
+SUPPORTED_OPTIMIZERS = ("torch.optim.SGD", "torch.optim.Adam", "torch.optim.AdamW")
+THROUGH = ("residual", "exact")
+
+
+def sgd_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+    """``torch.optim.SGD``'s update direction: weight decay, momentum (with dampening), Nesterov.
+
+    Shapes: ``grad``, ``param`` and the momentum buffer are all the parameter's shape.
+    """
+    d = grad
+    if group["weight_decay"] != 0:
+        d = d + group["weight_decay"] * param.detach()
+    momentum = group["momentum"]
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        # torch.optim.SGD starts the buffer with the first gradient itself (no dampening on step 1).
+        buf = d if buf is None else momentum * buf + (1 - group["dampening"]) * d
+        d = d + momentum * buf if group["nesterov"] else buf
+    return d
+
+
+def adam_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+    """``torch.optim.Adam`` / ``AdamW``'s update direction, bias-corrected, with ``amsgrad``.
+
+    Adam adds ``weight_decay·p`` to the gradient (L2); AdamW (``decoupled_weight_decay``) shrinks the weight
+    by ``lr·weight_decay·p`` instead, which is the term ``weight_decay·p`` in the direction.
+    """
+    beta1, beta2 = group["betas"]
+    eps, wd = group["eps"], group["weight_decay"]
+    decoupled = group.get("decoupled_weight_decay", False)
+    g = grad
+    if wd != 0 and not decoupled:
+        g = g + wd * param.detach()
+    step = float(state["step"]) + 1 if "step" in state else 1.0
+    exp_avg = state.get("exp_avg")
+    exp_avg_sq = state.get("exp_avg_sq")
+    m = (1 - beta1) * g if exp_avg is None else beta1 * exp_avg + (1 - beta1) * g
+    v = (1 - beta2) * g * g if exp_avg_sq is None else beta2 * exp_avg_sq + (1 - beta2) * g * g
+    if group["amsgrad"]:
+        v_max = state.get("max_exp_avg_sq")
+        v = v if v_max is None else torch.maximum(v_max, v)
+    bias1 = 1 - beta1**step
+    bias2 = 1 - beta2**step
+    d = (m / bias1) / (v.sqrt() / bias2**0.5 + eps)
+    if wd != 0 and decoupled:
+        d = d + wd * param.detach()
+    return d
+
+
+def refinement_for(optimizer: torch.optim.Optimizer) -> Refinement:
+    """The refinement matching ``optimizer``'s class and options.
+
+    Raises:
+        ValueError: an optimizer or option (``maximize``) without a refinement; the message lists the supported.
+    """
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass of Adam in torch >= 2.x
+        rule: Refinement = adam_direction
+    elif type(optimizer) is torch.optim.SGD:
+        rule = sgd_direction
+    elif type(optimizer) is torch.optim.AdamW:  # older torch: AdamW is not an Adam subclass
+        rule = _adamw_legacy
+    else:
+        raise ValueError(
+            f"MetaQuant needs the refinement π of the base optimizer; {type(optimizer).__name__} is not "
+            f"supported; supported: {', '.join(SUPPORTED_OPTIMIZERS)}"
+        )
+    for group in optimizer.param_groups:
+        if group.get("maximize", False):
+            raise ValueError("MetaQuant does not support maximize=True in the base optimizer")
+    return rule
+
+
+def _adamw_legacy(grad: Tensor, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+    return adam_direction(grad, param, state, {**group, "decoupled_weight_decay": True})
+
+
+def with_derivative(rule: Refinement, mode: str) -> Refinement:
+    """Wrap ``rule`` so that autograd sees the paper's residual form (``residual``) or the rule itself (``exact``)."""
+    if mode == "exact":
+        return rule
+    if mode != "residual":
+        raise ValueError(f"unknown refinement derivative {mode!r}; allowed: {', '.join(THROUGH)}")
+
+    def residual(grad: Tensor, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
+        return grad + (rule(grad, param, state, group) - grad).detach()
+
+    return residual

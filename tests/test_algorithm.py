@@ -1,0 +1,307 @@
+"""MetaQuant's training step (Algorithm 1) against independent computations written out in the tests."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metaquant as mq
+from metaquant.quantizers import BWN, DoReFa
+
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every test here runs in float64, so equalities can be checked to 1e-12."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def batches(n, seed=0, in_shape=(1, 6, 6), classes=4, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, *in_shape, generator=g), torch.randint(0, classes, (size,), generator=g))
+            for _ in range(n)]
+
+
+def conv_net(seed=0, bias=False, bn=False):
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(1, 3, 3, bias=bias)]
+    if bn:
+        layers.append(nn.BatchNorm2d(3))
+    layers += [nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4, bias=bias)]
+    return nn.Sequential(*layers)
+
+
+def closure(model, x, y):
+    return lambda: F.cross_entropy(model(x), y)
+
+
+def test_identity_meta_with_dorefa_and_sgd_is_ste_one_step_late():
+    k = 5
+    data = batches(k + 1)
+    ste_model = mq.quantize_(conv_net(), mq.QuantConfig("dorefa", 1))
+    mq_model = copy.deepcopy(ste_model)
+    ste = mq.Trainer(ste_model, torch.optim.SGD(ste_model.parameters(), lr=0.05))
+    meta = mq.MetaQuant(mq_model, torch.optim.SGD(mq_model.parameters(), lr=0.05), mq.IdentityMeta())
+    for x, y in data[:k]:
+        ste.step(closure(ste_model, x, y))
+    for x, y in data[: k + 1]:
+        meta.step(closure(mq_model, x, y))
+    for a, b in zip(ste_model.parameters(), mq_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert not torch.equal(ste_model[0].weight, conv_net()[0].weight)  # it did train
+
+
+OPTIMIZERS = [
+    (torch.optim.SGD, dict(lr=0.05)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.2)),
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+    (torch.optim.Adam, dict(lr=1e-2, weight_decay=5e-4)),
+    (torch.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+]
+
+
+@pytest.mark.parametrize("through", ["residual", "exact"])
+@pytest.mark.parametrize("cls,kwargs", OPTIMIZERS, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_committed_weight_is_the_look_ahead_used_in_the_forward_pass(cls, kwargs, through):
+    model = mq.quantize_(conv_net(bias=True, bn=True), mq.QuantConfig("bwn", 1))  # BWN: W̃ = A(W) = W
+    opt = cls(model.parameters(), **kwargs)
+    trainer = mq.MetaQuant(model, opt, mq.MultiFC(hidden=5, nonlinearity="tanh"), through=through)
+    layers = mq.quantized_layers(model)
+    from_torch = {}
+    opt.register_step_post_hook(
+        lambda o, a, kw: from_torch.update({n: l.weight.detach().clone() for n, l in layers.items()})
+    )
+    for t, (x, y) in enumerate(batches(5, seed=1)):
+        trainer.step(closure(model, x, y))
+        records = trainer.state_dict()["records"]
+        if t == 0:
+            continue
+        for name, layer in layers.items():
+            # W̃^t recorded from the forward pass is W^t itself (BWN); the committed weight equals it exactly
+            assert torch.equal(layer.weight.detach(), records[name]["w_tilde"])
+            # and the user's torch.optim step computed the same value (up to rounding)
+            torch.testing.assert_close(from_torch[name], layer.weight.detach(), rtol=1e-10, atol=1e-12)
+
+
+def _quantities_of_step_zero(w0, x0, y0, q):
+    w_hat0 = q(w0).requires_grad_()
+    (g0,) = torch.autograd.grad(F.cross_entropy(x0 @ w_hat0.T, y0), w_hat0)
+    return g0, q.preprocess(w0)
+
+
+@pytest.mark.parametrize(
+    "make_meta",
+    [lambda: mq.FCGrad(hidden=4, nonlinearity="tanh"), lambda: mq.FCGrad(hidden=4),
+     lambda: mq.MultiFC(hidden=4, num_layers=3, nonlinearity="relu"), lambda: mq.MultiFC(hidden=4),
+     lambda: mq.LSTMFC(hidden=3, num_lstm=2)],
+    ids=["fcgrad-tanh", "fcgrad", "multifc-relu", "multifc", "lstmfc"],
+)
+def test_meta_gradient_matches_finite_differences(make_meta):
+    torch.manual_seed(3)
+    q, lr = DoReFa(1), 0.5
+    model = mq.quantize_(nn.Sequential(nn.Linear(5, 3, bias=False)), mq.QuantConfig("dorefa", 1)).double()
+    meta = make_meta().double()
+    # SGD with lr 0 on φ: φ stays put and its gradient stays readable after the step
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=lr), meta,
+                           meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    (x0, y0), (x1, y1) = [(torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))) for _ in range(2)]
+    w0 = model[0].weight.detach().clone()
+    trainer.step(lambda: F.cross_entropy(model(x0), y0))
+    trainer.step(lambda: F.cross_entropy(model(x1), y1))
+    analytic = [p.grad.clone() for p in meta.parameters()]
+
+    # The loss as a function of φ, written out: Algorithm 1 steps 1-3 with Q replaced by its STE linearization
+    # around the forward value (so that finite differences see what back-propagation differentiates).
+    g0, w_tilde0 = _quantities_of_step_zero(w0, x0, y0, q)
+    c0 = q.calibration(w0)
+
+    def look_ahead():
+        g_tilde, _ = meta(g0.reshape(-1), w_tilde0.reshape(-1), None)
+        return w0 - lr * g_tilde.reshape(w0.shape) * c0
+
+    with torch.no_grad():
+        w1_ref = look_ahead()
+
+    def loss_of_phi():
+        w1 = look_ahead()
+        w_hat = q(w1_ref) + q.calibration(w1_ref) * (w1 - w1_ref)
+        return F.cross_entropy(x1 @ w_hat.T, y1)
+
+    eps = 1e-6
+    with torch.no_grad():
+        for p, grad in zip(meta.parameters(), analytic):
+            numeric = torch.zeros_like(p)
+            for i in range(p.numel()):
+                flat = p.view(-1)
+                flat[i] += eps
+                up = loss_of_phi()
+                flat[i] -= 2 * eps
+                down = loss_of_phi()
+                flat[i] += eps
+                numeric.view(-1)[i] = (up - down) / (2 * eps)
+            torch.testing.assert_close(grad, numeric, rtol=1e-5, atol=1e-8)
+    assert any(g.abs().sum() > 0 for g in analytic)
+
+
+@pytest.mark.parametrize("order", ["paper", "original"])
+def test_iteration_zero_keeps_quantized_weights(order):
+    model = mq.quantize_(conv_net(bias=True, bn=True))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=4), step_order=order)
+    x, y = batches(1)[0]
+    trainer.step(closure(model, x, y))
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    if order == "paper":
+        assert moved == {"0.bias", "1.weight", "1.bias", "4.bias"}  # biases and BatchNorm, no quantized weight
+    else:
+        assert moved == set()  # the original code updates nothing at t = 0
+
+
+def test_original_order_evaluates_the_committed_weight_moved_once_more():
+    torch.manual_seed(5)
+    model = mq.quantize_(nn.Sequential(nn.Linear(4, 3)), mq.QuantConfig("bwn", 1))
+    layer = model[0]
+    lr = 0.1
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    trainer = mq.MetaQuant(model, opt, mq.MultiFC(hidden=4, nonlinearity="tanh"), step_order="original")
+    outputs = []
+    layer.register_forward_hook(lambda m, i, o: outputs.append(o[-1].detach().clone()))
+    data = [(torch.cat([torch.randn(5, 4), torch.zeros(1, 4)]), torch.randint(0, 3, (6,))) for _ in range(5)]
+
+    # G_0, B_0: the plain STE gradients of iteration 0, computed independently
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    w_leaf, b_leaf = w0.clone().requires_grad_(), b0.clone().requires_grad_()
+    x0, y0 = data[0]
+    loss0 = F.cross_entropy(F.linear(x0, mq.fake_quantize(w_leaf, BWN()), b_leaf), y0)
+    g_w0, g_b0 = torch.autograd.grad(loss0, [w_leaf, b_leaf])
+
+    committed_w, committed_b = [w0], [b0]
+    forward_w = []
+    for x, y in data:
+        trainer.step(closure(model, x, y))
+        forward_w.append(trainer.state_dict()["records"]["0"]["w_tilde"])  # BWN: W̃ is the forward weight
+        committed_w.append(layer.weight.detach().clone())
+        committed_b.append(layer.bias.detach().clone())
+    # at t = 1 the forward weight is W_0 − α·G_0; the forward bias b_0 − α·B_0 (the output on a zero input)
+    torch.testing.assert_close(forward_w[1], w0 - lr * g_w0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(outputs[1], b0 - lr * g_b0, rtol=0, atol=1e-12)
+    for t in range(2, 5):
+        # later: the committed weight moved once more along the last committed step, 2·W_{t−1} − W_{t−2}
+        torch.testing.assert_close(forward_w[t], 2 * committed_w[t] - committed_w[t - 1], rtol=0, atol=1e-12)
+        torch.testing.assert_close(outputs[t], 2 * committed_b[t] - committed_b[t - 1], rtol=0, atol=1e-12)
+    # and the paper's order would have used the committed weight instead
+    assert not torch.allclose(forward_w[4], committed_w[5])
+
+
+def test_lstm_state_is_carried_detached_and_restored():
+    data = batches(6, seed=7)
+    model = mq.quantize_(conv_net(seed=2))
+    reference = copy.deepcopy(model)
+
+    def make(m):
+        torch.manual_seed(11)  # the same φ at the start of both runs
+        return mq.MetaQuant(m, torch.optim.SGD(m.parameters(), lr=0.05), mq.LSTMFC(hidden=3, num_lstm=2))
+
+    trainer = make(model)
+    states = []
+    for x, y in data[:3]:
+        trainer.step(closure(model, x, y))
+        states.append(trainer.state_dict()["records"]["0"]["meta_state"])
+    assert states[0] is None  # nothing before the first meta step
+    h, c = states[1]
+    assert h.shape == c.shape == (2, model[0].weight.numel(), 3)
+    assert not h.requires_grad and h.grad_fn is None
+    assert not torch.equal(states[2][0], h)  # carried and advanced
+
+    # a checkpoint restored into a fresh trainer continues exactly like the uninterrupted one
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": trainer.optimizer.state_dict(),
+                           "trainer": trainer.state_dict()})
+    ref_trainer = make(reference)
+    for x, y in data[:3]:
+        ref_trainer.step(closure(reference, x, y))
+    for x, y in data[3:]:
+        ref_trainer.step(closure(reference, x, y))
+    resumed = mq.quantize_(conv_net(seed=99))
+    resumed.load_state_dict(saved["model"])
+    resumed_trainer = make(resumed)
+    resumed_trainer.optimizer.load_state_dict(saved["opt"])
+    resumed_trainer.load_state_dict(saved["trainer"])
+    for x, y in data[3:]:
+        resumed_trainer.step(closure(resumed, x, y))
+    for a, b in zip(reference.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(ref_trainer.meta.parameters(), resumed_trainer.meta.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_frozen_meta_quantizer_stops_learning():
+    model = mq.quantize_(conv_net())
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.05), mq.MultiFC(hidden=4),
+                           freeze_meta_epoch=1)
+    data = batches(3)
+    trainer.set_epoch(0)
+    for x, y in data:
+        trainer.step(closure(model, x, y))
+    learned = [p.detach().clone() for p in trainer.meta.parameters()]
+    assert trainer.state_dict()["iteration"] == 3
+    trainer.set_epoch(1)
+    weights = model[0].weight.detach().clone()
+    for x, y in data:
+        trainer.step(closure(model, x, y))
+    assert all(torch.equal(a, b) for a, b in zip(learned, trainer.meta.parameters()))
+    assert not torch.equal(weights, model[0].weight)  # the network still trains
+
+
+def test_meta_learning_rate_follows_the_base_schedule():
+    model = mq.quantize_(conv_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    trainer = mq.MetaQuant(model, opt, mq.MultiFC(hidden=4), meta_lr=1e-3)
+    x, y = batches(1)[0]
+    trainer.step(closure(model, x, y))
+    sched.step()
+    trainer.step(closure(model, x, y))
+    assert trainer.meta_optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(step_order="reverse"), ValueError, "step_order 'reverse' is not supported; allowed: paper, original"),
+        (dict(through="approx"), ValueError, "through 'approx' is not supported; allowed: residual, exact"),
+        (dict(meta_lr=0), ValueError, "meta_lr must be a number > 0"),
+        (dict(meta=mq.STE()), TypeError, "meta must be a MetaQuantizer"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    model = mq.quantize_(conv_net())
+    args = dict(meta=mq.MultiFC(hidden=2)) | kwargs
+    with pytest.raises(error, match=message):
+        mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), **args)
+
+
+def test_unsupported_optimizer_and_untrained_weights_are_refused():
+    model = mq.quantize_(conv_net())
+    with pytest.raises(ValueError, match="RMSprop is not supported; supported: torch.optim.SGD"):
+        mq.MetaQuant(model, torch.optim.RMSprop(model.parameters()), mq.MultiFC())
+    with pytest.raises(ValueError, match="3.weight is not trained by the optimizer"):
+        mq.MetaQuant(model, torch.optim.SGD(model[0].parameters(), lr=0.1), mq.MultiFC())
+    with pytest.raises(ValueError, match="call metaquant.quantize_"):
+        plain = conv_net()
+        mq.MetaQuant(plain, torch.optim.SGD(plain.parameters(), lr=0.1), mq.MultiFC())
+
+
+def test_layers_left_in_full_precision_train_normally():
+    model = mq.quantize_(conv_net(bias=True), filter_fn=lambda m, name: name == "0")
+    first = model[3].weight.detach().clone()
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=4))
+    x, y = batches(1)[0]
+    trainer.step(closure(model, x, y))
+    assert type(model[3]) is nn.Linear and not torch.equal(first, model[3].weight)
