@@ -305,3 +305,21 @@ def test_layers_left_in_full_precision_train_normally():
     x, y = batches(1)[0]
     trainer.step(closure(model, x, y))
     assert type(model[3]) is nn.Linear and not torch.equal(first, model[3].weight)
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist_metaquant_run(fashion_subset, pretrained_resnet20):
+    torch.set_default_dtype(torch.float32)
+    train, test, info = fashion_subset
+    state_dict, _ = pretrained_resnet20
+    model = mq.models.resnet20(num_classes=info.num_classes, in_channels=info.in_channels)
+    model.load_state_dict(state_dict)
+    mq.quantize_(model, mq.QuantConfig("dorefa", 1))
+    torch.manual_seed(0)
+    meta = mq.MultiFC(hidden=100)
+    before = [p.detach().clone() for p in meta.parameters()]
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=1e-3), meta, meta_lr=1e-3)
+    state = mq.fit(model, trainer, train, test, epochs=1, schedule=lambda e: 1.0, progress=False)
+    assert state.iteration == 100
+    assert state.last_acc > 40.0  # chance is 10%; 1-bit weights on every layer, 100 steps
+    assert all(not torch.equal(a, b) for a, b in zip(before, meta.parameters()))

@@ -73,3 +73,29 @@ def test_module_entry_point_and_no_traceback_in_a_subprocess():
     assert ok.returncode == 0 and "--estimator" in ok.stdout and "--init" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "metaquant", "quantize", "-q", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "invalid choice: 'nope'" in bad.stderr
+
+
+@pytest.mark.parametrize("estimator", ["fc-grad", "multifc", "lstmfc", "MLPFC"])
+def test_quantize_with_each_meta_quantizer(tmp_path, estimator, fashion_mnist_available):
+    argv = ["quantize", *TINY, "-meta", estimator, "-hidden", "8", "--run-dir", str(tmp_path), "--name", "m"]
+    assert main(argv) == 0
+    assert (tmp_path / "m" / "meta.pt").exists()
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["estimator"] == {"MLPFC": "multifc"}.get(estimator, estimator)
+
+
+def test_meta_quantizer_reuse_and_freezing(tmp_path, capsys, fashion_mnist_available):
+    import torch
+
+    common = [*TINY, "-meta", "multifc", "-hidden", "8", "--run-dir", str(tmp_path)]
+    assert main(["quantize", *common, "--name", "first"]) == 0
+    trained = torch.load(tmp_path / "first" / "meta.pt", weights_only=True)["meta"]
+    assert main(["quantize", *common, "--name", "reuse", "--meta-init", str(tmp_path / "first"), "--fix-meta",
+                 "--step-order", "original"]) == 0
+    reused = torch.load(tmp_path / "reuse" / "meta.pt", weights_only=True)["meta"]
+    assert all(torch.equal(trained[k], reused[k]) for k in trained)  # loaded, then frozen from epoch 0
+    assert main(["quantize", *TINY, "-meta", "lstmfc", "--meta-init", str(tmp_path / "first"),
+                 "--run-dir", str(tmp_path), "--name", "wrong"]) == 1
+    assert "holds a meta quantizer {'estimator': 'multifc'" in capsys.readouterr().err
+    assert main(["quantize", *TINY, "--fix-meta", "--run-dir", str(tmp_path)]) == 2
+    assert "needs a meta quantizer estimator" in capsys.readouterr().err

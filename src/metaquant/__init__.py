@@ -3,7 +3,7 @@
 The public API in one place; see the README for a tour.
 """
 
-from . import models, quantizers
+from . import data, models, quantizers
 from .algorithm import MetaQuant
 from .estimators import EWGS, STE, Identity, fake_quantize
 from .layers import (
@@ -11,13 +11,22 @@ from .layers import (
     QuantConv2d,
     QuantLinear,
     dequantize_,
+    forward_params_fn,
     quantize_,
     quantized_layers,
-    forward_params_fn,
 )
-
 from .meta import LSTMFC, FCGrad, IdentityMeta, MetaQuantizer, MultiFC
 from .quantizers import get_quantizer
 from .trainer import Trainer
+from .training import evaluate, fit
+
+__all__ = [
+    "data", "models", "quantizers",
+    "QuantConfig", "QuantConv2d", "QuantLinear", "quantize_", "dequantize_", "quantized_layers",
+    "forward_params_fn", "get_quantizer", "fake_quantize",
+    "STE", "Identity", "EWGS", "Trainer",
+    "MetaQuant", "MetaQuantizer", "FCGrad", "MultiFC", "LSTMFC", "IdentityMeta",
+    "evaluate", "fit",
+]
 
 __version__ = "0.1.0"

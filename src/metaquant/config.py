@@ -65,6 +65,8 @@ class RunConfig:
     download: bool = True
     train_size: int | None = None
     test_size: int | None = None
+    # seed of the training subset (default: ``seed``); fix it to compare trials on the same examples
+    subset_seed: int | None = None
     batch_size: int = 128
     test_batch_size: int = 500
     # optimization
@@ -97,6 +99,8 @@ class RunConfig:
     through: str = "residual"
     freeze_meta_epoch: int | None = None
     meta_init: str | None = None
+    # reports: how tables and figures name this run's backward method (default: derived from the options)
+    label: str | None = None
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
@@ -106,6 +110,8 @@ class RunConfig:
         for name in ("train_size", "test_size"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name), integer=True)
+        if self.subset_seed is not None:
+            _positive("subset_seed", self.subset_seed, integer=True, allow_zero=True)
         for name in ("batch_size", "test_batch_size", "epochs", "lr_step"):
             _positive(name, getattr(self, name), integer=True)
         _choice("optimizer", self.optimizer, OPTIMIZERS)

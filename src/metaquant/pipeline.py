@@ -178,7 +178,8 @@ def execute(config: RunConfig, run_dir: str | Path | None, *, progress: bool = T
     train_loader, test_loader, info = make_loaders(
         config.dataset, data_dir=config.data_dir, batch_size=config.batch_size,
         test_batch_size=config.test_batch_size, device=device, seed=config.seed,
-        train_size=config.train_size, test_size=config.test_size, download=config.download,
+        train_size=config.train_size, test_size=config.test_size, subset_seed=config.subset_seed,
+        download=config.download,
     )
     model = build_model(config, info.num_classes, info.in_channels, info.image_size).to(device)
     optimizer = build_optimizer(model.parameters(), config)

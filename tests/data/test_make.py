@@ -75,3 +75,12 @@ def test_imagenet_needs_data_dir():
 def test_unknown_name():
     with pytest.raises(ValueError, match="'mnist2'"):
         make_loaders("mnist2")
+
+
+def test_subset_seed_fixes_the_training_subset_across_seeds(mnist_dir):
+    def train_images(seed):
+        train, _, _ = make_loaders("mnist", data_dir=mnist_dir, batch_size=8, seed=seed, train_size=20,
+                                   subset_seed=3, download=False)
+        return torch.cat([x for x, _ in train]).sort(0).values
+
+    assert torch.equal(train_images(0), train_images(1))

@@ -31,6 +31,7 @@ def make_loaders(
     seed: int = 0,
     train_size: int | None = None,
     test_size: int | None = None,
+    subset_seed: int | None = None,
     download: bool = True,
     rank: int = 0,
     world_size: int = 1,
@@ -39,7 +40,8 @@ def make_loaders(
     """Train loader, test loader and :class:`DatasetInfo` of data set ``name``.
 
     Small sets are loaded into memory (:func:`load_split`), optionally cut to a
-    seeded subset (train: ``seed``; test: the fixed :data:`TEST_SUBSET_SEED`),
+    seeded subset (train: ``subset_seed``, default ``seed``; test: the fixed
+    :data:`TEST_SUBSET_SEED`),
     and served by :class:`TensorLoader`; ImageNet is streamed from
     ``data_dir`` through torchvision (``num_workers`` applies to it only).
 
@@ -74,7 +76,8 @@ def make_loaders(
         )
         return train, test, info
 
-    train_data = subset(load_split(name, "train", data_dir, download), train_size, seed)
+    train_subset_seed = seed if subset_seed is None else subset_seed
+    train_data = subset(load_split(name, "train", data_dir, download), train_size, train_subset_seed)
     test_data = subset(load_split(name, "test", data_dir, download), test_size, TEST_SUBSET_SEED)
     common = dict(device=device, seed=seed, rank=rank, world_size=world_size)
     train = TensorLoader(train_data, info, batch_size, train=True, drop_last=drop_last, **common)

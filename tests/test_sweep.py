@@ -1,0 +1,107 @@
+"""Sweeps: planning a grid, skipping finished runs, restarting an interrupted one."""
+
+import pytest
+
+from metaquant.presets import preset_names, resolve_preset
+from metaquant.runs import RunDir
+from metaquant.sweep import load_sweep, plan, run_sweep
+
+SWEEP = """
+name = "tiny"
+trials = 2
+seed = 5
+
+[pretrain]
+train_size = 64
+test_size = 40
+batch_size = 32
+epochs = 1
+lr = 0.05
+
+[base]
+train_size = 64
+test_size = 40
+batch_size = 32
+epochs = 1
+hidden_size = 4
+
+[optimizer_overrides.adam]
+weight_decay = 5e-4
+
+[[grid]]
+quantizer = "dorefa"
+estimator = ["ste", "multifc"]
+optimizer = ["sgd", "adam"]
+
+[[grid]]
+label = "STE + momentum"
+estimator = "ste"
+momentum = 0.9
+"""
+
+
+def write(tmp_path, text=SWEEP):
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    return path
+
+
+def test_plan_expands_the_grid_with_trials_and_overrides(tmp_path):
+    spec = load_sweep(write(tmp_path))
+    runs = plan(spec, tmp_path / "runs")
+    assert len(runs) == (4 + 1) * 2
+    names = [r.path.name for r in runs]
+    assert "multifc-resnet20-fashion-mnist-dorefa1-adam-trial-2" in names
+    assert "ste-momentum-resnet20-fashion-mnist-dorefa1-sgd-trial-1" in names
+    adam = next(r for r in runs if r.config.optimizer == "adam")
+    assert adam.config.weight_decay == 5e-4 and adam.config.init.endswith("pretrain-resnet20-fashion-mnist")
+    assert sorted({r.config.seed for r in runs}) == [5, 6]
+    assert {r.label for r in runs} == {"STE", "MultiFC", "STE + momentum"}
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("trials = 0\n[[grid]]\nestimator = 'ste'", "trials must be an integer >= 1"),
+        ("[[grid]]\nestimator = 'magic'", "estimator 'magic' is not supported"),
+        ("[base]\nlr = -1\n[[grid]]\nestimator = 'ste'", "lr must be a number > 0"),
+        ("colour = 1\n[[grid]]\nestimator = 'ste'", "unknown keys \\['colour'\\]"),
+        ("name = 'x'", "has no \\[\\[grid\\]\\] entry"),
+        ("[[grid]]\nestimator = 'ste'\nwidth = 3", "unexpected keyword argument 'width'"),
+        ("[[grid", "is not valid TOML"),
+    ],
+)
+def test_bad_sweep_files_are_refused_before_running(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_sweep(write(tmp_path, text))
+
+
+def test_second_call_skips_finished_runs_and_restarts_an_interrupted_one(tmp_path, fashion_mnist_available):
+    text = SWEEP.replace("trials = 2", "trials = 1").split("[[grid]]")[0] + "[[grid]]\nestimator = ['ste', 'multifc']\n"
+    spec = load_sweep(write(tmp_path, text))
+    root = tmp_path / "runs"
+    lines = []
+    runs = run_sweep(spec, root, echo=lines.append)
+    assert all(RunDir(r.path).is_done() for r in runs) and len(lines) == 3
+    finished = {r.path: (r.path / "metrics.jsonl").read_bytes() for r in runs}
+    # interrupt the second run: its directory is left without the 'done' marker and with a stale file
+    victim = runs[1].path
+    (victim / "done").unlink()
+    (victim / "metrics.jsonl").write_text("garbage\n")
+    lines.clear()
+    run_sweep(spec, root, echo=lines.append)
+    assert "skipped (done)" in lines[0] and "skipped (done)" in lines[1]  # pretrain and the first run
+    assert "skipped" not in lines[2] and ": done," in lines[2]
+    assert (runs[0].path / "metrics.jsonl").read_bytes() == finished[runs[0].path]
+    assert RunDir(victim).is_done() and RunDir(victim).metrics()[0]["epoch"] == 0
+
+
+def test_presets_load():
+    assert {"paper-cifar10", "paper-cifar100", "paper-imagenet", "fashion-mnist"} <= set(preset_names())
+    for name in preset_names():
+        spec = load_sweep(resolve_preset(name))
+        assert spec.trials >= 3
+    cifar10 = plan(load_sweep(resolve_preset("paper-cifar10")), resolve_preset("paper-cifar10").parent)
+    assert len(cifar10) == 3 * 2 * 4 * 2 * 5
+    with pytest.raises(FileNotFoundError, match="neither a sweep file nor a preset; presets: fashion-mnist"):
+        resolve_preset("nope")
