@@ -43,3 +43,21 @@ def pretrained_resnet20(fashion_subset):
     state = mq.fit(model, mq.Trainer(model, opt), train, test, epochs=2, schedule=lambda e: 1.0, progress=False)
     assert state.iteration == 200
     return {k: v.clone() for k, v in model.state_dict().items()}, state.last_acc
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path_factory):
+    """A 64-image training and 40-image test set in the real MNIST IDX format: CLI options that use it."""
+    import numpy as np
+
+    from tests.data.formats import write_idx
+
+    root = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 64), ("t10k", 40)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        # images that depend on the label, so that there is something to learn
+        images = (rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19).astype(np.uint8)
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images, gz=False)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels, gz=False)
+    return ["--dataset", "mnist", "--data-dir", str(root), "--no-download"]

@@ -8,7 +8,7 @@ import pytest
 
 from metaquant.cli import main
 
-TINY = ["--train-size", "64", "--test-size", "50", "-bs", "32", "--no-progress", "-n", "1"]
+TINY = ["-m", "resnet8", "--train-size", "64", "--test-size", "50", "-bs", "32", "--no-progress", "-n", "1"]
 
 
 def test_pretrain_then_quantize_writes_run_directories(tmp_path, capsys, fashion_mnist_available):
@@ -64,7 +64,7 @@ def test_original_checkpoint_into_a_one_channel_model_is_a_clear_error(tmp_path,
     original = REPO.parent / "shared/reference/original-checkpoints/ResNet20-CIFAR10-pretrain.pth"
     if not original.exists():
         pytest.skip("shared reference checkpoint not present")
-    assert main(["quantize", *TINY, "--init", str(original), "--run-dir", str(tmp_path)]) == 1
+    assert main(["quantize", *TINY, "-m", "resnet20", "--init", str(original), "--run-dir", str(tmp_path)]) == 1
     assert "conv1.weight: checkpoint (16, 3, 3, 3) vs model (16, 1, 3, 3)" in capsys.readouterr().err
 
 

@@ -76,24 +76,35 @@ def test_bad_sweep_files_are_refused_before_running(tmp_path, text, message):
         load_sweep(write(tmp_path, text))
 
 
-def test_second_call_skips_finished_runs_and_restarts_an_interrupted_one(tmp_path, fashion_mnist_available):
-    text = SWEEP.replace("trials = 2", "trials = 1").split("[[grid]]")[0] + "[[grid]]\nestimator = ['ste', 'multifc']\n"
+def test_second_call_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path, fashion_mnist_available):
+    text = SWEEP.replace("trials = 2", "trials = 1").replace("epochs = 1\nhidden", "epochs = 2\nhidden")
+    text = text.split("[[grid]]")[0] + "[[grid]]\nestimator = ['ste', 'multifc']\n"
     spec = load_sweep(write(tmp_path, text))
     root = tmp_path / "runs"
     lines = []
     runs = run_sweep(spec, root, echo=lines.append)
     assert all(RunDir(r.path).is_done() for r in runs) and len(lines) == 3
     finished = {r.path: (r.path / "metrics.jsonl").read_bytes() for r in runs}
-    # interrupt the second run: its directory is left without the 'done' marker and with a stale file
+    # interrupt the second run: as if killed during its last epoch, after the checkpoint of the one before
     victim = runs[1].path
     (victim / "done").unlink()
-    (victim / "metrics.jsonl").write_text("garbage\n")
+    (victim / "checkpoint.pt").unlink()
+    (victim / "checkpoint.prev.pt").rename(victim / "checkpoint.pt")
     lines.clear()
     run_sweep(spec, root, echo=lines.append)
     assert "skipped (done)" in lines[0] and "skipped (done)" in lines[1]  # pretrain and the first run
-    assert "skipped" not in lines[2] and ": done," in lines[2]
+    assert ": resumed, done," in lines[2]
+    for run in runs:  # the resumed run ends exactly where it had ended
+        assert (run.path / "metrics.jsonl").read_bytes().count(b"\n") == finished[run.path].count(b"\n")
     assert (runs[0].path / "metrics.jsonl").read_bytes() == finished[runs[0].path]
-    assert RunDir(victim).is_done() and RunDir(victim).metrics()[0]["epoch"] == 0
+    assert RunDir(victim).is_done()
+    # a run whose directory holds no checkpoint at all is started again
+    (victim / "done").unlink()
+    for f in victim.glob("checkpoint*.pt"):
+        f.unlink()
+    lines.clear()
+    run_sweep(spec, root, echo=lines.append)
+    assert RunDir(victim).is_done() and len(RunDir(victim).metrics()) == 2
 
 
 def test_presets_load():

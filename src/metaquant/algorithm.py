@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .estimators import STE, fake_quantize
+from .guards import BufferSnapshot, NonFiniteError, check_policy, first_nonfinite
 from .layers import QuantLayer, forward_params_fn, quantized_layers
 from .meta import MetaQuantizer
 from .refine import THROUGH, refinement_for, with_derivative
@@ -81,6 +82,9 @@ class MetaQuant:
             (differentiate the optimizer's update rule, e.g. the whole Adam update).
         freeze_meta_epoch: from this epoch on (see ``set_epoch``), ``φ`` is frozen (the original ``--fix_meta``).
         meta_optimizer: ``params -> optimizer`` to replace the default ``Adam(meta_lr, meta_weight_decay)``.
+        on_nonfinite: when the loss, a gradient or the meta quantizer's output is not finite: ``"raise"``
+            ``NonFiniteError`` before anything is updated (default), or ``"skip"`` the step (the forward
+            pass's BatchNorm statistics are restored, the records of the previous step kept).
 
     Raises:
         ValueError: unsupported optimizer (the message lists the supported ones), unknown ``step_order`` or
@@ -107,6 +111,7 @@ class MetaQuant:
         through: str = "residual",
         freeze_meta_epoch: int | None = None,
         meta_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
         if not isinstance(meta, MetaQuantizer):
             raise TypeError(f"meta must be a MetaQuantizer (FCGrad, MultiFC, LSTMFC, IdentityMeta), got {meta!r}")
@@ -120,6 +125,9 @@ class MetaQuant:
             raise ValueError(f"meta_weight_decay must be a number >= 0, got {meta_weight_decay!r}")
         if freeze_meta_epoch is not None and (not isinstance(freeze_meta_epoch, int) or freeze_meta_epoch < 0):
             raise ValueError(f"freeze_meta_epoch must be an integer >= 0 or None, got {freeze_meta_epoch!r}")
+        check_policy(on_nonfinite)
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
         self.model = model
         self.optimizer = optimizer
         self.layers: dict[str, QuantLayer] = quantized_layers(model)
@@ -177,15 +185,38 @@ class MetaQuant:
         if self.meta_optimizer is not None:
             lr_now = float(self._base_group["lr"])
             scale_lr(self.meta_optimizer, lr_now / self._base_lr0)
-        loss = self._first_step(closure) if self.iteration == 0 else self._meta_step(closure)
+        snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" else None
+        loss, bad = self._first_step(closure) if self.iteration == 0 else self._meta_step(closure)
+        if bad is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.meta_optimizer is not None:
+                self.meta_optimizer.zero_grad(set_to_none=True)
+            if snapshot is None:
+                raise NonFiniteError(f"non-finite {bad}")
+            snapshot.restore()
+            self.skipped_steps += 1
+            logger.warning("skipped a step with non-finite %s (%d skipped so far)", bad, self.skipped_steps)
+            return loss
         self.iteration += 1
         return loss
 
+    def _check(self, loss: Tensor, meta_outputs: list[Tensor]) -> str | None:
+        """What, if anything, is non-finite after the backward pass (checked before any update)."""
+        return first_nonfinite({
+            "loss": [loss],
+            "meta quantizer output": meta_outputs,
+            "gradients": (p.grad for p in self.model.parameters()),
+            "meta gradients": (p.grad for p in self.meta.parameters()),
+        })
+
     # --- iteration 0 --------------------------------------------------------------------------------------
-    def _first_step(self, closure: Closure) -> Tensor:
+    def _first_step(self, closure: Closure) -> tuple[Tensor, str | None]:
         self.optimizer.zero_grad(set_to_none=True)
         pending = _Pending()
         loss = self._forward_backward(closure, pending, lambda layer: (layer.weight, layer.bias))
+        bad = self._check(loss, [])
+        if bad is not None:
+            return loss, bad
         for name, layer in self.layers.items():
             if self.step_order == "original":
                 # G_0 and B_0: the plain STE gradients of iteration 0 (DESIGN §5.1).
@@ -197,10 +228,10 @@ class MetaQuant:
             self.optimizer.step()  # the other parameters do
         self.optimizer.zero_grad(set_to_none=True)
         self._keep(pending, meta_states={})
-        return loss
+        return loss, None
 
     # --- iterations t >= 1 --------------------------------------------------------------------------------
-    def _meta_step(self, closure: Closure) -> Tensor:
+    def _meta_step(self, closure: Closure) -> tuple[Tensor, str | None]:
         self.optimizer.zero_grad(set_to_none=True)
         if self.meta_optimizer is not None:
             self.meta_optimizer.zero_grad(set_to_none=True)
@@ -241,6 +272,9 @@ class MetaQuant:
         # Steps 3-4: forward with Q(A(W^t)), backward to φ and to the parameters that are not quantized.
         pending = _Pending()
         loss = self._forward_backward(closure, pending, params)
+        bad = self._check(loss, list(grads_w.values()))
+        if bad is not None:
+            return loss, bad
         # Step 5: the meta quantizer's own update.
         if learn_meta:
             self.meta_optimizer.step()
@@ -260,7 +294,7 @@ class MetaQuant:
                     layer.weight.copy_(forward_w[name])
         self.optimizer.zero_grad(set_to_none=True)
         self._keep(pending, meta_states)
-        return loss
+        return loss, None
 
     # --- shared pieces --------------------------------------------------------------------------------------
     def _forward_backward(
@@ -281,6 +315,8 @@ class MetaQuant:
 
         with forward_params_fn(self.model, recorded):
             loss = closure()
+        if not torch.isfinite(loss):
+            return loss.detach()  # reported by the caller's check; nothing to back-propagate
         loss.backward()
         missing = [name for name in self.layers if name not in pending.grad_w_hat]
         if missing:

@@ -25,9 +25,10 @@ from .presets import preset_names, resolve_preset
 from .report import collect, plot_comparisons, summarize, write_table
 from .sweep import load_sweep, plan, run_sweep
 from .models import model_names
-from .pipeline import default_run_name, execute
+from .guards import NonFiniteError, StopFlag, TrainingInterrupted
+from .pipeline import default_run_name, execute, resume
 from .quantizers import quantizer_names
-from .runs import RunExistsError
+from .runs import RunDir, RunExistsError
 from .schedules import SCHEDULES
 
 __all__ = ["main", "build_parser"]
@@ -106,6 +107,15 @@ def _add_common(p: argparse.ArgumentParser, *, task: str) -> None:
     out.add_argument("--name", default=None, help="run directory name (default: derived from the options)")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     out.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    rel = p.add_argument_group("reliability")
+    rel.add_argument("--resume", metavar="RUN_DIR", default=None,
+                     help="continue the interrupted run in RUN_DIR from its latest checkpoint, exactly; every other "
+                          "option is taken from RUN_DIR/config.json")
+    rel.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                     help="also checkpoint every N steps within an epoch (default: 0, at epoch ends only)")
+    rel.add_argument("--skip-nonfinite", dest="on_nonfinite", action="store_const", const="skip", default="raise",
+                     help="skip steps with a non-finite loss, gradient or meta output instead of stopping")
 
 
 def _add_quantization(p: argparse.ArgumentParser) -> None:
@@ -242,7 +252,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_NOT_CONFIG = {"command", "run_dir", "name", "progress", "debug", "fix_meta", "fix_meta_epoch"}
+_NOT_CONFIG = {"command", "run_dir", "name", "progress", "debug", "fix_meta", "fix_meta_epoch", "resume"}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -256,12 +266,30 @@ def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("demo", "sweep", "report"):
         return {"demo": _demo, "sweep": _sweep, "report": _report}[args.command](args)
+    if args.resume:
+        task = RunDir(args.resume).config().task if RunDir(args.resume).config_path.exists() else args.command
+        if task != args.command:
+            raise CLIError(f"metaquant {args.command}: error: {args.resume} is a {task} run; use "
+                           f"'metaquant {task} --resume {args.resume}'", EXIT_USAGE)
+        run_dir = Path(args.resume)
+    else:
+        try:
+            config = config_from_args(args)
+        except (ValueError, TypeError) as err:
+            raise CLIError(f"metaquant {args.command}: error: {err}", EXIT_USAGE) from None
+        run_dir = Path(args.run_dir) / (args.name or default_run_name(config))
     try:
-        config = config_from_args(args)
-    except (ValueError, TypeError) as err:
-        raise CLIError(f"metaquant {args.command}: error: {err}", EXIT_USAGE) from None
-    run_dir = Path(args.run_dir) / (args.name or default_run_name(config))
-    result = execute(config, run_dir, progress=args.progress)
+        with StopFlag().installed() as stop:
+            if args.resume:
+                result = resume(run_dir, progress=args.progress, stop=stop)
+            else:
+                result = execute(config, run_dir, progress=args.progress, stop=stop)
+    except TrainingInterrupted as err:
+        raise CLIError(f"metaquant: {err}; continue with: metaquant {args.command} --resume {run_dir}",
+                       128 + err.signum) from None
+    except NonFiniteError as err:
+        raise CLIError(f"metaquant: error: {err}; rerun with --skip-nonfinite to skip such steps, or "
+                       f"continue from the checkpoint with: metaquant {args.command} --resume {run_dir}") from None
     print(f"{args.command} finished: final test accuracy {result.final_acc:.2f}%, best {result.best_acc:.2f}% "
           f"({result.epochs} epochs); run directory {result.run_dir}")
     return 0

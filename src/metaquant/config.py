@@ -16,6 +16,7 @@ from typing import Any
 from .data import DATASETS
 from .algorithm import STEP_ORDERS
 from .estimators import CLASSICAL_ESTIMATORS
+from .guards import NONFINITE_POLICIES
 from .meta import META_QUANTIZERS, NONLINEARITIES
 from .models import model_names
 from .quantizers import get_quantizer
@@ -82,6 +83,9 @@ class RunConfig:
     lr_gamma: float = 0.1
     seed: int = 0
     device: str = "auto"
+    # reliability
+    on_nonfinite: str = "raise"
+    checkpoint_every: int = 0
     # quantization
     init: str | None = None
     quantizer: str = "dorefa"
@@ -130,6 +134,8 @@ class RunConfig:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             raise ValueError(f"device {self.device!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
+        _choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        _positive("checkpoint_every", self.checkpoint_every, integer=True, allow_zero=True)
         get_quantizer(self.quantizer, self.bits)  # raises with the allowed names / bit widths
         self.estimator = ESTIMATOR_ALIASES.get(self.estimator, self.estimator)
         _choice("estimator", self.estimator, ESTIMATORS)

@@ -6,6 +6,7 @@ run from Python: ``execute(RunConfig(task="quantize", init="runs/pretrain/checkp
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from dataclasses import dataclass
@@ -21,11 +22,12 @@ from .estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
 from .layers import QuantConfig, quantize_
 from .meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
 from .models import get_model, load_weights
-from .runs import CHECKPOINT, RunDir, atomic_write_bytes
+from .guards import StopFlag
+from .runs import CHECKPOINT, PREVIOUS_CHECKPOINT, RunDir, atomic_write_bytes, load_checkpoint
 from .trainer import Trainer
-from .training import FitState, fit, seed_everything, step_schedule
+from .training import FitState, fit, seed_everything, set_rng_state, step_schedule
 
-__all__ = ["execute", "resolve_device", "build_optimizer", "build_trainer", "default_run_name", "RunResult"]
+__all__ = ["execute", "resume", "resolve_device", "build_optimizer", "build_trainer", "default_run_name", "RunResult"]
 
 #: The trained meta quantizer of a finished MetaQuant run, for ``--meta-init``.
 META_FILE = "meta.pt"
@@ -117,15 +119,16 @@ def build_trainer(config: RunConfig, model: nn.Module, optimizer: torch.optim.Op
     """The object doing one step per batch: plain back-propagation for pre-training and classical estimators,
     MetaQuant for meta quantizers."""
     if config.task == "pretrain":
-        return Trainer(model, optimizer)
+        return Trainer(model, optimizer, on_nonfinite=config.on_nonfinite)
     if config.estimator in CLASSICAL_ESTIMATORS:
-        return Trainer(model, optimizer, classical_estimator(config))
+        return Trainer(model, optimizer, classical_estimator(config), on_nonfinite=config.on_nonfinite)
     meta = build_meta(config)
     if config.meta_init:
         load_meta(meta, config.meta_init, meta_config(config))
     return MetaQuant(
         model, optimizer, meta, meta_lr=config.meta_lr, meta_weight_decay=config.meta_weight_decay,
         step_order=config.step_order, through=config.through, freeze_meta_epoch=config.freeze_meta_epoch,
+        on_nonfinite=config.on_nonfinite,
     )
 
 
@@ -171,8 +174,17 @@ def save_meta(path: Path, meta: MetaQuantizer, config: RunConfig) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def execute(config: RunConfig, run_dir: str | Path | None, *, progress: bool = True) -> RunResult:
-    """Run ``config`` to the end, writing into a new ``run_dir`` (None: write nothing)."""
+@dataclass
+class _Session:
+    """Everything a run trains with, built from its configuration."""
+
+    model: nn.Module
+    trainer: Trainer | MetaQuant
+    train_loader: Any
+    test_loader: Any
+
+
+def _prepare(config: RunConfig, *, load_init: bool = True) -> _Session:
     device = resolve_device(config.device)
     seed_everything(config.seed)
     train_loader, test_loader, info = make_loaders(
@@ -181,20 +193,96 @@ def execute(config: RunConfig, run_dir: str | Path | None, *, progress: bool = T
         train_size=config.train_size, test_size=config.test_size, subset_seed=config.subset_seed,
         download=config.download,
     )
-    model = build_model(config, info.num_classes, info.in_channels, info.image_size).to(device)
+    build_config = config if load_init else dataclasses.replace(config, init=None, meta_init=None)
+    model = build_model(build_config, info.num_classes, info.in_channels, info.image_size).to(device)
     optimizer = build_optimizer(model.parameters(), config)
-    trainer = build_trainer(config, model, optimizer)
-    run = RunDir.create(run_dir, config) if run_dir is not None else None
-    logger.info("run %s: %s on %s, %d training batches per epoch", run.path if run else "-", config.model,
-                device, len(train_loader))
+    trainer = build_trainer(build_config, model, optimizer)
+    logger.info("%s on %s, %d training batches per epoch", config.model, device, len(train_loader))
+    return _Session(model, trainer, train_loader, test_loader)
+
+
+def _train(config: RunConfig, session: _Session, run: RunDir | None, state: FitState, progress: bool,
+           stop: StopFlag | None) -> RunResult:
     state = fit(
-        model, trainer, train_loader, test_loader, epochs=config.epochs,
+        session.model, session.trainer, session.train_loader, session.test_loader, epochs=config.epochs,
         schedule=step_schedule(config.lr_schedule, config.epochs, config.lr_step, config.lr_gamma),
-        run=run, state=FitState(), extra_checkpoint=lambda: _extra(config), progress=progress,
+        run=run, state=state, extra_checkpoint=lambda: _extra(config), progress=progress, stop=stop,
+        checkpoint_every=config.checkpoint_every,
     )
     if run is not None:
-        if isinstance(trainer, MetaQuant):
-            save_meta(run.path / META_FILE, trainer.meta, config)
+        if isinstance(session.trainer, MetaQuant):
+            save_meta(run.path / META_FILE, session.trainer.meta, config)
         run.mark_done()
     return RunResult(run_dir=run.path if run else None, final_acc=state.last_acc, best_acc=state.best_acc,
                      epochs=state.epoch)
+
+
+def execute(
+    config: RunConfig, run_dir: str | Path | None, *, progress: bool = True, stop: StopFlag | None = None
+) -> RunResult:
+    """Run ``config`` to the end, writing into a new ``run_dir`` (None: write nothing).
+
+    Raises:
+        RunExistsError: ``run_dir`` already holds a run (it is left untouched; resume it with ``resume``).
+        TrainingInterrupted: ``stop`` was set; the run can be continued with ``resume``.
+        NonFiniteError: a step produced a non-finite value; the last good checkpoint is intact.
+    """
+    if run_dir is not None and RunDir(run_dir).config_path.exists():
+        RunDir.create(run_dir, config)  # raises RunExistsError before any work is done
+    session = _prepare(config)
+    run = RunDir.create(run_dir, config) if run_dir is not None else None
+    return _train(config, session, run, FitState(), progress, stop)
+
+
+def _latest_checkpoint(run: RunDir) -> dict[str, Any] | None:
+    """The newest readable checkpoint of ``run`` (``checkpoint.pt``, else ``checkpoint.prev.pt``), or None."""
+    candidates = [run.checkpoint_path, run.checkpoint_path.with_name(PREVIOUS_CHECKPOINT)]
+    errors = []
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            return load_checkpoint(path)
+        except ValueError as err:
+            logger.warning("%s; trying the previous checkpoint", err)
+            errors.append(str(err))
+    if errors:
+        raise ValueError(f"no readable checkpoint in {run.path}: " + "; ".join(errors))
+    return None
+
+
+def resume(run_dir: str | Path, *, progress: bool = True, stop: StopFlag | None = None) -> RunResult:
+    """Continue the run in ``run_dir`` from its latest checkpoint, to the same result as an uninterrupted run.
+
+    Everything is restored: model, base optimizer, the trainer's state (MetaQuant: meta quantizer, its
+    optimizer, the recorded ``g_Ŵ`` and ``W̃``, LSTM states), the position within the epoch, RNG states. A run
+    killed before its first checkpoint starts again from its beginning. A finished run is left as it is.
+
+    Raises:
+        FileNotFoundError: no run in ``run_dir``.
+        ValueError: no readable checkpoint, or one that does not fit the run's model.
+    """
+    run = RunDir(run_dir)
+    if not run.config_path.exists():
+        raise FileNotFoundError(f"--resume {run_dir}: no run there (config.json is missing)")
+    config = run.config()
+    if run.is_done():
+        metrics = run.metrics()
+        logger.info("run %s is already finished", run.path)
+        return RunResult(run.path, metrics[-1]["test_acc"], max(m["test_acc"] for m in metrics), len(metrics))
+    for stale in run.path.glob(".*.tmp"):  # a write that a kill interrupted; never a complete file
+        stale.unlink()
+    checkpoint = _latest_checkpoint(run)
+    if checkpoint is None:
+        logger.info("run %s has no checkpoint yet: starting it from its beginning", run.path)
+        session = _prepare(config)
+        return _train(config, session, run, FitState(), progress, stop)
+    session = _prepare(config, load_init=False)
+    load_weights(session.model, checkpoint["model"])
+    session.trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+    session.trainer.load_state_dict(checkpoint["trainer"])
+    set_rng_state(checkpoint["rng"])
+    state = FitState(**checkpoint["fit"])
+    state.epoch_losses = [tuple(x) for x in state.epoch_losses]
+    logger.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.batch)
+    return _train(config, session, run, state, progress, stop)

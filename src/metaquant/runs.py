@@ -149,8 +149,8 @@ class RunDir:
         """Append one epoch's metrics and its per-iteration losses.
 
         The whole files are rewritten atomically (they are small: one line per epoch, one per iteration), so
-        an interrupted write never leaves a partial line, and records past the checkpoint being resumed from
-        are dropped (``truncate_to``).
+        an interrupted write never leaves a partial line; records of this epoch or later, left by a run that
+        was interrupted and is being resumed, are replaced.
         """
         epochs = [m for m in self.metrics() if m["epoch"] < record["epoch"]] + [record]
         text = "".join(json.dumps(m) + "\n" for m in epochs)

@@ -25,7 +25,8 @@ A sweep file has four parts (see ``presets/`` for complete ones)::
 
 A ``[[grid]]`` entry may set ``label`` to name its backward method in reports (default: derived from the
 estimator, step order and momentum). Runs that are ``done`` are skipped when the sweep is run again; a run
-left unfinished by an interruption is restarted from its beginning.
+left unfinished by an interruption is resumed from its last checkpoint (exactly: see ``pipeline.resume``),
+or started again if it has none or its configuration changed.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
-from .pipeline import execute
+from .pipeline import execute, resume
 from .runs import RunDir
 
 if sys.version_info >= (3, 11):
@@ -183,8 +184,12 @@ def _run_once(path: Path, config: RunConfig, progress: bool) -> tuple[str, float
     if run.is_done():
         metrics = run.metrics()
         return "skipped (done)", metrics[-1]["test_acc"], max(m["test_acc"] for m in metrics)
+    if run.config_path.exists():
+        if run.config() == config:
+            result = resume(path, progress=progress)
+            return "resumed, done", result.final_acc, result.best_acc
+        logger.warning("the unfinished run %s has another configuration: starting it again", path)
     if path.exists():
-        logger.warning("restarting the unfinished run %s from its beginning", path)
         shutil.rmtree(path)
     result = execute(config, path, progress=progress)
     return "done", result.final_acc, result.best_acc

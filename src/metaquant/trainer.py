@@ -14,6 +14,7 @@ optimizer update every parameter, exactly as a ``torch.optim`` training loop wou
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from .estimators import STE, ClassicalEstimator, fake_quantize
+from .guards import BufferSnapshot, NonFiniteError, check_policy, first_nonfinite
 from .layers import QuantLayer, forward_params_fn
 
 __all__ = ["Trainer"]
+
+logger = logging.getLogger(__name__)
 
 Closure = Callable[[], Tensor]
 
@@ -35,29 +39,60 @@ class Trainer:
         model: the model; its quantized layers (if any) were installed by ``quantize_``.
         optimizer: any ``torch.optim`` optimizer over the model's parameters.
         estimator: the classical estimator for quantized layers (default: clipped STE, the paper's baseline).
+        on_nonfinite: ``"raise"`` (default) stops with ``NonFiniteError`` before any update when the loss or a
+            gradient is not finite; ``"skip"`` undoes the forward pass's BatchNorm statistics and skips the step.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, estimator: ClassicalEstimator = STE()):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        estimator: ClassicalEstimator = STE(),
+        *,
+        on_nonfinite: str = "raise",
+    ) -> None:
         if not isinstance(estimator, ClassicalEstimator):
             raise TypeError(f"estimator must be a ClassicalEstimator (STE, Identity, EWGS), got {estimator!r}")
+        check_policy(on_nonfinite)
         self.model = model
         self.optimizer = optimizer
         self.estimator = estimator
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
 
     def _forward_params(self, layer: QuantLayer) -> tuple[Tensor, Tensor | None]:
         return fake_quantize(layer.weight, layer.quantizer, self.estimator), layer.bias
 
     def step(self, closure: Closure) -> Tensor:
-        """Zero the gradients, compute ``closure()``, back-propagate, update. Returns the loss (detached)."""
+        """Zero the gradients, compute ``closure()``, back-propagate, update. Returns the loss (detached).
+
+        Raises:
+            NonFiniteError: the loss or a gradient is not finite (``on_nonfinite="raise"``); nothing was updated.
+        """
         self.optimizer.zero_grad(set_to_none=True)
+        snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" else None
         # The layers' default is the clipped STE; another estimator is installed for this forward pass only.
         scope = (
             contextlib.nullcontext() if self.estimator == STE() else forward_params_fn(self.model, self._forward_params)
         )
         with scope:
             loss = closure()
-        loss.backward()
+        bad = first_nonfinite({"loss": [loss]})
+        if bad is None:
+            loss.backward()
+            bad = first_nonfinite({"gradients": (p.grad for p in self.model.parameters())})
+        if bad is not None:
+            return self._reject(bad, loss, snapshot)
         self.optimizer.step()
+        return loss.detach()
+
+    def _reject(self, what: str, loss: Tensor, snapshot: BufferSnapshot | None) -> Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        if snapshot is None:
+            raise NonFiniteError(f"non-finite {what}")
+        snapshot.restore()
+        self.skipped_steps += 1
+        logger.warning("skipped a step with non-finite %s (%d skipped so far)", what, self.skipped_steps)
         return loss.detach()
 
     def set_epoch(self, epoch: int) -> None:

@@ -7,11 +7,13 @@ training, STE, or MetaQuant): they all offer ``step(closure)``, ``set_epoch`` an
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .guards import NonFiniteError, StopFlag, TrainingInterrupted, all_finite
 from .runs import RunDir, save_checkpoint
 from .schedules import lr_factor, scale_lr
 
@@ -95,12 +98,26 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[
 
 @dataclass
 class FitState:
-    """Where a run stands: the next epoch to run, iterations done, best test accuracy so far."""
+    """Where a run stands, enough to continue it exactly.
+
+    ``epoch`` is the epoch in progress (or the next one), ``batch`` the number of its batches already done
+    (non-zero only in a checkpoint written mid-epoch), and the ``epoch_*`` fields the running sums of the
+    epoch's training statistics.
+    """
 
     epoch: int = 0
     iteration: int = 0
     best_acc: float = 0.0
     last_acc: float = float("nan")
+    batch: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_correct: int = 0
+    epoch_seen: int = 0
+    epoch_losses: list[tuple[int, float]] = field(default_factory=list)
+
+    def start_epoch(self) -> None:
+        self.batch, self.epoch_loss_sum, self.epoch_correct, self.epoch_seen = 0, 0.0, 0, 0
+        self.epoch_losses = []
 
 
 def fit(
@@ -115,8 +132,10 @@ def fit(
     state: FitState | None = None,
     extra_checkpoint: Callable[[], dict[str, Any]] | None = None,
     progress: bool = True,
+    stop: StopFlag | None = None,
+    checkpoint_every: int = 0,
 ) -> FitState:
-    """Train ``model`` with ``trainer`` from ``state.epoch`` to ``epochs``.
+    """Train ``model`` with ``trainer`` from ``state`` to the end of epoch ``epochs``.
 
     Args:
         model: the model (quantized or not).
@@ -127,24 +146,53 @@ def fit(
         schedule: ``epoch -> learning-rate factor`` of the base optimizer (MetaQuant's meta optimizer
             follows the base optimizer's rate by itself).
         run: where metrics and checkpoints go (None: keep nothing, e.g. in tests and notebooks).
-        state: where to start (a resumed run's saved state); default the beginning.
+        state: where to start (a resumed run's saved state, possibly mid-epoch); default the beginning.
         extra_checkpoint: more entries for each checkpoint (e.g. the configuration).
         progress: show a tqdm bar per epoch.
+        stop: when it becomes true (SIGINT/SIGTERM), stop after the current step with a checkpoint.
+        checkpoint_every: also write a checkpoint every N steps within an epoch (0: at epoch ends only).
 
     Returns:
         The final ``FitState``.
+
+    Raises:
+        TrainingInterrupted: ``stop`` was set; a checkpoint of the exact position was written.
+        NonFiniteError: a step produced a non-finite value; the message names the epoch, the step and the
+            last good checkpoint, which is left as it was.
     """
     state = state or FitState()
+
+    def save() -> None:
+        if run is None:
+            return
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "trainer": trainer.state_dict(),
+            "epoch": state.epoch,
+            "iteration": state.iteration,
+            "best_acc": state.best_acc,
+            "fit": dataclasses.asdict(state),
+            "rng": rng_state(),
+            **(extra_checkpoint() if extra_checkpoint else {}),
+        }
+        if not all_finite(checkpoint["model"].values()):
+            raise NonFiniteError(f"refusing to save non-finite weights over {run.checkpoint_path}")
+        save_checkpoint(run.checkpoint_path, checkpoint)
+
     for epoch in range(state.epoch, epochs):
+        state.epoch = epoch
         scale_lr(trainer.optimizer, schedule(epoch))
         trainer.set_epoch(epoch)
         train_loader.set_epoch(epoch)
         model.train()
         start = time.perf_counter()
-        losses: list[tuple[int, float]] = []
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
-        for x, y in bar:
+        resume_at = state.batch
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress,
+                   total=len(train_loader), initial=resume_at)
+        for b, (x, y) in enumerate(bar):
+            if b < resume_at:
+                continue  # done before the checkpoint this run resumed from; the loader replays the epoch
             logits_box: list[Tensor] = []
 
             def closure() -> Tensor:
@@ -152,23 +200,39 @@ def fit(
                 logits_box.append(logits)
                 return F.cross_entropy(logits, y)
 
-            loss = trainer.step(closure).item()
+            try:
+                loss = trainer.step(closure).item()
+            except NonFiniteError as err:
+                where = run.checkpoint_path if run is not None and run.checkpoint_path.exists() else "none yet"
+                raise NonFiniteError(
+                    f"{err} at epoch {epoch + 1}, step {b + 1} (iteration {state.iteration + 1}); nothing was "
+                    f"updated; last good checkpoint: {where}"
+                ) from None
             state.iteration += 1
-            losses.append((state.iteration, loss))
-            loss_sum += loss * y.numel()
-            correct += (logits_box[-1].detach().argmax(1) == y).sum().item()
-            seen += y.numel()
+            state.batch = b + 1
+            if math.isfinite(loss):  # a skipped non-finite step counts as a step but not in the statistics
+                state.epoch_losses.append((state.iteration, loss))
+                state.epoch_loss_sum += loss * y.numel()
+                state.epoch_correct += (logits_box[-1].detach().argmax(1) == y).sum().item()
+                state.epoch_seen += y.numel()
             bar.set_postfix(loss=f"{loss:.4f}")
+            if stop:
+                save()
+                where = f"; checkpoint written to {run.checkpoint_path}" if run is not None else ""
+                raise TrainingInterrupted(
+                    f"stopped by signal {stop.signum} at epoch {epoch + 1}, step {b + 1}{where}", stop.signum
+                )
+            if checkpoint_every and state.batch % checkpoint_every == 0 and state.batch < len(train_loader):
+                save()
         train_time = time.perf_counter() - start
         test = evaluate(model, test_loader)
-        state.epoch = epoch + 1
         state.best_acc = max(state.best_acc, test["top1"])
         state.last_acc = test["top1"]
         record = {
             "epoch": epoch,
             "lr": trainer.optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": 100.0 * correct / max(seen, 1),
+            "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
+            "train_acc": 100.0 * state.epoch_correct / max(state.epoch_seen, 1),
             "test_loss": test["loss"],
             "test_acc": test["top1"],
             "test_top5": test["top5"],
@@ -182,18 +246,10 @@ def fit(
             train_time,
         )
         if run is not None:
-            run.record_epoch(record, losses)
-            checkpoint = {
-                "model": model.state_dict(),
-                "optimizer": trainer.optimizer.state_dict(),
-                "trainer": trainer.state_dict(),
-                "epoch": state.epoch,
-                "iteration": state.iteration,
-                "best_acc": state.best_acc,
-                "rng": rng_state(),
-                **(extra_checkpoint() if extra_checkpoint else {}),
-            }
-            save_checkpoint(run.checkpoint_path, checkpoint)
+            run.record_epoch(record, state.epoch_losses)
+        state.epoch = epoch + 1
+        state.start_epoch()
+        save()
     return state
 
 

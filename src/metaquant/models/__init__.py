@@ -4,7 +4,7 @@ The models are ordinary ``nn.Module`` s built from plain ``nn.Conv2d``,
 ``nn.Linear`` and BatchNorm layers; quantization swaps the convolutions and
 linear layers afterwards, so nothing here knows about quantization.
 
-* CIFAR ResNets ``resnet20/32/44/56/110`` (He et al., CVPR 2016), with the
+* CIFAR ResNets ``resnet8/20/32/44/56/110`` (He et al., CVPR 2016), with the
   parameter names of the original MetaQuant checkpoints;
 * ImageNet ``resnet18`` (He et al., CVPR 2016), with torchvision's names;
 * ``lab``, the VGG-style network of Hou et al., ICLR 2017, used in the
@@ -24,7 +24,7 @@ from torch import nn
 from ._checks import check_positive_int
 from .checkpoints import LoadResult, extract_state_dict, load_weights, read_checkpoint
 from .lab import LabNet, lab
-from .resnet_cifar import CifarResNet, resnet20, resnet32, resnet44, resnet56, resnet110
+from .resnet_cifar import CifarResNet, resnet8, resnet20, resnet32, resnet44, resnet56, resnet110
 from .resnet_imagenet import ImageNetResNet, resnet18
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "model_names",
     "read_checkpoint",
     "resnet18",
+    "resnet8",
     "resnet20",
     "resnet32",
     "resnet44",
@@ -51,6 +52,7 @@ __all__ = [
 # arguments num_classes and in_channels; those that need the image size
 # (fully-connected layers after the convolutions) also take image_size.
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet8": resnet8,
     "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet44": resnet44,

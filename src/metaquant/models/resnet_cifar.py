@@ -90,6 +90,11 @@ class CifarResNet(nn.Module):
         return self.fc(x)  # (B, num_classes)
 
 
+def resnet8(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """ResNet8 (n=1): not in the paper; the smallest of the family, for quick checks and tutorials."""
+    return CifarResNet(8, num_classes=num_classes, in_channels=in_channels)
+
+
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet20 (n=3, about 0.27M parameters for 10 classes)."""
     return CifarResNet(20, num_classes=num_classes, in_channels=in_channels)

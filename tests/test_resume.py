@@ -1,0 +1,185 @@
+"""Exact resume after SIGKILL (including during a checkpoint write), SIGINT, and non-finite steps."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from metaquant.cli import main
+
+
+@pytest.fixture
+def TINY(tiny_mnist):
+    return [*tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "4", "--no-progress", "--seed", "3"]
+
+
+ESTIMATORS = {"ste": ["-meta", "ste"], "lstmfc": ["-meta", "lstmfc", "-hidden", "4"]}
+
+# Runs the CLI with os.replace slowed down at the N-th write of checkpoint.pt, after writing a marker file,
+# so that the test can SIGKILL the process while that checkpoint is being written.
+WRAPPER = """
+import os, sys, time
+marker, pause_at = sys.argv[1], int(sys.argv[2])
+real_replace, count = os.replace, [0]
+def replace(src, dst):
+    if str(dst).endswith("checkpoint.pt"):
+        count[0] += 1
+        if count[0] == pause_at:
+            open(marker, "w").close()
+            time.sleep(120)
+    return real_replace(src, dst)
+os.replace = replace
+from metaquant.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _cli(args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "metaquant", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _wait_for(predicate, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _result(run: Path):
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        m.pop("train_seconds")  # wall time, the only field allowed to differ
+    return state["model"], state["trainer"], metrics, (run / "loss.csv").read_text()
+
+
+def _assert_same(a, b):
+    model_a, trainer_a, metrics_a, loss_a = a
+    model_b, trainer_b, metrics_b, loss_b = b
+    assert model_a.keys() == model_b.keys()
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    assert metrics_a == metrics_b
+    assert loss_a == loss_b
+    if trainer_a:
+        assert all(torch.equal(trainer_a["meta"][k], trainer_b["meta"][k]) for k in trainer_a["meta"])
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_sigkill_at_several_points_then_resume_is_bit_exact(tmp_path, estimator, TINY):
+    args = ["quantize", *TINY, *ESTIMATORS[estimator], "--run-dir", str(tmp_path)]
+    assert subprocess.run([sys.executable, "-m", "metaquant", *args, "--name", "straight"],
+                          capture_output=True).returncode == 0
+    run = tmp_path / "killed"
+    cmd = [*args, "--name", "killed"]
+
+    # 1. killed before its first checkpoint: the resumed run starts from the beginning
+    proc = _cli(cmd)
+    _wait_for(lambda: (run / "config.json").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # 2. killed while the second checkpoint is being written (the temporary file is complete, not renamed)
+    marker = tmp_path / "writing"
+    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(marker), "2", "quantize", "--resume", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(run.glob(".checkpoint.pt.*.tmp")), "the kill should have left a half-written checkpoint"
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the previous one, intact
+    # 3. killed after an epoch's metrics were recorded
+    proc = _cli(["quantize", "--resume", str(run)])
+    _wait_for(lambda: len((run / "metrics.jsonl").read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # 4. resumed to the end
+    done = subprocess.run([sys.executable, "-m", "metaquant", "quantize", "--resume", str(run)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not list(run.glob(".*.tmp"))
+    _assert_same(_result(tmp_path / "straight"), _result(run))
+
+
+def test_sigint_writes_a_checkpoint_and_the_run_resumes_exactly(tmp_path, TINY):
+    args = ["quantize", *TINY, *ESTIMATORS["lstmfc"], "--run-dir", str(tmp_path)]
+    assert main([*args, "--name", "straight"]) == 0
+    run = tmp_path / "interrupted"
+    proc = _cli([*args, "--name", "interrupted", "-n", "4"])
+    _wait_for(lambda: (run / "metrics.jsonl").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"continue with: metaquant quantize --resume {run}" in err and "Traceback" not in err
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["fit"]["batch"] in (0, 1, 2)
+    assert main(["quantize", "--resume", str(run)]) == 0
+    _assert_same(_result(tmp_path / "straight"), _result(run))
+
+
+@pytest.fixture
+def nan_after(monkeypatch):
+    """Make the training loss NaN from the n-th training step on (evaluation is left alone)."""
+    import torch.nn.functional as F
+
+    real = F.cross_entropy
+    calls = {"n": 0, "from": None}
+
+    def cross_entropy(logits, target, *args, **kwargs):
+        loss = real(logits, target, *args, **kwargs)
+        if kwargs.get("reduction", "mean") == "mean":
+            calls["n"] += 1
+            if calls["from"] is not None and calls["n"] >= calls["from"]:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(F, "cross_entropy", cross_entropy)
+    return calls
+
+
+@pytest.mark.parametrize("estimator", ["ste", "multifc"])
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys, nan_after, estimator, TINY):
+    nan_after["from"] = 4  # epoch 2, step 2 (two steps per epoch)
+    args = ["quantize", *TINY, "-meta", estimator, "-hidden", "4", "--run-dir", str(tmp_path), "--name", "r"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    checkpoint = tmp_path / "r" / "checkpoint.pt"
+    assert f"non-finite loss at epoch 2, step 2 (iteration 4); nothing was updated; last good checkpoint: {checkpoint}" in err
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_skip_nonfinite_finishes_the_run(tmp_path, nan_after, TINY):
+    nan_after["from"] = 3
+    args = ["quantize", *TINY, "-meta", "multifc", "-hidden", "4", "--skip-nonfinite", "--run-dir", str(tmp_path),
+            "--name", "r"]
+    assert main(args) == 0
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert nan_after["n"] >= 8  # every step of the four epochs ran
+
+
+def test_full_disk_while_saving_keeps_what_was_written_and_the_run_resumes(tmp_path, capsys, monkeypatch, TINY):
+    run = tmp_path / "r"
+    real_fsync = os.fsync
+
+    def full_after_first_checkpoint(fd):
+        if (run / "checkpoint.pt").exists():
+            raise OSError(28, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_after_first_checkpoint)
+    assert main(["pretrain", *TINY, "-n", "2", "--run-dir", str(tmp_path), "--name", "r"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not list(run.glob(".*.tmp"))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert main(["pretrain", "--resume", str(run)]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
