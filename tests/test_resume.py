@@ -107,15 +107,16 @@ def test_sigkill_at_several_points_then_resume_is_bit_exact(tmp_path, estimator,
     _assert_same(_result(tmp_path / "straight"), _result(run))
 
 
-def test_sigint_writes_a_checkpoint_and_the_run_resumes_exactly(tmp_path, TINY):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_writes_a_checkpoint_and_the_run_resumes_exactly(tmp_path, signum, TINY):
     args = ["quantize", *TINY, *ESTIMATORS["lstmfc"], "--run-dir", str(tmp_path)]
     assert main([*args, "--name", "straight"]) == 0
     run = tmp_path / "interrupted"
     proc = _cli([*args, "--name", "interrupted", "-n", "4"])
     _wait_for(lambda: (run / "metrics.jsonl").exists(), proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err
     assert f"continue with: metaquant quantize --resume {run}" in err and "Traceback" not in err
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
     assert saved["fit"]["batch"] in (0, 1, 2)
