@@ -1,4 +1,4 @@
-"""The ``metaquant`` command line: ``pretrain``, ``quantize``, ``demo``, ``sweep`` and ``report``.
+"""The ``metaquant`` command line: ``pretrain``, ``quantize``, ``demo``, ``sweep``, ``report``, ``export``, ``eval``.
 
 Every option maps onto a ``RunConfig`` field; the configuration validates itself, so the command line and the
 Python API refuse the same bad values with the same messages. Bad input exits with status 2 and one line on
@@ -26,7 +26,7 @@ from .report import collect, plot_comparisons, summarize, write_table
 from .sweep import load_sweep, plan, run_sweep
 from .models import model_names
 from .guards import NonFiniteError, StopFlag, TrainingInterrupted
-from .pipeline import default_run_name, execute, resume
+from .pipeline import default_run_name, evaluate_artifact, execute, export_run, resume
 from .quantizers import quantizer_names
 from .runs import RunDir, RunExistsError
 from .schedules import SCHEDULES
@@ -214,7 +214,41 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="report", help="output folder (default: report)")
     report.add_argument("--no-figures", dest="figures", action="store_false", help="table only")
     report.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    export = sub.add_parser(
+        "export", help="write a quantization run's model as a bit-packed file",
+        description="Write the model of a quantization run with its weights' integer codes bit-packed (1 bit "
+                    "per weight at 1 bit), and print its size against the float model's.",
+    )
+    export.add_argument("run", help="the run directory")
+    export.add_argument("--format", default="packed", choices=["packed"], help="export format (default: packed)")
+    export.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.mqpack)")
+    export.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    ev = sub.add_parser(
+        "eval", help="test accuracy of a packed file or a run's checkpoint",
+        description="Compute the test accuracy of an exported packed file or of a run directory's latest "
+                    "checkpoint, on the run's own test set, and compare it with the accuracy the run recorded.",
+    )
+    ev.add_argument("path", help="a .mqpack file or a run directory")
+    ev.add_argument("--data-dir", default=None, help="where the dataset files are (default: the run's)")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    ev.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    path, size, float_size = export_run(args.run, args.out)
+    print(f"wrote {path}: {size:,} bytes; float model {float_size:,} bytes; {float_size / size:.1f}x smaller")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    result = evaluate_artifact(args.path, data_dir=args.data_dir, device=args.device)
+    recorded = result["recorded"]
+    note = f" (the run recorded {recorded:.2f}%)" if recorded is not None else ""
+    print(f"{args.path}: test accuracy {result['top1']:.2f}% top-1, {result['top5']:.2f}% top-5{note}")
+    return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -264,8 +298,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("demo", "sweep", "report"):
-        return {"demo": _demo, "sweep": _sweep, "report": _report}[args.command](args)
+    commands = {"demo": _demo, "sweep": _sweep, "report": _report, "export": _export, "eval": _eval}
+    if args.command in commands:
+        return commands[args.command](args)
     if args.resume:
         task = RunDir(args.resume).config().task if RunDir(args.resume).config_path.exists() else args.command
         if task != args.command:

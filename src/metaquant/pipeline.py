@@ -19,15 +19,15 @@ from .algorithm import MetaQuant
 from .config import RunConfig
 from .data import make_loaders
 from .estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
-from .layers import QuantConfig, quantize_
+from .layers import QuantConfig, dequantize_, quantize_
 from .meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
 from .models import get_model, load_weights
 from .guards import StopFlag
 from .runs import CHECKPOINT, PREVIOUS_CHECKPOINT, RunDir, atomic_write_bytes, load_checkpoint
 from .trainer import Trainer
-from .training import FitState, fit, seed_everything, set_rng_state, step_schedule
+from .training import FitState, evaluate, fit, seed_everything, set_rng_state, step_schedule
 
-__all__ = ["execute", "resume", "resolve_device", "build_optimizer", "build_trainer", "default_run_name", "RunResult"]
+__all__ = ["execute", "resume", "export_run", "evaluate_artifact", "resolve_device", "build_optimizer", "build_trainer", "default_run_name", "RunResult"]
 
 #: The trained meta quantizer of a finished MetaQuant run, for ``--meta-init``.
 META_FILE = "meta.pt"
@@ -286,3 +286,85 @@ def resume(run_dir: str | Path, *, progress: bool = True, stop: StopFlag | None 
     state.epoch_losses = [tuple(x) for x in state.epoch_losses]
     logger.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.batch)
     return _train(config, session, run, state, progress, stop)
+
+
+def _run_model(run: RunDir) -> tuple[RunConfig, nn.Module, Any]:
+    """A run's model at its latest checkpoint (quantized as it trained) and its test loader, on the CPU or
+    the run's device."""
+    config = run.config()
+    checkpoint = _latest_checkpoint(run)
+    if checkpoint is None:
+        raise ValueError(f"{run.path} has no checkpoint yet")
+    device = resolve_device(config.device)
+    _, test_loader, info = make_loaders(
+        config.dataset, data_dir=config.data_dir, batch_size=config.batch_size,
+        test_batch_size=config.test_batch_size, device=device, seed=config.seed, train_size=config.train_size,
+        test_size=config.test_size, subset_seed=config.subset_seed, download=config.download,
+    )
+    model = build_model(dataclasses.replace(config, init=None), info.num_classes, info.in_channels,
+                        info.image_size)
+    load_weights(model, checkpoint["model"])
+    return config, model.to(device).eval(), (test_loader, info)
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, int, int]:
+    """Write a quantization run's model as a packed file (default ``RUN_DIR/model.mqpack``).
+
+    Returns:
+        ``(path, packed size in bytes, float model size in bytes)``; the float size is that of the model's
+        ``state_dict`` saved with ``torch.save``.
+    """
+    from .export import export_packed
+
+    run = RunDir(run_dir)
+    if not run.config_path.exists():
+        raise FileNotFoundError(f"{run_dir}: no run there (config.json is missing)")
+    config, model, (_, info) = _run_model(run)
+    if config.task != "quantize":
+        raise ValueError(f"{run_dir} is a {config.task} run; only quantization runs can be exported packed")
+    metrics = run.metrics()
+    metadata = {"run": config.to_dict(), "test_acc": metrics[-1]["test_acc"] if metrics else None,
+                "epochs": len(metrics)}
+    arch = {"model": config.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
+            "image_size": info.image_size}
+    path = Path(out) if out else run.path / "model.mqpack"
+    size = export_packed(model.cpu(), path, architecture=arch, metadata=metadata)
+    buffer = io.BytesIO()
+    torch.save(dequantize_(model).state_dict(), buffer)
+    return path, size, buffer.tell()
+
+
+def evaluate_artifact(path: str | Path, *, data_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
+    """Test accuracy of a run directory's checkpoint or of a packed file, on the run's own test set.
+
+    Returns:
+        ``{"top1", "top5", "loss", "recorded"}``; ``recorded`` is the run's recorded final test accuracy.
+    """
+    from .export import load_packed, read_packed
+
+    path = Path(path)
+    if path.is_dir():
+        run = RunDir(path)
+        if not run.config_path.exists():
+            raise FileNotFoundError(f"{path}: no run there (config.json is missing)")
+        config, model, (test_loader, _) = _run_model(run)
+        metrics = run.metrics()
+        recorded = metrics[-1]["test_acc"] if metrics else None
+    else:
+        header, _ = read_packed(path)
+        run_config = header.get("metadata", {}).get("run")
+        if run_config is None:
+            raise ValueError(f"{path} does not say which data it was trained on (no run in its metadata)")
+        config = RunConfig.from_dict(run_config)
+        if data_dir is not None or device != "auto":
+            config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, device=device)
+        dev = resolve_device(config.device)
+        _, test_loader, _ = make_loaders(
+            config.dataset, data_dir=config.data_dir, batch_size=config.batch_size,
+            test_batch_size=config.test_batch_size, device=dev, seed=config.seed, train_size=config.train_size,
+            test_size=config.test_size, subset_seed=config.subset_seed, download=config.download,
+        )
+        model = load_packed(path).to(dev)
+        recorded = header["metadata"].get("test_acc")
+    result = evaluate(model, test_loader)
+    return {**result, "recorded": recorded}

@@ -1,0 +1,230 @@
+"""Packed low-bit export: the quantizer's integer codes bit-packed, k bits per weight, in one small file.
+
+A quantized layer's weight ``Ŵ = Q(A(W))`` is stored as its integer codes (``ForwardQuantizer.encode``), packed
+``bits`` per weight, plus its float scale(s); every other tensor of the model (BatchNorm, biases, layers left in
+full precision) is stored as it is. ``load_packed`` rebuilds an ordinary full-precision model whose quantized
+layers hold the decoded ``Ŵ``: the numbers the quantized model computes with, so the logits are identical.
+
+The file is plain bytes, readable without pickle or torch::
+
+    b"MQPACK\0\0"                      8-byte magic
+    uint64 little-endian                header length H
+    H bytes: zlib-compressed UTF-8 JSON {"version": 1, "architecture": {...} | null,
+                                         "quantizer": {"name", "bits"}, "metadata": {...},
+                                         "tensors": [{"name", "kind", "dtype", "shape", "offset", "nbytes",
+                                                      ("offset_code", "signed" for kind "codes")}, ...]}
+    payload                             the tensors' bytes, little-endian, at their offsets
+
+``kind`` is ``"float"`` (a state_dict entry as it is), ``"codes"`` (a quantized weight's codes, bit-packed:
+code ``i`` occupies bits ``i·k … i·k + k − 1`` of the stream, least significant bit first, the last byte
+zero-padded; signed codes are stored shifted by ``offset_code``) or ``"scale"`` (its scale, named
+``<layer>.weight.scale``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layers import dequantize_, quantized_layers
+from .quantizers import Encoded, get_quantizer
+from .runs import atomic_write_bytes
+
+__all__ = ["pack_bits", "unpack_bits", "export_packed", "load_packed", "FORMAT"]
+
+FORMAT = "metaquant packed model"
+VERSION = 1
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Pack non-negative integer codes ``< 2**bits`` into a flat ``uint8`` tensor, ``bits`` bits per code.
+
+    Args:
+        codes: integer tensor of any shape, values in ``[0, 2**bits)``.
+        bits: 1..8.
+
+    Returns:
+        ``uint8 [ceil(codes.numel() · bits / 8)]``.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits}) to pack in {bits} bits")
+    shifts = torch.arange(bits, device=flat.device)
+    stream = ((flat[:, None] >> shifts) & 1).reshape(-1)  # [numel·bits], LSB first
+    padded = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8))
+    weights = 1 << torch.arange(8, device=flat.device)
+    return (padded.reshape(-1, 8) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of ``pack_bits``: the first ``numel`` codes, as ``int64 [numel]``."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if packed.numel() * 8 < numel * bits:
+        raise ValueError(f"{packed.numel()} bytes cannot hold {numel} codes of {bits} bits")
+    stream = ((packed.to(torch.int64)[:, None] >> torch.arange(8, device=packed.device)) & 1).reshape(-1)
+    stream = stream[: numel * bits].reshape(numel, bits)
+    return (stream << torch.arange(bits, device=packed.device)).sum(1)
+
+
+MAGIC = b"MQPACK\0\0"
+_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16", torch.bfloat16: "bfloat16",
+           torch.int64: "int64", torch.int32: "int32", torch.uint8: "uint8", torch.int8: "int8", torch.bool: "bool"}
+_FROM_NAME = {v: k for k, v in _DTYPES.items()}
+
+
+def _offset(encoded: Encoded, bits: int) -> int:
+    # Signed codes (ternary, uniform) are shifted to be non-negative: [-(2^(k-1)-1), 2^(k-1)-1] → [0, 2^k - 2].
+    return 2 ** (bits - 1) - 1 if encoded.codes.dtype == torch.int8 else 0
+
+
+def _raw(t: Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def export_packed(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    architecture: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> int:
+    """Write ``model`` (converted by ``quantize_``) as a packed file; returns its size in bytes.
+
+    Args:
+        model: a quantized model; its quantized layers must share one quantizer configuration.
+        path: the file to write (atomically).
+        architecture: how ``load_packed`` rebuilds the model without being given one: ``{"model": registry
+            name, "num_classes", "in_channels", "image_size"}``.
+        metadata: anything else to keep with it (JSON values).
+
+    Raises:
+        ValueError: no quantized layer, or several quantizer configurations.
+    """
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("export_packed needs a model converted by quantize_ (no quantized layer found)")
+    quantizers = {(layer.quantizer.name, layer.quantizer.bits) for layer in layers.values()}
+    if len(quantizers) > 1:
+        raise ValueError(f"export_packed supports one quantizer configuration per model, found {sorted(quantizers)}")
+    ((name, bits),) = quantizers
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    offset = 0
+
+    def add(entry: dict[str, Any], data: bytes) -> None:
+        nonlocal offset
+        entries.append({**entry, "offset": offset, "nbytes": len(data)})
+        chunks.append(data)
+        offset += len(data)
+
+    weight_keys = {f"{layer_name}.weight": layer for layer_name, layer in layers.items()}
+    with torch.no_grad():
+        for key, value in model.state_dict().items():
+            layer = weight_keys.get(key)
+            if layer is None:
+                add({"name": key, "kind": "float", "dtype": _DTYPES[value.dtype], "shape": list(value.shape)},
+                    _raw(value))
+                continue
+            encoded = layer.quantizer.encode(value.detach().cpu())
+            shift = _offset(encoded, bits)
+            add({"name": key, "kind": "codes", "dtype": "uint8", "shape": list(encoded.codes.shape),
+                 "offset_code": shift, "signed": encoded.codes.dtype == torch.int8},
+                _raw(pack_bits(encoded.codes.to(torch.int64) + shift, bits)))
+            add({"name": f"{key}.scale", "kind": "scale", "dtype": _DTYPES[encoded.scale.dtype],
+                 "shape": list(encoded.scale.shape)}, _raw(encoded.scale))
+    header = zlib.compress(json.dumps({
+        "version": VERSION, "architecture": architecture, "quantizer": {"name": name, "bits": bits},
+        "metadata": metadata or {}, "tensors": entries,
+    }, separators=(",", ":")).encode(), 9)
+    blob = MAGIC + struct.pack("<Q", len(header)) + header + b"".join(chunks)
+    atomic_write_bytes(Path(path), blob)
+    return len(blob)
+
+
+def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The header and the stored tensors of a packed file (codes still packed).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a packed file, another version, or truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    raw = path.read_bytes()
+    if raw[:8] != MAGIC:
+        raise ValueError(f"{path} is not a {FORMAT} file")
+    try:
+        (length,) = struct.unpack("<Q", raw[8:16])
+        header = json.loads(zlib.decompress(raw[16 : 16 + length]))
+    except (struct.error, ValueError, zlib.error) as err:
+        raise ValueError(f"{path} has a damaged header ({err})") from None
+    if header.get("version") != VERSION:
+        raise ValueError(f"{path} has format version {header.get('version')}; this metaquant reads version {VERSION}")
+    payload = memoryview(raw)[16 + length :]
+    tensors = {}
+    for e in header["tensors"]:
+        if e["offset"] + e["nbytes"] > len(payload):
+            raise ValueError(f"{path} is truncated: {e['name']} lies beyond the end of the file")
+        data = bytearray(payload[e["offset"] : e["offset"] + e["nbytes"]])
+        flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        dtype = _FROM_NAME[e["dtype"]]
+        tensors[e["name"]] = flat if e["kind"] == "codes" else flat.view(dtype).reshape(e["shape"])
+    return header, tensors
+
+
+def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """An inference model from a packed file: plain Conv2d/Linear layers holding the decoded ``Ŵ``.
+
+    Args:
+        path: a file written by ``export_packed``.
+        model: the full-precision architecture to fill (same module names as the exported model); by default
+            it is rebuilt from the file's ``architecture`` with ``metaquant.models.get_model``.
+
+    Returns:
+        The model in eval mode; its logits equal the quantized model's exactly.
+
+    Raises:
+        ValueError: a damaged file, or one that does not fit ``model``.
+
+    Example:
+        >>> net = load_packed("runs/q/model.mqpack")  # doctest: +SKIP
+        >>> logits = net(images)                       # doctest: +SKIP
+    """
+    header, tensors = read_packed(path)
+    if model is None:
+        arch = header.get("architecture")
+        if not arch:
+            raise ValueError(f"{path} does not name its architecture: pass the model to load_packed(path, model)")
+        from .models import get_model
+
+        model = get_model(arch["model"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                          image_size=arch["image_size"])
+    else:
+        dequantize_(model)
+    quantizer = get_quantizer(header["quantizer"]["name"], header["quantizer"]["bits"])
+    state = {}
+    for e in header["tensors"]:
+        if e["kind"] == "float":
+            state[e["name"]] = tensors[e["name"]].clone()
+        elif e["kind"] == "codes":
+            numel = math.prod(e["shape"])
+            codes = unpack_bits(tensors[e["name"]], quantizer.bits, numel) - e["offset_code"]
+            codes = codes.to(torch.int8 if e["signed"] else torch.uint8).reshape(e["shape"])
+            state[e["name"]] = quantizer.decode(Encoded(codes, tensors[e["name"] + ".scale"]))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit the model: {err}") from None
+    return model.eval()
