@@ -1,5 +1,6 @@
 """Packed export: exact bit-packing round trips, identical logits, and the size of a 1-bit ResNet20."""
 
+import importlib.util
 import io
 import json
 
@@ -92,3 +93,38 @@ def test_eval_of_a_packed_export_reproduces_the_runs_accuracy(tmp_path, capsys, 
     out = capsys.readouterr().out
     assert f"test accuracy {recorded:.2f}% top-1" in out and f"(the run recorded {recorded:.2f}%)" in out
     assert main(["eval", str(tmp_path / "q" / "model.mqpack.missing")]) == 1
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        assert main(["export", str(tmp_path / "q"), "--format", "onnx"]) == 0
+        capsys.readouterr()
+        assert main(["eval", str(tmp_path / "q" / "model.onnx")]) == 0
+        onnx_acc = float(re.search(r"test accuracy ([\d.]+)% top-1", capsys.readouterr().out)[1])
+        assert abs(onnx_acc - recorded) <= 100 / 300  # logits equal to 1e-4: at most one of 300 images flips
+
+
+def test_onnx_export_matches_the_quantized_model_and_folds_batchnorm(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from metaquant.export import export_onnx
+
+    torch.manual_seed(1)
+    model = mq.quantize_(mq.models.resnet8(num_classes=10, in_channels=1), mq.QuantConfig("bwn", 1))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(32, 1, 28, 28))  # realistic BatchNorm statistics
+    model.eval()
+    x = torch.randn(7, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    export_onnx(model, tmp_path / "m.onnx", x[:1], metadata={"note": "test"})
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    (logits,) = session.run(None, {"images": x.numpy()})  # a batch size other than the example's
+    torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(expected), rtol=1e-4, atol=1e-4)
+    assert session.get_modelmeta().custom_metadata_map == {"note": '"test"'}
+    assert quantized_weights_unchanged(model)
+
+
+def quantized_weights_unchanged(model):
+    # exporting works on a copy: the latent weights W of the model stay latent
+    return any(not torch.equal(l.weight, l.quantizer(l.weight)) for l in mq.quantized_layers(model).values())

@@ -221,8 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "per weight at 1 bit), and print its size against the float model's.",
     )
     export.add_argument("run", help="the run directory")
-    export.add_argument("--format", default="packed", choices=["packed"], help="export format (default: packed)")
-    export.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.mqpack)")
+    export.add_argument("--format", default="packed", choices=["packed", "onnx"],
+                        help="packed: bit-packed codes (metaquant.export.load_packed reads it); onnx: the inference "
+                             "model with quantized weights, BatchNorm folded (needs the onnx extra) "
+                             "(default: packed)")
+    export.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.mqpack or model.onnx)")
     export.add_argument("--debug", action="store_true", help="show tracebacks")
 
     ev = sub.add_parser(
@@ -230,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute the test accuracy of an exported packed file or of a run directory's latest "
                     "checkpoint, on the run's own test set, and compare it with the accuracy the run recorded.",
     )
-    ev.add_argument("path", help="a .mqpack file or a run directory")
+    ev.add_argument("path", help="a .mqpack or .onnx file, or a run directory")
     ev.add_argument("--data-dir", default=None, help="where the dataset files are (default: the run's)")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     ev.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -238,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    path, size, float_size = export_run(args.run, args.out)
+    path, size, float_size = export_run(args.run, args.out, args.format)
     print(f"wrote {path}: {size:,} bytes; float model {float_size:,} bytes; {float_size / size:.1f}x smaller")
     return 0
 
@@ -331,7 +334,8 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("metaquant").setLevel(logging.INFO)  # our progress; other libraries: warnings only
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         return _run(argv)

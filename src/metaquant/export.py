@@ -23,7 +23,10 @@ zero-padded; signed codes are stored shifted by ``offset_code``) or ``"scale"`` 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import math
 import struct
 import zlib
@@ -37,7 +40,7 @@ from .layers import dequantize_, quantized_layers
 from .quantizers import Encoded, get_quantizer
 from .runs import atomic_write_bytes
 
-__all__ = ["pack_bits", "unpack_bits", "export_packed", "load_packed", "FORMAT"]
+__all__ = ["pack_bits", "unpack_bits", "export_packed", "load_packed", "materialize", "export_onnx", "FORMAT"]
 
 FORMAT = "metaquant packed model"
 VERSION = 1
@@ -228,3 +231,59 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     except RuntimeError as err:
         raise ValueError(f"{path} does not fit the model: {err}") from None
     return model.eval()
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """A full-precision copy of a quantized model whose quantized layers hold ``Ŵ = Q(A(W))`` as plain weights.
+
+    The copy computes exactly what the quantized model computes (in eval mode), with ordinary
+    ``nn.Conv2d``/``nn.Linear`` layers: the inference model that ``export_onnx`` writes.
+    """
+    import copy
+
+    inference = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in quantized_layers(inference).values():
+            layer.weight.copy_(layer.quantizer(layer.weight))
+    return dequantize_(inference).eval()
+
+
+def export_onnx(model: nn.Module, path: str | Path, example: Tensor, *, metadata: dict[str, Any] | None = None) -> int:
+    """Write the quantized inference model (``materialize``) as ONNX; returns the file's size in bytes.
+
+    The weights are the quantized values; the exporter folds BatchNorm into the preceding convolutions. The
+    batch dimension is dynamic. ``metadata`` is stored as the model's ``metadata_props`` (JSON values).
+    Needs the ``onnx`` extra (``pip install 'metaquant-torch[onnx]'``: onnx, onnxscript, onnxruntime).
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError("ONNX export needs the onnx extra: pip install 'metaquant-torch[onnx]'") from None
+    import warnings
+
+    inference = materialize(model).cpu()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    # torch.export-based exporter (the current one); it reports its progress through warnings, prints and
+    # log records, none of which concern the user of a plain CNN.
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                inference, (example.cpu(),), str(tmp), input_names=["images"], output_names=["logits"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
+                verbose=False,
+            )
+    finally:
+        exporter_log.setLevel(level)
+    proto = onnx.load(str(tmp))
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    data = proto.SerializeToString()
+    tmp.unlink()
+    atomic_write_bytes(path, data)
+    return len(data)

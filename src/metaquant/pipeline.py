@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,14 +308,15 @@ def _run_model(run: RunDir) -> tuple[RunConfig, nn.Module, Any]:
     return config, model.to(device).eval(), (test_loader, info)
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path, int, int]:
-    """Write a quantization run's model as a packed file (default ``RUN_DIR/model.mqpack``).
+def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "packed") -> tuple[Path, int, int]:
+    """Write a quantization run's model as a packed file (default ``RUN_DIR/model.mqpack``) or as ONNX
+    (``fmt="onnx"``, default ``RUN_DIR/model.onnx``).
 
     Returns:
-        ``(path, packed size in bytes, float model size in bytes)``; the float size is that of the model's
+        ``(path, file size in bytes, float model size in bytes)``; the float size is that of the model's
         ``state_dict`` saved with ``torch.save``.
     """
-    from .export import export_packed
+    from .export import export_onnx, export_packed
 
     run = RunDir(run_dir)
     if not run.config_path.exists():
@@ -327,8 +329,15 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> tuple[Path
                 "epochs": len(metrics)}
     arch = {"model": config.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
             "image_size": info.image_size}
-    path = Path(out) if out else run.path / "model.mqpack"
-    size = export_packed(model.cpu(), path, architecture=arch, metadata=metadata)
+    if fmt == "onnx":
+        path = Path(out) if out else run.path / "model.onnx"
+        example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
+        size = export_onnx(model.cpu(), path, example, metadata=metadata)
+    elif fmt == "packed":
+        path = Path(out) if out else run.path / "model.mqpack"
+        size = export_packed(model.cpu(), path, architecture=arch, metadata=metadata)
+    else:
+        raise ValueError(f"export format {fmt!r} is not supported; allowed: packed, onnx")
     buffer = io.BytesIO()
     torch.save(dequantize_(model).state_dict(), buffer)
     return path, size, buffer.tell()
@@ -351,7 +360,11 @@ def evaluate_artifact(path: str | Path, *, data_dir: str | None = None, device: 
         metrics = run.metrics()
         recorded = metrics[-1]["test_acc"] if metrics else None
     else:
-        header, _ = read_packed(path)
+        if path.suffix == ".onnx":
+            header, model = _onnx_model(path)
+        else:
+            header, _ = read_packed(path)
+            model = load_packed(path)
         run_config = header.get("metadata", {}).get("run")
         if run_config is None:
             raise ValueError(f"{path} does not say which data it was trained on (no run in its metadata)")
@@ -364,7 +377,43 @@ def evaluate_artifact(path: str | Path, *, data_dir: str | None = None, device: 
             test_batch_size=config.test_batch_size, device=dev, seed=config.seed, train_size=config.train_size,
             test_size=config.test_size, subset_seed=config.subset_seed, download=config.download,
         )
-        model = load_packed(path).to(dev)
+        if isinstance(model, nn.Module):
+            model = model.to(dev)
         recorded = header["metadata"].get("test_acc")
     result = evaluate(model, test_loader)
     return {**result, "recorded": recorded}
+
+
+class _OnnxClassifier:
+    """An ONNX model behind the call signature ``evaluate`` needs: logits from a batch tensor."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.training = False
+        self.input = session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(None, {self.input: x.detach().cpu().numpy()})
+        return torch.from_numpy(logits).to(x.device)
+
+    def eval(self) -> _OnnxClassifier:
+        return self
+
+    def train(self, mode: bool = True) -> _OnnxClassifier:
+        return self
+
+
+def _onnx_model(path: Path) -> tuple[dict[str, Any], _OnnxClassifier]:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError("evaluating ONNX files needs onnxruntime: pip install 'metaquant-torch[onnx]'") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable ONNX model ({type(err).__name__})") from None
+    meta = session.get_modelmeta().custom_metadata_map
+    metadata = {k: json.loads(v) for k, v in meta.items()}
+    return {"metadata": metadata}, _OnnxClassifier(session)

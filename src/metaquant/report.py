@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "TrialCurves", "SummaryRow", "collect", "read_run", "read_original_run", "summarize", "best_stats",
@@ -102,10 +105,14 @@ def last_k_stats(curves: Sequence[Sequence[float]], k: int = 10) -> tuple[float,
 
 # --- reading ---------------------------------------------------------------------------------------------
 def read_run(path: Path) -> TrialCurves | None:
-    """A run directory of this library (quantization runs only; None for a pre-training run or no metrics)."""
+    """A finished run directory of this library; None for a pre-training run or an unfinished run (whose
+    partial curves would bias the statistics)."""
     from .config import RunConfig
     from .sweep import backward_label
 
+    if not (path / "done").exists():
+        logger.info("leaving out the unfinished run %s", path)
+        return None
     config = RunConfig.load(path / "config.json")
     metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if config.task != "quantize" or not metrics:
