@@ -184,3 +184,21 @@ def test_full_disk_while_saving_keeps_what_was_written_and_the_run_resumes(tmp_p
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert main(["pretrain", "--resume", str(run)]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_from_an_epoch_checkpoint_without_a_mid_epoch_position(tmp_path, TINY):
+    """Checkpoints written at an epoch's end by earlier versions hold no 'fit' entry; they resume the same."""
+    args = ["quantize", *TINY, "-n", "2", "--run-dir", str(tmp_path)]
+    assert main([*args, "--name", "straight"]) == 0
+    assert main([*args, "--name", "old", "-n", "1"]) == 0
+    run = tmp_path / "old"
+    config = json.loads((run / "config.json").read_text())
+    config["epochs"] = 2  # as if the run had been killed after its first epoch
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "done").unlink()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["fit"]
+    torch.save(state, run / "checkpoint.pt")
+    assert main(["quantize", "--resume", str(run)]) == 0
+    straight, resumed = _result(tmp_path / "straight"), _result(run)
+    assert all(torch.equal(straight[0][k], resumed[0][k]) for k in straight[0])

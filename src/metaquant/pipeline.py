@@ -283,8 +283,11 @@ def resume(run_dir: str | Path, *, progress: bool = True, stop: StopFlag | None 
     session.trainer.optimizer.load_state_dict(checkpoint["optimizer"])
     session.trainer.load_state_dict(checkpoint["trainer"])
     set_rng_state(checkpoint["rng"])
-    state = FitState(**checkpoint["fit"])
-    state.epoch_losses = [tuple(x) for x in state.epoch_losses]
+    if "fit" in checkpoint:
+        state = FitState(**checkpoint["fit"])
+        state.epoch_losses = [tuple(x) for x in state.epoch_losses]
+    else:  # written at an epoch's end by a version without mid-epoch positions
+        state = FitState(epoch=checkpoint["epoch"], iteration=checkpoint["iteration"], best_acc=checkpoint["best_acc"])
     logger.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.batch)
     return _train(config, session, run, state, progress, stop)
 
