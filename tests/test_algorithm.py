@@ -40,7 +40,9 @@ def closure(model, x, y):
     return lambda: F.cross_entropy(model(x), y)
 
 
-def test_identity_meta_with_dorefa_and_sgd_is_ste_one_step_late():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_identity_meta_with_dorefa_and_sgd_is_ste_one_step_late(dtype):
+    torch.set_default_dtype(dtype)
     k = 5
     data = batches(k + 1)
     ste_model = mq.quantize_(conv_net(), mq.QuantConfig("dorefa", 1))
@@ -52,7 +54,7 @@ def test_identity_meta_with_dorefa_and_sgd_is_ste_one_step_late():
     for x, y in data[: k + 1]:
         meta.step(closure(mq_model, x, y))
     for a, b in zip(ste_model.parameters(), mq_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        assert a.dtype == dtype and torch.equal(a, b)  # to the bit
     assert not torch.equal(ste_model[0].weight, conv_net()[0].weight)  # it did train
 
 
@@ -298,6 +300,30 @@ def test_unsupported_optimizer_and_untrained_weights_are_refused():
         mq.MetaQuant(plain, torch.optim.SGD(plain.parameters(), lr=0.1), mq.MultiFC())
 
 
+def test_shared_quantized_weights_are_refused():
+    shared = nn.Linear(4, 4, bias=False)
+    model = mq.quantize_(nn.Sequential(shared, nn.ReLU(), shared))
+    tied = mq.quantize_(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    tied[1].weight = tied[0].weight
+    for m in (model, tied):
+        with pytest.raises(ValueError, match="is shared with another module"):
+            mq.MetaQuant(m, torch.optim.SGD(m.parameters(), lr=0.1), mq.MultiFC())
+
+
+def test_exact_adam_derivative_is_finite_where_a_gradient_was_always_zero():
+    torch.manual_seed(4)
+    model = mq.quantize_(nn.Sequential(nn.Linear(4, 3, bias=False)))
+    trainer = mq.MetaQuant(model, torch.optim.Adam(model.parameters(), lr=1e-2), mq.MultiFC(hidden=4),
+                           through="exact")
+    x = torch.randn(6, 4)
+    x[:, 0] = 0  # input 0 is dead: the gradient of every weight reading it is exactly 0
+    y = torch.randint(0, 3, (6,))
+    for _ in range(3):
+        trainer.step(closure(model, x, y))
+    assert all(torch.isfinite(p).all() for p in trainer.meta.parameters())
+    assert trainer.skipped_steps == 0
+
+
 def test_layers_left_in_full_precision_train_normally():
     model = mq.quantize_(conv_net(bias=True), filter_fn=lambda m, name: name == "0")
     first = model[3].weight.detach().clone()
@@ -323,3 +349,18 @@ def test_real_fashion_mnist_metaquant_run(fashion_subset, pretrained_resnet20):
     assert state.iteration == 100
     assert state.last_acc > 40.0  # chance is 10%; 1-bit weights on every layer, 100 steps
     assert all(not torch.equal(a, b) for a, b in zip(before, meta.parameters()))
+
+
+def test_learning_rate_is_read_from_the_live_optimizer_after_load_state_dict():
+    model = mq.quantize_(nn.Sequential(nn.Linear(4, 3, bias=False)), mq.QuantConfig("bwn", 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = mq.MetaQuant(model, opt, mq.IdentityMeta())
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    trainer.step(closure(model, x, y))
+    g0 = trainer.state_dict()["records"]["0"]["grad_w_hat"]
+    opt.load_state_dict(opt.state_dict())  # as a resumed run does: new param-group dicts
+    opt.param_groups[0]["lr"] = 0.01  # as a schedule does
+    w0 = model[0].weight.detach().clone()
+    trainer.step(closure(model, x, y))
+    # identity meta, BWN (c = 1): the look-ahead is W0 − 0.01·g_Ŵ^0, recorded as W̃ (= W for BWN)
+    torch.testing.assert_close(trainer.state_dict()["records"]["0"]["w_tilde"], w0 - 0.01 * g0, rtol=0, atol=1e-15)

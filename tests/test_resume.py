@@ -16,7 +16,8 @@ from metaquant.cli import main
 
 @pytest.fixture
 def TINY(tiny_mnist):
-    return [*tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "4", "--no-progress", "--seed", "3"]
+    # -ad 2: the learning rates drop after epoch 2, so resumed runs cross a change of the schedule
+    return [*tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "4", "-ad", "2", "--no-progress", "--seed", "3"]
 
 
 ESTIMATORS = {"ste": ["-meta", "ste"], "lstmfc": ["-meta", "lstmfc", "-hidden", "4"]}

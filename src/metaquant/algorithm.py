@@ -134,7 +134,8 @@ class MetaQuant:
         if not self.layers:
             raise ValueError("MetaQuant needs a model with quantized layers: call metaquant.quantize_(model) first")
         self._names = {id(layer): name for name, layer in self.layers.items()}
-        self._groups = self._param_groups()
+        # Group *indices*, not the group dicts: optimizer.load_state_dict replaces the dicts (on resume).
+        self._group_index = self._param_group_index()
         self.step_order = step_order
         self._refine = refinement_for(optimizer)
         self._refine_for_meta = with_derivative(self._refine, through)
@@ -145,29 +146,39 @@ class MetaQuant:
         make = meta_optimizer or (lambda ps: torch.optim.Adam(ps, lr=meta_lr, weight_decay=meta_weight_decay))
         self.meta_optimizer = make(meta_params) if meta_params else None
         # The base rate the meta rate is tied to: the first group holding a quantized weight.
-        self._base_group = self._groups[id(first)]
-        self._base_lr0 = float(self._base_group.get("initial_lr", self._base_group["lr"]))
+        base = self._group(first)
+        self._base_lr0 = float(base.get("initial_lr", base["lr"]))
         self.freeze_meta_epoch = freeze_meta_epoch
         self.meta_frozen = False
         self.iteration = 0
         self._records: dict[str, _LayerRecord] = {name: _LayerRecord() for name in self.layers}
 
     # --- set-up helpers -----------------------------------------------------------------------------------
-    def _param_groups(self) -> dict[int, dict[str, Any]]:
-        groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+    def _param_group_index(self) -> dict[int, int]:
+        index = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        uses: dict[int, int] = {}
+        for _, p in self.model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
         for name, layer in self.layers.items():
-            if id(layer.weight) not in groups:
+            if id(layer.weight) not in index or not layer.weight.requires_grad:
                 raise ValueError(f"the quantized weight {name}.weight is not trained by the optimizer")
-            if layer.bias is not None and id(layer.bias) not in groups:
+            if uses[id(layer.weight)] > 1:
+                # Each use would need the same look-ahead W^t and the sum of the uses' g_W: not supported.
+                raise ValueError(f"the quantized weight {name}.weight is shared with another module; MetaQuant "
+                                 "needs every quantized weight to belong to one layer")
+            if layer.bias is not None and layer.bias.requires_grad and id(layer.bias) not in index:
                 raise ValueError(f"the bias {name}.bias of a quantized layer is not trained by the optimizer")
-        return groups
+        return index
+
+    def _group(self, p: Tensor) -> dict[str, Any]:
+        return self.optimizer.param_groups[self._group_index[id(p)]]
 
     def _lr(self, p: Tensor) -> float:
-        return self._groups[id(p)]["lr"]
+        return self._group(p)["lr"]
 
     def _direction(self, grad: Tensor, p: Tensor) -> Tensor:
         """``π(grad)`` for parameter ``p``, its value only (what ``optimizer.step()`` will apply)."""
-        return self._refine(grad, p, self.optimizer.state.get(p, {}), self._groups[id(p)])
+        return self._refine(grad, p, self.optimizer.state.get(p, {}), self._group(p))
 
     # --- public -------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -183,8 +194,9 @@ class MetaQuant:
             The loss (detached).
         """
         if self.meta_optimizer is not None:
-            lr_now = float(self._base_group["lr"])
-            scale_lr(self.meta_optimizer, lr_now / self._base_lr0)
+            base = self._group(next(iter(self.layers.values())).weight)
+            lr0 = float(base.get("initial_lr", self._base_lr0))
+            scale_lr(self.meta_optimizer, float(base["lr"]) / lr0)
         snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" else None
         loss, bad = self._first_step(closure) if self.iteration == 0 else self._meta_step(closure)
         if bad is not None:
@@ -221,7 +233,7 @@ class MetaQuant:
             if self.step_order == "original":
                 # G_0 and B_0: the plain STE gradients of iteration 0 (DESIGN §5.1).
                 self._records[name].prev_direction = layer.weight.grad.detach().clone()
-                if layer.bias is not None:
+                if layer.bias is not None and layer.bias.grad is not None:
                     self._records[name].prev_bias_direction = layer.bias.grad.detach().clone()
             layer.weight.grad = None  # quantized weights do not move at t = 0 (torch.optim skips grad None)
         if self.step_order == "paper":
@@ -252,15 +264,18 @@ class MetaQuant:
                 grads_w[name] = grad_w
                 # Step 2 (Eq. 6): the weight used in the forward pass, a function of φ.
                 if self.step_order == "paper":
-                    state, group = self.optimizer.state.get(w, {}), self._groups[id(w)]
-                    forward_w[name] = w.detach() - self._lr(w) * self._refine_for_meta(grad_w, w, state, group)
+                    state, group = self.optimizer.state.get(w, {}), self._group(w)
+                    direction = self._refine_for_meta(grad_w, w, state, group)
+                    # torch.add(..., alpha=-lr) rounds as torch.optim's add_ does, so the commit below is
+                    # the optimizer's own value to the bit for plain SGD.
+                    forward_w[name] = torch.add(w.detach(), direction, alpha=-self._lr(w))
                 else:
                     # value W − α·G_{t−1}, derivative that of −α·g_W (DESIGN §5.1, step 2)
                     moved = grad_w + (record.prev_direction - grad_w).detach()
-                    forward_w[name] = w.detach() - self._lr(w) * moved
+                    forward_w[name] = torch.add(w.detach(), moved, alpha=-self._lr(w))
         for name, layer in self.layers.items():
             bias = layer.bias
-            if self.step_order == "original" and bias is not None:
+            if self.step_order == "original" and bias is not None and bias.requires_grad:
                 # the original code also evaluates the bias one previous step ahead: b − α·B_{t−1}
                 bias = bias - self._lr(bias) * self._records[name].prev_bias_direction
             forward_b[name] = bias
@@ -284,7 +299,7 @@ class MetaQuant:
             if self.step_order == "original":
                 record = self._records[name]
                 record.prev_direction = self._direction(layer.weight.grad, layer.weight).detach().clone()
-                if layer.bias is not None:
+                if layer.bias is not None and layer.bias.grad is not None:
                     record.prev_bias_direction = self._direction(layer.bias.grad, layer.bias).detach().clone()
         self.optimizer.step()
         if self.step_order == "paper":
@@ -349,6 +364,9 @@ class MetaQuant:
             "meta": self.meta.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict() if self.meta_optimizer is not None else None,
             "meta_frozen": self.meta_frozen,
+            "step_order": self.step_order,
+            "through": self.through,
+            "skipped_steps": self.skipped_steps,
             "records": {name: vars(record).copy() for name, record in self._records.items()},
         }
 
@@ -363,6 +381,13 @@ class MetaQuant:
                 "MetaQuant state does not match this model's quantized layers: "
                 f"{sorted(set(state['records']) ^ set(self._records))[:5]} differ"
             )
+        for key in ("step_order", "through"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"MetaQuant state was saved with {key}={state[key]!r}, this trainer uses "
+                                 f"{getattr(self, key)!r}")
+        if (state["meta_optimizer"] is None) != (self.meta_optimizer is None):
+            raise ValueError("MetaQuant state and this trainer disagree on whether the meta quantizer has an optimizer")
+        self.skipped_steps = state.get("skipped_steps", 0)
         device = next(iter(self.layers.values())).weight.device
         self.meta.load_state_dict(state["meta"])
         if self.meta_optimizer is not None and state["meta_optimizer"] is not None:

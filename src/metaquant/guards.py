@@ -48,10 +48,10 @@ def all_finite(tensors: Iterable[Tensor | None]) -> bool:
 
 
 class BufferSnapshot:
-    """Copies of a model's floating-point buffers (BatchNorm statistics), to undo a skipped step's forward pass."""
+    """Copies of a model's buffers (BatchNorm statistics and counters), to undo a skipped step's forward pass."""
 
     def __init__(self, model: nn.Module) -> None:
-        self._saved = [(b, b.detach().clone()) for b in model.buffers() if b.is_floating_point()]
+        self._saved = [(b, b.detach().clone()) for b in model.buffers()]
 
     def restore(self) -> None:
         with torch.no_grad():

@@ -71,7 +71,11 @@ def adam_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: di
         v = v if v_max is None else torch.maximum(v_max, v)
     bias1 = 1 - beta1**step
     bias2 = 1 - beta2**step
-    d = (m / bias1) / (v.sqrt() / bias2**0.5 + eps)
+    # sqrt with a finite derivative at v = 0 (a coordinate whose gradient has always been 0), where autograd's
+    # would be 0·inf = NaN under through="exact"; the value is the plain sqrt.
+    positive = v > 0
+    root = torch.where(positive, v, torch.ones_like(v)).sqrt() * positive
+    d = (m / bias1) / (root / bias2**0.5 + eps)
     if wd != 0 and decoupled:
         d = d + wd * param.detach()
     return d
@@ -112,6 +116,7 @@ def with_derivative(rule: Refinement, mode: str) -> Refinement:
         raise ValueError(f"unknown refinement derivative {mode!r}; allowed: {', '.join(THROUGH)}")
 
     def residual(grad: Tensor, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-        return grad + (rule(grad, param, state, group) - grad).detach()
+        # π(g) + (g − g.detach()): the value is π(g) to the bit, the derivative w.r.t. g the identity.
+        return rule(grad, param, state, group).detach() + (grad - grad.detach())
 
     return residual
