@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .estimators import STE, fake_quantize
+from .distributed import all_reduce_mean_, is_distributed, unwrap
 from .guards import BufferSnapshot, NonFiniteError, check_policy, first_nonfinite
 from .layers import QuantLayer, forward_params_fn, quantized_layers
 from .meta import MetaQuantizer
@@ -130,7 +131,8 @@ class MetaQuant:
         self.skipped_steps = 0
         self.model = model
         self.optimizer = optimizer
-        self.layers: dict[str, QuantLayer] = quantized_layers(model)
+        # Under DistributedDataParallel the layers are those of the wrapped module (names without "module.").
+        self.layers: dict[str, QuantLayer] = quantized_layers(unwrap(model))
         if not self.layers:
             raise ValueError("MetaQuant needs a model with quantized layers: call metaquant.quantize_(model) first")
         self._names = {id(layer): name for name, layer in self.layers.items()}
@@ -145,6 +147,9 @@ class MetaQuant:
         meta_params = [p for p in self.meta.parameters() if p.requires_grad]
         make = meta_optimizer or (lambda ps: torch.optim.Adam(ps, lr=meta_lr, weight_decay=meta_weight_decay))
         self.meta_optimizer = make(meta_params) if meta_params else None
+        if is_distributed():  # every process starts from rank 0's φ
+            for p in self.meta.parameters():
+                torch.distributed.broadcast(p.data, src=0)
         # The base rate the meta rate is tied to: the first group holding a quantized weight.
         base = self._group(first)
         self._base_lr0 = float(base.get("initial_lr", base["lr"]))
@@ -339,6 +344,9 @@ class MetaQuant:
                 f"the loss does not depend on the quantized layers {missing[:5]}: every quantized layer must be "
                 "used in the closure's forward pass"
             )
+        # Data-parallel: average g_Ŵ (for the next meta step) and ∂ℓ/∂φ across processes, so that every process
+        # computes the same g_W and the same update (DDP averages the other parameters' gradients).
+        all_reduce_mean_(list(pending.grad_w_hat.values()) + [p.grad for p in self.meta.parameters()])
         return loss.detach()
 
     @staticmethod

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+
+import torch
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,7 @@ from .presets import preset_names, resolve_preset
 from .report import collect, plot_comparisons, summarize, write_table
 from .sweep import load_sweep, plan, run_sweep
 from .models import model_names
+from .distributed import is_distributed, is_main
 from .guards import NonFiniteError, StopFlag, TrainingInterrupted
 from .pipeline import default_run_name, evaluate_artifact, execute, export_run, resume
 from .quantizers import quantizer_names
@@ -101,6 +104,9 @@ def _add_common(p: argparse.ArgumentParser, *, task: str) -> None:
     opt.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule factor (default: 0.1)")
     opt.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     opt.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    opt.add_argument("--sync-bn", action="store_true",
+                     help="under torchrun: SyncBatchNorm (statistics over the whole batch) instead of each "
+                          "process's own BatchNorm statistics")
 
     out = p.add_argument_group("output")
     out.add_argument("--run-dir", default="runs", help="folder that receives the run directory (default: runs)")
@@ -328,8 +334,11 @@ def _run(argv: Sequence[str] | None) -> int:
     except NonFiniteError as err:
         raise CLIError(f"metaquant: error: {err}; rerun with --skip-nonfinite to skip such steps, or "
                        f"continue from the checkpoint with: metaquant {args.command} --resume {run_dir}") from None
-    print(f"{args.command} finished: final test accuracy {result.final_acc:.2f}%, best {result.best_acc:.2f}% "
-          f"({result.epochs} epochs); run directory {result.run_dir}")
+    if is_main():
+        print(f"{args.command} finished: final test accuracy {result.final_acc:.2f}%, best {result.best_acc:.2f}% "
+              f"({result.epochs} epochs); run directory {result.run_dir}")
+    if is_distributed():
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -83,6 +83,8 @@ class RunConfig:
     lr_gamma: float = 0.1
     seed: int = 0
     device: str = "auto"
+    # data-parallel training under torchrun: SyncBatchNorm instead of per-process BatchNorm statistics
+    sync_bn: bool = False
     # reliability
     on_nonfinite: str = "raise"
     checkpoint_every: int = 0

@@ -23,6 +23,7 @@ from .estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
 from .layers import QuantConfig, dequantize_, quantize_
 from .meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
 from .models import get_model, load_weights
+from .distributed import init_from_env, is_main, wrap
 from .guards import StopFlag
 from .runs import CHECKPOINT, PREVIOUS_CHECKPOINT, RunDir, atomic_write_bytes, load_checkpoint
 from .trainer import Trainer
@@ -185,20 +186,32 @@ class _Session:
     test_loader: Any
 
 
-def _prepare(config: RunConfig, *, load_init: bool = True) -> _Session:
+def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str, Any] | None = None) -> _Session:
+    """Data, model (loaded from ``init`` or from ``checkpoint``), optimizer and trainer of a run; under
+    ``torchrun``, this process's shard of the data and the model in DistributedDataParallel."""
+    dist_info = init_from_env(config.device)
     device = resolve_device(config.device)
+    if dist_info is not None and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
     seed_everything(config.seed)
     train_loader, test_loader, info = make_loaders(
         config.dataset, data_dir=config.data_dir, batch_size=config.batch_size,
         test_batch_size=config.test_batch_size, device=device, seed=config.seed,
         train_size=config.train_size, test_size=config.test_size, subset_seed=config.subset_seed,
-        download=config.download,
+        download=config.download, rank=dist_info.rank if dist_info else 0,
+        world_size=dist_info.world_size if dist_info else 1,
     )
     build_config = config if load_init else dataclasses.replace(config, init=None, meta_init=None)
-    model = build_model(build_config, info.num_classes, info.in_channels, info.image_size).to(device)
+    model = build_model(build_config, info.num_classes, info.in_channels, info.image_size)
+    if checkpoint is not None:
+        load_weights(model, checkpoint["model"])
+    model = model.to(device)
+    if dist_info is not None:
+        model = wrap(model, dist_info, sync_bn=config.sync_bn, find_unused=config.uses_meta)
     optimizer = build_optimizer(model.parameters(), config)
     trainer = build_trainer(build_config, model, optimizer)
-    logger.info("%s on %s, %d training batches per epoch", config.model, device, len(train_loader))
+    where = f"rank {dist_info.rank} of {dist_info.world_size}, " if dist_info else ""
+    logger.info("%s on %s (%s%d training batches per epoch)", config.model, device, where, len(train_loader))
     return _Session(model, trainer, train_loader, test_loader)
 
 
@@ -231,8 +244,11 @@ def execute(
     if run_dir is not None and RunDir(run_dir).config_path.exists():
         RunDir.create(run_dir, config)  # raises RunExistsError before any work is done
     session = _prepare(config)
-    run = RunDir.create(run_dir, config) if run_dir is not None else None
-    return _train(config, session, run, FitState(), progress, stop)
+    run = None
+    if run_dir is not None and is_main():  # under torchrun only rank 0 writes
+        run = RunDir.create(run_dir, config)
+    result = _train(config, session, run, FitState(), progress, stop)
+    return dataclasses.replace(result, run_dir=Path(run_dir) if run_dir is not None else None)
 
 
 def _latest_checkpoint(run: RunDir) -> dict[str, Any] | None:
@@ -274,12 +290,12 @@ def resume(run_dir: str | Path, *, progress: bool = True, stop: StopFlag | None 
     for stale in run.path.glob(".*.tmp"):  # a write that a kill interrupted; never a complete file
         stale.unlink()
     checkpoint = _latest_checkpoint(run)
+    writer = run if is_main() else None
     if checkpoint is None:
         logger.info("run %s has no checkpoint yet: starting it from its beginning", run.path)
         session = _prepare(config)
-        return _train(config, session, run, FitState(), progress, stop)
-    session = _prepare(config, load_init=False)
-    load_weights(session.model, checkpoint["model"])
+        return _train(config, session, writer, FitState(), progress, stop)
+    session = _prepare(config, load_init=False, checkpoint=checkpoint)
     session.trainer.optimizer.load_state_dict(checkpoint["optimizer"])
     session.trainer.load_state_dict(checkpoint["trainer"])
     set_rng_state(checkpoint["rng"])
@@ -289,7 +305,8 @@ def resume(run_dir: str | Path, *, progress: bool = True, stop: StopFlag | None 
     else:  # written at an epoch's end by a version without mid-epoch positions
         state = FitState(epoch=checkpoint["epoch"], iteration=checkpoint["iteration"], best_acc=checkpoint["best_acc"])
     logger.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.batch)
-    return _train(config, session, run, state, progress, stop)
+    result = _train(config, session, writer, state, progress, stop)
+    return dataclasses.replace(result, run_dir=run.path)
 
 
 def _run_model(run: RunDir) -> tuple[RunConfig, nn.Module, Any]:

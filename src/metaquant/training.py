@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import random
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum, is_distributed, unwrap
 from .guards import NonFiniteError, StopFlag, TrainingInterrupted, all_finite
 from .runs import RunDir, save_checkpoint
 from .schedules import lr_factor, scale_lr
@@ -91,6 +93,8 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[
         correct5 += hits.any(dim=1).sum().item()
         total += y.numel()
     model.train(was_training)
+    # data-parallel: each process evaluated its shard of the test set
+    loss_sum, correct1, correct5, total = all_reduce_sum([loss_sum, correct1, correct5, total])
     if total == 0:
         raise ValueError("evaluation loader yielded no examples")
     return {"loss": loss_sum / total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
@@ -166,7 +170,7 @@ def fit(
         if run is None:
             return
         checkpoint = {
-            "model": model.state_dict(),
+            "model": unwrap(model).state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
             "trainer": trainer.state_dict(),
             "epoch": state.epoch,
@@ -216,23 +220,24 @@ def fit(
                 state.epoch_correct += (logits_box[-1].detach().argmax(1) == y).sum().item()
                 state.epoch_seen += y.numel()
             bar.set_postfix(loss=f"{loss:.4f}")
-            if stop:
+            if stop_requested(stop):
                 save()
                 where = f"; checkpoint written to {run.checkpoint_path}" if run is not None else ""
-                raise TrainingInterrupted(
-                    f"stopped by signal {stop.signum} at epoch {epoch + 1}, step {b + 1}{where}", stop.signum
-                )
+                signum = stop.signum if stop is not None and stop.signum else signal.SIGTERM  # another rank's
+                raise TrainingInterrupted(f"stopped by signal {signum} at epoch {epoch + 1}, step {b + 1}{where}",
+                                          signum)
             if checkpoint_every and state.batch % checkpoint_every == 0 and state.batch < len(train_loader):
                 save()
         train_time = time.perf_counter() - start
         test = evaluate(model, test_loader)
+        loss_sum, correct, seen = all_reduce_sum([state.epoch_loss_sum, state.epoch_correct, state.epoch_seen])
         state.best_acc = max(state.best_acc, test["top1"])
         state.last_acc = test["top1"]
         record = {
             "epoch": epoch,
             "lr": trainer.optimizer.param_groups[0]["lr"],
-            "train_loss": state.epoch_loss_sum / max(state.epoch_seen, 1),
-            "train_acc": 100.0 * state.epoch_correct / max(state.epoch_seen, 1),
+            "train_loss": loss_sum / max(seen, 1),
+            "train_acc": 100.0 * correct / max(seen, 1),
             "test_loss": test["loss"],
             "test_acc": test["top1"],
             "test_top5": test["top5"],
@@ -251,6 +256,14 @@ def fit(
         state.start_epoch()
         save()
     return state
+
+
+def stop_requested(stop: StopFlag | None) -> bool:
+    """Whether to stop now; under data parallelism, whether any process was asked to (all stop together)."""
+    local = bool(stop)
+    if is_distributed():
+        return all_reduce_sum([float(local)])[0] > 0
+    return local
 
 
 def step_schedule(kind: str, epochs: int, step_size: int, gamma: float) -> Callable[[int], float]:

@@ -1,0 +1,104 @@
+"""Data-parallel training: 2 processes (gloo, CPU) on halves of each batch equal 1 process on whole batches."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import metaquant as mq
+
+STEPS = 4
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(STEPS)]
+
+
+def _train(estimator: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    # no BatchNorm: the result must not depend on how a batch is split
+    model = mq.quantize_(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)))
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=estimator != "ste")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    if estimator == "ste":
+        trainer = mq.Trainer(net, opt)
+    else:
+        trainer = mq.MetaQuant(net, opt, mq.MultiFC(hidden=4, nonlinearity="tanh"), meta_lr=1e-2)
+    half = 8 // world
+    for x, y in _data():
+        xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+        trainer.step(lambda: F.cross_entropy(net(xs), ys))
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    if estimator != "ste":
+        state |= {f"meta.{k}": v.clone() for k, v in trainer.meta.state_dict().items()}
+    return state
+
+
+def _worker(rank: int, world: int, init_file: str, estimator: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        state = _train(estimator, rank, world)
+        torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("estimator", ["ste", "multifc"])
+def test_two_processes_on_half_batches_equal_one_process_on_whole_batches(tmp_path, estimator):
+    reference = _train(estimator, 0, 1)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), estimator, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert state.keys() == reference.keys()
+        for k in reference:
+            torch.testing.assert_close(state[k], reference[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert not torch.equal(reference["model.0.weight"], _initial_conv_weight())
+
+
+def _initial_conv_weight():
+    torch.manual_seed(0)
+    return nn.Conv2d(1, 4, 3).weight.detach()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_cli_run_completes_writes_once_and_resumes(tmp_path, fashion_mnist_available):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    args = ["-m", "metaquant", "quantize", "-m", "resnet8", "--train-size", "128", "--test-size", "100", "-bs",
+            "16", "-n", "2", "-meta", "multifc", "-hidden", "8", "--no-progress", "--run-dir", str(tmp_path),
+            "--name", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*torchrun, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert done.stdout.count("quantize finished") == 1  # rank 0 alone reports
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    # 128 images, 2 processes x 16 per batch: 4 steps per epoch
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["iteration"] == 8
+    # extend the finished run by one epoch and resume it under torchrun
+    config = json.loads((run / "config.json").read_text())
+    config["epochs"] = 3
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "done").unlink()
+    torchrun[-1] = str(_free_port())
+    resumed = subprocess.run([*torchrun, "-m", "metaquant", "quantize", "--resume", str(run), "--no-progress"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3 and (run / "done").exists()
