@@ -25,6 +25,9 @@ from metaquant.config import RunConfig
         ({"lr_schedule": "poly"}, "lr_schedule 'poly' is not supported; allowed: step, cosine, constant"),
         ({"device": "tpu"}, "device 'tpu' is not supported; allowed: auto, cpu, cuda, cuda:N"),
         ({"task": "finetune"}, "task 'finetune' is not supported; allowed: pretrain, quantize"),
+        ({"model": None}, "model must be a string, got None"),
+        ({"device": 0}, "device must be a string, got 0"),
+        ({"nesterov": "yes"}, "nesterov must be true or false, got 'yes'"),
     ],
 )
 def test_bad_values_are_refused_with_the_allowed_ones(kwargs, message):

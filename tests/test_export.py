@@ -70,6 +70,13 @@ def test_bad_files(tmp_path):
     (tmp_path / "cut.mqpack").write_bytes(raw[:-100])
     with pytest.raises(ValueError, match="is truncated"):
         load_packed(tmp_path / "cut.mqpack")
+    import struct
+    import zlib
+
+    header = zlib.compress(json.dumps({"version": 1}).encode())
+    (tmp_path / "bad.mqpack").write_bytes(b"MQPACK\0\0" + struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ValueError, match="damaged header"):
+        load_packed(tmp_path / "bad.mqpack")
     with pytest.raises(ValueError, match="does not fit the model"):
         load_packed(tmp_path / "good.mqpack", mq.models.resnet20())
     with pytest.raises(FileNotFoundError):

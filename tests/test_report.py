@@ -93,8 +93,8 @@ def test_report_writes_table_and_figures(tmp_path, original_copy):
     trials = collect([ours, original_copy.parent.parent])
     md, csv_path = write_table(summarize(trials), tmp_path / "out")
     text = md.read_text()
-    assert "| metaquant | ResNet20 | Fashion-MNIST | BWN | STE | SGD |" in text
-    assert "| original code | ResNet20 | CIFAR10 | BWN | STE | SGD |" in text
+    assert "| metaquant | ResNet20 | Fashion-MNIST | BWN | 1 | STE | SGD |" in text
+    assert "| original code | ResNet20 | CIFAR10 | BWN | 1 | STE | SGD |" in text
     assert "population variances" in text
     assert csv_path.read_text().count("\n") == 3
     pngs = plot_comparisons(trials, tmp_path / "out")

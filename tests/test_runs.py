@@ -29,10 +29,15 @@ def test_records_replace_epochs_past_the_one_recorded(tmp_path):
     assert lines == ["iteration,loss", "1,0.50000000", "2,0.40000000", "3,0.31000000", "4,0.21000000"]
 
 
+def _state(epoch):
+    return {"model": {"w": torch.full((2,), float(epoch))}, "optimizer": {}, "trainer": {}, "rng": {},
+            "epoch": epoch}
+
+
 def test_save_checkpoint_keeps_the_previous_one(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 1})
-    save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "epoch": 2})
+    save_checkpoint(path, _state(1))
+    save_checkpoint(path, _state(2))
     assert load_checkpoint(path)["epoch"] == 2
     assert load_checkpoint(tmp_path / "checkpoint.prev.pt")["epoch"] == 1
 
@@ -55,7 +60,7 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     good = tmp_path / "good.pt"
-    save_checkpoint(good, {"model": {"w": torch.randn(1000)}})
+    save_checkpoint(good, {**_state(0), "model": {"w": torch.randn(1000)}})
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:500])
     with pytest.raises(ValueError, match="truncated.pt is corrupt or truncated"):
@@ -63,4 +68,7 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     other = tmp_path / "other.pt"
     torch.save([1, 2], other)
     with pytest.raises(ValueError, match="not a metaquant checkpoint"):
+        load_checkpoint(other)
+    torch.save({"model": {}}, other)
+    with pytest.raises(ValueError, match=r"not a metaquant checkpoint \(missing epoch, optimizer, rng, trainer\)"):
         load_checkpoint(other)

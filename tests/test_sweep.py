@@ -105,6 +105,13 @@ def test_second_call_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path
     lines.clear()
     run_sweep(spec, root, echo=lines.append)
     assert RunDir(victim).is_done() and len(RunDir(victim).metrics()) == 2
+    # a directory holding a run of another configuration is refused, never deleted or overwritten
+    config = (victim / "config.json").read_text()
+    (victim / "config.json").write_text(config.replace('"lr": 0.001', '"lr": 0.002'))
+    before = {p.name: p.read_bytes() for p in victim.iterdir()}
+    with pytest.raises(ValueError, match=r"holds a run with another configuration \(lr differ\)"):
+        run_sweep(spec, root, echo=lines.append)
+    assert {p.name: p.read_bytes() for p in victim.iterdir()} == before
 
 
 def test_presets_load():

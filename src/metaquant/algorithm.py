@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .estimators import STE, fake_quantize
-from .distributed import all_reduce_mean_, is_distributed, unwrap
+from .distributed import all_reduce_mean_, any_process, is_distributed, unwrap
 from .guards import BufferSnapshot, NonFiniteError, check_policy, first_nonfinite
 from .layers import QuantLayer, forward_params_fn, quantized_layers
 from .meta import MetaQuantizer
@@ -335,8 +335,9 @@ class MetaQuant:
 
         with forward_params_fn(self.model, recorded):
             loss = closure()
-        if not torch.isfinite(loss):
-            return loss.detach()  # reported by the caller's check; nothing to back-propagate
+        # every process takes the same branch under data parallelism (backward runs collectives)
+        if any_process(not bool(torch.isfinite(loss))):
+            return loss.detach() * float("nan")  # reported by the caller's check; nothing to back-propagate
         loss.backward()
         missing = [name for name in self.layers if name not in pending.grad_w_hat]
         if missing:

@@ -268,7 +268,11 @@ def _sweep(args: argparse.Namespace) -> int:
             done = " (done)" if (run.path / "done").exists() else ""
             print(f"[{i}] {run.path}{done}")
         return 0
-    run_sweep(spec, root, progress=args.progress)
+    with StopFlag().installed() as stop:
+        try:
+            run_sweep(spec, root, progress=args.progress, stop=stop)
+        except TrainingInterrupted as err:
+            raise CLIError(f"metaquant: {err}; continue with the same command", 128 + err.signum) from None
     print(f"sweep {spec.name} finished; summarize it with: metaquant report {root}")
     return 0
 
@@ -286,7 +290,11 @@ def _report(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     fields = {f: getattr(args, f) for f in DemoConfig.__dataclass_fields__}
-    results = run_demo(DemoConfig(**fields), progress=args.progress)
+    with StopFlag().installed() as stop:
+        try:
+            results = run_demo(DemoConfig(**fields), progress=args.progress, stop=stop)
+        except TrainingInterrupted as err:
+            raise CLIError(f"metaquant: {err}; continue with the same command", 128 + err.signum) from None
     print(f"\nResNet20 on Fashion-MNIST ({args.train_size} training / {args.test_size} test images), "
           "1-bit DoReFa weights on every layer:")
     print(f"{'method':<22} {'final test acc':>15} {'best test acc':>14}  run directory")
@@ -354,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("metaquant: interrupted", file=sys.stderr)
         return 130
-    except (RunExistsError, DatasetError, FileNotFoundError, ValueError, TypeError, ImportError, OSError) as err:
+    except (RunExistsError, DatasetError, FileNotFoundError, ValueError, TypeError, ImportError, OSError,
+            NonFiniteError) as err:
         if debug:
             raise
         print(f"metaquant: error: {err}", file=sys.stderr)

@@ -109,6 +109,12 @@ class RunConfig:
     label: str | None = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a wrong type (e.g. from a sweep file) is refused, not crashed on
+            value = getattr(self, f.name)
+            if f.type in ("str", "str | None") and not (isinstance(value, str) or (value is None and "None" in f.type)):
+                raise ValueError(f"{f.name} must be a string, got {value!r}")
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {value!r}")
         _choice("task", self.task, TASKS)
         _choice("model", self.model.lower(), model_names())
         self.model = self.model.lower()

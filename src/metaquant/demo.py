@@ -7,7 +7,8 @@ on two CPU cores, and prints their accuracies side by side:
 2. 1-bit DoReFa quantization training from it with the clipped STE (plain SGD, the paper's baseline setting);
 3. the same with MetaQuant's MultiFC meta quantizer (identical data, seed, optimizer and schedule).
 
-A stage whose run directory is complete is reused, so running the demo again only reprints the table.
+A stage whose run directory is complete is reused and an interrupted one resumed, so running the demo again
+continues where it stopped, or only reprints the table.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig
-from .pipeline import RunResult, execute
+from .guards import StopFlag
+from .pipeline import RunResult, execute, resume
 from .runs import RunDir
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -41,18 +43,18 @@ class DemoConfig:
     data_dir: str | None = None
 
 
-def _stage(path: Path, config: RunConfig, progress: bool) -> RunResult:
+def _stage(path: Path, config: RunConfig, progress: bool, stop: StopFlag | None) -> RunResult:
     run = RunDir(path)
     if run.is_done():
         logger.info("reusing the finished run %s", path)
         metrics = run.metrics()
         return RunResult(path, metrics[-1]["test_acc"], max(m["test_acc"] for m in metrics), len(metrics))
-    if run.path.exists():
-        raise FileExistsError(f"{path} holds an unfinished run; remove it to start the demo stage again")
-    return execute(config, path, progress=progress)
+    if run.config_path.exists():
+        return resume(path, progress=progress, stop=stop)  # interrupted earlier: continue it
+    return execute(config, path, progress=progress, stop=stop)
 
 
-def run_demo(demo: DemoConfig, progress: bool = True) -> dict[str, RunResult]:
+def run_demo(demo: DemoConfig, progress: bool = True, stop: StopFlag | None = None) -> dict[str, RunResult]:
     """Run the three stages; returns their results by name (``full precision``, ``STE``, ``MetaQuant``)."""
     root = Path(demo.run_dir)
     common = dict(
@@ -63,13 +65,13 @@ def run_demo(demo: DemoConfig, progress: bool = True) -> dict[str, RunResult]:
         task="pretrain", epochs=demo.pretrain_epochs, optimizer="sgd", lr=0.05, momentum=0.9,
         weight_decay=5e-4, lr_schedule="cosine", **common,
     )
-    results = {"full precision": _stage(root / "pretrain", pretrain, progress)}
+    results = {"full precision": _stage(root / "pretrain", pretrain, progress, stop)}
     # The paper's quantization setting: plain SGD, lr 1e-3 (meta lr 1e-3), 1-bit DoReFa on every layer.
     ste = RunConfig(
         task="quantize", init=str(root / "pretrain"), epochs=demo.quantize_epochs, optimizer="sgd", lr=1e-3,
         lr_schedule="constant", quantizer="dorefa", bits=1, estimator="ste", **common,
     )
-    results["STE"] = _stage(root / "quantize-ste", ste, progress)
+    results["STE"] = _stage(root / "quantize-ste", ste, progress, stop)
     metaquant = dataclasses.replace(ste, estimator="multifc", hidden_size=100, num_fc=2, meta_lr=1e-3)
-    results["MetaQuant (MultiFC)"] = _stage(root / "quantize-multifc", metaquant, progress)
+    results["MetaQuant (MultiFC)"] = _stage(root / "quantize-multifc", metaquant, progress, stop)
     return results

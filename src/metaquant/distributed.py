@@ -23,7 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["DistInfo", "init_from_env", "is_distributed", "is_main", "all_reduce_mean_", "all_reduce_sum", "wrap"]
+__all__ = [
+    "DistInfo", "init_from_env", "is_distributed", "is_main", "all_reduce_mean_", "all_reduce_sum", "any_process",
+    "wrap", "unwrap",
+]
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,27 @@ def all_reduce_mean_(tensors: Iterable[Tensor | None]) -> None:
         offset += t.numel()
 
 
-def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+def _collective_device() -> torch.device:
+    # NCCL reduces only CUDA tensors; gloo works on the CPU.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few numbers across processes (returns them unchanged in one process)."""
     if not is_distributed():
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (``flag`` itself in one process)."""
+    if not is_distributed():
+        return flag
+    return all_reduce_sum([float(flag)])[0] > 0
 
 
 def wrap(model: nn.Module, info: DistInfo, *, sync_bn: bool = False, find_unused: bool = False) -> nn.Module:

@@ -177,6 +177,8 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise ValueError(f"{path} has format version {header.get('version')}; this metaquant reads version {VERSION}")
     payload = memoryview(raw)[16 + length :]
     tensors = {}
+    if not isinstance(header.get("tensors"), list) or not isinstance(header.get("quantizer"), dict):
+        raise ValueError(f"{path} has a damaged header (no tensor index or quantizer)")
     for e in header["tensors"]:
         if e["offset"] + e["nbytes"] > len(payload):
             raise ValueError(f"{path} is truncated: {e['name']} lies beyond the end of the file")
@@ -206,6 +208,14 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         >>> logits = net(images)                       # doctest: +SKIP
     """
     header, tensors = read_packed(path)
+    try:
+        return _build_packed(path, header, tensors, model)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} has a damaged header (missing or wrong entry {err})") from None
+
+
+def _build_packed(path: str | Path, header: dict[str, Any], tensors: dict[str, Tensor],
+                  model: nn.Module | None) -> nn.Module:
     if model is None:
         arch = header.get("architecture")
         if not arch:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .algorithm import MetaQuant
 from .config import RunConfig
-from .data import make_loaders
+from .data import dataset_info, make_loaders
 from .estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
 from .layers import QuantConfig, dequantize_, quantize_
 from .meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
@@ -288,20 +288,22 @@ def resume(run_dir: str | Path, *, progress: bool = True, stop: StopFlag | None 
         logger.info("run %s is already finished", run.path)
         return RunResult(run.path, metrics[-1]["test_acc"], max(m["test_acc"] for m in metrics), len(metrics))
     for stale in run.path.glob(".*.tmp"):  # a write that a kill interrupted; never a complete file
-        stale.unlink()
+        stale.unlink(missing_ok=True)  # (every process of a torchrun job may try)
     checkpoint = _latest_checkpoint(run)
-    writer = run if is_main() else None
     if checkpoint is None:
         logger.info("run %s has no checkpoint yet: starting it from its beginning", run.path)
         session = _prepare(config)
-        return _train(config, session, writer, FitState(), progress, stop)
+        return _train(config, session, run if is_main() else None, FitState(), progress, stop)
     session = _prepare(config, load_init=False, checkpoint=checkpoint)
+    writer = run if is_main() else None  # known only once _prepare joined the process group
     session.trainer.optimizer.load_state_dict(checkpoint["optimizer"])
     session.trainer.load_state_dict(checkpoint["trainer"])
     set_rng_state(checkpoint["rng"])
     if "fit" in checkpoint:
         state = FitState(**checkpoint["fit"])
         state.epoch_losses = [tuple(x) for x in state.epoch_losses]
+        if not is_main():  # the saved running sums are those of all processes: counted once, by rank 0
+            state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0.0, 0, 0
     else:  # written at an epoch's end by a version without mid-epoch positions
         state = FitState(epoch=checkpoint["epoch"], iteration=checkpoint["iteration"], best_acc=checkpoint["best_acc"])
     logger.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.batch)
@@ -309,23 +311,29 @@ def resume(run_dir: str | Path, *, progress: bool = True, stop: StopFlag | None 
     return dataclasses.replace(result, run_dir=run.path)
 
 
-def _run_model(run: RunDir) -> tuple[RunConfig, nn.Module, Any]:
-    """A run's model at its latest checkpoint (quantized as it trained) and its test loader, on the CPU or
-    the run's device."""
+def _run_model(run: RunDir, device: str | None = None) -> tuple[RunConfig, nn.Module, Any]:
+    """A run's configuration, its model at the latest checkpoint (quantized as it trained, in eval mode, on
+    ``device`` or the run's), and its dataset's ``DatasetInfo``; no data is read."""
     config = run.config()
     checkpoint = _latest_checkpoint(run)
     if checkpoint is None:
         raise ValueError(f"{run.path} has no checkpoint yet")
-    device = resolve_device(config.device)
-    _, test_loader, info = make_loaders(
-        config.dataset, data_dir=config.data_dir, batch_size=config.batch_size,
-        test_batch_size=config.test_batch_size, device=device, seed=config.seed, train_size=config.train_size,
-        test_size=config.test_size, subset_seed=config.subset_seed, download=config.download,
-    )
+    info = dataset_info(config.dataset)
     model = build_model(dataclasses.replace(config, init=None), info.num_classes, info.in_channels,
                         info.image_size)
     load_weights(model, checkpoint["model"])
-    return config, model.to(device).eval(), (test_loader, info)
+    return config, model.to(resolve_device(device or config.device)).eval(), info
+
+
+def _test_loader(config: RunConfig, device: str, data_dir: str | None) -> Any:
+    config = dataclasses.replace(config, data_dir=data_dir or config.data_dir)
+    _, test_loader, _ = make_loaders(
+        config.dataset, data_dir=config.data_dir, batch_size=config.batch_size,
+        test_batch_size=config.test_batch_size, device=resolve_device(device), seed=config.seed,
+        train_size=config.train_size, test_size=config.test_size, subset_seed=config.subset_seed,
+        download=config.download,
+    )
+    return test_loader
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "packed") -> tuple[Path, int, int]:
@@ -341,7 +349,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "p
     run = RunDir(run_dir)
     if not run.config_path.exists():
         raise FileNotFoundError(f"{run_dir}: no run there (config.json is missing)")
-    config, model, (_, info) = _run_model(run)
+    config, model, info = _run_model(run, "cpu")
     if config.task != "quantize":
         raise ValueError(f"{run_dir} is a {config.task} run; only quantization runs can be exported packed")
     metrics = run.metrics()
@@ -376,7 +384,7 @@ def evaluate_artifact(path: str | Path, *, data_dir: str | None = None, device: 
         run = RunDir(path)
         if not run.config_path.exists():
             raise FileNotFoundError(f"{path}: no run there (config.json is missing)")
-        config, model, (test_loader, _) = _run_model(run)
+        config, model, _ = _run_model(run, device)
         metrics = run.metrics()
         recorded = metrics[-1]["test_acc"] if metrics else None
     else:
@@ -384,22 +392,13 @@ def evaluate_artifact(path: str | Path, *, data_dir: str | None = None, device: 
             header, model = _onnx_model(path)
         else:
             header, _ = read_packed(path)
-            model = load_packed(path)
+            model = load_packed(path).to(resolve_device(device))
         run_config = header.get("metadata", {}).get("run")
         if run_config is None:
             raise ValueError(f"{path} does not say which data it was trained on (no run in its metadata)")
         config = RunConfig.from_dict(run_config)
-        if data_dir is not None or device != "auto":
-            config = dataclasses.replace(config, data_dir=data_dir or config.data_dir, device=device)
-        dev = resolve_device(config.device)
-        _, test_loader, _ = make_loaders(
-            config.dataset, data_dir=config.data_dir, batch_size=config.batch_size,
-            test_batch_size=config.test_batch_size, device=dev, seed=config.seed, train_size=config.train_size,
-            test_size=config.test_size, subset_seed=config.subset_seed, download=config.download,
-        )
-        if isinstance(model, nn.Module):
-            model = model.to(dev)
         recorded = header["metadata"].get("test_acc")
+    test_loader = _test_loader(config, device, data_dir)
     result = evaluate(model, test_loader)
     return {**result, "recorded": recorded}
 

@@ -58,6 +58,7 @@ class TrialCurves:
     model: str
     dataset: str
     forward: str
+    bits: int
     backward: str
     optimizer: str
     trial: int
@@ -67,8 +68,8 @@ class TrialCurves:
     path: Path | None = None
 
     @property
-    def key(self) -> tuple[str, str, str, str, str, str]:
-        return (self.source, self.model, self.dataset, self.forward, self.backward, self.optimizer)
+    def key(self) -> tuple[str, str, str, str, int, str, str]:
+        return (self.source, self.model, self.dataset, self.forward, self.bits, self.backward, self.optimizer)
 
 
 @dataclass
@@ -79,6 +80,7 @@ class SummaryRow:
     model: str
     dataset: str
     forward: str
+    bits: int
     backward: str
     optimizer: str
     best_mean: float
@@ -128,7 +130,8 @@ def read_run(path: Path) -> TrialCurves | None:
     trial = int(path.name.rsplit("-trial-", 1)[1]) if "-trial-" in path.name else config.seed + 1
     return TrialCurves(
         OURS, _MODELS.get(config.model, config.model), _DATASETS.get(config.dataset, config.dataset),
-        _FORWARD.get(config.quantizer, config.quantizer), label, _OPTIMIZERS.get(config.optimizer, config.optimizer),
+        _FORWARD.get(config.quantizer, config.quantizer), config.bits, label,
+        _OPTIMIZERS.get(config.optimizer, config.optimizer),
         trial, [m["test_acc"] for m in metrics], [m["train_loss"] for m in metrics], fp_acc, path,
     )
 
@@ -159,6 +162,8 @@ def read_original_run(path: Path) -> TrialCurves:
     owner = next((m for p in path.parents if (m := _MODEL_DATASET.match(p.name))), None)
     model, dataset = (owner["model"], owner["dataset"]) if owner else ("?", "?")
     acc = _read_pairs(path / "test-acc.txt")
+    if not acc:
+        raise ValueError(f"{path / 'test-acc.txt'} holds no accuracy")
     losses = _read_pairs(path / "loss.txt") if (path / "loss.txt").exists() else []
     epoch_ends = [it for it, _ in acc]
     per_epoch: list[list[float]] = [[] for _ in epoch_ends]
@@ -171,7 +176,8 @@ def read_original_run(path: Path) -> TrialCurves:
     optimizer = match["base_opt"] or match["meta_opt"]
     backward = "STE" if match["base_fwd"] else _ORIGINAL_META[match["meta"]]
     return TrialCurves(
-        ORIGINAL, model, dataset, _FORWARD.get(forward.lower(), forward), backward, optimizer,
+        ORIGINAL, model, dataset, _FORWARD.get(forward.lower(), forward),
+        int(match["base_bits"] or match["meta_bits"]), backward, optimizer,
         int(match["trial"]), [a for _, a in acc], [float(np.mean(v)) if v else float("nan") for v in per_epoch],
         None, path,
     )
@@ -185,11 +191,15 @@ def collect(paths: Iterable[str | Path]) -> list[TrialCurves]:
         ValueError: nothing found, or a file that cannot be parsed (the message names it).
     """
     found: list[TrialCurves] = []
+    seen: set[Path] = set()
     for root in map(Path, paths):
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist")
         candidates = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
         for d in candidates:
+            if d.resolve() in seen:  # overlapping paths: each run counts once
+                continue
+            seen.add(d.resolve())
             if (d / "config.json").exists() and (d / "metrics.jsonl").exists():
                 trial = read_run(d)
                 if trial is not None:
@@ -216,18 +226,18 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
         rows.append(SummaryRow(*key, best_mean, best_var, last_mean, last_var,
                                float(np.mean(fps)) if fps else None, len(members), [len(c) for c in curves]))
     order = {"STE": 0, "FC-Grad": 2, "MultiFC": 3, "LSTMFC": 4}
-    rows.sort(key=lambda r: (r.source != OURS, r.model, r.dataset, r.forward, r.optimizer,
+    rows.sort(key=lambda r: (r.source != OURS, r.model, r.dataset, r.forward, r.bits, r.optimizer,
                              order.get(r.backward, 1 if r.backward.startswith("STE") else 5), r.backward))
     return rows
 
 
-_COLUMNS = ["Source", "Model", "Dataset", "Forward", "Backward", "Optimizer", "Best Acc", "Last 10 Acc",
+_COLUMNS = ["Source", "Model", "Dataset", "Forward", "Bits", "Backward", "Optimizer", "Best Acc", "Last 10 Acc",
             "FP Acc", "Trials"]
 
 
 def _cells(row: SummaryRow) -> list[str]:
     fp = f"{row.fp_acc:.2f}" if row.fp_acc is not None else "-"
-    return [row.source, row.model, row.dataset, row.forward, row.backward, row.optimizer,
+    return [row.source, row.model, row.dataset, row.forward, str(row.bits), row.backward, row.optimizer,
             f"{row.best_mean:.3f} ({row.best_var:.3f})", f"{row.last_mean:.3f} ({row.last_var:.3f})", fp,
             str(row.trials)]
 
@@ -245,10 +255,10 @@ def write_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results") ->
     md.write_text("\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["source", "model", "dataset", "forward", "backward", "optimizer", "best_mean", "best_var",
+    writer.writerow(["source", "model", "dataset", "forward", "bits", "backward", "optimizer", "best_mean", "best_var",
                      "last10_mean", "last10_var", "fp_acc", "trials", "epochs"])
     for r in rows:
-        writer.writerow([r.source, r.model, r.dataset, r.forward, r.backward, r.optimizer, f"{r.best_mean:.4f}",
+        writer.writerow([r.source, r.model, r.dataset, r.forward, r.bits, r.backward, r.optimizer, f"{r.best_mean:.4f}",
                          f"{r.best_var:.4f}", f"{r.last_mean:.4f}", f"{r.last_var:.4f}",
                          "" if r.fp_acc is None else f"{r.fp_acc:.4f}", r.trials, min(r.epochs)])
     csv_path = out / f"{stem}.csv"
@@ -269,9 +279,9 @@ def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
     figures: dict[tuple, dict[str, list[TrialCurves]]] = defaultdict(lambda: defaultdict(list))
     for t in trials:
         line = t.backward if t.source == OURS else f"{t.backward} [{t.source}]"
-        figures[(t.model, t.dataset, t.forward, t.optimizer)][line].append(t)
+        figures[(t.model, t.dataset, t.forward, t.bits, t.optimizer)][line].append(t)
     written = []
-    for (model, dataset, forward, optimizer), lines in sorted(figures.items()):
+    for (model, dataset, forward, bits, optimizer), lines in sorted(figures.items()):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for label, members in sorted(lines.items()):
             for ax, attr in zip(axes, ("train_loss", "test_acc")):
@@ -287,9 +297,10 @@ def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
         axes[1].legend(title="backward (trials)", fontsize=8)
-        fig.suptitle(f"{model} on {dataset}, {forward} forward, {optimizer}: mean over trials, band = min..max")
+        fig.suptitle(f"{model} on {dataset}, {bits}-bit {forward} forward, {optimizer}: mean over trials, "
+                     "band = min..max")
         fig.tight_layout()
-        path = out / f"{_slug(model)}-{_slug(dataset)}-{_slug(forward)}-{_slug(optimizer)}.png"
+        path = out / f"{_slug(model)}-{_slug(dataset)}-{_slug(forward)}{bits}-{_slug(optimizer)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

@@ -79,11 +79,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     except Exception as err:  # torch raises several types for a damaged file
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} is not a metaquant checkpoint (expected a dict with a 'model' entry)")
+    missing = {"model", "optimizer", "trainer", "rng", "epoch"} - set(state) if isinstance(state, dict) else {"model"}
+    if missing:
+        raise ValueError(f"{path} is not a metaquant checkpoint (missing {', '.join(sorted(missing))})")
     return state
 
 

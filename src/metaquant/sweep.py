@@ -25,8 +25,8 @@ A sweep file has four parts (see ``presets/`` for complete ones)::
 
 A ``[[grid]]`` entry may set ``label`` to name its backward method in reports (default: derived from the
 estimator, step order and momentum). Runs that are ``done`` are skipped when the sweep is run again; a run
-left unfinished by an interruption is resumed from its last checkpoint (exactly: see ``pipeline.resume``),
-or started again if it has none or its configuration changed.
+left unfinished by an interruption is resumed from its last checkpoint (exactly: see ``pipeline.resume``).
+A directory holding a run of another configuration is never touched: the sweep stops and says so.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import dataclasses
 import itertools
 import logging
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig
+from .guards import StopFlag
 from .pipeline import execute, resume
 from .runs import RunDir
 
@@ -179,24 +179,39 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
     return runs
 
 
-def _run_once(path: Path, config: RunConfig, progress: bool) -> tuple[str, float | None, float | None]:
+def _differences(a: RunConfig, b: RunConfig) -> list[str]:
+    return [f.name for f in dataclasses.fields(RunConfig) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def _run_once(
+    path: Path, config: RunConfig, progress: bool, stop: StopFlag | None = None
+) -> tuple[str, float | None, float | None]:
     run = RunDir(path)
-    if run.is_done():
-        metrics = run.metrics()
-        return "skipped (done)", metrics[-1]["test_acc"], max(m["test_acc"] for m in metrics)
     if run.config_path.exists():
-        if run.config() == config:
-            result = resume(path, progress=progress)
-            return "resumed, done", result.final_acc, result.best_acc
-        logger.warning("the unfinished run %s has another configuration: starting it again", path)
-    if path.exists():
-        shutil.rmtree(path)
-    result = execute(config, path, progress=progress)
+        differ = _differences(run.config(), config)
+        if differ:
+            raise ValueError(
+                f"{path} holds a run with another configuration ({', '.join(differ)} differ); remove it or "
+                "change the sweep's run directory"
+            )
+        if run.is_done():
+            metrics = run.metrics()
+            return "skipped (done)", metrics[-1]["test_acc"], max(m["test_acc"] for m in metrics)
+        result = resume(path, progress=progress, stop=stop)
+        return "resumed, done", result.final_acc, result.best_acc
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"{path} exists and holds no run; remove it or change the sweep's run directory")
+    result = execute(config, path, progress=progress, stop=stop)
     return "done", result.final_acc, result.best_acc
 
 
 def run_sweep(
-    spec: SweepSpec, root: str | Path, *, progress: bool = False, echo: Callable[[str], None] = print
+    spec: SweepSpec,
+    root: str | Path,
+    *,
+    progress: bool = False,
+    echo: Callable[[str], None] = print,
+    stop: StopFlag | None = None,
 ) -> list[PlannedRun]:
     """Run every run of ``spec`` under ``root`` that is not done yet; one progress line per run via ``echo``."""
     root = Path(root)
@@ -206,12 +221,12 @@ def run_sweep(
         for model, dataset in dict.fromkeys((r.config.model, r.config.dataset) for r in runs):
             path = pretrain_path(root, model, dataset)
             start = time.perf_counter()
-            status, final, _ = _run_once(path, pretrain_config(spec, model, dataset), progress)
+            status, final, _ = _run_once(path, pretrain_config(spec, model, dataset), progress, stop)
             echo(f"[pretrain] {model} on {dataset}: {status}, test accuracy {final:.2f}% "
                  f"({time.perf_counter() - start:.0f}s)")
     for i, run in enumerate(runs, 1):
         start = time.perf_counter()
-        status, final, best = _run_once(run.path, run.config, progress)
+        status, final, best = _run_once(run.path, run.config, progress, stop)
         c = run.config
         echo(f"[{i}/{len(runs)}] {run.label} | {c.model} {c.quantizer}{c.bits} {c.optimizer} | trial {run.trial}: "
              f"{status}, final {final:.2f}%, best {best:.2f}% ({time.perf_counter() - start:.0f}s)")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .estimators import STE, ClassicalEstimator, fake_quantize
+from .distributed import any_process
 from .guards import BufferSnapshot, NonFiniteError, check_policy, first_nonfinite
 from .layers import QuantLayer, forward_params_fn
 
@@ -77,7 +78,8 @@ class Trainer:
         )
         with scope:
             loss = closure()
-        bad = first_nonfinite({"loss": [loss]})
+        # under data parallelism every process must take the same branch (backward runs collectives)
+        bad = "loss" if any_process(first_nonfinite({"loss": [loss]}) is not None) else None
         if bad is None:
             loss.backward()
             bad = first_nonfinite({"gradients": (p.grad for p in self.model.parameters())})

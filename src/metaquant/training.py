@@ -166,7 +166,13 @@ def fit(
     """
     state = state or FitState()
 
-    def save() -> None:
+    def save(mid_epoch: bool = False) -> None:
+        # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective: every process
+        # calls save; only the writer writes). A resumed run gives them back to rank 0 alone.
+        fit_state = dataclasses.asdict(state)
+        if mid_epoch and is_distributed():
+            sums = all_reduce_sum([state.epoch_loss_sum, state.epoch_correct, state.epoch_seen])
+            fit_state.update(epoch_loss_sum=sums[0], epoch_correct=int(sums[1]), epoch_seen=int(sums[2]))
         if run is None:
             return
         checkpoint = {
@@ -176,7 +182,7 @@ def fit(
             "epoch": state.epoch,
             "iteration": state.iteration,
             "best_acc": state.best_acc,
-            "fit": dataclasses.asdict(state),
+            "fit": fit_state,
             "rng": rng_state(),
             **(extra_checkpoint() if extra_checkpoint else {}),
         }
@@ -221,13 +227,13 @@ def fit(
                 state.epoch_seen += y.numel()
             bar.set_postfix(loss=f"{loss:.4f}")
             if stop_requested(stop):
-                save()
+                save(mid_epoch=True)
                 where = f"; checkpoint written to {run.checkpoint_path}" if run is not None else ""
                 signum = stop.signum if stop is not None and stop.signum else signal.SIGTERM  # another rank's
                 raise TrainingInterrupted(f"stopped by signal {signum} at epoch {epoch + 1}, step {b + 1}{where}",
                                           signum)
             if checkpoint_every and state.batch % checkpoint_every == 0 and state.batch < len(train_loader):
-                save()
+                save(mid_epoch=True)
         train_time = time.perf_counter() - start
         test = evaluate(model, test_loader)
         loss_sum, correct, seen = all_reduce_sum([state.epoch_loss_sum, state.epoch_correct, state.epoch_seen])
