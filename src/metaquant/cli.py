@@ -26,6 +26,7 @@ from .demo import DemoConfig, run_demo
 from .presets import preset_names, resolve_preset
 from .report import collect, plot_comparisons, summarize, write_table
 from .sweep import load_sweep, plan, run_sweep
+from .trace import plot_trace
 from .models import model_names
 from .distributed import is_distributed, is_main
 from .guards import NonFiniteError, StopFlag, TrainingInterrupted
@@ -234,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.mqpack or model.onnx)")
     export.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    plot = sub.add_parser(
+        "plot", help="pictures of what a MetaQuant run's meta quantizer learned",
+        description="Draw, for a finished MetaQuant run, the function its meta quantizer learned at several "
+                    "epochs next to STE's (learned-function.png), and each quantized layer's latent weight "
+                    "distribution at the start and the end (weights.png).",
+    )
+    plot.add_argument("run", help="the run directory")
+    plot.add_argument("--out", default=None, help="output folder (default: the run directory)")
+    plot.add_argument("--debug", action="store_true", help="show tracebacks")
+
     ev = sub.add_parser(
         "eval", help="test accuracy of a packed file or a run's checkpoint",
         description="Compute the test accuracy of an exported packed file or of a run directory's latest "
@@ -249,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _export(args: argparse.Namespace) -> int:
     path, size, float_size = export_run(args.run, args.out, args.format)
     print(f"wrote {path}: {size:,} bytes; float model {float_size:,} bytes; {float_size / size:.1f}x smaller")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    written = plot_trace(args.run, args.out)
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -315,7 +332,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"demo": _demo, "sweep": _sweep, "report": _report, "export": _export, "eval": _eval}
+    commands = {"demo": _demo, "sweep": _sweep, "report": _report, "export": _export, "eval": _eval,
+                "plot": _plot}
     if args.command in commands:
         return commands[args.command](args)
     if args.resume:

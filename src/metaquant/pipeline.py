@@ -23,10 +23,11 @@ from .estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
 from .layers import QuantConfig, dequantize_, quantize_
 from .meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
 from .models import get_model, load_weights
-from .distributed import init_from_env, is_main, wrap
+from .distributed import init_from_env, is_main, unwrap, wrap
 from .guards import StopFlag
 from .runs import CHECKPOINT, PREVIOUS_CHECKPOINT, RunDir, atomic_write_bytes, load_checkpoint
 from .trainer import Trainer
+from .trace import TRACE_FILE, MetaTrace
 from .training import FitState, evaluate, fit, seed_everything, set_rng_state, step_schedule
 
 __all__ = ["execute", "resume", "export_run", "evaluate_artifact", "resolve_device", "build_optimizer", "build_trainer", "default_run_name", "RunResult"]
@@ -217,11 +218,16 @@ def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str,
 
 def _train(config: RunConfig, session: _Session, run: RunDir | None, state: FitState, progress: bool,
            stop: StopFlag | None) -> RunResult:
+    on_epoch_end = None
+    if run is not None and isinstance(session.trainer, MetaQuant):
+        trace = MetaTrace(run.path / TRACE_FILE, config.epochs)
+        model = unwrap(session.model)
+        on_epoch_end = lambda epoch: trace.snapshot(epoch, session.trainer, model)  # noqa: E731
     state = fit(
         session.model, session.trainer, session.train_loader, session.test_loader, epochs=config.epochs,
         schedule=step_schedule(config.lr_schedule, config.epochs, config.lr_step, config.lr_gamma),
         run=run, state=state, extra_checkpoint=lambda: _extra(config), progress=progress, stop=stop,
-        checkpoint_every=config.checkpoint_every,
+        checkpoint_every=config.checkpoint_every, on_epoch_end=on_epoch_end,
     )
     if run is not None:
         if isinstance(session.trainer, MetaQuant):

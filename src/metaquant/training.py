@@ -138,6 +138,7 @@ def fit(
     progress: bool = True,
     stop: StopFlag | None = None,
     checkpoint_every: int = 0,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> FitState:
     """Train ``model`` with ``trainer`` from ``state`` to the end of epoch ``epochs``.
 
@@ -155,6 +156,8 @@ def fit(
         progress: show a tqdm bar per epoch.
         stop: when it becomes true (SIGINT/SIGTERM), stop after the current step with a checkpoint.
         checkpoint_every: also write a checkpoint every N steps within an epoch (0: at epoch ends only).
+        on_epoch_end: called with the number of epochs done, after each epoch's checkpoint (and with 0 before
+            the first epoch of a run that starts from the beginning).
 
     Returns:
         The final ``FitState``.
@@ -190,6 +193,8 @@ def fit(
             raise NonFiniteError(f"refusing to save non-finite weights over {run.checkpoint_path}")
         save_checkpoint(run.checkpoint_path, checkpoint)
 
+    if on_epoch_end is not None and state.epoch == 0 and state.batch == 0:
+        on_epoch_end(0)
     for epoch in range(state.epoch, epochs):
         state.epoch = epoch
         scale_lr(trainer.optimizer, schedule(epoch))
@@ -261,6 +266,8 @@ def fit(
         state.epoch = epoch + 1
         state.start_epoch()
         save()
+        if on_epoch_end is not None:
+            on_epoch_end(state.epoch)
     return state
 
 

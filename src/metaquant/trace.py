@@ -1,0 +1,187 @@
+"""What a MetaQuant run keeps for pictures of what its meta quantizer learned, and the pictures.
+
+During a run with a run directory, ``MetaTrace.snapshot`` is called before the first epoch and after chosen
+epochs (1, 2, 5, 10, 20, 50, ... and the last). Each snapshot holds the meta quantizer's parameters, for
+LSTMFC the LSTM state of a fixed sample of weight coordinates of the first quantized layer (with their
+``W̃``), and a histogram of every quantized layer's latent weights ``W``. They go to ``trace.pt`` in the run
+directory (a few hundred kilobytes at most).
+
+``plot_trace(run_dir, out)`` draws from it:
+
+* ``learned-function.png``: MultiFC's multiplier of ``g_Ŵ`` as a function of ``W̃``, FC-Grad's output as a
+  function of its input gradient, or LSTMFC's multiplier of the sampled coordinates over the epochs, at the
+  snapshot epochs, next to STE's (a multiplier of 1);
+* ``weights.png``: the distribution of each quantized layer's latent weights at the start and at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .layers import quantized_layers
+from .meta import LSTMFC, FCGrad, MetaQuantizer, MultiFC
+from .runs import atomic_write_bytes
+
+__all__ = ["MetaTrace", "snapshot_epochs", "plot_trace", "TRACE_FILE"]
+
+TRACE_FILE = "trace.pt"
+SAMPLE = 8  # LSTMFC coordinates followed
+BINS = 60
+
+
+def snapshot_epochs(epochs: int) -> set[int]:
+    """Epoch counts after which a snapshot is taken: 0, 1, 2, 5, 10, 20, 50, ... and ``epochs``."""
+    marks, base = {0, epochs}, 1
+    while base <= epochs:
+        marks |= {m for m in (base, 2 * base, 5 * base) if m <= epochs}
+        base *= 10
+    return marks
+
+
+class MetaTrace:
+    """Collects snapshots of a MetaQuant run (see the module docstring) and writes them to ``path``."""
+
+    def __init__(self, path: Path, epochs: int) -> None:
+        self.path = Path(path)
+        self.epochs = epochs
+        self.data: dict[str, Any] = {"snapshots": {}, "bins": {}}
+        if self.path.exists():  # a resumed run continues its trace
+            self.data = torch.load(self.path, weights_only=True)
+
+    def snapshot(self, epoch: int, trainer: Any, model: nn.Module) -> None:
+        """Record the state after ``epoch`` epochs (0: before training) if it is a snapshot epoch."""
+        if epoch not in snapshot_epochs(self.epochs) or epoch in self.data["snapshots"]:
+            return
+        layers = quantized_layers(model)
+        histograms = {}
+        for name, layer in layers.items():
+            w = layer.weight.detach().float().cpu()
+            if name not in self.data["bins"]:
+                edge = float(w.abs().max()) or 1.0
+                self.data["bins"][name] = torch.linspace(-edge, edge, BINS + 1)
+            histograms[name] = torch.from_numpy(
+                np.histogram(w.numpy().ravel(), bins=self.data["bins"][name].numpy())[0]
+            )
+        entry: dict[str, Any] = {"meta": copy.deepcopy(trainer.meta.state_dict()), "weights": histograms}
+        if isinstance(trainer.meta, LSTMFC):
+            first = next(iter(layers))
+            record = trainer.state_dict()["records"][first]
+            if record["w_tilde"] is not None and record["meta_state"] is not None:
+                h, c = record["meta_state"]
+                entry["lstm_sample"] = {"w_tilde": record["w_tilde"].reshape(-1)[:SAMPLE].clone(),
+                                        "h": h[:, :SAMPLE].clone(), "c": c[:, :SAMPLE].clone()}
+        self.data["snapshots"][epoch] = entry
+        buffer = io.BytesIO()
+        torch.save(self.data, buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())
+
+
+def _multiplier(meta: MetaQuantizer, w_tilde: torch.Tensor, state: Any = None) -> torch.Tensor:
+    """``g_W̃ / g_Ŵ`` of a multiplicative meta quantizer at ``w_tilde``."""
+    with torch.no_grad():
+        out, _ = meta(torch.ones_like(w_tilde), w_tilde, state)
+    return out
+
+
+def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Draw ``learned-function.png`` and ``weights.png`` for a MetaQuant run directory.
+
+    Raises:
+        FileNotFoundError: the run has no trace (not a MetaQuant run, or made before traces existed).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .config import RunConfig
+    from .pipeline import build_meta
+
+    run_dir = Path(run_dir)
+    trace_path = run_dir / TRACE_FILE
+    if not trace_path.exists():
+        raise FileNotFoundError(f"{run_dir} has no {TRACE_FILE}: only MetaQuant runs record what they learn")
+    out = Path(out) if out else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    data = torch.load(trace_path, weights_only=True)
+    config = RunConfig.load(run_dir / "config.json")
+    meta = build_meta(config)
+    snapshots = dict(sorted(data["snapshots"].items()))
+    colors = plt.cm.viridis(np.linspace(0, 1, len(snapshots)))
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if isinstance(meta, MultiFC):
+        # the range of W̃: DoReFa's A maps into [0, 1]; the identity pre-processing keeps the weights' range
+        lo, hi = (0.0, 1.0) if config.quantizer == "dorefa" else (-1.0, 1.0)
+        grid = torch.linspace(lo, hi, 200)
+        for (epoch, snap), color in zip(snapshots.items(), colors):
+            meta.load_state_dict(snap["meta"])
+            ax.plot(grid, _multiplier(meta, grid), color=color, label=f"epoch {epoch}")
+        ax.set_xlabel("W̃ = A(W)")
+        ax.set_ylabel("multiplier of g_Ŵ  (g_W̃ = g_Ŵ · FCs(W̃))")
+    elif isinstance(meta, FCGrad):
+        grid = torch.linspace(-1e-2, 1e-2, 200)
+        for (epoch, snap), color in zip(snapshots.items(), colors):
+            meta.load_state_dict(snap["meta"])
+            with torch.no_grad():
+                ax.plot(grid, meta(grid, grid)[0] / grid.abs().max(), color=color, label=f"epoch {epoch}")
+        grid = grid / grid.abs().max()
+        ax.set_xlabel("g_Ŵ (scaled to [-1, 1])")
+        ax.set_ylabel("g_W̃ = FCs(g_Ŵ) (same scale)")
+    else:
+        epochs, values = [], []
+        for epoch, snap in snapshots.items():
+            sample = snap.get("lstm_sample")
+            if sample is None:
+                continue
+            meta.load_state_dict(snap["meta"])
+            state = (sample["h"], sample["c"])
+            epochs.append(epoch)
+            values.append(_multiplier(meta, sample["w_tilde"], state).numpy())
+        if values:
+            values = np.stack(values)
+            for i in range(values.shape[1]):
+                ax.plot(epochs, values[:, i], marker="o", label=f"coordinate {i}" if i < 4 else None)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("multiplier of g_Ŵ for sampled coordinates")
+    if isinstance(meta, FCGrad):
+        ax.plot(grid, grid, color="black", linestyle="--", label="STE (identity)")
+    else:
+        ax.axhline(1.0, color="black", linestyle="--", label="STE (multiplier 1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"What {type(meta).__name__} learned ({config.quantizer} {config.bits}-bit, {config.optimizer})")
+    fig.tight_layout()
+    written.append(out / "learned-function.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    first, last = min(snapshots), max(snapshots)
+    names = list(data["bins"])
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        edges = data["bins"][name].numpy()
+        centers = (edges[:-1] + edges[1:]) / 2
+        for epoch, style in ((first, "-"), (last, "--")):
+            ax.plot(centers, snapshots[epoch]["weights"][name].numpy(), style, label=f"epoch {epoch}")
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("latent weights W per quantized layer: start and end of training")
+    fig.tight_layout()
+    written.append(out / "weights.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    return written

@@ -1,0 +1,42 @@
+"""The pictures of what a meta quantizer learned: snapshots taken at the right epochs, PNGs of the right size."""
+
+import struct
+
+import pytest
+import torch
+
+from metaquant.cli import main
+from metaquant.trace import TRACE_FILE, snapshot_epochs
+
+
+def test_snapshot_epochs():
+    assert snapshot_epochs(3) == {0, 1, 2, 3}
+    assert snapshot_epochs(100) == {0, 1, 2, 5, 10, 20, 50, 100}
+    assert snapshot_epochs(12) == {0, 1, 2, 5, 10, 12}
+
+
+def _png_size(path):
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+@pytest.mark.parametrize("estimator", ["multifc", "fc-grad", "lstmfc"])
+def test_plot_writes_the_learned_function_and_weight_distributions(tmp_path, tiny_mnist, estimator):
+    args = ["quantize", *tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "2", "-meta", estimator, "-hidden", "4",
+            "--no-progress", "--run-dir", str(tmp_path), "--name", "r"]
+    assert main(args) == 0
+    trace = torch.load(tmp_path / "r" / TRACE_FILE, weights_only=True)
+    assert sorted(trace["snapshots"]) == [0, 1, 2]
+    assert main(["plot", str(tmp_path / "r"), "--out", str(tmp_path / "fig")]) == 0
+    assert _png_size(tmp_path / "fig" / "learned-function.png") == (770, 495)
+    assert _png_size(tmp_path / "fig" / "weights.png") == (1280, 720)
+    for name in ("learned-function.png", "weights.png"):
+        assert (tmp_path / "fig" / name).stat().st_size > 20_000
+
+
+def test_plot_refuses_a_run_without_a_trace(tmp_path, tiny_mnist, capsys):
+    assert main(["quantize", *tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "1", "--no-progress",
+                 "--run-dir", str(tmp_path), "--name", "ste"]) == 0
+    assert main(["plot", str(tmp_path / "ste")]) == 1
+    assert "only MetaQuant runs record what they learn" in capsys.readouterr().err
