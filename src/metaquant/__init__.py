@@ -3,7 +3,7 @@
 The public API in one place; see the README for a tour.
 """
 
-from . import data, models, quantizers
+from . import data, models, quantizers, schedules
 from .algorithm import MetaQuant
 from .estimators import EWGS, STE, Identity, fake_quantize
 from .layers import (
@@ -21,7 +21,7 @@ from .trainer import Trainer
 from .training import evaluate, fit
 
 __all__ = [
-    "data", "models", "quantizers",
+    "data", "models", "quantizers", "schedules",
     "QuantConfig", "QuantConv2d", "QuantLinear", "quantize_", "dequantize_", "quantized_layers",
     "forward_params_fn", "get_quantizer", "fake_quantize",
     "STE", "Identity", "EWGS", "Trainer",
