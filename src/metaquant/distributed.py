@@ -57,6 +57,7 @@ def init_from_env(device: str = "auto") -> DistInfo | None:
 
 
 def is_distributed() -> bool:
+    """Whether this process belongs to a process group of more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 

@@ -68,6 +68,7 @@ def first_nonfinite(groups: dict[str, Iterable[Tensor | None]]) -> str | None:
 
 
 def check_policy(policy: str) -> None:
+    """Raise ``ValueError`` unless ``policy`` is one of ``NONFINITE_POLICIES``."""
     if policy not in NONFINITE_POLICIES:
         raise ValueError(f"on_nonfinite {policy!r} is not supported; allowed: {', '.join(NONFINITE_POLICIES)}")
 
