@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .estimators import STE, fake_quantize
 from .distributed import all_reduce_mean_, any_process, is_distributed, unwrap
-from .guards import BufferSnapshot, NonFiniteError, check_policy, first_nonfinite
+from .guards import BufferSnapshot, check_policy, first_nonfinite, reject_step
 from .layers import QuantLayer, forward_params_fn, quantized_layers
 from .meta import MetaQuantizer
 from .refine import THROUGH, refinement_for, with_derivative
@@ -208,11 +208,7 @@ class MetaQuant:
             self.optimizer.zero_grad(set_to_none=True)
             if self.meta_optimizer is not None:
                 self.meta_optimizer.zero_grad(set_to_none=True)
-            if snapshot is None:
-                raise NonFiniteError(f"non-finite {bad}")
-            snapshot.restore()
-            self.skipped_steps += 1
-            logger.warning("skipped a step with non-finite %s (%d skipped so far)", bad, self.skipped_steps)
+            self.skipped_steps = reject_step(bad, snapshot, self.skipped_steps)
             return loss
         self.iteration += 1
         return loss

@@ -12,6 +12,7 @@ with the last good checkpoint intact) or, with ``on_nonfinite="skip"``, undo wha
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 from collections.abc import Iterable, Iterator
 
@@ -19,11 +20,13 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
-    "NonFiniteError", "NONFINITE_POLICIES", "all_finite", "first_nonfinite", "check_policy", "BufferSnapshot",
+    "NonFiniteError", "NONFINITE_POLICIES", "all_finite", "first_nonfinite", "reject_step", "check_policy", "BufferSnapshot",
     "StopFlag", "TrainingInterrupted",
 ]
 
 NONFINITE_POLICIES = ("raise", "skip")
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(FloatingPointError):
@@ -57,6 +60,19 @@ class BufferSnapshot:
         with torch.no_grad():
             for buffer, value in self._saved:
                 buffer.copy_(value)
+
+
+def reject_step(what: str, snapshot: BufferSnapshot | None, skipped: int) -> int:
+    """The end of a step that produced a non-finite ``what`` (its gradients already zeroed).
+
+    Raises ``NonFiniteError`` when there is no snapshot (policy ``"raise"``); otherwise restores the buffers the
+    forward pass changed, logs a warning and returns the new number of skipped steps.
+    """
+    if snapshot is None:
+        raise NonFiniteError(f"non-finite {what}")
+    snapshot.restore()
+    logger.warning("skipped a step with non-finite %s (%d skipped so far)", what, skipped + 1)
+    return skipped + 1
 
 
 def first_nonfinite(groups: dict[str, Iterable[Tensor | None]]) -> str | None:

@@ -14,7 +14,6 @@ optimizer update every parameter, exactly as a ``torch.optim`` training loop wou
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -23,12 +22,10 @@ from torch import Tensor, nn
 
 from .estimators import STE, ClassicalEstimator, fake_quantize
 from .distributed import any_process
-from .guards import BufferSnapshot, NonFiniteError, check_policy, first_nonfinite
+from .guards import BufferSnapshot, check_policy, first_nonfinite, reject_step
 from .layers import QuantLayer, forward_params_fn
 
 __all__ = ["Trainer"]
-
-logger = logging.getLogger(__name__)
 
 Closure = Callable[[], Tensor]
 
@@ -84,17 +81,10 @@ class Trainer:
             loss.backward()
             bad = first_nonfinite({"gradients": (p.grad for p in self.model.parameters())})
         if bad is not None:
-            return self._reject(bad, loss, snapshot)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps = reject_step(bad, snapshot, self.skipped_steps)
+            return loss.detach()
         self.optimizer.step()
-        return loss.detach()
-
-    def _reject(self, what: str, loss: Tensor, snapshot: BufferSnapshot | None) -> Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        if snapshot is None:
-            raise NonFiniteError(f"non-finite {what}")
-        snapshot.restore()
-        self.skipped_steps += 1
-        logger.warning("skipped a step with non-finite %s (%d skipped so far)", what, self.skipped_steps)
         return loss.detach()
 
     def set_epoch(self, epoch: int) -> None:
