@@ -31,7 +31,8 @@ def public_members(module):
 def render() -> str:
     lines = ["# API reference", "",
              "Generated from the docstrings by `python scripts/api_reference.py`; the import name is `metaquant`",
-             "(`import metaquant as mq`: the most used names are also at the top level, see `mq.__all__`).", ""]
+             "(`import metaquant as mq`: the most used names are also at the top level, see `mq.__all__`).",
+             "The examples assume `import torch` and `import metaquant as mq`; they run as tests.", ""]
     for module_name in MODULES:
         module = importlib.import_module(module_name)
         lines += [f"## `{module_name}`", "", inspect.cleandoc(module.__doc__ or ""), ""]

@@ -69,6 +69,12 @@ class _Pending:
 class MetaQuant:
     """Train a quantized model with a meta quantizer ``M_φ`` for the gradient through the quantizer.
 
+    Each ``step(closure)`` is one iteration of Algorithm 1 (Eq. 4-8, see the module's description): the
+    meta quantizer turns the previous iteration's ``g_Ŵ`` into ``g_W``, the loss is evaluated at the
+    look-ahead weights, ``φ`` learns from it, and the look-ahead weights are committed through ``optimizer``.
+    ``MetaQuant`` offers the interface of ``Trainer`` (``step``, ``set_epoch``, ``state_dict``,
+    ``load_state_dict``), so ``fit`` runs either.
+
     Args:
         model: a model converted by ``quantize_``; its quantized weights must all be in ``optimizer``.
         optimizer: the base optimizer, ``torch.optim.SGD``, ``Adam`` or ``AdamW``; it performs every committed
@@ -88,8 +94,12 @@ class MetaQuant:
             pass's BatchNorm statistics are restored, the records of the previous step kept).
 
     Raises:
-        ValueError: unsupported optimizer (the message lists the supported ones), unknown ``step_order`` or
-            ``through``, no quantized layer, or a quantized weight the optimizer does not train.
+        TypeError: ``meta`` is not a ``MetaQuantizer``.
+        ValueError: unsupported optimizer or ``maximize=True`` (the message lists the supported optimizers),
+            unknown ``step_order``, ``through`` or ``on_nonfinite``, ``meta_lr`` not > 0, negative
+            ``meta_weight_decay``, ``freeze_meta_epoch`` not an integer >= 0, no quantized layer, a quantized
+            weight the optimizer does not train or that is shared with another module, or a trainable bias of a
+            quantized layer that the optimizer does not train.
 
     Example:
         >>> import torch, torch.nn.functional as F, metaquant as mq
@@ -98,6 +108,8 @@ class MetaQuant:
         >>> trainer = mq.MetaQuant(model, opt, meta=mq.MultiFC(hidden=8), meta_lr=1e-3)
         >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
         >>> losses = [trainer.step(lambda: F.cross_entropy(model(x), y)) for _ in range(3)]
+        >>> trainer.iteration, list(trainer.layers), type(trainer.meta_optimizer).__name__
+        (3, ['1'], 'Adam')
     """
 
     def __init__(
@@ -187,7 +199,11 @@ class MetaQuant:
 
     # --- public -------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Tell the trainer the current epoch (freezes ``φ`` from ``freeze_meta_epoch`` on)."""
+        """Tell the trainer the current epoch (freezes ``φ`` from ``freeze_meta_epoch`` on).
+
+        Args:
+            epoch: the epoch about to start (0-based), as ``fit`` passes it. Once frozen, ``φ`` stays frozen.
+        """
         if self.freeze_meta_epoch is not None and epoch >= self.freeze_meta_epoch and not self.meta_frozen:
             logger.info("meta quantizer frozen from epoch %d", epoch)
             self.meta_frozen = True
@@ -195,8 +211,35 @@ class MetaQuant:
     def step(self, closure: Closure) -> Tensor:
         """One iteration of Algorithm 1. ``closure()`` runs the forward pass and returns the loss.
 
+        At ``t >= 1``: ``g_W`` from the meta quantizer (Eq. 4-5), the look-ahead ``W^t`` (Eq. 6), the forward
+        pass and loss at ``Q(A(W^t))`` (Eq. 7), ``∂ℓ/∂φ`` through the look-ahead (Eq. 8), a step of the meta
+        optimizer, and the commit ``W ← W^t``. At ``t = 0`` the quantized weights stay and only ``g_Ŵ^0``,
+        ``W̃^0`` are recorded. The meta optimizer's rate is first set to ``meta_lr · lr_t / lr_0``.
+
+        Args:
+            closure: runs the model's forward pass on a batch and returns the scalar loss; it is called once,
+                and must use every quantized layer. It must not call ``backward``.
+
         Returns:
-            The loss (detached).
+            The loss (detached). With ``on_nonfinite="skip"`` a step that produced a non-finite value returns
+            its loss, updates nothing, leaves ``iteration`` as it was and counts itself in ``skipped_steps``.
+
+        Raises:
+            NonFiniteError: (``on_nonfinite="raise"``) the loss, a gradient, the meta quantizer's output or a
+                gradient of ``φ`` is not finite; nothing was updated.
+            RuntimeError: the loss does not depend on some quantized layer.
+
+        Example:
+            >>> import torch.nn.functional as F
+            >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)))
+            >>> trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), meta=mq.MultiFC(hidden=8))
+            >>> x, y, w0 = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]), model[1].weight.detach().clone()
+            >>> _ = trainer.step(lambda: F.cross_entropy(model(x), y))  # t = 0: records g_Ŵ^0, W̃^0; W stays
+            >>> torch.equal(model[1].weight, w0)
+            True
+            >>> _ = trainer.step(lambda: F.cross_entropy(model(x), y))  # t = 1: Eq. 4-8, W ← W^1
+            >>> torch.equal(model[1].weight, w0), trainer.iteration
+            (False, 2)
         """
         if self.meta_optimizer is not None:
             base = self._group(next(iter(self.layers.values())).weight)
@@ -363,7 +406,13 @@ class MetaQuant:
 
     # --- persistence ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: φ, its optimizer, the records and LSTM states, ``t``."""
+        """Everything needed to continue exactly: φ, its optimizer, the records and LSTM states, ``t``.
+
+        Returns:
+            A dict (``iteration``, ``meta``, ``meta_optimizer``, ``meta_frozen``, ``step_order``, ``through``,
+            ``skipped_steps``, ``records``) of tensors and plain values; the base optimizer's and the model's
+            states are saved separately.
+        """
         return {
             "iteration": self.iteration,
             "meta": self.meta.state_dict(),
@@ -378,8 +427,12 @@ class MetaQuant:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` saved (on the model's device).
 
+        Args:
+            state: a dict returned by ``state_dict`` (possibly loaded from a checkpoint).
+
         Raises:
-            ValueError: the state belongs to a model with other quantized layers.
+            ValueError: the state belongs to a model with other quantized layers, was saved with another
+                ``step_order`` or ``through``, or disagrees on whether the meta quantizer has an optimizer.
         """
         if set(state["records"]) != set(self._records):
             raise ValueError(

@@ -55,7 +55,34 @@ class RunConfig:
     """One run of ``metaquant pretrain`` or ``metaquant quantize``.
 
     Names are validated against the registries (``metaquant.models``, ``metaquant.data``,
-    ``metaquant.quantizers``); numbers against their ranges.
+    ``metaquant.quantizers``); numbers against their ranges. ``model`` is lower-cased and the original code's
+    estimator spellings (``mlpfc``, ``fcgrad``, ``fc_grad``, ``lstm-fc``) become the names used here, so that
+    equal runs have equal configurations. The fields are grouped in the source: data and model, optimization
+    (``lr`` is ``α``), reliability, quantization (``quantizer``, ``bits``, ``estimator``: DESIGN §3-§4) and the
+    meta quantizer (``meta_lr`` is ``γ``; ``step_order`` ``"paper"`` is Algorithm 1 of DESIGN §5,
+    ``"original"`` the original code's order of DESIGN §5.1).
+
+    Raises:
+        ValueError: a string or boolean field given a value of another type, or a value outside its registry
+            or range; the message names the field, the value and what is allowed. Also: ``nesterov`` without
+            ``sgd``, momentum > 0 and dampening 0; ``meta_init`` or ``freeze_meta_epoch`` with a classical
+            estimator.
+        TypeError: ``bits`` is not an ``int`` (from ``get_quantizer``).
+
+    Example:
+        >>> from metaquant.config import RunConfig
+        >>> config = RunConfig(model="ResNet20", dataset="cifar10", estimator="mlpfc", optimizer="adam")
+        >>> config.model, config.estimator, config.uses_meta
+        ('resnet20', 'multifc', True)
+        >>> try:
+        ...     RunConfig(optimizer="rmsprop")
+        ... except ValueError as err:
+        ...     print(err)
+        optimizer 'rmsprop' is not supported; allowed: sgd, adam, adamw
+        >>> import pathlib
+        >>> config.save(pathlib.Path("config.json"))  # what a run directory stores
+        >>> RunConfig.load("config.json") == config, RunConfig.from_dict(config.to_dict()) == config
+        (True, True)
     """
 
     task: str = "quantize"
@@ -172,10 +199,16 @@ class RunConfig:
 
     # --- persistence --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name, as plain JSON values."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """A validated configuration from ``to_dict``'s form; missing fields take their defaults.
+
+        Raises:
+            ValueError: an unknown key (the message lists the allowed ones), or a value ``RunConfig`` refuses.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -183,8 +216,15 @@ class RunConfig:
         return cls(**data)
 
     def save(self, path: Path) -> None:
+        """Write the configuration as indented JSON to ``path`` (a ``pathlib.Path``)."""
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
+        """Read a configuration written by ``save`` (or a run directory's ``config.json``).
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not JSON (``json.JSONDecodeError``), an unknown key or a refused value.
+        """
         return cls.from_dict(json.loads(Path(path).read_text()))

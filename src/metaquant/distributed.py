@@ -31,7 +31,27 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process's place: global rank, number of processes, rank on this node."""
+    """This process's place: global rank, number of processes, rank on this node.
+
+    Returned by ``init_from_env`` under ``torchrun``; ``local_rank`` picks the process's GPU.
+
+    Attributes:
+        rank: global rank, 0 … ``world_size`` − 1 (rank 0 writes the files).
+        world_size: number of processes.
+        local_rank: rank on this machine (``LOCAL_RANK``).
+
+    Example:
+        >>> import dataclasses
+        >>> from metaquant.distributed import DistInfo
+        >>> info = DistInfo(rank=3, world_size=4, local_rank=1)  # the second process of the second machine
+        >>> info.rank == info.world_size - 1
+        True
+        >>> try:
+        ...     info.rank = 0
+        ... except dataclasses.FrozenInstanceError:
+        ...     print("read-only")
+        read-only
+    """
 
     rank: int
     world_size: int
@@ -42,7 +62,25 @@ def init_from_env(device: str = "auto") -> DistInfo | None:
     """Join the process group described by ``torchrun``'s environment (``WORLD_SIZE`` > 1); None otherwise.
 
     The backend is NCCL when the processes train on CUDA and gloo on the CPU; the rendezvous is torchrun's
-    (``--nnodes``, ``--node_rank``, ``--rdzv_endpoint`` for several machines).
+    (``--nnodes``, ``--node_rank``, ``--rdzv_endpoint`` for several machines). On CUDA, the process's device
+    becomes ``cuda:LOCAL_RANK``. A process group that already exists is joined as it is.
+
+    Args:
+        device: the run's ``RunConfig.device``; ``"cpu"`` selects gloo even where CUDA is available.
+
+    Returns:
+        This process's ``DistInfo``, or None when ``WORLD_SIZE`` is unset or 1 (a plain single process).
+
+    Raises:
+        ValueError: ``WORLD_SIZE`` or ``LOCAL_RANK`` is not an integer, or a variable of the ``env://``
+            rendezvous (``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) is missing.
+        RuntimeError: ``torch.distributed`` cannot form the group (e.g. the other processes do not join
+            before the timeout).
+
+    Example:
+        >>> from metaquant.distributed import init_from_env
+        >>> init_from_env("cpu") is None  # this process was not started by torchrun
+        True
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -57,17 +95,50 @@ def init_from_env(device: str = "auto") -> DistInfo | None:
 
 
 def is_distributed() -> bool:
-    """Whether this process belongs to a process group of more than one process."""
+    """Whether this process belongs to a process group of more than one process.
+
+    Returns:
+        False without ``torch.distributed``, without a process group, or in a group of one process.
+
+    Example:
+        >>> from metaquant.distributed import is_distributed
+        >>> is_distributed()  # a single process
+        False
+    """
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def is_main() -> bool:
-    """Rank 0, or the only process."""
+    """Rank 0, or the only process: whether this process writes files and logs.
+
+    Returns:
+        True in a single process and on rank 0 of a process group.
+
+    Example:
+        >>> from metaquant.distributed import is_main
+        >>> is_main()  # a single process is its own rank 0
+        True
+    """
     return not is_distributed() or dist.get_rank() == 0
 
 
 def all_reduce_mean_(tensors: Iterable[Tensor | None]) -> None:
-    """Average each tensor across processes, in place (one flattened all-reduce); a no-op in one process."""
+    """Average each tensor across processes, in place (one flattened all-reduce); a no-op in one process.
+
+    MetaQuant averages the recorded ``g_Ŵ`` and the meta quantizer's gradients this way, so that every process
+    computes the same ``g_W`` (see the module docstring).
+
+    Args:
+        tensors: tensors of one dtype and device (``None`` entries are skipped); each is overwritten with its
+            mean over the processes.
+
+    Example:
+        >>> from metaquant.distributed import all_reduce_mean_
+        >>> grads = [torch.tensor([1.0, 2.0]), None, torch.tensor([[3.0]])]
+        >>> all_reduce_mean_(grads)  # one process: the mean of one value is that value
+        >>> grads[0].tolist(), grads[2].tolist()
+        ([1.0, 2.0], [[3.0]])
+    """
     if not is_distributed():
         return
     tensors = [t for t in tensors if t is not None]
@@ -90,7 +161,22 @@ def _collective_device() -> torch.device:
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum a few numbers across processes (returns them unchanged in one process)."""
+    """Sum a few numbers across processes (returns them unchanged in one process).
+
+    The evaluation and the epoch's training statistics (loss sum, correct predictions, examples) are summed
+    this way, so that each process sees the totals over the whole data.
+
+    Args:
+        values: the numbers of this process.
+
+    Returns:
+        The element-wise sums over all processes, as floats (``values`` itself in one process).
+
+    Example:
+        >>> from metaquant.distributed import all_reduce_sum
+        >>> all_reduce_sum([12.5, 3.0, 40.0])  # loss sum, correct, seen: one process holds them all
+        [12.5, 3.0, 40.0]
+    """
     if not is_distributed():
         return values
     t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
@@ -99,7 +185,21 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 
 def any_process(flag: bool) -> bool:
-    """Whether ``flag`` is true on any process (``flag`` itself in one process)."""
+    """Whether ``flag`` is true on any process (``flag`` itself in one process).
+
+    The training loop stops on all processes together when any of them received a stop signal.
+
+    Args:
+        flag: this process's value.
+
+    Returns:
+        True if ``flag`` is true on at least one process.
+
+    Example:
+        >>> from metaquant.distributed import any_process
+        >>> any_process(True), any_process(False)
+        (True, False)
+    """
     if not is_distributed():
         return flag
     return all_reduce_sum([float(flag)])[0] > 0
@@ -110,6 +210,29 @@ def wrap(model: nn.Module, info: DistInfo, *, sync_bn: bool = False, find_unused
 
     ``find_unused``: MetaQuant's quantized weights receive no autograd gradient after iteration 0 (their
     gradient is the meta quantizer's ``g_W``), which DDP must be told.
+
+    Args:
+        model: the model, on this process's device.
+        info: this process's place, from ``init_from_env``; on CUDA the model is bound to ``info.local_rank``.
+        sync_bn: convert every BatchNorm to ``SyncBatchNorm`` first.
+        find_unused: tell DDP that some parameters may receive no gradient (MetaQuant runs).
+
+    Returns:
+        The ``DistributedDataParallel`` module (``unwrap`` gives the model back).
+
+    Raises:
+        ValueError: there is no process group (``init_from_env`` returned None: use the model as it is).
+
+    Example:
+        >>> from metaquant.distributed import DistInfo, init_from_env, wrap
+        >>> model, info = torch.nn.Linear(4, 2), init_from_env("cpu")
+        >>> (wrap(model, info, sync_bn=True) if info is not None else model) is model  # one process: no wrapper
+        True
+        >>> try:
+        ...     wrap(model, DistInfo(rank=0, world_size=1, local_rank=0))
+        ... except ValueError as err:  # DDP needs the process group that torchrun's processes form
+        ...     print(err)
+        Default process group has not been initialized...
     """
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -118,5 +241,21 @@ def wrap(model: nn.Module, info: DistInfo, *, sync_bn: bool = False, find_unused
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or the module itself)."""
+    """The module inside a DDP wrapper (or the module itself).
+
+    Checkpoints, traces and exports use the unwrapped model, so that their keys do not depend on the number
+    of processes.
+
+    Args:
+        model: a model, wrapped by ``wrap`` or not.
+
+    Returns:
+        ``model.module`` for a ``DistributedDataParallel`` wrapper, else ``model``.
+
+    Example:
+        >>> from metaquant.distributed import unwrap
+        >>> model = torch.nn.Linear(4, 2)
+        >>> unwrap(model) is model
+        True
+    """
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

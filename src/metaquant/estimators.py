@@ -7,7 +7,7 @@ A classical estimator is a fixed rule for the gradient w.r.t. the relaxed weight
 * ``STE``      ``g_r = g_Ŵ ⊙ 1{|r| ≤ 1}``  clipped straight-through estimator, the paper's baseline (DESIGN §4);
 * ``Identity`` ``g_r = g_Ŵ``                the unclipped straight-through estimator;
 * ``EWGS``     ``g_r = g_Ŵ ⊙ (1 + δ·sign(g_Ŵ) ⊙ (r − Ŵ))``  element-wise gradient scaling (Lee et al., CVPR
-  2021, Eq. 5): a latent weight is pushed harder toward the code it is moving away from.
+  2021, Eq. 5): a descent step that moves ``r`` toward its code ``Ŵ`` is amplified, one away from it damped.
 
 The weight gradient is then ``g_W = g_r ⊙ ste_scale(W̃) ⊙ c(W)``: for DoReFa with ``STE`` exactly the classical
 DoReFa STE gradient; for BWN the XNOR-Net rule ``a·g_Ŵ·1{|W| ≤ 1}``. Learned estimators (the meta quantizers)
@@ -29,17 +29,60 @@ __all__ = ["ClassicalEstimator", "STE", "Identity", "EWGS", "fake_quantize", "CL
 
 @dataclass(frozen=True)
 class ClassicalEstimator:
-    """A fixed rule ``(g_Ŵ, r, Ŵ) -> g_r`` for the gradient through the quantizer's step."""
+    """A fixed rule ``(g_Ŵ, r, Ŵ) -> g_r`` for the gradient through the quantizer's step.
+
+    Subclasses are frozen dataclasses with a ``name`` (the key in ``CLASSICAL_ESTIMATORS``) that implement
+    ``__call__``. ``fake_quantize`` applies one in its backward pass and multiplies its result by
+    ``ste_scale(W̃) ⊙ c(W)`` to get ``g_W``; ``metaquant.Trainer`` takes one as its ``estimator``.
+
+    Example:
+        A custom rule, half the unclipped STE, with BWN (``c(W) = 1``, ``ste_scale = a = mean|W|``):
+
+        >>> class HalfSTE(mq.estimators.ClassicalEstimator):
+        ...     def __call__(self, grad_w_hat, w_relaxed, w_hat):
+        ...         return grad_w_hat / 2
+        >>> w = torch.randn(6, requires_grad=True)
+        >>> mq.fake_quantize(w, mq.quantizers.BWN(), HalfSTE()).sum().backward()
+        >>> torch.allclose(w.grad, w.detach().abs().mean() / 2 * torch.ones(6))
+        True
+    """
 
     name: ClassVar[str] = ""
 
     def __call__(self, grad_w_hat: Tensor, w_relaxed: Tensor, w_hat: Tensor) -> Tensor:  # pragma: no cover
+        """The gradient ``g_r`` w.r.t. the relaxed weight.
+
+        Args:
+            grad_w_hat: ``g_Ŵ = ∂ℓ/∂Ŵ``.
+            w_relaxed: ``r = quantizer.relaxed(W)``, same shape.
+            w_hat: ``Ŵ``, same shape.
+
+        Returns:
+            ``g_r``, same shape as ``grad_w_hat``.
+
+        Raises:
+            NotImplementedError: on the base class.
+        """
         raise NotImplementedError
 
 
 @dataclass(frozen=True)
 class STE(ClassicalEstimator):
-    """Clipped straight-through estimator: pass the gradient where ``|r| ≤ 1``, zero elsewhere."""
+    """Clipped straight-through estimator: pass the gradient where ``|r| ≤ 1``, zero elsewhere (DESIGN §4).
+
+    The paper's baseline and the quantized layers' default. DoReFa's ``r`` lies in ``[−1, 1]``, so the gate is
+    always open and ``g_W = g_Ŵ ⊙ c(W)``; with BWN it gives XNOR-Net's rule ``g_W = a·g_Ŵ·1{|W| ≤ 1}``.
+
+    Example:
+        The gate alone, then XNOR-Net's rule for BWN, where ``a = mean|W| = 1.25``:
+
+        >>> mq.STE()(torch.ones(3), torch.tensor([-1.5, 0.5, 1.0]), torch.zeros(3)).tolist()
+        [0.0, 1.0, 1.0]
+        >>> w = torch.tensor([-3.0, -0.5, 0.25, 1.25], requires_grad=True)
+        >>> mq.fake_quantize(w, mq.quantizers.BWN(), mq.STE()).sum().backward()
+        >>> w.grad.tolist()
+        [0.0, 1.25, 1.25, 0.0]
+    """
 
     name: ClassVar[str] = "ste"
 
@@ -49,7 +92,18 @@ class STE(ClassicalEstimator):
 
 @dataclass(frozen=True)
 class Identity(ClassicalEstimator):
-    """Unclipped straight-through estimator: ``g_r = g_Ŵ``."""
+    """Unclipped straight-through estimator: ``g_r = g_Ŵ``.
+
+    The same as ``STE`` wherever ``|r| ≤ 1`` (so everywhere for DoReFa), and as ``EWGS(delta=0)``.
+
+    Example:
+        BWN without the gate: every element gets ``a = mean|W| = 1.25``:
+
+        >>> w = torch.tensor([-3.0, -0.5, 0.25, 1.25], requires_grad=True)
+        >>> mq.fake_quantize(w, mq.quantizers.BWN(), mq.Identity()).sum().backward()
+        >>> w.grad.tolist()
+        [1.25, 1.25, 1.25, 1.25]
+    """
 
     name: ClassVar[str] = "identity"
 
@@ -61,8 +115,24 @@ class Identity(ClassicalEstimator):
 class EWGS(ClassicalEstimator):
     """Element-wise gradient scaling (Lee et al. 2021, Eq. 5) with scaling factor ``delta >= 0``.
 
-    ``delta = 0`` is the unclipped STE. The paper tunes δ per layer from a Hessian estimate; a fixed δ (its
-    reported range is about 1e-3 .. 1e-2) is the simple, common form.
+    ``g_r = g_Ŵ ⊙ (1 + δ·sign(g_Ŵ) ⊙ (r − Ŵ))``. ``delta = 0`` is the unclipped STE. The paper tunes δ per layer
+    from a Hessian estimate; a fixed δ (its reported range is about 1e-3 .. 1e-2) is the simple, common form.
+
+    Args:
+        delta: the scaling factor δ, a number ``>= 0`` (default 1e-3).
+
+    Raises:
+        ValueError: ``delta`` is not a number or is negative (or NaN).
+
+    Example:
+        ``r = 0.5`` below its code ``Ŵ = 1``: the step toward the code (``g_Ŵ < 0``) is amplified by
+        ``1 + 0.5·0.5``, the step away from it damped by ``1 − 0.5·0.5``:
+
+        >>> g, r, w_hat = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.5]), torch.tensor([1.0, 1.0])
+        >>> mq.EWGS(delta=0.5)(g, r, w_hat).tolist()
+        [0.75, -2.5]
+        >>> torch.equal(mq.EWGS(delta=0)(g, r, w_hat), mq.Identity()(g, r, w_hat))
+        True
     """
 
     delta: float = 1e-3
@@ -101,6 +171,10 @@ class _FakeQuantize(torch.autograd.Function):
 def fake_quantize(w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEstimator = STE()) -> Tensor:
     """Quantized weight ``Ŵ = Q(A(W))`` whose gradient w.r.t. ``w`` follows ``estimator``.
 
+    Backward: ``g_W = estimator(g_Ŵ, relaxed(W), Ŵ) ⊙ ste_scale(W̃) ⊙ c(W)``, a classical estimator in place of
+    the meta quantizer's ``g_W = M_φ(g_Ŵ, W̃) ⊙ c(W)`` (Eq. 4-5). It is what the quantized layers compute with by
+    default (clipped STE).
+
     Args:
         w: latent weight, any shape.
         quantizer: the forward quantizer.
@@ -108,5 +182,15 @@ def fake_quantize(w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEs
 
     Returns:
         ``Ŵ``, same shape and dtype as ``w``; exactly ``quantizer(w)`` in value.
+
+    Example:
+        With DoReFa the STE gradient is the derivative of ``relaxed`` (``c(W)``) applied to ``g_Ŵ``:
+
+        >>> q, w, g = mq.quantizers.DoReFa(), torch.randn(3, 4, requires_grad=True), torch.randn(3, 4)
+        >>> w_hat = mq.fake_quantize(w, q)
+        >>> (ste_grad,) = torch.autograd.grad(w_hat, w, g)
+        >>> (relaxed_grad,) = torch.autograd.grad(q.relaxed(w), w, g)
+        >>> torch.equal(w_hat, q(w)), torch.allclose(ste_grad, relaxed_grad)
+        (True, True)
     """
     return _FakeQuantize.apply(w, quantizer, estimator)

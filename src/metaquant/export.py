@@ -49,12 +49,28 @@ VERSION = 1
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Pack non-negative integer codes ``< 2**bits`` into a flat ``uint8`` tensor, ``bits`` bits per code.
 
+    Code ``i`` (in row-major order) occupies bits ``i·k … i·k + k − 1`` of the stream, least significant bit
+    first; the last byte is zero-padded. This is the layout of a packed file's ``"codes"`` tensors.
+
     Args:
         codes: integer tensor of any shape, values in ``[0, 2**bits)``.
         bits: 1..8.
 
     Returns:
         ``uint8 [ceil(codes.numel() · bits / 8)]``.
+
+    Raises:
+        ValueError: ``bits`` outside 1..8, or a code outside ``[0, 2**bits)``.
+
+    Example:
+        >>> from metaquant.export import pack_bits, unpack_bits
+        >>> codes = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 1])
+        >>> pack_bits(codes, 1).tolist()  # 1 + 4 + 8 + 128 = 141, then the ninth code alone
+        [141, 1]
+        >>> pack_bits(torch.tensor([[3, 0], [1, 2]]), 2).tolist()  # 3 + 0·4 + 1·16 + 2·64 = 147
+        [147]
+        >>> torch.equal(unpack_bits(pack_bits(codes, 1), 1, codes.numel()), codes)
+        True
     """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
@@ -69,7 +85,26 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of ``pack_bits``: the first ``numel`` codes, as ``int64 [numel]``."""
+    """Inverse of ``pack_bits``: the first ``numel`` codes, as ``int64 [numel]``.
+
+    Args:
+        packed: the ``uint8`` bytes made by ``pack_bits``.
+        bits: the bits per code used to pack them, 1..8.
+        numel: how many codes to read (the padding bits of the last byte are ignored).
+
+    Returns:
+        ``int64 [numel]``; reshape to the codes' original shape.
+
+    Raises:
+        ValueError: ``bits`` outside 1..8, or ``packed`` too short for ``numel`` codes.
+
+    Example:
+        >>> from metaquant.export import pack_bits, unpack_bits
+        >>> codes = torch.randint(0, 8, (5, 7))  # 35 codes of 3 bits: ceil(105 / 8) = 14 bytes
+        >>> packed = pack_bits(codes, 3)
+        >>> packed.numel(), torch.equal(unpack_bits(packed, 3, codes.numel()).reshape(5, 7), codes)
+        (14, True)
+    """
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if packed.numel() * 8 < numel * bits:
@@ -111,8 +146,23 @@ def export_packed(
             name, "num_classes", "in_channels", "image_size"}``.
         metadata: anything else to keep with it (JSON values).
 
+    Returns:
+        The file's size in bytes.
+
     Raises:
         ValueError: no quantized layer, or several quantizer configurations.
+        OSError: the file cannot be written.
+
+    Example:
+        >>> from metaquant.export import export_packed, load_packed
+        >>> def net():
+        ...     return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+        >>> model = mq.quantize_(net(), mq.QuantConfig("dorefa", 1)).eval()
+        >>> size = export_packed(model, "tiny.mqpack", metadata={"test_acc": 91.5})
+        >>> loaded = load_packed("tiny.mqpack", net())  # the architecture to fill: plain Linear layers
+        >>> x = torch.randn(3, 64)
+        >>> torch.equal(loaded(x), model(x)), size < 64 * 32 * 4  # 1 bit, not 32, per quantized weight
+        (True, True)
     """
     layers = quantized_layers(model)
     if not layers:
@@ -201,11 +251,19 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         The model in eval mode; its logits equal the quantized model's exactly.
 
     Raises:
-        ValueError: a damaged file, or one that does not fit ``model``.
+        FileNotFoundError: no such file.
+        ValueError: a damaged file or another format version, one that does not fit ``model``, or (without
+            ``model``) one that does not name its architecture.
 
     Example:
-        >>> net = load_packed("runs/q/model.mqpack")  # doctest: +SKIP
-        >>> logits = net(images)                       # doctest: +SKIP
+        >>> from metaquant.export import export_packed, load_packed
+        >>> arch = {"model": "resnet8", "num_classes": 10, "in_channels": 1, "image_size": 28}
+        >>> model = mq.quantize_(mq.models.get_model("resnet8", num_classes=10, in_channels=1)).eval()
+        >>> _ = export_packed(model, "resnet8.mqpack", architecture=arch)
+        >>> net = load_packed("resnet8.mqpack")  # rebuilt from the registry; ordinary Conv2d and Linear layers
+        >>> x = torch.randn(2, 1, 28, 28)
+        >>> type(net.fc).__name__, torch.equal(net(x), model(x))
+        ('Linear', True)
     """
     header, tensors = read_packed(path)
     try:
@@ -248,6 +306,25 @@ def materialize(model: nn.Module) -> nn.Module:
 
     The copy computes exactly what the quantized model computes (in eval mode), with ordinary
     ``nn.Conv2d``/``nn.Linear`` layers: the inference model that ``export_onnx`` writes.
+
+    Args:
+        model: a model converted by ``quantize_`` (it is not changed).
+
+    Returns:
+        The copy, in eval mode.
+
+    Raises:
+        TypeError: ``model`` is wrapped in DDP/DataParallel (as ``dequantize_``).
+
+    Example:
+        >>> from metaquant.export import materialize
+        >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 3)), mq.QuantConfig("dorefa", 1)).eval()
+        >>> plain = materialize(model)
+        >>> type(plain[0]).__name__, type(model[0]).__name__, sorted(plain[0].weight.unique().tolist())
+        ('Linear', 'QuantLinear', [-1.0, 1.0])
+        >>> x = torch.randn(2, 4)
+        >>> torch.equal(plain(x), model(x))
+        True
     """
     import copy
 
@@ -264,6 +341,30 @@ def export_onnx(model: nn.Module, path: str | Path, example: Tensor, *, metadata
     The weights are the quantized values; the exporter folds BatchNorm into the preceding convolutions. The
     batch dimension is dynamic. ``metadata`` is stored as the model's ``metadata_props`` (JSON values).
     Needs the ``onnx`` extra (``pip install 'metaquant-torch[onnx]'``: onnx, onnxscript, onnxruntime).
+
+    Args:
+        model: a model converted by ``quantize_`` (it is not changed).
+        path: the ``.onnx`` file to write (atomically).
+        example: an input batch, e.g. ``torch.zeros(1, C, H, W)``, for tracing; its batch size does not matter.
+        metadata: values to keep in the file, each stored as a JSON string under its key.
+
+    Returns:
+        The file's size in bytes.
+
+    Raises:
+        ImportError: the ``onnx`` extra is not installed.
+
+    Example:
+        Exporting takes seconds (``torch.export``); ``export_onnx(model, "model.onnx", torch.zeros(1, 1, 28,
+        28), metadata={"test_acc": 91.5})`` writes the network ``materialize(model)`` returns, whose logits are
+        the quantized model's:
+
+        >>> from metaquant.export import materialize
+        >>> conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
+        >>> model = mq.quantize_(torch.nn.Sequential(*conv, torch.nn.Linear(4 * 6 * 6, 10))).eval()
+        >>> inference, x = materialize(model), torch.randn(2, 1, 8, 8)
+        >>> torch.equal(inference(x), model(x)), mq.quantized_layers(inference)  # no quantized layer left
+        (True, {})
     """
     try:
         import onnx

@@ -53,8 +53,20 @@ class QuantConfig:
             ``ternary``, ``uniform``).
         bits: the bit width; each quantizer states the widths it supports.
 
+    Attributes:
+        forward_quantizer: the ``ForwardQuantizer`` built from ``quantizer`` and ``bits`` (not an argument).
+
     Raises:
         ValueError: unknown quantizer or unsupported bit width; the message names the allowed values.
+        TypeError: ``quantizer`` is not a string, or ``bits`` is not an ``int``.
+
+    Example:
+        >>> mq.QuantConfig("bwn-f").forward_quantizer
+        BWNPerChannel(bits=1)
+        >>> mq.QuantConfig("ternary")
+        Traceback (most recent call last):
+        ...
+        ValueError: quantizer 'ternary' does not support bits=1; allowed: 2
     """
 
     quantizer: str = "dorefa"
@@ -68,7 +80,25 @@ class QuantConfig:
 
 
 class QuantLayer(nn.Module):
-    """Mixin for layers whose forward uses the quantized weight. Holds the quantizer, no tensors of its own."""
+    """Mixin for layers whose forward uses the quantized weight. Holds the quantizer, no tensors of its own.
+
+    Listed first among the bases of ``QuantConv2d``/``QuantLinear``; ``isinstance(m, QuantLayer)`` is how the
+    library finds quantized layers. The attribute ``param_fn`` is ``None`` except inside ``forward_params_fn``.
+
+    Args:
+        *args: the wrapped layer's arguments (e.g. ``in_features, out_features``).
+        quantizer: the forward quantizer (default: 1-bit DoReFa); it may be shared between layers.
+        **kwargs: the wrapped layer's keyword arguments (``bias``, ``stride``, ``device``...).
+
+    Example:
+        >>> net = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+        >>> layer = net[0]
+        >>> isinstance(layer, mq.layers.QuantLayer), layer.quantizer
+        (True, DoReFa(bits=1))
+        >>> w_hat, bias = layer.forward_params()
+        >>> torch.equal(w_hat, layer.quantizer(layer.weight)), bias is layer.bias
+        (True, True)
+    """
 
     weight: nn.Parameter
 
@@ -79,7 +109,12 @@ class QuantLayer(nn.Module):
         self.param_fn: ParamFn | None = None
 
     def forward_params(self) -> tuple[Tensor, Tensor | None]:
-        """``(Ŵ, bias)`` for this forward pass."""
+        """``(Ŵ, bias)`` for this forward pass.
+
+        Returns:
+            ``param_fn(self)`` inside ``forward_params_fn``; otherwise ``fake_quantize(weight, quantizer, STE())``
+            (value ``Q(A(W))``, clipped-STE gradient) and the bias (``None`` if the layer has none).
+        """
         if self.param_fn is not None:
             return self.param_fn(self)
         return fake_quantize(self.weight, self.quantizer, STE()), self.bias
@@ -90,14 +125,35 @@ class QuantLayer(nn.Module):
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
     """``nn.Conv2d`` computing with ``Q(A(W))``; every Conv2d option (stride, padding and its mode, dilation,
-    groups, bias) behaves as in ``nn.Conv2d``."""
+    groups, bias) behaves as in ``nn.Conv2d``.
+
+    Usually made by ``quantize_``; built directly it takes ``nn.Conv2d``'s arguments plus ``quantizer=``.
+
+    Example:
+        >>> conv = mq.QuantConv2d(2, 4, 3, padding=1, quantizer=mq.quantizers.BWN())
+        >>> x = torch.randn(1, 2, 5, 5)
+        >>> w_hat = mq.quantizers.BWN()(conv.weight)
+        >>> torch.allclose(conv(x), torch.nn.functional.conv2d(x, w_hat, conv.bias, padding=1))
+        True
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, *self.forward_params())
 
 
 class QuantLinear(QuantLayer, nn.Linear):
-    """``nn.Linear`` computing with ``Q(A(W))``."""
+    """``nn.Linear`` computing with ``Q(A(W))``.
+
+    Usually made by ``quantize_``; built directly it takes ``nn.Linear``'s arguments plus ``quantizer=``.
+
+    Example:
+        >>> layer = mq.QuantLinear(3, 2, quantizer=mq.quantizers.BWN())
+        >>> layer
+        QuantLinear(in_features=3, out_features=2, bias=True, quantizer=bwn, bits=1)
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(layer(x), x @ mq.quantizers.BWN()(layer.weight).T + layer.bias)
+        True
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(x, *self.forward_params())
@@ -172,7 +228,8 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
 
     Args:
         model: any module; its submodules are replaced where they sit, Parameters are kept (same objects).
-        config: which quantizer and bit width (default: 1-bit DoReFa).
+        config: which quantizer and bit width (default: 1-bit DoReFa). Layers that are already quantized are
+            left as they are.
         filter_fn: ``filter_fn(module, qualified_name) -> bool`` chooses the layers; by default every
             ``nn.Conv2d`` and ``nn.Linear``, first and last layer included, as in the paper. Returning True for
             a module that is not exactly ``nn.Conv2d``/``nn.Linear`` is an error.
@@ -182,15 +239,20 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
 
     Raises:
         TypeError: a selected module cannot be swapped (unsupported type, hooks or parametrizations), the model
-            is wrapped in DDP, or the root module itself would need replacing.
-        ValueError: nothing to quantize (no Conv2d/Linear selected).
+            is wrapped in DDP/DataParallel, or the root module itself would need replacing.
+        ValueError: nothing to quantize: no Conv2d/Linear selected and no quantized layer in ``model`` already.
 
     Example:
         >>> import torch.nn as nn, metaquant as mq
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+        >>> w = net[0].weight
         >>> _ = mq.quantize_(net, mq.QuantConfig("bwn"))
-        >>> type(net[0]).__name__, type(net[2]).__name__
-        ('QuantConv2d', 'QuantLinear')
+        >>> type(net[0]).__name__, type(net[2]).__name__, net[0].weight is w
+        ('QuantConv2d', 'QuantLinear', True)
+        >>> mq.quantize_(nn.Linear(2, 2))
+        Traceback (most recent call last):
+        ...
+        TypeError: cannot swap the root module itself (Linear); wrap it in a container first
     """
     config = config or QuantConfig()
 
@@ -228,7 +290,26 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
 
 def dequantize_(model: nn.Module) -> nn.Module:
     """Undo ``quantize_`` in place: quantized layers become plain ``nn.Conv2d``/``nn.Linear`` with the same
-    Parameters, so ``model.state_dict()`` is unchanged (the latent weights ``W``, not ``Ŵ``)."""
+    Parameters, so ``model.state_dict()`` is unchanged (the latent weights ``W``, not ``Ŵ``).
+
+    A model without quantized layers is left as it is.
+
+    Args:
+        model: a module, usually one given to ``quantize_``.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        TypeError: the model is wrapped in DDP/DataParallel, or ``model`` is itself a quantized layer.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        >>> before = {k: v.clone() for k, v in net.state_dict().items()}
+        >>> net = mq.dequantize_(mq.quantize_(net))
+        >>> type(net[0]).__name__, all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+        ('Conv2d', True)
+    """
 
     def select(module: nn.Module, name: str) -> bool:
         return type(module) in _QUANT_TO_FLOAT
@@ -238,7 +319,20 @@ def dequantize_(model: nn.Module) -> nn.Module:
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLayer]:
-    """The quantized layers of ``model`` by qualified name, in module order, each once."""
+    """The quantized layers of ``model`` by qualified name, in module order, each once.
+
+    Args:
+        model: any module.
+
+    Returns:
+        A new dict ``{qualified name: QuantLayer}``; a layer shared under several names appears once, under
+        its first name. Empty if there is none.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> list(mq.quantized_layers(mq.quantize_(net)))
+        ['0', '2']
+    """
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
 
 
@@ -246,8 +340,28 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLayer]:
 def forward_params_fn(model: nn.Module, fn: ParamFn) -> Iterator[None]:
     """Within this scope every quantized layer of ``model`` takes its forward weight and bias from ``fn(layer)``.
 
-    This is the one, explicit, hook through which training algorithms change the forward pass (MetaQuant's
-    look-ahead ``W^t``, other estimators). The previous functions are restored on exit, even on error.
+    This is the one, explicit, hook through which training algorithms change the forward pass: MetaQuant's
+    look-ahead ``W^t`` (Eq. 6) enters the forward pass of step 3 (Eq. 7) through it, and ``Trainer`` installs
+    ``fake_quantize`` with another classical estimator through it. The previous functions are restored on exit,
+    even on error (the error propagates). The layers are those present on entry.
+
+    Args:
+        model: the module whose quantized layers take ``fn``.
+        fn: ``fn(layer) -> (weight, bias)``: the tensors ``layer`` computes with, used as given (no quantizer is
+            applied for you: return ``Ŵ``, e.g. ``fake_quantize(w, layer.quantizer, estimator)``).
+
+    Yields:
+        None.
+
+    Example:
+        Full-precision weights for one forward pass; outside the scope the layer quantizes again:
+
+        >>> net = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+        >>> x, layer = torch.randn(4, 3), net[0]
+        >>> with mq.forward_params_fn(net, lambda m: (m.weight, m.bias)):
+        ...     full = net(x)
+        >>> torch.allclose(full, torch.nn.functional.linear(x, layer.weight, layer.bias)), layer.param_fn is None
+        (True, True)
     """
     layers = list(quantized_layers(model).values())
     previous = [layer.param_fn for layer in layers]

@@ -40,7 +40,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    """What a finished run reports."""
+    """What a finished run reports: the value of ``execute`` and ``resume``.
+
+    Attributes:
+        run_dir: the run directory, or None when the run wrote nothing (``execute(config, None)``).
+        final_acc: test accuracy (percent, top-1) after the last epoch.
+        best_acc: the best test accuracy of all epochs.
+        epochs: the number of epochs trained.
+
+    Example:
+        >>> from metaquant.pipeline import RunResult
+        >>> result = RunResult(run_dir=None, final_acc=88.5, best_acc=89.25, epochs=100)
+        >>> result.best_acc - result.final_acc, result.epochs
+        (0.75, 100)
+    """
 
     run_dir: Path | None
     final_acc: float
@@ -49,7 +62,24 @@ class RunResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    """The ``torch.device`` named by ``RunConfig.device``: ``auto`` → CUDA when available, else CPU.
+
+    Args:
+        name: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: ``name`` asks for CUDA (``"cuda"``, ``"cuda:N"``) and CUDA is not available.
+
+    Example:
+        >>> from metaquant.pipeline import resolve_device
+        >>> resolve_device("cpu")
+        device(type='cpu')
+        >>> resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+        True
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -58,7 +88,29 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
-    """The base optimizer named by ``config.optimizer`` with its options."""
+    """The base optimizer named by ``config.optimizer`` with its options.
+
+    ``sgd`` takes ``lr``, ``momentum``, ``dampening``, ``nesterov`` and ``weight_decay``; ``adam`` and ``adamw``
+    take ``lr`` and ``weight_decay``.
+
+    Args:
+        params: the parameters (or parameter groups) to optimize.
+        config: the run's configuration.
+
+    Returns:
+        A ``torch.optim.SGD``, ``Adam`` or ``AdamW``.
+
+    Raises:
+        ValueError: an optimizer name other than ``sgd``, ``adam``, ``adamw`` (``RunConfig`` already refuses it).
+
+    Example:
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.pipeline import build_optimizer
+        >>> net = torch.nn.Linear(4, 2)
+        >>> opt = build_optimizer(net.parameters(), RunConfig(optimizer="adam", lr=1e-3, weight_decay=5e-4))
+        >>> type(opt).__name__, opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]
+        ('Adam', 0.001, 0.0005)
+    """
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, dampening=config.dampening,
@@ -120,7 +172,36 @@ def load_meta(meta: MetaQuantizer, source: str, expected: dict[str, Any]) -> Non
 
 def build_trainer(config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> Trainer | MetaQuant:
     """The object doing one step per batch: plain back-propagation for pre-training and classical estimators,
-    MetaQuant for meta quantizers."""
+    MetaQuant for meta quantizers.
+
+    Args:
+        config: the run's configuration: ``task``, ``estimator`` (with ``ewgs_delta``), the meta quantizer's
+            options (``hidden_size``, ``num_fc``, ``num_lstm``, ``nonlinearity``, ``meta_lr``,
+            ``meta_weight_decay``, ``step_order``, ``through``, ``freeze_meta_epoch``, ``meta_init``) and
+            ``on_nonfinite``.
+        model: the model; for ``quantize`` runs, already converted by ``quantize_``.
+        optimizer: the base optimizer over the model's parameters (``build_optimizer``).
+
+    Returns:
+        A ``Trainer`` (``pretrain``, or ``quantize`` with ``ste``, ``identity`` or ``ewgs``) or a ``MetaQuant``
+        (``quantize`` with ``fc-grad``, ``multifc`` or ``lstmfc``).
+
+    Raises:
+        ValueError: as ``MetaQuant`` (e.g. a model without quantized layers); ``meta_init`` holds no meta
+            quantizer or one of another architecture.
+        FileNotFoundError: ``meta_init`` names no ``meta.pt``, checkpoint or run directory.
+
+    Example:
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.pipeline import build_trainer
+        >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        >>> type(build_trainer(RunConfig(estimator="ste"), model, opt)).__name__
+        'Trainer'
+        >>> trainer = build_trainer(RunConfig(estimator="multifc", hidden_size=8), model, opt)
+        >>> type(trainer).__name__, type(trainer.meta).__name__
+        ('MetaQuant', 'MultiFC')
+    """
     if config.task == "pretrain":
         return Trainer(model, optimizer, on_nonfinite=config.on_nonfinite)
     if config.estimator in CLASSICAL_ESTIMATORS:
@@ -136,7 +217,25 @@ def build_trainer(config: RunConfig, model: nn.Module, optimizer: torch.optim.Op
 
 
 def default_run_name(config: RunConfig) -> str:
-    """A readable, unique-per-configuration directory name."""
+    """A readable directory name for a run: task, model, dataset, then the options that tell runs apart.
+
+    ``pretrain`` runs are named by optimizer and seed; ``quantize`` runs also by quantizer, bit width,
+    estimator and (for meta quantizers run in the original code's order) ``-original-order``.
+
+    Args:
+        config: the run's configuration.
+
+    Returns:
+        The name (no directory part).
+
+    Example:
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.pipeline import default_run_name
+        >>> default_run_name(RunConfig(model="resnet20", dataset="cifar10", estimator="multifc", seed=2))
+        'quantize-resnet20-cifar10-dorefa1-multifc-sgd-seed2'
+        >>> default_run_name(RunConfig(task="pretrain", dataset="cifar10", optimizer="adam"))
+        'pretrain-resnet20-cifar10-adam-seed0'
+    """
     base = f"{config.task}-{config.model}-{config.dataset}"
     if config.task == "pretrain":
         return f"{base}-{config.optimizer}-seed{config.seed}"
@@ -242,10 +341,48 @@ def execute(
 ) -> RunResult:
     """Run ``config`` to the end, writing into a new ``run_dir`` (None: write nothing).
 
+    Builds the data, the model (loaded from ``config.init``, then quantized for ``quantize`` runs), the
+    optimizer and the trainer, and trains for ``config.epochs`` epochs. The run directory receives
+    ``config.json``, ``metrics.jsonl``, ``loss.csv``, ``checkpoint.pt`` and, once finished, ``done``; a
+    MetaQuant run also its trained meta quantizer (``meta.pt``, for ``meta_init``) and ``trace.pt``. Under
+    ``torchrun`` every process trains and only rank 0 writes.
+
+    Args:
+        config: the run's configuration.
+        run_dir: a directory that holds no run yet (created if needed), or None to write nothing.
+        progress: show a progress bar per epoch.
+        stop: a ``StopFlag``; when it becomes true the run stops after the current step with a checkpoint.
+
+    Returns:
+        A ``RunResult`` (final and best test accuracy, epochs).
+
     Raises:
         RunExistsError: ``run_dir`` already holds a run (it is left untouched; resume it with ``resume``).
         TrainingInterrupted: ``stop`` was set; the run can be continued with ``resume``.
         NonFiniteError: a step produced a non-finite value; the last good checkpoint is intact.
+        FileNotFoundError: ``config.init`` names no checkpoint, ``meta_init`` nothing to load, or the data set
+            is not found and cannot be downloaded (``DatasetNotFoundError``).
+        DatasetError: the data set's files are damaged (``DatasetFormatError``) or its download fails.
+        ValueError: ``config.device`` asks for CUDA without CUDA; ``init`` or ``meta_init`` does not fit the
+            model.
+
+    Example:
+        >>> for split in ("train", "t10k"):  # a tiny stand-in for MNIST, in its real format: 8 + 8 images
+        ...     images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+        ...     _ = mq.data.write_idx(f"mnist/{split}-images-idx3-ubyte", images)
+        ...     _ = mq.data.write_idx(f"mnist/{split}-labels-idx1-ubyte", torch.randint(0, 10, (8,), dtype=torch.uint8))
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.pipeline import execute
+        >>> config = RunConfig(model="resnet8", dataset="mnist", data_dir="mnist", download=False, batch_size=4,
+        ...                    epochs=1, estimator="multifc", hidden_size=8, device="cpu")
+        >>> result = execute(config, "runs/quick", progress=False)  # two steps of MetaQuant, one test
+        >>> result.epochs, sorted(p.name for p in result.run_dir.iterdir())
+        (1, ['checkpoint.pt', 'config.json', 'done', 'loss.csv', 'meta.pt', 'metrics.jsonl', 'trace.pt'])
+        >>> try:
+        ...     execute(config, "runs/quick")
+        ... except mq.runs.RunExistsError:
+        ...     print("refused: runs/quick already holds a run")
+        refused: runs/quick already holds a run
     """
     if run_dir is not None and RunDir(run_dir).config_path.exists():
         RunDir.create(run_dir, config)  # raises RunExistsError before any work is done
@@ -281,9 +418,42 @@ def resume(run_dir: str | Path, *, progress: bool = True, stop: StopFlag | None 
     optimizer, the recorded ``g_Ŵ`` and ``W̃``, LSTM states), the position within the epoch, RNG states. A run
     killed before its first checkpoint starts again from its beginning. A finished run is left as it is.
 
+    Args:
+        run_dir: a run directory made by ``execute`` (or ``metaquant pretrain``/``quantize``).
+        progress: show a progress bar per epoch.
+        stop: a ``StopFlag``, as for ``execute``.
+
+    Returns:
+        A ``RunResult``; for a finished run, read from its ``metrics.jsonl`` without training.
+
     Raises:
-        FileNotFoundError: no run in ``run_dir``.
+        FileNotFoundError: no run in ``run_dir`` (no ``config.json``).
         ValueError: no readable checkpoint, or one that does not fit the run's model.
+        TrainingInterrupted: ``stop`` was set again; the run can be resumed once more.
+        NonFiniteError: as for ``execute``.
+
+    Example:
+        >>> for split in ("train", "t10k"):  # a tiny stand-in for MNIST, in its real format: 8 + 8 images
+        ...     images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+        ...     _ = mq.data.write_idx(f"mnist/{split}-images-idx3-ubyte", images)
+        ...     _ = mq.data.write_idx(f"mnist/{split}-labels-idx1-ubyte", torch.randint(0, 10, (8,), dtype=torch.uint8))
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.guards import StopFlag, TrainingInterrupted
+        >>> from metaquant.pipeline import execute, resume
+        >>> config = RunConfig(model="resnet8", dataset="mnist", data_dir="mnist", download=False, batch_size=4,
+        ...                    epochs=1, estimator="multifc", hidden_size=8, device="cpu")
+        >>> stop = StopFlag(); stop.request(2)  # as if SIGINT arrived during the first of the two steps
+        >>> try:
+        ...     execute(config, "runs/interrupted", progress=False, stop=stop)
+        ... except TrainingInterrupted as err:
+        ...     print(err)
+        stopped by signal 2 at epoch 1, step 1; checkpoint written to runs/interrupted/checkpoint.pt
+        >>> resumed = resume("runs/interrupted", progress=False)
+        >>> straight = execute(config, "runs/straight", progress=False)  # the same run, never interrupted
+        >>> resumed.final_acc == straight.final_acc, (resumed.run_dir / "done").exists()
+        (True, True)
+        >>> (resumed.run_dir / "loss.csv").read_text() == (straight.run_dir / "loss.csv").read_text()
+        True
     """
     run = RunDir(run_dir)
     if not run.config_path.exists():
@@ -346,9 +516,37 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "p
     """Write a quantization run's model as a packed file (default ``RUN_DIR/model.mqpack``) or as ONNX
     (``fmt="onnx"``, default ``RUN_DIR/model.onnx``).
 
+    The model is the run's latest checkpoint, quantized as it trained; the file's metadata holds the run's
+    configuration and its final test accuracy, so ``evaluate_artifact`` can test it on the run's own data.
+
+    Args:
+        run_dir: a ``quantize`` run directory with a checkpoint.
+        out: the file to write (default: ``model.mqpack`` or ``model.onnx`` in ``run_dir``).
+        fmt: ``"packed"`` (``export.export_packed``) or ``"onnx"`` (``export.export_onnx``).
+
     Returns:
         ``(path, file size in bytes, float model size in bytes)``; the float size is that of the model's
         ``state_dict`` saved with ``torch.save``.
+
+    Raises:
+        FileNotFoundError: no run in ``run_dir``.
+        ValueError: the run has no checkpoint yet, is a ``pretrain`` run, or ``fmt`` is neither ``packed`` nor
+            ``onnx``.
+        ImportError: ``fmt="onnx"`` without the ``onnx`` extra.
+
+    Example:
+        >>> for split in ("train", "t10k"):  # a tiny stand-in for MNIST, in its real format: 8 + 8 images
+        ...     images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+        ...     _ = mq.data.write_idx(f"mnist/{split}-images-idx3-ubyte", images)
+        ...     _ = mq.data.write_idx(f"mnist/{split}-labels-idx1-ubyte", torch.randint(0, 10, (8,), dtype=torch.uint8))
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.pipeline import execute, export_run
+        >>> config = RunConfig(model="resnet8", dataset="mnist", data_dir="mnist", download=False, batch_size=4,
+        ...                    epochs=1, device="cpu")
+        >>> _ = execute(config, "runs/to-export", progress=False)
+        >>> path, size, float_size = export_run("runs/to-export")
+        >>> path.name, size < float_size / 10  # 1 bit per quantized weight instead of 32
+        ('model.mqpack', True)
     """
     from .export import export_onnx, export_packed
 
@@ -380,8 +578,38 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "p
 def evaluate_artifact(path: str | Path, *, data_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
     """Test accuracy of a run directory's checkpoint or of a packed file, on the run's own test set.
 
+    The test set is the one named by the run's configuration (stored in a packed or ONNX file's metadata by
+    ``export_run``), with ``data_dir`` in place of the run's own when given.
+
+    Args:
+        path: a run directory, a packed file (``export_packed``) or an ONNX file (``.onnx``).
+        data_dir: where the data set lies, if not where the run found it.
+        device: where to evaluate (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``).
+
     Returns:
-        ``{"top1", "top5", "loss", "recorded"}``; ``recorded`` is the run's recorded final test accuracy.
+        ``{"top1", "top5", "loss", "recorded"}``: top-1 and top-5 accuracy in percent, mean cross-entropy,
+        and the run's recorded final test accuracy (None if it has none).
+
+    Raises:
+        FileNotFoundError: no run in the directory, no such file, or the data set is not found.
+        ValueError: a run without checkpoint; a damaged packed or ONNX file, or one whose metadata does not
+            name its run; ``device`` asks for CUDA without CUDA.
+        ImportError: an ONNX file without ``onnxruntime`` installed.
+
+    Example:
+        >>> for split in ("train", "t10k"):  # a tiny stand-in for MNIST, in its real format: 8 + 8 images
+        ...     images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+        ...     _ = mq.data.write_idx(f"mnist/{split}-images-idx3-ubyte", images)
+        ...     _ = mq.data.write_idx(f"mnist/{split}-labels-idx1-ubyte", torch.randint(0, 10, (8,), dtype=torch.uint8))
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.pipeline import evaluate_artifact, execute, export_run
+        >>> config = RunConfig(model="resnet8", dataset="mnist", data_dir="mnist", download=False, batch_size=4,
+        ...                    epochs=1, device="cpu")
+        >>> _ = execute(config, "runs/to-evaluate", progress=False)
+        >>> path, _, _ = export_run("runs/to-evaluate")  # runs/to-evaluate/model.mqpack
+        >>> result = evaluate_artifact(path, device="cpu")  # the packed file computes what the run computed
+        >>> result["top1"] == result["recorded"], sorted(result)
+        (True, ['loss', 'recorded', 'top1', 'top5'])
     """
     from .export import load_packed, read_packed
 

@@ -7,7 +7,8 @@ Every quantizer is the same small interface of pure functions (DESIGN §2-§3, p
 * ``relaxed(W)``              ``Q ∘ A`` with the rounding removed and the scale statistics held constant:
                               the differentiable part of the path from ``W`` to ``Ŵ``, in ``Ŵ``'s units;
 * ``calibration(W) -> c(W)``  the element-wise derivative of ``relaxed``; the meta quantizer's output
-                              ``g_W̃`` becomes the weight gradient ``g_W = g_W̃ ⊙ c(W)`` (Algorithm 1, step 1);
+                              ``g_W̃`` becomes the weight gradient ``g_W = g_W̃ ⊙ c(W)`` (Algorithm 1 step 1,
+                              Eq. 4-5);
 * ``ste_scale(W̃)``            the factor the Straight-Through Estimator gives ``dŴ/d relaxed`` (1 for DoReFa,
                               the layer scale ``a`` for BWN as in XNOR-Net);
 * ``encode(W) -> Encoded``    integer codes plus scale(s), and ``decode(Encoded) -> Ŵ``, exact: it is how
@@ -44,6 +45,21 @@ class Encoded(NamedTuple):
 
     ``codes`` has the weight's shape and an integer dtype (``uint8`` for unsigned codes, ``int8`` for signed);
     ``scale`` broadcasts against ``codes`` (shape ``[1]`` per layer, ``[C_out, 1, ...]`` per channel).
+    Produced by ``ForwardQuantizer.encode`` and turned back into ``Ŵ`` by ``ForwardQuantizer.decode``; it is the
+    form in which a quantized weight is exported.
+
+    Attributes:
+        codes: integer codes, same shape as the weight.
+        scale: float scale(s), broadcastable against ``codes``, in the weight's dtype.
+
+    Example:
+        >>> q = mq.quantizers.DoReFa(bits=2)
+        >>> w = torch.tensor([-1.0, 0.1, 2.0])
+        >>> enc = q.encode(w)
+        >>> enc.codes.tolist(), enc.codes.dtype, enc.scale.shape
+        ([0, 2, 3], torch.uint8, torch.Size([1]))
+        >>> torch.equal(q.decode(enc), q.quantize(q.preprocess(w)))
+        True
     """
 
     codes: Tensor
@@ -57,7 +73,39 @@ def _channel_view_shape(w: Tensor) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class ForwardQuantizer:
-    """Base class: one forward quantizer at a given bit width. Subclasses implement the six pure functions."""
+    """Base class: one forward quantizer at a given bit width. Subclasses implement the six pure functions.
+
+    A subclass sets ``name`` (its registry key), ``min_bits``/``max_bits`` and overrides ``encode_preprocessed``
+    and ``decode`` (always), ``preprocess``/``relaxed``/``calibration``/``ste_scale`` (where they are not the
+    identity / one). Instances are frozen and hold only ``bits``.
+
+    Args:
+        bits: the bit width, an ``int`` in ``min_bits..max_bits`` of the subclass.
+
+    Raises:
+        TypeError: ``bits`` is not an ``int`` (a ``bool`` is refused too).
+        ValueError: ``bits`` is outside the range the quantizer supports; the message gives the range.
+
+    Example:
+        Two properties every registered quantizer keeps: export is exact, and ``c(W)`` is autograd's derivative
+        of ``relaxed``:
+
+        >>> w = torch.randn(4, 3, requires_grad=True)
+        >>> for name, cls in mq.quantizers.QUANTIZERS.items():
+        ...     q = cls(bits=cls.min_bits)
+        ...     (grad,) = torch.autograd.grad(q.relaxed(w).sum(), w)
+        ...     exact = torch.equal(q.decode(q.encode(w)), q.quantize(q.preprocess(w)))
+        ...     print(name, exact, torch.allclose(grad, q.calibration(w)))
+        dorefa True True
+        bwn True True
+        bwn-channel True True
+        ternary True True
+        uniform True True
+        >>> mq.quantizers.DoReFa(bits=9)
+        Traceback (most recent call last):
+        ...
+        ValueError: quantizer 'dorefa' does not support bits=9; allowed: 1..8
+    """
 
     bits: int = 1
 
@@ -77,43 +125,186 @@ class ForwardQuantizer:
 
     # --- the interface ------------------------------------------------------------------------------------
     def preprocess(self, w: Tensor) -> Tensor:
-        """``A(W)``, differentiable. Identity unless the quantizer says otherwise."""
+        """``W̃ = A(W)``, the differentiable pre-processing (DESIGN §3). Identity unless a quantizer overrides it.
+
+        DoReFa maps to ``tanh(W) / (2·max|tanh W|) + 1/2 ∈ [0, 1]``; its max is differentiated through here, unlike
+        in ``relaxed`` and ``calibration``.
+
+        Args:
+            w: latent weight ``W``, any shape.
+
+        Returns:
+            ``W̃``, same shape and dtype (``w`` itself for the identity).
+
+        Example:
+            >>> w = torch.tensor([-2.0, 0.0, 2.0])
+            >>> mq.quantizers.DoReFa().preprocess(w).tolist()
+            [0.0, 0.5, 1.0]
+            >>> mq.quantizers.BWN().preprocess(w) is w
+            True
+        """
         return w
 
     def quantize(self, w_tilde: Tensor) -> Tensor:
-        """``Q(W̃)``: the low-bit weight. Defined as ``decode(encode)`` so export is exact by construction."""
+        """``Ŵ = Q(W̃)``: the low-bit weight. Defined as ``decode(encode)`` so export is exact by construction.
+
+        A step function: use its value only (see ``metaquant.estimators.fake_quantize`` for a gradient).
+
+        Args:
+            w_tilde: the pre-processed weight ``W̃ = preprocess(W)``.
+
+        Returns:
+            ``Ŵ``, same shape and dtype as ``w_tilde``, with at most ``num_levels`` distinct values per scale group.
+
+        Example:
+            >>> q = mq.quantizers.DoReFa(bits=2)
+            >>> w = torch.randn(3, 4)
+            >>> w_hat = q.quantize(q.preprocess(w))
+            >>> torch.equal(w_hat, q.decode(q.encode(w))), w_hat.unique().numel() <= q.num_levels
+            (True, True)
+        """
         return self.decode(self.encode_preprocessed(w_tilde))
 
     def relaxed(self, w: Tensor) -> Tensor:
-        """``Q(A(W))`` without the rounding, scale statistics detached. Identity unless overridden."""
+        """``Q(A(W))`` without the rounding, scale statistics detached. Identity unless overridden.
+
+        The differentiable part of the path from ``W`` to ``Ŵ``, in ``Ŵ``'s units: the ``r`` that the classical
+        estimators gate and scale (``metaquant.estimators``); its derivative is ``calibration``. DoReFa's is
+        ``tanh(W) / max|tanh W| = 2·W̃ − 1 ∈ [−1, 1]``.
+
+        Args:
+            w: latent weight ``W``, any shape.
+
+        Returns:
+            The relaxed weight, same shape and dtype (``w`` itself for the identity).
+
+        Example:
+            For 2-bit DoReFa, ``r`` and ``Ŵ`` differ by the rounding only, at most half a step (``1/3``):
+
+            >>> q = mq.quantizers.DoReFa(bits=2)
+            >>> w = torch.randn(3, 4)
+            >>> torch.allclose(q.relaxed(w), 2 * q.preprocess(w) - 1)
+            True
+            >>> bool((q.quantize(q.preprocess(w)) - q.relaxed(w)).abs().max() <= 1 / 3)
+            True
+        """
         return w
 
     def calibration(self, w: Tensor) -> Tensor:
-        """``c(W) = d relaxed(W) / dW`` element-wise, in closed form."""
+        """``c(W) = d relaxed(W) / dW`` element-wise, in closed form (DESIGN §3). Ones unless overridden.
+
+        It turns the gradient w.r.t. ``W̃`` into the weight gradient: ``g_W = g_W̃ ⊙ c(W)`` (Algorithm 1 step 1,
+        Eq. 4-5). DoReFa's is ``(1 − tanh²W) / max|tanh W|``, the max held constant.
+
+        Args:
+            w: latent weight ``W``, any shape.
+
+        Returns:
+            ``c(W)``, same shape and dtype as ``w``; no graph to ``w`` is needed.
+
+        Example:
+            >>> q = mq.quantizers.DoReFa()
+            >>> w = torch.randn(3, 4, requires_grad=True)
+            >>> (autograd_c,) = torch.autograd.grad(q.relaxed(w).sum(), w)
+            >>> torch.allclose(q.calibration(w), autograd_c)
+            True
+        """
         return torch.ones_like(w)
 
     def ste_scale(self, w_tilde: Tensor) -> Tensor:
-        """The STE's derivative of ``Ŵ`` w.r.t. ``relaxed(W)``, beyond the clipping gate. Broadcastable."""
+        """The STE's derivative of ``Ŵ`` w.r.t. ``relaxed(W)``, beyond the clipping gate. Broadcastable.
+
+        1 unless overridden (DoReFa, ternary, uniform); BWN's layer scale ``a = mean|W̃|``, as in XNOR-Net
+        (``BWNPerChannel``: one ``a`` per output channel). The meta quantizer's path does not use it (DESIGN §3).
+
+        Args:
+            w_tilde: the pre-processed weight ``W̃``.
+
+        Returns:
+            A tensor that broadcasts against ``w_tilde`` (a 0-d one, shape ``[1]``, or ``[C_out, 1, ...]``).
+
+        Example:
+            >>> w = torch.tensor([[0.5, -1.5], [0.0, -0.2]])
+            >>> mq.quantizers.DoReFa().ste_scale(w).item()
+            1.0
+            >>> [round(a, 4) for a in mq.quantizers.BWN().ste_scale(w).tolist()]  # mean|W|
+            [0.55]
+        """
         return torch.ones((), dtype=w_tilde.dtype, device=w_tilde.device)
 
     def encode(self, w: Tensor) -> Encoded:
-        """Integer codes and scales of ``Q(A(W))``."""
+        """Integer codes and scales of ``Q(A(W))``: ``encode_preprocessed(preprocess(W))``.
+
+        Args:
+            w: latent weight ``W``, any shape.
+
+        Returns:
+            ``Encoded(codes, scale)`` with ``decode(encode(W))`` equal to ``Q(A(W))``, bit for bit.
+
+        Example:
+            >>> q = mq.quantizers.UniformSymmetric(bits=3)
+            >>> w = torch.randn(2, 5)
+            >>> enc = q.encode(w)
+            >>> enc.codes.dtype, torch.equal(q.decode(enc), q.quantize(q.preprocess(w)))
+            (torch.int8, True)
+        """
         return self.encode_preprocessed(self.preprocess(w))
 
     def encode_preprocessed(self, w_tilde: Tensor) -> Encoded:  # pragma: no cover - abstract
+        """Integer codes and scales of ``Q(W̃)``, from the pre-processed weight; every subclass implements it.
+
+        Raises:
+            NotImplementedError: on the base class.
+        """
         raise NotImplementedError
 
     def decode(self, encoded: Encoded) -> Tensor:  # pragma: no cover - abstract
+        """``Ŵ`` from its codes and scale(s): the one formula by which ``quantize`` produces ``Ŵ``.
+
+        Args:
+            encoded: codes and scale(s), as ``encode`` returns them.
+
+        Returns:
+            ``Ŵ`` in the scale's dtype, the codes' shape.
+
+        Raises:
+            NotImplementedError: on the base class; every subclass implements it.
+
+        Example:
+            BWN's codes are 1 for ``+a`` and 0 for ``−a``:
+
+            >>> codes = torch.tensor([1, 0, 1], dtype=torch.uint8)
+            >>> mq.quantizers.BWN().decode(mq.quantizers.Encoded(codes, torch.tensor([0.5]))).tolist()
+            [0.5, -0.5, 0.5]
+        """
         raise NotImplementedError
 
     # --- conveniences -------------------------------------------------------------------------------------
     def __call__(self, w: Tensor) -> Tensor:
-        """``Ŵ = Q(A(W))`` (value only)."""
+        """``Ŵ = Q(A(W))`` (value only): the weight a quantized layer computes with (Algorithm 1 step 3, Eq. 7).
+
+        Args:
+            w: latent weight ``W``, any shape.
+
+        Returns:
+            ``Ŵ``, same shape and dtype; for a gradient use ``metaquant.estimators.fake_quantize``.
+
+        Example:
+            >>> q = mq.quantizers.DoReFa()
+            >>> w = torch.randn(2, 3)
+            >>> torch.equal(q(w), q.quantize(q.preprocess(w))), sorted(q(w).unique().tolist())
+            (True, [-1.0, 1.0])
+        """
         return self.quantize(self.preprocess(w))
 
     @property
     def num_levels(self) -> int:
-        """The largest number of distinct values ``Ŵ`` can take per scale group."""
+        """The largest number of distinct values ``Ŵ`` can take per scale group.
+
+        Example:
+            >>> mq.quantizers.DoReFa(bits=2).num_levels, mq.quantizers.Ternary(bits=2).num_levels
+            (4, 3)
+        """
         return 2**self.bits
 
 
@@ -124,6 +315,23 @@ class DoReFa(ForwardQuantizer):
     ``W̃ = tanh(W) / (2·max|tanh W|) + 1/2 ∈ [0, 1]``;  ``Ŵ = 2·round((2^k − 1)·W̃)/(2^k − 1) − 1 ∈ [−1, 1]``.
     ``c(W) = (1 − tanh²W) / max|tanh W|``, the max held constant: the derivative of ``2·W̃ − 1``. With it an
     identity meta quantizer gives exactly the STE gradient (DESIGN §3).
+
+    Args:
+        bits: k, 1..8 (default 1: ``Ŵ ∈ {−1, +1}``).
+
+    Raises:
+        TypeError: ``bits`` is not an ``int``.
+        ValueError: ``bits`` outside 1..8.
+
+    Example:
+        ``Ŵ`` by hand from the two formulas above, for k = 2 (levels ``−1, −1/3, 1/3, 1``):
+
+        >>> q = mq.quantizers.DoReFa(bits=2)
+        >>> w = torch.tensor([-1.0, -0.2, 0.1, 0.5, 2.0])
+        >>> t = torch.tanh(w)
+        >>> n = torch.round(3 * (t / (2 * t.abs().max()) + 0.5))
+        >>> torch.allclose(q(w), 2 * n / 3 - 1), q.encode(w).codes.tolist()
+        (True, [0, 1, 2, 2, 3])
     """
 
     name: ClassVar[str] = "dorefa"
@@ -166,6 +374,21 @@ class BWN(ForwardQuantizer):
 
     ``sign(0)`` is taken as +1 so that exactly two values occur. ``c(W) = 1`` as in the paper; the STE multiplies
     by ``a`` (``ste_scale``), so STE and an identity meta quantizer differ by the factor ``a`` and the gate.
+
+    Args:
+        bits: must be 1.
+
+    Raises:
+        TypeError: ``bits`` is not an ``int``.
+        ValueError: ``bits`` is not 1.
+
+    Example:
+        >>> q = mq.quantizers.BWN()
+        >>> w = torch.tensor([[0.5, -1.5], [0.0, -0.2]])
+        >>> torch.allclose(q(w), w.abs().mean() * torch.where(w >= 0, 1.0, -1.0))
+        True
+        >>> q.encode(w).codes.tolist(), [round(a, 4) for a in q.encode(w).scale.tolist()]
+        ([[1, 0], [1, 0]], [0.55])
     """
 
     name: ClassVar[str] = "bwn"
@@ -186,7 +409,26 @@ class BWN(ForwardQuantizer):
 
 @dataclass(frozen=True)
 class BWNPerChannel(BWN):
-    """BWN with one scale per output channel (dim 0): ``a_o = mean|W[o]|`` (the original code's "BWN-F")."""
+    """BWN with one scale per output channel (dim 0): ``a_o = mean|W[o]|`` (the original code's "BWN-F").
+
+    A 1-D weight gets one scale, as in ``BWN``; ``ste_scale`` is per channel as well. ``get_quantizer`` also
+    accepts the names ``bwn-f`` and ``bwn_f``.
+
+    Args:
+        bits: must be 1.
+
+    Raises:
+        TypeError: ``bits`` is not an ``int``.
+        ValueError: ``bits`` is not 1.
+
+    Example:
+        >>> q = mq.quantizers.BWNPerChannel()
+        >>> w = torch.tensor([[0.5, -1.5], [0.0, -0.2]])
+        >>> torch.allclose(q(w), w.abs().mean(dim=1, keepdim=True) * torch.where(w >= 0, 1.0, -1.0))
+        True
+        >>> q.encode(torch.randn(8, 3, 3, 3)).scale.shape
+        torch.Size([8, 1, 1, 1])
+    """
 
     name: ClassVar[str] = "bwn-channel"
 
@@ -200,7 +442,22 @@ class BWNPerChannel(BWN):
 class Ternary(ForwardQuantizer):
     """Ternary weights (TWN, Li et al. 2016): ``Ŵ = a·t``, ``t ∈ {−1, 0, +1}``, 2 bits.
 
-    Threshold ``Δ = 0.7·mean|W|``; ``t = sign(W)·1{|W| > Δ}``; ``a`` = mean of ``|W|`` over ``|W| > Δ``.
+    Threshold ``Δ = 0.7·mean|W|``; ``t = sign(W)·1{|W| > Δ}``; ``a`` = mean of ``|W|`` over ``|W| > Δ``
+    (``a = 0`` for an all-zero weight). Codes are ``int8`` in ``{−1, 0, 1}``; ``c(W) = 1``.
+
+    Args:
+        bits: must be 2.
+
+    Raises:
+        TypeError: ``bits`` is not an ``int``.
+        ValueError: ``bits`` is not 2 (note ``get_quantizer("ternary")`` defaults to 1: pass ``bits=2``).
+
+    Example:
+        Here ``mean|W| = 0.49``, so ``Δ = 0.343``: two weights pass, with ``a = (0.9 + 1.1) / 2 = 1``:
+
+        >>> q = mq.quantizers.Ternary(bits=2)
+        >>> q(torch.tensor([0.1, -0.9, 1.1, 0.3, -0.05])).tolist()
+        [0.0, -1.0, 1.0, 0.0, 0.0]
     """
 
     name: ClassVar[str] = "ternary"
@@ -228,6 +485,24 @@ class UniformSymmetric(ForwardQuantizer):
     """Uniform symmetric k-bit weights, k = 2..8: ``Ŵ = s·clamp(round(W/s), −L, L)``, ``L = 2^(k−1) − 1``.
 
     ``s = max|W| / L`` per layer, so no weight is clipped and ``c(W) = 1``. Uses ``2L + 1 = 2^k − 1`` levels.
+    Codes are ``int8`` in ``−L..L``.
+
+    Args:
+        bits: k, 2..8.
+
+    Raises:
+        TypeError: ``bits`` is not an ``int``.
+        ValueError: ``bits`` outside 2..8.
+
+    Example:
+        k = 3: ``L = 3``, ``s = 0.9 / 3 = 0.3``:
+
+        >>> q = mq.quantizers.UniformSymmetric(bits=3)
+        >>> w = torch.tensor([-0.9, -0.2, 0.05, 0.4, 0.6])
+        >>> q.encode(w).codes.tolist(), q.num_levels
+        ([-3, -1, 0, 1, 2], 7)
+        >>> torch.allclose(q(w), 0.3 * torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0]))
+        True
     """
 
     name: ClassVar[str] = "uniform"
@@ -260,15 +535,42 @@ _ALIASES = {"bwn-f": "bwn-channel", "bwn_f": "bwn-channel", "twn": "ternary"}
 
 
 def quantizer_names() -> list[str]:
-    """Registered quantizer names."""
+    """Registered quantizer names, in registration order (the keys of ``QUANTIZERS``; aliases not included).
+
+    Returns:
+        A new list of the names ``get_quantizer`` and ``QuantConfig`` accept.
+
+    Example:
+        >>> mq.quantizers.quantizer_names()
+        ['dorefa', 'bwn', 'bwn-channel', 'ternary', 'uniform']
+    """
     return list(QUANTIZERS)
 
 
 def get_quantizer(name: str, bits: int = 1) -> ForwardQuantizer:
     """Build a forward quantizer by name (``dorefa``, ``bwn``, ``bwn-channel``, ``ternary``, ``uniform``).
 
+    Names are case-insensitive; the original code's spellings ``bwn-f``/``bwn_f`` (``bwn-channel``) and ``twn``
+    (``ternary``) are accepted too.
+
+    Args:
+        name: a registered name or alias.
+        bits: the bit width (default 1; ``ternary`` needs 2, ``uniform`` 2..8, ``dorefa`` 1..8).
+
+    Returns:
+        A new instance of the registered ``ForwardQuantizer`` subclass.
+
     Raises:
         ValueError: unknown name (the message lists the registered ones) or unsupported bit width.
+        TypeError: ``bits`` is not an ``int``.
+
+    Example:
+        >>> mq.get_quantizer("DoReFa", bits=2), mq.get_quantizer("twn", bits=2)
+        (DoReFa(bits=2), Ternary(bits=2))
+        >>> mq.get_quantizer("sign")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown quantizer 'sign'; allowed: dorefa, bwn, bwn-channel, ternary, uniform
     """
     key = _ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
     if key not in QUANTIZERS:

@@ -35,7 +35,36 @@ THROUGH = ("residual", "exact")
 def sgd_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
     """``torch.optim.SGD``'s update direction: weight decay, momentum (with dampening), Nesterov.
 
+    ``π(g)`` of the look-ahead ``W^t = W^{t−1} − α·π(g_W)`` (Eq. 6) for SGD: ``p − lr·sgd_direction(...)`` is
+    the value ``optimizer.step()`` gives. Out of place: neither ``state`` nor ``param`` is changed. Without
+    momentum and weight decay the direction is ``grad`` itself.
+
     Shapes: ``grad``, ``param`` and the momentum buffer are all the parameter's shape.
+
+    Args:
+        grad: the gradient ``g`` (may require grad: the result is differentiable w.r.t. it).
+        param: the parameter (only its value is used, for weight decay).
+        state: ``optimizer.state[param]`` before the step (its ``momentum_buffer``, if any; may be empty).
+        group: the parameter's group of a ``torch.optim.SGD``: ``weight_decay``, ``momentum``, ``dampening``,
+            ``nesterov``.
+
+    Returns:
+        The direction ``π(g)``, the parameter's shape.
+
+    Raises:
+        KeyError: ``group`` lacks one of SGD's hyperparameters (e.g. a group of another optimizer).
+
+    Example:
+        One step of ``torch.optim.SGD`` with momentum, Nesterov and weight decay, from a filled momentum buffer:
+
+        >>> p = torch.nn.Parameter(torch.randn(3))
+        >>> opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
+        >>> p.grad = torch.randn(3); opt.step()
+        >>> p.grad = torch.randn(3)
+        >>> look_ahead = p.detach() - 0.1 * mq.refine.sgd_direction(p.grad, p, opt.state[p], opt.param_groups[0])
+        >>> opt.step()
+        >>> torch.allclose(p, look_ahead)
+        True
     """
     d = grad
     if group["weight_decay"] != 0:
@@ -52,8 +81,38 @@ def sgd_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: dic
 def adam_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
     """``torch.optim.Adam`` / ``AdamW``'s update direction, bias-corrected, with ``amsgrad``.
 
+    ``π(g)`` of the look-ahead ``W^t = W^{t−1} − α·π(g_W)`` (Eq. 6) for Adam and AdamW: the moments are
+    advanced with ``g`` from ``state`` (out of place; ``state`` is not changed), and
+    ``π(g) = m̂ / (sqrt(v̂) + eps)``, ``m̂``, ``v̂`` bias-corrected for the step about to be taken.
+
     Adam adds ``weight_decay·p`` to the gradient (L2); AdamW (``decoupled_weight_decay``) shrinks the weight
     by ``lr·weight_decay·p`` instead, which is the term ``weight_decay·p`` in the direction.
+
+    Args:
+        grad: the gradient ``g`` (may require grad: the result is differentiable w.r.t. it).
+        param: the parameter (only its value is used, for weight decay).
+        state: ``optimizer.state[param]`` before the step: ``step``, ``exp_avg``, ``exp_avg_sq``,
+            ``max_exp_avg_sq`` (may be empty: the first step).
+        group: the parameter's group of a ``torch.optim.Adam`` or ``AdamW``: ``betas``, ``eps``,
+            ``weight_decay``, ``amsgrad``, and ``decoupled_weight_decay`` (absent: False).
+
+    Returns:
+        The direction ``π(g)``, the parameter's shape.
+
+    Raises:
+        KeyError: ``group`` lacks one of Adam's hyperparameters (e.g. a group of another optimizer).
+
+    Example:
+        One step of ``torch.optim.AdamW`` with ``amsgrad``, after a first step filled its state:
+
+        >>> p = torch.nn.Parameter(torch.randn(3))
+        >>> opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.1, amsgrad=True)
+        >>> p.grad = torch.randn(3); opt.step()
+        >>> p.grad = torch.randn(3)
+        >>> look_ahead = p.detach() - 1e-2 * mq.refine.adam_direction(p.grad, p, opt.state[p], opt.param_groups[0])
+        >>> opt.step()
+        >>> torch.allclose(p, look_ahead)
+        True
     """
     beta1, beta2 = group["betas"]
     eps, wd = group["eps"], group["weight_decay"]
@@ -82,10 +141,29 @@ def adam_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: di
 
 
 def refinement_for(optimizer: torch.optim.Optimizer) -> Refinement:
-    """The refinement matching ``optimizer``'s class and options.
+    """The refinement ``π`` (Eq. 6) matching ``optimizer``'s class and options.
+
+    Args:
+        optimizer: the base optimizer, ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (exact classes for SGD;
+            subclasses of Adam are accepted).
+
+    Returns:
+        ``sgd_direction`` or ``adam_direction`` (AdamW takes ``adam_direction``, its groups saying
+        ``decoupled_weight_decay``; on a torch whose AdamW is not an Adam subclass, a wrapper that sets it).
 
     Raises:
         ValueError: an optimizer or option (``maximize``) without a refinement; the message lists the supported.
+
+    Example:
+        >>> params = [torch.nn.Parameter(torch.zeros(2))]
+        >>> mq.refine.refinement_for(torch.optim.SGD(params, lr=0.1)) is mq.refine.sgd_direction
+        True
+        >>> mq.refine.refinement_for(torch.optim.Adam(params)) is mq.refine.adam_direction
+        True
+        >>> mq.refine.refinement_for(torch.optim.RMSprop(params))
+        Traceback (most recent call last):
+        ...
+        ValueError: MetaQuant needs the refinement π of the base optimizer; RMSprop is not supported; supported: ...
     """
     if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass of Adam in torch >= 2.x
         rule: Refinement = adam_direction
@@ -109,7 +187,32 @@ def _adamw_legacy(grad: Tensor, param: Tensor, state: dict[str, Any], group: dic
 
 
 def with_derivative(rule: Refinement, mode: str) -> Refinement:
-    """Wrap ``rule`` so that autograd sees the paper's residual form (``residual``) or the rule itself (``exact``)."""
+    """Wrap ``rule`` so that autograd sees the paper's residual form (``residual``) or the rule itself (``exact``).
+
+    How ``∂W^t/∂g_W`` is taken in the look-ahead of Eq. 6, and so how ``∂ℓ/∂φ`` (Eq. 8) flows through ``π``:
+    ``"residual"`` returns ``π(g).detach() + (g − g.detach())``, the value of ``π(g)`` with the identity as
+    its derivative w.r.t. ``g``; ``"exact"`` returns ``rule`` itself.
+
+    Args:
+        rule: a refinement (``sgd_direction``, ``adam_direction`` or one of the same signature).
+        mode: ``"residual"`` or ``"exact"`` (see ``THROUGH``).
+
+    Returns:
+        A refinement with the signature of ``rule``.
+
+    Raises:
+        ValueError: ``mode`` is not one of ``THROUGH`` (the message lists them).
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.randn(3))
+        >>> group = torch.optim.Adam([p], lr=0.1).param_groups[0]
+        >>> g = torch.randn(3, requires_grad=True)
+        >>> d = mq.refine.with_derivative(mq.refine.adam_direction, "residual")(g, p, {}, group)
+        >>> torch.equal(d, mq.refine.adam_direction(g, p, {}, group)), torch.autograd.grad(d.sum(), g)[0].tolist()
+        (True, [1.0, 1.0, 1.0])
+        >>> mq.refine.with_derivative(mq.refine.adam_direction, "exact") is mq.refine.adam_direction
+        True
+    """
     if mode == "exact":
         return rule
     if mode != "residual":

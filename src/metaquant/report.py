@@ -52,7 +52,25 @@ _MODEL_DATASET = re.compile(r"^(?P<model>[A-Za-z]+\d*)-(?P<dataset>CIFAR100|CIFA
 
 @dataclass
 class TrialCurves:
-    """One trial: its group key and per-epoch curves (test accuracy in percent, mean training loss)."""
+    """One trial: its group key and per-epoch curves (test accuracy in percent, mean training loss).
+
+    Attributes:
+        source: ``"metaquant"`` (a run of this library) or ``"original code"``.
+        model, dataset, forward, bits, backward, optimizer: the configuration, as the table names them
+            (e.g. ``"ResNet20"``, ``"CIFAR10"``, ``"dorefa"``, ``1``, ``"MultiFC"``, ``"SGD"``).
+        trial: the trial number.
+        test_acc: test accuracy after each epoch.
+        train_loss: mean training loss of each epoch.
+        fp_acc: the full-precision model's accuracy, if known (the run it started from).
+        path: where the trial was read from.
+
+    Example:
+        >>> from metaquant.report import TrialCurves
+        >>> t = TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, "MultiFC", "SGD", trial=2,
+        ...                 test_acc=[80.0, 85.5], train_loss=[0.9, 0.6])
+        >>> t.key  # what summarize groups by: everything but the trial
+        ('metaquant', 'ResNet20', 'CIFAR10', 'dorefa', 1, 'MultiFC', 'SGD')
+    """
 
     source: str
     model: str
@@ -74,7 +92,25 @@ class TrialCurves:
 
 @dataclass
 class SummaryRow:
-    """One configuration of the table."""
+    """One configuration of the table: ``summarize``'s statistics over its trials.
+
+    Attributes:
+        source, model, dataset, forward, bits, backward, optimizer: the configuration (``TrialCurves.key``).
+        best_mean, best_var: mean and population variance over trials of each trial's best test accuracy.
+        last_mean, last_var: mean and population variance of the last ``k`` test accuracies of all trials.
+        fp_acc: mean full-precision accuracy of the trials' starting models, or None.
+        trials: the number of trials.
+        epochs: each trial's number of epochs.
+
+    Example:
+        >>> from metaquant.report import TrialCurves
+        >>> def trial(backward, n, acc):  # one trial of 3 epochs of ResNet20 on CIFAR10, 1-bit DoReFa, SGD
+        ...     return TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, backward, "SGD", n, acc, [1.0]*3)
+        >>> from metaquant.report import summarize
+        >>> (row,) = summarize([trial("STE", 1, [70.0, 80.0, 75.0]), trial("STE", 2, [72.0, 78.0, 79.0])], last_k=2)
+        >>> row.backward, row.best_mean, row.best_var, row.last_mean, row.last_var, row.trials, row.epochs
+        ('STE', 79.5, 0.25, 78.0, 3.5, 2, [3, 3])
+    """
 
     source: str
     model: str
@@ -94,13 +130,48 @@ class SummaryRow:
 
 # --- statistics (pure) -----------------------------------------------------------------------------------
 def best_stats(curves: Sequence[Sequence[float]]) -> tuple[float, float]:
-    """Mean and population variance, over trials, of each trial's best accuracy."""
+    """Mean and population variance, over trials, of each trial's best accuracy.
+
+    The paper's *Best Acc* column (DESIGN §6).
+
+    Args:
+        curves: each trial's test accuracies, one per epoch (at least one per trial).
+
+    Returns:
+        ``(mean, variance)``, the variance with ``ddof = 0``.
+
+    Raises:
+        ValueError: a trial without accuracies.
+
+    Example:
+        >>> from metaquant.report import best_stats
+        >>> best_stats([[70.0, 80.0, 75.0], [72.0, 78.0, 79.0]])  # bests 80, 79: mean 79.5, variance 0.5² = 0.25
+        (79.5, 0.25)
+    """
     best = np.array([max(c) for c in curves], dtype=np.float64)
     return float(best.mean()), float(best.var())
 
 
 def last_k_stats(curves: Sequence[Sequence[float]], k: int = 10) -> tuple[float, float]:
-    """Mean and population variance of the last ``k`` accuracies of every trial, pooled together."""
+    """Mean and population variance of the last ``k`` accuracies of every trial, pooled together.
+
+    The paper's *Last 10 Acc* column (DESIGN §6) for ``k = 10``; a trial shorter than ``k`` epochs contributes
+    all of its accuracies.
+
+    Args:
+        curves: each trial's test accuracies, one per epoch.
+        k: how many of the last epochs of each trial to pool.
+
+    Returns:
+        ``(mean, variance)``, the variance with ``ddof = 0``; NaN for no accuracy at all.
+
+    Example:
+        >>> from metaquant.report import last_k_stats
+        >>> last_k_stats([[70.0, 80.0, 75.0], [72.0, 78.0, 79.0]], k=2)  # pooled 80, 75, 78, 79
+        (78.0, 3.5)
+
+        The mean is 312 / 4 = 78 and the variance (2² + 3² + 0² + 1²) / 4 = 3.5.
+    """
     pooled = np.array([a for c in curves for a in c[-k:]], dtype=np.float64)
     return float(pooled.mean()), float(pooled.var())
 
@@ -108,7 +179,36 @@ def last_k_stats(curves: Sequence[Sequence[float]], k: int = 10) -> tuple[float,
 # --- reading ---------------------------------------------------------------------------------------------
 def read_run(path: Path) -> TrialCurves | None:
     """A finished run directory of this library; None for a pre-training run or an unfinished run (whose
-    partial curves would bias the statistics)."""
+    partial curves would bias the statistics).
+
+    The backward method is the run's ``label`` (default ``sweep.backward_label``); the trial number comes from
+    a directory name ending in ``-trial-<n>``, else it is ``seed + 1``; ``fp_acc`` is the final accuracy of
+    the run named by ``init``, when that run directory is there.
+
+    Args:
+        path: the run directory.
+
+    Returns:
+        The ``TrialCurves``, or None.
+
+    Raises:
+        FileNotFoundError: a finished run without ``config.json`` or ``metrics.jsonl``.
+        ValueError: an unreadable ``config.json`` or ``metrics.jsonl``.
+        KeyError: a metrics record without ``test_acc`` or ``train_loss``.
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.report import read_run
+        >>> run = mq.runs.RunDir.create("runs/ste-trial-2", RunConfig(model="resnet20", dataset="cifar10"))
+        >>> for epoch, (acc, loss) in enumerate([(80.0, 0.9), (84.5, 0.7)]):
+        ...     run.record_epoch({"epoch": epoch, "test_acc": acc, "train_loss": loss}, [])
+        >>> read_run(run.path) is None  # not finished yet
+        True
+        >>> run.mark_done(); t = read_run(run.path)
+        >>> t.key, t.trial, t.test_acc, t.train_loss
+        (('metaquant', 'ResNet20', 'CIFAR10', 'dorefa', 1, 'STE', 'SGD'), 2, [80.0, 84.5], [0.9, 0.7])
+    """
     from .config import RunConfig
     from .sweep import backward_label
 
@@ -155,7 +255,34 @@ def _read_pairs(path: Path) -> list[tuple[int, float]]:
 
 def read_original_run(path: Path) -> TrialCurves:
     """A run of the original code: ``test-acc.txt`` (``iteration, accuracy`` per epoch) and ``loss.txt``
-    (``iteration, loss`` per iteration); the training loss of an epoch is the mean over its iterations."""
+    (``iteration, loss`` per iteration); the training loss of an epoch is the mean over its iterations.
+
+    The configuration comes from the directory's name (``Baseline-<forward>-optimizer-<SGD|Adam>-<k>bits-
+    trial-<n>`` or ``Meta-<method>-Nonlinear-...-<forward>-<SGD|Adam>-<k>bits-trial-<n>``) and the model and
+    data set from a parent folder ``<Model>-<Dataset>`` (``"?"`` without one). ``loss.txt`` is optional.
+
+    Args:
+        path: the run's directory.
+
+    Returns:
+        The ``TrialCurves`` (source ``"original code"``).
+
+    Raises:
+        ValueError: the directory's name is not a run name of the original code, ``test-acc.txt`` holds no
+            accuracy, or a line is not ``iteration, value`` (the message names the file and line).
+        FileNotFoundError: no ``test-acc.txt``.
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.report import read_original_run
+        >>> name = "Meta-MultiFC-Nonlinear-None-hidden-size-100-nfc-2-dorefa-SGD-1bits-trial-3"
+        >>> run = pathlib.Path("ResNet20-CIFAR10") / name; run.mkdir(parents=True)
+        >>> _ = (run / "test-acc.txt").write_text("2, 80.5\\n4, 84.0\\n")  # epochs end at iterations 2 and 4
+        >>> _ = (run / "loss.txt").write_text("1, 2.0\\n2, 1.0\\n3, 0.75\\n4, 0.25\\n")
+        >>> t = read_original_run(run)
+        >>> t.source, t.model, t.backward, t.optimizer, t.trial, t.test_acc, t.train_loss
+        ('original code', 'ResNet20', 'MultiFC', 'SGD', 3, [80.5, 84.0], [1.5, 0.5])
+    """
     match = _ORIGINAL_RUN.match(path.name)
     if match is None:
         raise ValueError(f"{path.name} is not a run name of the original code")
@@ -186,9 +313,30 @@ def read_original_run(path: Path) -> TrialCurves:
 def collect(paths: Iterable[str | Path]) -> list[TrialCurves]:
     """Every trial found under ``paths`` (run directories of this library and original-code runs).
 
+    Each path and every directory below it is looked at once (overlapping paths count a run once); unfinished
+    runs and pre-training runs of this library are left out (``read_run``).
+
+    Args:
+        paths: directories to search (a run directory itself is fine).
+
+    Returns:
+        The ``TrialCurves`` found.
+
     Raises:
         FileNotFoundError: a path does not exist.
         ValueError: nothing found, or a file that cannot be parsed (the message names it).
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.report import collect
+        >>> for n in (1, 2):
+        ...     run = mq.runs.RunDir.create(f"results/multifc-trial-{n}", RunConfig(estimator="multifc"))
+        ...     run.record_epoch({"epoch": 0, "test_acc": 80.0 + n, "train_loss": 0.5}, [])
+        ...     run.mark_done()
+        >>> _ = mq.runs.RunDir.create("results/unfinished", RunConfig())  # left out
+        >>> sorted((t.backward, t.trial, t.test_acc) for t in collect(["results", "results/multifc-trial-1"]))
+        [('MultiFC', 1, [81.0]), ('MultiFC', 2, [82.0])]
     """
     found: list[TrialCurves] = []
     seen: set[Path] = set()
@@ -213,7 +361,32 @@ def collect(paths: Iterable[str | Path]) -> list[TrialCurves]:
 
 # --- the table -------------------------------------------------------------------------------------------
 def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRow]:
-    """One row per configuration, in a stable order (source, model, dataset, forward, optimizer, backward)."""
+    """One row per configuration, in a stable order (source, model, dataset, forward, optimizer, backward).
+
+    Trials are grouped by ``TrialCurves.key``; each group gets ``best_stats`` and ``last_k_stats``. Our runs
+    come before the original code's; backward methods in the order STE, other STE variants, FC-Grad,
+    MultiFC, LSTMFC, the rest.
+
+    Args:
+        trials: the trials (``collect``).
+        last_k: how many last epochs of each trial the *Last k Acc* statistics pool.
+
+    Returns:
+        The ``SummaryRow`` of every configuration.
+
+    Raises:
+        ValueError: a trial without accuracies.
+
+    Example:
+        >>> from metaquant.report import TrialCurves
+        >>> def trial(backward, n, acc):  # one trial of 3 epochs of ResNet20 on CIFAR10, 1-bit DoReFa, SGD
+        ...     return TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, backward, "SGD", n, acc, [1.0]*3)
+        >>> from metaquant.report import summarize
+        >>> rows = summarize([trial("MultiFC", 1, [80.0, 85.0, 86.0]), trial("STE", 1, [75.0, 80.0, 79.0]),
+        ...                   trial("STE + momentum 0.9", 1, [78.0, 82.0, 84.0])], last_k=2)
+        >>> [(r.backward, r.best_mean, r.last_mean) for r in rows]
+        [('STE', 80.0, 79.5), ('STE + momentum 0.9', 84.0, 83.0), ('MultiFC', 86.0, 85.5)]
+    """
     groups: dict[tuple, list[TrialCurves]] = defaultdict(list)
     for t in trials:
         groups[t.key].append(t)
@@ -243,7 +416,35 @@ def _cells(row: SummaryRow) -> list[str]:
 
 
 def write_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results") -> tuple[Path, Path]:
-    """``<stem>.md`` (the seed's layout: mean (variance)) and ``<stem>.csv`` (one column per number)."""
+    """``<stem>.md`` (the seed's layout: mean (variance)) and ``<stem>.csv`` (one column per number).
+
+    The Markdown table shows three decimals and ends with a note on the statistics; the CSV has four decimals
+    and the fewest epochs of the row's trials.
+
+    Args:
+        rows: the table (``summarize``).
+        out: the directory to write in (created if needed).
+        stem: the files' name without extension.
+
+    Returns:
+        ``(markdown path, CSV path)``.
+
+    Raises:
+        OSError: the files cannot be written.
+
+    Example:
+        >>> from metaquant.report import TrialCurves
+        >>> def trial(backward, n, acc):  # one trial of 3 epochs of ResNet20 on CIFAR10, 1-bit DoReFa, SGD
+        ...     return TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, backward, "SGD", n, acc, [1.0]*3)
+        >>> from metaquant.report import summarize, write_table
+        >>> rows = summarize([trial("STE", 1, [70.0, 80.0, 75.0]), trial("STE", 2, [72.0, 78.0, 79.0])], last_k=2)
+        >>> import pathlib
+        >>> md, csv_path = write_table(rows, pathlib.Path("tables"))
+        >>> md.read_text().splitlines()[2]
+        '| metaquant | ResNet20 | CIFAR10 | dorefa | 1 | STE | SGD | 79.500 (0.250) | 78.000 (3.500) | - | 2 |'
+        >>> csv_path.read_text().splitlines()[1]
+        'metaquant,ResNet20,CIFAR10,dorefa,1,STE,SGD,79.5000,0.2500,78.0000,3.5000,,2,3'
+    """
     out.mkdir(parents=True, exist_ok=True)
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "|".join(" :---: " for _ in _COLUMNS) + "|"]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
@@ -269,7 +470,33 @@ def write_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results") ->
 # --- the figures -----------------------------------------------------------------------------------------
 def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
     """One PNG per (model, dataset, forward, optimizer): training loss and test accuracy per epoch, one line per
-    backward method (mean over trials) with a band from the minimum to the maximum over trials."""
+    backward method (mean over trials) with a band from the minimum to the maximum over trials.
+
+    Trials of the original code get their own lines (``"<backward> [original code]"``); each line's legend
+    gives its number of trials. A figure is named ``<model>-<dataset>-<forward><bits>-<optimizer>.png``, in
+    lower case (e.g. ``resnet20-cifar10-dorefa1-sgd.png``). Needs matplotlib (the ``plot`` extra).
+
+    Args:
+        trials: the trials (``collect``).
+        out: the directory to write in (created if needed).
+
+    Returns:
+        The paths of the figures written, in the order of their (model, dataset, forward, bits, optimizer).
+
+    Raises:
+        ImportError: matplotlib is not installed.
+
+    Example:
+        Drawing takes about a second (matplotlib); which figures ``plot_comparisons(trials, out)`` draws
+        follows from the trials alone:
+
+        >>> from metaquant.report import TrialCurves
+        >>> def trial(backward, n, acc):  # one trial of 3 epochs of ResNet20 on CIFAR10, 1-bit DoReFa, SGD
+        ...     return TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, backward, "SGD", n, acc, [1.0]*3)
+        >>> trials = [trial(b, n, [80.0, 82.0, 83.0]) for b in ("STE", "MultiFC") for n in (1, 2)]
+        >>> sorted({t.key[1:5] + (t.optimizer,) for t in trials})  # one figure, two lines of two trials each
+        [('ResNet20', 'CIFAR10', 'dorefa', 1, 'SGD')]
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -33,11 +33,45 @@ PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 
 
 class RunExistsError(FileExistsError):
-    """The run directory already exists and holds a run."""
+    """The run directory already exists and holds a run.
+
+    Raised by ``RunDir.create`` (and so by ``pipeline.execute``) before anything is written: a run is never
+    overwritten. It is a ``FileExistsError``, so code that knows only the builtin types handles it too.
+
+    Example:
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.runs import RunDir, RunExistsError
+        >>> _ = RunDir.create("runs/taken", RunConfig())
+        >>> try:
+        ...     RunDir.create("runs/taken", RunConfig(epochs=3))
+        ... except RunExistsError as err:
+        ...     print(isinstance(err, FileExistsError), RunDir("runs/taken").config().epochs)
+        True 10
+    """
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the complete new one, nothing between."""
+    """Write ``data`` to ``path`` so that readers see the old file or the complete new one, nothing between.
+
+    The bytes go to a temporary file in the same directory, are flushed to disk, then renamed over ``path``;
+    if anything fails, the temporary file is removed and ``path`` is as it was.
+
+    Args:
+        path: the file to write; its directory must exist.
+        data: the complete new contents.
+
+    Raises:
+        OSError: the directory does not exist or cannot be written (permissions, full disk).
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.runs import atomic_write_bytes
+        >>> folder = pathlib.Path("atomic"); folder.mkdir()
+        >>> atomic_write_bytes(folder / "notes.txt", b"first")
+        >>> atomic_write_bytes(folder / "notes.txt", b"second")
+        >>> (folder / "notes.txt").read_bytes(), [p.name for p in folder.iterdir()]  # no temporary file is left
+        (b'second', ['notes.txt'])
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -56,6 +90,24 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
     The previous file at ``path``, if any, becomes ``<name>.prev.pt`` only once the new one is complete, so at
     every instant at least one complete checkpoint exists.
+
+    Args:
+        path: the checkpoint file (e.g. ``RunDir.checkpoint_path``); its directory must exist.
+        state: what to save; ``load_checkpoint`` expects the keys ``model``, ``optimizer``, ``trainer``,
+            ``rng`` and ``epoch``.
+
+    Raises:
+        OSError: the file cannot be written (the previous checkpoint is then kept).
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.runs import load_checkpoint, save_checkpoint
+        >>> path = pathlib.Path("checkpoint.pt")
+        >>> state = {"model": {"w": torch.ones(2)}, "optimizer": {}, "trainer": {}, "rng": {}, "epoch": 1}
+        >>> save_checkpoint(path, state)
+        >>> save_checkpoint(path, {**state, "epoch": 2})
+        >>> load_checkpoint(path)["epoch"], load_checkpoint(pathlib.Path("checkpoint.prev.pt"))["epoch"]
+        (2, 1)
     """
     path = Path(path)
     buffer = io.BytesIO()
@@ -71,9 +123,31 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint written by ``save_checkpoint`` on the CPU.
 
+    Only tensors and plain values are unpickled (``torch.load(weights_only=True)``).
+
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        The saved dict, with at least the keys ``model``, ``optimizer``, ``trainer``, ``rng`` and ``epoch``.
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is not a readable checkpoint (truncated, corrupt, another format).
+        ValueError: the file is not a readable checkpoint (truncated, corrupt, another format), or a dict that
+            lacks one of the keys above (the message names them).
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.runs import load_checkpoint
+        >>> _ = pathlib.Path("broken.pt").write_bytes(b"half a checkpoint")
+        >>> torch.save({"model": {}, "epoch": 3}, "partial.pt")
+        >>> for name in ("broken.pt", "partial.pt"):
+        ...     try:
+        ...         load_checkpoint(name)
+        ...     except ValueError as err:
+        ...         print(err)
+        checkpoint broken.pt is corrupt or truncated (...)
+        partial.pt is not a metaquant checkpoint (missing optimizer, rng, trainer)
     """
     path = Path(path)
     if not path.is_file():
@@ -89,7 +163,27 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 class RunDir:
-    """One run's directory. Create it with ``RunDir.create`` (refuses an existing run) or open ``RunDir(path)``."""
+    """One run's directory. Create it with ``RunDir.create`` (refuses an existing run) or open ``RunDir(path)``.
+
+    The layout is in the module docstring; ``pipeline.execute`` writes it, ``pipeline.resume`` and ``report``
+    read it. Opening a directory checks nothing: the accessors raise when a file is missing.
+
+    Args:
+        path: the run directory.
+
+    Example:
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.runs import RunDir
+        >>> run = RunDir.create("runs/demo", RunConfig(epochs=2))
+        >>> run.record_epoch({"epoch": 0, "test_acc": 71.5}, [(1, 2.3), (2, 2.1)])
+        >>> run.record_epoch({"epoch": 1, "test_acc": 80.0}, [(3, 1.9)])
+        >>> run.record_epoch({"epoch": 1, "test_acc": 80.5}, [(3, 1.8)])  # a resumed run redoes epoch 1
+        >>> [m["test_acc"] for m in run.metrics()], run.loss_path.read_text().splitlines()
+        ([71.5, 80.5], ['iteration,loss', '1,2.30000000', '2,2.10000000', '3,1.80000000'])
+        >>> run.mark_done()
+        >>> RunDir("runs/demo").is_done(), RunDir("runs/demo").config().epochs
+        (True, 2)
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -135,6 +229,7 @@ class RunDir:
 
     # --- contents -----------------------------------------------------------------------------------------
     def config(self) -> RunConfig:
+        """The run's ``RunConfig``, read from ``config.json`` (``RunConfig.load``'s errors)."""
         return RunConfig.load(self.config_path)
 
     def metrics(self) -> list[dict[str, Any]]:
@@ -144,6 +239,7 @@ class RunDir:
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
     def is_done(self) -> bool:
+        """Whether the run has finished (its ``done`` file exists)."""
         return self.done_path.exists()
 
     def record_epoch(self, record: dict[str, Any], losses: list[tuple[int, float]]) -> None:
@@ -170,4 +266,5 @@ class RunDir:
         return [line for line in lines if int(line.split(",", 1)[0]) < before]
 
     def mark_done(self) -> None:
+        """Write the ``done`` file: the run has finished, every other file is complete."""
         atomic_write_bytes(self.done_path, b"")

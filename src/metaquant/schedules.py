@@ -27,8 +27,23 @@ def lr_factor(schedule: str, epoch: int, epochs: int, step_size: int = 30, gamma
         step_size: epochs between two divisions (``step`` only).
         gamma: the factor applied at each division (``step`` only).
 
+    Returns:
+        The factor; ``1.0`` at epoch 0 for every schedule.
+
     Raises:
-        ValueError: unknown schedule (the message lists them) or non-positive ``step_size``.
+        ValueError: unknown schedule (the message lists them) or non-positive ``step_size`` (``step`` only).
+
+    Example:
+        The paper's schedule over 100 epochs, and the cosine one half-way:
+
+        >>> [round(mq.schedules.lr_factor("step", epoch, 100), 6) for epoch in (0, 29, 30, 60, 99)]
+        [1.0, 1.0, 0.1, 0.01, 0.001]
+        >>> mq.schedules.lr_factor("cosine", 50, 100)
+        0.5
+        >>> mq.schedules.lr_factor("linear", 0, 100)
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown lr schedule 'linear'; allowed: step, cosine, constant
     """
     if schedule == "step":
         if step_size < 1:
@@ -46,6 +61,18 @@ def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 
     The initial rate is kept in the group as ``initial_lr`` (the key ``torch.optim.lr_scheduler`` uses), so it
     travels with the optimizer's ``state_dict`` and per-group rates are preserved.
+
+    Args:
+        optimizer: any ``torch.optim`` optimizer; its groups' ``lr`` are set in place.
+        factor: the multiplier, e.g. from ``lr_factor``.
+
+    Example:
+        >>> opt = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": 0.1}, {"params": [torch.zeros(1)], "lr": 1.0}])
+        >>> mq.schedules.scale_lr(opt, 0.5)
+        >>> [(g["lr"], g["initial_lr"]) for g in opt.param_groups]
+        [(0.05, 0.1), (0.5, 1.0)]
+        >>> mq.schedules.scale_lr(opt, 1.0); [g["lr"] for g in opt.param_groups]  # not compounded
+        [0.1, 1.0]
     """
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])

@@ -63,7 +63,29 @@ _DISPLAY = {"ste": "STE", "identity": "STE (unclipped)", "ewgs": "EWGS", "fc-gra
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A parsed, validated sweep file."""
+    """A parsed, validated sweep file (see the module docstring for the file's parts).
+
+    Made by ``load_sweep``; can also be built directly and given to ``plan`` or ``run_sweep``.
+
+    Attributes:
+        name: the sweep's name (default: the file's stem).
+        trials: runs per configuration; trial ``n`` (1-based) runs with seed ``seed + n − 1``.
+        seed: the seed of trial 1.
+        pretrain: ``RunConfig`` fields of the shared full-precision model per (model, dataset), or None.
+        base: ``RunConfig`` fields of every quantization run.
+        grid: the ``[[grid]]`` entries: lists are crossed, scalars fixed; the entries' runs are unioned.
+        optimizer_overrides: fields applied to every run with that optimizer (the grid entry wins).
+        run_dir: where the runs go, if the file says.
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.sweep import SweepSpec, plan
+        >>> spec = SweepSpec(name="demo", trials=3, seed=0, pretrain=None, base={"dataset": "cifar10"},
+        ...                  grid=[{"quantizer": ["dorefa", "bwn"], "estimator": ["ste", "multifc"]}],
+        ...                  optimizer_overrides={})
+        >>> len(plan(spec, pathlib.Path("sweeps/demo")))  # 2 quantizers × 2 estimators × 3 trials
+        12
+    """
 
     name: str
     trials: int
@@ -77,7 +99,24 @@ class SweepSpec:
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One run of the sweep: where it goes, its configuration, and how reports name its backward method."""
+    """One run of the sweep: where it goes, its configuration, and how reports name its backward method.
+
+    Attributes:
+        path: the run directory, ``<root>/<label>-<model>-<dataset>-<quantizer><bits>-<optimizer>-trial-<n>``
+            with the label in lower case and ``-`` for other characters than letters and digits.
+        config: the run's validated ``RunConfig`` (``task="quantize"``, its ``label`` set).
+        label: how reports name its backward method (``backward_label`` or the grid entry's ``label``).
+        trial: the trial number, from 1.
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.sweep import SweepSpec, plan
+        >>> spec = SweepSpec(name="demo", trials=2, seed=5, pretrain=None, base={"dataset": "cifar10"},
+        ...                  grid=[{"estimator": "lstmfc", "label": "LSTMFC h100"}], optimizer_overrides={})
+        >>> run = plan(spec, pathlib.Path("sweeps/demo"))[-1]
+        >>> run.path.name, run.label, run.trial, run.config.seed
+        ('lstmfc-h100-resnet20-cifar10-dorefa1-sgd-trial-2', 'LSTMFC h100', 2, 6)
+    """
 
     path: Path
     config: RunConfig
@@ -86,7 +125,25 @@ class PlannedRun:
 
 
 def backward_label(config: RunConfig) -> str:
-    """How tables and figures name a run's backward method, e.g. ``MultiFC (original order)``."""
+    """How tables and figures name a run's backward method, e.g. ``MultiFC (original order)``.
+
+    The estimator's display name, then `` (original order)`` for a meta quantizer run in the original code's
+    order (DESIGN §5.1), then `` + momentum m`` for SGD with momentum.
+
+    Args:
+        config: the run's configuration.
+
+    Returns:
+        The label.
+
+    Example:
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.sweep import backward_label
+        >>> backward_label(RunConfig(estimator="multifc", step_order="original"))
+        'MultiFC (original order)'
+        >>> backward_label(RunConfig(estimator="ste", momentum=0.9)), backward_label(RunConfig(estimator="identity"))
+        ('STE + momentum 0.9', 'STE (unclipped)')
+    """
     label = _DISPLAY.get(config.estimator, config.estimator)
     if config.uses_meta and config.step_order == "original":
         label += " (original order)"
@@ -98,9 +155,43 @@ def backward_label(config: RunConfig) -> str:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and validate a sweep file.
 
+    Every run's configuration is built and validated (``plan``) before the spec is returned, so a mistake is
+    reported before anything runs.
+
+    Args:
+        path: the TOML file.
+
+    Returns:
+        The ``SweepSpec``.
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: invalid TOML, unknown keys, or a field value every run would refuse.
+        ValueError: invalid TOML, unknown keys, no ``[[grid]]`` entry, ``trials`` not an integer >= 1, an unknown
+            ``RunConfig`` field, a field value a run refuses, or two runs that would share a directory.
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.sweep import load_sweep
+        >>> _ = pathlib.Path("tiny.toml").write_text('''
+        ... name = "tiny"
+        ... trials = 2
+        ... [base]
+        ... dataset = "mnist"
+        ... [[grid]]
+        ... estimator = ["ste", "multifc"]
+        ... ''')
+        >>> spec = load_sweep("tiny.toml")
+        >>> spec.name, spec.trials, spec.base, spec.grid
+        ('tiny', 2, {'dataset': 'mnist'}, [{'estimator': ['ste', 'multifc']}])
+        >>> _ = pathlib.Path("typo.toml").write_text('''
+        ... [[grid]]
+        ... estimater = "ste"
+        ... ''')
+        >>> try:
+        ...     load_sweep("typo.toml")
+        ... except ValueError as err:
+        ...     print(err)
+        sweep 'typo': RunConfig.__init__() got an unexpected keyword argument 'estimater'
     """
     path = Path(path)
     if not path.is_file():
@@ -148,7 +239,36 @@ def pretrain_path(root: Path, model: str, dataset: str) -> Path:
 
 
 def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
-    """Every quantization run of the sweep, in order, with validated configurations."""
+    """Every quantization run of the sweep, in order, with validated configurations.
+
+    Each ``[[grid]]`` entry is expanded (lists crossed), merged over ``base`` and the optimizer's overrides
+    (the entry wins), and repeated for every trial. With a ``[pretrain]`` part, runs without ``init`` start
+    from ``<root>/pretrain-<model>-<dataset>``.
+
+    Args:
+        spec: the sweep.
+        root: the directory the run directories go in (nothing is created).
+
+    Returns:
+        The ``PlannedRun`` of every run: grid entries in order, then their combinations, then the trials.
+
+    Raises:
+        ValueError: an unknown ``RunConfig`` field, a value a run refuses, or two runs that would share a
+            directory.
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.sweep import SweepSpec, plan
+        >>> spec = SweepSpec(name="demo", trials=1, seed=0, pretrain=None, base={"dataset": "cifar10"},
+        ...                  grid=[{"estimator": ["ste", "multifc"], "optimizer": ["sgd", "adam"]}],
+        ...                  optimizer_overrides={"adam": {"weight_decay": 5e-4}})
+        >>> for run in plan(spec, pathlib.Path("sweeps/demo")):
+        ...     print(run.path.name, run.config.weight_decay)
+        ste-resnet20-cifar10-dorefa1-sgd-trial-1 0.0
+        ste-resnet20-cifar10-dorefa1-adam-trial-1 0.0005
+        multifc-resnet20-cifar10-dorefa1-sgd-trial-1 0.0
+        multifc-resnet20-cifar10-dorefa1-adam-trial-1 0.0005
+    """
     runs: list[PlannedRun] = []
     seen: set[Path] = set()
     for entry in spec.grid:
@@ -213,7 +333,41 @@ def run_sweep(
     echo: Callable[[str], None] = print,
     stop: StopFlag | None = None,
 ) -> list[PlannedRun]:
-    """Run every run of ``spec`` under ``root`` that is not done yet; one progress line per run via ``echo``."""
+    """Run every run of ``spec`` under ``root`` that is not done yet; one progress line per run via ``echo``.
+
+    The shared pre-training runs (if ``spec.pretrain``) come first. A finished run is skipped, an interrupted
+    one resumed (``pipeline.resume``), a new one started (``pipeline.execute``).
+
+    Args:
+        spec: the sweep.
+        root: the directory of the run directories (created if needed).
+        progress: show a progress bar per epoch.
+        echo: receives one line per run (status, final and best test accuracy, seconds).
+        stop: a ``StopFlag``, as for ``pipeline.execute``.
+
+    Returns:
+        The ``PlannedRun`` of every quantization run, as ``plan`` gives them.
+
+    Raises:
+        ValueError: a run directory holds a run of another configuration, or a directory that is not a run
+            (nothing in it is touched); and ``plan``'s errors.
+        TrainingInterrupted: ``stop`` was set; running the sweep again resumes where it stopped.
+        FileNotFoundError: as ``pipeline.execute`` (e.g. the data set is not found).
+
+    Example:
+        >>> for split in ("train", "t10k"):  # a tiny stand-in for MNIST, in its real format: 8 + 8 images
+        ...     images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+        ...     _ = mq.data.write_idx(f"mnist/{split}-images-idx3-ubyte", images)
+        ...     _ = mq.data.write_idx(f"mnist/{split}-labels-idx1-ubyte", torch.randint(0, 10, (8,), dtype=torch.uint8))
+        >>> from metaquant.sweep import SweepSpec, run_sweep
+        >>> base = {"model": "resnet8", "dataset": "mnist", "data_dir": "mnist", "download": False,
+        ...         "batch_size": 4, "epochs": 1, "device": "cpu"}
+        >>> spec = SweepSpec("tiny", 1, 0, None, base, grid=[{"estimator": "ste"}], optimizer_overrides={})
+        >>> _ = run_sweep(spec, "sweeps/tiny")
+        [1/1] STE | resnet8 dorefa1 sgd | trial 1: done, final ...%, best ...% (...s)
+        >>> _ = run_sweep(spec, "sweeps/tiny")  # again: the finished run is not run twice
+        [1/1] STE | resnet8 dorefa1 sgd | trial 1: skipped (done), final ...%, best ...% (...s)
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     runs = plan(spec, root)

@@ -37,7 +37,19 @@ BINS = 60
 
 
 def snapshot_epochs(epochs: int) -> set[int]:
-    """Epoch counts after which a snapshot is taken: 0, 1, 2, 5, 10, 20, 50, ... and ``epochs``."""
+    """Epoch counts after which a snapshot is taken: 0, 1, 2, 5, 10, 20, 50, ... and ``epochs``.
+
+    Args:
+        epochs: the run's number of epochs.
+
+    Returns:
+        The epoch counts, 0 (before training) and ``epochs`` included.
+
+    Example:
+        >>> from metaquant.trace import snapshot_epochs
+        >>> sorted(snapshot_epochs(100)), sorted(snapshot_epochs(7))
+        ([0, 1, 2, 5, 10, 20, 50, 100], [0, 1, 2, 5, 7])
+    """
     marks, base = {0, epochs}, 1
     while base <= epochs:
         marks |= {m for m in (base, 2 * base, 5 * base) if m <= epochs}
@@ -46,7 +58,31 @@ def snapshot_epochs(epochs: int) -> set[int]:
 
 
 class MetaTrace:
-    """Collects snapshots of a MetaQuant run (see the module docstring) and writes them to ``path``."""
+    """Collects snapshots of a MetaQuant run (see the module docstring) and writes them to ``path``.
+
+    ``pipeline.execute`` makes one for every MetaQuant run with a run directory and calls ``snapshot`` after
+    each epoch. An existing file at ``path`` is loaded, so a resumed run continues its trace.
+
+    Args:
+        path: the trace file (``<run dir>/trace.pt``); rewritten atomically at every snapshot.
+        epochs: the run's number of epochs (which ones are snapshot epochs: ``snapshot_epochs``).
+
+    Raises:
+        pickle.UnpicklingError, EOFError, RuntimeError: an existing file at ``path`` is not a readable trace
+            (as ``torch.load`` reports it: damaged, empty, truncated).
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.trace import MetaTrace
+        >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+        >>> trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=8))
+        >>> trace = MetaTrace(pathlib.Path("trace.pt"), epochs=4)  # snapshots after epochs 0, 1, 2 and 4
+        >>> for epoch in range(5):
+        ...     trace.snapshot(epoch, trainer, model)  # epoch 3 is not a snapshot epoch
+        >>> data = torch.load("trace.pt")
+        >>> sorted(data["snapshots"]), [int(h.sum()) for h in data["snapshots"][4]["weights"].values()]
+        ([0, 1, 2, 4], [24, 8])
+    """
 
     def __init__(self, path: Path, epochs: int) -> None:
         self.path = Path(path)
@@ -56,7 +92,13 @@ class MetaTrace:
             self.data = torch.load(self.path, weights_only=True)
 
     def snapshot(self, epoch: int, trainer: Any, model: nn.Module) -> None:
-        """Record the state after ``epoch`` epochs (0: before training) if it is a snapshot epoch."""
+        """Record the state after ``epoch`` epochs (0: before training) if it is a snapshot epoch.
+
+        Args:
+            epoch: epochs done.
+            trainer: the run's ``MetaQuant`` (its meta quantizer and, for LSTMFC, its recorded states).
+            model: the quantized model, unwrapped from DDP.
+        """
         if epoch not in snapshot_epochs(self.epochs) or epoch in self.data["snapshots"]:
             return
         layers = quantized_layers(model)
@@ -93,8 +135,28 @@ def _multiplier(meta: MetaQuantizer, w_tilde: torch.Tensor, state: Any = None) -
 def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Draw ``learned-function.png`` and ``weights.png`` for a MetaQuant run directory.
 
+    The figures are described in the module docstring. Needs matplotlib (the ``plot`` extra).
+
+    Args:
+        run_dir: a MetaQuant run directory with ``trace.pt`` and ``config.json``.
+        out: where to write the figures (created if needed; default: ``run_dir``).
+
+    Returns:
+        The paths of ``learned-function.png`` and ``weights.png``.
+
     Raises:
-        FileNotFoundError: the run has no trace (not a MetaQuant run, or made before traces existed).
+        FileNotFoundError: the run has no trace (not a MetaQuant run, or made before traces existed), or no
+            ``config.json``.
+        ImportError: matplotlib is not installed.
+
+    Example:
+        Drawing takes about a second (matplotlib). For MultiFC, ``learned-function.png`` shows at each snapshot
+        the multiplier of ``g_Ŵ`` as a function of ``W̃`` (DoReFa: ``W̃`` in [0, 1]), next to STE's 1:
+
+        >>> meta, w_tilde = mq.MultiFC(hidden=8), torch.linspace(0, 1, 5)
+        >>> multiplier, _ = meta(torch.ones(5), w_tilde)  # g_W̃ / g_Ŵ, the curve drawn
+        >>> multiplier.shape, torch.allclose(meta(torch.full((5,), 3.0), w_tilde)[0], 3 * multiplier)
+        (torch.Size([5]), True)
     """
     import matplotlib
 

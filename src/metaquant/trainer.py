@@ -39,6 +39,23 @@ class Trainer:
         estimator: the classical estimator for quantized layers (default: clipped STE, the paper's baseline).
         on_nonfinite: ``"raise"`` (default) stops with ``NonFiniteError`` before any update when the loss or a
             gradient is not finite; ``"skip"`` undoes the forward pass's BatchNorm statistics and skips the step.
+
+    Raises:
+        TypeError: ``estimator`` is not a ``ClassicalEstimator``.
+        ValueError: ``on_nonfinite`` is not one of ``NONFINITE_POLICIES``.
+
+    Example:
+        Three STE steps of a 1-bit linear layer; with ``"skip"`` a NaN loss leaves the weights as they were:
+
+        >>> import torch.nn.functional as F
+        >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)))
+        >>> trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), on_nonfinite="skip")
+        >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+        >>> losses = [trainer.step(lambda: F.cross_entropy(model(x), y)).item() for _ in range(3)]
+        >>> w = model[1].weight.detach().clone()
+        >>> _ = trainer.step(lambda: F.cross_entropy(model(x), y) * float("nan"))
+        >>> torch.equal(model[1].weight, w), trainer.skipped_steps
+        (True, 1)
     """
 
     def __init__(
@@ -63,6 +80,12 @@ class Trainer:
 
     def step(self, closure: Closure) -> Tensor:
         """Zero the gradients, compute ``closure()``, back-propagate, update. Returns the loss (detached).
+
+        Args:
+            closure: runs the forward pass on a batch and returns the scalar loss (without calling ``backward``).
+
+        Returns:
+            The loss, detached; with ``on_nonfinite="skip"``, a skipped step's non-finite loss.
 
         Raises:
             NonFiniteError: the loss or a gradient is not finite (``on_nonfinite="raise"``); nothing was updated.
@@ -95,5 +118,10 @@ class Trainer:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Accept what ``state_dict`` saved (an empty dict).
+
+        Raises:
+            ValueError: ``state`` is not empty (e.g. a MetaQuant trainer's state).
+        """
         if state:
             raise ValueError(f"unexpected trainer state for a classical estimator: keys {sorted(state)}")

@@ -48,7 +48,17 @@ class EpochLoader(Protocol):
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
+    """Seed Python, NumPy and torch (all devices).
+
+    Args:
+        seed: the seed of all three generators.
+
+    Example:
+        >>> import random, numpy as np
+        >>> mq.training.seed_everything(1); first = (random.random(), np.random.rand(), torch.rand(1).item())
+        >>> mq.training.seed_everything(1); first == (random.random(), np.random.rand(), torch.rand(1).item())
+        True
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -56,7 +66,18 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG state a run depends on, for a checkpoint, as tensors and plain Python values only (so the
-    checkpoint loads with ``torch.load(weights_only=True)``)."""
+    checkpoint loads with ``torch.load(weights_only=True)``).
+
+    Returns:
+        A dict with the states of Python's ``random`` (``"python"``), NumPy's global generator (``"numpy"``),
+        torch's CPU generator (``"torch"``) and, when CUDA is available, of every CUDA device (``"cuda"``).
+
+    Example:
+        >>> saved = mq.training.rng_state()
+        >>> torch.save(saved, "rng.pt")
+        >>> {"python", "numpy", "torch"} <= set(torch.load("rng.pt", weights_only=True))
+        True
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -69,7 +90,21 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved."""
+    """Restore what ``rng_state`` saved.
+
+    Args:
+        state: a dict returned by ``rng_state``, possibly saved and loaded with ``torch.load(weights_only=True)``.
+            Its ``"cuda"`` entry is ignored when CUDA is not available.
+
+    Example:
+        >>> import random
+        >>> torch.save(mq.training.rng_state(), "rng.pt")
+        >>> drawn = (random.random(), torch.rand(2))
+        >>> mq.training.set_rng_state(torch.load("rng.pt", weights_only=True))
+        >>> again = (random.random(), torch.rand(2))
+        >>> drawn[0] == again[0], torch.equal(drawn[1], again[1])
+        (True, True)
+    """
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -80,7 +115,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    """Mean cross-entropy, top-1 and top-5 accuracy (percent) of ``model`` in eval mode over ``loader``."""
+    """Mean cross-entropy, top-1 and top-5 accuracy (percent) of ``model`` in eval mode over ``loader``.
+
+    Runs without gradients and puts ``model`` back in the mode it was in. Under data parallelism each process
+    evaluates its shard and the sums are combined, so every process returns the metrics of the whole set.
+    With fewer than 5 classes, "top-5" counts the top ``num_classes``.
+
+    Args:
+        model: returns logits ``[B, num_classes]`` for a batch ``x``.
+        loader: any iterable of ``(x, y)`` batches (a ``TensorLoader``, a plain list), ``y`` int64 ``[B]``.
+
+    Returns:
+        ``{"loss": mean cross-entropy, "top1": percent, "top5": percent}`` over all examples.
+
+    Raises:
+        ValueError: ``loader`` yielded no examples.
+
+    Example:
+        A "model" that returns its input as the logits, over two batches; the loss is
+        ``(2·log(1 + 2e⁻²) + log(e² + 2)) / 3``:
+
+        >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
+        >>> batches = [(logits[:2], torch.tensor([0, 1])), (logits[2:], torch.tensor([0]))]
+        >>> metrics = mq.evaluate(torch.nn.Identity(), batches)
+        >>> round(metrics["loss"], 4), round(metrics["top1"], 2), metrics["top5"]
+        (0.9062, 66.67, 100.0)
+    """
     was_training = model.training
     model.eval()
     total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
@@ -106,7 +166,17 @@ class FitState:
 
     ``epoch`` is the epoch in progress (or the next one), ``batch`` the number of its batches already done
     (non-zero only in a checkpoint written mid-epoch), and the ``epoch_*`` fields the running sums of the
-    epoch's training statistics.
+    epoch's training statistics. ``iteration`` counts the steps of the whole run, ``best_acc`` and ``last_acc``
+    are the best and the latest test top-1 accuracy (percent), and ``epoch_losses`` the ``(iteration, loss)``
+    pairs of the epoch. ``fit`` returns it and saves it in each checkpoint as ``dataclasses.asdict(state)``.
+
+    Example:
+        >>> import dataclasses
+        >>> state = mq.training.FitState(epoch=2, batch=5, epoch_seen=640)
+        >>> state.start_epoch(); state.epoch, state.batch, state.epoch_seen
+        (2, 0, 0)
+        >>> mq.training.FitState(**dataclasses.asdict(state)) == state  # a checkpoint's "fit" entry, read back
+        True
     """
 
     epoch: int = 0
@@ -120,6 +190,7 @@ class FitState:
     epoch_losses: list[tuple[int, float]] = field(default_factory=list)
 
     def start_epoch(self) -> None:
+        """Reset ``batch`` and the epoch's running statistics (``epoch`` itself is left to the caller)."""
         self.batch, self.epoch_loss_sum, self.epoch_correct, self.epoch_seen = 0, 0.0, 0, 0
         self.epoch_losses = []
 
@@ -145,8 +216,10 @@ def fit(
     Args:
         model: the model (quantized or not).
         trainer: does one optimization step per batch.
-        train_loader, test_loader: re-iterable loaders with ``set_epoch`` (the data order depends on the epoch
-            only, so a resumed run sees the same batches).
+        train_loader: a re-iterable loader of ``(x, y)`` batches with ``set_epoch`` and ``len`` (the data order
+            depends on the epoch only, so a resumed run sees the same batches), e.g. a ``TensorLoader``.
+        test_loader: the evaluation batches, iterated once per epoch by ``evaluate`` (``fit`` calls no
+            ``set_epoch`` on it).
         epochs: total number of epochs.
         schedule: ``epoch -> learning-rate factor`` of the base optimizer (MetaQuant's meta optimizer
             follows the base optimizer's rate by itself).
@@ -165,7 +238,21 @@ def fit(
     Raises:
         TrainingInterrupted: ``stop`` was set; a checkpoint of the exact position was written.
         NonFiniteError: a step produced a non-finite value; the message names the epoch, the step and the
-            last good checkpoint, which is left as it was.
+            last good checkpoint, which is left as it was. Also raised, instead of writing, when ``run`` is set
+            and the weights of a checkpoint about to be saved are not finite.
+        ValueError: ``test_loader`` yielded no examples (from ``evaluate``).
+
+    Example:
+        One epoch of STE training on 8 random 4×4 images, in two batches:
+
+        >>> images, labels = torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 3, (8,))
+        >>> info = mq.data.DatasetInfo("toy", 3, 1, 4, (0.5,), (0.5,), "none")
+        >>> train = mq.data.TensorLoader(mq.data.ImageTensors(images, labels), info, batch_size=4, train=True)
+        >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)))
+        >>> trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> state = mq.fit(model, trainer, train, list(train), epochs=1, schedule=lambda e: 1.0, progress=False)
+        >>> state.epoch, state.iteration, 0.0 <= state.best_acc <= 100.0
+        (1, 2, True)
     """
     state = state or FitState()
 

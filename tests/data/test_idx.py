@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from metaquant.data.errors import DatasetFormatError
-from metaquant.data.idx import read_idx_images, read_idx_labels, read_idx_pair
+from metaquant.data import idx as idx_module
+from metaquant.data.idx import read_idx, read_idx_images, read_idx_labels, read_idx_pair
 
 from .formats import write_idx
 
@@ -97,3 +98,23 @@ def test_count_mismatch_names_both_files(tmp_path):
         read_idx_pair(ip, lp)
     msg = str(err.value)
     assert "imgs" in msg and "labs" in msg and "5 images" in msg and "4 labels" in msg
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("shape", [(5,), (4, 28, 28), (2, 3, 4, 5)])
+def test_write_idx_matches_the_independent_writer_and_round_trips(tmp_path, shape, gz):
+    values = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    suffix = ".gz" if gz else ""
+    ours = idx_module.write_idx(tmp_path / "sub" / f"ours{suffix}", torch.from_numpy(values))
+    theirs = write_idx(tmp_path / f"theirs{suffix}", values, gz=gz)
+    # gzip headers carry a timestamp, so compare the decompressed payloads.
+    read = gzip.decompress if gz else (lambda b: b)
+    assert read(ours.read_bytes()) == read(theirs.read_bytes())
+    assert np.array_equal(read_idx(ours, 0x0800 | len(shape)), values)
+
+
+def test_write_idx_refuses_values_it_cannot_store(tmp_path):
+    with pytest.raises(TypeError, match="dtype float32, expected uint8"):
+        idx_module.write_idx(tmp_path / "x", torch.zeros(3))
+    with pytest.raises(ValueError, match="0 dimensions"):
+        idx_module.write_idx(tmp_path / "x", np.uint8(3))

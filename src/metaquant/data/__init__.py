@@ -12,7 +12,7 @@ from .augment import crop_at, crop_offsets, flip_mask, hflip_where, random_crop,
 from .cifar import read_cifar
 from .download import download_url, md5_file
 from .errors import ChecksumError, DatasetError, DatasetFormatError, DatasetNotFoundError, DownloadError
-from .idx import read_idx_pair
+from .idx import read_idx_pair, write_idx
 from .imagenet import ImageFolderLoader, check_imagenet_layout, imagenet_loaders
 from .loader import BatchLoader, TensorLoader
 from .make import make_loaders
@@ -47,5 +47,6 @@ __all__ = [
     "random_hflip",
     "read_cifar",
     "read_idx_pair",
+    "write_idx",
     "subset",
 ]

@@ -167,9 +167,32 @@ def read_cifar(source: str | Path, variant: str, split: str) -> ImageTensors:
         variant: ``"cifar10"`` or ``"cifar100"``.
         split: ``"train"`` or ``"test"``.
 
+    Returns:
+        :class:`ImageTensors` with images uint8 ``[N, 3, 32, 32]`` and labels
+        int64 ``[N]`` (CIFAR-100: the fine labels); the training split
+        concatenates the five CIFAR-10 batches in order.
+
     Raises:
+        ValueError: unknown ``variant`` or ``split``.
         DatasetNotFoundError: ``source`` or a batch file inside the folder is missing.
-        DatasetFormatError: the archive or a batch is corrupt or has the wrong shape.
+        DatasetFormatError: the archive or a batch is corrupt, has the wrong
+            keys or shape or labels out of range, or its pickle refers to a
+            global that a numpy array does not need (refused without running it;
+            this includes numpy arrays pickled with protocol 5, Python's default).
+
+    Example:
+        A folder with one tiny ``test_batch`` in the official format (a protocol-2
+        pickle of a dict with bytes keys) whose rows are the R, G, B planes in turn:
+
+        >>> import pickle
+        >>> from pathlib import Path
+        >>> folder = Path("cifar-10-batches-py"); folder.mkdir()
+        >>> rows = (torch.arange(2 * 3072) // 1024 % 3).to(torch.uint8).reshape(2, 3072)
+        >>> batch = {b"batch_label": b"testing batch 1 of 1", b"data": rows.numpy(), b"labels": [3, 8]}
+        >>> _ = (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+        >>> data = mq.data.read_cifar(folder, "cifar10", "test")
+        >>> data.images.shape, data.labels.tolist(), data.images[0, :, 5, 7].tolist()
+        (torch.Size([2, 3, 32, 32]), [3, 8], [0, 1, 2])
     """
     if variant not in CIFAR_LAYOUTS:
         raise ValueError(f"unknown CIFAR variant {variant!r}; expected one of {', '.join(CIFAR_LAYOUTS)}")

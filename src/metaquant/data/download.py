@@ -26,7 +26,21 @@ _CHUNK = 1 << 20
 
 
 def md5_file(path: str | Path) -> str:
-    """Hex md5 digest of the file at ``path``."""
+    """Hex md5 digest of the file at ``path``.
+
+    Reads the file in 1 MiB chunks, so large archives need little memory.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path`` (from :func:`open`).
+
+    Example:
+        The well-known digest of no bytes at all:
+
+        >>> from pathlib import Path
+        >>> _ = Path("empty.bin").write_bytes(b"")
+        >>> mq.data.md5_file("empty.bin")
+        'd41d8cd98f00b204e9800998ecf8427e'
+    """
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -40,12 +54,36 @@ def download_url(url: str, dest: str | Path, md5: str | None, *, timeout: float 
     ``dest``'s directory is created if needed. An existing ``dest`` is replaced
     only by a download that passed verification.
 
+    Args:
+        url: any URL :func:`urllib.request.urlopen` opens (``https://``,
+            ``http://``, ``file://``, ...).
+        dest: final path of the file.
+        md5: expected hex digest (either case), or None to skip the check.
+        timeout: seconds to wait for the server before giving up.
+
     Returns:
         ``dest`` as a :class:`~pathlib.Path`.
 
     Raises:
         ChecksumError: the downloaded bytes have another md5 (nothing is left on disk).
-        DownloadError: the transfer failed (nothing is left on disk).
+        DownloadError: the transfer failed, including an unknown URL scheme
+            (nothing is left on disk).
+        ValueError: ``url`` has no scheme at all (raised by ``urlopen``; nothing
+            is left on disk).
+
+    Example:
+        A ``file://`` URL stands in for a server here:
+
+        >>> from pathlib import Path
+        >>> source = Path("published.bin"); _ = source.write_bytes(b"metaquant")
+        >>> out = mq.data.download_url(source.resolve().as_uri(), "cache/copy.bin", md5=mq.data.md5_file(source))
+        >>> str(out), out.read_bytes()
+        ('cache/copy.bin', b'metaquant')
+        >>> try:
+        ...     mq.data.download_url("ftp//typo/file.gz", "cache/file.gz", md5=None)
+        ... except ValueError as err:
+        ...     print(err, sorted(p.name for p in Path("cache").iterdir()))
+        unknown url type: 'ftp//typo/file.gz' ['copy.bin']
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Reader for the IDX files of MNIST and Fashion-MNIST.
+"""Reader (and writer) for the IDX files of MNIST and Fashion-MNIST.
 
 IDX is a tiny big-endian format: a 4-byte magic number (two zero bytes, a
 type code, the number of dimensions), one uint32 per dimension, then the
@@ -22,7 +22,10 @@ import torch
 from .errors import DatasetFormatError
 from .tensors import ImageTensors
 
-__all__ = ["IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "read_idx", "read_idx_images", "read_idx_labels", "read_idx_pair"]
+__all__ = [
+    "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "read_idx", "read_idx_images", "read_idx_labels", "read_idx_pair",
+    "write_idx",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +113,35 @@ def read_idx_labels(path: str | Path) -> torch.Tensor:
 def read_idx_pair(images_path: str | Path, labels_path: str | Path) -> ImageTensors:
     """One split from its image and label IDX files.
 
+    Reads an MNIST / Fashion-MNIST pair such as ``t10k-images-idx3-ubyte.gz``
+    and ``t10k-labels-idx1-ubyte.gz``; each file may be gzip-compressed or not,
+    whatever its name.
+
+    Args:
+        images_path: the ``idx3-ubyte`` file (magic ``0x00000803``, ``N x H x W`` bytes).
+        labels_path: the ``idx1-ubyte`` file (magic ``0x00000801``, ``N`` bytes).
+
+    Returns:
+        :class:`ImageTensors` with images uint8 ``[N, 1, H, W]`` and labels int64 ``[N]``.
+
     Raises:
-        DatasetFormatError: either file is malformed, or their counts differ.
+        DatasetFormatError: either file is malformed (wrong magic number,
+            truncated or corrupt gzip stream, payload of the wrong length), or
+            their counts differ.
+        FileNotFoundError: either file does not exist.
+
+    Example:
+        Two tiny files in the real format, the images gzip-compressed:
+
+        >>> import gzip, struct
+        >>> pixels = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+        >>> with gzip.open("images-idx3-ubyte.gz", "wb") as f:
+        ...     _ = f.write(struct.pack(">4I", 0x803, 3, 28, 28) + pixels.numpy().tobytes())
+        >>> with open("labels-idx1-ubyte", "wb") as f:
+        ...     _ = f.write(struct.pack(">2I", 0x801, 3) + bytes([7, 2, 1]))
+        >>> data = mq.data.read_idx_pair("images-idx3-ubyte.gz", "labels-idx1-ubyte")
+        >>> data.images.shape, data.labels.tolist(), torch.equal(data.images[:, 0], pixels)
+        (torch.Size([3, 1, 28, 28]), [7, 2, 1], True)
     """
     images = read_idx_images(images_path)
     labels = read_idx_labels(labels_path)
@@ -122,3 +152,42 @@ def read_idx_pair(images_path: str | Path, labels_path: str | Path) -> ImageTens
         )
     logger.debug("read %d images %s from %s", images.shape[0], tuple(images.shape[1:]), images_path)
     return ImageTensors(images=images, labels=labels)
+
+
+def write_idx(path: str | Path, values: torch.Tensor | np.ndarray) -> Path:
+    """Write uint8 ``values`` as an IDX file, gzip-compressed when ``path`` ends in ``.gz``.
+
+    The counterpart of the readers: images ``[N, H, W]`` give an ``idx3-ubyte`` file, labels ``[N]`` an
+    ``idx1-ubyte`` file, so a data set of your own (or a tiny stand-in for a test) can be read by
+    ``load_split`` / ``make_loaders`` like MNIST. Missing parent directories are created.
+
+    Args:
+        path: the file to write; replaced if it exists.
+        values: a uint8 tensor or array with 1 to 255 dimensions.
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        TypeError: ``values`` is not uint8.
+        ValueError: ``values`` has no dimension (a scalar) or more than 255.
+
+    Example:
+        >>> images = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+        >>> _ = mq.data.write_idx("digits/t10k-images-idx3-ubyte.gz", images)
+        >>> _ = mq.data.write_idx("digits/t10k-labels-idx1-ubyte", torch.tensor([7, 2, 1], dtype=torch.uint8))
+        >>> data = mq.data.read_idx_pair("digits/t10k-images-idx3-ubyte.gz", "digits/t10k-labels-idx1-ubyte")
+        >>> torch.equal(data.images[:, 0], images), data.labels.tolist()
+        (True, [7, 2, 1])
+    """
+    array = values.numpy(force=True) if isinstance(values, torch.Tensor) else np.asarray(values)
+    if array.dtype != np.uint8:
+        raise TypeError(f"IDX files here hold unsigned bytes: values have dtype {array.dtype}, expected uint8")
+    if not 1 <= array.ndim <= 255:
+        raise ValueError(f"values have {array.ndim} dimensions; an IDX file holds 1 to 255")
+    path = Path(path)
+    payload = (struct.pack(">I", (_UBYTE << 8) | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+               + np.ascontiguousarray(array).tobytes())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(payload) if path.name.endswith(".gz") else payload)
+    return path

@@ -46,9 +46,33 @@ _IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 def check_imagenet_layout(root: str | Path) -> list[str]:
     """Check that ``root`` has the ImageFolder layout; return the sorted class names.
 
+    Only the folders are inspected (every sub-directory of ``train/`` and
+    ``val/`` is a class, as in torchvision's ImageFolder), so this works
+    without torchvision and without reading any image.
+
+    Args:
+        root: folder holding ``train/<wnid>/`` and ``val/<wnid>/``.
+
+    Returns:
+        The class folder names, sorted (the class index of each is its position).
+
     Raises:
         DatasetNotFoundError: ``root``, ``root/train`` or ``root/val`` is missing.
         DatasetFormatError: a split has no class folders, or train and val classes differ.
+
+    Example:
+        >>> from pathlib import Path
+        >>> for wnid in ("n01440764", "n01443537"):
+        ...     (Path("imagenet-layout") / "train" / wnid).mkdir(parents=True)
+        >>> (Path("imagenet-layout") / "val" / "n01440764").mkdir(parents=True)
+        >>> try:
+        ...     mq.data.check_imagenet_layout("imagenet-layout")
+        ... except mq.data.DatasetFormatError as err:
+        ...     print(err)
+        ImageNet train and val class folders under imagenet-layout differ: only in train: ['n01443537'] (1), ...
+        >>> (Path("imagenet-layout") / "val" / "n01443537").mkdir()
+        >>> mq.data.check_imagenet_layout("imagenet-layout")
+        ['n01440764', 'n01443537']
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -106,6 +130,34 @@ class ImageFolderLoader:
     Shuffles (``train=True``) and shards like TensorLoader; a fresh torch
     DataLoader is built per epoch so each epoch's worker seeds depend only on
     ``(seed, epoch, rank)``.
+
+    Args:
+        dataset: a map-style data set of ``(image tensor, label)`` pairs, e.g.
+            torchvision's ``ImageFolder`` with its transforms.
+        batch_size: examples per batch on this rank.
+        train: reshuffle every epoch; False keeps the data set's order.
+        device: where the batches are moved.
+        seed: seed of the shuffling and of the workers' augmentation.
+        drop_last: skip a last, smaller batch (and cut the epoch to a multiple
+            of ``world_size``).
+        rank: this process's index in ``0..world_size-1``.
+        world_size: number of processes sharing the data.
+        num_workers: DataLoader worker processes (0: decode in this process).
+
+    Raises:
+        ValueError: ``batch_size < 1``, ``rank`` not in ``0..world_size-1``,
+            or ``num_workers < 0``; :meth:`set_epoch` with a negative epoch.
+
+    Example:
+        Any map-style data set works; rank 1 of 2 takes every second example:
+
+        >>> ds = torch.utils.data.TensorDataset(torch.randn(10, 3, 8, 8), torch.arange(10))
+        >>> loader = mq.data.ImageFolderLoader(ds, 4, train=False, num_workers=0)
+        >>> len(loader), [y.tolist() for _, y in loader]
+        (3, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]])
+        >>> shard = mq.data.ImageFolderLoader(ds, 2, train=False, rank=1, world_size=2, num_workers=0)
+        >>> [y.tolist() for _, y in shard]
+        [[1, 3], [5, 7], [9]]
     """
 
     def __init__(
@@ -192,9 +244,39 @@ def imagenet_loaders(
     CenterCrop(224); both normalised with the ImageNet mean/std. ``train_size`` /
     ``test_size`` pick seeded subsets (seeds ``seed`` / ``test_seed``).
 
+    Args:
+        root: folder with ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``.
+        batch_size: training batch size per rank.
+        test_batch_size: validation batch size per rank.
+        device: where the batches are moved.
+        seed: seed of the shuffling, the augmentation and the train subset.
+        test_seed: seed of the validation subset.
+        train_size: train on a seeded subset of this many images (None: all).
+        test_size: validate on a seeded subset of this many images (None: all).
+        drop_last: the train loader skips its last, smaller batch.
+        rank: this process's index in ``0..world_size-1``.
+        world_size: number of processes sharing the data.
+        num_workers: decoding worker processes per loader.
+
+    Returns:
+        ``(train_loader, val_loader)``, two :class:`ImageFolderLoader`.
+
     Raises:
         DatasetNotFoundError, DatasetFormatError: wrong layout (checked first).
         ImportError: torchvision is not installed.
+        ValueError: a subset size out of range, or invalid ``batch_size`` /
+            ``rank`` / ``world_size`` / ``num_workers``.
+
+    Example:
+        The layout is checked before torchvision is needed:
+
+        >>> from pathlib import Path
+        >>> (Path("imagenet-root") / "train" / "n01440764").mkdir(parents=True)
+        >>> try:
+        ...     mq.data.imagenet_loaders("imagenet-root", batch_size=256, test_batch_size=256)
+        ... except mq.data.DatasetNotFoundError as err:
+        ...     print(err)
+        ImageNet folder imagenet-root/val is missing; expected <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG
     """
     classes = check_imagenet_layout(root)
     datasets, transforms = _import_torchvision()

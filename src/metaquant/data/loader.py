@@ -26,7 +26,18 @@ CROP_PADDING = 4
 
 @runtime_checkable
 class BatchLoader(Protocol):
-    """What the training loop needs from a loader (TensorLoader and the ImageNet loader)."""
+    """What the training loop needs from a loader (TensorLoader and the ImageNet loader).
+
+    A structural type: any object with ``set_epoch(epoch)``, ``__len__`` (batches
+    per epoch on this rank) and ``__iter__`` (``(x, y)`` batches on the training
+    device) qualifies, and ``isinstance`` checks for those methods.
+
+    Example:
+        >>> data = mq.data.ImageTensors(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.arange(4))
+        >>> loader = mq.data.TensorLoader(data, mq.data.dataset_info("mnist"), 2, train=False)
+        >>> isinstance(loader, mq.data.BatchLoader), isinstance([(0, 1)], mq.data.BatchLoader)
+        (True, False)
+    """
 
     def set_epoch(self, epoch: int) -> None: ...
 
@@ -60,6 +71,39 @@ class TensorLoader:
     ranks and the last batch may be smaller; ranks' batch counts can then differ
     by one, so distributed *training* should use ``drop_last=True``, which
     gives every rank the same number of full batches.
+
+    Args:
+        data: the split, e.g. from :func:`~metaquant.data.splits.load_split`;
+            it is copied to ``device`` once.
+        info: the data set's :class:`DatasetInfo` (normalisation, augmentation,
+            expected image shape).
+        batch_size: examples per batch on this rank.
+        train: shuffle every epoch and augment (see above); False keeps the order.
+        device: where the batches are built and returned.
+        seed: seed of the shuffling and augmentation.
+        drop_last: skip a last, smaller batch (and cut the epoch to a multiple of
+            ``world_size``).
+        rank: this process's index in ``0..world_size-1``.
+        world_size: number of processes sharing the data.
+
+    Raises:
+        ValueError: ``batch_size < 1``, ``rank`` not in ``0..world_size-1``, or
+            images that are not ``[info.in_channels, info.image_size, info.image_size]``;
+            :meth:`set_epoch` with a negative epoch.
+
+    Example:
+        White MNIST images come out as ``(1 - mean) / std``; the order is a
+        function of the epoch:
+
+        >>> info = mq.data.dataset_info("mnist")
+        >>> data = mq.data.ImageTensors(torch.full((5, 1, 28, 28), 255, dtype=torch.uint8), torch.arange(5))
+        >>> loader = mq.data.TensorLoader(data, info, batch_size=2, train=True, seed=0)
+        >>> len(loader), [y.tolist() for _, y in loader]
+        (3, [[2, 0], [1, 3], [4]])
+        >>> loader.set_epoch(1); [y.tolist() for _, y in loader]
+        [[3, 4], [1, 2], [0]]
+        >>> x, _ = next(iter(loader)); x.shape, round(x.max().item(), 4)
+        (torch.Size([2, 1, 28, 28]), 2.8215)
     """
 
     def __init__(

@@ -50,6 +50,44 @@ def make_loaders(
     ranks take the same number of steps (distributed training would otherwise
     hang); the test loader never drops anything, so an evaluation that sums
     correct counts over ranks covers the test set exactly once.
+
+    Args:
+        name: registry name of the data set (see :data:`DATASETS`).
+        data_dir: folder of the data set's files; required for ``"imagenet"``.
+        batch_size: training batch size per rank.
+        test_batch_size: evaluation batch size per rank (default: ``batch_size``).
+        device: where the batches are delivered.
+        seed: seed of the shuffling and augmentation.
+        train_size: train on a seeded subset of this many examples (None: all).
+        test_size: evaluate on a subset of this many examples (None: all).
+        subset_seed: seed of the training subset (default: ``seed``).
+        download: small data sets only: fetch missing files (see :func:`load_split`).
+        rank: this process's index in ``0..world_size-1``.
+        world_size: number of processes sharing the data.
+        num_workers: decoding workers of the ImageNet loader.
+
+    Returns:
+        ``(train_loader, test_loader, info)``.
+
+    Raises:
+        ValueError: unknown ``name``, a subset size out of range, or invalid
+            ``batch_size`` / ``rank`` / ``world_size``.
+        DatasetNotFoundError: the files are missing (see :func:`load_split`), or
+            ``name == "imagenet"`` without ``data_dir``.
+        DatasetFormatError: a data file is corrupt, or the ImageNet folder has
+            the wrong layout.
+        ImportError: ImageNet without torchvision installed.
+
+    Example:
+        Ten training and four test images in the MNIST IDX format:
+
+        >>> for s, n in (("train", 10), ("t10k", 4)):
+        ...     _ = mq.data.write_idx(f"tiny-mnist/{s}-images-idx3-ubyte", torch.zeros(n, 28, 28, dtype=torch.uint8))
+        ...     _ = mq.data.write_idx(f"tiny-mnist/{s}-labels-idx1-ubyte", torch.arange(n, dtype=torch.uint8))
+        >>> train, test, info = mq.data.make_loaders("mnist", data_dir="tiny-mnist", batch_size=4, train_size=8,
+        ...                                          download=False)
+        >>> info.name, train.num_examples, len(train), [y.tolist() for _, y in test]
+        ('mnist', 8, 2, [[0, 1, 2, 3]])
     """
     info = dataset_info(name)
     test_batch_size = batch_size if test_batch_size is None else test_batch_size

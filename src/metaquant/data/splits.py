@@ -163,12 +163,33 @@ def load_split(
     Supports ``mnist``, ``fashion-mnist``, ``cifar10`` and ``cifar100``; see the
     module docstring for where files are looked for and downloaded to.
 
+    Args:
+        name: registry name of the data set (see :data:`DATASETS`).
+        split: ``"train"`` or ``"test"``.
+        data_dir: folder holding the official files (directly or in a
+            ``<name>/`` subfolder); None: the cache folder ``CACHE_ROOT/<name>``.
+        download: fetch missing files from the canonical location (md5-verified).
+
+    Returns:
+        The split as :class:`ImageTensors` (uint8 images, int64 labels).
+
     Raises:
         ValueError: unknown ``name`` or ``split``, or ``name == "imagenet"``.
         DatasetNotFoundError: the files are missing and ``download`` is False or
             the download failed; the message says where they were looked for
             and how to get them.
-        DatasetFormatError: a file is corrupt or truncated.
+        DatasetFormatError: a file is corrupt or truncated, or a label is not
+            below the data set's class count.
+
+    Example:
+        A three-image MNIST test split in the IDX format (uncompressed files are
+        found too):
+
+        >>> _ = mq.data.write_idx("tiny/t10k-images-idx3-ubyte", torch.zeros(3, 28, 28, dtype=torch.uint8))
+        >>> _ = mq.data.write_idx("tiny/t10k-labels-idx1-ubyte", torch.tensor([7, 2, 1], dtype=torch.uint8))
+        >>> data = mq.data.load_split("mnist", "test", data_dir="tiny", download=False)
+        >>> data.images.shape, data.labels.tolist()
+        (torch.Size([3, 1, 28, 28]), [7, 2, 1])
     """
     info = dataset_info(name)
     if split not in SPLITS:

@@ -64,7 +64,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def model_names() -> list[str]:
-    """The canonical names :func:`get_model` accepts, in registry order."""
+    """The canonical names :func:`get_model` accepts, in registry order.
+
+    Example:
+        >>> mq.models.model_names()
+        ['resnet8', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet18', 'lab']
+    """
     return list(MODELS)
 
 
@@ -86,9 +91,24 @@ def get_model(name: str, *, num_classes: int = 10, in_channels: int = 3, image_s
             fully-connected layers after the convolutions ("lab") use it,
             the ResNets pool adaptively and accept any size.
 
+    Returns:
+        The model, in training mode, with Kaiming-initialised convolutions.
+
     Raises:
+        TypeError: ``name`` is not a str, or ``num_classes`` / ``in_channels`` /
+            ``image_size`` is not an int (``bool`` included).
         ValueError: unknown name (the message lists the allowed ones), or
             ``num_classes`` / ``in_channels`` / ``image_size`` < 1.
+
+    Example:
+        >>> net = mq.models.get_model("ResNet-20", num_classes=100, in_channels=1)
+        >>> type(net).__name__, net.depth, net.fc.out_features, net.conv1.in_channels
+        ('CifarResNet', 20, 100, 1)
+        >>> try:
+        ...     mq.models.get_model("vgg16")
+        ... except ValueError as err:
+        ...     print(err)
+        unknown model 'vgg16'; allowed names (case-insensitive): resnet8, resnet20, ..., resnet18, lab
     """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {name!r} ({type(name).__name__}); allowed: {model_names()}")

@@ -44,7 +44,18 @@ ACCEPTED = (
 
 
 class LoadResult(NamedTuple):
-    """Keys that were not loaded; both empty after a strict load."""
+    """Keys that were not loaded; both empty after a strict load.
+
+    Returned by :func:`load_weights`; with ``strict=False`` it tells which of the
+    model's keys kept their initial values (``missing_keys``) and which
+    checkpoint entries were ignored (``unexpected_keys``).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> ckpt = {"0.weight": torch.zeros(3, 4), "0.bias": torch.zeros(3), "head.weight": torch.zeros(2, 3)}
+        >>> mq.models.load_weights(net, ckpt, strict=False)
+        LoadResult(missing_keys=[], unexpected_keys=['head.weight'])
+    """
 
     missing_keys: list[str]
     unexpected_keys: list[str]
@@ -90,8 +101,23 @@ def extract_state_dict(obj: object) -> dict[str, Tensor]:
             a ``"model"`` entry holding one; ``"module."`` key prefixes are
             removed.
 
+    Returns:
+        A new ``{name: Tensor}`` dict (the tensors are not copied).
+
     Raises:
         ValueError: ``obj`` is neither; the message says what was found.
+
+    Example:
+        A training checkpoint saved from a ``DistributedDataParallel`` model:
+
+        >>> ckpt = {"model": {"module.fc.weight": torch.zeros(2, 4), "module.fc.bias": torch.zeros(2)}, "epoch": 7}
+        >>> list(mq.models.extract_state_dict(ckpt))
+        ['fc.weight', 'fc.bias']
+        >>> try:
+        ...     mq.models.extract_state_dict({"epoch": 7})
+        ... except ValueError as err:
+        ...     print(err)
+        not a model checkpoint: found a dict {'epoch': int}; accepted: a state_dict {name: Tensor}, ...
     """
     if _is_state_dict(obj):
         return _strip_wrapper_prefix(obj)  # type: ignore[arg-type]
@@ -109,11 +135,36 @@ def extract_state_dict(obj: object) -> dict[str, Tensor]:
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Load a checkpoint file onto the CPU without running pickled code.
 
+    Uses ``torch.load(path, map_location="cpu", weights_only=True)``, so tensors
+    and plain containers load, and nothing else is unpickled.
+
+    Args:
+        path: the file written by ``torch.save``.
+
+    Returns:
+        The loaded object as saved (pass it to :func:`extract_state_dict` or
+        :func:`load_weights`).
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: the file is not a readable torch checkpoint (corrupt,
-            truncated, another format, or it pickles objects that
-            ``weights_only=True`` refuses); the message names ``path``.
+        ValueError: ``path`` is not a regular file, or is empty, or is not a
+            readable torch checkpoint (corrupt, truncated, another format, or it
+            pickles objects that ``weights_only=True`` refuses); the message
+            names ``path``.
+        OSError: the file exists but cannot be read (e.g. no permission).
+
+    Example:
+        >>> from pathlib import Path
+        >>> torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, "read-me.pt")
+        >>> ckpt = mq.models.read_checkpoint("read-me.pt")
+        >>> ckpt["epoch"], ckpt["model"]["w"].tolist()
+        (3, [1.0, 1.0])
+        >>> _ = Path("notes.txt").write_text("not a checkpoint")
+        >>> try:
+        ...     mq.models.read_checkpoint("notes.txt")
+        ... except ValueError as err:
+        ...     print(err)
+        cannot load checkpoint file notes.txt: not a torch checkpoint, or corrupt or truncated (...)
     """
     p = Path(path)
     if not p.exists():
@@ -199,8 +250,23 @@ def load_weights(
 
     Raises:
         ValueError: the checkpoint does not fit the model; one message lists
-            the first few missing keys, unexpected keys and shape mismatches.
-        FileNotFoundError / ValueError: see :func:`read_checkpoint`.
+            the first few missing keys, unexpected keys and shape mismatches;
+            or it is not a model checkpoint (see :func:`extract_state_dict`).
+        FileNotFoundError / ValueError / OSError: the file cannot be read, see
+            :func:`read_checkpoint`.
+
+    Example:
+        >>> def make():
+        ...     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+        >>> trained, fresh = make(), make()
+        >>> torch.save({"model": trained.state_dict(), "epoch": 3}, "ckpt.pt")
+        >>> mq.models.load_weights(fresh, "ckpt.pt"), torch.equal(fresh[2].weight, trained[2].weight)
+        (LoadResult(missing_keys=[], unexpected_keys=[]), True)
+        >>> try:
+        ...     mq.models.load_weights(torch.nn.Sequential(torch.nn.Linear(4, 3)), "ckpt.pt")
+        ... except ValueError as err:
+        ...     print(err)
+        checkpoint file ckpt.pt does not fit Sequential (...): 2 unexpected keys (2.weight, 2.bias)
     """
     if isinstance(path_or_obj, (str, os.PathLike)):
         source = f"checkpoint file {Path(path_or_obj)}"

@@ -49,6 +49,29 @@ class LabNet(nn.Module):
 
     Shapes: input ``(B, in_channels, image_size, image_size)``, output
     ``(B, num_classes)``.
+
+    Raises:
+        TypeError: an argument is not an int.
+        ValueError: an argument is < 1, or ``image_size < 8`` (three poolings
+            would leave nothing); the forward pass raises it for inputs of
+            another size than ``image_size``.
+
+    Example:
+        For 8x8 inputs one 512-channel pixel reaches the classifier, whose size
+        is then ``512·1024 + 1024·1024 + 1024·10 + 10`` weights and biases plus
+        ``2·2·1024`` BatchNorm parameters:
+
+        >>> net = mq.models.LabNet(num_classes=10, image_size=8)
+        >>> net(torch.randn(2, 3, 8, 8)).shape
+        torch.Size([2, 10])
+        >>> fc_params = sum(p.numel() for p in net.classifier.parameters())
+        >>> fc_params == 512 * 1024 + 1024 * 1024 + 1024 * 10 + 10 + 2 * 2 * 1024
+        True
+        >>> try:
+        ...     net(torch.randn(2, 3, 32, 32))
+        ... except ValueError as err:
+        ...     print(err)
+        LAB net was built for (B, 3, 8, 8) inputs, got (2, 3, 32, 32); build it with image_size matching the data
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> None:
@@ -106,5 +129,22 @@ class LabNet(nn.Module):
 
 
 def lab(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> LabNet:
-    """The LAB network for ``image_size`` x ``image_size`` inputs."""
+    """The LAB network for ``image_size`` x ``image_size`` inputs.
+
+    Args:
+        num_classes: size of the output logits.
+        in_channels: channels of the input images.
+        image_size: side of the square input images (at least 8).
+
+    Raises:
+        TypeError, ValueError: see :class:`LabNet`.
+
+    Example:
+        Three floor poolings turn 28x28 Fashion-MNIST into 3x3, so the first
+        FC layer takes ``512·3·3`` inputs:
+
+        >>> net = mq.models.lab(in_channels=1, image_size=28)
+        >>> net.classifier[0].in_features, net.features[0].in_channels
+        (4608, 1)
+    """
     return LabNet(num_classes=num_classes, in_channels=in_channels, image_size=image_size)

@@ -45,6 +45,23 @@ class CifarResNet(nn.Module):
             Fashion-MNIST).
 
     Shapes: input ``(B, in_channels, H, W)``, output ``(B, num_classes)``.
+
+    Raises:
+        TypeError: ``depth``, ``num_classes`` or ``in_channels`` is not an int.
+        ValueError: ``depth`` is not ``6n + 2`` with ``n >= 1``, or
+            ``num_classes`` / ``in_channels`` < 1.
+
+    Example:
+        Any image size works, e.g. 28x28 Fashion-MNIST:
+
+        >>> net = mq.models.CifarResNet(8, num_classes=10, in_channels=1)
+        >>> net(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+        >>> try:
+        ...     mq.models.CifarResNet(18)
+        ... except ValueError as err:
+        ...     print(err)
+        CIFAR ResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110), got 18
     """
 
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
@@ -91,30 +108,131 @@ class CifarResNet(nn.Module):
 
 
 def resnet8(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet8 (n=1): not in the paper; the smallest of the family, for quick checks and tutorials."""
+    """ResNet8 (n=1): not in the paper; the smallest of the family, for quick checks and tutorials.
+
+    Args:
+        num_classes: size of the output logits.
+        in_channels: channels of the input images.
+
+    Raises:
+        TypeError, ValueError: see :class:`CifarResNet`.
+
+    Example:
+        78,042 parameters: stem 432 + 32, stages 4,672 + 14,528 + 57,728, fc 650:
+
+        >>> net = mq.models.resnet8()
+        >>> net(torch.randn(2, 3, 32, 32)).shape, sum(p.numel() for p in net.parameters())
+        (torch.Size([2, 10]), 78042)
+        >>> [sum(p.numel() for p in stage.parameters()) for stage in (net.layer1, net.layer2, net.layer3)]
+        [4672, 14528, 57728]
+    """
     return CifarResNet(8, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet20 (n=3, about 0.27M parameters for 10 classes)."""
+    """ResNet20 (n=3, about 0.27M parameters for 10 classes).
+
+    Args:
+        num_classes: size of the output logits.
+        in_channels: channels of the input images.
+
+    Raises:
+        TypeError, ValueError: see :class:`CifarResNet`.
+
+    Example:
+        Two more blocks per stage than ResNet8, each ``2 * 9c²`` conv weights
+        plus ``4c`` BatchNorm parameters for ``c`` = 16, 32, 64 channels:
+
+        >>> n8, n20 = (sum(p.numel() for p in f().parameters()) for f in (mq.models.resnet8, mq.models.resnet20))
+        >>> n20, n20 - n8 == 2 * sum(18 * c * c + 4 * c for c in (16, 32, 64))
+        (272474, True)
+    """
     return CifarResNet(20, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet32 (n=5)."""
+    """ResNet32 (n=5).
+
+    Args:
+        num_classes: size of the output logits.
+        in_channels: channels of the input images.
+
+    Raises:
+        TypeError, ValueError: see :class:`CifarResNet`.
+
+    Example:
+        31 convolutions and the fc layer make the depth; the two 1x1 shortcut
+        convolutions come on top:
+
+        >>> net = mq.models.resnet32()
+        >>> convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+        >>> net.blocks_per_stage, convs, sum(p.numel() for p in net.parameters())
+        (5, 33, 466906)
+    """
     return CifarResNet(32, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet44(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet44 (n=7)."""
+    """ResNet44 (n=7).
+
+    Args:
+        num_classes: size of the output logits.
+        in_channels: channels of the input images.
+
+    Raises:
+        TypeError, ValueError: see :class:`CifarResNet`.
+
+    Example:
+        43 convolutions and the fc layer make the depth; the two 1x1 shortcut
+        convolutions come on top:
+
+        >>> net = mq.models.resnet44()
+        >>> convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+        >>> net.blocks_per_stage, convs, sum(p.numel() for p in net.parameters())
+        (7, 45, 661338)
+    """
     return CifarResNet(44, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet56 (n=9)."""
+    """ResNet56 (n=9).
+
+    Args:
+        num_classes: size of the output logits.
+        in_channels: channels of the input images.
+
+    Raises:
+        TypeError, ValueError: see :class:`CifarResNet`.
+
+    Example:
+        55 convolutions and the fc layer make the depth; the two 1x1 shortcut
+        convolutions come on top:
+
+        >>> net = mq.models.resnet56()
+        >>> convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+        >>> net.blocks_per_stage, convs, sum(p.numel() for p in net.parameters())
+        (9, 57, 855770)
+    """
     return CifarResNet(56, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet110 (n=18)."""
+    """ResNet110 (n=18).
+
+    Args:
+        num_classes: size of the output logits.
+        in_channels: channels of the input images.
+
+    Raises:
+        TypeError, ValueError: see :class:`CifarResNet`.
+
+    Example:
+        109 convolutions and the fc layer make the depth; the two 1x1 shortcut
+        convolutions come on top:
+
+        >>> net = mq.models.resnet110()
+        >>> convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+        >>> net.blocks_per_stage, convs, sum(p.numel() for p in net.parameters())
+        (18, 111, 1730714)
+    """
     return CifarResNet(110, num_classes=num_classes, in_channels=in_channels)

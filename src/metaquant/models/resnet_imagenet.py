@@ -40,6 +40,24 @@ class ImageNetResNet(nn.Module):
 
     Shapes: input ``(B, in_channels, H, W)``, output ``(B, num_classes)``;
     for 224x224 inputs the stages see 56, 28, 14 and 7 pixels a side.
+
+    Raises:
+        TypeError: a block count, ``num_classes`` or ``in_channels`` is not an int.
+        ValueError: ``blocks_per_stage`` does not have 4 entries, or an entry,
+            ``num_classes`` or ``in_channels`` is < 1.
+
+    Example:
+        A ResNet10 (one block per stage) on a small input; in eval mode, since
+        BatchNorm cannot train on the 1x1 maps a single 64x64 image leaves:
+
+        >>> net = mq.models.ImageNetResNet((1, 1, 1, 1), num_classes=10).eval()
+        >>> net(torch.randn(1, 3, 64, 64)).shape
+        torch.Size([1, 10])
+        >>> try:
+        ...     mq.models.ImageNetResNet((2, 2, 2))
+        ... except ValueError as err:
+        ...     print(err)
+        blocks_per_stage must have 4 entries (one per stage), got (2, 2, 2)
     """
 
     def __init__(
@@ -89,5 +107,22 @@ class ImageNetResNet(nn.Module):
 
 
 def resnet18(num_classes: int = 1000, in_channels: int = 3) -> ImageNetResNet:
-    """ResNet18: two BasicBlocks per stage."""
+    """ResNet18: two BasicBlocks per stage.
+
+    Args:
+        num_classes: size of the output logits.
+        in_channels: channels of the input images.
+
+    Raises:
+        TypeError, ValueError: see :class:`ImageNetResNet`.
+
+    Example:
+        torchvision's parameter count and names:
+
+        >>> net = mq.models.resnet18()
+        >>> sum(p.numel() for p in net.parameters()), tuple(net.layer2[0].downsample[0].weight.shape)
+        (11689512, (128, 64, 1, 1))
+        >>> net.eval()(torch.randn(1, 3, 32, 32)).shape
+        torch.Size([1, 1000])
+    """
     return ImageNetResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels)
