@@ -24,6 +24,9 @@ from metaquant.config import RunConfig
         ({"weight_decay": -1.0}, "weight_decay must be a number >= 0"),
         ({"lr_schedule": "poly"}, "lr_schedule 'poly' is not supported; allowed: step, cosine, constant"),
         ({"device": "tpu"}, "device 'tpu' is not supported; allowed: auto, cpu, cuda, cuda:N"),
+        ({"device": "cuda:x"}, "device 'cuda:x' is not supported; allowed: auto, cpu, cuda, cuda:N"),
+        ({"seed": True}, "seed must be an integer >= 0, got True"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
         ({"task": "finetune"}, "task 'finetune' is not supported; allowed: pretrain, quantize"),
         ({"model": None}, "model must be a string, got None"),
         ({"device": 0}, "device must be a string, got 0"),
@@ -40,6 +43,16 @@ def test_round_trip_through_json(tmp_path):
     assert config.model == "resnet32"
     config.save(tmp_path / "c.json")
     assert RunConfig.load(tmp_path / "c.json") == config
+    config.save(str(tmp_path / "s.json"))  # a plain string path works as well
+    assert RunConfig.load(str(tmp_path / "s.json")) == config
+
+
+def test_names_are_case_insensitive_and_kept_in_one_spelling():
+    config = RunConfig(model="ResNet20", dataset="Fashion-MNIST", optimizer="Adam", quantizer="DoReFa",
+                       estimator="MultiFC")
+    assert (config.model, config.dataset, config.optimizer, config.quantizer, config.estimator) == (
+        "resnet20", "fashion-mnist", "adam", "dorefa", "multifc")
+    assert config == RunConfig(model="resnet20", dataset="fashion-mnist", optimizer="adam", estimator="multifc")
 
 
 def test_unknown_keys_are_refused():

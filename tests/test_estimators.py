@@ -80,6 +80,7 @@ def test_fake_quantize_value_is_exactly_the_quantizer_output(name):
     assert torch.equal(fake_quantize(w, q), q(w.detach()))
 
 
-def test_ewgs_rejects_negative_delta():
-    with pytest.raises(ValueError, match="delta must be a number >= 0, got -1"):
-        EWGS(-1)
+@pytest.mark.parametrize("delta", [-1, True, float("nan"), "0.1"])
+def test_ewgs_rejects_a_delta_that_is_not_a_number_at_least_zero(delta):
+    with pytest.raises(ValueError, match=f"delta must be a number >= 0, got {delta!r}"):
+        EWGS(delta)

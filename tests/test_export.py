@@ -132,6 +132,21 @@ def test_onnx_export_matches_the_quantized_model_and_folds_batchnorm(tmp_path):
     assert quantized_weights_unchanged(model)
 
 
+def test_onnx_export_of_a_model_whose_forward_argument_is_not_named_x(tmp_path):
+    """nn.Sequential's forward takes ``input``: the batch dimension is declared by position, not by name."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from metaquant.export import export_onnx
+
+    torch.manual_seed(0)
+    model = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)), mq.QuantConfig("dorefa", 1))
+    export_onnx(model.eval(), tmp_path / "seq.onnx", torch.randn(1, 3, 4))
+    x = torch.randn(4, 3, 4)
+    (logits,) = ort.InferenceSession(str(tmp_path / "seq.onnx")).run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-5, atol=1e-5)
+
+
 def quantized_weights_unchanged(model):
     # exporting works on a copy: the latent weights W of the model stay latent
     return any(not torch.equal(l.weight, l.quantizer(l.weight)) for l in mq.quantized_layers(model).values())

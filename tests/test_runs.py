@@ -1,6 +1,8 @@
 """Run directories and atomic checkpoints."""
 
+import concurrent.futures
 import os
+import threading
 
 import pytest
 import torch
@@ -72,3 +74,22 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     torch.save({"model": {}}, other)
     with pytest.raises(ValueError, match=r"not a metaquant checkpoint \(missing epoch, optimizer, rng, trainer\)"):
         load_checkpoint(other)
+
+
+def test_of_runs_created_at_once_in_one_directory_exactly_one_gets_it(tmp_path):
+    barrier = threading.Barrier(8)
+
+    def create(epochs):
+        barrier.wait()
+        try:
+            RunDir.create(tmp_path / "same", RunConfig(epochs=epochs))
+            return epochs
+        except RunExistsError:
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(create, range(1, 9)))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    assert RunDir(tmp_path / "same").config().epochs == winners[0]
+    assert sorted(p.name for p in (tmp_path / "same").iterdir()) == ["config.json"]  # no temporary left

@@ -59,6 +59,13 @@ def test_plan_expands_the_grid_with_trials_and_overrides(tmp_path):
     assert {r.label for r in runs} == {"STE", "MultiFC", "STE + momentum"}
 
 
+def test_a_label_in_base_names_every_run_unless_an_entry_sets_its_own(tmp_path):
+    text = "[base]\nlabel = 'Mine'\n[[grid]]\nestimator = 'ste'\n[[grid]]\nestimator = 'ewgs'\nlabel = 'E'"
+    runs = plan(load_sweep(write(tmp_path, text)), tmp_path / "runs")
+    assert [(r.label, r.config.label, r.path.name.split("-")[0]) for r in runs] == [
+        ("Mine", "Mine", "mine"), ("E", "E", "e")]
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
@@ -67,7 +74,10 @@ def test_plan_expands_the_grid_with_trials_and_overrides(tmp_path):
         ("[base]\nlr = -1\n[[grid]]\nestimator = 'ste'", "lr must be a number > 0"),
         ("colour = 1\n[[grid]]\nestimator = 'ste'", "unknown keys \\['colour'\\]"),
         ("name = 'x'", "has no \\[\\[grid\\]\\] entry"),
-        ("[[grid]]\nestimator = 'ste'\nwidth = 3", "unexpected keyword argument 'width'"),
+        ("[[grid]]\nestimator = 'ste'\nwidth = 3", "unknown configuration keys \\['width'\\]; allowed: .*batch_size"),
+        ("[base]\nseed = 3\n[[grid]]\nestimator = 'ste'", "\\[base\\] sets seed, which the sweep sets"),
+        ("[[grid]]\nestimator = 'ste'\ntask = 'pretrain'", "\\[\\[grid\\]\\] sets task"),
+        ("[pretrain]\nwidth = 3\n[[grid]]\nestimator = 'ste'", "unknown configuration keys \\['width'\\]"),
         ("[[grid", "is not valid TOML"),
     ],
 )

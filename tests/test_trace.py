@@ -40,3 +40,19 @@ def test_plot_refuses_a_run_without_a_trace(tmp_path, tiny_mnist, capsys):
                  "--run-dir", str(tmp_path), "--name", "ste"]) == 0
     assert main(["plot", str(tmp_path / "ste")]) == 1
     assert "only MetaQuant runs record what they learn" in capsys.readouterr().err
+
+
+def test_a_damaged_trace_is_kept_aside_and_a_new_one_begins(tmp_path, caplog):
+    import metaquant as mq
+    from metaquant.trace import MetaTrace
+
+    path = tmp_path / TRACE_FILE
+    path.write_bytes(b"PK\x03\x04 truncated")
+    model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=4))
+    with caplog.at_level("WARNING", logger="metaquant.trace"):
+        trace = MetaTrace(path, epochs=2)
+    assert "is not a readable trace" in caplog.text
+    assert (tmp_path / "trace.damaged.pt").read_bytes() == b"PK\x03\x04 truncated"
+    trace.snapshot(0, trainer, model)
+    assert sorted(torch.load(path, weights_only=True)["snapshots"]) == [0]

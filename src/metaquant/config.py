@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,10 @@ class RunConfig:
     """One run of ``metaquant pretrain`` or ``metaquant quantize``.
 
     Names are validated against the registries (``metaquant.models``, ``metaquant.data``,
-    ``metaquant.quantizers``); numbers against their ranges. ``model`` is lower-cased and the original code's
-    estimator spellings (``mlpfc``, ``fcgrad``, ``fc_grad``, ``lstm-fc``) become the names used here, so that
-    equal runs have equal configurations. The fields are grouped in the source: data and model, optimization
+    ``metaquant.quantizers``); numbers against their ranges. The names (``model``, ``dataset``, ``optimizer``,
+    ``quantizer``, ``estimator``) are lower-cased and the original code's estimator spellings (``mlpfc``,
+    ``fcgrad``, ``fc_grad``, ``lstm-fc``) become the names used here, so that equal runs have equal
+    configurations. The fields are grouped in the source: data and model, optimization
     (``lr`` is ``α``), reliability, quantization (``quantizer``, ``bits``, ``estimator``: DESIGN §3-§4) and the
     meta quantizer (``meta_lr`` is ``γ``; ``step_order`` ``"paper"`` is Algorithm 1 of DESIGN §5,
     ``"original"`` the original code's order of DESIGN §5.1).
@@ -142,9 +144,11 @@ class RunConfig:
                 raise ValueError(f"{f.name} must be a string, got {value!r}")
             if f.type == "bool" and not isinstance(value, bool):
                 raise ValueError(f"{f.name} must be true or false, got {value!r}")
+        # Registry names are case-insensitive: keep one spelling, so run names and reports group them.
+        for name in ("model", "dataset", "optimizer", "quantizer", "estimator"):
+            setattr(self, name, getattr(self, name).lower())
         _choice("task", self.task, TASKS)
-        _choice("model", self.model.lower(), model_names())
-        self.model = self.model.lower()
+        _choice("model", self.model, model_names())
         _choice("dataset", self.dataset, DATASETS)
         for name in ("train_size", "test_size"):
             if getattr(self, name) is not None:
@@ -165,9 +169,8 @@ class RunConfig:
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         if not (isinstance(self.lr_gamma, (int, float)) and 0 < self.lr_gamma <= 1):
             raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
-        if not (isinstance(self.seed, int) and self.seed >= 0):
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
-        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+        _positive("seed", self.seed, integer=True, allow_zero=True)
+        if not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"device {self.device!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
         _choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         _positive("checkpoint_every", self.checkpoint_every, integer=True, allow_zero=True)
@@ -215,9 +218,9 @@ class RunConfig:
             raise ValueError(f"unknown configuration keys {unknown}; allowed: {', '.join(sorted(known))}")
         return cls(**data)
 
-    def save(self, path: Path) -> None:
-        """Write the configuration as indented JSON to ``path`` (a ``pathlib.Path``)."""
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: str | Path) -> None:
+        """Write the configuration as indented JSON to ``path``."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:

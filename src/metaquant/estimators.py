@@ -139,7 +139,7 @@ class EWGS(ClassicalEstimator):
     name: ClassVar[str] = "ewgs"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.delta, (int, float)) and self.delta >= 0):
+        if not (isinstance(self.delta, (int, float)) and not isinstance(self.delta, bool) and self.delta >= 0):
             raise ValueError(f"EWGS delta must be a number >= 0, got {self.delta!r}")
 
     def __call__(self, grad_w_hat: Tensor, w_relaxed: Tensor, w_hat: Tensor) -> Tensor:

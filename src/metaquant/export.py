@@ -385,7 +385,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: Tensor, *, metadata
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 inference, (example.cpu(),), str(tmp), input_names=["images"], output_names=["logits"],
-                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
+                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, external_data=False,
                 verbose=False,
             )
     finally:

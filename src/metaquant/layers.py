@@ -276,8 +276,6 @@ def quantize_(model: nn.Module, config: QuantConfig | None = None, filter_fn: Fi
                 f"cannot quantize {name or '<root>'} of type {type(module).__name__}: only nn.Conv2d and "
                 "nn.Linear (exact types) are supported"
             )
-        if chosen:
-            _refuse_unsupported(module, name)
         return chosen
 
     def make(old: nn.Module) -> nn.Module:

@@ -50,7 +50,7 @@ class RunExistsError(FileExistsError):
     """
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the complete new one, nothing between.
 
     The bytes go to a temporary file in the same directory, are flushed to disk, then renamed over ``path``;
@@ -59,8 +59,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     Args:
         path: the file to write; its directory must exist.
         data: the complete new contents.
+        exclusive: create ``path`` only if no file of that name exists, atomically: of two processes writing
+            the same new path at once, exactly one succeeds.
 
     Raises:
+        FileExistsError: ``exclusive`` and ``path`` exists (it is left as it was).
         OSError: the directory does not exist or cannot be written (permissions, full disk).
 
     Example:
@@ -79,7 +82,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # fails if path exists, unlike a rename
+            Path(tmp).unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -197,13 +204,16 @@ class RunDir:
             OSError: the directory cannot be created or written (permissions, full disk).
         """
         run = cls(path)
-        if run.config_path.exists():
+        run.path.mkdir(parents=True, exist_ok=True)
+        try:
+            # Exclusive: of two runs started at once with the same directory, one gets it, the other stops here.
+            atomic_write_bytes(run.config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode(),
+                               exclusive=True)
+        except FileExistsError:
             raise RunExistsError(
                 f"run directory {run.path} already holds a run; choose another --name or --run-dir "
                 "(or resume it with --resume)"
-            )
-        run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run.config_path, (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+            ) from None
         return run
 
     # --- paths --------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ A sweep file has four parts (see ``presets/`` for complete ones)::
     [optimizer_overrides.adam]       # fields applied to every run with that optimizer
     weight_decay = 5e-4
 
-A ``[[grid]]`` entry may set ``label`` to name its backward method in reports (default: derived from the
-estimator, step order and momentum). Runs that are ``done`` are skipped when the sweep is run again; a run
+A ``[[grid]]`` entry (or ``[base]``) may set ``label`` to name its backward method in reports (default: derived
+from the estimator, step order and momentum); ``seed`` and ``task`` are the sweep's to set. Runs that are ``done`` are skipped when the sweep is run again; a run
 left unfinished by an interruption is resumed from its last checkpoint (exactly: see ``pipeline.resume``).
 A directory holding a run of another configuration is never touched: the sweep stops and says so.
 """
@@ -191,7 +191,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
         ...     load_sweep("typo.toml")
         ... except ValueError as err:
         ...     print(err)
-        sweep 'typo': RunConfig.__init__() got an unexpected keyword argument 'estimater'
+        sweep 'typo': unknown configuration keys ['estimater']; allowed: ...
     """
     path = Path(path)
     if not path.is_file():
@@ -213,7 +213,13 @@ def load_sweep(path: str | Path) -> SweepSpec:
         pretrain=data.get("pretrain"), base=dict(data.get("base", {})), grid=list(data["grid"]),
         optimizer_overrides=dict(data.get("optimizer_overrides", {})), run_dir=data.get("run_dir"),
     )
-    plan(spec, Path("."))  # validates every configuration before anything runs
+    runs = plan(spec, Path("."))  # validates every configuration before anything runs
+    if spec.pretrain is not None:
+        for model, dataset in sorted({(run.config.model, run.config.dataset) for run in runs}):
+            try:
+                pretrain_config(spec, model, dataset)
+            except ValueError as err:
+                raise ValueError(f"sweep {spec.name!r}: [pretrain]: {err}") from None
     return spec
 
 
@@ -231,7 +237,7 @@ def _slug(text: str) -> str:
 def pretrain_config(spec: SweepSpec, model: str, dataset: str) -> RunConfig:
     fields = {"seed": spec.seed, **(spec.pretrain or {})}
     fields.update(task="pretrain", model=model, dataset=dataset)
-    return RunConfig(**fields)
+    return RunConfig.from_dict(fields)
 
 
 def pretrain_path(root: Path, model: str, dataset: str) -> Path:
@@ -271,16 +277,24 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
     """
     runs: list[PlannedRun] = []
     seen: set[Path] = set()
+    for part, fields in [("[base]", spec.base), *((f"[optimizer_overrides.{name}]", overrides)
+                                                   for name, overrides in spec.optimizer_overrides.items()),
+                         *(("[[grid]]", entry) for entry in spec.grid)]:
+        # The sweep sets these itself: a value given here would be silently replaced.
+        clash = sorted({"task", "seed"} & set(fields))
+        if clash:
+            raise ValueError(f"sweep {spec.name!r}: {part} sets {', '.join(clash)}, which the sweep sets for every "
+                             "run (seed: the file's top-level seed plus the trial number minus one); remove it")
     for entry in spec.grid:
         for combo in _expand(entry):
-            label = combo.pop("label", None)
             fields = {**spec.base, **combo}
             fields.update(spec.optimizer_overrides.get(fields.get("optimizer", "sgd"), {}))
             fields.update(combo)  # the grid entry wins over the optimizer overrides
+            label = fields.pop("label", None)
             for trial in range(1, spec.trials + 1):
                 try:
-                    config = RunConfig(**{**fields, "task": "quantize", "seed": spec.seed + trial - 1})
-                except TypeError as err:
+                    config = RunConfig.from_dict({**fields, "task": "quantize", "seed": spec.seed + trial - 1})
+                except ValueError as err:
                     raise ValueError(f"sweep {spec.name!r}: {err}") from None
                 if spec.pretrain is not None and config.init is None:
                     config = dataclasses.replace(

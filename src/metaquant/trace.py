@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ from torch import nn
 from .layers import quantized_layers
 from .meta import LSTMFC, FCGrad, MetaQuantizer, MultiFC
 from .runs import atomic_write_bytes
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["MetaTrace", "snapshot_epochs", "plot_trace", "TRACE_FILE"]
 
@@ -67,9 +71,8 @@ class MetaTrace:
         path: the trace file (``<run dir>/trace.pt``); rewritten atomically at every snapshot.
         epochs: the run's number of epochs (which ones are snapshot epochs: ``snapshot_epochs``).
 
-    Raises:
-        pickle.UnpicklingError, EOFError, RuntimeError: an existing file at ``path`` is not a readable trace
-            (as ``torch.load`` reports it: damaged, empty, truncated).
+    An existing file that cannot be read (damaged, empty, truncated) is moved to ``trace.damaged.pt`` with a
+    warning and a new trace begins: the trace illustrates a run and must not stop it from resuming.
 
     Example:
         >>> import pathlib
@@ -89,7 +92,15 @@ class MetaTrace:
         self.epochs = epochs
         self.data: dict[str, Any] = {"snapshots": {}, "bins": {}}
         if self.path.exists():  # a resumed run continues its trace
-            self.data = torch.load(self.path, weights_only=True)
+            try:
+                self.data = torch.load(self.path, weights_only=True)
+            except Exception as err:  # torch raises several types for a damaged file
+                # The trace only illustrates the run: keep the damaged file for inspection, start a new one,
+                # and let the training itself resume.
+                aside = self.path.with_name(self.path.stem + ".damaged" + self.path.suffix)
+                os.replace(self.path, aside)
+                logger.warning("%s is not a readable trace (%s: %s); moved to %s, starting a new trace",
+                               self.path, type(err).__name__, err, aside.name)
 
     def snapshot(self, epoch: int, trainer: Any, model: nn.Module) -> None:
         """Record the state after ``epoch`` epochs (0: before training) if it is a snapshot epoch.

@@ -146,6 +146,17 @@ def test_pickle_with_foreign_global_refused(tmp_path):
         read_cifar(folder, "cifar10", "test")
 
 
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_batch_pickled_by_python3_at_any_protocol_reads(tmp_path, protocol):
+    # A user's own CIFAR-format batch, written with pickle.dump (protocol 5 by default).
+    rows = np.random.default_rng(protocol).integers(0, 256, size=(2, 3072), dtype=np.uint8)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": rows, b"labels": [3, 9]}, protocol=protocol))
+    data = read_cifar(folder, "cifar10", "test")
+    assert data.images.reshape(2, -1).tolist() == rows.tolist() and data.labels.tolist() == [3, 9]
+
+
 def test_numpy1_style_pickle(tmp_path):
     # Pickles written by numpy 1.x (like the official files) name numpy.core.multiarray.
     rows = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072) % 251

@@ -99,3 +99,10 @@ def test_missing_url(tmp_path):
     with pytest.raises(DownloadError, match="absent.bin"):
         download_url(url, tmp_path / "out" / "x", None)
     assert os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("url", ["ftp//typo/file.gz", "gopher2://host/file"])
+def test_a_url_without_a_known_scheme_is_a_download_error(tmp_path, url):
+    with pytest.raises(DownloadError, match="unknown url type"):
+        download_url(url, tmp_path / "out" / "x", None)
+    assert os.listdir(tmp_path / "out") == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metaquant.data.sampling import check_batching, epoch_seed, num_batches, shard_indices
+from metaquant.data.sampling import batches_per_rank, check_batching, epoch_seed, num_batches, shard_indices
 
 
 def test_epoch_seed_depends_on_each_part():
@@ -47,6 +47,18 @@ def test_num_batches():
     assert num_batches(10, 3, drop_last=False) == 4
     assert num_batches(10, 3, drop_last=True) == 3
     assert num_batches(0, 3, drop_last=False) == 0
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_batches_per_rank_counts_the_batches_of_each_shard(drop_last):
+    for n in (0, 1, 7, 10, 33):
+        for world_size in (1, 2, 3, 4):
+            for rank in range(world_size):
+                share = shard_indices(n, seed=0, epoch=0, shuffle=True, rank=rank, world_size=world_size,
+                                      drop_last=drop_last)
+                batches = [share[i : i + 4] for i in range(0, len(share), 4)]
+                expected = sum(len(b) == 4 or not drop_last for b in batches)
+                assert batches_per_rank(n, 4, rank=rank, world_size=world_size, drop_last=drop_last) == expected
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),
+        # protocol 5 (Python's default): an array is rebuilt from its bytes by _frombuffer
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -89,9 +92,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(
                 f"refusing to load global {module}.{name}: a CIFAR batch only holds numpy arrays and lists"
             )
-        if module == "numpy.core.multiarray":
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
             # Resolve the numpy 1.x name without touching the deprecated numpy.core alias.
-            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
+            module = "numpy._core." + module.removeprefix("numpy.core.")
         return super().find_class(module, name)
 
 
@@ -177,8 +180,7 @@ def read_cifar(source: str | Path, variant: str, split: str) -> ImageTensors:
         DatasetNotFoundError: ``source`` or a batch file inside the folder is missing.
         DatasetFormatError: the archive or a batch is corrupt, has the wrong
             keys or shape or labels out of range, or its pickle refers to a
-            global that a numpy array does not need (refused without running it;
-            this includes numpy arrays pickled with protocol 5, Python's default).
+            global that a numpy array does not need (refused without running it).
 
     Example:
         A folder with one tiny ``test_batch`` in the official format (a protocol-2

@@ -66,10 +66,8 @@ def download_url(url: str, dest: str | Path, md5: str | None, *, timeout: float 
 
     Raises:
         ChecksumError: the downloaded bytes have another md5 (nothing is left on disk).
-        DownloadError: the transfer failed, including an unknown URL scheme
-            (nothing is left on disk).
-        ValueError: ``url`` has no scheme at all (raised by ``urlopen``; nothing
-            is left on disk).
+        DownloadError: the transfer failed, including a URL with an unknown scheme
+            or none (nothing is left on disk).
 
     Example:
         A ``file://`` URL stands in for a server here:
@@ -81,9 +79,9 @@ def download_url(url: str, dest: str | Path, md5: str | None, *, timeout: float 
         ('cache/copy.bin', b'metaquant')
         >>> try:
         ...     mq.data.download_url("ftp//typo/file.gz", "cache/file.gz", md5=None)
-        ... except ValueError as err:
+        ... except mq.data.DownloadError as err:
         ...     print(err, sorted(p.name for p in Path("cache").iterdir()))
-        unknown url type: 'ftp//typo/file.gz' ['copy.bin']
+        download of ftp//typo/file.gz to cache/file.gz failed: unknown url type: 'ftp//typo/file.gz' ['copy.bin']
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +95,8 @@ def download_url(url: str, dest: str | Path, md5: str | None, *, timeout: float 
                 while chunk := response.read(_CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
-        except OSError as exc:  # URLError, HTTPError, timeouts and disk errors are all OSErrors
+        except (OSError, ValueError) as exc:
+            # OSError: URLError, HTTPError, timeouts and disk errors; ValueError: a URL without a scheme.
             raise DownloadError(f"download of {url} to {dest} failed: {exc}") from exc
         actual = digest.hexdigest()
         if md5 is not None and actual != md5.lower():

@@ -32,7 +32,7 @@ import torch
 
 from .errors import DatasetFormatError, DatasetNotFoundError
 from .registry import dataset_info
-from .sampling import check_batching, epoch_seed, num_batches, shard_indices
+from .sampling import batches_per_rank, check_batching, epoch_seed, shard_indices
 from .tensors import subset_indices
 
 __all__ = ["ImageFolderLoader", "check_imagenet_layout", "imagenet_loaders"]
@@ -205,9 +205,8 @@ class ImageFolderLoader:
         ).tolist()
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        used = n - n % self.world_size if self.drop_last else n
-        return num_batches(len(range(self.rank, used, self.world_size)), self.batch_size, self.drop_last)
+        return batches_per_rank(len(self.dataset), self.batch_size, rank=self.rank, world_size=self.world_size,
+                                drop_last=self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(

@@ -15,7 +15,7 @@ import torch
 
 from .augment import crop_at, crop_offsets, flip_mask, hflip_where
 from .registry import DatasetInfo
-from .sampling import check_batching, epoch_generator, num_batches, shard_indices
+from .sampling import batches_per_rank, check_batching, epoch_generator, num_batches, shard_indices
 from .tensors import ImageTensors
 
 __all__ = ["CROP_PADDING", "BatchLoader", "TensorLoader"]
@@ -43,10 +43,7 @@ class BatchLoader(Protocol):
 
     def __len__(self) -> int:
         """Number of batches this rank yields per epoch."""
-        n = self.num_examples
-        # Same share size as shard_indices, computed without drawing the permutation.
-        used = n - n % self.world_size if self.drop_last else n
-        return num_batches(len(range(self.rank, used, self.world_size)), self.batch_size, self.drop_last)
+        ...
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
@@ -170,10 +167,8 @@ class TensorLoader:
 
     def __len__(self) -> int:
         """Number of batches this rank yields per epoch."""
-        n = self.num_examples
-        # The share size shard_indices produces, computed without drawing the permutation.
-        used = n - n % self.world_size if self.drop_last else n
-        return num_batches(len(range(self.rank, used, self.world_size)), self.batch_size, self.drop_last)
+        return batches_per_rank(self.num_examples, self.batch_size, rank=self.rank, world_size=self.world_size,
+                                drop_last=self.drop_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices().to(self.device)

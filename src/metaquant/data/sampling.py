@@ -20,7 +20,7 @@ import math
 
 import torch
 
-__all__ = ["check_batching", "epoch_generator", "epoch_seed", "num_batches", "shard_indices"]
+__all__ = ["batches_per_rank", "check_batching", "epoch_generator", "epoch_seed", "num_batches", "shard_indices"]
 
 
 def epoch_seed(seed: int, epoch: int, stream: str) -> int:
@@ -68,3 +68,10 @@ def shard_indices(
 def num_batches(num_examples: int, batch_size: int, drop_last: bool) -> int:
     """Batches of ``batch_size`` that ``num_examples`` make, the last one partial unless ``drop_last``."""
     return num_examples // batch_size if drop_last else math.ceil(num_examples / batch_size)
+
+
+def batches_per_rank(n: int, batch_size: int, *, rank: int, world_size: int, drop_last: bool) -> int:
+    """Batches that rank ``rank`` yields per epoch: ``num_batches`` of its ``shard_indices`` share, computed
+    without drawing the permutation (the share's size does not depend on the order)."""
+    used = n - n % world_size if drop_last else n
+    return num_batches(len(range(rank, used, world_size)), batch_size, drop_last)
