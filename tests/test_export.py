@@ -3,6 +3,7 @@
 import importlib.util
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,22 @@ def test_onnx_export_of_a_model_whose_forward_argument_is_not_named_x(tmp_path):
 def quantized_weights_unchanged(model):
     # exporting works on a copy: the latent weights W of the model stay latent
     return any(not torch.equal(l.weight, l.quantizer(l.weight)) for l in mq.quantized_layers(model).values())
+
+
+def test_eval_needs_only_the_test_files(tmp_path, tiny_mnist, capsys):
+    import shutil
+
+    from metaquant.cli import main
+
+    assert main(["quantize", *tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "1", "--no-progress",
+                 "--run-dir", str(tmp_path), "--name", "q"]) == 0
+    recorded = json.loads((tmp_path / "q" / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
+    assert main(["export", str(tmp_path / "q")]) == 0
+    source = Path(tiny_mnist[tiny_mnist.index("--data-dir") + 1])
+    only_test = tmp_path / "only-test"
+    only_test.mkdir()
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        shutil.copy(source / name, only_test / name)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "q" / "model.mqpack"), "--data-dir", str(only_test), "--device", "cpu"]) == 0
+    assert f"test accuracy {recorded:.2f}% top-1" in capsys.readouterr().out

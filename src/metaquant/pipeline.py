@@ -18,7 +18,7 @@ from torch import nn
 
 from .algorithm import MetaQuant
 from .config import RunConfig
-from .data import dataset_info, make_loaders
+from .data import dataset_info, make_loaders, make_test_loader
 from .estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
 from .layers import QuantConfig, dequantize_, quantize_
 from .meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
@@ -502,12 +502,9 @@ def _run_model(run: RunDir, device: str | None = None) -> tuple[RunConfig, nn.Mo
 
 
 def _test_loader(config: RunConfig, device: str, data_dir: str | None) -> Any:
-    config = dataclasses.replace(config, data_dir=data_dir or config.data_dir)
-    _, test_loader, _ = make_loaders(
-        config.dataset, data_dir=config.data_dir, batch_size=config.batch_size,
-        test_batch_size=config.test_batch_size, device=resolve_device(device), seed=config.seed,
-        train_size=config.train_size, test_size=config.test_size, subset_seed=config.subset_seed,
-        download=config.download,
+    test_loader, _ = make_test_loader(
+        config.dataset, data_dir=data_dir or config.data_dir, batch_size=config.test_batch_size,
+        device=resolve_device(device), seed=config.seed, test_size=config.test_size, download=config.download,
     )
     return test_loader
 

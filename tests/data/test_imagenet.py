@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from metaquant.data.errors import DatasetFormatError, DatasetNotFoundError
-from metaquant.data.imagenet import ImageFolderLoader, check_imagenet_layout, imagenet_loaders
+from metaquant.data import imagenet
+from metaquant.data.imagenet import ImageFolderLoader, check_imagenet_layout, imagenet_loaders, imagenet_val_loader
 from metaquant.data.loader import BatchLoader
 
 
@@ -100,6 +101,68 @@ def test_folder_loader_bad_arguments():
         ImageFolderLoader(_pairs(3), 2, train=True, num_workers=-1)
     with pytest.raises(ValueError, match="rank"):
         ImageFolderLoader(_pairs(3), 2, train=True, rank=1)
+
+
+class _FakeTorchvision:
+    """Stands in for torchvision's ImageFolder and transforms: records which folders are read and which
+    transforms each split composes; an image is a [3, 2, 2] tensor filled with its file's index."""
+
+    def __init__(self):
+        self.folders, self.pipelines = [], []
+        fake = self
+
+        class ImageFolder(torch.utils.data.Dataset):
+            def __init__(self, root, transform):
+                from pathlib import Path
+
+                fake.folders.append(Path(root).name)
+                fake.pipelines.append(transform)
+                self.classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir())
+                self.samples = [(f, c) for c, d in enumerate(self.classes) for f in sorted((Path(root) / d).iterdir())]
+
+            def __len__(self):
+                return len(self.samples)
+
+            def __getitem__(self, i):
+                return torch.full((3, 2, 2), float(i)), self.samples[i][1]
+
+        def transform(name):
+            return lambda *args, **kwargs: name
+
+        self.datasets = type("datasets", (), {"ImageFolder": ImageFolder})
+        self.transforms = type("transforms", (), {n: staticmethod(transform(n)) for n in (
+            "RandomResizedCrop", "RandomHorizontalFlip", "Resize", "CenterCrop", "ToTensor", "Normalize")}
+            | {"Compose": staticmethod(lambda steps: steps)})
+
+
+@pytest.fixture
+def fake_torchvision(monkeypatch):
+    fake = _FakeTorchvision()
+    monkeypatch.setattr(imagenet, "_import_torchvision", lambda: (fake.datasets, fake.transforms))
+    return fake
+
+
+def test_loaders_build_each_split_with_its_transforms_and_subset(tmp_path, fake_torchvision):
+    make_tree(tmp_path, train=("n01", "n02"), val=("n01", "n02"), files=("a.JPEG", "b.JPEG", "c.JPEG"))
+    train, test = imagenet_loaders(tmp_path, batch_size=4, test_batch_size=10, num_workers=0, test_size=4)
+    assert fake_torchvision.folders == ["train", "val"]
+    assert fake_torchvision.pipelines == [
+        ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"],
+        ["Resize", "CenterCrop", "ToTensor", "Normalize"],
+    ]
+    assert sorted(torch.cat([y for _, y in train]).tolist()) == [0, 0, 0, 1, 1, 1]
+    assert len(torch.cat([y for _, y in test])) == 4  # the seeded validation subset
+
+
+def test_the_validation_loader_alone_needs_no_training_folder(tmp_path, fake_torchvision):
+    for wnid in ("n01", "n02"):
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        (tmp_path / "val" / wnid / "a.JPEG").write_bytes(b"")
+    test = imagenet_val_loader(tmp_path, batch_size=8, num_workers=0)
+    assert fake_torchvision.folders == ["val"]
+    assert [y.tolist() for _, y in test] == [[0, 1]]
+    with pytest.raises(DatasetNotFoundError, match="train is missing"):
+        imagenet_loaders(tmp_path, batch_size=8, test_batch_size=8)
 
 
 def test_real_torchvision_pipeline(tmp_path):

@@ -13,9 +13,9 @@ from .cifar import read_cifar
 from .download import download_url, md5_file
 from .errors import ChecksumError, DatasetError, DatasetFormatError, DatasetNotFoundError, DownloadError
 from .idx import read_idx_pair, write_idx
-from .imagenet import ImageFolderLoader, check_imagenet_layout, imagenet_loaders
+from .imagenet import ImageFolderLoader, check_imagenet_layout, imagenet_loaders, imagenet_val_loader
 from .loader import BatchLoader, TensorLoader
-from .make import make_loaders
+from .make import make_loaders, make_test_loader
 from .registry import DATASETS, DatasetInfo, dataset_info
 from .splits import load_split
 from .tensors import ImageTensors, subset
@@ -40,8 +40,10 @@ __all__ = [
     "flip_mask",
     "hflip_where",
     "imagenet_loaders",
+    "imagenet_val_loader",
     "load_split",
     "make_loaders",
+    "make_test_loader",
     "md5_file",
     "random_crop",
     "random_hflip",

@@ -35,7 +35,7 @@ from .registry import dataset_info
 from .sampling import batches_per_rank, check_batching, epoch_seed, shard_indices
 from .tensors import subset_indices
 
-__all__ = ["ImageFolderLoader", "check_imagenet_layout", "imagenet_loaders"]
+__all__ = ["ImageFolderLoader", "check_imagenet_layout", "imagenet_loaders", "imagenet_val_loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ _LAYOUT = "<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG"
 _IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 
-def check_imagenet_layout(root: str | Path) -> list[str]:
+def check_imagenet_layout(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
     """Check that ``root`` has the ImageFolder layout; return the sorted class names.
 
     Only the folders are inspected (every sub-directory of ``train/`` and
@@ -52,6 +52,8 @@ def check_imagenet_layout(root: str | Path) -> list[str]:
 
     Args:
         root: folder holding ``train/<wnid>/`` and ``val/<wnid>/``.
+        splits: the split folders to check, ``("train", "val")`` or one of
+            them (evaluation needs ``("val",)`` only).
 
     Returns:
         The class folder names, sorted (the class index of each is its position).
@@ -74,11 +76,13 @@ def check_imagenet_layout(root: str | Path) -> list[str]:
         >>> mq.data.check_imagenet_layout("imagenet-layout")
         ['n01440764', 'n01443537']
     """
+    if not splits or not set(splits) <= {"train", "val"}:
+        raise ValueError(f"splits {splits!r}: expected ('train', 'val'), ('train',) or ('val',)")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetNotFoundError(f"ImageNet root {root} is not a directory; expected {_LAYOUT}")
     classes: dict[str, list[str]] = {}
-    for split in ("train", "val"):
+    for split in splits:
         directory = root / split
         if not directory.is_dir():
             raise DatasetNotFoundError(f"ImageNet folder {directory} is missing; expected {_LAYOUT}")
@@ -94,7 +98,7 @@ def check_imagenet_layout(root: str | Path) -> list[str]:
             )
             raise DatasetFormatError(f"ImageNet folder {directory} has no class folders{hint}; expected {_LAYOUT}")
         classes[split] = names
-    if classes["train"] != classes["val"]:
+    if len(classes) == 2 and classes["train"] != classes["val"]:
         only_train = sorted(set(classes["train"]) - set(classes["val"]))
         only_val = sorted(set(classes["val"]) - set(classes["train"]))
         raise DatasetFormatError(
@@ -102,7 +106,7 @@ def check_imagenet_layout(root: str | Path) -> list[str]:
             f"{only_train[:5]}{'...' if len(only_train) > 5 else ''} ({len(only_train)}), only in val: "
             f"{only_val[:5]}{'...' if len(only_val) > 5 else ''} ({len(only_val)})"
         )
-    return classes["train"]
+    return classes[splits[0]]
 
 
 def _import_torchvision() -> tuple[ModuleType, ModuleType]:
@@ -277,25 +281,75 @@ def imagenet_loaders(
         ...     print(err)
         ImageNet folder imagenet-root/val is missing; expected <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG
     """
-    classes = check_imagenet_layout(root)
+    check_imagenet_layout(root)
+    common = dict(device=device, rank=rank, world_size=world_size, num_workers=num_workers)
+    train = _split_loader(root, "train", batch_size, seed=seed, subset_seed=seed, size=train_size,
+                          drop_last=drop_last, **common)
+    test = _split_loader(root, "val", test_batch_size, seed=seed, subset_seed=test_seed, size=test_size, **common)
+    return train, test
+
+
+def imagenet_val_loader(
+    root: str | Path,
+    *,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    test_seed: int = 0,
+    test_size: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 4,
+) -> ImageFolderLoader:
+    """The validation loader of :func:`imagenet_loaders` alone: only ``root/val`` is needed and read.
+
+    Args:
+        root: folder with ``val/<wnid>/*.JPEG``.
+        batch_size: batch size per rank.
+        device, seed, test_seed, test_size, rank, world_size, num_workers: as for
+            :func:`imagenet_loaders`.
+
+    Returns:
+        An :class:`ImageFolderLoader` over the validation images (Resize(256) + CenterCrop(224)).
+
+    Raises:
+        DatasetNotFoundError, DatasetFormatError: ``root/val`` is missing or has no class folders.
+        ImportError: torchvision is not installed.
+        ValueError: ``test_size`` out of range, or invalid ``batch_size`` / ``rank`` / ``world_size``.
+
+    Example:
+        A machine that only evaluates needs no training images:
+
+        >>> from pathlib import Path
+        >>> (Path("imagenet-val-only") / "val").mkdir(parents=True)
+        >>> try:
+        ...     mq.data.imagenet_val_loader("imagenet-val-only", batch_size=256)
+        ... except mq.data.DatasetFormatError as err:
+        ...     print(err)
+        ImageNet folder imagenet-val-only/val has no class folders; expected ...
+    """
+    check_imagenet_layout(root, splits=("val",))
+    return _split_loader(root, "val", batch_size, device=device, seed=seed, subset_seed=test_seed, size=test_size,
+                         rank=rank, world_size=world_size, num_workers=num_workers)
+
+
+def _split_loader(
+    root: str | Path, split: str, batch_size: int, *, device: torch.device | str, seed: int, subset_seed: int,
+    size: int | None, rank: int, world_size: int, num_workers: int, drop_last: bool = False,
+) -> ImageFolderLoader:
+    """One split's loader; ``train`` augments (RandomResizedCrop + flip), ``val`` resizes and center-crops."""
     datasets, transforms = _import_torchvision()
     info = dataset_info("imagenet")
-    root = Path(root).expanduser()
     normalize = transforms.Normalize(mean=info.mean, std=info.std)
-    train_tf = transforms.Compose(
-        [transforms.RandomResizedCrop(info.image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
-    )
-    eval_tf = transforms.Compose(
-        [transforms.Resize(256), transforms.CenterCrop(info.image_size), transforms.ToTensor(), normalize]
-    )
-    train_set = datasets.ImageFolder(str(root / "train"), transform=train_tf)
-    val_set = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
-    logger.info("imagenet: %d train / %d val images in %d classes under %s", len(train_set), len(val_set), len(classes), root)
-    if train_size is not None:
-        train_set = torch.utils.data.Subset(train_set, subset_indices(len(train_set), train_size, seed).tolist())
-    if test_size is not None:
-        val_set = torch.utils.data.Subset(val_set, subset_indices(len(val_set), test_size, test_seed).tolist())
-    common = dict(device=device, rank=rank, world_size=world_size, num_workers=num_workers)
-    train = ImageFolderLoader(train_set, batch_size, train=True, seed=seed, drop_last=drop_last, **common)
-    test = ImageFolderLoader(val_set, test_batch_size, train=False, seed=seed, **common)
-    return train, test
+    if split == "train":
+        augment = [transforms.RandomResizedCrop(info.image_size), transforms.RandomHorizontalFlip()]
+    else:
+        augment = [transforms.Resize(256), transforms.CenterCrop(info.image_size)]
+    folder = Path(root).expanduser() / split
+    dataset = datasets.ImageFolder(str(folder), transform=transforms.Compose([*augment, transforms.ToTensor(),
+                                                                              normalize]))
+    logger.info("imagenet %s: %d images in %d classes under %s", split, len(dataset), len(dataset.classes), folder)
+    if size is not None:
+        dataset = torch.utils.data.Subset(dataset, subset_indices(len(dataset), size, subset_seed).tolist())
+    return ImageFolderLoader(dataset, batch_size, train=split == "train", seed=seed, drop_last=drop_last,
+                             device=device, rank=rank, world_size=world_size, num_workers=num_workers)

@@ -1,4 +1,5 @@
-"""One call from a data set name to train and test loaders: :func:`make_loaders`."""
+"""One call from a data set name to train and test loaders (:func:`make_loaders`), or to the test loader
+alone for evaluation (:func:`make_test_loader`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ from pathlib import Path
 import torch
 
 from .errors import DatasetNotFoundError
-from .imagenet import imagenet_loaders
+from .imagenet import imagenet_loaders, imagenet_val_loader
 from .loader import BatchLoader, TensorLoader
 from .registry import DatasetInfo, dataset_info
 from .splits import load_split
 from .tensors import subset
 
-__all__ = ["TEST_SUBSET_SEED", "make_loaders"]
+__all__ = ["TEST_SUBSET_SEED", "make_loaders", "make_test_loader"]
 
 # The test subset does not depend on the training seed, so runs with different
 # seeds (and different train subsets) are evaluated on the same examples and
@@ -116,8 +117,69 @@ def make_loaders(
 
     train_subset_seed = seed if subset_seed is None else subset_seed
     train_data = subset(load_split(name, "train", data_dir, download), train_size, train_subset_seed)
-    test_data = subset(load_split(name, "test", data_dir, download), test_size, TEST_SUBSET_SEED)
-    common = dict(device=device, seed=seed, rank=rank, world_size=world_size)
-    train = TensorLoader(train_data, info, batch_size, train=True, drop_last=drop_last, **common)
-    test = TensorLoader(test_data, info, test_batch_size, train=False, **common)
+    train = TensorLoader(train_data, info, batch_size, train=True, drop_last=drop_last, device=device, seed=seed,
+                         rank=rank, world_size=world_size)
+    test, _ = make_test_loader(name, data_dir=data_dir, batch_size=test_batch_size, device=device, seed=seed,
+                               test_size=test_size, download=download, rank=rank, world_size=world_size)
     return train, test, info
+
+
+def make_test_loader(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    test_size: int | None = None,
+    download: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 4,
+) -> tuple[BatchLoader, DatasetInfo]:
+    """The test loader of :func:`make_loaders` alone, and the :class:`DatasetInfo`: only the test split is
+    read (ImageNet: only ``data_dir/val``), so a machine that evaluates a model needs no training data.
+
+    The same ``test_size`` gives the same examples as in :func:`make_loaders` (the fixed
+    :data:`TEST_SUBSET_SEED`), so an accuracy measured here is comparable with the one a run recorded.
+
+    Args:
+        name: registry name of the data set.
+        data_dir: folder of the data set's files; required for ``"imagenet"``.
+        batch_size: evaluation batch size per rank.
+        device, seed, download, rank, world_size, num_workers: as for :func:`make_loaders`.
+        test_size: evaluate on a subset of this many examples (None: all).
+
+    Returns:
+        ``(test_loader, info)``.
+
+    Raises:
+        ValueError: unknown ``name``, ``test_size`` out of range, or invalid ``batch_size`` / ``rank`` /
+            ``world_size``.
+        DatasetNotFoundError: the test files are missing, or ``name == "imagenet"`` without ``data_dir``.
+        DatasetFormatError: a test file is corrupt, or ``data_dir/val`` has the wrong layout.
+        ImportError: ImageNet without torchvision installed.
+
+    Example:
+        Only the test files exist:
+
+        >>> _ = mq.data.write_idx("eval-only/t10k-images-idx3-ubyte", torch.zeros(5, 28, 28, dtype=torch.uint8))
+        >>> _ = mq.data.write_idx("eval-only/t10k-labels-idx1-ubyte", torch.arange(5, dtype=torch.uint8))
+        >>> test, info = mq.data.make_test_loader("mnist", data_dir="eval-only", batch_size=2, download=False)
+        >>> [y.tolist() for _, y in test]
+        [[0, 1], [2, 3], [4]]
+    """
+    info = dataset_info(name)
+    if name == "imagenet":
+        if data_dir is None:
+            raise DatasetNotFoundError(
+                "ImageNet cannot be downloaded automatically; pass data_dir (CLI: --data-dir) pointing "
+                "at a folder with val/<wnid>/*.JPEG"
+            )
+        test = imagenet_val_loader(data_dir, batch_size=batch_size, device=device, seed=seed,
+                                   test_seed=TEST_SUBSET_SEED, test_size=test_size, rank=rank, world_size=world_size,
+                                   num_workers=num_workers)
+        return test, info
+    test_data = subset(load_split(name, "test", data_dir, download), test_size, TEST_SUBSET_SEED)
+    return TensorLoader(test_data, info, batch_size, train=False, device=device, seed=seed, rank=rank,
+                        world_size=world_size), info
