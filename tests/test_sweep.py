@@ -59,6 +59,12 @@ def test_plan_expands_the_grid_with_trials_and_overrides(tmp_path):
     assert {r.label for r in runs} == {"STE", "MultiFC", "STE + momentum"}
 
 
+def test_optimizer_overrides_apply_whatever_the_spelling_of_the_optimizer(tmp_path):
+    text = "[optimizer_overrides.adam]\nweight_decay = 5e-4\n[[grid]]\nestimator = 'ste'\noptimizer = ['Adam', 'SGD']"
+    runs = plan(load_sweep(write(tmp_path, text)), tmp_path / "runs")
+    assert [(r.config.optimizer, r.config.weight_decay) for r in runs] == [("adam", 5e-4), ("sgd", 0.0)]
+
+
 def test_a_label_in_base_names_every_run_unless_an_entry_sets_its_own(tmp_path):
     text = "[base]\nlabel = 'Mine'\n[[grid]]\nestimator = 'ste'\n[[grid]]\nestimator = 'ewgs'\nlabel = 'E'"
     runs = plan(load_sweep(write(tmp_path, text)), tmp_path / "runs")
@@ -78,6 +84,10 @@ def test_a_label_in_base_names_every_run_unless_an_entry_sets_its_own(tmp_path):
         ("[base]\nseed = 3\n[[grid]]\nestimator = 'ste'", "\\[base\\] sets seed, which the sweep sets"),
         ("[[grid]]\nestimator = 'ste'\ntask = 'pretrain'", "\\[\\[grid\\]\\] sets task"),
         ("[pretrain]\nwidth = 3\n[[grid]]\nestimator = 'ste'", "unknown configuration keys \\['width'\\]"),
+        ("[pretrain]\nmodel = 'resnet8'\n[[grid]]\nestimator = 'ste'", "\\[pretrain\\]: sets model"),
+        ("[optimizer_overrides.adma]\nweight_decay = 1e-4\n[[grid]]\nestimator = 'ste'",
+         "unknown optimizers \\['adma'\\]; allowed: sgd, adam, adamw"),
+        ("[base]\nbits = '1'\n[[grid]]\nestimator = 'ste'", "sweep 'sweep': bits must be an integer > 0, got '1'"),
         ("[[grid", "is not valid TOML"),
     ],
 )

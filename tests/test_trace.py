@@ -42,17 +42,26 @@ def test_plot_refuses_a_run_without_a_trace(tmp_path, tiny_mnist, capsys):
     assert "only MetaQuant runs record what they learn" in capsys.readouterr().err
 
 
-def test_a_damaged_trace_is_kept_aside_and_a_new_one_begins(tmp_path, caplog):
+@pytest.mark.parametrize("content", ["truncated", "another file"])
+def test_a_damaged_trace_is_kept_aside_and_a_new_one_begins(tmp_path, caplog, content):
+    import io
+
     import metaquant as mq
     from metaquant.trace import MetaTrace
 
     path = tmp_path / TRACE_FILE
-    path.write_bytes(b"PK\x03\x04 truncated")
+    if content == "truncated":
+        path.write_bytes(b"PK\x03\x04 truncated")
+    else:
+        buffer = io.BytesIO()
+        torch.save({"weights": torch.zeros(2)}, buffer)
+        path.write_bytes(buffer.getvalue())
+    original = path.read_bytes()
     model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(3, 2)))
     trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=4))
     with caplog.at_level("WARNING", logger="metaquant.trace"):
         trace = MetaTrace(path, epochs=2)
     assert "is not a readable trace" in caplog.text
-    assert (tmp_path / "trace.damaged.pt").read_bytes() == b"PK\x03\x04 truncated"
+    assert (tmp_path / "trace.damaged.pt").read_bytes() == original
     trace.snapshot(0, trainer, model)
     assert sorted(torch.load(path, weights_only=True)["snapshots"]) == [0]

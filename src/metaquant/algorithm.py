@@ -132,11 +132,14 @@ class MetaQuant:
             raise ValueError(f"step_order {step_order!r} is not supported; allowed: {', '.join(STEP_ORDERS)}")
         if through not in THROUGH:
             raise ValueError(f"through {through!r} is not supported; allowed: {', '.join(THROUGH)}")
-        if not (isinstance(meta_lr, (int, float)) and meta_lr > 0):
+        # bool is an int subclass: True is refused, not read as 1.
+        if not (isinstance(meta_lr, (int, float)) and not isinstance(meta_lr, bool) and meta_lr > 0):
             raise ValueError(f"meta_lr must be a number > 0, got {meta_lr!r}")
-        if not (isinstance(meta_weight_decay, (int, float)) and meta_weight_decay >= 0):
+        if not (isinstance(meta_weight_decay, (int, float)) and not isinstance(meta_weight_decay, bool)
+                and meta_weight_decay >= 0):
             raise ValueError(f"meta_weight_decay must be a number >= 0, got {meta_weight_decay!r}")
-        if freeze_meta_epoch is not None and (not isinstance(freeze_meta_epoch, int) or freeze_meta_epoch < 0):
+        if freeze_meta_epoch is not None and (not isinstance(freeze_meta_epoch, int)
+                                              or isinstance(freeze_meta_epoch, bool) or freeze_meta_epoch < 0):
             raise ValueError(f"freeze_meta_epoch must be an integer >= 0 or None, got {freeze_meta_epoch!r}")
         check_policy(on_nonfinite)
         self.on_nonfinite = on_nonfinite

@@ -69,7 +69,6 @@ class RunConfig:
             or range; the message names the field, the value and what is allowed. Also: ``nesterov`` without
             ``sgd``, momentum > 0 and dampening 0; ``meta_init`` or ``freeze_meta_epoch`` with a classical
             estimator.
-        TypeError: ``bits`` is not an ``int`` (from ``get_quantizer``).
 
     Example:
         >>> from metaquant.config import RunConfig
@@ -174,6 +173,7 @@ class RunConfig:
             raise ValueError(f"device {self.device!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
         _choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         _positive("checkpoint_every", self.checkpoint_every, integer=True, allow_zero=True)
+        _positive("bits", self.bits, integer=True)
         get_quantizer(self.quantizer, self.bits)  # raises with the allowed names / bit widths
         self.estimator = ESTIMATOR_ALIASES.get(self.estimator, self.estimator)
         _choice("estimator", self.estimator, ESTIMATORS)

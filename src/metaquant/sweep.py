@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig
+from .config import OPTIMIZERS, RunConfig
 from .guards import StopFlag
 from .pipeline import execute, resume
 from .runs import RunDir
@@ -236,6 +236,10 @@ def _slug(text: str) -> str:
 
 def pretrain_config(spec: SweepSpec, model: str, dataset: str) -> RunConfig:
     fields = {"seed": spec.seed, **(spec.pretrain or {})}
+    clash = sorted({"task", "model"} & set(fields))
+    if clash:
+        raise ValueError(f"sets {', '.join(clash)}, which the sweep sets: one pre-trained model is made for "
+                         "every model of the grid; remove it")
     fields.update(task="pretrain", model=model, dataset=dataset)
     return RunConfig.from_dict(fields)
 
@@ -259,8 +263,8 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
         The ``PlannedRun`` of every run: grid entries in order, then their combinations, then the trials.
 
     Raises:
-        ValueError: an unknown ``RunConfig`` field, a value a run refuses, or two runs that would share a
-            directory.
+        ValueError: an unknown ``RunConfig`` field, a value a run refuses, ``seed`` or ``task`` set by the file
+            (the sweep sets them), overrides for an unknown optimizer, or two runs that would share a directory.
 
     Example:
         >>> import pathlib
@@ -275,6 +279,10 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
         multifc-resnet20-cifar10-dorefa1-sgd-trial-1 0.0
         multifc-resnet20-cifar10-dorefa1-adam-trial-1 0.0005
     """
+    unknown = sorted(set(spec.optimizer_overrides) - set(OPTIMIZERS))
+    if unknown:
+        raise ValueError(f"sweep {spec.name!r}: [optimizer_overrides] for unknown optimizers {unknown}; "
+                         f"allowed: {', '.join(OPTIMIZERS)} (lower case)")
     runs: list[PlannedRun] = []
     seen: set[Path] = set()
     for part, fields in [("[base]", spec.base), *((f"[optimizer_overrides.{name}]", overrides)
@@ -288,7 +296,8 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
     for entry in spec.grid:
         for combo in _expand(entry):
             fields = {**spec.base, **combo}
-            fields.update(spec.optimizer_overrides.get(fields.get("optimizer", "sgd"), {}))
+            optimizer = str(fields.get("optimizer", RunConfig.optimizer)).lower()  # RunConfig's spelling
+            fields.update(spec.optimizer_overrides.get(optimizer, {}))
             fields.update(combo)  # the grid entry wins over the optimizer overrides
             label = fields.pop("label", None)
             for trial in range(1, spec.trials + 1):

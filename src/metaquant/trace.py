@@ -93,7 +93,10 @@ class MetaTrace:
         self.data: dict[str, Any] = {"snapshots": {}, "bins": {}}
         if self.path.exists():  # a resumed run continues its trace
             try:
-                self.data = torch.load(self.path, weights_only=True)
+                data = torch.load(self.path, weights_only=True)
+                if not (isinstance(data, dict) and {"snapshots", "bins"} <= set(data)):
+                    raise ValueError("not a trace: no snapshots and bins")
+                self.data = data
             except Exception as err:  # torch raises several types for a damaged file
                 # The trace only illustrates the run: keep the damaged file for inspection, start a new one,
                 # and let the training itself resume.

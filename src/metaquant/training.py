@@ -236,7 +236,7 @@ def fit(
         The final ``FitState``.
 
     Raises:
-        TrainingInterrupted: ``stop`` was set; a checkpoint of the exact position was written.
+        TrainingInterrupted: ``stop`` was set; with ``run``, a checkpoint of the exact position was written.
         NonFiniteError: a step produced a non-finite value; the message names the epoch, the step and the
             last good checkpoint, which is left as it was. Also raised, instead of writing, when ``run`` is set
             and the weights of a checkpoint about to be saved are not finite.

@@ -11,6 +11,7 @@ from metaquant.data.errors import DatasetFormatError, DatasetNotFoundError
 from metaquant.data import imagenet
 from metaquant.data.imagenet import ImageFolderLoader, check_imagenet_layout, imagenet_loaders, imagenet_val_loader
 from metaquant.data.loader import BatchLoader
+from metaquant.data.tensors import subset_indices
 
 
 def make_tree(root, train=("n01", "n02"), val=("n01", "n02"), files=("a.JPEG",)):
@@ -151,7 +152,20 @@ def test_loaders_build_each_split_with_its_transforms_and_subset(tmp_path, fake_
         ["Resize", "CenterCrop", "ToTensor", "Normalize"],
     ]
     assert sorted(torch.cat([y for _, y in train]).tolist()) == [0, 0, 0, 1, 1, 1]
-    assert len(torch.cat([y for _, y in test])) == 4  # the seeded validation subset
+    # The fake's image i is filled with i: the validation subset is the seeded one, in its order.
+    assert [int(x[0, 0, 0]) for batch, _ in test for x in batch] == subset_indices(6, 4, 0).tolist()
+
+
+def test_the_training_subset_follows_subset_seed(tmp_path, fake_torchvision):
+    make_tree(tmp_path, files=[f"{i}.JPEG" for i in range(5)])
+
+    def train_images(**kwargs):
+        train, _ = imagenet_loaders(tmp_path, batch_size=20, test_batch_size=20, num_workers=0, train_size=4,
+                                    **kwargs)
+        return sorted(int(x[0, 0, 0]) for batch, _ in train for x in batch)
+
+    assert train_images(seed=1) == sorted(subset_indices(10, 4, 1).tolist())
+    assert train_images(seed=1, subset_seed=7) == sorted(subset_indices(10, 4, 7).tolist())
 
 
 def test_the_validation_loader_alone_needs_no_training_folder(tmp_path, fake_torchvision):
@@ -163,6 +177,8 @@ def test_the_validation_loader_alone_needs_no_training_folder(tmp_path, fake_tor
     assert [y.tolist() for _, y in test] == [[0, 1]]
     with pytest.raises(DatasetNotFoundError, match="train is missing"):
         imagenet_loaders(tmp_path, batch_size=8, test_batch_size=8)
+    with pytest.raises(DatasetFormatError, match="holds 2 class folders, expected 1000"):
+        imagenet_val_loader(tmp_path, batch_size=8, num_classes=1000)
 
 
 def test_real_torchvision_pipeline(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from metaquant.data import splits
 from metaquant.data.errors import DatasetNotFoundError
 from metaquant.data.loader import TensorLoader
-from metaquant.data.make import make_loaders
+from metaquant.data.make import make_loaders, make_test_loader
 
 from .formats import make_cifar, write_cifar_archive, write_idx
 
@@ -84,3 +84,17 @@ def test_subset_seed_fixes_the_training_subset_across_seeds(mnist_dir):
         return torch.cat([x for x, _ in train]).sort(0).values
 
     assert torch.equal(train_images(0), train_images(1))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_test_loader_alone_serves_the_same_batches_without_the_training_files(mnist_dir, rank):
+    kwargs = dict(data_dir=mnist_dir, seed=3, test_size=13, download=False, rank=rank, world_size=2)
+    _, expected, _ = make_loaders("mnist", batch_size=8, test_batch_size=4, **kwargs)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (mnist_dir / name).unlink()
+    test, info = make_test_loader("mnist", batch_size=4, **kwargs)
+    assert info.name == "mnist" and len(test) == len(expected)
+    for (x, y), (x0, y0) in zip(test, expected, strict=True):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+    with pytest.raises(DatasetNotFoundError):
+        make_loaders("mnist", batch_size=8, **kwargs)

@@ -236,6 +236,7 @@ def imagenet_loaders(
     test_seed: int = 0,
     train_size: int | None = None,
     test_size: int | None = None,
+    subset_seed: int | None = None,
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
@@ -245,17 +246,18 @@ def imagenet_loaders(
 
     Train: RandomResizedCrop(224) + horizontal flip; eval: Resize(256) +
     CenterCrop(224); both normalised with the ImageNet mean/std. ``train_size`` /
-    ``test_size`` pick seeded subsets (seeds ``seed`` / ``test_seed``).
+    ``test_size`` pick seeded subsets (seeds ``subset_seed``, default ``seed``, / ``test_seed``).
 
     Args:
         root: folder with ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``.
         batch_size: training batch size per rank.
         test_batch_size: validation batch size per rank.
         device: where the batches are moved.
-        seed: seed of the shuffling, the augmentation and the train subset.
+        seed: seed of the shuffling and the augmentation (and of the train subset, unless ``subset_seed``).
         test_seed: seed of the validation subset.
         train_size: train on a seeded subset of this many images (None: all).
         test_size: validate on a seeded subset of this many images (None: all).
+        subset_seed: seed of the train subset (default: ``seed``).
         drop_last: the train loader skips its last, smaller batch.
         rank: this process's index in ``0..world_size-1``.
         world_size: number of processes sharing the data.
@@ -283,7 +285,8 @@ def imagenet_loaders(
     """
     check_imagenet_layout(root)
     common = dict(device=device, rank=rank, world_size=world_size, num_workers=num_workers)
-    train = _split_loader(root, "train", batch_size, seed=seed, subset_seed=seed, size=train_size,
+    train_subset_seed = seed if subset_seed is None else subset_seed
+    train = _split_loader(root, "train", batch_size, seed=seed, subset_seed=train_subset_seed, size=train_size,
                           drop_last=drop_last, **common)
     test = _split_loader(root, "val", test_batch_size, seed=seed, subset_seed=test_seed, size=test_size, **common)
     return train, test
@@ -297,23 +300,29 @@ def imagenet_val_loader(
     seed: int = 0,
     test_seed: int = 0,
     test_size: int | None = None,
+    num_classes: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 4,
 ) -> ImageFolderLoader:
     """The validation loader of :func:`imagenet_loaders` alone: only ``root/val`` is needed and read.
 
+    A class's index is its folder's position among the sorted folders of ``val/``, so a missing folder would
+    shift every later label; ``num_classes`` (the model's output size) guards against that.
+
     Args:
         root: folder with ``val/<wnid>/*.JPEG``.
         batch_size: batch size per rank.
         device, seed, test_seed, test_size, rank, world_size, num_workers: as for
             :func:`imagenet_loaders`.
+        num_classes: the number of class folders ``val/`` must hold (None: not checked).
 
     Returns:
         An :class:`ImageFolderLoader` over the validation images (Resize(256) + CenterCrop(224)).
 
     Raises:
-        DatasetNotFoundError, DatasetFormatError: ``root/val`` is missing or has no class folders.
+        DatasetNotFoundError, DatasetFormatError: ``root/val`` is missing, has no class folders, or not
+            ``num_classes`` of them.
         ImportError: torchvision is not installed.
         ValueError: ``test_size`` out of range, or invalid ``batch_size`` / ``rank`` / ``world_size``.
 
@@ -328,7 +337,12 @@ def imagenet_val_loader(
         ...     print(err)
         ImageNet folder imagenet-val-only/val has no class folders; expected ...
     """
-    check_imagenet_layout(root, splits=("val",))
+    classes = check_imagenet_layout(root, splits=("val",))
+    if num_classes is not None and len(classes) != num_classes:
+        raise DatasetFormatError(
+            f"ImageNet folder {Path(root) / 'val'} holds {len(classes)} class folders, expected {num_classes}: "
+            "a missing class would shift the labels of every class after it"
+        )
     return _split_loader(root, "val", batch_size, device=device, seed=seed, subset_seed=test_seed, size=test_size,
                          rank=rank, world_size=world_size, num_workers=num_workers)
 

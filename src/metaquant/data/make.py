@@ -108,6 +108,7 @@ def make_loaders(
             test_seed=TEST_SUBSET_SEED,
             train_size=train_size,
             test_size=test_size,
+            subset_seed=subset_seed,
             drop_last=drop_last,
             rank=rank,
             world_size=world_size,
@@ -177,8 +178,8 @@ def make_test_loader(
                 "at a folder with val/<wnid>/*.JPEG"
             )
         test = imagenet_val_loader(data_dir, batch_size=batch_size, device=device, seed=seed,
-                                   test_seed=TEST_SUBSET_SEED, test_size=test_size, rank=rank, world_size=world_size,
-                                   num_workers=num_workers)
+                                   test_seed=TEST_SUBSET_SEED, test_size=test_size, num_classes=info.num_classes,
+                                   rank=rank, world_size=world_size, num_workers=num_workers)
         return test, info
     test_data = subset(load_split(name, "test", data_dir, download), test_size, TEST_SUBSET_SEED)
     return TensorLoader(test_data, info, batch_size, train=False, device=device, seed=seed, rank=rank,
