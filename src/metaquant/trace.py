@@ -183,7 +183,8 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
     run_dir = Path(run_dir)
     trace_path = run_dir / TRACE_FILE
     if not trace_path.exists():
-        raise FileNotFoundError(f"{run_dir} has no {TRACE_FILE}: only MetaQuant runs record what they learn")
+        raise FileNotFoundError(f"{run_dir} has no {TRACE_FILE}: only MetaQuant runs record what they learn, "
+                                "from their first epoch on")
     out = Path(out) if out else run_dir
     out.mkdir(parents=True, exist_ok=True)
     data = torch.load(trace_path, weights_only=True)
@@ -204,12 +205,14 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
         ax.set_xlabel("W̃ = A(W)")
         ax.set_ylabel("multiplier of g_Ŵ  (g_W̃ = g_Ŵ · FCs(W̃))")
     elif isinstance(meta, FCGrad):
+        # a gradient-sized input range, drawn with both axes divided by its half-width
         grid = torch.linspace(-1e-2, 1e-2, 200)
+        scale = grid.abs().max()
         for (epoch, snap), color in zip(snapshots.items(), colors):
             meta.load_state_dict(snap["meta"])
             with torch.no_grad():
-                ax.plot(grid, meta(grid, grid)[0] / grid.abs().max(), color=color, label=f"epoch {epoch}")
-        grid = grid / grid.abs().max()
+                ax.plot(grid / scale, meta(grid, grid)[0] / scale, color=color, label=f"epoch {epoch}")
+        grid = grid / scale
         ax.set_xlabel("g_Ŵ (scaled to [-1, 1])")
         ax.set_ylabel("g_W̃ = FCs(g_Ŵ) (same scale)")
     else:
