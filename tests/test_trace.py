@@ -65,3 +65,15 @@ def test_a_damaged_trace_is_kept_aside_and_a_new_one_begins(tmp_path, caplog, co
     assert (tmp_path / "trace.damaged.pt").read_bytes() == original
     trace.snapshot(0, trainer, model)
     assert sorted(torch.load(path, weights_only=True)["snapshots"]) == [0]
+
+
+def test_fc_grad_is_drawn_on_the_scale_its_axes_state():
+    import metaquant as mq
+    from metaquant.trace import _fc_grad_curve
+
+    torch.manual_seed(0)
+    meta = mq.FCGrad(hidden=8)  # bias-free and linear: FCs(g) = k·g
+    k = meta(torch.ones(1), torch.ones(1))[0].item()
+    x, y = _fc_grad_curve(meta)
+    assert (x.min().item(), x.max().item()) == (-1.0, 1.0)
+    torch.testing.assert_close(y, k * x)

@@ -139,6 +139,14 @@ class MetaTrace:
         atomic_write_bytes(self.path, buffer.getvalue())
 
 
+def _fc_grad_curve(meta: FCGrad, half_width: float = 1e-2, points: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """FC-Grad's ``g_W̃`` over gradient-sized inputs ``g_Ŵ ∈ [−half_width, half_width]``, both divided by
+    ``half_width`` so that the curve is drawn on ``[−1, 1]`` beside STE's identity."""
+    grid = torch.linspace(-half_width, half_width, points)
+    with torch.no_grad():
+        return grid / half_width, meta(grid, grid)[0] / half_width
+
+
 def _multiplier(meta: MetaQuantizer, w_tilde: torch.Tensor, state: Any = None) -> torch.Tensor:
     """``g_W̃ / g_Ŵ`` of a multiplicative meta quantizer at ``w_tilde``."""
     with torch.no_grad():
@@ -205,14 +213,10 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
         ax.set_xlabel("W̃ = A(W)")
         ax.set_ylabel("multiplier of g_Ŵ  (g_W̃ = g_Ŵ · FCs(W̃))")
     elif isinstance(meta, FCGrad):
-        # a gradient-sized input range, drawn with both axes divided by its half-width
-        grid = torch.linspace(-1e-2, 1e-2, 200)
-        scale = grid.abs().max()
         for (epoch, snap), color in zip(snapshots.items(), colors):
             meta.load_state_dict(snap["meta"])
-            with torch.no_grad():
-                ax.plot(grid / scale, meta(grid, grid)[0] / scale, color=color, label=f"epoch {epoch}")
-        grid = grid / scale
+            grid, curve = _fc_grad_curve(meta)
+            ax.plot(grid, curve, color=color, label=f"epoch {epoch}")
         ax.set_xlabel("g_Ŵ (scaled to [-1, 1])")
         ax.set_ylabel("g_W̃ = FCs(g_Ŵ) (same scale)")
     else:
