@@ -94,13 +94,8 @@ def make_loaders(
     test_batch_size = batch_size if test_batch_size is None else test_batch_size
     drop_last = world_size > 1
     if name == "imagenet":
-        if data_dir is None:
-            raise DatasetNotFoundError(
-                "ImageNet cannot be downloaded automatically; pass data_dir (CLI: --data-dir) pointing "
-                "at a folder with train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"
-            )
         train, test = imagenet_loaders(
-            data_dir,
+            _imagenet_dir(data_dir, "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"),
             batch_size=batch_size,
             test_batch_size=test_batch_size,
             device=device,
@@ -172,15 +167,20 @@ def make_test_loader(
     """
     info = dataset_info(name)
     if name == "imagenet":
-        if data_dir is None:
-            raise DatasetNotFoundError(
-                "ImageNet cannot be downloaded automatically; pass data_dir (CLI: --data-dir) pointing "
-                "at a folder with val/<wnid>/*.JPEG"
-            )
-        test = imagenet_val_loader(data_dir, batch_size=batch_size, device=device, seed=seed,
+        test = imagenet_val_loader(_imagenet_dir(data_dir, "val/<wnid>/*.JPEG"), batch_size=batch_size, device=device, seed=seed,
                                    test_seed=TEST_SUBSET_SEED, test_size=test_size, num_classes=info.num_classes,
                                    rank=rank, world_size=world_size, num_workers=num_workers)
         return test, info
     test_data = subset(load_split(name, "test", data_dir, download), test_size, TEST_SUBSET_SEED)
     return TensorLoader(test_data, info, batch_size, train=False, device=device, seed=seed, rank=rank,
                         world_size=world_size), info
+
+
+def _imagenet_dir(data_dir: str | Path | None, layout: str) -> str | Path:
+    """``data_dir``, which ImageNet needs: it cannot be downloaded."""
+    if data_dir is None:
+        raise DatasetNotFoundError(
+            f"ImageNet cannot be downloaded automatically; pass data_dir (CLI: --data-dir) pointing at a folder "
+            f"with {layout}"
+        )
+    return data_dir

@@ -151,88 +151,40 @@ def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
 
 
 def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet32 (n=5).
-
-    Args:
-        num_classes: size of the output logits.
-        in_channels: channels of the input images.
-
-    Raises:
-        TypeError, ValueError: see :class:`CifarResNet`.
+    """ResNet32 (n=5): as :func:`resnet20` with 5 blocks per stage; same arguments and errors.
 
     Example:
-        31 convolutions and the fc layer make the depth; the two 1x1 shortcut
-        convolutions come on top:
-
-        >>> net = mq.models.resnet32()
-        >>> convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
-        >>> net.blocks_per_stage, convs, sum(p.numel() for p in net.parameters())
-        (5, 33, 466906)
+        >>> mq.models.resnet32().blocks_per_stage
+        5
     """
     return CifarResNet(32, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet44(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet44 (n=7).
-
-    Args:
-        num_classes: size of the output logits.
-        in_channels: channels of the input images.
-
-    Raises:
-        TypeError, ValueError: see :class:`CifarResNet`.
+    """ResNet44 (n=7): as :func:`resnet20` with 7 blocks per stage; same arguments and errors.
 
     Example:
-        43 convolutions and the fc layer make the depth; the two 1x1 shortcut
-        convolutions come on top:
-
-        >>> net = mq.models.resnet44()
-        >>> convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
-        >>> net.blocks_per_stage, convs, sum(p.numel() for p in net.parameters())
-        (7, 45, 661338)
+        >>> mq.models.resnet44().blocks_per_stage
+        7
     """
     return CifarResNet(44, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet56 (n=9).
-
-    Args:
-        num_classes: size of the output logits.
-        in_channels: channels of the input images.
-
-    Raises:
-        TypeError, ValueError: see :class:`CifarResNet`.
+    """ResNet56 (n=9): as :func:`resnet20` with 9 blocks per stage; same arguments and errors.
 
     Example:
-        55 convolutions and the fc layer make the depth; the two 1x1 shortcut
-        convolutions come on top:
-
-        >>> net = mq.models.resnet56()
-        >>> convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
-        >>> net.blocks_per_stage, convs, sum(p.numel() for p in net.parameters())
-        (9, 57, 855770)
+        >>> mq.models.resnet56().blocks_per_stage
+        9
     """
     return CifarResNet(56, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet110 (n=18).
-
-    Args:
-        num_classes: size of the output logits.
-        in_channels: channels of the input images.
-
-    Raises:
-        TypeError, ValueError: see :class:`CifarResNet`.
+    """ResNet110 (n=18): as :func:`resnet20` with 18 blocks per stage; same arguments and errors.
 
     Example:
-        109 convolutions and the fc layer make the depth; the two 1x1 shortcut
-        convolutions come on top:
-
-        >>> net = mq.models.resnet110()
-        >>> convs = sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
-        >>> net.blocks_per_stage, convs, sum(p.numel() for p in net.parameters())
-        (18, 111, 1730714)
+        >>> mq.models.resnet110().blocks_per_stage
+        18
     """
     return CifarResNet(110, num_classes=num_classes, in_channels=in_channels)
