@@ -11,7 +11,6 @@ import metaquant as mq
 from metaquant.quantizers import BWN, DoReFa
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """Every test here runs in float64, so equalities can be checked to 1e-12."""
@@ -23,8 +22,9 @@ def float64():
 
 def batches(n, seed=0, in_shape=(1, 6, 6), classes=4, size=8):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, *in_shape, generator=g), torch.randint(0, classes, (size,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(size, *in_shape, generator=g), torch.randint(0, classes, (size,), generator=g)) for _ in range(n)
+    ]
 
 
 def conv_net(seed=0, bias=False, bn=False):
@@ -100,9 +100,13 @@ def _quantities_of_step_zero(w0, x0, y0, q):
 
 @pytest.mark.parametrize(
     "make_meta",
-    [lambda: mq.FCGrad(hidden=4, nonlinearity="tanh"), lambda: mq.FCGrad(hidden=4),
-     lambda: mq.MultiFC(hidden=4, num_layers=3, nonlinearity="relu"), lambda: mq.MultiFC(hidden=4),
-     lambda: mq.LSTMFC(hidden=3, num_lstm=2)],
+    [
+        lambda: mq.FCGrad(hidden=4, nonlinearity="tanh"),
+        lambda: mq.FCGrad(hidden=4),
+        lambda: mq.MultiFC(hidden=4, num_layers=3, nonlinearity="relu"),
+        lambda: mq.MultiFC(hidden=4),
+        lambda: mq.LSTMFC(hidden=3, num_lstm=2),
+    ],
     ids=["fcgrad-tanh", "fcgrad", "multifc-relu", "multifc", "lstmfc"],
 )
 def test_meta_gradient_matches_finite_differences(make_meta):
@@ -111,8 +115,9 @@ def test_meta_gradient_matches_finite_differences(make_meta):
     model = mq.quantize_(nn.Sequential(nn.Linear(5, 3, bias=False)), mq.QuantConfig("dorefa", 1)).double()
     meta = make_meta().double()
     # SGD with lr 0 on φ: φ stays put and its gradient stays readable after the step
-    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=lr), meta,
-                           meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0))
+    trainer = mq.MetaQuant(
+        model, torch.optim.SGD(model.parameters(), lr=lr), meta, meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.0)
+    )
     (x0, y0), (x1, y1) = [(torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))) for _ in range(2)]
     w0 = model[0].weight.detach().clone()
     trainer.step(lambda: F.cross_entropy(model(x0), y0))
@@ -223,8 +228,9 @@ def test_lstm_state_is_carried_detached_and_restored():
     assert not torch.equal(states[2][0], h)  # carried and advanced
 
     # a checkpoint restored into a fresh trainer continues exactly like the uninterrupted one
-    saved = copy.deepcopy({"model": model.state_dict(), "opt": trainer.optimizer.state_dict(),
-                           "trainer": trainer.state_dict()})
+    saved = copy.deepcopy(
+        {"model": model.state_dict(), "opt": trainer.optimizer.state_dict(), "trainer": trainer.state_dict()}
+    )
     ref_trainer = make(reference)
     for x, y in data[:3]:
         ref_trainer.step(closure(reference, x, y))
@@ -245,8 +251,9 @@ def test_lstm_state_is_carried_detached_and_restored():
 
 def test_frozen_meta_quantizer_stops_learning():
     model = mq.quantize_(conv_net())
-    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.05), mq.MultiFC(hidden=4),
-                           freeze_meta_epoch=1)
+    trainer = mq.MetaQuant(
+        model, torch.optim.SGD(model.parameters(), lr=0.05), mq.MultiFC(hidden=4), freeze_meta_epoch=1
+    )
     data = batches(3)
     trainer.set_epoch(0)
     for x, y in data:
@@ -296,28 +303,50 @@ def test_unsupported_optimizer_and_untrained_weights_are_refused():
     model = mq.quantize_(conv_net())
     with pytest.raises(ValueError, match="RMSprop is not supported; supported: torch.optim.SGD"):
         mq.MetaQuant(model, torch.optim.RMSprop(model.parameters()), mq.MultiFC())
-    with pytest.raises(ValueError, match="3.weight is not trained by the optimizer"):
+    with pytest.raises(ValueError, match="3.weight requires grad but is not in the optimizer.*filter_fn"):
         mq.MetaQuant(model, torch.optim.SGD(model[0].parameters(), lr=0.1), mq.MultiFC())
     with pytest.raises(ValueError, match="call metaquant.quantize_"):
         plain = conv_net()
         mq.MetaQuant(plain, torch.optim.SGD(plain.parameters(), lr=0.1), mq.MultiFC())
 
 
-def test_shared_quantized_weights_are_refused():
+def test_a_weight_tied_between_quantized_layers_takes_one_look_ahead_and_the_sum_of_its_gradients():
+    # Oracle: one layer used twice. Tying the weight of two layers must train exactly like it.
+    torch.manual_seed(11)
     shared = nn.Linear(4, 4, bias=False)
-    model = mq.quantize_(nn.Sequential(shared, nn.ReLU(), shared))
-    tied = mq.quantize_(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    once = mq.quantize_(nn.Sequential(shared, nn.Tanh(), shared))
+    tied = mq.quantize_(nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4, bias=False)))
+    tied[2].weight = tied[0].weight
+    with torch.no_grad():
+        tied[0].weight.copy_(shared.weight)
+    x, y = torch.randn(8, 4), torch.randint(0, 4, (8,))
+    runs = []
+    for model in (once, tied):
+        torch.manual_seed(3)
+        trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=4))
+        losses = [trainer.step(closure(model, x, y)) for _ in range(4)]
+        runs.append((torch.stack(losses), model[0].weight.detach().clone(), trainer.state_dict()["records"]))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0)
+    assert set(runs[1][2]) == {"0", "2"} and runs[1][2]["2"]["grad_w_hat"] is None  # one record per weight
+
+
+def test_tied_weights_quantized_differently_or_used_in_full_precision_are_refused():
+    tied = mq.quantize_(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), filter_fn=lambda m, n: n == "0")
+    mq.quantize_(tied, mq.QuantConfig("bwn"))
     tied[1].weight = tied[0].weight
-    for m in (model, tied):
-        with pytest.raises(ValueError, match="is shared with another module"):
-            mq.MetaQuant(m, torch.optim.SGD(m.parameters(), lr=0.1), mq.MultiFC())
+    with pytest.raises(ValueError, match="quantized differently"):
+        mq.MetaQuant(tied, torch.optim.SGD(tied.parameters(), lr=0.1), mq.MultiFC())
+    mixed = mq.quantize_(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), filter_fn=lambda m, n: n == "0")
+    mixed[1].weight = mixed[0].weight
+    with pytest.raises(ValueError, match="also used by a layer that is not quantized"):
+        mq.MetaQuant(mixed, torch.optim.SGD(mixed.parameters(), lr=0.1), mq.MultiFC())
 
 
 def test_exact_adam_derivative_is_finite_where_a_gradient_was_always_zero():
     torch.manual_seed(4)
     model = mq.quantize_(nn.Sequential(nn.Linear(4, 3, bias=False)))
-    trainer = mq.MetaQuant(model, torch.optim.Adam(model.parameters(), lr=1e-2), mq.MultiFC(hidden=4),
-                           through="exact")
+    trainer = mq.MetaQuant(model, torch.optim.Adam(model.parameters(), lr=1e-2), mq.MultiFC(hidden=4), through="exact")
     x = torch.randn(6, 4)
     x[:, 0] = 0  # input 0 is dead: the gradient of every weight reading it is exactly 0
     y = torch.randint(0, 3, (6,))
@@ -367,3 +396,110 @@ def test_learning_rate_is_read_from_the_live_optimizer_after_load_state_dict():
     trainer.step(closure(model, x, y))
     # identity meta, BWN (c = 1): the look-ahead is W0 − 0.01·g_Ŵ^0, recorded as W̃ (= W for BWN)
     torch.testing.assert_close(trainer.state_dict()["records"]["0"]["w_tilde"], w0 - 0.01 * g0, rtol=0, atol=1e-15)
+
+
+# --- one meta call for all layers ---------------------------------------------------------------------------
+def wide_net(seed=0):
+    """Layers of several shapes, channels-last convolutions among them (their flat order is the memory order)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, bias=True),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, 1),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 5),
+        nn.Tanh(),
+        nn.Linear(5, 4, bias=False),
+    )
+    return mq.layout.apply_memory_format(mq.quantize_(net), torch.channels_last)
+
+
+@pytest.mark.parametrize("step_order", ["paper", "original"])
+@pytest.mark.parametrize(
+    "make_meta",
+    [
+        lambda: mq.FCGrad(hidden=4),
+        lambda: mq.MultiFC(hidden=4),
+        lambda: mq.MultiFC(hidden=4, nonlinearity="tanh"),
+        lambda: mq.LSTMFC(hidden=3),
+        lambda: mq.LSTMFC(hidden=3, num_lstm=2, nonlinearity="relu"),
+    ],
+    ids=["fc-grad", "multifc", "multifc-tanh", "lstmfc", "lstmfc-2"],
+)
+def test_one_meta_call_for_all_layers_equals_a_call_per_layer(make_meta, step_order):
+    # Oracle: from the per-layer records of iteration t−1, call the meta quantizer on each layer alone, form
+    # g_W = M_φ(g_Ŵ, W̃) ⊙ c(W) and the committed weight W − α·π(g_W) (plain SGD: π = identity, and for the
+    # original order the commit is the same); compare with what the batched step did, weights and LSTM states.
+    model = wide_net()
+    lr = 0.05
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=lr), make_meta(), step_order=step_order)
+    for x, y in batches(3, seed=1):
+        before = copy.deepcopy(trainer.state_dict())
+        meta = copy.deepcopy(trainer.meta)  # φ^{t−1}: g_W is computed before the meta quantizer's step
+        weights = {name: layer.weight.detach().clone() for name, layer in trainer.layers.items()}
+        trainer.step(closure(model, x, y))
+        if before["iteration"] == 0:
+            continue
+        for name, layer in trainer.layers.items():
+            record = before["records"][name]
+            grad_w_tilde, state = meta(
+                record["grad_w_hat"].reshape(-1), record["w_tilde"].reshape(-1), record["meta_state"]
+            )
+            grad_w = grad_w_tilde.reshape(layer.weight.shape) * layer.quantizer.calibration(weights[name])
+            torch.testing.assert_close(layer.weight.detach(), weights[name] - lr * grad_w, rtol=0, atol=1e-12)
+            if state is not None:
+                after = trainer.state_dict()["records"][name]["meta_state"]
+                for mine, theirs in zip(after, state):
+                    torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
+
+
+def test_checkpointed_records_do_not_depend_on_the_memory_layout():
+    # The records are saved in the weight's logical order: a channels-last run resumes in NCHW exactly.
+    x, y = batches(1, seed=2)[0]
+    runs = {}
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        model = mq.layout.apply_memory_format(wide_net(), fmt)
+        torch.manual_seed(5)
+        trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.05), mq.LSTMFC(hidden=3))
+        for _ in range(3):
+            trainer.step(closure(model, x, y))
+        runs[fmt] = trainer.state_dict()["records"]
+    for name, record in runs[torch.channels_last].items():
+        for key in ("grad_w_hat", "w_tilde"):
+            torch.testing.assert_close(record[key], runs[torch.contiguous_format][name][key], rtol=0, atol=1e-12)
+        for a, b in zip(record["meta_state"], runs[torch.contiguous_format][name]["meta_state"]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_layer_the_loss_does_not_use_keeps_its_weight_and_records():
+    torch.manual_seed(6)
+    model = mq.quantize_(nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)}))
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.LSTMFC(hidden=3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    for branch in ("a", "b", "a", "a"):
+        kept_w = model["b"].weight.detach().clone()
+        kept = copy.deepcopy(trainer.state_dict()["records"]["b"])
+        trainer.step(lambda branch=branch: F.cross_entropy(model[branch](x), y))
+        if branch == "a":
+            assert torch.equal(model["b"].weight, kept_w)
+            if kept["grad_w_hat"] is not None:
+                after = trainer.state_dict()["records"]["b"]
+                assert torch.equal(after["grad_w_hat"], kept["grad_w_hat"])
+                assert all(torch.equal(s, k) for s, k in zip(after["meta_state"], kept["meta_state"]))
+    assert trainer.iteration == 4
+    with pytest.raises(RuntimeError, match="does not depend on any quantized layer"):
+        trainer.step(lambda: torch.zeros((), requires_grad=True) * 1.0)
+
+
+def test_frozen_quantized_layers_are_skipped_and_keep_their_weights(caplog):
+    model = mq.quantize_(conv_net())
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    with caplog.at_level("INFO", logger="metaquant.algorithm"):
+        trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=4))
+    assert "frozen quantized layer(s) keep their weights: 0" in caplog.text
+    linear = model[3].weight.detach().clone()
+    for x, y in batches(3):
+        trainer.step(closure(model, x, y))
+    assert torch.equal(model[0].weight, frozen) and not torch.equal(model[3].weight, linear)
+    assert list(trainer.state_dict()["records"]) == ["3"]

@@ -31,8 +31,12 @@ def test_every_public_member_has_a_docstring():
 
 
 def test_every_public_member_has_an_example():
-    missing = [f"{name}.{member}" for name in api_reference.MODULES for member, obj in _members(name)
-               if ">>>" not in (obj.__doc__ or "")]
+    missing = [
+        f"{name}.{member}"
+        for name in api_reference.MODULES
+        for member, obj in _members(name)
+        if ">>>" not in (obj.__doc__ or "")
+    ]
     assert missing == []
 
 
@@ -49,8 +53,9 @@ def test_docstring_examples_run(module_name, tmp_path, monkeypatch):
     tests = []
     for member, obj in _members(module_name):
         # A member re-exported from a submodule is found under its own module's name.
-        tests += finder.find(obj, f"{module_name}.{member}", module=inspect.getmodule(obj),
-                             globs={"torch": torch, "mq": metaquant})
+        tests += finder.find(
+            obj, f"{module_name}.{member}", module=inspect.getmodule(obj), globs={"torch": torch, "mq": metaquant}
+        )
     tests = [test for test in tests if test.examples]
     assert tests, f"{module_name} has no examples"
     for test in tests:
@@ -64,3 +69,10 @@ def test_api_page_is_up_to_date():
     assert (REPO / "docs" / "api.md").read_text() == api_reference.render(), (
         "docs/api.md is out of date: run python scripts/api_reference.py"
     )
+
+
+def test_api_page_shows_annotations_as_written_and_no_control_characters():
+    text = api_reference.render()
+    assert "\x00" not in text and "ForwardRef(" not in text
+    assert "### `def get_quantizer(name: str, bits: int = 1) -> ForwardQuantizer`" in text
+    assert "### `class Encoded(codes: Tensor, scale: Tensor)`" in text  # a NamedTuple, without "-> None"

@@ -10,8 +10,11 @@ from metaquant.cli import main
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,22 @@ def world(tmp_path_factory):
     broken.mkdir()
     for f in data.iterdir():
         (broken / f.name).write_bytes(f.read_bytes() if "labels" in f.name else f.read_bytes()[:5000])
-    common = ["-d", "mnist", "--data-dir", str(data), "--no-download", "-m", "resnet8", "-bs", "20", "-n", "1",
-              "--no-progress", "--run-dir", str(root / "runs")]
+    common = [
+        "-d",
+        "mnist",
+        "--data-dir",
+        str(data),
+        "--no-download",
+        "-m",
+        "resnet8",
+        "-bs",
+        "20",
+        "-n",
+        "1",
+        "--no-progress",
+        "--run-dir",
+        str(root / "runs"),
+    ]
     assert main(["pretrain", *common, "--name", "fp"]) == 0
     (root / "garbage.pt").write_bytes(b"not a checkpoint at all")
     torch.save({"model": {"conv.weight": torch.zeros(3)}}, root / "other-architecture.pt")
@@ -47,7 +64,11 @@ CASES = [
     (["quantize", "-d", "svhn"], 2, "argument -d/--dataset: invalid choice: 'svhn' (choose from 'mnist'"),
     (["quantize", "-q", "xnor"], 2, "argument -q/--quantizer: invalid choice: 'xnor'"),
     (["quantize", "-meta", "magic"], 2, "argument -meta/--estimator: invalid choice: 'magic'"),
-    (["quantize", "-o", "rmsprop"], 2, "argument -o/--optimizer: invalid choice: 'rmsprop' (choose from 'sgd', 'adam', 'adamw')"),
+    (
+        ["quantize", "-o", "rmsprop"],
+        2,
+        "argument -o/--optimizer: invalid choice: 'rmsprop' (choose from 'sgd', 'adam', 'adamw')",
+    ),
     (["quantize", "-q", "bwn", "-bw", "2"], 2, "quantizer 'bwn' does not support bits=2; allowed: 1"),
     (["quantize", "-q", "dorefa", "-bw", "9"], 2, "quantizer 'dorefa' does not support bits=9; allowed: 1..8"),
     (["quantize", "-meta", "lstmfc", "-hidden", "0"], 2, "hidden_size must be an integer > 0, got 0"),
@@ -60,8 +81,16 @@ CASES = [
     (["quantize", "--train-size", "0"], 2, "train_size must be an integer > 0, got 0"),
     (["quantize", "--momentum", "1.2"], 2, "momentum must be in [0, 1), got 1.2"),
     (["quantize", "--nesterov"], 2, "nesterov needs optimizer 'sgd' with momentum > 0"),
-    (["quantize", "--train-size", "41"], 1, "subset size must be an integer in 1..40 (the number of examples available) or None for all; got 41"),
-    (["quantize", "--data-dir", "{root}/nowhere"], 1, "mnist train split not found: looked for train-images-idx3-ubyte"),
+    (
+        ["quantize", "--train-size", "41"],
+        1,
+        "subset size must be an integer in 1..40 (the number of examples available) or None for all; got 41",
+    ),
+    (
+        ["quantize", "--data-dir", "{root}/nowhere"],
+        1,
+        "mnist train split not found: looked for train-images-idx3-ubyte",
+    ),
     (["quantize", "--data-dir", "{root}/broken"], 1, "broken/train-images-idx3-ubyte"),
     (["quantize", "--init", "{root}/missing.pt"], 1, "missing.pt: no such checkpoint file"),
     (["quantize", "--init", "{root}/garbage.pt"], 1, "garbage.pt: not a torch checkpoint, or corrupt or truncated"),
@@ -81,7 +110,8 @@ def test_bad_input(world, argv, status, message, capsys):
     before = _snapshot(root)
     task, *rest = argv
     rest = [a.replace("{root}", str(root)) for a in rest]
-    assert main([task, *common, *rest]) == status
+    options = [] if "--resume" in rest else common  # a resumed run takes its options from its config.json
+    assert main([task, *options, *rest]) == status
     err = capsys.readouterr().err
     assert message.replace("{root}", str(root)) in err
     assert "Traceback" not in err
@@ -101,4 +131,6 @@ def test_corrupt_checkpoints_on_resume(world, capsys):
     (run / "checkpoint.pt").write_bytes(b"truncated")
     (run / "checkpoint.prev.pt").unlink(missing_ok=True)
     assert main(["pretrain", "--resume", str(run)]) == 1
-    assert "no readable checkpoint in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"checkpoint {run / 'checkpoint.pt'} is corrupt or truncated" in err
+    assert err.strip().endswith("there is no previous checkpoint") and err.count("\n") == 1

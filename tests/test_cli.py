@@ -90,12 +90,41 @@ def test_meta_quantizer_reuse_and_freezing(tmp_path, capsys, fashion_mnist_avail
     common = [*TINY, "-meta", "multifc", "-hidden", "8", "--run-dir", str(tmp_path)]
     assert main(["quantize", *common, "--name", "first"]) == 0
     trained = torch.load(tmp_path / "first" / "meta.pt", weights_only=True)["meta"]
-    assert main(["quantize", *common, "--name", "reuse", "--meta-init", str(tmp_path / "first"), "--fix-meta",
-                 "--step-order", "original"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                *common,
+                "--name",
+                "reuse",
+                "--meta-init",
+                str(tmp_path / "first"),
+                "--fix-meta",
+                "--step-order",
+                "original",
+            ]
+        )
+        == 0
+    )
     reused = torch.load(tmp_path / "reuse" / "meta.pt", weights_only=True)["meta"]
     assert all(torch.equal(trained[k], reused[k]) for k in trained)  # loaded, then frozen from epoch 0
-    assert main(["quantize", *TINY, "-meta", "lstmfc", "--meta-init", str(tmp_path / "first"),
-                 "--run-dir", str(tmp_path), "--name", "wrong"]) == 1
+    assert (
+        main(
+            [
+                "quantize",
+                *TINY,
+                "-meta",
+                "lstmfc",
+                "--meta-init",
+                str(tmp_path / "first"),
+                "--run-dir",
+                str(tmp_path),
+                "--name",
+                "wrong",
+            ]
+        )
+        == 1
+    )
     assert "holds a meta quantizer {'estimator': 'multifc'" in capsys.readouterr().err
     assert main(["quantize", *TINY, "--fix-meta", "--run-dir", str(tmp_path)]) == 2
     assert "needs a meta quantizer estimator" in capsys.readouterr().err

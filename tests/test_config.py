@@ -48,10 +48,16 @@ def test_round_trip_through_json(tmp_path):
 
 
 def test_names_are_case_insensitive_and_kept_in_one_spelling():
-    config = RunConfig(model="ResNet20", dataset="Fashion-MNIST", optimizer="Adam", quantizer="DoReFa",
-                       estimator="MultiFC")
+    config = RunConfig(
+        model="ResNet20", dataset="Fashion-MNIST", optimizer="Adam", quantizer="DoReFa", estimator="MultiFC"
+    )
     assert (config.model, config.dataset, config.optimizer, config.quantizer, config.estimator) == (
-        "resnet20", "fashion-mnist", "adam", "dorefa", "multifc")
+        "resnet20",
+        "fashion-mnist",
+        "adam",
+        "dorefa",
+        "multifc",
+    )
     assert config == RunConfig(model="resnet20", dataset="fashion-mnist", optimizer="adam", estimator="multifc")
 
 

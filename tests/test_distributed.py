@@ -78,11 +78,43 @@ def _free_port() -> int:
 
 
 def test_torchrun_cli_run_completes_writes_once_and_resumes(tmp_path, fashion_mnist_available):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    args = ["-m", "metaquant", "quantize", "-m", "resnet8", "--train-size", "128", "--test-size", "100", "-bs",
-            "16", "-n", "2", "-meta", "multifc", "-hidden", "8", "--no-progress", "--run-dir", str(tmp_path),
-            "--name", "ddp"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+    ]
+    args = [
+        "-m",
+        "metaquant",
+        "quantize",
+        "-m",
+        "resnet8",
+        "--train-size",
+        "128",
+        "--test-size",
+        "100",
+        "-bs",
+        "16",
+        "-n",
+        "2",
+        "-meta",
+        "multifc",
+        "-hidden",
+        "8",
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path),
+        "--name",
+        "ddp",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*torchrun, *args], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -98,7 +130,64 @@ def test_torchrun_cli_run_completes_writes_once_and_resumes(tmp_path, fashion_mn
     (run / "config.json").write_text(json.dumps(config))
     (run / "done").unlink()
     torchrun[-1] = str(_free_port())
-    resumed = subprocess.run([*torchrun, "-m", "metaquant", "quantize", "--resume", str(run), "--no-progress"],
-                             capture_output=True, text=True, env=env, timeout=300)
+    resumed = subprocess.run(
+        [*torchrun, "-m", "metaquant", "quantize", "--resume", str(run), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3 and (run / "done").exists()
+
+
+def test_torchrun_failure_ends_every_rank_with_one_line_and_status_1(tmp_path, fashion_mnist_available):
+    """A failure that every rank meets (here: more skipped steps than allowed) ends each process cleanly."""
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+    ]
+    args = [
+        "-m",
+        "metaquant",
+        "quantize",
+        "-m",
+        "resnet8",
+        "--train-size",
+        "128",
+        "--test-size",
+        "100",
+        "-bs",
+        "16",
+        "-n",
+        "3",
+        "--lr",
+        "1e30",
+        "--skip-nonfinite",
+        "--max-skipped",
+        "1",
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path),
+        "--name",
+        "ddp",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    failed = subprocess.run([*torchrun, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    # one message per rank (the two processes share stderr, so their lines may interleave)
+    assert (
+        failed.stderr.count("metaquant: error: 2 steps skipped for non-finite values, more than the limit of 1") == 2
+    ), failed.stderr[-3000:]
+    assert failed.stderr.count("exitcode  : 1") == 2  # torchrun's summary: both ranks exited with status 1
+    assert "SIGABRT" not in failed.stderr and "terminate called" not in failed.stderr
+    assert not (tmp_path / "ddp" / "done").exists()

@@ -1,15 +1,18 @@
-"""Packed export: exact bit-packing round trips, identical logits, and the size of a 1-bit ResNet20."""
+"""Packed export (safetensors, and the earlier container): exact bit-packing round trips, identical logits, the
+size of a 1-bit ResNet20; ONNX export with integer weights and DequantizeLinear, checked with onnxruntime."""
 
 import importlib.util
 import io
 import json
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import metaquant as mq
-from metaquant.export import export_packed, load_packed, pack_bits, unpack_bits
+from metaquant.export import export_packed, levels, load_packed, pack_bits, read_packed, unpack_bits
 from metaquant.quantizers import QUANTIZERS
 
 
@@ -30,6 +33,7 @@ def test_pack_layout_is_lsb_first():
         pack_bits(torch.tensor([4]), 2)
 
 
+LEGACY = Path(__file__).parent / "fixtures"
 CONFIGS = [(name, bits) for name, cls in QUANTIZERS.items() for bits in sorted({cls.min_bits, cls.max_bits})]
 
 
@@ -45,19 +49,69 @@ def test_exported_model_gives_the_quantized_models_logits_exactly(tmp_path, name
     with torch.no_grad():
         expected = model(x)
     arch = {"model": "resnet8", "num_classes": 10, "in_channels": 1, "image_size": 28}
-    export_packed(model, tmp_path / "m.mqpack", architecture=arch)
-    loaded = load_packed(tmp_path / "m.mqpack")
+    export_packed(model, tmp_path / "m.safetensors", architecture=arch)
+    loaded = load_packed(tmp_path / "m.safetensors")
     assert not mq.quantized_layers(loaded)
     with torch.no_grad():
         assert torch.equal(loaded(x), expected)
 
 
-def test_one_bit_resnet20_file_is_over_20x_smaller_than_the_float_checkpoint(tmp_path):
+def test_one_bit_resnet20_file_is_over_18x_smaller_than_the_float_checkpoint(tmp_path):
     model = mq.quantize_(mq.models.resnet20(num_classes=10), mq.QuantConfig("dorefa", 1))
-    size = export_packed(model, tmp_path / "m.mqpack")
+    size = export_packed(model, tmp_path / "m.safetensors")
     buffer = io.BytesIO()
     torch.save(mq.dequantize_(model).state_dict(), buffer)
-    assert buffer.tell() / size >= 20, (buffer.tell(), size)
+    # The tensors' bytes: 1 bit per quantized weight, float BatchNorm and biases.
+    (header_length,) = struct.unpack("<Q", (tmp_path / "m.safetensors").read_bytes()[:8])
+    data = size - 8 - header_length
+    assert buffer.tell() / data >= 24, (buffer.tell(), data)
+    # The safetensors header (each tensor's name, dtype, shape and offsets as plain JSON) adds about 14 KB for
+    # ResNet20's 150 tensors.
+    assert buffer.tell() / size >= 18, (buffer.tell(), size)
+
+
+def test_a_packed_file_is_a_safetensors_file_that_numpy_alone_decodes(tmp_path):
+    """Read with ``safetensors`` and numpy only (no metaquant, no torch), the file gives the quantized weights
+    and every other tensor of the model."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = mq.quantize_(mq.models.resnet8(num_classes=10, in_channels=1), mq.QuantConfig("bwn-channel", 1))
+    model = _with_batchnorm_statistics(model)
+    arch = {"model": "resnet8", "num_classes": 10, "in_channels": 1, "image_size": 28}
+    export_packed(model, tmp_path / "m.safetensors", architecture=arch, metadata={"test_acc": 12.5})
+    with safe_open(str(tmp_path / "m.safetensors"), framework="np") as f:
+        info = f.metadata()
+        stored = {key: f.get_tensor(key) for key in f.keys()}
+    assert info["format"] == "metaquant packed model" and info["format_version"] == "2"
+    assert json.loads(info["architecture"]) == arch and json.loads(info["metadata"]) == {"test_acc": 12.5}
+    assert json.loads(info["quantizer"]) == {"name": "bwn-channel", "bits": 1}
+    codes = json.loads(info["codes"])
+    layers = mq.quantized_layers(model)
+    assert set(codes) == {f"{name}.weight" for name in layers}
+    for name, layer in layers.items():
+        spec = codes[f"{name}.weight"]
+        n = int(np.prod(spec["shape"]))
+        bits = np.unpackbits(stored[f"{name}.weight.codes"], bitorder="little")[:n]  # 1 bit per weight
+        signs = 2.0 * bits.reshape(spec["shape"]) - 1  # BWN: code 1 is +a, code 0 is −a
+        decoded = (signs * stored[f"{name}.weight.scale"]).astype(np.float32)
+        with torch.no_grad():
+            np.testing.assert_array_equal(decoded, layer.quantizer(layer.weight).numpy())
+    for key, value in model.state_dict().items():
+        if key.removesuffix(".weight") not in layers:
+            np.testing.assert_array_equal(stored[key], value.numpy())
+
+
+@pytest.mark.parametrize("fixture", ["packed-v1-resnet8-dorefa1.mqpack", "packed-v1-resnet8-ternary2.mqpack"])
+def test_files_of_the_earlier_format_still_load(fixture):
+    """Files written by the earlier container format (kept in tests/fixtures, with the input and the quantized
+    model's logits in their metadata) load to the same logits."""
+    header, _ = read_packed(LEGACY / fixture)
+    assert header["version"] == 1
+    net = load_packed(LEGACY / fixture)
+    x, logits = (torch.tensor(header["metadata"][k]) for k in ("input", "logits"))
+    with torch.no_grad():
+        assert torch.equal(net(x), logits)
 
 
 def test_bad_files(tmp_path):
@@ -65,23 +119,49 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match="is not a metaquant packed model file"):
         load_packed(tmp_path / "x.pt")
     model = mq.quantize_(mq.models.resnet8(), mq.QuantConfig("dorefa", 1))
-    export_packed(model, tmp_path / "good.mqpack", architecture={"model": "resnet8", "num_classes": 10,
-                                                                "in_channels": 3, "image_size": 32})
-    raw = (tmp_path / "good.mqpack").read_bytes()
-    (tmp_path / "cut.mqpack").write_bytes(raw[:-100])
-    with pytest.raises(ValueError, match="is truncated"):
-        load_packed(tmp_path / "cut.mqpack")
-    import struct
+    export_packed(
+        model,
+        tmp_path / "good.safetensors",
+        architecture={"model": "resnet8", "num_classes": 10, "in_channels": 3, "image_size": 32},
+    )
+    raw = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-100])
+    with pytest.raises(ValueError, match="is damaged or truncated"):
+        load_packed(tmp_path / "cut.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, tmp_path / "other.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="is a safetensors file but not a metaquant packed model"):
+        load_packed(tmp_path / "other.safetensors")
+    save_file(
+        {"w": torch.ones(2)},
+        tmp_path / "v9.safetensors",
+        metadata={"format": "metaquant packed model", "format_version": "9"},
+    )
+    with pytest.raises(ValueError, match="has format version 9; this metaquant reads versions 1 and 2"):
+        load_packed(tmp_path / "v9.safetensors")
+    save_file(
+        {"w": torch.ones(2)},
+        tmp_path / "nohead.safetensors",
+        metadata={"format": "metaquant packed model", "format_version": "2", "quantizer": "{"},
+    )
+    with pytest.raises(ValueError, match="damaged header"):
+        load_packed(tmp_path / "nohead.safetensors")
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_packed(tmp_path / "good.safetensors", mq.models.resnet20())
+    with pytest.raises(FileNotFoundError):
+        load_packed(tmp_path / "z.pt")
+    # the earlier container's checks
     import zlib
 
+    legacy = (LEGACY / "packed-v1-resnet8-dorefa1.mqpack").read_bytes()
+    (tmp_path / "cut.mqpack").write_bytes(legacy[:-100])
+    with pytest.raises(ValueError, match="is truncated"):
+        load_packed(tmp_path / "cut.mqpack")
     header = zlib.compress(json.dumps({"version": 1}).encode())
     (tmp_path / "bad.mqpack").write_bytes(b"MQPACK\0\0" + struct.pack("<Q", len(header)) + header)
     with pytest.raises(ValueError, match="damaged header"):
         load_packed(tmp_path / "bad.mqpack")
-    with pytest.raises(ValueError, match="does not fit the model"):
-        load_packed(tmp_path / "good.mqpack", mq.models.resnet20())
-    with pytest.raises(FileNotFoundError):
-        load_packed(tmp_path / "z.pt")
 
 
 def test_eval_of_a_packed_export_reproduces_the_runs_accuracy(tmp_path, capsys, fashion_mnist_available):
@@ -89,15 +169,35 @@ def test_eval_of_a_packed_export_reproduces_the_runs_accuracy(tmp_path, capsys, 
 
     from metaquant.cli import main
 
-    args = ["quantize", "-m", "resnet8", "--train-size", "128", "--test-size", "300", "-bs", "32", "-n", "2",
-            "-meta", "multifc", "-hidden", "8", "--no-progress", "--run-dir", str(tmp_path), "--name", "q"]
+    args = [
+        "quantize",
+        "-m",
+        "resnet8",
+        "--train-size",
+        "128",
+        "--test-size",
+        "300",
+        "-bs",
+        "32",
+        "-n",
+        "2",
+        "-meta",
+        "multifc",
+        "-hidden",
+        "8",
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path),
+        "--name",
+        "q",
+    ]
     assert main(args) == 0
     recorded = json.loads((tmp_path / "q" / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
     assert main(["export", str(tmp_path / "q")]) == 0
     out = capsys.readouterr().out
     sizes = re.search(r"([\d,]+) bytes; float model ([\d,]+) bytes", out)
     assert int(sizes[2].replace(",", "")) > 10 * int(sizes[1].replace(",", ""))
-    assert main(["eval", str(tmp_path / "q" / "model.mqpack"), "--device", "cpu"]) == 0
+    assert main(["eval", str(tmp_path / "q" / "model.safetensors"), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert f"test accuracy {recorded:.2f}% top-1" in out and f"(the run recorded {recorded:.2f}%)" in out
     assert main(["eval", str(tmp_path / "q" / "model.mqpack.missing")]) == 1
@@ -109,28 +209,87 @@ def test_eval_of_a_packed_export_reproduces_the_runs_accuracy(tmp_path, capsys, 
         assert abs(onnx_acc - recorded) <= 100 / 300  # logits equal to 1e-4: at most one of 300 images flips
 
 
-def test_onnx_export_matches_the_quantized_model_and_folds_batchnorm(tmp_path):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    from metaquant.export import export_onnx
-
-    torch.manual_seed(1)
-    model = mq.quantize_(mq.models.resnet8(num_classes=10, in_channels=1), mq.QuantConfig("bwn", 1))
+def _with_batchnorm_statistics(model):
     model.train()
     for _ in range(3):
         model(torch.randn(32, 1, 28, 28))  # realistic BatchNorm statistics
-    model.eval()
+    return model.eval()
+
+
+# (quantizer, bits, opset, the integer type its levels need): 1-bit and ternary levels fit INT2 from opset 25 on
+ONNX_CASES = [("ternary", 2, 25, "INT2"), ("dorefa", 2, 21, "INT4"), ("uniform", 8, 21, "INT8")]
+
+
+@pytest.mark.parametrize("name,bits,opset,int_type", ONNX_CASES)
+def test_onnx_export_holds_integer_weights_and_matches_the_quantized_model(tmp_path, name, bits, opset, int_type):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from metaquant.export import export_onnx
+
+    torch.manual_seed(1)
+    model = _with_batchnorm_statistics(
+        mq.quantize_(mq.models.resnet8(num_classes=10, in_channels=1), mq.QuantConfig(name, bits))
+    )
     x = torch.randn(7, 1, 28, 28)
     with torch.no_grad():
-        expected = model(x).numpy()
-    export_onnx(model, tmp_path / "m.onnx", x[:1], metadata={"note": "test"})
+        expected = model(x)
+    export_onnx(model, tmp_path / "m.onnx", x[:1], metadata={"note": "test"}, opset=opset)
     proto = onnx.load(str(tmp_path / "m.onnx"))
-    assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    ops = [n.op_type for n in proto.graph.node]
+    assert "BatchNormalization" not in ops
+    initializers = {t.name: t for t in proto.graph.initializer}
+    dequantize = {n.output[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    layers = mq.quantized_layers(model)
+    assert set(dequantize) == {f"{layer}.weight" for layer in layers}  # every quantized weight, nothing else
+    for layer_name, layer in layers.items():
+        node = dequantize[f"{layer_name}.weight"]
+        stored = initializers[node.input[0]]
+        assert onnx.TensorProto.DataType.Name(stored.data_type) == int_type
+        assert f"{layer_name}.weight" not in initializers  # no float copy left
+        q = numpy_helper.to_array(stored).astype(np.int64)
+        expected_levels = levels(layer.quantizer.encode(layer.weight.detach()), bits).numpy()
+        np.testing.assert_array_equal(q, expected_levels)
+        scale = numpy_helper.to_array(initializers[node.input[1]])
+        # Conv weights carry their folded BatchNorm: one scale per output channel, along axis 0
+        if isinstance(layer, torch.nn.Conv2d):
+            assert scale.shape == (layer.out_channels,)
+            assert [(a.name, a.i) for a in node.attribute] == [("axis", 0)]
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"images": x.numpy()})  # a batch size other than the example's
-    torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(expected), rtol=1e-4, atol=1e-4)
+    # Equal up to float rounding: BatchNorm folded into the weights and the scales, another summation order.
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     assert session.get_modelmeta().custom_metadata_map == {"note": '"test"'}
     assert quantized_weights_unchanged(model)
+    assert not any(n.metadata_props for n in proto.graph.node)  # no stack traces or paths of this machine
+
+
+def test_onnx_export_of_a_1bit_resnet20_is_several_times_smaller_than_float_onnx(tmp_path):
+    """The float ONNX of the quantized network (what the exporter writes for ``materialize(model)``) against
+    the integer export: at least 4x smaller with INT4 (opset 21), at least 8x with INT2 (opset 25)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    import contextlib
+    import warnings
+
+    from metaquant.export import export_onnx, materialize
+
+    torch.manual_seed(0)
+    model = mq.quantize_(mq.models.resnet20(num_classes=10), mq.QuantConfig("dorefa", 1)).eval()
+    example = torch.zeros(1, 3, 32, 32)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            materialize(model), (example,), str(tmp_path / "float.onnx"), dynamo=True, external_data=False
+        )
+    float_size = (tmp_path / "float.onnx").stat().st_size
+    int4 = export_onnx(model, tmp_path / "int4.onnx", example)
+    int2 = export_onnx(model, tmp_path / "int2.onnx", example, opset=25)
+    assert float_size > 1_000_000 and float_size / int4 >= 4 and float_size / int2 >= 8, (float_size, int4, int2)
+    assert int2 == (tmp_path / "int2.onnx").stat().st_size
+    assert onnx.load(str(tmp_path / "int2.onnx")).opset_import[0].version == 25
 
 
 def test_onnx_export_of_a_model_whose_forward_argument_is_not_named_x(tmp_path):
@@ -150,7 +309,7 @@ def test_onnx_export_of_a_model_whose_forward_argument_is_not_named_x(tmp_path):
 
 def quantized_weights_unchanged(model):
     # exporting works on a copy: the latent weights W of the model stay latent
-    return any(not torch.equal(l.weight, l.quantizer(l.weight)) for l in mq.quantized_layers(model).values())
+    return any(not torch.equal(q.weight, q.quantizer(q.weight)) for q in mq.quantized_layers(model).values())
 
 
 def test_eval_needs_only_the_test_files(tmp_path, tiny_mnist, capsys):
@@ -158,8 +317,26 @@ def test_eval_needs_only_the_test_files(tmp_path, tiny_mnist, capsys):
 
     from metaquant.cli import main
 
-    assert main(["quantize", *tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "1", "--no-progress",
-                 "--run-dir", str(tmp_path), "--name", "q"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                *tiny_mnist,
+                "-m",
+                "resnet8",
+                "-bs",
+                "32",
+                "-n",
+                "1",
+                "--no-progress",
+                "--run-dir",
+                str(tmp_path),
+                "--name",
+                "q",
+            ]
+        )
+        == 0
+    )
     recorded = json.loads((tmp_path / "q" / "metrics.jsonl").read_text().splitlines()[-1])["test_acc"]
     assert main(["export", str(tmp_path / "q")]) == 0
     source = Path(tiny_mnist[tiny_mnist.index("--data-dir") + 1])
@@ -168,5 +345,6 @@ def test_eval_needs_only_the_test_files(tmp_path, tiny_mnist, capsys):
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         shutil.copy(source / name, only_test / name)
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "q" / "model.mqpack"), "--data-dir", str(only_test), "--device", "cpu"]) == 0
+    packed = str(tmp_path / "q" / "model.safetensors")
+    assert main(["eval", packed, "--data-dir", str(only_test), "--device", "cpu"]) == 0
     assert f"test accuracy {recorded:.2f}% top-1" in capsys.readouterr().out

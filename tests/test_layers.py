@@ -37,7 +37,12 @@ class Net(nn.Module):
 
 
 EXPECTED = {
-    "stem", "blocks.0.grouped", "blocks.0.inner.0", "blocks.1.grouped", "blocks.1.inner.0", "head.fc",
+    "stem",
+    "blocks.0.grouped",
+    "blocks.0.inner.0",
+    "blocks.1.grouped",
+    "blocks.1.inner.0",
+    "head.fc",
 }
 
 
@@ -74,7 +79,9 @@ def test_dequantize_restores_the_state_dict_exactly():
     torch.testing.assert_close(net(x), y_float, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("quantizer,bits", [("dorefa", 1), ("bwn", 1), ("bwn-channel", 1), ("ternary", 2), ("uniform", 4)])
+@pytest.mark.parametrize(
+    "quantizer,bits", [("dorefa", 1), ("bwn", 1), ("bwn-channel", 1), ("ternary", 2), ("uniform", 4)]
+)
 def test_quantized_conv_output_equals_conv2d_with_quantized_weight(quantizer, bits):
     torch.manual_seed(1)
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2, bias=True)
@@ -131,9 +138,15 @@ def test_gradient_flows_to_latent_weight_with_ste():
 @pytest.mark.parametrize(
     "model,filter_fn,message",
     [
-        (nn.Sequential(nn.Conv1d(2, 2, 3)), lambda m, n: isinstance(m, nn.Conv1d), "only nn.Conv2d and nn.Linear"),
+        (nn.Sequential(nn.Bilinear(2, 2, 2)), lambda m, n: n == "0", "Bilinear: quantize_ supports Conv1d"),
+        (nn.Sequential(nn.Linear(2, 2)), lambda m, n: True, "cannot quantize <root> of type Sequential"),
+        (nn.Linear(2, 2), lambda m, n: True, "cannot swap the root module itself"),
         (nn.Linear(2, 2), None, "cannot swap the root module itself"),
-        (nn.Sequential(nn.ReLU()), None, "found no nn.Conv2d or nn.Linear"),
+        (nn.Sequential(nn.ReLU()), None, "found no layer to quantize in Sequential$"),
+        (nn.Sequential(nn.LSTM(2, 2)), None, r"left in full precision: 0 \(LSTM\): recurrent layers are quantized on"),
+        (nn.Sequential(nn.Embedding(5, 2, max_norm=1.0)), lambda m, n: n == "0", "max_norm renormalizes"),
+        (nn.Sequential(nn.Embedding(5, 2, sparse=True)), lambda m, n: n == "0", "sparse gradients"),
+        (nn.Sequential(nn.LazyLinear(2)), lambda m, n: n == "0", "lazy layer not initialized"),
         (nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(2, 2))), None, "parametrizations"),
     ],
 )
@@ -142,11 +155,30 @@ def test_what_cannot_be_quantized_fails_clearly(model, filter_fn, message):
         mq.quantize_(model, filter_fn=filter_fn)
 
 
-def test_hooks_are_refused_rather_than_dropped():
+def test_what_cannot_be_quantized_changes_nothing():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Bilinear(2, 2, 2))
+    with pytest.raises(TypeError, match="Bilinear"):
+        mq.quantize_(net, filter_fn=lambda m, n: n in ("0", "1"))
+    assert type(net[0]) is nn.Linear  # the first, convertible layer was not converted either
+
+
+def test_include_is_checked():
+    with pytest.raises(ValueError, match="unknown layer kind.*'conv'; allowed: recurrent, embedding"):
+        mq.quantize_(nn.Sequential(nn.Linear(2, 2)), include=("conv",))
+    with pytest.raises(ValueError, match="not both"):
+        mq.quantize_(nn.Sequential(nn.LSTM(2, 2)), filter_fn=lambda m, n: True, include=("recurrent",))
+
+
+def test_hooks_are_kept_the_module_is_converted_in_place():
     lin = nn.Linear(2, 2)
-    lin.register_forward_hook(lambda *a: None)
-    with pytest.raises(TypeError, match="hooks"):
-        mq.quantize_(nn.Sequential(lin))
+    seen = []
+    lin.register_forward_hook(lambda module, args, out: seen.append(type(module).__name__))
+    net = mq.quantize_(nn.Sequential(lin))
+    net(torch.randn(1, 2))
+    assert net[0] is lin and seen == ["QuantLinear"]
+    mq.dequantize_(net)
+    net(torch.randn(1, 2))
+    assert seen == ["QuantLinear", "Linear"]
 
 
 def test_weight_fn_scope_is_restored_even_on_error():
@@ -166,9 +198,27 @@ def test_quant_layers_can_be_built_directly():
     assert conv(torch.randn(1, 2, 5, 5)).shape == (1, 2, 3, 3)
 
 
-def test_linear_subclasses_are_left_alone_with_a_warning(caplog):
-    net = nn.Sequential(nn.MultiheadAttention(4, 2), nn.Linear(4, 4))
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_a_subclass_with_its_own_forward_is_left_alone_with_a_warning(caplog):
+    net = nn.Sequential(ScaledLinear(4, 4), nn.Linear(4, 4))
     with caplog.at_level("WARNING", logger="metaquant.layers"):
         mq.quantize_(net)
-    assert set(quantized_layers(net)) == {"1"}
-    assert "0.out_proj" in caplog.text
+    assert set(quantized_layers(net)) == {"1"} and type(net[0]) is ScaledLinear
+    assert "0 (ScaledLinear): its class overrides Linear.forward" in caplog.text
+    with pytest.raises(TypeError, match="overrides Linear.forward"):
+        mq.quantize_(nn.Sequential(ScaledLinear(4, 4)), filter_fn=lambda m, n: n == "0")
+
+
+def test_linear_subclasses_that_keep_linears_forward_are_quantized_and_restored():
+    attention = nn.MultiheadAttention(4, 2)
+    net = mq.quantize_(nn.Sequential(attention), filter_fn=lambda m, n: isinstance(m, (nn.Conv2d, nn.Linear)))
+    # the guide's filter chooses out_proj alone: its attention module computes with it, the input projection
+    # staying in full precision
+    assert set(quantized_layers(net)) == {"0.out_proj"} and type(attention).__name__ == "QuantMultiheadAttention"
+    mq.dequantize_(net)
+    assert type(attention) is nn.MultiheadAttention
+    assert type(attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear

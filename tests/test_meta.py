@@ -1,7 +1,9 @@
-"""Meta quantizers against their formulas written out with plain tensor operations."""
+"""Meta quantizers against their formulas written out with plain tensor operations; LSTMFC's fused step against
+``nn.LSTM`` itself (values and gradients)."""
 
 import pytest
 import torch
+from torch.func import functional_call
 
 from metaquant.meta import LSTMFC, CoordinateMLP, FCGrad, MultiFC
 
@@ -75,8 +77,169 @@ def test_lstmfc_runs_one_lstm_step_per_coordinate_from_the_given_state():
         (lambda: MultiFC(num_layers=0), "number of FC layers must be an integer >= 1, got 0"),
         (lambda: FCGrad(nonlinearity="gelu"), "nonlinearity 'gelu' is not supported; allowed: none, relu, tanh"),
         (lambda: LSTMFC(num_lstm=0), "number of LSTM layers must be an integer >= 1"),
+        (lambda: LSTMFC(chunk_size=0), "chunk_size must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_options_are_refused(factory, message):
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+# --- LSTMFC's fused step against nn.LSTM -----------------------------------------------------------------------
+
+
+def _nn_lstm_forward(meta, grad_w_hat, w_tilde, state):
+    """The oracle: ``fc(act(nn.LSTM(w̃, state)))`` with the module's own parameters (its implementation before the
+    fused cell)."""
+    if state is None:
+        state = meta.initial_state(w_tilde.numel(), w_tilde.device, w_tilde.dtype)
+    out, new_state = meta.lstm(w_tilde.reshape(1, -1, 1), state)
+    return grad_w_hat * meta.fc(meta.activation(out[0])).squeeze(1), new_state
+
+
+def _inputs(n, hidden, num_lstm, dtype, zero_state=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(n, generator=gen, dtype=dtype)
+    w = torch.rand(n, generator=gen, dtype=dtype) * 2 - 1
+    state = None if zero_state else tuple(
+        torch.randn(num_lstm, n, hidden, generator=gen, dtype=dtype) * 0.5 for _ in range(2)
+    )
+    return g, w, state
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("zero_state", [False, True])
+@pytest.mark.parametrize("nonlinearity", ["none", "relu", "tanh"])
+@pytest.mark.parametrize("num_lstm", [1, 2])
+def test_lstmfc_values_and_parameter_gradients_equal_nn_lstm(dtype, zero_state, nonlinearity, num_lstm):
+    torch.manual_seed(3)
+    n, hidden = 37, 6
+    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity=nonlinearity, chunk_size=8).to(dtype)
+    g, w, state = _inputs(n, hidden, num_lstm, dtype, zero_state)
+    out, (h, c) = meta(g, w, state)
+    ref, (ref_h, ref_c) = _nn_lstm_forward(meta, g, w, state)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {}
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(h, ref_h, **tol)
+    torch.testing.assert_close(c, ref_c, **tol)
+    # ∂ℓ/∂φ through the current step only: a weighted sum of the output, the incoming state constant
+    weights = torch.randn(n, dtype=dtype)
+    names, params = zip(*meta.named_parameters())
+    assert set(names) == {"fc.weight"} | {
+        f"lstm.{kind}_l{layer}" for layer in range(num_lstm)
+        for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    }
+    fused = torch.autograd.grad((out * weights).sum(), params)
+    oracle = torch.autograd.grad((ref * weights).sum(), params)
+    for name, a, b in zip(names, fused, oracle):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("num_lstm", [1, 3])
+def test_lstmfc_gradients_reach_the_inputs_and_the_state_like_nn_lstm(num_lstm):
+    # Not what MetaQuant asks for (it detaches the state), but the step is a complete autograd function.
+    torch.manual_seed(4)
+    n, hidden = 19, 5
+    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity="tanh", chunk_size=7).double()
+    g, w, state = _inputs(n, hidden, num_lstm, torch.float64)
+    leaves = [g.requires_grad_(), w.requires_grad_(), *(s.requires_grad_() for s in state)]
+    out, (h, c) = meta(g, w, state)
+    ref, (ref_h, ref_c) = _nn_lstm_forward(meta, g, w, state)
+    cotangents = [torch.randn_like(t) for t in (out, h, c)]
+    inputs = leaves + list(meta.parameters())
+
+    def vjp(outputs):
+        return torch.autograd.grad(sum((o * t).sum() for o, t in zip(outputs, cotangents)), inputs)
+
+    for a, b in zip(vjp((out, h, c)), vjp((ref, ref_h, ref_c))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("nonlinearity", ["none", "tanh"])
+def test_lstmfc_gradcheck(nonlinearity):
+    torch.manual_seed(5)
+    n, hidden, num_lstm = 5, 3, 2
+    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity=nonlinearity, chunk_size=2).double()
+    g, w, state = _inputs(n, hidden, num_lstm, torch.float64)
+    names = [name for name, _ in meta.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in meta.parameters()]
+
+    def step(g, w, h0, c0, *params):
+        out, (h, c) = functional_call(meta, dict(zip(names, params)), (g, w, (h0, c0)))
+        return out, h, c
+
+    inputs = (g.requires_grad_(), w.requires_grad_(), *(s.requires_grad_() for s in state), *params)
+    assert torch.autograd.gradcheck(step, inputs)
+
+
+def test_lstmfc_block_size_changes_nothing_but_rounding():
+    torch.manual_seed(6)
+    meta = LSTMFC(hidden=4, num_lstm=2).double()
+    g, w, state = _inputs(23, 4, 2, torch.float64)
+    results = []
+    for rows in (1, 5, 23, 1000, None):
+        meta.chunk_size = rows
+        meta.zero_grad(set_to_none=True)
+        out, (h, c) = meta(g, w, state)
+        out.sum().backward()
+        results.append([out, h, c] + [p.grad for p in meta.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_lstmfc_keeps_nothing_but_the_tensors_that_exist_anyway():
+    torch.manual_seed(7)
+    n, hidden = 300, 8
+    meta = LSTMFC(hidden=hidden, chunk_size=64)
+    g, w, state = _inputs(n, hidden, 1, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, (h, c) = meta(g, w, state)
+    existing = {t.untyped_storage().data_ptr() for t in (g, w, *state, h, c, *meta.parameters())}
+    new_bytes = sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in existing)
+    assert new_bytes <= n * out.element_size(), new_bytes  # at most one [N] tensor; no [N, hidden] one
+    # Frozen (no gradient needed): no graph, nothing saved.
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.no_grad():
+            out, (h, c) = meta(g, w, state)
+        meta.requires_grad_(False)
+        out2, (h2, c2) = meta(g, w, state)
+    assert saved == []
+    assert out.grad_fn is None and h.grad_fn is None and out2.grad_fn is None and c2.grad_fn is None
+    torch.testing.assert_close(out, out2)
+
+
+def test_lstmfc_backward_can_run_twice_with_retain_graph():
+    torch.manual_seed(8)
+    meta = LSTMFC(hidden=4, chunk_size=3)
+    g, w, state = _inputs(10, 4, 1, torch.float32)
+    out, _ = meta(g, w, state)
+    first = torch.autograd.grad(out.sum(), list(meta.parameters()), retain_graph=True)
+    second = torch.autograd.grad(out.sum(), list(meta.parameters()))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lstmfc_state_dict_is_that_of_nn_lstm_and_fc():
+    # Checkpoints made when LSTMFC ran nn.LSTM itself load as they are, and give the same function.
+    torch.manual_seed(9)
+    reference = torch.nn.ModuleDict({"lstm": torch.nn.LSTM(1, 6, 2), "fc": torch.nn.Linear(6, 1, bias=False)})
+    meta = LSTMFC(hidden=6, num_lstm=2)
+    meta.load_state_dict(reference.state_dict())
+    assert list(meta.state_dict()) == list(reference.state_dict())
+    g, w, state = _inputs(9, 6, 2, torch.float32)
+    out, _ = reference["lstm"](w.reshape(1, -1, 1), state)
+    torch.testing.assert_close(meta(g, w, state)[0], g * reference["fc"](out[0]).squeeze(1))
+
+
+def test_lstmfc_edge_cases_empty_input_and_autocast():
+    meta = LSTMFC(hidden=4)
+    out, (h, c) = meta(torch.empty(0), torch.empty(0))
+    assert out.shape == (0,) and h.shape == c.shape == (1, 0, 4)
+    g, w, state = _inputs(12, 4, 1, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the step itself stays in the parameters' dtype
+        out_amp, (h_amp, _) = meta(g, w, state)
+    assert out_amp.dtype == h_amp.dtype == torch.float32
+    torch.testing.assert_close(out_amp, meta(g, w, state)[0])

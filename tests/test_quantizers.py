@@ -106,8 +106,14 @@ def test_uniform_values_match_the_formula():
 
 @pytest.mark.parametrize(
     "name,bits,allowed",
-    [("dorefa", 0, "1..8"), ("dorefa", 9, "1..8"), ("bwn", 2, "1"), ("bwn-channel", 3, "1"),
-     ("ternary", 1, "2"), ("uniform", 1, "2..8")],
+    [
+        ("dorefa", 0, "1..8"),
+        ("dorefa", 9, "1..8"),
+        ("bwn", 2, "1"),
+        ("bwn-channel", 3, "1"),
+        ("ternary", 1, "2"),
+        ("uniform", 1, "2..8"),
+    ],
 )
 def test_unsupported_bit_width_names_the_allowed_range(name, bits, allowed):
     with pytest.raises(ValueError, match=rf"bits={bits}; allowed: {allowed}$"):
@@ -115,7 +121,9 @@ def test_unsupported_bit_width_names_the_allowed_range(name, bits, allowed):
 
 
 def test_unknown_quantizer_lists_the_registered_ones():
-    with pytest.raises(ValueError, match="unknown quantizer 'xnor'; allowed: dorefa, bwn, bwn-channel, ternary, uniform"):
+    with pytest.raises(
+        ValueError, match="unknown quantizer 'xnor'; allowed: dorefa, bwn, bwn-channel, ternary, uniform"
+    ):
         get_quantizer("xnor", 1)
 
 

@@ -4,12 +4,20 @@ text, and the written table and figures."""
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 
 import pytest
 
 from metaquant.config import RunConfig
 from metaquant.report import (
-    best_stats, collect, last_k_stats, plot_comparisons, read_original_run, summarize, write_table,
+    best_stats,
+    collect,
+    last_k_stats,
+    plot_comparisons,
+    read_original_run,
+    summarize,
+    write_table,
 )
 from tests.conftest import SHARED
 
@@ -33,7 +41,7 @@ def _write_run(root, name, estimator, accs, losses, optimizer="sgd", quantizer="
     run = root / name
     run.mkdir(parents=True)
     RunConfig(estimator=estimator, optimizer=optimizer, quantizer=quantizer).save(run / "config.json")
-    lines = [json.dumps({"epoch": i, "test_acc": a, "train_loss": l}) for i, (a, l) in enumerate(zip(accs, losses))]
+    lines = [json.dumps({"epoch": i, "test_acc": a, "train_loss": x}) for i, (a, x) in enumerate(zip(accs, losses))]
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (run / "done").touch()
     return run
@@ -70,10 +78,19 @@ def test_original_run_reader_against_the_raw_text(original_copy):
     trial = read_original_run(original_copy)
     raw_acc = [float(line.split(",")[1]) for line in (original_copy / "test-acc.txt").read_text().split("\n") if line]
     raw_it = [int(line.split(",")[0]) for line in (original_copy / "test-acc.txt").read_text().split("\n") if line]
-    raw_loss = {int(l.split(",")[0]): float(l.split(",")[1])
-                for l in (original_copy / "loss.txt").read_text().split("\n") if l}
+    raw_loss = {
+        int(line.split(",")[0]): float(line.split(",")[1])
+        for line in (original_copy / "loss.txt").read_text().split("\n")
+        if line
+    }
     assert (trial.model, trial.dataset, trial.forward, trial.backward, trial.optimizer, trial.trial) == (
-        "ResNet20", "CIFAR10", "BWN", "STE", "SGD", 2)
+        "ResNet20",
+        "CIFAR10",
+        "BWN",
+        "STE",
+        "SGD",
+        2,
+    )
     assert trial.test_acc == raw_acc
     # epoch e's training loss: mean of the iterations after the previous evaluation, up to this one
     starts = [0] + raw_it[:-1]
@@ -88,8 +105,14 @@ def test_original_run_reader_against_the_raw_text(original_copy):
 def test_report_writes_table_and_figures(tmp_path, original_copy):
     ours = tmp_path / "ours"
     for t in (1, 2):
-        _write_run(ours, f"ste-trial-{t}", "ste", [50.0 + t + i for i in range(11)], [2.0 - 0.1 * i for i in range(11)],
-                   quantizer="bwn")
+        _write_run(
+            ours,
+            f"ste-trial-{t}",
+            "ste",
+            [50.0 + t + i for i in range(11)],
+            [2.0 - 0.1 * i for i in range(11)],
+            quantizer="bwn",
+        )
     trials = collect([ours, original_copy.parent.parent])
     md, csv_path = write_table(summarize(trials), tmp_path / "out")
     text = md.read_text()
@@ -97,9 +120,80 @@ def test_report_writes_table_and_figures(tmp_path, original_copy):
     assert "| original code | ResNet20 | CIFAR10 | BWN | 1 | STE | SGD |" in text
     assert "population variances" in text
     assert csv_path.read_text().count("\n") == 3
-    pngs = plot_comparisons(trials, tmp_path / "out")
-    assert len(pngs) == 2 and all(p.stat().st_size > 10_000 for p in pngs)
-    assert pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = plot_comparisons(trials, tmp_path / "out")
+    assert [p.suffix for p in written] == [".png", ".pdf"] * 2 and all(p.stat().st_size > 10_000 for p in written)
+    assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and written[1].read_bytes()[:5] == b"%PDF-"
+    assert written[0].with_suffix("").name == "resnet20-cifar10-bwn1-sgd"
+
+
+def test_comparison_figure_keeps_twin_curves_apart_and_shows_full_precision(tmp_path, monkeypatch):
+    """Draw a figure in which a meta quantizer's two step orders give the same curve, and inspect it."""
+    from matplotlib.figure import Figure
+
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), save(self, *a, **k))[1])
+    pre = tmp_path / "runs" / "pretrain-resnet20-fashion-mnist"  # the pre-training beside the sweep's runs
+    pre.mkdir(parents=True)
+    (pre / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "test_acc": 85.5, "train_loss": 0.3}) + "\n")
+    curves = {"multifc": [60.0, 70.0, 71.0], "ste": [50.0, 55.0, 56.0]}
+    for estimator, step_order in (("multifc", "paper"), ("multifc", "original"), ("ste", "paper")):
+        run = tmp_path / "runs" / f"{estimator}-{step_order}-trial-1"
+        run.mkdir()
+        RunConfig(estimator=estimator, step_order=step_order, init="elsewhere/pretrain-resnet20-fashion-mnist").save(
+            run / "config.json"
+        )
+        lines = [
+            json.dumps({"epoch": i, "test_acc": a, "train_loss": 100.0**-i}) for i, a in enumerate(curves[estimator])
+        ]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        (run / "done").touch()
+    plot_comparisons(collect([tmp_path / "runs"]), tmp_path / "out")
+    figure = drawn[0]
+    assert len(drawn) == 2 and drawn[1] is figure  # one figure, as PNG and as PDF
+    loss_ax, acc_ax = figure.axes
+    assert loss_ax.get_yscale() == "log"  # losses 1, 0.01, 0.0001
+    assert not loss_ax.get_legend() and not acc_ax.get_legend() and len(figure.legends) == 1  # outside the panels
+    lines = {text.get_text(): line for text, line in zip(figure.legends[0].texts, figure.legends[0].legend_handles)}
+    assert set(lines) == {"STE (1)", "MultiFC (1)", "MultiFC (original order) (1)", "full precision (85.5%)"}
+    paper, original = lines["MultiFC (1)"], lines["MultiFC (original order) (1)"]
+    assert paper.get_color() == original.get_color() and paper.get_linestyle() != original.get_linestyle()
+    assert paper.get_marker() == original.get_marker() and paper.get_markersize() > original.get_markersize()
+    assert lines["STE (1)"].get_color() != paper.get_color()
+    assert [tuple(line.get_ydata()) for line in acc_ax.lines if line.get_linestyle() == ":"] == [(85.5, 85.5)]
+
+
+def test_report_without_matplotlib_writes_the_table_and_exits_0(tmp_path):
+    """Without the plot extra (matplotlib made unimportable in a fresh interpreter), the table is written, the
+    missing figures are explained on stderr, and the exit status is 0."""
+    for t in (1, 2):
+        _write_run(tmp_path / "runs", f"ste-trial-{t}", "ste", [50.0 + t, 60.0], [2.0, 1.0])
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; from metaquant.cli import main; "
+        f"sys.exit(main(['report', {str(tmp_path / 'runs')!r}, '--out', {str(tmp_path / 'out')!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "| metaquant | ResNet20 | Fashion-MNIST | dorefa | 1 | STE | SGD |" in done.stdout
+    assert "no figures: drawing figures needs matplotlib, the plot extra: pip install 'metaquant-torch[plot]'" in (
+        done.stderr
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.csv", "results.md"]
+
+
+def test_drawing_changes_no_global_matplotlib_state(tmp_path):
+    """Importing metaquant and drawing never selects a backend nor imports pyplot, so a notebook's inline
+    figures keep working."""
+    _write_run(tmp_path / "runs", "ste-trial-1", "ste", [50.0, 60.0], [2.0, 1.0])
+    code = (
+        "import sys, matplotlib; matplotlib.use('svg'); from pathlib import Path; "
+        "from metaquant import cli, trace; from metaquant.report import collect, plot_comparisons; "
+        f"plot_comparisons(collect([{str(tmp_path / 'runs')!r}]), Path({str(tmp_path / 'out')!r})); "
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "False"]
 
 
 def test_collect_errors(tmp_path):

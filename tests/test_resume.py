@@ -42,8 +42,9 @@ sys.exit(main(sys.argv[3:]))
 
 
 def _cli(args, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "metaquant", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "metaquant", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 def _wait_for(predicate, proc, timeout=120.0):
@@ -76,8 +77,10 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
 def test_sigkill_at_several_points_then_resume_is_bit_exact(tmp_path, estimator, TINY):
     args = ["quantize", *TINY, *ESTIMATORS[estimator], "--run-dir", str(tmp_path)]
-    assert subprocess.run([sys.executable, "-m", "metaquant", *args, "--name", "straight"],
-                          capture_output=True).returncode == 0
+    assert (
+        subprocess.run([sys.executable, "-m", "metaquant", *args, "--name", "straight"], capture_output=True).returncode
+        == 0
+    )
     run = tmp_path / "killed"
     cmd = [*args, "--name", "killed"]
 
@@ -88,8 +91,11 @@ def test_sigkill_at_several_points_then_resume_is_bit_exact(tmp_path, estimator,
     proc.wait()
     # 2. killed while the second checkpoint is being written (the temporary file is complete, not renamed)
     marker = tmp_path / "writing"
-    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(marker), "2", "quantize", "--resume", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRAPPER, str(marker), "2", "quantize", "--resume", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     _wait_for(marker.exists, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -101,8 +107,9 @@ def test_sigkill_at_several_points_then_resume_is_bit_exact(tmp_path, estimator,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # 4. resumed to the end
-    done = subprocess.run([sys.executable, "-m", "metaquant", "quantize", "--resume", str(run)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "metaquant", "quantize", "--resume", str(run)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert not list(run.glob(".*.tmp"))
     _assert_same(_result(tmp_path / "straight"), _result(run))
@@ -152,15 +159,31 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     assert main(args) == 1
     err = capsys.readouterr().err
     checkpoint = tmp_path / "r" / "checkpoint.pt"
-    assert f"non-finite loss at epoch 2, step 2 (iteration 4); nothing was updated; last good checkpoint: {checkpoint}" in err
+    assert (
+        f"non-finite loss at epoch 2, step 2 (iteration 4); nothing was updated; last good checkpoint: {checkpoint}"
+        in err
+    )
     state = torch.load(checkpoint, weights_only=True)
-    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["epoch"] == 1 and all(
+        torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+    )
 
 
 def test_skip_nonfinite_finishes_the_run(tmp_path, nan_after, TINY):
     nan_after["from"] = 3
-    args = ["quantize", *TINY, "-meta", "multifc", "-hidden", "4", "--skip-nonfinite", "--run-dir", str(tmp_path),
-            "--name", "r"]
+    args = [
+        "quantize",
+        *TINY,
+        "-meta",
+        "multifc",
+        "-hidden",
+        "4",
+        "--skip-nonfinite",
+        "--run-dir",
+        str(tmp_path),
+        "--name",
+        "r",
+    ]
     assert main(args) == 0
     state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

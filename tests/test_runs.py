@@ -32,8 +32,7 @@ def test_records_replace_epochs_past_the_one_recorded(tmp_path):
 
 
 def _state(epoch):
-    return {"model": {"w": torch.full((2,), float(epoch))}, "optimizer": {}, "trainer": {}, "rng": {},
-            "epoch": epoch}
+    return {"model": {"w": torch.full((2,), float(epoch))}, "optimizer": {}, "trainer": {}, "rng": {}, "epoch": epoch}
 
 
 def test_save_checkpoint_keeps_the_previous_one(tmp_path):

@@ -69,7 +69,9 @@ def test_a_label_in_base_names_every_run_unless_an_entry_sets_its_own(tmp_path):
     text = "[base]\nlabel = 'Mine'\n[[grid]]\nestimator = 'ste'\n[[grid]]\nestimator = 'ewgs'\nlabel = 'E'"
     runs = plan(load_sweep(write(tmp_path, text)), tmp_path / "runs")
     assert [(r.label, r.config.label, r.path.name.split("-")[0]) for r in runs] == [
-        ("Mine", "Mine", "mine"), ("E", "E", "e")]
+        ("Mine", "Mine", "mine"),
+        ("E", "E", "e"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -85,8 +87,10 @@ def test_a_label_in_base_names_every_run_unless_an_entry_sets_its_own(tmp_path):
         ("[[grid]]\nestimator = 'ste'\ntask = 'pretrain'", "\\[\\[grid\\]\\] sets task"),
         ("[pretrain]\nwidth = 3\n[[grid]]\nestimator = 'ste'", "unknown configuration keys \\['width'\\]"),
         ("[pretrain]\nmodel = 'resnet8'\n[[grid]]\nestimator = 'ste'", "\\[pretrain\\]: sets model"),
-        ("[optimizer_overrides.adma]\nweight_decay = 1e-4\n[[grid]]\nestimator = 'ste'",
-         "unknown optimizers \\['adma'\\]; allowed: sgd, adam, adamw"),
+        (
+            "[optimizer_overrides.adma]\nweight_decay = 1e-4\n[[grid]]\nestimator = 'ste'",
+            "unknown optimizers \\['adma'\\]; allowed: sgd, adam, adamw",
+        ),
         ("[base]\nbits = '1'\n[[grid]]\nestimator = 'ste'", "sweep 'sweep': bits must be an integer > 0, got '1'"),
         ("[[grid", "is not valid TOML"),
     ],
@@ -143,3 +147,111 @@ def test_presets_load():
     assert len(cifar10) == 3 * 2 * 4 * 2 * 5
     with pytest.raises(FileNotFoundError, match="neither a sweep file nor a preset; presets: fashion-mnist"):
         resolve_preset("nope")
+
+
+def _metrics_without_times(run_dir):
+    import json
+
+    return [
+        {k: v for k, v in json.loads(line).items() if not k.endswith("seconds")}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def test_runs_side_by_side_give_the_metrics_of_runs_one_after_another(tmp_path, tiny_mnist):
+    """``sweep --jobs 2`` (two processes) against ``--jobs 1`` on a tiny grid with a shared pre-training: every
+    run's per-epoch metrics, losses and accuracies, are identical."""
+    from metaquant.cli import main
+
+    data_dir = tiny_mnist[tiny_mnist.index("--data-dir") + 1]
+    text = f"""
+name = "pair"
+trials = 1
+[pretrain]
+dataset = "mnist"
+data_dir = "{data_dir}"
+download = false
+batch_size = 32
+epochs = 1
+lr = 0.05
+device = "cpu"
+[base]
+dataset = "mnist"
+data_dir = "{data_dir}"
+download = false
+model = "resnet8"
+batch_size = 32
+epochs = 2
+hidden_size = 4
+device = "cpu"
+[[grid]]
+estimator = ["ste", "multifc"]
+"""
+    sweep = write(tmp_path, text)
+    for jobs in (1, 2):
+        assert main(["sweep", str(sweep), "--jobs", str(jobs), "--run-dir", str(tmp_path / f"jobs{jobs}")]) == 0
+    serial = sorted(p.name for p in (tmp_path / "jobs1").iterdir())
+    assert serial == sorted(p.name for p in (tmp_path / "jobs2").iterdir()) and len(serial) == 1 + 2
+    for name in serial:
+        assert _metrics_without_times(tmp_path / "jobs1" / name) == _metrics_without_times(tmp_path / "jobs2" / name)
+    assert main(["sweep", str(sweep), "--jobs", "0"]) == 2
+
+
+def test_equivalent_ste_runs_take_the_fc_grad_run_of_their_trial(tmp_path):
+    from metaquant.sweep import SweepSpec, plan
+
+    spec = SweepSpec(
+        "eq",
+        2,
+        0,
+        None,
+        {"dataset": "cifar10", "lr": 1e-3},
+        grid=[{"estimator": "fc-grad"}, {"estimator": "ste", "equivalent_of": "fc-grad"}],
+        optimizer_overrides={},
+    )
+    runs = plan(spec, tmp_path)
+    fc_grad = {r.trial: r.path for r in runs if r.config.estimator == "fc-grad"}
+    equivalent = [r for r in runs if r.config.lr_gain_from is not None]
+    assert [r.trial for r in equivalent] == [1, 2]
+    for run in equivalent:
+        assert run.config.lr_gain_from == str(fc_grad[run.trial]) and run.label == "STE (FC-Grad's gain)"
+        assert run.config.lr == 1e-3  # the gain is applied when the run starts, from the finished FC-Grad run
+    bad = SweepSpec(
+        "eq",
+        1,
+        0,
+        None,
+        {"dataset": "cifar10"},
+        grid=[{"estimator": "ste", "equivalent_of": "lstmfc"}],
+        optimizer_overrides={},
+    )
+    with pytest.raises(ValueError, match="equivalent_of 'lstmfc' is not supported; allowed: fc-grad"):
+        plan(bad, tmp_path)
+    meta = SweepSpec(
+        "eq",
+        1,
+        0,
+        None,
+        {"dataset": "cifar10"},
+        grid=[{"estimator": "multifc", "equivalent_of": "fc-grad"}],
+        optimizer_overrides={},
+    )
+    with pytest.raises(ValueError, match="lr_gain_from .* applies to quantize runs with a classical estimator"):
+        plan(meta, tmp_path)
+
+
+def test_side_by_side_a_run_waits_for_the_run_whose_result_it_needs(tmp_path):
+    """An equivalent STE (``lr_gain_from``) starts only once its FC-Grad run is neither pending nor running;
+    runs without prerequisites start in plan order."""
+    from metaquant.config import RunConfig
+    from metaquant.sweep import _next_task, _Task
+
+    fc_grad = _Task(tmp_path / "fc-grad", RunConfig(estimator="fc-grad"), "fc-grad", False)
+    equivalent = _Task(
+        tmp_path / "equivalent", RunConfig(estimator="ste", lr_gain_from=str(tmp_path / "fc-grad")), "equivalent", False
+    )
+    ste = _Task(tmp_path / "ste", RunConfig(estimator="ste"), "ste", False)
+    assert _next_task([fc_grad, equivalent, ste], set()) is fc_grad
+    assert _next_task([equivalent, ste], {fc_grad.path}) is ste  # FC-Grad still running: the STE goes first
+    assert _next_task([equivalent], {fc_grad.path}) is None
+    assert _next_task([equivalent], set()) is equivalent  # FC-Grad finished

@@ -23,21 +23,56 @@ def _png_size(path):
 
 @pytest.mark.parametrize("estimator", ["multifc", "fc-grad", "lstmfc"])
 def test_plot_writes_the_learned_function_and_weight_distributions(tmp_path, tiny_mnist, estimator):
-    args = ["quantize", *tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "2", "-meta", estimator, "-hidden", "4",
-            "--no-progress", "--run-dir", str(tmp_path), "--name", "r"]
+    args = [
+        "quantize",
+        *tiny_mnist,
+        "-m",
+        "resnet8",
+        "-bs",
+        "32",
+        "-n",
+        "2",
+        "-meta",
+        estimator,
+        "-hidden",
+        "4",
+        "--no-progress",
+        "--run-dir",
+        str(tmp_path),
+        "--name",
+        "r",
+    ]
     assert main(args) == 0
     trace = torch.load(tmp_path / "r" / TRACE_FILE, weights_only=True)
     assert sorted(trace["snapshots"]) == [0, 1, 2]
     assert main(["plot", str(tmp_path / "r"), "--out", str(tmp_path / "fig")]) == 0
     assert _png_size(tmp_path / "fig" / "learned-function.png") == (770, 495)
-    assert _png_size(tmp_path / "fig" / "weights.png") == (1280, 720)
+    assert _png_size(tmp_path / "fig" / "weights.png") == (1360, 960)  # 9 layers: 3 rows of 4
     for name in ("learned-function.png", "weights.png"):
         assert (tmp_path / "fig" / name).stat().st_size > 20_000
 
 
 def test_plot_refuses_a_run_without_a_trace(tmp_path, tiny_mnist, capsys):
-    assert main(["quantize", *tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "1", "--no-progress",
-                 "--run-dir", str(tmp_path), "--name", "ste"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                *tiny_mnist,
+                "-m",
+                "resnet8",
+                "-bs",
+                "32",
+                "-n",
+                "1",
+                "--no-progress",
+                "--run-dir",
+                str(tmp_path),
+                "--name",
+                "ste",
+            ]
+        )
+        == 0
+    )
     assert main(["plot", str(tmp_path / "ste")]) == 1
     assert "only MetaQuant runs record what they learn" in capsys.readouterr().err
 

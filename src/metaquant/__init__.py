@@ -3,7 +3,7 @@
 The public API in one place; see the README for a tour.
 """
 
-from . import data, models, quantizers, schedules
+from . import data, equivalent, layout, models, precision, quantizers, schedules
 from .algorithm import MetaQuant
 from .estimators import EWGS, STE, Identity, fake_quantize
 from .layers import (
@@ -21,12 +21,34 @@ from .trainer import Trainer
 from .training import evaluate, fit
 
 __all__ = [
-    "data", "models", "quantizers", "schedules",
-    "QuantConfig", "QuantConv2d", "QuantLinear", "quantize_", "dequantize_", "quantized_layers",
-    "forward_params_fn", "get_quantizer", "fake_quantize",
-    "STE", "Identity", "EWGS", "Trainer",
-    "MetaQuant", "MetaQuantizer", "FCGrad", "MultiFC", "LSTMFC", "IdentityMeta",
-    "evaluate", "fit",
+    "data",
+    "equivalent",
+    "layout",
+    "models",
+    "precision",
+    "quantizers",
+    "schedules",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "quantize_",
+    "dequantize_",
+    "quantized_layers",
+    "forward_params_fn",
+    "get_quantizer",
+    "fake_quantize",
+    "STE",
+    "Identity",
+    "EWGS",
+    "Trainer",
+    "MetaQuant",
+    "MetaQuantizer",
+    "FCGrad",
+    "MultiFC",
+    "LSTMFC",
+    "IdentityMeta",
+    "evaluate",
+    "fit",
 ]
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 """MetaQuant's training step: Algorithm 1 of the paper, in its order, for any model converted by ``quantize_``.
 
 One call of ``MetaQuant.step(closure)`` is one iteration ``t``. With ``g_Ŵ^{t−1}`` and ``W̃^{t−1}`` recorded by
-the previous iteration for every quantized layer (DESIGN §5; equation numbers of the paper):
+the previous iteration for every quantized layer (docs/design.md §5; equation numbers of the paper):
 
 1. ``g_W̃ = M_φ(g_Ŵ^{t−1}, W̃^{t−1})``; ``g_W = g_W̃ ⊙ c(W^{t−1})``                              (Eq. 4-5)
 2. look-ahead ``W^t = W^{t−1} − α·π(g_W)``, a function of ``φ``; ``π`` from the optimizer's current state (Eq. 6)
@@ -15,28 +15,31 @@ the previous iteration for every quantized layer (DESIGN §5; equation numbers o
 At ``t = 0`` nothing is recorded yet: the forward pass uses ``Q(A(W))``, the backward pass records ``g_Ŵ^0``,
 ``W̃^0``; the quantized weights stay, the other parameters move.
 
-``step_order="original"`` reproduces the order of the paper's original code instead (DESIGN §5.1): the forward
+``step_order="original"`` reproduces the order of the paper's original code instead (docs/design.md §5.1): the forward
 weight is the committed weight moved once more along the previous update direction ``G_{t−1}`` (with the
 derivative of ``−α·g_W``), and the commit is ``W ← W − α·π(g_W)``. Everything else is shared.
 """
 
 from __future__ import annotations
 
+import io
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .estimators import STE, fake_quantize
 from .distributed import all_reduce_mean_, any_process, is_distributed, unwrap
+from .estimators import fake_quantize_preprocessed
 from .guards import BufferSnapshot, check_policy, first_nonfinite, reject_step
-from .layers import QuantLayer, forward_params_fn, quantized_layers
+from .layers import QuantLayer, forward_tensors, quantized_layers
 from .meta import MetaQuantizer
+from .quantizers import ForwardQuantizer
 from .refine import THROUGH, refinement_for, with_derivative
 from .schedules import scale_lr
+from .trainer import check_no_backward, closures_of, grad_marks
 
 __all__ = ["MetaQuant", "STEP_ORDERS"]
 
@@ -47,23 +50,67 @@ Closure = Callable[[], Tensor]
 
 
 @dataclass
-class _LayerRecord:
-    """What iteration ``t`` leaves for iteration ``t+1``, per quantized layer (all detached)."""
+class _Slot:
+    """One trained quantized weight, the layers that compute with it, and its place in the flat vectors.
 
-    grad_w_hat: Tensor | None = None  # g_Ŵ^{t}, the weight's shape
-    w_tilde: Tensor | None = None  # W̃^{t} = A(forward weight)
-    meta_state: Any = None  # LSTMFC: (h, c), each [num_lstm, numel, hidden]
-    # original order only: the direction of the last committed update of the weight and of the bias
-    prev_direction: Tensor | None = None
-    prev_bias_direction: Tensor | None = None
+    Algorithm 1 works coordinate by coordinate, so every per-coordinate quantity of all layers (``g_Ŵ``, ``W̃``,
+    ``g_W``, the look-ahead, LSTMFC's state) lives in one flat vector of ``N = Σ numel`` coordinates and the
+    meta quantizer is called once per step. A slot's coordinates are ``[start, start + numel)``, in the weight's
+    *memory* order (``perm``: its dimensions from the largest stride to the smallest), so that flattening a
+    channels-last weight, its gradient or its optimizer state is a view, not a copy.
+    """
+
+    weight: nn.Parameter
+    layers: list[tuple[str, QuantLayer]]  # a weight tied between layers is one slot with several layers
+    quantizer: ForwardQuantizer
+    group: int  # index of the weight's optimizer param group
+    start: int
+    perm: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.layers[0][0]
+
+    @property
+    def numel(self) -> int:
+        return self.weight.numel()
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.numel
+
+    def flat(self, t: Tensor) -> Tensor:
+        """``t`` (the weight's shape) as ``[numel]`` in this slot's coordinate order (a view when it can be)."""
+        return t.permute(self.perm).reshape(-1)
+
+    def unflat(self, flat: Tensor) -> Tensor:
+        """``[numel]`` in this slot's order → the weight's shape (a view with the weight's strides)."""
+        shape = [self.weight.shape[d] for d in self.perm]
+        inverse = sorted(range(len(self.perm)), key=self.perm.__getitem__)
+        return flat.reshape(shape).permute(inverse)
+
+    def state_to_logical(self, s: Tensor) -> Tensor:
+        """LSTMFC state ``[L, numel, H]`` in slot order → the order of ``weight.reshape(-1)`` (checkpoints)."""
+        inverse = sorted(range(len(self.perm)), key=self.perm.__getitem__)
+        shape = [s.shape[0], *(self.weight.shape[d] for d in self.perm), s.shape[-1]]
+        dims = [0, *(1 + d for d in inverse), len(shape) - 1]
+        return s.reshape(shape).permute(dims).reshape(s.shape[0], self.numel, s.shape[-1])
+
+    def state_from_logical(self, s: Tensor) -> Tensor:
+        """The inverse of ``state_to_logical``."""
+        shape = [s.shape[0], *self.weight.shape, s.shape[-1]]
+        dims = [0, *(1 + d for d in self.perm), len(shape) - 1]
+        return s.reshape(shape).permute(dims).reshape(s.shape[0], self.numel, s.shape[-1])
 
 
-@dataclass
-class _Pending:
-    """Tensors of the iteration in progress."""
+def _memory_order(t: Tensor) -> tuple[int, ...]:
+    # Largest stride first; ties (size-1 dimensions) keep their logical order.
+    return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
 
-    grad_w_hat: dict[str, Tensor] = field(default_factory=dict)
-    w_tilde: dict[str, Tensor] = field(default_factory=dict)
+
+def _flatten(slots: Sequence[_Slot], tensors: Sequence[Tensor]) -> Tensor:
+    """One ``[N]`` vector from a tensor per slot (each of the slot weight's shape)."""
+    return torch.cat([slot.flat(t) for slot, t in zip(slots, tensors)])
 
 
 class MetaQuant:
@@ -77,8 +124,9 @@ class MetaQuant:
 
     Args:
         model: a model converted by ``quantize_``; its quantized weights must all be in ``optimizer``.
-        optimizer: the base optimizer, ``torch.optim.SGD``, ``Adam`` or ``AdamW``; it performs every committed
-            update, so its LR schedulers work as usual.
+        optimizer: the base optimizer, ``torch.optim.SGD``, ``Adam`` or ``AdamW``, or a wrapper holding one as
+            ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``); it
+            performs every committed update, so its LR schedulers work as usual.
         meta: the meta quantizer (``FCGrad``, ``MultiFC``, ``LSTMFC``, ``IdentityMeta``), shared by all layers;
             it is moved to the device and dtype of the model's weights.
         meta_lr: learning rate ``γ`` of the meta quantizer's Adam. It follows the base optimizer's schedule:
@@ -92,6 +140,10 @@ class MetaQuant:
         on_nonfinite: when the loss, a gradient or the meta quantizer's output is not finite: ``"raise"``
             ``NonFiniteError`` before anything is updated (default), or ``"skip"`` the step (the forward
             pass's BatchNorm statistics are restored, the records of the previous step kept).
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 forward passes: the loss is scaled before the
+            backward pass; ``g_Ŵ``, ``∂ℓ/∂φ`` and the other gradients are unscaled before anything uses them; a
+            step whose scaled gradients overflowed is skipped (no update, records kept) while the scaler lowers
+            its scale, which is not an error and not counted in ``skipped_steps``.
 
     Raises:
         TypeError: ``meta`` is not a ``MetaQuantizer``.
@@ -125,6 +177,7 @@ class MetaQuant:
         freeze_meta_epoch: int | None = None,
         meta_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
         on_nonfinite: str = "raise",
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(meta, MetaQuantizer):
             raise TypeError(f"meta must be a MetaQuantizer (FCGrad, MultiFC, LSTMFC, IdentityMeta), got {meta!r}")
@@ -132,6 +185,10 @@ class MetaQuant:
             raise ValueError(f"step_order {step_order!r} is not supported; allowed: {', '.join(STEP_ORDERS)}")
         if through not in THROUGH:
             raise ValueError(f"through {through!r} is not supported; allowed: {', '.join(THROUGH)}")
+        if step_order == "original" and through != "residual":
+            # The original order differentiates −α·g_W only (docs/design.md): there is no π to go through.
+            raise ValueError(f"through={through!r} applies to step_order='paper' only; the original order "
+                             "differentiates the look-ahead as −α·g_W (use through='residual')")
         # bool is an int subclass: True is refused, not read as 1.
         if not (isinstance(meta_lr, (int, float)) and not isinstance(meta_lr, bool) and meta_lr > 0):
             raise ValueError(f"meta_lr must be a number > 0, got {meta_lr!r}")
@@ -144,20 +201,21 @@ class MetaQuant:
         check_policy(on_nonfinite)
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
+        self.grad_scaler = grad_scaler
+        self._scaler_recorded = False
         self.model = model
         self.optimizer = optimizer
-        # Under DistributedDataParallel the layers are those of the wrapped module (names without "module.").
+        # Under DistributedDataParallel or torch.compile the layers are those of the wrapped module.
         self.layers: dict[str, QuantLayer] = quantized_layers(unwrap(model))
         if not self.layers:
             raise ValueError("MetaQuant needs a model with quantized layers: call metaquant.quantize_(model) first")
-        self._names = {id(layer): name for name, layer in self.layers.items()}
-        # Group *indices*, not the group dicts: optimizer.load_state_dict replaces the dicts (on resume).
-        self._group_index = self._param_group_index()
         self.step_order = step_order
         self._refine = refinement_for(optimizer)
         self._refine_for_meta = with_derivative(self._refine, through)
         self.through = through
-        first = next(iter(self.layers.values())).weight
+        self._slots = self._make_slots()
+        self._numels = [slot.numel for slot in self._slots]
+        first = self._slots[0].weight
         self.meta = meta.to(device=first.device, dtype=first.dtype)
         meta_params = [p for p in self.meta.parameters() if p.requires_grad]
         make = meta_optimizer or (lambda ps: torch.optim.Adam(ps, lr=meta_lr, weight_decay=meta_weight_decay))
@@ -165,40 +223,134 @@ class MetaQuant:
         if is_distributed():  # every process starts from rank 0's φ
             for p in self.meta.parameters():
                 torch.distributed.broadcast(p.data, src=0)
-        # The base rate the meta rate is tied to: the first group holding a quantized weight.
-        base = self._group(first)
+        # The base rate the meta rate is tied to: the group of the first quantized weight.
+        base = self.optimizer.param_groups[self._slots[0].group]
         self._base_lr0 = float(base.get("initial_lr", base["lr"]))
         self.freeze_meta_epoch = freeze_meta_epoch
         self.meta_frozen = False
         self.iteration = 0
-        self._records: dict[str, _LayerRecord] = {name: _LayerRecord() for name in self.layers}
+        # What iteration t leaves for t+1 (all detached, flat [N] in slot order): g_Ŵ^t, W̃^t, LSTMFC's (h, c)
+        # each [num_lstm, N, hidden]; for the original order also G_t, the last committed update direction.
+        self._grad_w_hat: Tensor | None = None
+        self._w_tilde: Tensor | None = None
+        self._meta_state: Any = None
+        self._prev_direction: Tensor | None = None
+        self._prev_bias_direction: dict[str, Tensor] = {}
 
     # --- set-up helpers -----------------------------------------------------------------------------------
-    def _param_group_index(self) -> dict[int, int]:
-        index = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
-        uses: dict[int, int] = {}
-        for _, p in self.model.named_parameters(remove_duplicate=False):
-            uses[id(p)] = uses.get(id(p), 0) + 1
+    def _make_slots(self) -> list[_Slot]:
+        """One slot per trained quantized weight, ordered by param group so each group is one flat range."""
+        group_of = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        by_weight: dict[int, tuple[nn.Parameter, list[tuple[str, QuantLayer]]]] = {}
+        frozen = []
         for name, layer in self.layers.items():
-            if id(layer.weight) not in index or not layer.weight.requires_grad:
-                raise ValueError(f"the quantized weight {name}.weight is not trained by the optimizer")
-            if uses[id(layer.weight)] > 1:
-                # Each use would need the same look-ahead W^t and the sum of the uses' g_W: not supported.
-                raise ValueError(f"the quantized weight {name}.weight is shared with another module; MetaQuant "
-                                 "needs every quantized weight to belong to one layer")
-            if layer.bias is not None and layer.bias.requires_grad and id(layer.bias) not in index:
-                raise ValueError(f"the bias {name}.bias of a quantized layer is not trained by the optimizer")
-        return index
+            w = layer.weight
+            if not w.requires_grad:
+                frozen.append(name)
+                continue
+            if id(w) not in group_of:
+                raise ValueError(
+                    f"the quantized weight {name}.weight requires grad but is not in the optimizer: pass it to the "
+                    "optimizer, freeze it (requires_grad_(False)), or leave the layer in full precision with "
+                    "quantize_(..., filter_fn=...)"
+                )
+            if layer.bias is not None and layer.bias.requires_grad and id(layer.bias) not in group_of:
+                raise ValueError(f"the bias {name}.bias of a quantized layer requires grad but is not in the "
+                                 "optimizer: pass it to the optimizer or freeze it (requires_grad_(False))")
+            by_weight.setdefault(id(w), (w, []))[1].append((name, layer))
+        if frozen:
+            logger.info("MetaQuant: %d frozen quantized layer(s) keep their weights: %s", len(frozen),
+                        ", ".join(frozen[:10]) + (" ..." if len(frozen) > 10 else ""))
+        if not by_weight:
+            raise ValueError("MetaQuant found no trainable quantized weight: every quantized layer is frozen")
+        owners: dict[int, int] = {}  # how many distinct modules hold each parameter
+        for module in unwrap(self.model).modules():
+            for p in module._parameters.values():
+                if p is not None:
+                    owners[id(p)] = owners.get(id(p), 0) + 1
+        slots: list[_Slot] = []
+        for w, layers in by_weight.values():
+            quantizers = {layer.quantizer for _, layer in layers}
+            if len(quantizers) > 1:
+                names = ", ".join(n for n, _ in layers)
+                raise ValueError(f"the weight tied between the quantized layers {names} is quantized differently "
+                                 "by them; give them one quantizer (quantize_ with one QuantConfig)")
+            if owners[id(w)] > len(layers):
+                names = ", ".join(n for n, _ in layers)
+                raise ValueError(f"the quantized weight of {names} is also used by a layer that is not quantized: "
+                                 "quantize both layers or neither")
+            slots.append(_Slot(w, layers, layers[0][1].quantizer, group_of[id(w)], 0, _memory_order(w)))
+        slots.sort(key=lambda slot: slot.group)  # stable: module order within a group
+        start = 0
+        for slot in slots:
+            slot.start, start = start, start + slot.numel
+        kinds = {(slot.weight.device, slot.weight.dtype) for slot in slots}
+        if len(kinds) > 1:
+            raise ValueError(f"MetaQuant needs every quantized weight on one device and in one dtype, found {sorted(map(str, kinds))}")
+        return slots
 
-    def _group(self, p: Tensor) -> dict[str, Any]:
-        return self.optimizer.param_groups[self._group_index[id(p)]]
+    def _group(self, slot: _Slot) -> dict[str, Any]:
+        return self.optimizer.param_groups[slot.group]
 
-    def _lr(self, p: Tensor) -> float:
-        return self._group(p)["lr"]
+    def _group_ranges(self) -> list[tuple[dict[str, Any], list[_Slot]]]:
+        """The slots of each param group (consecutive in the flat vectors), with the group."""
+        ranges: list[tuple[dict[str, Any], list[_Slot]]] = []
+        for slot in self._slots:
+            if ranges and ranges[-1][1][-1].group == slot.group:
+                ranges[-1][1].append(slot)
+            else:
+                ranges.append((self._group(slot), [slot]))
+        return ranges
 
-    def _direction(self, grad: Tensor, p: Tensor) -> Tensor:
-        """``π(grad)`` for parameter ``p``, its value only (what ``optimizer.step()`` will apply)."""
-        return self._refine(grad, p, self.optimizer.state.get(p, {}), self._group(p))
+    def _flat_state(self, slots: list[_Slot]) -> dict[str, Any] | None:
+        """The optimizer state of ``slots`` as one flat state, or None when their states differ in kind."""
+        states = [self.optimizer.state.get(slot.weight, {}) for slot in slots]
+        keys = set(states[0])
+        if any(set(state) != keys for state in states):
+            return None
+        flat: dict[str, Any] = {}
+        for key in keys:
+            values = [state[key] for state in states]
+            if key == "step":
+                steps = {float(v) for v in values}
+                if len(steps) > 1:
+                    return None
+                flat[key] = values[0]
+            elif all(v is None for v in values):
+                flat[key] = None
+            elif all(isinstance(v, Tensor) and v.shape == slot.weight.shape for v, slot in zip(values, slots)):
+                flat[key] = _flatten(slots, values)
+            else:
+                return None
+        return flat
+
+    def _plan(self) -> list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]]:
+        """The pieces the refinement works on: ``(group, slots, their flat optimizer state)``, in flat order.
+
+        One piece per param group whose weights have states of one kind (the usual case: one piece in all);
+        otherwise one per weight. The rules are element-wise, so the result equals a per-layer computation.
+        """
+        plan = []
+        for group, slots in self._group_ranges():
+            state = self._flat_state(slots)
+            if state is not None:
+                plan.append((group, slots, state))
+            else:
+                plan += [(group, [slot], self._flat_state([slot]) or {}) for slot in slots]
+        return plan
+
+    @staticmethod
+    def _pieces(flat: Tensor, plan: list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]]) -> list[Tensor]:
+        """``flat`` cut into the plan's pieces (one split: a single backward node)."""
+        if len(plan) == 1:
+            return [flat]
+        return list(flat.split([sum(slot.numel for slot in slots) for _, slots, _ in plan]))
+
+    def _directions(self, grad_w: Tensor, weights: Tensor, rule: Callable[..., Tensor],
+                    plan: list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]]) -> list[Tensor]:
+        """``π(g_W)`` (Eq. 6) on each piece of the plan, from the flat ``g_W`` and ``W``."""
+        pieces = zip(self._pieces(grad_w, plan), self._pieces(weights, plan), plan)
+        return [rule(grad, weight, state, group) for grad, weight, (group, _, state) in pieces]
 
     # --- public -------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -211,7 +363,8 @@ class MetaQuant:
             logger.info("meta quantizer frozen from epoch %d", epoch)
             self.meta_frozen = True
 
-    def step(self, closure: Closure) -> Tensor:
+    def step(self, closure: Closure | Sequence[Closure], *,
+             before_update: Callable[[MetaQuant], None] | None = None) -> Tensor:
         """One iteration of Algorithm 1. ``closure()`` runs the forward pass and returns the loss.
 
         At ``t >= 1``: ``g_W`` from the meta quantizer (Eq. 4-5), the look-ahead ``W^t`` (Eq. 6), the forward
@@ -221,16 +374,35 @@ class MetaQuant:
 
         Args:
             closure: runs the model's forward pass on a batch and returns the scalar loss; it is called once,
-                and must use every quantized layer. It must not call ``backward``.
+                and must use every quantized layer. It must not call ``backward``. Or a list of closures, one per
+                micro-batch (gradient accumulation): ``g_W`` and the look-ahead ``W^t`` are computed once, each
+                micro-batch's loss, divided by their number, is back-propagated in turn (one micro-batch's
+                activations in memory at a time), so ``g_Ŵ^t``, ``∂ℓ/∂φ`` and the other gradients are those of
+                the mean loss: for equal micro-batches and mean-reduced losses, one step on their union.
+            before_update: called as ``before_update(trainer)`` after the backward pass (gradients unscaled by
+                ``grad_scaler`` and checked finite) and before any update, to read or change gradients in place
+                (e.g. ``torch.nn.utils.clip_grad_norm_``). Then each quantized weight's ``.grad`` is ``g_W``
+                (a copy: the meta quantizer's output, at ``t = 0`` None: those weights do not move), the other
+                parameters' ``.grad`` theirs, the meta quantizer's parameters' ``.grad`` ``∂ℓ/∂φ``. What the hook
+                can change: the meta step (it uses ``∂ℓ/∂φ`` as left), the other parameters' step, and the
+                commit. It cannot change the forward pass, which was run at the look-ahead ``W^t = W − α·π(g_W)``
+                with the unclipped ``g_W``. A quantized weight whose ``g_W`` the hook left unchanged commits
+                ``W ← W^t`` as usual; one whose ``g_W`` it changed (or set to None) is committed by the optimizer
+                with the new gradient, ``W − α·π(g_W')`` (None: it stays), and the records ``g_Ŵ^t``, ``W̃^t``
+                for the next iteration are those of the forward pass.
 
         Returns:
-            The loss (detached). With ``on_nonfinite="skip"`` a step that produced a non-finite value returns
-            its loss, updates nothing, leaves ``iteration`` as it was and counts itself in ``skipped_steps``.
+            The loss (detached; the mean over micro-batches). With ``on_nonfinite="skip"`` a step that produced
+            a non-finite value returns its loss, updates nothing, leaves ``iteration`` as it was and counts
+            itself in ``skipped_steps``.
 
         Raises:
             NonFiniteError: (``on_nonfinite="raise"``) the loss, a gradient, the meta quantizer's output or a
                 gradient of ``φ`` is not finite; nothing was updated.
-            RuntimeError: the loss does not depend on some quantized layer.
+            RuntimeError: the loss does not depend on some quantized layer; a closure called ``backward``
+                itself; the optimizer is an Accelerate optimizer inside ``accelerator.accumulate`` on a step that
+                does not synchronize (MetaQuant accumulates itself: pass the micro-batches' closures as a list).
+            TypeError: ``closure`` is not callable nor a non-empty list of callables.
 
         Example:
             >>> import torch.nn.functional as F
@@ -244,178 +416,363 @@ class MetaQuant:
             >>> torch.equal(model[1].weight, w0), trainer.iteration
             (False, 2)
         """
+        closures = closures_of(closure)
+        gradient_state = getattr(self.optimizer, "gradient_state", None)  # Accelerate's AcceleratedOptimizer
+        if gradient_state is not None and not getattr(gradient_state, "sync_gradients", True):
+            # Its step would be skipped, but the look-ahead commit and the meta step would not: refuse.
+            raise RuntimeError(
+                "MetaQuant.step was called inside accelerator.accumulate() on a step that does not synchronize "
+                "gradients; MetaQuant accumulates by itself: call step([closure_1, ..., closure_k]) once per k "
+                "micro-batches, outside accumulate() (gradient_accumulation_steps=1)")
         if self.meta_optimizer is not None:
-            base = self._group(next(iter(self.layers.values())).weight)
+            base = self._group(self._slots[0])
             lr0 = float(base.get("initial_lr", self._base_lr0))
-            scale_lr(self.meta_optimizer, float(base["lr"]) / lr0)
+            # γ_t = γ·α_t/α_0; a base rate that starts at 0 has no schedule to follow: γ stays.
+            scale_lr(self.meta_optimizer, float(base["lr"]) / lr0 if lr0 != 0 else 1.0)
         snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" else None
-        loss, bad = self._first_step(closure) if self.iteration == 0 else self._meta_step(closure)
+        if self.iteration == 0:
+            loss, bad = self._first_step(closures, before_update)
+        else:
+            loss, bad = self._meta_step(closures, before_update)
+        scaler = self.grad_scaler
         if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)
             if self.meta_optimizer is not None:
                 self.meta_optimizer.zero_grad(set_to_none=True)
+            if scaler is not None and bad != "loss":
+                # The fp16 loss scale overflowed: skip the step, as scaler.step would, and lower the scale.
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+                return loss
             self.skipped_steps = reject_step(bad, snapshot, self.skipped_steps)
             return loss
+        if scaler is not None:
+            # update() reads the overflow checks unscale_ recorded; with no gradient to record, keep the scale.
+            scaler.update() if self._scaler_recorded else scaler.update(scaler.get_scale())
         self.iteration += 1
         return loss
 
-    def _check(self, loss: Tensor, meta_outputs: list[Tensor]) -> str | None:
+    def _check(self, loss: Tensor, meta_outputs: list[Tensor], grad_w_hat: list[Tensor | None]) -> str | None:
         """What, if anything, is non-finite after the backward pass (checked before any update)."""
         return first_nonfinite({
             "loss": [loss],
             "meta quantizer output": meta_outputs,
-            "gradients": (p.grad for p in self.model.parameters()),
-            "meta gradients": (p.grad for p in self.meta.parameters()),
+            "gradients": [p.grad for p in self.model.parameters()] + grad_w_hat,
+            "meta gradients": [p.grad for p in self.meta.parameters()],
         })
 
     # --- iteration 0 --------------------------------------------------------------------------------------
-    def _first_step(self, closure: Closure) -> tuple[Tensor, str | None]:
+    def _first_step(self, closure: list[Closure], hook: Callable[[MetaQuant], None] | None
+                    ) -> tuple[Tensor, str | None]:
         self.optimizer.zero_grad(set_to_none=True)
-        pending = _Pending()
-        loss = self._forward_backward(closure, pending, lambda layer: (layer.weight, layer.bias))
-        bad = self._check(loss, [])
+        # Q(A(W)) with the plain STE gradient reaching W (the original order keeps it as G_0).
+        forward = [fake_quantize_preprocessed(slot.weight, slot.quantizer) for slot in self._slots]
+        loss, grads, used = self._forward_backward(closure, forward, self._biases())
+        bad = self._check(loss, [], grads)
         if bad is not None:
             return loss, bad
-        for name, layer in self.layers.items():
-            if self.step_order == "original":
-                # G_0 and B_0: the plain STE gradients of iteration 0 (DESIGN §5.1).
-                self._records[name].prev_direction = layer.weight.grad.detach().clone()
-                if layer.bias is not None and layer.bias.grad is not None:
-                    self._records[name].prev_bias_direction = layer.bias.grad.detach().clone()
-            layer.weight.grad = None  # quantized weights do not move at t = 0 (torch.optim skips grad None)
+        if self.step_order == "original":
+            # G_0 and B_0: the plain STE gradients of iteration 0 (docs/design.md, the original order).
+            self._prev_direction = _flatten(self._slots, [
+                slot.weight.grad if slot.weight.grad is not None else torch.zeros_like(slot.weight)
+                for slot in self._slots
+            ]).detach()
+            self._prev_bias_direction = {
+                name: layer.bias.grad.detach().clone()
+                for slot in self._slots for name, layer in slot.layers
+                if layer.bias is not None and layer.bias.grad is not None
+            }
+        for slot in self._slots:
+            slot.weight.grad = None  # quantized weights do not move at t = 0 (torch.optim skips grad None)
+        if hook is not None:
+            hook(self)
         if self.step_order == "paper":
             self.optimizer.step()  # the other parameters do
         self.optimizer.zero_grad(set_to_none=True)
-        self._keep(pending, meta_states={})
+        self._keep(grads, [w_tilde for _, w_tilde in forward], used, meta_state=None)
         return loss, None
 
     # --- iterations t >= 1 --------------------------------------------------------------------------------
-    def _meta_step(self, closure: Closure) -> tuple[Tensor, str | None]:
+    def _meta_step(self, closure: list[Closure], hook: Callable[[MetaQuant], None] | None
+                   ) -> tuple[Tensor, str | None]:
         self.optimizer.zero_grad(set_to_none=True)
         if self.meta_optimizer is not None:
             self.meta_optimizer.zero_grad(set_to_none=True)
         learn_meta = self.meta_optimizer is not None and not self.meta_frozen
-
-        grads_w: dict[str, Tensor] = {}
-        forward_w: dict[str, Tensor] = {}
-        forward_b: dict[str, Tensor | None] = {}
-        meta_states: dict[str, Any] = {}
+        slots = self._slots
+        weights = _flatten(slots, [slot.weight.detach() for slot in slots])  # W^{t−1}, [N]
+        with torch.no_grad():
+            calibration = _flatten(slots, [slot.quantizer.calibration(slot.weight) for slot in slots])  # c(W)
         with torch.set_grad_enabled(learn_meta):
-            for name, layer in self.layers.items():
-                w, record = layer.weight, self._records[name]
-                # Step 1 (Eq. 4-5): g_W̃ from the meta quantizer, coordinate-wise on the flattened layer.
-                grad_w_tilde, meta_states[name] = self.meta(
-                    record.grad_w_hat.reshape(-1), record.w_tilde.reshape(-1), record.meta_state
-                )
-                grad_w = grad_w_tilde.reshape(w.shape) * layer.quantizer.calibration(w.detach())
-                grads_w[name] = grad_w
-                # Step 2 (Eq. 6): the weight used in the forward pass, a function of φ.
-                if self.step_order == "paper":
-                    state, group = self.optimizer.state.get(w, {}), self._group(w)
-                    direction = self._refine_for_meta(grad_w, w, state, group)
-                    # torch.add(..., alpha=-lr) rounds as torch.optim's add_ does, so the commit below is
-                    # the optimizer's own value to the bit for plain SGD.
-                    forward_w[name] = torch.add(w.detach(), direction, alpha=-self._lr(w))
-                else:
-                    # value W − α·G_{t−1}, derivative that of −α·g_W (DESIGN §5.1, step 2)
-                    moved = grad_w + (record.prev_direction - grad_w).detach()
-                    forward_w[name] = torch.add(w.detach(), moved, alpha=-self._lr(w))
-        for name, layer in self.layers.items():
-            bias = layer.bias
-            if self.step_order == "original" and bias is not None and bias.requires_grad:
-                # the original code also evaluates the bias one previous step ahead: b − α·B_{t−1}
-                bias = bias - self._lr(bias) * self._records[name].prev_bias_direction
-            forward_b[name] = bias
-
-        def params(layer: QuantLayer) -> tuple[Tensor, Tensor | None]:
-            name = self._names[id(layer)]
-            return forward_w[name], forward_b[name]
-
+            # Step 1 (Eq. 4-5): g_W̃ from the meta quantizer, one call for the coordinates of every layer.
+            grad_w_tilde, meta_state = self.meta(self._grad_w_hat, self._w_tilde, self._meta_state)
+            grad_w = grad_w_tilde * calibration
+            # Step 2 (Eq. 6): the weight used in the forward pass, a function of φ.
+            plan = self._plan()
+            if self.step_order == "paper":
+                directions = self._directions(grad_w, weights, self._refine_for_meta, plan)
+            else:
+                # value W − α·G_{t−1}, derivative that of −α·g_W (docs/design.md, the original order)
+                moved = grad_w + (self._prev_direction - grad_w).detach()
+                directions = self._pieces(moved, plan)
+            # torch.add(..., alpha=-lr) rounds as torch.optim's add_ does, so the commit below is the
+            # optimizer's own value to the bit for plain SGD.
+            pieces = [torch.add(w, d, alpha=-group["lr"])
+                      for w, d, (group, _, _) in zip(self._pieces(weights, plan), directions, plan)]
+            look_ahead = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        # split, not a slice per slot: its backward is one concatenation, not a zero-filled [N] per slot
+        forward_weights = [slot.unflat(w) for slot, w in zip(slots, look_ahead.split(self._numels))]
+        forward = [
+            fake_quantize_preprocessed(w if w.requires_grad else w.detach().requires_grad_(), slot.quantizer)
+            for slot, w in zip(slots, forward_weights)
+        ]
         # Steps 3-4: forward with Q(A(W^t)), backward to φ and to the parameters that are not quantized.
-        pending = _Pending()
-        loss = self._forward_backward(closure, pending, params)
-        bad = self._check(loss, list(grads_w.values()))
+        loss, grads, used = self._forward_backward(closure, forward, self._biases())
+        bad = self._check(loss, [grad_w], grads)
         if bad is not None:
             return loss, bad
+        # Step 6 needs g_W as the quantized weights' gradient. A weight whose layers the loss did not use this
+        # step stays, with its records (its g_W had no effect on ℓ).
+        grad_w = grad_w.detach()
+        for slot, is_used in zip(slots, used):
+            g = slot.unflat(grad_w[slot.start:slot.stop]) if is_used else None
+            # the hook may change .grad in place: it gets a copy, so that g_W stays to compare with
+            slot.weight.grad = g.clone() if hook is not None and g is not None else g
+        changed = [False] * len(slots)
+        if hook is not None:
+            hook(self)
+            changed = [
+                (slot.weight.grad is not None or u)
+                and not (u and slot.weight.grad is not None
+                         and torch.equal(slot.weight.grad, slot.unflat(grad_w[slot.start:slot.stop])))
+                for slot, u in zip(slots, used)
+            ]
+            if any(changed):  # the commit's direction is that of the gradient the hook left
+                grad_w = _flatten(slots, [slot.weight.grad.detach() if slot.weight.grad is not None
+                                          else torch.zeros_like(slot.weight) for slot in slots])
         # Step 5: the meta quantizer's own update.
         if learn_meta:
             self.meta_optimizer.step()
-        # Step 6: commit through the base optimizer, with g_W as the quantized weights' gradient.
-        for name, layer in self.layers.items():
-            layer.weight.grad = grads_w[name].detach()
-            if self.step_order == "original":
-                record = self._records[name]
-                record.prev_direction = self._direction(layer.weight.grad, layer.weight).detach().clone()
-                if layer.bias is not None and layer.bias.grad is not None:
-                    record.prev_bias_direction = self._direction(layer.bias.grad, layer.bias).detach().clone()
+        # Step 6: commit through the base optimizer.
+        if self.step_order == "original":
+            self._record_original_directions(grad_w, weights, used, plan)
         self.optimizer.step()
         if self.step_order == "paper":
             with torch.no_grad():
-                for name, layer in self.layers.items():
-                    # W ← W^t exactly: optimizer.step() computed the same value up to rounding.
-                    layer.weight.copy_(forward_w[name])
+                # W ← W^t exactly: optimizer.step() computed the same value up to rounding. A g_W changed by
+                # the hook keeps the optimizer's own value, the update with the changed gradient.
+                moved = [(slot.weight, w.detach())
+                         for slot, w, u, c in zip(slots, forward_weights, used, changed) if u and not c]
+                if moved:
+                    torch._foreach_copy_([p for p, _ in moved], [w for _, w in moved])
         self.optimizer.zero_grad(set_to_none=True)
-        self._keep(pending, meta_states)
+        self._keep(grads, [w_tilde for _, w_tilde in forward], used, meta_state)
         return loss, None
+
+    def _record_original_directions(self, grad_w: Tensor, weights: Tensor, used: list[bool],
+                                    plan: list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]]) -> None:
+        """G_t and B_t of the original order: the directions of the update about to be committed."""
+        directions = self._directions(grad_w, weights, self._refine, plan)
+        flat = directions[0] if len(directions) == 1 else torch.cat(directions)
+        flat = flat.detach().clone()
+        if not all(used):
+            for slot, is_used in zip(self._slots, used):
+                if not is_used:
+                    flat[slot.start:slot.stop] = self._prev_direction[slot.start:slot.stop]
+        self._prev_direction = flat
+        for slot in self._slots:
+            for name, layer in slot.layers:
+                bias = layer.bias
+                if bias is not None and bias.grad is not None:
+                    state = self.optimizer.state.get(bias, {})
+                    group = self.optimizer.param_groups[self._bias_group(bias)]
+                    self._prev_bias_direction[name] = self._refine(bias.grad, bias, state, group).detach().clone()
+
+    def _bias_group(self, bias: Tensor) -> int:
+        return next(i for i, g in enumerate(self.optimizer.param_groups) if any(p is bias for p in g["params"]))
+
+    def _biases(self) -> dict[str, Tensor | None]:
+        """The bias each layer's forward pass uses: its own; the original order moves it one step ahead."""
+        biases: dict[str, Tensor | None] = {}
+        for slot in self._slots:
+            for name, layer in slot.layers:
+                bias = layer.bias
+                ahead = self._prev_bias_direction.get(name)
+                if self.step_order == "original" and bias is not None and bias.requires_grad and ahead is not None:
+                    # the original code also evaluates the bias one previous step ahead: b − α·B_{t−1}
+                    lr = self.optimizer.param_groups[self._bias_group(bias)]["lr"]
+                    bias = bias - lr * ahead
+                biases[name] = bias
+        return biases
 
     # --- shared pieces --------------------------------------------------------------------------------------
     def _forward_backward(
-        self, closure: Closure, pending: _Pending, params: Callable[[QuantLayer], tuple[Tensor, Tensor | None]]
-    ) -> Tensor:
-        """Run ``closure`` with each layer's forward weight and bias from ``params``; record ``g_Ŵ`` and ``W̃``."""
+        self, closures: list[Closure], forward: list[tuple[Tensor, Tensor]], biases: dict[str, Tensor | None]
+    ) -> tuple[Tensor, list[Tensor | None], list[bool]]:
+        """Run each closure with each slot's ``Ŵ`` and its layers' biases; back-propagate (accumulating).
 
-        def recorded(layer: QuantLayer) -> tuple[Tensor, Tensor | None]:
-            name = self._names[id(layer)]
-            weight, bias = params(layer)
-            pending.w_tilde[name] = layer.quantizer.preprocess(weight.detach())
-            if not weight.requires_grad:
-                # φ frozen or parameter-free: still let autograd reach Ŵ, to record g_Ŵ for the next step.
-                weight = weight.detach().requires_grad_()
-            w_hat = fake_quantize(weight, layer.quantizer, STE())
-            w_hat.register_hook(lambda g, name=name: self._accumulate(pending, name, g))
-            return w_hat, bias
+        Returns the loss (detached), ``g_Ŵ`` per slot (None for a slot the loss did not use) and which slots were
+        used (under data parallelism: by any process).
+        """
+        tensors: dict[QuantLayer, tuple[Tensor, Tensor | None]] = {}
+        for slot, (w_hat, _) in zip(self._slots, forward):
+            w_hat.retain_grad()  # g_Ŵ, recorded for the next step (a layer used twice gets the sum)
+            for name, layer in slot.layers:
+                tensors[layer] = (w_hat, biases[name])
+        watched = [*self.model.parameters(), *self.meta.parameters(), *(w_hat for w_hat, _ in forward)]
+        scaler = self.grad_scaler
+        k = len(closures)
+        total = None
+        for i, closure in enumerate(closures):
+            marks = grad_marks(watched)
+            with forward_tensors(tensors):
+                loss = closure()
+            check_no_backward(marks, watched)
+            # every process takes the same branch under data parallelism (backward runs collectives)
+            if any_process(not bool(torch.isfinite(loss))):
+                nothing: list[Tensor | None] = [None] * len(self._slots)
+                return loss.detach() * float("nan"), nothing, [True] * len(self._slots)
+            # k = 1 back-propagates the loss itself (gradients unchanged to the bit); micro-batches share the
+            # graph of g_W and the look-ahead, kept until the last one's backward pass
+            part = loss if k == 1 else loss / k
+            (part if scaler is None else scaler.scale(part)).backward(retain_graph=i < k - 1)
+            total = loss.detach() if total is None else total + loss.detach()
+        loss = total if k == 1 else total / k
+        if scaler is not None:
+            self._scaler_recorded = any(p.grad is not None for g in self.optimizer.param_groups for p in g["params"])
+            scaler.unscale_(self.optimizer)
+            if self.meta_optimizer is not None and any(p.grad is not None for p in self.meta.parameters()):
+                scaler.unscale_(self.meta_optimizer)
+                self._scaler_recorded = True
+            inverse = 1.0 / scaler.get_scale()
+            for w_hat, _ in forward:
+                if w_hat.grad is not None:
+                    w_hat.grad.mul_(inverse)
+        grads = [w_hat.grad for w_hat, _ in forward]
+        used = [g is not None for g in grads]
+        if is_distributed():
+            # A slot used by any process is used; averaging g_Ŵ counts the others' zeros, as DDP does.
+            mask = torch.tensor([float(u) for u in used], device=forward[0][0].device)
+            grads = [g if g is not None else torch.zeros_like(w_hat) for g, (w_hat, _) in zip(grads, forward)]
+            all_reduce_mean_([mask, *grads, *(p.grad for p in self.meta.parameters())])
+            used = [bool(m > 0) for m in mask]
+            grads = [g if u else None for g, u in zip(grads, used)]
+        if not any(used):
+            raise RuntimeError("the loss does not depend on any quantized layer: the closure must run the model's "
+                               "forward pass and return its loss")
+        return loss, grads, used
 
-        with forward_params_fn(self.model, recorded):
-            loss = closure()
-        # every process takes the same branch under data parallelism (backward runs collectives)
-        if any_process(not bool(torch.isfinite(loss))):
-            return loss.detach() * float("nan")  # reported by the caller's check; nothing to back-propagate
-        loss.backward()
-        missing = [name for name in self.layers if name not in pending.grad_w_hat]
-        if missing:
-            raise RuntimeError(
-                f"the loss does not depend on the quantized layers {missing[:5]}: every quantized layer must be "
-                "used in the closure's forward pass"
-            )
-        # Data-parallel: average g_Ŵ (for the next meta step) and ∂ℓ/∂φ across processes, so that every process
-        # computes the same g_W and the same update (DDP averages the other parameters' gradients).
-        all_reduce_mean_(list(pending.grad_w_hat.values()) + [p.grad for p in self.meta.parameters()])
-        return loss.detach()
-
-    @staticmethod
-    def _accumulate(pending: _Pending, name: str, grad: Tensor) -> None:
-        # A layer used twice in one forward pass gets the sum of both gradients, as autograd would give W.
-        prev = pending.grad_w_hat.get(name)
-        pending.grad_w_hat[name] = grad.detach() if prev is None else prev + grad.detach()
-
-    def _keep(self, pending: _Pending, meta_states: dict[str, Any]) -> None:
-        for name, record in self._records.items():
-            record.grad_w_hat = pending.grad_w_hat[name]
-            record.w_tilde = pending.w_tilde[name]
-            if name in meta_states:
-                state = meta_states[name]
-                # LSTMFC's state is carried to the next iteration but not differentiated through.
-                record.meta_state = None if state is None else tuple(s.detach() for s in state)
+    def _keep(self, grads: list[Tensor | None], w_tildes: list[Tensor], used: list[bool], meta_state: Any) -> None:
+        """Record ``g_Ŵ^t``, ``W̃^t`` and the meta state for iteration ``t+1``; an unused slot keeps its records."""
+        slots = self._slots
+        old_g, old_w = self._grad_w_hat, self._w_tilde
+        self._grad_w_hat = _flatten(slots, [
+            g if g is not None else (torch.zeros_like(slot.weight) if old_g is None else slot.unflat(old_g[slot.start:slot.stop]))
+            for slot, g in zip(slots, grads)
+        ]).detach()
+        self._w_tilde = _flatten(slots, [
+            w if u or old_w is None else slot.unflat(old_w[slot.start:slot.stop])
+            for slot, w, u in zip(slots, w_tildes, used)
+        ]).detach()
+        if meta_state is None:
+            return
+        # LSTMFC's state is carried to the next iteration but not differentiated through.
+        new = tuple(s.detach() for s in meta_state)
+        if not all(used) and self._meta_state is not None:
+            new = tuple(s.clone() for s in new)
+            for slot, is_used in zip(slots, used):
+                if not is_used:
+                    for s, old in zip(new, self._meta_state):
+                        s[:, slot.start:slot.stop] = old[:, slot.start:slot.stop]
+        self._meta_state = new
 
     # --- persistence ----------------------------------------------------------------------------------------
+    def attach(self, module: nn.Module, name: str = "metaquant") -> None:
+        """Carry this trainer's state in ``module.state_dict()``, so that a framework's checkpoint of the module
+        (Lightning's, Accelerate's ``save_state``, a plain ``torch.save(module.state_dict())``) holds ``φ``, its
+        optimizer, the records and ``t``, and ``module.load_state_dict`` restores them: a run resumed from it
+        continues exactly (with the base optimizer's state, which the framework saves as usual).
+
+        The entry ``<prefix><name>`` is ``state_dict()`` serialized into one uint8 tensor (a checkpoint stays
+        tensors only, loadable with ``torch.load(weights_only=True)``). Nothing is added to ``module``'s
+        parameters or children: an optimizer over ``module.parameters()`` and the module's forward pass are as
+        before. Loading a state dict that lacks the entry counts it as a missing key (an error with
+        ``strict=True``).
+
+        Args:
+            module: the module whose ``state_dict`` carries the trainer's state (the model, or a
+                ``LightningModule`` holding it).
+            name: the entry's key under the module's prefix; must not be a key of the module's own state.
+
+        Raises:
+            ValueError: ``name`` is empty, contains a ``"."``, or is already a key of ``module.state_dict()``.
+
+        Example:
+            >>> import torch.nn.functional as F
+            >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)))
+            >>> trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), meta=mq.MultiFC(hidden=8))
+            >>> trainer.attach(model)
+            >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+            >>> _ = trainer.step(lambda: F.cross_entropy(model(x), y))
+            >>> state = model.state_dict()
+            >>> fresh = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)))
+            >>> again = mq.MetaQuant(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), meta=mq.MultiFC(hidden=8))
+            >>> again.attach(fresh)
+            >>> _ = fresh.load_state_dict(state)
+            >>> same = all(torch.equal(a, b) for a, b in zip(again.meta.parameters(), trainer.meta.parameters()))
+            >>> again.iteration, same
+            (1, True)
+        """
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"attach needs a name without '.' for the state entry, got {name!r}")
+        if name in module.state_dict():
+            raise ValueError(f"attach: {name!r} is already a key of the module's state_dict; choose another name")
+
+        def save(mod: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+            buffer = io.BytesIO()
+            torch.save(self.state_dict(), buffer)
+            state[prefix + name] = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+        def load(mod: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                 missing: list[str], unexpected: list[str], errors: list[str]) -> None:
+            packed = state.pop(prefix + name, None)  # popped: not an unexpected key of the module
+            if packed is None:
+                missing.append(prefix + name)
+                return
+            device = self._slots[0].weight.device
+            raw = io.BytesIO(packed.cpu().numpy().tobytes())
+            self.load_state_dict(torch.load(raw, map_location=device, weights_only=True))
+
+        module.register_state_dict_post_hook(save)
+        module.register_load_state_dict_pre_hook(load)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: φ, its optimizer, the records and LSTM states, ``t``.
 
         Returns:
             A dict (``iteration``, ``meta``, ``meta_optimizer``, ``meta_frozen``, ``step_order``, ``through``,
-            ``skipped_steps``, ``records``) of tensors and plain values; the base optimizer's and the model's
-            states are saved separately.
+            ``skipped_steps``, ``records``) of tensors and plain values; ``records`` has one entry per trained
+            quantized layer (``grad_w_hat``, ``w_tilde`` in the weight's shape, ``meta_state`` as
+            ``[num_lstm, numel, hidden]`` pairs in the order of ``weight.reshape(-1)``, and the original order's
+            ``prev_direction``, ``prev_bias_direction``); a layer tied to an earlier one holds only its bias
+            direction. The base optimizer's and the model's states are saved separately.
         """
+        records: dict[str, dict[str, Any]] = {}
+        for slot in self._slots:
+            for i, (name, _) in enumerate(slot.layers):
+                record: dict[str, Any] = dict.fromkeys(
+                    ("grad_w_hat", "w_tilde", "meta_state", "prev_direction", "prev_bias_direction"))
+                if i == 0:
+                    a, b = slot.start, slot.stop
+                    for key, flat in (("grad_w_hat", self._grad_w_hat), ("w_tilde", self._w_tilde),
+                                      ("prev_direction", self._prev_direction)):
+                        if flat is not None:
+                            record[key] = slot.unflat(flat[a:b]).clone()
+                    if self._meta_state is not None:
+                        record["meta_state"] = tuple(slot.state_to_logical(s[:, a:b]).clone()
+                                                     for s in self._meta_state)
+                if name in self._prev_bias_direction:
+                    record["prev_bias_direction"] = self._prev_bias_direction[name].clone()
+                records[name] = record
         return {
             "iteration": self.iteration,
             "meta": self.meta.state_dict(),
@@ -424,7 +781,7 @@ class MetaQuant:
             "step_order": self.step_order,
             "through": self.through,
             "skipped_steps": self.skipped_steps,
-            "records": {name: vars(record).copy() for name, record in self._records.items()},
+            "records": records,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -434,13 +791,17 @@ class MetaQuant:
             state: a dict returned by ``state_dict`` (possibly loaded from a checkpoint).
 
         Raises:
-            ValueError: the state belongs to a model with other quantized layers, was saved with another
-                ``step_order`` or ``through``, or disagrees on whether the meta quantizer has an optimizer.
+            ValueError: the state belongs to a model with other quantized layers or layers of other shapes, was
+                saved with another ``step_order`` or ``through``, or disagrees on whether the meta quantizer has
+                an optimizer. Nothing is changed then.
         """
-        if set(state["records"]) != set(self._records):
+        if not isinstance(state, dict) or not isinstance(state.get("records"), dict):
+            raise ValueError("not a MetaQuant state: it has no 'records' (a checkpoint of another kind of run?)")
+        names = {name for slot in self._slots for name, _ in slot.layers}
+        if set(state["records"]) != names:
             raise ValueError(
                 "MetaQuant state does not match this model's quantized layers: "
-                f"{sorted(set(state['records']) ^ set(self._records))[:5]} differ"
+                f"{sorted(set(state['records']) ^ names)[:5]} differ"
             )
         for key in ("step_order", "through"):
             if key in state and state[key] != getattr(self, key):
@@ -448,20 +809,47 @@ class MetaQuant:
                                  f"{getattr(self, key)!r}")
         if (state["meta_optimizer"] is None) != (self.meta_optimizer is None):
             raise ValueError("MetaQuant state and this trainer disagree on whether the meta quantizer has an optimizer")
-        self.skipped_steps = state.get("skipped_steps", 0)
-        device = next(iter(self.layers.values())).weight.device
+        device = self._slots[0].weight.device
+        records = state["records"]
+        for slot in self._slots:
+            record = records[slot.name]
+            for key in ("grad_w_hat", "w_tilde", "prev_direction"):
+                value = record.get(key)
+                if value is not None and tuple(value.shape) != tuple(slot.weight.shape):
+                    raise ValueError(f"MetaQuant state for {slot.name}: {key} has shape {tuple(value.shape)}, the "
+                                     f"layer's weight {tuple(slot.weight.shape)}")
+            meta_state = record.get("meta_state")
+            if meta_state is not None and any(s.shape[1] != slot.numel for s in meta_state):
+                raise ValueError(f"MetaQuant state for {slot.name}: the meta quantizer's state is for "
+                                 f"{meta_state[0].shape[1]} weights, the layer has {slot.numel}")
+
+        def gather(key: str) -> Tensor | None:
+            values = [records[slot.name].get(key) for slot in self._slots]
+            if all(v is None for v in values):
+                return None
+            if any(v is None for v in values):
+                raise ValueError(f"MetaQuant state: {key} is recorded for some layers only")
+            return _flatten(self._slots, [v.to(device) for v in values])
+
+        grad_w_hat, w_tilde, prev_direction = gather("grad_w_hat"), gather("w_tilde"), gather("prev_direction")
+        meta_states = [records[slot.name].get("meta_state") for slot in self._slots]
+        meta_state = None
+        if any(s is not None for s in meta_states):
+            if any(s is None for s in meta_states):
+                raise ValueError("MetaQuant state: the meta quantizer's state is recorded for some layers only")
+            meta_state = tuple(
+                torch.cat([slot.state_from_logical(s[i].to(device)) for slot, s in zip(self._slots, meta_states)], 1)
+                for i in range(2)
+            )
         self.meta.load_state_dict(state["meta"])
         if self.meta_optimizer is not None and state["meta_optimizer"] is not None:
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.skipped_steps = state.get("skipped_steps", 0)
         self.meta_frozen = state["meta_frozen"]
         self.iteration = state["iteration"]
-
-        def to_device(value: Any) -> Any:
-            if isinstance(value, Tensor):
-                return value.to(device)
-            if isinstance(value, (tuple, list)):
-                return tuple(to_device(v) for v in value)
-            return value
-
-        for name, saved in state["records"].items():
-            self._records[name] = _LayerRecord(**{k: to_device(v) for k, v in saved.items()})
+        self._grad_w_hat, self._w_tilde, self._prev_direction, self._meta_state = (
+            grad_w_hat, w_tilde, prev_direction, meta_state)
+        self._prev_bias_direction = {
+            name: record["prev_bias_direction"].to(device)
+            for name, record in records.items() if record.get("prev_bias_direction") is not None
+        }

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import DATASETS
 from .algorithm import STEP_ORDERS
+from .data import DATASETS
 from .estimators import CLASSICAL_ESTIMATORS
 from .guards import NONFINITE_POLICIES
+from .layout import MEMORY_FORMATS
 from .meta import META_QUANTIZERS, NONLINEARITIES
 from .models import model_names
+from .precision import AMP_MODES
 from .quantizers import get_quantizer
 from .refine import THROUGH
 from .schedules import SCHEDULES
@@ -34,6 +37,16 @@ ESTIMATORS = tuple(CLASSICAL_ESTIMATORS) + META_ESTIMATORS
 #: Spellings of the original code, accepted on input.
 ESTIMATOR_ALIASES = {"mlpfc": "multifc", "fcgrad": "fc-grad", "fc_grad": "fc-grad", "lstm-fc": "lstmfc"}
 DEVICES = ("auto", "cpu", "cuda")
+#: Seeds reach NumPy's global generator, which takes 32-bit seeds.
+MAX_SEED = 2**32 - 1
+#: Examples in the standard training and test splits of each data set: a larger subset is a usage error.
+SPLIT_SIZES = {
+    "mnist": (60000, 10000),
+    "fashion-mnist": (60000, 10000),
+    "cifar10": (50000, 10000),
+    "cifar100": (50000, 10000),
+    "imagenet": (1281167, 50000),
+}
 
 
 def _choice(field: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
@@ -44,10 +57,12 @@ def _choice(field: str, value: Any, allowed: tuple[str, ...] | list[str]) -> Non
 def _positive(field: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
     kind = int if integer else (int, float)
     ok = isinstance(value, kind) and not isinstance(value, bool)
+    bound = ">= 0" if allow_zero else "> 0"
+    if ok and not integer and not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite number {bound}, got {value!r}")
     if ok:
         ok = value >= 0 if allow_zero else value > 0
     if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{field} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
 
 
@@ -60,9 +75,9 @@ class RunConfig:
     ``quantizer``, ``estimator``) are lower-cased and the original code's estimator spellings (``mlpfc``,
     ``fcgrad``, ``fc_grad``, ``lstm-fc``) become the names used here, so that equal runs have equal
     configurations. The fields are grouped in the source: data and model, optimization
-    (``lr`` is ``α``), reliability, quantization (``quantizer``, ``bits``, ``estimator``: DESIGN §3-§4) and the
-    meta quantizer (``meta_lr`` is ``γ``; ``step_order`` ``"paper"`` is Algorithm 1 of DESIGN §5,
-    ``"original"`` the original code's order of DESIGN §5.1).
+    (``lr`` is ``α``), reliability, quantization (``quantizer``, ``bits``, ``estimator``: docs/design.md §3-§4) and the
+    meta quantizer (``meta_lr`` is ``γ``; ``step_order`` ``"paper"`` is Algorithm 1 of docs/design.md §5,
+    ``"original"`` the original code's order of docs/design.md §5.1).
 
     Raises:
         ValueError: a string or boolean field given a value of another type, or a value outside its registry
@@ -111,10 +126,15 @@ class RunConfig:
     lr_gamma: float = 0.1
     seed: int = 0
     device: str = "auto"
+    # speed: the layout of convolutional models and batches, and mixed precision of the forward pass
+    memory_format: str = "auto"
+    amp: str = "none"
     # data-parallel training under torchrun: SyncBatchNorm instead of per-process BatchNorm statistics
     sync_bn: bool = False
     # reliability
     on_nonfinite: str = "raise"
+    # with on_nonfinite="skip": the run stops as failed once more steps than this were skipped
+    max_skipped: int = 10
     checkpoint_every: int = 0
     # quantization
     init: str | None = None
@@ -133,6 +153,8 @@ class RunConfig:
     through: str = "residual"
     freeze_meta_epoch: int | None = None
     meta_init: str | None = None
+    # the "equivalent STE": multiply lr by the mean gain that the FC-Grad run in this directory learned
+    lr_gain_from: str | None = None
     # reports: how tables and figures name this run's backward method (default: derived from the options)
     label: str | None = None
 
@@ -149,11 +171,21 @@ class RunConfig:
         _choice("task", self.task, TASKS)
         _choice("model", self.model, model_names())
         _choice("dataset", self.dataset, DATASETS)
-        for name in ("train_size", "test_size"):
-            if getattr(self, name) is not None:
-                _positive(name, getattr(self, name), integer=True)
-        if self.subset_seed is not None:
-            _positive("subset_seed", self.subset_seed, integer=True, allow_zero=True)
+        for name, available, split in zip(("train_size", "test_size"), SPLIT_SIZES[self.dataset], ("training", "test")):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(name, value, integer=True)
+                if value > available:
+                    raise ValueError(
+                        f"{name} {value} is more than the {available} {split} examples of "
+                        f"{self.dataset}; allowed: 1..{available}, or none for all"
+                    )
+        for name in ("seed", "subset_seed"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(name, value, integer=True, allow_zero=True)
+                if value > MAX_SEED:
+                    raise ValueError(f"{name} must be an integer in 0..{MAX_SEED}, got {value!r}")
         for name in ("batch_size", "test_batch_size", "epochs", "lr_step"):
             _positive(name, getattr(self, name), integer=True)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -168,15 +200,25 @@ class RunConfig:
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         if not (isinstance(self.lr_gamma, (int, float)) and 0 < self.lr_gamma <= 1):
             raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
-        _positive("seed", self.seed, integer=True, allow_zero=True)
         if not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"device {self.device!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
+        _choice("memory_format", self.memory_format, MEMORY_FORMATS)
+        _choice("amp", self.amp, AMP_MODES)
+        if self.amp == "fp16" and self.device == "cpu":
+            raise ValueError("amp 'fp16' needs a CUDA device (its gradient scaler is for CUDA); on cpu use amp 'bf16'")
         _choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        _positive("max_skipped", self.max_skipped, integer=True, allow_zero=True)
         _positive("checkpoint_every", self.checkpoint_every, integer=True, allow_zero=True)
         _positive("bits", self.bits, integer=True)
         get_quantizer(self.quantizer, self.bits)  # raises with the allowed names / bit widths
         self.estimator = ESTIMATOR_ALIASES.get(self.estimator, self.estimator)
         _choice("estimator", self.estimator, ESTIMATORS)
+        if self.lr_gain_from is not None and (self.task != "quantize" or self.uses_meta):
+            raise ValueError(
+                "lr_gain_from (the equivalent STE) applies to quantize runs with a classical "
+                f"estimator (ste, identity, ewgs), not to task {self.task!r} with estimator "
+                f"{self.estimator!r}"
+            )
         _positive("ewgs_delta", self.ewgs_delta, allow_zero=True)
         for name in ("hidden_size", "num_fc", "num_lstm"):
             _positive(name, getattr(self, name), integer=True)
@@ -228,6 +270,16 @@ class RunConfig:
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: not JSON (``json.JSONDecodeError``), an unknown key or a refused value.
+            ValueError: not a JSON object, an unknown key or a refused value; the message names the file.
         """
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path} is not a valid configuration (not JSON: {err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a valid configuration (a JSON object of options is expected)")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from None

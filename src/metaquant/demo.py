@@ -4,8 +4,12 @@
 on two CPU cores, and prints their accuracies side by side:
 
 1. full-precision pre-training (SGD with momentum, cosine schedule);
-2. 1-bit DoReFa quantization training from it with the clipped STE (plain SGD, the paper's baseline setting);
+2. 1-bit DoReFa quantization training from it with the clipped STE, under one good recipe (Adam, lr 1e-3,
+   cosine schedule): the recipe that gave the best 1-bit accuracy in the full-scale Fashion-MNIST study;
 3. the same with MetaQuant's MultiFC meta quantizer (identical data, seed, optimizer and schedule).
+
+The comparison under the paper's own protocols (plain SGD or Adam with a step schedule, three trials) is the
+``fashion-mnist-full`` preset (``metaquant sweep fashion-mnist-full``), reported in docs/results/.
 
 A stage whose run directory is complete is reused and an interrupted one resumed, so running the demo again
 continues where it stopped, or only reprints the table.
@@ -17,6 +21,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import RunConfig
 from .guards import StopFlag
@@ -57,19 +62,39 @@ def _stage(path: Path, config: RunConfig, progress: bool, stop: StopFlag | None)
 def run_demo(demo: DemoConfig, progress: bool = True, stop: StopFlag | None = None) -> dict[str, RunResult]:
     """Run the three stages; returns their results by name (``full precision``, ``STE``, ``MetaQuant``)."""
     root = Path(demo.run_dir)
-    common = dict(
-        model="resnet20", dataset="fashion-mnist", data_dir=demo.data_dir, train_size=demo.train_size,
-        test_size=demo.test_size, batch_size=demo.batch_size, seed=demo.seed, device=demo.device,
+    common: dict[str, Any] = dict(
+        model="resnet20",
+        dataset="fashion-mnist",
+        data_dir=demo.data_dir,
+        train_size=demo.train_size,
+        test_size=demo.test_size,
+        batch_size=demo.batch_size,
+        seed=demo.seed,
+        device=demo.device,
     )
     pretrain = RunConfig(
-        task="pretrain", epochs=demo.pretrain_epochs, optimizer="sgd", lr=0.05, momentum=0.9,
-        weight_decay=5e-4, lr_schedule="cosine", **common,
+        task="pretrain",
+        epochs=demo.pretrain_epochs,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        lr_schedule="cosine",
+        **common,
     )
     results = {"full precision": _stage(root / "pretrain", pretrain, progress, stop)}
-    # The paper's quantization setting: plain SGD, lr 1e-3 (meta lr 1e-3), 1-bit DoReFa on every layer.
+    # One good recipe for both: Adam, lr 1e-3 (meta lr 1e-3), cosine schedule; 1-bit DoReFa on every layer.
     ste = RunConfig(
-        task="quantize", init=str(root / "pretrain"), epochs=demo.quantize_epochs, optimizer="sgd", lr=1e-3,
-        lr_schedule="constant", quantizer="dorefa", bits=1, estimator="ste", **common,
+        task="quantize",
+        init=str(root / "pretrain"),
+        epochs=demo.quantize_epochs,
+        optimizer="adam",
+        lr=1e-3,
+        lr_schedule="cosine",
+        quantizer="dorefa",
+        bits=1,
+        estimator="ste",
+        **common,
     )
     results["STE"] = _stage(root / "quantize-ste", ste, progress, stop)
     metaquant = dataclasses.replace(ste, estimator="multifc", hidden_size=100, num_fc=2, meta_lr=1e-3)

@@ -15,6 +15,7 @@ processes.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,8 +25,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = [
-    "DistInfo", "init_from_env", "is_distributed", "is_main", "all_reduce_mean_", "all_reduce_sum", "any_process",
-    "wrap", "unwrap",
+    "DistInfo",
+    "init_from_env",
+    "is_distributed",
+    "is_main",
+    "all_reduce_mean_",
+    "all_reduce_sum",
+    "any_process",
+    "wrap",
+    "unwrap",
+    "shutdown",
 ]
 
 
@@ -141,14 +150,14 @@ def all_reduce_mean_(tensors: Iterable[Tensor | None]) -> None:
     """
     if not is_distributed():
         return
-    tensors = [t for t in tensors if t is not None]
-    if not tensors:
+    present = [t for t in tensors if t is not None]
+    if not present:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = torch.cat([t.reshape(-1) for t in present])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
-    for t in tensors:
+    for t in present:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
@@ -241,7 +250,7 @@ def wrap(model: nn.Module, info: DistInfo, *, sync_bn: bool = False, find_unused
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (or the module itself).
+    """The module inside a DDP or ``torch.compile`` wrapper (or the module itself).
 
     Checkpoints, traces and exports use the unwrapped model, so that their keys do not depend on the number
     of processes.
@@ -250,7 +259,8 @@ def unwrap(model: nn.Module) -> nn.Module:
         model: a model, wrapped by ``wrap`` or not.
 
     Returns:
-        ``model.module`` for a ``DistributedDataParallel`` wrapper, else ``model``.
+        ``model.module`` for a ``DistributedDataParallel`` wrapper, the compiled module of a ``torch.compile``
+        wrapper (inside DDP or not), else ``model``.
 
     Example:
         >>> from metaquant.distributed import unwrap
@@ -258,4 +268,39 @@ def unwrap(model: nn.Module) -> nn.Module:
         >>> unwrap(model) is model
         True
     """
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    # torch.compile's wrapper holds the module it compiles as ``_orig_mod`` (same parameters, same names).
+    return getattr(model, "_orig_mod", model)
+
+
+def shutdown(clean: bool = True) -> bool:
+    """Leave the process group, if this process joined one; a no-op otherwise. Call it on every exit path.
+
+    On a clean exit every process first waits for the others (a barrier), so that none tears down its
+    connections while another still uses them. Then the objects that hold the group (DDP's reducer, pending
+    work) are collected while the interpreter is fully alive, and the group is destroyed: left to the
+    interpreter's exit, gloo's threads can abort the process ("terminate called without an active
+    exception", SIGABRT) after all the work was done. After a failure no barrier is attempted (the other
+    processes may be stuck elsewhere; torchrun stops them).
+
+    Args:
+        clean: whether every process reached the same end (success, or a stop they all agreed on).
+
+    Returns:
+        Whether there was a process group to leave.
+
+    Example:
+        >>> from metaquant.distributed import is_distributed, shutdown
+        >>> shutdown()  # a single process: nothing to leave
+        False
+        >>> is_distributed()
+        False
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if clean:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    return True

@@ -4,7 +4,7 @@ The forward pass uses ``Ŵ = Q(A(W))``; ``Q`` is a step function, so back-propag
 A classical estimator is a fixed rule for the gradient w.r.t. the relaxed weight ``r = relaxed(W)`` (the path
 ``W → Ŵ`` with the rounding removed, see ``quantizers``), given ``g_Ŵ = ∂ℓ/∂Ŵ``:
 
-* ``STE``      ``g_r = g_Ŵ ⊙ 1{|r| ≤ 1}``  clipped straight-through estimator, the paper's baseline (DESIGN §4);
+* ``STE``      ``g_r = g_Ŵ ⊙ 1{|r| ≤ 1}``  clipped straight-through estimator, the paper's baseline (docs/design.md §4);
 * ``Identity`` ``g_r = g_Ŵ``                the unclipped straight-through estimator;
 * ``EWGS``     ``g_r = g_Ŵ ⊙ (1 + δ·sign(g_Ŵ) ⊙ (r − Ŵ))``  element-wise gradient scaling (Lee et al., CVPR
   2021, Eq. 5): a descent step that moves ``r`` toward its code ``Ŵ`` is amplified, one away from it damped.
@@ -17,14 +17,22 @@ live in ``metaquant.meta``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .quantizers import ForwardQuantizer
 
-__all__ = ["ClassicalEstimator", "STE", "Identity", "EWGS", "fake_quantize", "CLASSICAL_ESTIMATORS"]
+__all__ = [
+    "ClassicalEstimator",
+    "STE",
+    "Identity",
+    "EWGS",
+    "fake_quantize",
+    "fake_quantize_preprocessed",
+    "CLASSICAL_ESTIMATORS",
+]
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,7 @@ class ClassicalEstimator:
 
 @dataclass(frozen=True)
 class STE(ClassicalEstimator):
-    """Clipped straight-through estimator: pass the gradient where ``|r| ≤ 1``, zero elsewhere (DESIGN §4).
+    """Clipped straight-through estimator: pass the gradient where ``|r| ≤ 1``, zero elsewhere (docs/design.md §4).
 
     The paper's baseline and the quantized layers' default. DoReFa's ``r`` lies in ``[−1, 1]``, so the gate is
     always open and ``g_W = g_Ŵ ⊙ c(W)``; with BWN it gives XNOR-Net's rule ``g_W = a·g_Ŵ·1{|W| ≤ 1}``.
@@ -150,22 +158,55 @@ CLASSICAL_ESTIMATORS: dict[str, type[ClassicalEstimator]] = {cls.name: cls for c
 
 
 class _FakeQuantize(torch.autograd.Function):
-    """``Ŵ = Q(A(W))`` forward; ``g_W = estimator(g_Ŵ, r, Ŵ) ⊙ ste_scale(W̃) ⊙ c(W)`` backward."""
+    """``(Ŵ, W̃) = (Q(A(W)), A(W))`` forward; ``g_W = estimator(g_Ŵ, r, Ŵ) ⊙ ste_scale(W̃) ⊙ c(W)`` backward.
+
+    Written in the ``setup_context`` form, so ``torch.func`` transforms and ``torch.compile`` see through it.
+    ``W̃`` is returned (not differentiable) because MetaQuant records it: computing it once saves a second
+    pass of the pre-processing.
+    """
 
     @staticmethod
-    def forward(ctx, w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEstimator) -> Tensor:
-        w_hat = quantizer(w)
-        ctx.save_for_backward(w, w_hat)
+    def forward(w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEstimator) -> tuple[Tensor, Tensor]:
+        w_tilde = quantizer.preprocess(w)
+        return quantizer.quantize(w_tilde), w_tilde
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        w, quantizer, estimator = inputs
+        w_hat, w_tilde = output
+        ctx.save_for_backward(w, w_hat, w_tilde)
         ctx.quantizer, ctx.estimator = quantizer, estimator
-        return w_hat
+        ctx.mark_non_differentiable(w_tilde)
 
     @staticmethod
-    def backward(ctx, grad_w_hat: Tensor):
-        w, w_hat = ctx.saved_tensors
-        q: ForwardQuantizer = ctx.quantizer
-        grad_relaxed = ctx.estimator(grad_w_hat, q.relaxed(w), w_hat)
-        grad_w = grad_relaxed * q.ste_scale(q.preprocess(w)) * q.calibration(w)
-        return grad_w, None, None
+    def backward(ctx: Any, grad_w_hat: Tensor, _grad_w_tilde: Tensor | None) -> tuple[Tensor | None, None, None]:
+        w, w_hat, w_tilde = ctx.saved_tensors
+        relaxed, ste_scale, calibration = ctx.quantizer.backward_terms(w, w_tilde)
+        grad_relaxed = ctx.estimator(grad_w_hat, relaxed, w_hat)
+        return grad_relaxed * ste_scale * calibration, None, None
+
+
+def fake_quantize_preprocessed(
+    w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEstimator | None = None
+) -> tuple[Tensor, Tensor]:
+    """``fake_quantize`` that also returns the pre-processed weight ``W̃ = A(W)`` (detached) it computed.
+
+    Args:
+        w: latent weight, any shape.
+        quantizer: the forward quantizer.
+        estimator: the classical backward rule (clipped STE by default).
+
+    Returns:
+        ``(Ŵ, W̃)``: ``Ŵ`` as ``fake_quantize`` gives it, ``W̃`` equal to ``quantizer.preprocess(w)`` in value,
+        without a gradient.
+
+    Example:
+        >>> q, w = mq.quantizers.DoReFa(), torch.randn(3, 4, requires_grad=True)
+        >>> w_hat, w_tilde = mq.estimators.fake_quantize_preprocessed(w, q)
+        >>> torch.equal(w_hat, q(w)), torch.equal(w_tilde, q.preprocess(w)), w_tilde.requires_grad
+        (True, True, False)
+    """
+    return _FakeQuantize.apply(w, quantizer, estimator if estimator is not None else STE())
 
 
 def fake_quantize(w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEstimator = STE()) -> Tensor:
@@ -193,4 +234,4 @@ def fake_quantize(w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEs
         >>> torch.equal(w_hat, q(w)), torch.allclose(ste_grad, relaxed_grad)
         (True, True)
     """
-    return _FakeQuantize.apply(w, quantizer, estimator)
+    return _FakeQuantize.apply(w, quantizer, estimator)[0]

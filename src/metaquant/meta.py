@@ -1,4 +1,4 @@
-"""Meta quantizers ``M_φ``: small networks that produce the gradient through the quantizer (DESIGN §4).
+"""Meta quantizers ``M_φ``: small networks that produce the gradient through the quantizer (docs/design.md §4).
 
 A meta quantizer maps, coordinate by coordinate, the gradient reaching the quantized weight ``g_Ŵ`` and the
 pre-processed weight ``W̃`` to ``g_W̃`` (paper §3.2):
@@ -17,10 +17,12 @@ and configuration: the LSTM state is passed in and returned.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = ["MetaQuantizer", "FCGrad", "MultiFC", "LSTMFC", "IdentityMeta", "NONLINEARITIES", "CoordinateMLP"]
 
@@ -43,7 +45,7 @@ def _check_nonlinearity(value: str) -> None:
 class CoordinateMLP(nn.Module):
     """``num_layers`` bias-free fully connected layers ``1 → hidden → … → hidden → 1`` applied to each scalar.
 
-    The ``FCs_φ`` of ``FCGrad`` and ``MultiFC`` (DESIGN §4): every element of the input is one sample of size 1,
+    The ``FCs_φ`` of ``FCGrad`` and ``MultiFC`` (docs/design.md §4): every element of the input is one sample of size 1,
     and the non-linearity (if any) sits between two layers, not after the last one.
 
     Without a non-linearity the stack is linear in its input, so ``f(x) = x·(W_L ⋯ W_1)``: we multiply the
@@ -146,7 +148,7 @@ class IdentityMeta(MetaQuantizer):
     """``g_W̃ = g_Ŵ``: no parameters. MetaQuant with it is the STE with a one-step-late update.
 
     The trivial ``M_φ`` of Eq. 4-5: with DoReFa's ``c(W)``, ``g_W = g_Ŵ ⊙ c(W)`` is then the unclipped STE
-    gradient of ``W`` (DESIGN §3). ``MetaQuant`` creates no meta optimizer for it.
+    gradient of ``W`` (docs/design.md §3). ``MetaQuant`` creates no meta optimizer for it.
 
     Example:
         >>> meta = mq.IdentityMeta()
@@ -165,7 +167,7 @@ class IdentityMeta(MetaQuantizer):
 class FCGrad(MetaQuantizer):
     """``g_W̃ = FCs_φ(g_Ŵ)`` (paper: two layers, hidden 100, no non-linearity).
 
-    The "FC-Grad" meta quantizer of DESIGN §4, ``M_φ`` of Eq. 4-5: it sees the incoming gradient only, not the
+    The "FC-Grad" meta quantizer of docs/design.md §4, ``M_φ`` of Eq. 4-5: it sees the incoming gradient only, not the
     weight. Without a non-linearity it is one learned scale times ``g_Ŵ``.
 
     Args:
@@ -200,7 +202,7 @@ class FCGrad(MetaQuantizer):
 class MultiFC(MetaQuantizer):
     """``g_W̃ = g_Ŵ ⊙ FCs_φ(W̃)`` (paper: two layers, hidden 100, no non-linearity).
 
-    The "MultiFC" meta quantizer of DESIGN §4, ``M_φ`` of Eq. 4-5: a learned function of the weight ``W̃``
+    The "MultiFC" meta quantizer of docs/design.md §4, ``M_φ`` of Eq. 4-5: a learned function of the weight ``W̃``
     scales the incoming gradient element-wise (the original code's default had three layers).
 
     Args:
@@ -232,22 +234,262 @@ class MultiFC(MetaQuantizer):
         return grad_w_hat * self.net(w_tilde), None
 
 
+# --- LSTMFC: one LSTM step per coordinate, fused --------------------------------------------------------------
+#
+# For a network of N weights (N ≈ 270k for ResNet20) and hidden size H (100), LSTMFC's step is the largest
+# piece of work in a MetaQuant iteration: the gate product h·W_hhᵀ alone is N·H·4H multiply-adds, twice a ResNet20
+# forward pass on a CIFAR batch. ``nn.LSTM`` keeps, for its backward pass, the gates and more tensors of N × H.
+# The functions below compute the same step block by block of rows (``chunk_size`` coordinates at a time): each
+# block of gates ``[rows, 4H]`` is one matrix product (plus the input term, of size 1: an outer product) into a
+# reused buffer, turned into the new state by in-place element-wise operations while it is still in cache. The
+# autograd function saves only tensors that exist anyway (the input, the old and the new state, the parameters);
+# its backward pass recomputes each block of gates (one more matrix product, about a third of the step's work)
+# instead of keeping the N × 4H gates, so that the only memory beyond the two states is a few block-sized buffers.
+# Then per block: ∂/∂gates in place of the gates, and two products for the gradients of the weights.
+#
+# One sigmoid call makes all four gates: the cell gate's weights and bias are doubled and tanh(x) = 2·σ(2x) − 1
+# (a CPU computes a sigmoid several times faster than a tanh; the two differ by rounding, at most 2e-7 in float32).
+
+#: Rows of N processed at once on a CPU with one thread: a block of gates (2048 x 400 floats, 3.3 MB) stays in
+#: cache between its matrix product and the element-wise work that follows.
+CPU_CHUNK_ROWS = 2048
+#: With several threads, larger blocks (65536 x 400 floats: 100 MB): each element-wise operation then has enough
+#: work to outweigh the threads' synchronization, which dominates on a busy machine (on 2 shared cores, 2048-row
+#: blocks took 3x longer than 65536-row ones; benchmarks/lstmfc_time.py measures both).
+CPU_THREADED_CHUNK_ROWS = 65536
+#: On a GPU, the same: fewer kernel launches, a bounded buffer.
+GPU_CHUNK_ROWS = 65536
+
+
+def default_chunk_rows(device: torch.device) -> int:
+    """The block size ``LSTMFC`` uses on ``device`` when its ``chunk_size`` is None."""
+    if device.type != "cpu":
+        return GPU_CHUNK_ROWS
+    return CPU_CHUNK_ROWS if torch.get_num_threads() == 1 else CPU_THREADED_CHUNK_ROWS
+
+
+def _lstm_weights(lstm: nn.LSTM) -> list[Tensor]:
+    """``weight_ih, weight_hh, bias_ih, bias_hh`` of every layer of ``lstm``, layer after layer."""
+    kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    return [getattr(lstm, f"{kind}_l{layer}") for layer in range(lstm.num_layers) for kind in kinds]
+
+
+def _cell_weights(weights: list[Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per layer ``(W_ihᵀ, W_hhᵀ, b_ih + b_hh)``, the cell gate's columns doubled (``tanh(x) = 2σ(2x) − 1``)."""
+    cells = []
+    for layer in range(len(weights) // 4):
+        w_ih, w_hh, b_ih, b_hh = (w.detach() for w in weights[4 * layer : 4 * layer + 4])
+        hidden = w_hh.shape[1]
+        w_ih_t, w_hh_t, bias = w_ih.t().clone(), w_hh.t().clone(), b_ih + b_hh
+        for t in (w_ih_t, w_hh_t, bias):
+            t[..., 2 * hidden : 3 * hidden] *= 2
+        cells.append((w_ih_t, w_hh_t, bias))
+    return cells
+
+
+def _gates(out: Tensor, inp: Tensor, h0: Tensor | None, cell: tuple[Tensor, Tensor, Tensor]) -> list[Tensor]:
+    """The activated gates ``i, f, g, o`` of one LSTM layer for a block of rows, computed into ``out`` ``[n, 4H]``.
+
+    ``inp`` is ``[n]`` for the first layer (input size 1: an outer product with ``W_ih``) or ``[n, H]``; ``h0``
+    is ``[n, H]``, or None for a zero state. The four returned tensors are views of ``out``.
+    """
+    w_ih_t, w_hh_t, bias = cell
+    if inp.dim() == 1:
+        torch.addcmul(bias, inp[:, None], w_ih_t, out=out)  # b + x·W_ihᵀ
+    else:
+        torch.addmm(bias, inp, w_ih_t, out=out)
+    if h0 is not None:
+        out.addmm_(h0, w_hh_t)
+    out.sigmoid_()
+    i, f, g, o = out.chunk(4, dim=1)
+    g.mul_(2).sub_(1)  # g = 2σ(2x) − 1 = tanh(x)
+    return [i, f, g, o]
+
+
+def _tanh(x: Tensor, out: Tensor) -> Tensor:
+    """``tanh(x) = 2·σ(2x) − 1`` into ``out``: a CPU computes a sigmoid several times faster than a tanh."""
+    torch.mul(x, 2, out=out).sigmoid_()
+    return out.mul_(2).sub_(1)
+
+
+def _activate(h: Tensor, nonlinearity: str, buffer: Tensor) -> Tensor:
+    """``act(h)``: ``h`` itself for ``"none"``, else computed into ``buffer``."""
+    if nonlinearity == "relu":
+        return torch.clamp_min(h, 0, out=buffer)
+    if nonlinearity == "tanh":
+        return torch.tanh(h, out=buffer)
+    return h
+
+
+def _block_rows(rows: int, n_total: int) -> int:
+    return max(1, min(rows, n_total))
+
+
+def _lstmfc_forward(
+    x: Tensor, h0: Tensor | None, c0: Tensor | None, weights: list[Tensor], w_fc: Tensor, nonlinearity: str, rows: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``scale = FC(act(h'))`` ``[N]`` and the new state ``h', c'`` ``[L, N, H]`` of one LSTM step (no autograd)."""
+    layers, n_total, hidden = len(weights) // 4, x.shape[0], w_fc.shape[-1]
+    h_new = x.new_empty(layers, n_total, hidden)
+    c_new = x.new_empty(layers, n_total, hidden)
+    scale = x.new_empty(n_total)
+    cells = _cell_weights(weights)
+    w_fc = w_fc.detach().reshape(-1)
+    rows = _block_rows(rows, n_total)
+    gate_buffer = x.new_empty(rows, 4 * hidden)
+    act_buffer = x.new_empty(rows, hidden) if nonlinearity != "none" else None
+    for start in range(0, n_total, rows):
+        block = slice(start, min(start + rows, n_total))
+        n = block.stop - start
+        inp = x[block]
+        for k in range(layers):
+            i, f, g, o = _gates(gate_buffer[:n], inp, None if h0 is None else h0[k, block], cells[k])
+            c, h = c_new[k, block], h_new[k, block]
+            if c0 is None:
+                torch.mul(i, g, out=c)
+            else:
+                torch.mul(f, c0[k, block], out=c).addcmul_(i, g)  # c' = f·c + i·g
+            _tanh(c, out=h).mul_(o)  # h' = o·tanh(c')
+            inp = h
+        a = _activate(inp, nonlinearity, act_buffer[:n] if act_buffer is not None else inp)
+        torch.mv(a, w_fc, out=scale[block])
+    return scale, h_new, c_new
+
+
+class _LSTMFCStep(torch.autograd.Function):
+    """``(x, h, c, W_fc, W_ih, W_hh, b_ih, b_hh, …) → (FC(act(h')), h', c')`` with a lean backward pass.
+
+    Saves only tensors that live anyway (inputs, parameters and the new state); the backward pass recomputes
+    each block of gates. Gradients reach every input, and the new state may receive gradients too
+    (``set_materialize_grads(False)``: the usual case, none on the state, costs nothing).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, h0: Tensor | None, c0: Tensor | None, w_fc: Tensor, nonlinearity: str,
+                rows: int, *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        scale, h_new, c_new = _lstmfc_forward(x, h0, c0, list(weights), w_fc, nonlinearity, rows)
+        ctx.nonlinearity, ctx.rows = nonlinearity, rows
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, h0, c0, w_fc, h_new, c_new, *weights)
+        return scale, h_new, c_new
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, d_scale: Tensor | None, d_h_new: Tensor | None, d_c_new: Tensor | None) -> tuple:
+        x, h0, c0, w_fc, h_new, c_new, *weights = ctx.saved_tensors
+        need_x, need_h0, need_c0, need_fc = ctx.needs_input_grad[:4]
+        need_w = ctx.needs_input_grad[6:]
+        layers, n_total, hidden = h_new.shape
+        act = ctx.nonlinearity
+        if d_scale is None:
+            d_scale = x.new_zeros(n_total)
+        cells = _cell_weights(weights)
+        w_fc_flat = w_fc.reshape(-1)
+        g_fc = torch.zeros_like(w_fc_flat) if need_fc else None
+        # per layer: d(W_ihᵀ | b) as [in + 1, 4H] (in = 1 for the first layer) and d W_hhᵀ as [H, 4H]
+        any_w = any(need_w)
+        g_in = [x.new_zeros((1 if k == 0 else hidden) + 1, 4 * hidden) for k in range(layers)] if any_w else None
+        g_hh = [x.new_zeros(hidden, 4 * hidden) for _ in range(layers)] if any_w else None
+        g_x = torch.empty_like(x) if need_x else None
+        g_h0 = torch.empty_like(h0) if need_h0 else None
+        g_c0 = torch.empty_like(c0) if need_c0 else None
+        rows = _block_rows(ctx.rows, n_total)
+        gate_buffer = x.new_empty(rows, 4 * hidden)
+        dh_buffer, dc_buffer, t_buffer = (x.new_empty(rows, hidden) for _ in range(3))
+        # [input | 1] of each layer, so that one product gives the gradients of W_ih and of the bias
+        in_buffers = [x.new_ones(rows, (1 if k == 0 else hidden) + 1) for k in range(layers)] if any_w else None
+        for start in range(0, n_total, rows):
+            block = slice(start, min(start + rows, n_total))
+            n = block.stop - start
+            G, dh, dc, t = gate_buffer[:n], dh_buffer[:n], dc_buffer[:n], t_buffer[:n]
+            ds = d_scale[block]
+            # the head: scale = act(h') · w_fc
+            a = _activate(h_new[layers - 1, block], act, t)
+            if g_fc is not None:
+                g_fc.addmv_(a.t(), ds)
+            torch.mul(ds[:, None], w_fc_flat, out=dh)  # ∂/∂act(h')
+            if act == "relu":
+                dh.masked_fill_(a <= 0, 0)
+            elif act == "tanh":
+                dh.addcmul_(dh, t.mul_(t), value=-1)  # · (1 − tanh²)
+            if d_h_new is not None:
+                dh.add_(d_h_new[layers - 1, block])
+            for k in reversed(range(layers)):
+                inp = x[block] if k == 0 else h_new[k - 1, block]
+                h_prev = None if h0 is None else h0[k, block]
+                c_prev = None if c0 is None else c0[k, block]
+                i, f, g, o = _gates(G, inp, h_prev, cells[k])
+                # dh: ∂/∂h'. With T = tanh(c'), u = dh·o, v = u·T:
+                _tanh(c_new[k, block], out=t)  # as in the forward pass, to the bit
+                torch.mul(dh, o, out=dc)  # u
+                torch.mul(dc, t, out=dh)  # v
+                torch.addcmul(dc, dh, t, value=-1, out=dc)  # ∂/∂c' = u − v·T = dh·o·(1 − T²)
+                if d_c_new is not None:
+                    dc.add_(d_c_new[k, block])
+                torch.addcmul(dh, dh, o, value=-1, out=o)  # o's pre-activation: v − v·o = dh·T·o(1 − o)
+                if g_c0 is not None:
+                    torch.mul(dc, f, out=g_c0[k, block])  # ∂/∂c = dc·f
+                if c_prev is None:
+                    f.zero_()
+                else:
+                    torch.mul(dc, c_prev, out=t).mul_(f)  # p = dc·c·f
+                    torch.addcmul(t, t, f, value=-1, out=f)  # f's: p − p·f = dc·c·f(1 − f)
+                torch.mul(dc, i, out=t)  # q = dc·i
+                torch.mul(t, g, out=dh)  # r = q·g
+                torch.addcmul(t, dh, g, value=-1, out=g)  # g's: q − r·g = dc·i·(1 − g²)
+                torch.addcmul(dh, dh, i, value=-1, out=i)  # i's: r − r·i = dc·g·i(1 − i)
+                # G now holds the gradient of the gates' pre-activations.
+                if any_w:
+                    inb = in_buffers[k][:n]
+                    inb[:, :-1].copy_(inp[:, None] if k == 0 else inp)
+                    g_in[k].addmm_(inb.t(), G)
+                    if h_prev is not None:
+                        g_hh[k].addmm_(h_prev.t(), G)
+                if g_h0 is not None:
+                    torch.mm(G, weights[4 * k + 1], out=g_h0[k, block])
+                if k > 0:
+                    torch.mm(G, weights[4 * k], out=dh)  # ∂/∂h' of the layer below
+                    if d_h_new is not None:
+                        dh.add_(d_h_new[k - 1, block])
+                elif g_x is not None:
+                    torch.mv(G, weights[0].reshape(-1), out=g_x[block])
+        g_w: list[Tensor | None] = [None] * len(weights)
+        if any_w:
+            for k in range(layers):
+                g_w[4 * k] = g_in[k][:-1].t().contiguous()
+                g_w[4 * k + 1] = g_hh[k].t().contiguous()  # zeros from a zero state
+                g_w[4 * k + 2] = g_in[k][-1].clone()
+                g_w[4 * k + 3] = g_in[k][-1].clone()  # b_ih and b_hh enter the gates the same way
+            g_w = [gw if need else None for gw, need in zip(g_w, need_w)]
+        return (g_x, g_h0, g_c0, None if g_fc is None else g_fc.view_as(w_fc), None, None, *g_w)
+
+
 class LSTMFC(MetaQuantizer):
     """``g_W̃ = g_Ŵ ⊙ FC_φ(act(LSTM_φ(W̃)))`` with a hidden state per weight coordinate.
 
-    The "LSTMFC" meta quantizer of DESIGN §4, ``M_φ`` of Eq. 4-5 (paper: one LSTM layer, hidden 100, one FC).
+    The "LSTMFC" meta quantizer of docs/design.md §4, ``M_φ`` of Eq. 4-5 (paper: one LSTM layer, hidden 100, one FC).
     The state of a layer with ``N`` weights is ``(h, c)``, each ``[num_lstm, N, hidden]``. Each call runs one
     LSTM time step for every coordinate (a batch of ``N`` sequences of length 1) from the given state and
     returns the new state; the caller carries it to the next iteration, detached. With ``state=None`` the call
-    starts from ``initial_state`` (zeros).
+    starts from ``initial_state`` (zeros), without materializing it.
+
+    The parameters are those of ``self.lstm`` (an ``nn.LSTM(1, hidden, num_lstm)``, its names and shapes, so
+    checkpoints load either way) and ``self.fc``; the step itself is a fused LSTM cell computed ``chunk_size``
+    coordinates at a time with a custom backward pass (see the comment above ``CPU_CHUNK_ROWS``): the same values
+    and gradients as ``nn.LSTM`` to rounding, in a fraction of its time and memory. Without gradients (a frozen
+    meta quantizer, ``torch.no_grad``) nothing is kept for a backward pass.
 
     Args:
         hidden: hidden size of the LSTM (and input size of the FC layer).
         num_lstm: number of stacked LSTM layers.
         nonlinearity: ``"none"``, ``"relu"`` or ``"tanh"``, between the LSTM and the FC layer.
+        chunk_size: coordinates processed at once; None: ``default_chunk_rows(device)`` (2048 on a CPU with one
+            thread, 65536 with several or on a GPU). It changes neither values (up to rounding) nor
+            gradients, only speed and memory.
 
     Raises:
-        ValueError: ``hidden`` or ``num_lstm`` not an integer >= 1, or an unknown ``nonlinearity``.
+        ValueError: ``hidden``, ``num_lstm`` or ``chunk_size`` not an integer >= 1, or an unknown
+            ``nonlinearity``.
 
     Example:
         >>> meta = mq.LSTMFC(hidden=8)
@@ -255,7 +497,7 @@ class LSTMFC(MetaQuantizer):
         >>> out, (h, c) = meta(g, w_tilde)  # first iteration: from zeros
         >>> out.shape, h.shape, meta.stateful
         (torch.Size([3]), torch.Size([1, 3, 8]), True)
-        >>> torch.equal(out, meta(g, w_tilde, meta.initial_state(3, w_tilde.device, w_tilde.dtype))[0])
+        >>> torch.allclose(out, meta(g, w_tilde, meta.initial_state(3, w_tilde.device, w_tilde.dtype))[0])
         True
         >>> torch.allclose(out, meta(g, w_tilde, (h, c))[0])  # the next iteration, from the carried state
         False
@@ -264,12 +506,17 @@ class LSTMFC(MetaQuantizer):
     name: ClassVar[str] = "lstmfc"
     stateful: ClassVar[bool] = True
 
-    def __init__(self, hidden: int = 100, num_lstm: int = 1, nonlinearity: str = "none") -> None:
+    def __init__(
+        self, hidden: int = 100, num_lstm: int = 1, nonlinearity: str = "none", chunk_size: int | None = None
+    ) -> None:
         super().__init__()
         _check_int("hidden size", hidden, 1)
         _check_int("number of LSTM layers", num_lstm, 1)
+        if chunk_size is not None:
+            _check_int("chunk_size", chunk_size, 1)
         _check_nonlinearity(nonlinearity)
-        self.hidden, self.num_lstm = hidden, num_lstm
+        self.hidden, self.num_lstm, self.chunk_size = hidden, num_lstm, chunk_size
+        self.nonlinearity = nonlinearity
         self.lstm = nn.LSTM(input_size=1, hidden_size=hidden, num_layers=num_lstm)
         self.activation = _ACTIVATIONS[nonlinearity]() if nonlinearity != "none" else nn.Identity()
         self.fc = nn.Linear(hidden, 1, bias=False)
@@ -280,11 +527,19 @@ class LSTMFC(MetaQuantizer):
         return zeros, zeros.clone()
 
     def forward(self, grad_w_hat: Tensor, w_tilde: Tensor, state: Any = None) -> tuple[Tensor, LSTMState]:
-        if state is None:
-            state = self.initial_state(w_tilde.numel(), w_tilde.device, w_tilde.dtype)
-        out, new_state = self.lstm(w_tilde.reshape(1, -1, 1), state)  # out: [1, N, hidden]
-        scale = self.fc(self.activation(out[0])).squeeze(1)  # [N]
-        return grad_w_hat * scale, new_state
+        x = w_tilde.reshape(-1)
+        h0, c0 = (None, None) if state is None else (state[0].contiguous(), state[1].contiguous())
+        weights = _lstm_weights(self.lstm)
+        rows = self.chunk_size or default_chunk_rows(x.device)
+        args = (x, h0, c0, self.fc.weight)
+        with contextlib.ExitStack() as stack:
+            if torch.is_autocast_enabled(x.device.type):  # the step runs in the parameters' dtype
+                stack.enter_context(torch.autocast(x.device.type, enabled=False))
+            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, *weights)):
+                scale, h, c = _LSTMFCStep.apply(*args, self.nonlinearity, rows, *weights)
+            else:
+                scale, h, c = _lstmfc_forward(x, h0, c0, weights, self.fc.weight, self.nonlinearity, rows)
+        return grad_w_hat * scale, (h, c)
 
 
 META_QUANTIZERS: dict[str, type[MetaQuantizer]] = {cls.name: cls for cls in (FCGrad, MultiFC, LSTMFC)}

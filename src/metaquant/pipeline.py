@@ -6,31 +6,60 @@ run from Python: ``execute(RunConfig(task="quantize", init="runs/pretrain/checkp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import logging
+import os
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 import torch
 from torch import nn
 
 from .algorithm import MetaQuant
 from .config import RunConfig
 from .data import dataset_info, make_loaders, make_test_loader
+from .distributed import any_process, init_from_env, is_main, unwrap, wrap
+from .equivalent import learned_gain
 from .estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
+from .guards import StopFlag
+from .integrity import read_verified, with_digest
 from .layers import QuantConfig, dequantize_, quantize_
+from .layout import apply_memory_format, preferred_memory_format
 from .meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
 from .models import get_model, load_weights
-from .distributed import init_from_env, is_main, unwrap, wrap
-from .guards import StopFlag
-from .runs import CHECKPOINT, PREVIOUS_CHECKPOINT, RunDir, atomic_write_bytes, load_checkpoint
-from .trainer import Trainer
+from .precision import make_grad_scaler
+from .runs import (
+    CHECKPOINT,
+    DAMAGED_CHECKPOINT,
+    RUN_FILES,
+    RunDir,
+    RunLock,
+    RunLockedError,
+    atomic_write_bytes,
+    load_checkpoint,
+)
 from .trace import TRACE_FILE, MetaTrace
+from .trainer import Trainer
 from .training import FitState, evaluate, fit, seed_everything, set_rng_state, step_schedule
 
-__all__ = ["execute", "resume", "export_run", "evaluate_artifact", "resolve_device", "build_optimizer", "build_trainer", "default_run_name", "RunResult"]
+__all__ = [
+    "execute",
+    "resume",
+    "export_run",
+    "evaluate_artifact",
+    "resolve_device",
+    "build_optimizer",
+    "build_trainer",
+    "default_run_name",
+    "RunResult",
+    "describe_checkpoint",
+]
 
 #: The trained meta quantizer of a finished MetaQuant run, for ``--meta-init``.
 META_FILE = "meta.pt"
@@ -113,8 +142,12 @@ def build_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
     """
     if config.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, dampening=config.dampening,
-            nesterov=config.nesterov, weight_decay=config.weight_decay,
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            dampening=config.dampening,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
         )
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -139,7 +172,9 @@ def build_meta(config: RunConfig) -> MetaQuantizer:
 
 def meta_config(config: RunConfig) -> dict[str, Any]:
     """What identifies a meta quantizer's architecture, stored beside its weights."""
-    keys = ("estimator", "hidden_size", "nonlinearity") + (("num_lstm",) if config.estimator == "lstmfc" else ("num_fc",))
+    keys = ("estimator", "hidden_size", "nonlinearity") + (
+        ("num_lstm",) if config.estimator == "lstmfc" else ("num_fc",)
+    )
     return {k: getattr(config, k) for k in keys}
 
 
@@ -156,7 +191,7 @@ def load_meta(meta: MetaQuantizer, source: str, expected: dict[str, Any]) -> Non
     if not path.is_file():
         raise FileNotFoundError(f"--meta-init {source}: no {META_FILE} or {CHECKPOINT} there")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = torch.load(io.BytesIO(read_verified(path)), map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"--meta-init {path} cannot be read ({type(err).__name__}: {err})") from None
     if "trainer" in saved:  # a checkpoint
@@ -202,17 +237,28 @@ def build_trainer(config: RunConfig, model: nn.Module, optimizer: torch.optim.Op
         >>> type(trainer).__name__, type(trainer.meta).__name__
         ('MetaQuant', 'MultiFC')
     """
+    device = next(model.parameters()).device
+    scaler = make_grad_scaler(config.amp, device)  # fp16 only
     if config.task == "pretrain":
-        return Trainer(model, optimizer, on_nonfinite=config.on_nonfinite)
+        return Trainer(model, optimizer, on_nonfinite=config.on_nonfinite, grad_scaler=scaler)
     if config.estimator in CLASSICAL_ESTIMATORS:
-        return Trainer(model, optimizer, classical_estimator(config), on_nonfinite=config.on_nonfinite)
+        return Trainer(
+            model, optimizer, classical_estimator(config), on_nonfinite=config.on_nonfinite, grad_scaler=scaler
+        )
     meta = build_meta(config)
     if config.meta_init:
         load_meta(meta, config.meta_init, meta_config(config))
     return MetaQuant(
-        model, optimizer, meta, meta_lr=config.meta_lr, meta_weight_decay=config.meta_weight_decay,
-        step_order=config.step_order, through=config.through, freeze_meta_epoch=config.freeze_meta_epoch,
+        model,
+        optimizer,
+        meta,
+        meta_lr=config.meta_lr,
+        meta_weight_decay=config.meta_weight_decay,
+        step_order=config.step_order,
+        through=config.through,
+        freeze_meta_epoch=config.freeze_meta_epoch,
         on_nonfinite=config.on_nonfinite,
+        grad_scaler=scaler,
     )
 
 
@@ -273,7 +319,27 @@ def save_meta(path: Path, meta: MetaQuantizer, config: RunConfig) -> None:
     """Write the trained meta quantizer, with its architecture, for ``--meta-init`` in another run."""
     buffer = io.BytesIO()
     torch.save({"meta": meta.state_dict(), "meta_config": meta_config(config)}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, with_digest(buffer.getvalue()))
+
+
+def _with_learned_gain(config: RunConfig) -> RunConfig:
+    """``config`` with ``lr`` multiplied by the gain its ``lr_gain_from`` FC-Grad run learned (the equivalent STE)."""
+    if config.lr_gain_from is None:
+        return config
+    gain = learned_gain(config.lr_gain_from)
+    if not gain > 0:
+        raise ValueError(
+            f"the FC-Grad run {config.lr_gain_from} learned a mean gain {gain:g} <= 0: no STE "
+            "learning rate is equivalent to it"
+        )
+    logger.info(
+        "equivalent STE: lr %g x the gain %.4f that %s learned = %g",
+        config.lr,
+        gain,
+        config.lr_gain_from,
+        config.lr * gain,
+    )
+    return dataclasses.replace(config, lr=config.lr * gain)
 
 
 @dataclass
@@ -295,10 +361,17 @@ def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str,
         device = torch.device("cuda", dist_info.local_rank)
     seed_everything(config.seed)
     train_loader, test_loader, info = make_loaders(
-        config.dataset, data_dir=config.data_dir, batch_size=config.batch_size,
-        test_batch_size=config.test_batch_size, device=device, seed=config.seed,
-        train_size=config.train_size, test_size=config.test_size, subset_seed=config.subset_seed,
-        download=config.download, rank=dist_info.rank if dist_info else 0,
+        config.dataset,
+        data_dir=config.data_dir,
+        batch_size=config.batch_size,
+        test_batch_size=config.test_batch_size,
+        device=device,
+        seed=config.seed,
+        train_size=config.train_size,
+        test_size=config.test_size,
+        subset_seed=config.subset_seed,
+        download=config.download,
+        rank=dist_info.rank if dist_info else 0,
         world_size=dist_info.world_size if dist_info else 1,
     )
     build_config = config if load_init else dataclasses.replace(config, init=None, meta_init=None)
@@ -306,34 +379,49 @@ def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str,
     if checkpoint is not None:
         load_weights(model, checkpoint["model"])
     model = model.to(device)
+    # Channels-last for convolutional models (unless the run says otherwise): the batches follow the first layer.
+    apply_memory_format(model, preferred_memory_format(model, config.memory_format))
     if dist_info is not None:
         model = wrap(model, dist_info, sync_bn=config.sync_bn, find_unused=config.uses_meta)
-    optimizer = build_optimizer(model.parameters(), config)
+    optimizer = build_optimizer(model.parameters(), _with_learned_gain(config))
     trainer = build_trainer(build_config, model, optimizer)
     where = f"rank {dist_info.rank} of {dist_info.world_size}, " if dist_info else ""
     logger.info("%s on %s (%s%d training batches per epoch)", config.model, device, where, len(train_loader))
     return _Session(model, trainer, train_loader, test_loader)
 
 
-def _train(config: RunConfig, session: _Session, run: RunDir | None, state: FitState, progress: bool,
-           stop: StopFlag | None) -> RunResult:
+def _train(
+    config: RunConfig, session: _Session, run: RunDir | None, state: FitState, progress: bool, stop: StopFlag | None
+) -> RunResult:
     on_epoch_end = None
     if run is not None and isinstance(session.trainer, MetaQuant):
         trace = MetaTrace(run.path / TRACE_FILE, config.epochs)
         model = unwrap(session.model)
         on_epoch_end = lambda epoch: trace.snapshot(epoch, session.trainer, model)  # noqa: E731
     state = fit(
-        session.model, session.trainer, session.train_loader, session.test_loader, epochs=config.epochs,
+        session.model,
+        session.trainer,
+        session.train_loader,
+        session.test_loader,
+        epochs=config.epochs,
         schedule=step_schedule(config.lr_schedule, config.epochs, config.lr_step, config.lr_gamma),
-        run=run, state=state, extra_checkpoint=lambda: _extra(config), progress=progress, stop=stop,
-        checkpoint_every=config.checkpoint_every, on_epoch_end=on_epoch_end,
+        run=run,
+        state=state,
+        extra_checkpoint=lambda: _extra(config),
+        progress=progress,
+        stop=stop,
+        checkpoint_every=config.checkpoint_every,
+        on_epoch_end=on_epoch_end,
+        max_skipped=config.max_skipped if config.on_nonfinite == "skip" else None,
+        amp=config.amp,
     )
     if run is not None:
         if isinstance(session.trainer, MetaQuant):
             save_meta(run.path / META_FILE, session.trainer.meta, config)
         run.mark_done()
-    return RunResult(run_dir=run.path if run else None, final_acc=state.last_acc, best_acc=state.best_acc,
-                     epochs=state.epoch)
+    return RunResult(
+        run_dir=run.path if run else None, final_acc=state.last_acc, best_acc=state.best_acc, epochs=state.epoch
+    )
 
 
 def execute(
@@ -357,7 +445,9 @@ def execute(
         A ``RunResult`` (final and best test accuracy, epochs).
 
     Raises:
-        RunExistsError: ``run_dir`` already holds a run (it is left untouched; resume it with ``resume``).
+        RunExistsError: ``run_dir`` already holds a run (it is left untouched; resume it with ``resume``), or
+            it is a directory holding other files (not a run): a new run needs a missing or empty directory.
+        RunLockedError: another process is creating a run in ``run_dir`` at the same time.
         TrainingInterrupted: ``stop`` was set; the run can be continued with ``resume``.
         NonFiniteError: a step produced a non-finite value; the last good checkpoint is intact.
         FileNotFoundError: ``config.init`` names no checkpoint, ``meta_init`` nothing to load, or the data set
@@ -384,51 +474,183 @@ def execute(
         ...     print("refused: runs/quick already holds a run")
         refused: runs/quick already holds a run
     """
-    if run_dir is not None and RunDir(run_dir).config_path.exists():
-        RunDir.create(run_dir, config)  # raises RunExistsError before any work is done
+    if run_dir is not None:
+        RunDir.check_free(run_dir)  # raises before any work is done, and before anything is written
     session = _prepare(config)
-    run = None
-    if run_dir is not None and is_main():  # under torchrun only rank 0 writes
-        run = RunDir.create(run_dir, config)
-    result = _train(config, session, run, FitState(), progress, stop)
-    return dataclasses.replace(result, run_dir=Path(run_dir) if run_dir is not None else None)
+    if run_dir is None:
+        return _train(config, session, None, FitState(), progress, stop)
+    with _owning(Path(run_dir), create=config) as run:  # under torchrun only rank 0 writes
+        result = _train(config, session, run, FitState(), progress, stop)
+    return dataclasses.replace(result, run_dir=Path(run_dir))
 
 
-def _latest_checkpoint(run: RunDir) -> dict[str, Any] | None:
-    """The newest readable checkpoint of ``run`` (``checkpoint.pt``, else ``checkpoint.prev.pt``), or None."""
-    candidates = [run.checkpoint_path, run.checkpoint_path.with_name(PREVIOUS_CHECKPOINT)]
-    errors = []
-    for path in candidates:
-        if not path.exists():
-            continue
+@contextlib.contextmanager
+def _owning(path: Path, create: RunConfig | None = None) -> Iterator[RunDir | None]:
+    """Hold the run directory's lock for the duration, on the writing process (rank 0); with ``create``, make
+    the run there first (under the lock). Every process learns whether that worked, so that under torchrun
+    all of them stop together when it did not.
+
+    Yields:
+        The ``RunDir`` on the writing process, None on the others.
+    """
+    lock, run, error = None, None, None
+    if is_main():
         try:
-            return load_checkpoint(path)
-        except ValueError as err:
-            logger.warning("%s; trying the previous checkpoint", err)
-            errors.append(str(err))
-    if errors:
-        raise ValueError(f"no readable checkpoint in {run.path}: " + "; ".join(errors))
-    return None
+            if create is not None:
+                RunDir.check_free(path)
+                path.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(path)
+            run = RunDir.create(path, create) if create is not None else RunDir(path)
+        except Exception as err:  # reported on this process, after the others were told
+            error = err
+            if lock is not None:
+                lock.release()
+    if any_process(error is not None):
+        if error is not None:
+            raise error
+        raise RunLockedError(f"rank 0 could not take the run directory {path}; its message says why")
+    try:
+        yield run
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def resume(run_dir: str | Path, *, progress: bool = True, stop: StopFlag | None = None) -> RunResult:
+def _position(checkpoint: dict[str, Any]) -> str:
+    """Where a checkpoint stands, e.g. ``after epoch 2`` or ``at epoch 3, step 5``."""
+    fit_state = checkpoint.get("fit") or {}
+    epoch, batch = int(fit_state.get("epoch", checkpoint["epoch"])), fit_state.get("batch", 0)
+    return f"at epoch {epoch + 1}, step {batch}" if batch else f"after epoch {epoch}"
+
+
+def describe_checkpoint(path: str | Path) -> str | None:
+    """``"<path> (after epoch E)"`` when ``path`` is an intact checkpoint, None when it is missing or damaged.
+
+    What the command line tells a user whose run stopped: which checkpoint a resume would continue from.
+
+    Args:
+        path: a checkpoint file.
+
+    Returns:
+        The description, or None.
+
+    Example:
+        >>> from metaquant.pipeline import describe_checkpoint
+        >>> from metaquant.runs import save_checkpoint
+        >>> state = {"model": {}, "optimizer": {}, "trainer": {}, "rng": {}, "epoch": 2}
+        >>> save_checkpoint("checkpoint.pt", {**state, "fit": {"epoch": 2, "batch": 3}})
+        >>> describe_checkpoint("checkpoint.pt"), describe_checkpoint("missing.pt")
+        ('checkpoint.pt (at epoch 3, step 3)', None)
+    """
+    try:
+        return f"{path} ({_position(load_checkpoint(Path(path)))})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _previous_note(run: RunDir) -> str:
+    previous = run.previous_checkpoint_path
+    if not previous.exists():
+        return "there is no previous checkpoint"
+    described = describe_checkpoint(previous)
+    if described is None:
+        return f"the previous checkpoint {previous} is damaged too"
+    return f"the previous checkpoint {described} is intact: use it with --from-previous"
+
+
+def _latest_checkpoint(run: RunDir, from_previous: bool = False) -> tuple[dict[str, Any] | None, Path | None]:
+    """``checkpoint.pt`` of ``run``, verified, and its path; ``(None, None)`` when the run has none yet.
+
+    ``checkpoint.prev.pt`` is used only when asked for (``from_previous``): a damaged or missing latest
+    checkpoint is refused with a message that names the previous one, never replaced by it silently.
+    """
+    current, previous = run.checkpoint_path, run.previous_checkpoint_path
+    if from_previous:
+        if not previous.exists():
+            raise FileNotFoundError(f"--from-previous: {previous} does not exist")
+        return load_checkpoint(previous), previous
+    if not current.exists():
+        if previous.exists():
+            raise ValueError(f"{current} is missing; {_previous_note(run)}")
+        return None, None
+    try:
+        return load_checkpoint(current), current
+    except ValueError as err:
+        raise ValueError(f"{err}; {_previous_note(run)}") from None
+
+
+# What decides the shapes a checkpoint must fit: a checkpoint of a run that differs in one of these is not this
+# run's (the number of epochs, say, may be changed in config.json to extend a run).
+_IDENTITY = (
+    "task",
+    "model",
+    "dataset",
+    "quantizer",
+    "bits",
+    "estimator",
+    "hidden_size",
+    "num_fc",
+    "num_lstm",
+    "nonlinearity",
+    "optimizer",
+    "step_order",
+    "through",
+)
+
+
+def _check_owner(checkpoint: dict[str, Any], path: Path, config: RunConfig, run: RunDir) -> None:
+    saved = checkpoint.get("config")
+    if not isinstance(saved, dict):
+        return  # written by other code: the restore below still checks what it loads
+    relevant = _IDENTITY if config.task == "quantize" else ("task", "model", "dataset", "optimizer")
+    differ = [k for k in relevant if k in saved and saved[k] != getattr(config, k)]
+    if differ:
+        theirs = ", ".join(f"{k}={saved[k]!r}" for k in differ)
+        ours = ", ".join(f"{k}={getattr(config, k)!r}" for k in differ)
+        raise ValueError(
+            f"checkpoint {path} was written by another run ({theirs}), not by the run of {run.config_path} ({ours})"
+        )
+
+
+def resume(
+    run_dir: str | Path,
+    *,
+    progress: bool = True,
+    stop: StopFlag | None = None,
+    from_previous: bool = False,
+    on_nonfinite: str | None = None,
+    max_skipped: int | None = None,
+) -> RunResult:
     """Continue the run in ``run_dir`` from its latest checkpoint, to the same result as an uninterrupted run.
 
     Everything is restored: model, base optimizer, the trainer's state (MetaQuant: meta quantizer, its
     optimizer, the recorded ``g_Ŵ`` and ``W̃``, LSTM states), the position within the epoch, RNG states. A run
     killed before its first checkpoint starts again from its beginning. A finished run is left as it is.
 
+    The run's files are read through before anything trains (a malformed one is named), the checkpoint is
+    verified (CRCs and content digest) and must belong to the run; the process holds the directory's lock
+    while it works, so a second process on the same run is refused.
+
     Args:
         run_dir: a run directory made by ``execute`` (or ``metaquant pretrain``/``quantize``).
         progress: show a progress bar per epoch.
         stop: a ``StopFlag``, as for ``execute``.
+        from_previous: continue from ``checkpoint.prev.pt`` (when ``checkpoint.pt`` is damaged); the damaged
+            file is kept as ``checkpoint.damaged.pt``.
+        on_nonfinite: ``"raise"`` or ``"skip"`` for this continuation, instead of the run's own setting (the
+            run's ``config.json`` is not changed).
+        max_skipped: the limit of skipped steps for this continuation, instead of the run's own.
 
     Returns:
         A ``RunResult``; for a finished run, read from its ``metrics.jsonl`` without training.
 
     Raises:
-        FileNotFoundError: no run in ``run_dir`` (no ``config.json``).
-        ValueError: no readable checkpoint, or one that does not fit the run's model.
+        FileNotFoundError: no run in ``run_dir`` (no ``config.json``); ``from_previous`` without a previous
+            checkpoint.
+        ValueError: a malformed ``config.json``, ``metrics.jsonl`` or ``loss.csv``; a damaged checkpoint (the
+            message says whether the previous one is intact), or one of another run or model; a bad
+            ``on_nonfinite`` or ``max_skipped``.
+        RunLockedError: another process is working in ``run_dir``.
         TrainingInterrupted: ``stop`` was set again; the run can be resumed once more.
         NonFiniteError: as for ``execute``.
 
@@ -456,61 +678,136 @@ def resume(run_dir: str | Path, *, progress: bool = True, stop: StopFlag | None 
         True
     """
     run = RunDir(run_dir)
-    if not run.config_path.exists():
+    if not run.path.is_dir() or not run.config_path.exists():
         raise FileNotFoundError(f"--resume {run_dir}: no run there (config.json is missing)")
     config = run.config()
+    overrides = {k: v for k, v in (("on_nonfinite", on_nonfinite), ("max_skipped", max_skipped)) if v is not None}
+    if overrides:
+        config = RunConfig.from_dict({**config.to_dict(), **overrides})  # validates them
+        logger.info("continuing %s with %s", run.path, ", ".join(f"{k}={v!r}" for k, v in overrides.items()))
+    run.check_files()  # a malformed file stops the run now, not after an epoch of training
     if run.is_done():
         metrics = run.metrics()
+        if not metrics:
+            raise ValueError(f"{run.metrics_path} holds no epoch, yet {run.done_path} says the run has finished")
         logger.info("run %s is already finished", run.path)
         return RunResult(run.path, metrics[-1]["test_acc"], max(m["test_acc"] for m in metrics), len(metrics))
-    for stale in run.path.glob(".*.tmp"):  # a write that a kill interrupted; never a complete file
-        stale.unlink(missing_ok=True)  # (every process of a torchrun job may try)
-    checkpoint = _latest_checkpoint(run)
-    if checkpoint is None:
-        logger.info("run %s has no checkpoint yet: starting it from its beginning", run.path)
-        session = _prepare(config)
-        return _train(config, session, run if is_main() else None, FitState(), progress, stop)
-    session = _prepare(config, load_init=False, checkpoint=checkpoint)
-    writer = run if is_main() else None  # known only once _prepare joined the process group
-    session.trainer.optimizer.load_state_dict(checkpoint["optimizer"])
-    session.trainer.load_state_dict(checkpoint["trainer"])
-    set_rng_state(checkpoint["rng"])
-    if "fit" in checkpoint:
-        state = FitState(**checkpoint["fit"])
-        state.epoch_losses = [tuple(x) for x in state.epoch_losses]
+    init_from_env(config.device)  # join the process group first: every process learns whether the lock was taken
+    with _owning(run.path) as writer:
+        if writer is not None:
+            for stale in run.path.glob(".*.tmp"):  # a write that a kill interrupted; never a complete file
+                stale.unlink(missing_ok=True)
+        if from_previous and describe_checkpoint(run.checkpoint_path) is not None:
+            raise ValueError(
+                f"--from-previous: {run.checkpoint_path} is intact; continue from it (without --from-previous)"
+            )
+        checkpoint, source = _latest_checkpoint(run, from_previous)
+        if checkpoint is None:
+            logger.info("run %s has no checkpoint yet: starting it from its beginning", run.path)
+            session = _prepare(config)
+            result = _train(config, session, writer, FitState(), progress, stop)
+            return dataclasses.replace(result, run_dir=run.path)
+        assert source is not None  # a checkpoint comes with its path
+        _check_owner(checkpoint, source, config, run)
+        session = _prepare(config, load_init=False, checkpoint=checkpoint)
+        try:
+            session.trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+            session.trainer.load_state_dict(checkpoint["trainer"])
+            set_rng_state(checkpoint["rng"])
+            if "fit" in checkpoint:
+                state = FitState(**checkpoint["fit"])
+                state.epoch_losses = [tuple(x) for x in state.epoch_losses]
+            else:  # written at an epoch's end by a version without mid-epoch positions
+                state = FitState(
+                    epoch=checkpoint["epoch"], iteration=checkpoint["iteration"], best_acc=checkpoint["best_acc"]
+                )
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+            reason = " ".join(str(err).split())  # torch's messages span lines; this one is one line
+            raise ValueError(
+                f"checkpoint {source} does not fit the run of {run.config_path} ({type(err).__name__}: {reason})"
+            ) from None
         if not is_main():  # the saved running sums are those of all processes: counted once, by rank 0
             state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0.0, 0, 0
-    else:  # written at an epoch's end by a version without mid-epoch positions
-        state = FitState(epoch=checkpoint["epoch"], iteration=checkpoint["iteration"], best_acc=checkpoint["best_acc"])
-    logger.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.batch)
-    result = _train(config, session, writer, state, progress, stop)
+        if writer is not None and source != run.checkpoint_path:
+            _adopt_previous(run)
+        logger.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.batch)
+        result = _train(config, session, writer, state, progress, stop)
     return dataclasses.replace(result, run_dir=run.path)
 
 
-def _run_model(run: RunDir, device: str | None = None) -> tuple[RunConfig, nn.Module, Any]:
+def _adopt_previous(run: RunDir) -> None:
+    """Make the previous checkpoint the latest again, keeping the damaged one aside (never deleted): the next
+    save then copies an intact checkpoint to ``checkpoint.prev.pt``."""
+    damaged = run.path / DAMAGED_CHECKPOINT
+    if run.checkpoint_path.exists():
+        os.replace(run.checkpoint_path, damaged)
+        logger.warning(
+            "kept the damaged %s as %s; continuing from %s",
+            run.checkpoint_path.name,
+            damaged.name,
+            run.previous_checkpoint_path.name,
+        )
+    atomic_write_bytes(run.checkpoint_path, run.previous_checkpoint_path.read_bytes())
+
+
+def _run_model(run: RunDir, device: str | None = None, from_previous: bool = False) -> tuple[RunConfig, nn.Module, Any]:
     """A run's configuration, its model at the latest checkpoint (quantized as it trained, in eval mode, on
     ``device`` or the run's), and its dataset's ``DatasetInfo``; no data is read."""
     config = run.config()
-    checkpoint = _latest_checkpoint(run)
+    checkpoint, _ = _latest_checkpoint(run, from_previous)
     if checkpoint is None:
         raise ValueError(f"{run.path} has no checkpoint yet")
     info = dataset_info(config.dataset)
-    model = build_model(dataclasses.replace(config, init=None), info.num_classes, info.in_channels,
-                        info.image_size)
+    model = build_model(dataclasses.replace(config, init=None), info.num_classes, info.in_channels, info.image_size)
     load_weights(model, checkpoint["model"])
     return config, model.to(resolve_device(device or config.device)).eval(), info
 
 
 def _test_loader(config: RunConfig, device: str, data_dir: str | None) -> Any:
     test_loader, _ = make_test_loader(
-        config.dataset, data_dir=data_dir or config.data_dir, batch_size=config.test_batch_size,
-        device=resolve_device(device), seed=config.seed, test_size=config.test_size, download=config.download,
+        config.dataset,
+        data_dir=data_dir or config.data_dir,
+        batch_size=config.test_batch_size,
+        device=resolve_device(device),
+        seed=config.seed,
+        test_size=config.test_size,
+        download=config.download,
     )
     return test_loader
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "packed") -> tuple[Path, int, int]:
-    """Write a quantization run's model as a packed file (default ``RUN_DIR/model.mqpack``) or as ONNX
+def _check_output(path: Path, overwrite: bool) -> None:
+    """Refuse an export target that would destroy something: a run's own file or any torch checkpoint (even
+    with ``overwrite``), or any existing file without ``overwrite``."""
+    if (path.parent / "config.json").is_file() and path.name in RUN_FILES:
+        raise ValueError(
+            f"--out {path} is a file of the run in {path.parent}; an export never replaces one (choose another --out)"
+        )
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory; give a file name")
+    if path.exists():
+        try:
+            with zipfile.ZipFile(path) as archive:
+                checkpoint = any(n.endswith("data.pkl") for n in archive.namelist())
+        except (zipfile.BadZipFile, OSError, ValueError):
+            checkpoint = False
+        if checkpoint:
+            raise ValueError(f"--out {path} is a torch checkpoint; an export never replaces one (choose another --out)")
+        if not overwrite:
+            raise FileExistsError(f"--out {path} already exists; choose another --out, or replace it with --overwrite")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--out {path}: the folder {path.parent} does not exist")
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    fmt: str = "packed",
+    *,
+    overwrite: bool = False,
+    from_previous: bool = False,
+) -> tuple[Path, int, int]:
+    """Write a quantization run's model as a packed file (default ``RUN_DIR/model.safetensors``) or as ONNX
     (``fmt="onnx"``, default ``RUN_DIR/model.onnx``).
 
     The model is the run's latest checkpoint, quantized as it trained; the file's metadata holds the run's
@@ -518,17 +815,23 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "p
 
     Args:
         run_dir: a ``quantize`` run directory with a checkpoint.
-        out: the file to write (default: ``model.mqpack`` or ``model.onnx`` in ``run_dir``).
+        out: the file to write (default: ``model.safetensors`` or ``model.onnx`` in ``run_dir``).
         fmt: ``"packed"`` (``export.export_packed``) or ``"onnx"`` (``export.export_onnx``).
+        overwrite: replace an existing file at the target; a torch checkpoint or a file of a run is never
+            replaced.
+        from_previous: export the run's previous checkpoint (``checkpoint.prev.pt``), e.g. when the latest
+            one is damaged; the latest one is verified (CRCs and digest) before use and refused when damaged.
 
     Returns:
         ``(path, file size in bytes, float model size in bytes)``; the float size is that of the model's
         ``state_dict`` saved with ``torch.save``.
 
     Raises:
-        FileNotFoundError: no run in ``run_dir``.
-        ValueError: the run has no checkpoint yet, is a ``pretrain`` run, or ``fmt`` is neither ``packed`` nor
-            ``onnx``.
+        FileNotFoundError: no run in ``run_dir``; the folder of ``out`` does not exist.
+        FileExistsError: the target exists and ``overwrite`` is False.
+        ValueError: the run has no checkpoint yet or a damaged one (the message says whether the previous one
+            is intact), is a ``pretrain`` run, or ``fmt`` is neither ``packed`` nor ``onnx``; the target is a
+            torch checkpoint, a file of a run or a directory.
         ImportError: ``fmt="onnx"`` without the ``onnx`` extra.
 
     Example:
@@ -543,27 +846,36 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "p
         >>> _ = execute(config, "runs/to-export", progress=False)
         >>> path, size, float_size = export_run("runs/to-export")
         >>> path.name, size < float_size / 10  # 1 bit per quantized weight instead of 32
-        ('model.mqpack', True)
+        ('model.safetensors', True)
     """
     from .export import export_onnx, export_packed
 
     run = RunDir(run_dir)
     if not run.config_path.exists():
         raise FileNotFoundError(f"{run_dir}: no run there (config.json is missing)")
-    config, model, info = _run_model(run, "cpu")
+    config, model, info = _run_model(run, "cpu", from_previous)
     if config.task != "quantize":
         raise ValueError(f"{run_dir} is a {config.task} run; only quantization runs can be exported packed")
     metrics = run.metrics()
-    metadata = {"run": config.to_dict(), "test_acc": metrics[-1]["test_acc"] if metrics else None,
-                "epochs": len(metrics)}
-    arch = {"model": config.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
-            "image_size": info.image_size}
+    metadata = {
+        "run": config.to_dict(),
+        "test_acc": metrics[-1]["test_acc"] if metrics else None,
+        "epochs": len(metrics),
+    }
+    arch = {
+        "model": config.model,
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "image_size": info.image_size,
+    }
     if fmt == "onnx":
         path = Path(out) if out else run.path / "model.onnx"
+        _check_output(path, overwrite)
         example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
         size = export_onnx(model.cpu(), path, example, metadata=metadata)
     elif fmt == "packed":
-        path = Path(out) if out else run.path / "model.mqpack"
+        path = Path(out) if out else run.path / "model.safetensors"
+        _check_output(path, overwrite)
         size = export_packed(model.cpu(), path, architecture=arch, metadata=metadata)
     else:
         raise ValueError(f"export format {fmt!r} is not supported; allowed: packed, onnx")
@@ -572,7 +884,9 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "p
     return path, size, buffer.tell()
 
 
-def evaluate_artifact(path: str | Path, *, data_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
+def evaluate_artifact(
+    path: str | Path, *, data_dir: str | None = None, device: str = "auto", from_previous: bool = False
+) -> dict[str, Any]:
     """Test accuracy of a run directory's checkpoint or of a packed file, on the run's own test set.
 
     The test set is the one named by the run's configuration (stored in a packed or ONNX file's metadata by
@@ -582,6 +896,8 @@ def evaluate_artifact(path: str | Path, *, data_dir: str | None = None, device: 
         path: a run directory, a packed file (``export_packed``) or an ONNX file (``.onnx``).
         data_dir: where the data set lies, if not where the run found it.
         device: where to evaluate (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``).
+        from_previous: for a run directory, evaluate its previous checkpoint (``checkpoint.prev.pt``); the
+            latest one is verified (CRCs and digest) before use and refused when damaged.
 
     Returns:
         ``{"top1", "top5", "loss", "recorded"}``: top-1 and top-5 accuracy in percent, mean cross-entropy,
@@ -589,8 +905,9 @@ def evaluate_artifact(path: str | Path, *, data_dir: str | None = None, device: 
 
     Raises:
         FileNotFoundError: no run in the directory, no such file, or the data set is not found.
-        ValueError: a run without checkpoint; a damaged packed or ONNX file, or one whose metadata does not
-            name its run; ``device`` asks for CUDA without CUDA.
+        ValueError: a run without checkpoint, or with a damaged one (the message says whether the previous
+            one is intact); a damaged packed or ONNX file, or one whose metadata does not name its run;
+            ``device`` asks for CUDA without CUDA; ``from_previous`` for a file.
         ImportError: an ONNX file without ``onnxruntime`` installed.
 
     Example:
@@ -603,7 +920,7 @@ def evaluate_artifact(path: str | Path, *, data_dir: str | None = None, device: 
         >>> config = RunConfig(model="resnet8", dataset="mnist", data_dir="mnist", download=False, batch_size=4,
         ...                    epochs=1, device="cpu")
         >>> _ = execute(config, "runs/to-evaluate", progress=False)
-        >>> path, _, _ = export_run("runs/to-evaluate")  # runs/to-evaluate/model.mqpack
+        >>> path, _, _ = export_run("runs/to-evaluate")  # runs/to-evaluate/model.safetensors
         >>> result = evaluate_artifact(path, device="cpu")  # the packed file computes what the run computed
         >>> result["top1"] == result["recorded"], sorted(result)
         (True, ['loss', 'recorded', 'top1', 'top5'])
@@ -615,10 +932,13 @@ def evaluate_artifact(path: str | Path, *, data_dir: str | None = None, device: 
         run = RunDir(path)
         if not run.config_path.exists():
             raise FileNotFoundError(f"{path}: no run there (config.json is missing)")
-        config, model, _ = _run_model(run, device)
+        config, model, _ = _run_model(run, device, from_previous)
         metrics = run.metrics()
-        recorded = metrics[-1]["test_acc"] if metrics else None
+        # the recorded accuracy is that of the latest checkpoint
+        recorded = metrics[-1]["test_acc"] if metrics and not from_previous else None
     else:
+        if from_previous:
+            raise ValueError(f"--from-previous applies to a run directory, not to the file {path}")
         if path.suffix == ".onnx":
             header, model = _onnx_model(path)
         else:

@@ -1,6 +1,6 @@
 """Forward quantizers: how a latent full-precision weight ``W`` becomes the low-bit weight ``Ŵ``.
 
-Every quantizer is the same small interface of pure functions (DESIGN §2-§3, paper §3.1):
+Every quantizer is the same small interface of pure functions (docs/design.md §2-§3, paper §3.1):
 
 * ``preprocess(W) -> W̃``      the differentiable pre-processing ``A``;
 * ``quantize(W̃) -> Ŵ``        the step function ``Q`` (its value only; it has no useful derivative);
@@ -14,12 +14,15 @@ Every quantizer is the same small interface of pure functions (DESIGN §2-§3, p
 * ``encode(W) -> Encoded``    integer codes plus scale(s), and ``decode(Encoded) -> Ŵ``, exact: it is how
                               ``quantize`` itself produces ``Ŵ``, so an exported model computes the same numbers.
 
-Quantizers are frozen dataclasses that hold only their configuration (the bit width), so they are safe to share
-between layers and to pickle. ``get_quantizer(name, bits)`` builds one from the registry ``QUANTIZERS``.
+Quantizers are frozen dataclasses that hold only their configuration (the bit width; for the per-channel
+variant also the weight's output-channel axis), so they are safe to share between layers and to pickle.
+``get_quantizer(name, bits)`` builds one from the registry ``QUANTIZERS``; ``with_channel_axis`` gives the
+variant for a layer whose output channels lie along another axis of its weight (``nn.ConvTranspose*``: 1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -44,7 +47,9 @@ class Encoded(NamedTuple):
     """A quantized weight as integer codes plus the float scale(s) that decode them.
 
     ``codes`` has the weight's shape and an integer dtype (``uint8`` for unsigned codes, ``int8`` for signed);
-    ``scale`` broadcasts against ``codes`` (shape ``[1]`` per layer, ``[C_out, 1, ...]`` per channel).
+    ``scale`` broadcasts against ``codes`` (shape ``[1]`` per layer; per channel, the weight's size along its
+    output-channel axis there and 1 elsewhere: ``[C_out, 1, ...]``, or ``[1, C_out / groups, 1, ...]`` for a
+    transposed convolution).
     Produced by ``ForwardQuantizer.encode`` and turned back into ``Ŵ`` by ``ForwardQuantizer.decode``; it is the
     form in which a quantized weight is exported.
 
@@ -64,11 +69,6 @@ class Encoded(NamedTuple):
 
     codes: Tensor
     scale: Tensor
-
-
-def _channel_view_shape(w: Tensor) -> tuple[int, ...]:
-    """Shape that broadcasts one value per output channel (dim 0) against ``w``: ``[C_out, 1, 1, ...]``."""
-    return (w.shape[0],) + (1,) * (w.dim() - 1)
 
 
 @dataclass(frozen=True)
@@ -118,14 +118,12 @@ class ForwardQuantizer:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise TypeError(f"bits must be an int, got {self.bits!r}")
         if not self.min_bits <= self.bits <= self.max_bits:
-            allowed = (
-                f"{self.min_bits}" if self.min_bits == self.max_bits else f"{self.min_bits}..{self.max_bits}"
-            )
+            allowed = f"{self.min_bits}" if self.min_bits == self.max_bits else f"{self.min_bits}..{self.max_bits}"
             raise ValueError(f"quantizer {self.name!r} does not support bits={self.bits}; allowed: {allowed}")
 
     # --- the interface ------------------------------------------------------------------------------------
     def preprocess(self, w: Tensor) -> Tensor:
-        """``W̃ = A(W)``, the differentiable pre-processing (DESIGN §3). Identity unless a quantizer overrides it.
+        """``W̃ = A(W)``, the differentiable pre-processing (docs/design.md §3). Identity unless overridden.
 
         DoReFa maps to ``tanh(W) / (2·max|tanh W|) + 1/2 ∈ [0, 1]``; its max is differentiated through here, unlike
         in ``relaxed`` and ``calibration``.
@@ -191,7 +189,7 @@ class ForwardQuantizer:
         return w
 
     def calibration(self, w: Tensor) -> Tensor:
-        """``c(W) = d relaxed(W) / dW`` element-wise, in closed form (DESIGN §3). Ones unless overridden.
+        """``c(W) = d relaxed(W) / dW`` element-wise, in closed form (docs/design.md §3). Ones unless overridden.
 
         It turns the gradient w.r.t. ``W̃`` into the weight gradient: ``g_W = g_W̃ ⊙ c(W)`` (Algorithm 1 step 1,
         Eq. 4-5). DoReFa's is ``(1 − tanh²W) / max|tanh W|``, the max held constant.
@@ -215,13 +213,15 @@ class ForwardQuantizer:
         """The STE's derivative of ``Ŵ`` w.r.t. ``relaxed(W)``, beyond the clipping gate. Broadcastable.
 
         1 unless overridden (DoReFa, ternary, uniform); BWN's layer scale ``a = mean|W̃|``, as in XNOR-Net
-        (``BWNPerChannel``: one ``a`` per output channel). The meta quantizer's path does not use it (DESIGN §3).
+        (``BWNPerChannel``: one ``a`` per output channel). The meta quantizer's ``g_W`` does not use it; its
+        ``∂ℓ/∂φ`` does (docs/design.md §3, §5.3).
 
         Args:
             w_tilde: the pre-processed weight ``W̃``.
 
         Returns:
-            A tensor that broadcasts against ``w_tilde`` (a 0-d one, shape ``[1]``, or ``[C_out, 1, ...]``).
+            A tensor that broadcasts against ``w_tilde`` (a 0-d one, shape ``[1]``, or one value per output
+            channel, as ``Encoded.scale``).
 
         Example:
             >>> w = torch.tensor([[0.5, -1.5], [0.0, -0.2]])
@@ -231,6 +231,27 @@ class ForwardQuantizer:
             [0.55]
         """
         return torch.ones((), dtype=w_tilde.dtype, device=w_tilde.device)
+
+    def backward_terms(self, w: Tensor, w_tilde: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(relaxed(W), ste_scale(W̃), c(W))`` at once: the three terms of the STE's backward pass.
+
+        ``fake_quantize``'s backward needs all three; a subclass whose terms share work (DoReFa's ``tanh W``)
+        overrides this to compute them together. The values equal the three methods' to the bit.
+
+        Args:
+            w: latent weight ``W``.
+            w_tilde: ``preprocess(W)``, as the forward pass computed it.
+
+        Returns:
+            ``(relaxed(W), ste_scale(W̃), calibration(W))``, with the shapes those methods give.
+
+        Example:
+            >>> q, w = mq.quantizers.DoReFa(), torch.randn(3, 4)
+            >>> r, s, c = q.backward_terms(w, q.preprocess(w))
+            >>> torch.equal(r, q.relaxed(w)), torch.equal(c, q.calibration(w)), s.item()
+            (True, True, 1.0)
+        """
+        return self.relaxed(w), self.ste_scale(w_tilde), self.calibration(w)
 
     def encode(self, w: Tensor) -> Encoded:
         """Integer codes and scales of ``Q(A(W))``: ``encode_preprocessed(preprocess(W))``.
@@ -307,6 +328,37 @@ class ForwardQuantizer:
         """
         return 2**self.bits
 
+    def with_channel_axis(self, axis: int) -> ForwardQuantizer:
+        """This quantizer for a weight whose output channels lie along ``axis``.
+
+        A quantizer with one scale per layer does not depend on the axis and returns itself; the per-channel
+        one (``BWNPerChannel``) returns a copy whose scales run along ``axis``. ``quantize_`` calls it for each
+        layer: 0 for convolutions, linear, recurrent and embedding weights, 1 for transposed convolutions,
+        whose weight is ``[C_in, C_out / groups, ...]``.
+
+        Args:
+            axis: the output-channel dimension of the weight, an ``int >= 0``.
+
+        Returns:
+            A quantizer of the same kind and bit width.
+
+        Raises:
+            ValueError: ``axis`` is not an ``int >= 0``.
+
+        Example:
+            >>> mq.quantizers.DoReFa().with_channel_axis(1)
+            DoReFa(bits=1)
+            >>> mq.quantizers.BWNPerChannel().with_channel_axis(1)
+            BWNPerChannel(bits=1, axis=1)
+        """
+        _check_axis(axis)
+        return self
+
+
+def _check_axis(axis: object) -> None:
+    if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+        raise ValueError(f"the output-channel axis must be an int >= 0, got {axis!r}")
+
 
 @dataclass(frozen=True)
 class DoReFa(ForwardQuantizer):
@@ -314,7 +366,7 @@ class DoReFa(ForwardQuantizer):
 
     ``W̃ = tanh(W) / (2·max|tanh W|) + 1/2 ∈ [0, 1]``;  ``Ŵ = 2·round((2^k − 1)·W̃)/(2^k − 1) − 1 ∈ [−1, 1]``.
     ``c(W) = (1 − tanh²W) / max|tanh W|``, the max held constant: the derivative of ``2·W̃ − 1``. With it an
-    identity meta quantizer gives exactly the STE gradient (DESIGN §3).
+    identity meta quantizer gives exactly the STE gradient (docs/design.md §3).
 
     Args:
         bits: k, 1..8 (default 1: ``Ŵ ∈ {−1, +1}``).
@@ -339,20 +391,28 @@ class DoReFa(ForwardQuantizer):
     max_bits: ClassVar[int] = 8
 
     @staticmethod
-    def _tanh_max(w: Tensor) -> Tensor:
-        # Guard the all-zero weight: tanh(0) = 0 everywhere would divide by zero.
-        return torch.tanh(w).abs().max().clamp_min(torch.finfo(w.dtype).tiny)
+    def _abs_max(t: Tensor) -> Tensor:
+        """``max|tanh W|`` from ``t = tanh W``. Guards the all-zero weight, whose max would divide by zero."""
+        # vector_norm(·, inf) is max|t| without the copy that abs().max() makes of a channels-last tensor
+        return torch.linalg.vector_norm(t, float("inf")).clamp_min(torch.finfo(t.dtype).tiny)
 
+    # Each function computes tanh W once: it is the costly part of the quantizer on a CPU.
     def preprocess(self, w: Tensor) -> Tensor:
         t = torch.tanh(w)
-        return t / (2 * self._tanh_max(w)) + 0.5
+        return t / (2 * self._abs_max(t)) + 0.5
 
     def relaxed(self, w: Tensor) -> Tensor:
-        return torch.tanh(w) / self._tanh_max(w).detach()
+        t = torch.tanh(w)
+        return t / self._abs_max(t).detach()
 
     def calibration(self, w: Tensor) -> Tensor:
         t = torch.tanh(w)
-        return (1 - t * t) / self._tanh_max(w)
+        return (1 - t * t) / self._abs_max(t)
+
+    def backward_terms(self, w: Tensor, w_tilde: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        t = torch.tanh(w)
+        peak = self._abs_max(t)
+        return t / peak, torch.ones((), dtype=w.dtype, device=w.device), (1 - t * t) / peak
 
     @property
     def _levels(self) -> int:
@@ -409,17 +469,23 @@ class BWN(ForwardQuantizer):
 
 @dataclass(frozen=True)
 class BWNPerChannel(BWN):
-    """BWN with one scale per output channel (dim 0): ``a_o = mean|W[o]|`` (the original code's "BWN-F").
+    """BWN with one scale per output channel: ``a_o = mean|W[o]|`` (the original code's "BWN-F").
 
-    A 1-D weight gets one scale, as in ``BWN``; ``ste_scale`` is per channel as well. ``get_quantizer`` also
-    accepts the names ``bwn-f`` and ``bwn_f``.
+    The output channels lie along ``axis`` of the weight: 0 (the default) for convolutions, linear, recurrent
+    and embedding weights (for an embedding: one scale per embedding vector), 1 for transposed convolutions,
+    whose weight is ``[C_in, C_out / groups, ...]`` (with ``groups > 1``, the output channels ``j``,
+    ``j + C_out / groups``, ... share the scale of column ``j``). ``quantize_`` sets it per layer through
+    ``with_channel_axis``. A 1-D weight gets one scale, as in ``BWN``; ``ste_scale`` is per channel as well.
+    ``get_quantizer`` also accepts the names ``bwn-f`` and ``bwn_f``.
 
     Args:
         bits: must be 1.
+        axis: the weight's output-channel dimension, an ``int >= 0`` (default 0).
 
     Raises:
         TypeError: ``bits`` is not an ``int``.
-        ValueError: ``bits`` is not 1.
+        ValueError: ``bits`` is not 1, or ``axis`` is not an ``int >= 0``; quantizing a weight of 2 or more
+            dimensions with ``axis`` beyond its last one.
 
     Example:
         >>> q = mq.quantizers.BWNPerChannel()
@@ -428,14 +494,35 @@ class BWNPerChannel(BWN):
         True
         >>> q.encode(torch.randn(8, 3, 3, 3)).scale.shape
         torch.Size([8, 1, 1, 1])
+        >>> q.with_channel_axis(1).encode(torch.randn(8, 3, 3, 3)).scale.shape  # a ConvTranspose2d(8, 3, 3)
+        torch.Size([1, 3, 1, 1])
     """
 
     name: ClassVar[str] = "bwn-channel"
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_axis(self.axis)
+
+    def __repr__(self) -> str:
+        axis = f", axis={self.axis}" if self.axis else ""  # the usual axis 0 is not shown
+        return f"BWNPerChannel(bits={self.bits}{axis})"
+
+    def with_channel_axis(self, axis: int) -> ForwardQuantizer:
+        _check_axis(axis)
+        return self if axis == self.axis else dataclasses.replace(self, axis=axis)
 
     def _scale(self, w: Tensor) -> Tensor:
         if w.dim() < 2:
             return w.abs().mean().reshape(1)
-        return w.abs().mean(dim=tuple(range(1, w.dim()))).reshape(_channel_view_shape(w))
+        if self.axis >= w.dim():
+            raise ValueError(
+                f"BWNPerChannel(axis={self.axis}) cannot quantize a weight of shape {tuple(w.shape)}: "
+                f"its axes are 0..{w.dim() - 1}"
+            )
+        others = tuple(d for d in range(w.dim()) if d != self.axis)
+        return w.abs().mean(dim=others, keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -519,7 +606,8 @@ class UniformSymmetric(ForwardQuantizer):
 
     def encode_preprocessed(self, w_tilde: Tensor) -> Encoded:
         half = self._half_levels
-        scale = (w_tilde.abs().max() / half).clamp_min(torch.finfo(w_tilde.dtype).tiny).reshape(1)
+        peak = torch.linalg.vector_norm(w_tilde, float("inf"))  # max|W̃|, without a copy of a channels-last tensor
+        scale = (peak / half).clamp_min(torch.finfo(w_tilde.dtype).tiny).reshape(1)
         codes = torch.round(w_tilde / scale).clamp_(-half, half).to(torch.int8)
         return Encoded(codes, scale)
 
@@ -576,4 +664,3 @@ def get_quantizer(name: str, bits: int = 1) -> ForwardQuantizer:
     if key not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {name!r}; allowed: {', '.join(QUANTIZERS)}")
     return QUANTIZERS[key](bits=bits)
-

@@ -21,8 +21,14 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "sgd_direction", "adam_direction", "refinement_for", "with_derivative", "Refinement", "SUPPORTED_OPTIMIZERS",
+    "sgd_direction",
+    "adam_direction",
+    "refinement_for",
+    "with_derivative",
+    "Refinement",
+    "SUPPORTED_OPTIMIZERS",
     "THROUGH",
+    "unwrap_optimizer",
 ]
 
 #: ``(grad, param, state, group) -> direction``; ``state`` is ``optimizer.state[param]`` (may be empty).
@@ -140,12 +146,42 @@ def adam_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: di
     return d
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer a wrapper holds as ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``), followed through nested wrappers; ``optimizer`` itself when it wraps nothing.
+
+    A wrapper counts as one when its ``.optimizer`` has ``param_groups`` and ``state``: the wrapped optimizer
+    owns the update rule, so ``refinement_for`` decides from it.
+
+    Args:
+        optimizer: an optimizer or a wrapper of one.
+
+    Returns:
+        The innermost wrapped optimizer.
+
+    Example:
+        >>> class Wrapper:  # like Accelerate's AcceleratedOptimizer: the groups and state are the wrapped ones
+        ...     def __init__(self, optimizer):
+        ...         self.optimizer, self.param_groups, self.state = optimizer, optimizer.param_groups, optimizer.state
+        >>> sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        >>> mq.refine.unwrap_optimizer(Wrapper(Wrapper(sgd))) is sgd, mq.refine.unwrap_optimizer(sgd) is sgd
+        (True, True)
+    """
+    for _ in range(16):  # a bound, not a loop forever on a wrapper that holds itself
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer or not (hasattr(inner, "param_groups") and hasattr(inner, "state")):
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
 def refinement_for(optimizer: torch.optim.Optimizer) -> Refinement:
     """The refinement ``π`` (Eq. 6) matching ``optimizer``'s class and options.
 
     Args:
         optimizer: the base optimizer, ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (exact classes for SGD;
-            subclasses of Adam are accepted).
+            subclasses of Adam are accepted), or a wrapper of one (see ``unwrap_optimizer``): the wrapped
+            optimizer decides.
 
     Returns:
         ``sgd_direction`` or ``adam_direction`` (AdamW takes ``adam_direction``, its groups saying
@@ -165,6 +201,7 @@ def refinement_for(optimizer: torch.optim.Optimizer) -> Refinement:
         ...
         ValueError: MetaQuant needs the refinement π of the base optimizer; RMSprop is not supported; supported: ...
     """
+    optimizer = unwrap_optimizer(optimizer)
     if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass of Adam in torch >= 2.x
         rule: Refinement = adam_direction
     elif type(optimizer) is torch.optim.SGD:

@@ -16,28 +16,42 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "TrialCurves", "SummaryRow", "collect", "read_run", "read_original_run", "summarize", "best_stats",
-    "last_k_stats", "write_table", "plot_comparisons",
+    "TrialCurves",
+    "SummaryRow",
+    "collect",
+    "read_run",
+    "read_original_run",
+    "summarize",
+    "best_stats",
+    "last_k_stats",
+    "write_table",
+    "plot_comparisons",
+    "figure_class",
 ]
 
 OURS = "metaquant"
 ORIGINAL = "original code"
 _MODELS = {f"resnet{d}": f"ResNet{d}" for d in (18, 20, 32, 44, 56, 110)} | {"lab": "LAB"}
-_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "fashion-mnist": "Fashion-MNIST", "mnist": "MNIST",
-             "imagenet": "ImageNet"}
+_DATASETS = {
+    "cifar10": "CIFAR10",
+    "cifar100": "CIFAR100",
+    "fashion-mnist": "Fashion-MNIST",
+    "mnist": "MNIST",
+    "imagenet": "ImageNet",
+}
 _FORWARD = {"dorefa": "dorefa", "bwn": "BWN", "bwn-channel": "BWN-F", "ternary": "ternary", "uniform": "uniform"}
 _OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 _ORIGINAL_META = {"MLPFC": "MultiFC", "MultiFC": "MultiFC", "FC-Grad": "FC-Grad", "LSTMFC": "LSTMFC"}
@@ -132,7 +146,7 @@ class SummaryRow:
 def best_stats(curves: Sequence[Sequence[float]]) -> tuple[float, float]:
     """Mean and population variance, over trials, of each trial's best accuracy.
 
-    The paper's *Best Acc* column (DESIGN §6).
+    The paper's *Best Acc* column (docs/design.md §6.1).
 
     Args:
         curves: each trial's test accuracies, one per epoch (at least one per trial).
@@ -155,7 +169,7 @@ def best_stats(curves: Sequence[Sequence[float]]) -> tuple[float, float]:
 def last_k_stats(curves: Sequence[Sequence[float]], k: int = 10) -> tuple[float, float]:
     """Mean and population variance of the last ``k`` accuracies of every trial, pooled together.
 
-    The paper's *Last 10 Acc* column (DESIGN §6) for ``k = 10``; a trial shorter than ``k`` epochs contributes
+    The paper's *Last 10 Acc* column (docs/design.md §6.1) for ``k = 10``; a trial shorter than ``k`` epochs contributes
     all of its accuracies.
 
     Args:
@@ -183,7 +197,8 @@ def read_run(path: Path) -> TrialCurves | None:
 
     The backward method is the run's ``label`` (default ``sweep.backward_label``); the trial number comes from
     a directory name ending in ``-trial-<n>``, else it is ``seed + 1``; ``fp_acc`` is the final accuracy of
-    the run named by ``init``, when that run directory is there.
+    the run named by ``init``, when that run directory is there (or, for a sweep's folder that was moved, a
+    directory of the same name beside the run).
 
     Args:
         path: the run directory.
@@ -193,8 +208,8 @@ def read_run(path: Path) -> TrialCurves | None:
 
     Raises:
         FileNotFoundError: a finished run without ``config.json`` or ``metrics.jsonl``.
-        ValueError: an unreadable ``config.json`` or ``metrics.jsonl``.
-        KeyError: a metrics record without ``test_acc`` or ``train_loss``.
+        ValueError: an unreadable ``config.json`` or ``metrics.jsonl``, or a metrics record without a number
+            for ``test_acc`` or without ``train_loss`` (the message names the file).
 
     Example:
         >>> import pathlib
@@ -216,24 +231,50 @@ def read_run(path: Path) -> TrialCurves | None:
         logger.info("leaving out the unfinished run %s", path)
         return None
     config = RunConfig.load(path / "config.json")
-    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = _checked_metrics(path)
     if config.task != "quantize" or not metrics:
         return None
     fp_acc = None
     if config.init:
         init = Path(config.init)
+        if not init.exists() and (path.parent / init.name).exists():
+            init = path.parent / init.name  # a sweep's folder moved elsewhere: its pre-training sits beside
         init_metrics = (init if init.is_dir() else init.parent) / "metrics.jsonl"
         if init_metrics.exists():
-            lines = [json.loads(x) for x in init_metrics.read_text().splitlines() if x.strip()]
+            lines = _checked_metrics(init_metrics.parent, need=("test_acc",))
             fp_acc = lines[-1]["test_acc"] if lines else None
     label = config.label or backward_label(config)
     trial = int(path.name.rsplit("-trial-", 1)[1]) if "-trial-" in path.name else config.seed + 1
     return TrialCurves(
-        OURS, _MODELS.get(config.model, config.model), _DATASETS.get(config.dataset, config.dataset),
-        _FORWARD.get(config.quantizer, config.quantizer), config.bits, label,
+        OURS,
+        _MODELS.get(config.model, config.model),
+        _DATASETS.get(config.dataset, config.dataset),
+        _FORWARD.get(config.quantizer, config.quantizer),
+        config.bits,
+        label,
         _OPTIMIZERS.get(config.optimizer, config.optimizer),
-        trial, [m["test_acc"] for m in metrics], [m["train_loss"] for m in metrics], fp_acc, path,
+        trial,
+        [m["test_acc"] for m in metrics],
+        [m["train_loss"] for m in metrics],
+        fp_acc,
+        path,
     )
+
+
+def _checked_metrics(path: Path, need: tuple[str, ...] = ("test_acc", "train_loss")) -> list[dict]:
+    """A run directory's metrics records (``RunDir.metrics``: every line checked), each with the keys in
+    ``need``; a missing file or key is an error that names the file."""
+    from .runs import RunDir
+
+    run = RunDir(path)
+    if not run.metrics_path.exists():
+        raise FileNotFoundError(f"{run.metrics_path} is missing")
+    metrics = run.metrics()
+    for m in metrics:
+        absent = [k for k in need if k not in m or (k == "test_acc" and not isinstance(m[k], (int, float)))]
+        if absent:
+            raise ValueError(f"{run.metrics_path}: the record of epoch {m['epoch']} has no {' or '.join(absent)}")
+    return metrics
 
 
 def _slug(text: str) -> str:
@@ -242,7 +283,11 @@ def _slug(text: str) -> str:
 
 def _read_pairs(path: Path) -> list[tuple[int, float]]:
     pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (not UTF-8)") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -303,10 +348,18 @@ def read_original_run(path: Path) -> TrialCurves:
     optimizer = match["base_opt"] or match["meta_opt"]
     backward = "STE" if match["base_fwd"] else _ORIGINAL_META[match["meta"]]
     return TrialCurves(
-        ORIGINAL, model, dataset, _FORWARD.get(forward.lower(), forward),
-        int(match["base_bits"] or match["meta_bits"]), backward, optimizer,
-        int(match["trial"]), [a for _, a in acc], [float(np.mean(v)) if v else float("nan") for v in per_epoch],
-        None, path,
+        ORIGINAL,
+        model,
+        dataset,
+        _FORWARD.get(forward.lower(), forward),
+        int(match["base_bits"] or match["meta_bits"]),
+        backward,
+        optimizer,
+        int(match["trial"]),
+        [a for _, a in acc],
+        [float(np.mean(v)) if v else float("nan") for v in per_epoch],
+        None,
+        path,
     )
 
 
@@ -387,7 +440,7 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
         >>> [(r.backward, r.best_mean, r.last_mean) for r in rows]
         [('STE', 80.0, 79.5), ('STE + momentum 0.9', 84.0, 83.0), ('MultiFC', 86.0, 85.5)]
     """
-    groups: dict[tuple, list[TrialCurves]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, str, int, str, str], list[TrialCurves]] = defaultdict(list)
     for t in trials:
         groups[t.key].append(t)
     rows = []
@@ -396,23 +449,71 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
         best_mean, best_var = best_stats(curves)
         last_mean, last_var = last_k_stats(curves, last_k)
         fps = [t.fp_acc for t in members if t.fp_acc is not None]
-        rows.append(SummaryRow(*key, best_mean, best_var, last_mean, last_var,
-                               float(np.mean(fps)) if fps else None, len(members), [len(c) for c in curves]))
+        source, model, dataset, forward, bits, backward, optimizer = key
+        rows.append(
+            SummaryRow(
+                source,
+                model,
+                dataset,
+                forward,
+                bits,
+                backward,
+                optimizer,
+                best_mean,
+                best_var,
+                last_mean,
+                last_var,
+                float(np.mean(fps)) if fps else None,
+                len(members),
+                [len(c) for c in curves],
+            )
+        )
     order = {"STE": 0, "FC-Grad": 2, "MultiFC": 3, "LSTMFC": 4}
-    rows.sort(key=lambda r: (r.source != OURS, r.model, r.dataset, r.forward, r.bits, r.optimizer,
-                             order.get(r.backward, 1 if r.backward.startswith("STE") else 5), r.backward))
+    rows.sort(
+        key=lambda r: (
+            r.source != OURS,
+            r.model,
+            r.dataset,
+            r.forward,
+            r.bits,
+            r.optimizer,
+            order.get(r.backward, 1 if r.backward.startswith("STE") else 5),
+            r.backward,
+        )
+    )
     return rows
 
 
-_COLUMNS = ["Source", "Model", "Dataset", "Forward", "Bits", "Backward", "Optimizer", "Best Acc", "Last 10 Acc",
-            "FP Acc", "Trials"]
+_COLUMNS = [
+    "Source",
+    "Model",
+    "Dataset",
+    "Forward",
+    "Bits",
+    "Backward",
+    "Optimizer",
+    "Best Acc",
+    "Last 10 Acc",
+    "FP Acc",
+    "Trials",
+]
 
 
 def _cells(row: SummaryRow) -> list[str]:
     fp = f"{row.fp_acc:.2f}" if row.fp_acc is not None else "-"
-    return [row.source, row.model, row.dataset, row.forward, str(row.bits), row.backward, row.optimizer,
-            f"{row.best_mean:.3f} ({row.best_var:.3f})", f"{row.last_mean:.3f} ({row.last_var:.3f})", fp,
-            str(row.trials)]
+    return [
+        row.source,
+        row.model,
+        row.dataset,
+        row.forward,
+        str(row.bits),
+        row.backward,
+        row.optimizer,
+        f"{row.best_mean:.3f} ({row.best_var:.3f})",
+        f"{row.last_mean:.3f} ({row.last_var:.3f})",
+        fp,
+        str(row.trials),
+    ]
 
 
 def write_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results") -> tuple[Path, Path]:
@@ -449,42 +550,136 @@ def write_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results") ->
     lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "|".join(" :---: " for _ in _COLUMNS) + "|"]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     lines.append("")
-    lines.append("Best Acc: mean (variance) over trials of each trial's best test accuracy. Last 10 Acc: mean "
-                 "(variance) of the last 10 epochs' test accuracies of all trials pooled. Variances are "
-                 "population variances (ddof = 0).")
+    lines.append(
+        "Best Acc: mean (variance) over trials of each trial's best test accuracy. Last 10 Acc: mean "
+        "(variance) of the last 10 epochs' test accuracies of all trials pooled. Variances are "
+        "population variances (ddof = 0)."
+    )
     md = out / f"{stem}.md"
     md.write_text("\n".join(lines) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["source", "model", "dataset", "forward", "bits", "backward", "optimizer", "best_mean", "best_var",
-                     "last10_mean", "last10_var", "fp_acc", "trials", "epochs"])
+    writer.writerow(
+        [
+            "source",
+            "model",
+            "dataset",
+            "forward",
+            "bits",
+            "backward",
+            "optimizer",
+            "best_mean",
+            "best_var",
+            "last10_mean",
+            "last10_var",
+            "fp_acc",
+            "trials",
+            "epochs",
+        ]
+    )
     for r in rows:
-        writer.writerow([r.source, r.model, r.dataset, r.forward, r.bits, r.backward, r.optimizer, f"{r.best_mean:.4f}",
-                         f"{r.best_var:.4f}", f"{r.last_mean:.4f}", f"{r.last_var:.4f}",
-                         "" if r.fp_acc is None else f"{r.fp_acc:.4f}", r.trials, min(r.epochs)])
+        writer.writerow(
+            [
+                r.source,
+                r.model,
+                r.dataset,
+                r.forward,
+                r.bits,
+                r.backward,
+                r.optimizer,
+                f"{r.best_mean:.4f}",
+                f"{r.best_var:.4f}",
+                f"{r.last_mean:.4f}",
+                f"{r.last_var:.4f}",
+                "" if r.fp_acc is None else f"{r.fp_acc:.4f}",
+                r.trials,
+                min(r.epochs),
+            ]
+        )
     csv_path = out / f"{stem}.csv"
     csv_path.write_text(buffer.getvalue())
     return md, csv_path
 
 
 # --- the figures -----------------------------------------------------------------------------------------
-def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
-    """One PNG per (model, dataset, forward, optimizer): training loss and test accuracy per epoch, one line per
-    backward method (mean over trials) with a band from the minimum to the maximum over trials.
+PLOT_EXTRA = "pip install 'metaquant-torch[plot]'"
+_ORIGINAL_ORDER = " (original order)"
+# One colour per backward method, the same in every figure; the step order and the source are line styles.
+_METHOD_ORDER = ["STE", "STE + momentum", "STE (unclipped)", "EWGS", "FC-Grad", "MultiFC", "LSTMFC"]
 
-    Trials of the original code get their own lines (``"<backward> [original code]"``); each line's legend
-    gives its number of trials. A figure is named ``<model>-<dataset>-<forward><bits>-<optimizer>.png``, in
-    lower case (e.g. ``resnet20-cifar10-dorefa1-sgd.png``). Needs matplotlib (the ``plot`` extra).
+
+def figure_class() -> type:
+    """``matplotlib.figure.Figure``, or an ImportError that names the extra to install.
+
+    The figures are drawn on ``Figure`` objects directly, not through ``pyplot``: nothing global changes (no
+    backend is selected, no figure is registered), so drawing works the same in a script, on a server without
+    a display and in a notebook, whose inline figures keep working.
+
+    Returns:
+        The ``Figure`` class.
+
+    Raises:
+        ImportError: matplotlib is not installed; the message says ``pip install 'metaquant-torch[plot]'``.
+
+    Example:
+        >>> from metaquant.report import figure_class
+        >>> try:
+        ...     Figure = figure_class()
+        ... except ImportError as err:  # without the plot extra
+        ...     Figure = None
+        >>> Figure is None or Figure.__name__ == "Figure"
+        True
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(f"drawing figures needs matplotlib, the plot extra: {PLOT_EXTRA}") from None
+    return Figure
+
+
+_MARKERS = "osD^vPX*h"
+
+
+def _line_style(label: str) -> dict[str, Any]:
+    """Colour and marker by backward method; a solid line and hollow markers for this library's paper order,
+    dashed with small filled markers for the original code's order, dash-dotted for runs of the original code:
+    curves that coincide (a method in both orders, two methods that train alike) stay visible."""
+    key = _method(label)
+    # methods outside the list share the remaining colours C7 to C9, each always the same one
+    index = _METHOD_ORDER.index(key) if key in _METHOD_ORDER else len(_METHOD_ORDER) + sum(map(ord, key)) % 3
+    style: dict[str, Any] = {"color": f"C{index % 10}", "marker": _MARKERS[index % len(_MARKERS)], "linewidth": 1.6}
+    if label.removesuffix(f" [{ORIGINAL}]").endswith(_ORIGINAL_ORDER):
+        style.update(linestyle=(0, (4, 2)), markersize=3)
+    elif label.endswith(f" [{ORIGINAL}]"):
+        style.update(linestyle="-.", markersize=4, markerfacecolor="none")
+    else:
+        style.update(linestyle="-", markersize=6.5, markerfacecolor="none")
+    return style
+
+
+def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
+    """One figure per (model, dataset, forward, optimizer), as PNG and PDF: training loss (log scale) and test
+    accuracy per epoch, one line per backward method (mean over trials) with a band from the minimum to the
+    maximum over trials.
+
+    Each backward method has its own colour, the same in every figure; runs in the original code's step order
+    (``"... (original order)"``) are dashed with crosses and runs of the original code (``"<backward> [original
+    code]"``) dash-dotted, so that a curve lying on its twin stays visible. The accuracy panel has a dotted
+    line at the full-precision model's accuracy when the trials know it. The legend, which gives each line's
+    number of trials, sits outside the panels. A figure is named ``<model>-<dataset>-<forward><bits>-
+    <optimizer>.png`` (and ``.pdf``), in lower case (e.g. ``resnet20-cifar10-dorefa1-sgd.png``). Needs
+    matplotlib (the ``plot`` extra); nothing global in matplotlib is changed (``figure_class``).
 
     Args:
         trials: the trials (``collect``).
         out: the directory to write in (created if needed).
 
     Returns:
-        The paths of the figures written, in the order of their (model, dataset, forward, bits, optimizer).
+        The paths written, each figure's PNG then its PDF, in the order of (model, dataset, forward, bits,
+        optimizer).
 
     Raises:
-        ImportError: matplotlib is not installed.
+        ImportError: matplotlib is not installed (the message names the extra).
 
     Example:
         Drawing takes about a second (matplotlib); which figures ``plot_comparisons(trials, out)`` draws
@@ -497,38 +692,88 @@ def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
         >>> sorted({t.key[1:5] + (t.optimizer,) for t in trials})  # one figure, two lines of two trials each
         [('ResNet20', 'CIFAR10', 'dorefa', 1, 'SGD')]
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Figure = figure_class()
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     out.mkdir(parents=True, exist_ok=True)
-    figures: dict[tuple, dict[str, list[TrialCurves]]] = defaultdict(lambda: defaultdict(list))
+    figures: dict[tuple[str, str, str, int, str], dict[str, list[TrialCurves]]] = defaultdict(lambda: defaultdict(list))
     for t in trials:
         line = t.backward if t.source == OURS else f"{t.backward} [{t.source}]"
         figures[(t.model, t.dataset, t.forward, t.bits, t.optimizer)][line].append(t)
     written = []
     for (model, dataset, forward, bits, optimizer), lines in sorted(figures.items()):
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for label, members in sorted(lines.items()):
-            for ax, attr in zip(axes, ("train_loss", "test_acc")):
+        fig = Figure(figsize=(13, 4.8), layout="constrained")
+        loss_ax, acc_ax = fig.subplots(1, 2)
+        handles, labels = [], []
+        all_positive = True
+        for label, members in sorted(lines.items(), key=lambda item: _legend_order(item[0])):
+            style = _line_style(label)
+            for ax, attr in ((loss_ax, "train_loss"), (acc_ax, "test_acc")):
                 n = min(len(getattr(t, attr)) for t in members)
                 values = np.array([getattr(t, attr)[:n] for t in members], dtype=np.float64)
+                if n == 0 or np.all(np.isnan(values)):
+                    continue  # e.g. an original-code run without loss.txt
                 epochs = np.arange(1, n + 1)
-                (handle,) = ax.plot(epochs, np.nanmean(values, axis=0), label=f"{label} ({len(members)})")
-                ax.fill_between(epochs, np.nanmin(values, axis=0), np.nanmax(values, axis=0),
-                                color=handle.get_color(), alpha=0.2)
-        axes[0].set_ylabel("training loss (mean over the epoch)")
-        axes[1].set_ylabel("test accuracy (%)")
-        for ax in axes:
+                (handle,) = ax.plot(epochs, np.nanmean(values, axis=0), markevery=max(1, n // 15), **style)
+                ax.fill_between(
+                    epochs,
+                    np.nanmin(values, axis=0),
+                    np.nanmax(values, axis=0),
+                    color=style["color"],
+                    alpha=0.12,
+                    linewidth=0,
+                )
+                if attr == "train_loss":
+                    all_positive &= bool(np.nanmin(values) > 0)
+                else:
+                    handles.append(handle)
+                    labels.append(f"{label} ({len(members)})")
+        fps = [t.fp_acc for members in lines.values() for t in members if t.fp_acc is not None]
+        if fps:
+            fp = float(np.mean(fps))
+            handles.append(acc_ax.axhline(fp, color="black", linestyle=":", linewidth=1.2))
+            labels.append(f"full precision ({fp:.1f}%)")
+        if all_positive:
+            loss_ax.set_yscale("log")  # losses of very different sizes stay readable side by side
+            # plain numbers (0.3, 2, not 3e-01); minor ticks labelled where the axis spans a decade or less
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            low, high = loss_ax.get_ylim()
+            loss_ax.yaxis.set_major_formatter(plain)
+            loss_ax.yaxis.set_minor_formatter(plain if np.log10(high / low) <= 1.2 else NullFormatter())
+        loss_ax.set_ylabel("training loss (mean over the epoch" + (", log scale)" if all_positive else ")"))
+        acc_ax.set_ylabel("test accuracy (%)")
+        for ax in (loss_ax, acc_ax):
             ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3)
-        axes[1].legend(title="backward (trials)", fontsize=8)
-        fig.suptitle(f"{model} on {dataset}, {bits}-bit {forward} forward, {optimizer}: mean over trials, "
-                     "band = min..max")
-        fig.tight_layout()
-        path = out / f"{_slug(model)}-{_slug(dataset)}-{_slug(forward)}{bits}-{_slug(optimizer)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+            ax.grid(alpha=0.3, which="both")
+        fig.legend(
+            handles,
+            labels,
+            loc="outside right center",
+            title="backward (trials)",
+            fontsize=8,
+            title_fontsize=9,
+            frameon=False,
+        )
+        fig.suptitle(
+            f"{model} on {dataset}, {bits}-bit {forward} forward, {optimizer}: mean over trials, band = min..max"
+        )
+        stem = out / f"{_slug(model)}-{_slug(dataset)}-{_slug(forward)}{bits}-{_slug(optimizer)}"
+        for suffix, options in ((".png", {"dpi": 110}), (".pdf", {})):
+            fig.savefig(stem.with_suffix(suffix), **options)
+            written.append(stem.with_suffix(suffix))
     return written
+
+
+def _method(label: str) -> str:
+    """The backward method of a line's label: ``"STE + momentum 0.9 (original order)"`` → ``"STE + momentum"``."""
+    method = label.removesuffix(f" [{ORIGINAL}]").removesuffix(_ORIGINAL_ORDER)
+    # the longest known name that the label starts with: "STE + momentum 0.9" is not "STE"
+    for known in sorted(_METHOD_ORDER, key=len, reverse=True):
+        if method == known or method.startswith(known + " "):
+            return known
+    return method
+
+
+def _legend_order(label: str) -> tuple[int, str]:
+    key = _method(label)
+    return (_METHOD_ORDER.index(key) if key in _METHOD_ORDER else len(_METHOD_ORDER), label)

@@ -24,26 +24,38 @@ A sweep file has four parts (see ``presets/`` for complete ones)::
     weight_decay = 5e-4
 
 A ``[[grid]]`` entry (or ``[base]``) may set ``label`` to name its backward method in reports (default: derived
-from the estimator, step order and momentum); ``seed`` and ``task`` are the sweep's to set. Runs that are ``done`` are skipped when the sweep is run again; a run
-left unfinished by an interruption is resumed from its last checkpoint (exactly: see ``pipeline.resume``).
+from the estimator, step order and momentum); ``seed`` and ``task`` are the sweep's to set. An entry with
+``equivalent_of = "fc-grad"`` (and a classical estimator) is the *equivalent STE* of the FC-Grad run of the
+same trial and options (``metaquant.equivalent``): its learning rate is multiplied by the mean gain that run
+learned, so the FC-Grad entry must come first. Runs that are
+``done`` are skipped when the sweep is run again; a run left unfinished by an interruption is resumed from its
+last checkpoint (exactly: see ``pipeline.resume``). ``run_sweep(..., jobs=N)`` (``metaquant sweep --jobs N``)
+makes N runs at a time, each in its own process, with the same results.
 A directory holding a run of another configuration is never touched: the sweep stops and says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import logging
+import multiprocessing
+import multiprocessing.connection
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .config import OPTIMIZERS, RunConfig
-from .guards import StopFlag
+from .guards import StopFlag, TrainingInterrupted
 from .pipeline import execute, resume
 from .runs import RunDir
 
@@ -57,8 +69,14 @@ __all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "run_sweep", "backwa
 logger = logging.getLogger(__name__)
 
 _TOP_KEYS = {"name", "trials", "seed", "pretrain", "base", "grid", "optimizer_overrides", "run_dir"}
-_DISPLAY = {"ste": "STE", "identity": "STE (unclipped)", "ewgs": "EWGS", "fc-grad": "FC-Grad",
-            "multifc": "MultiFC", "lstmfc": "LSTMFC"}
+_DISPLAY = {
+    "ste": "STE",
+    "identity": "STE (unclipped)",
+    "ewgs": "EWGS",
+    "fc-grad": "FC-Grad",
+    "multifc": "MultiFC",
+    "lstmfc": "LSTMFC",
+}
 
 
 @dataclass(frozen=True)
@@ -128,7 +146,7 @@ def backward_label(config: RunConfig) -> str:
     """How tables and figures name a run's backward method, e.g. ``MultiFC (original order)``.
 
     The estimator's display name, then `` (original order)`` for a meta quantizer run in the original code's
-    order (DESIGN §5.1), then `` + momentum m`` for SGD with momentum.
+    order (docs/design.md §5.1), then `` + momentum m`` for SGD with momentum.
 
     Args:
         config: the run's configuration.
@@ -145,6 +163,8 @@ def backward_label(config: RunConfig) -> str:
         ('STE + momentum 0.9', 'STE (unclipped)')
     """
     label = _DISPLAY.get(config.estimator, config.estimator)
+    if config.lr_gain_from is not None:
+        label += " (FC-Grad's gain)"
     if config.uses_meta and config.step_order == "original":
         label += " (original order)"
     if config.optimizer == "sgd" and config.momentum > 0:
@@ -209,9 +229,14 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not isinstance(trials, int) or trials < 1:
         raise ValueError(f"sweep file {path}: trials must be an integer >= 1, got {trials!r}")
     spec = SweepSpec(
-        name=str(data.get("name", path.stem)), trials=trials, seed=int(data.get("seed", 0)),
-        pretrain=data.get("pretrain"), base=dict(data.get("base", {})), grid=list(data["grid"]),
-        optimizer_overrides=dict(data.get("optimizer_overrides", {})), run_dir=data.get("run_dir"),
+        name=str(data.get("name", path.stem)),
+        trials=trials,
+        seed=int(data.get("seed", 0)),
+        pretrain=data.get("pretrain"),
+        base=dict(data.get("base", {})),
+        grid=list(data["grid"]),
+        optimizer_overrides=dict(data.get("optimizer_overrides", {})),
+        run_dir=data.get("run_dir"),
     )
     runs = plan(spec, Path("."))  # validates every configuration before anything runs
     if spec.pretrain is not None:
@@ -238,8 +263,10 @@ def pretrain_config(spec: SweepSpec, model: str, dataset: str) -> RunConfig:
     fields = {"seed": spec.seed, **(spec.pretrain or {})}
     clash = sorted({"task", "model"} & set(fields))
     if clash:
-        raise ValueError(f"sets {', '.join(clash)}, which the sweep sets: one pre-trained model is made for "
-                         "every model of the grid; remove it")
+        raise ValueError(
+            f"sets {', '.join(clash)}, which the sweep sets: one pre-trained model is made for "
+            "every model of the grid; remove it"
+        )
     fields.update(task="pretrain", model=model, dataset=dataset)
     return RunConfig.from_dict(fields)
 
@@ -281,18 +308,24 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
     """
     unknown = sorted(set(spec.optimizer_overrides) - set(OPTIMIZERS))
     if unknown:
-        raise ValueError(f"sweep {spec.name!r}: [optimizer_overrides] for unknown optimizers {unknown}; "
-                         f"allowed: {', '.join(OPTIMIZERS)} (lower case)")
+        raise ValueError(
+            f"sweep {spec.name!r}: [optimizer_overrides] for unknown optimizers {unknown}; "
+            f"allowed: {', '.join(OPTIMIZERS)} (lower case)"
+        )
     runs: list[PlannedRun] = []
     seen: set[Path] = set()
-    for part, fields in [("[base]", spec.base), *((f"[optimizer_overrides.{name}]", overrides)
-                                                   for name, overrides in spec.optimizer_overrides.items()),
-                         *(("[[grid]]", entry) for entry in spec.grid)]:
+    for part, fields in [
+        ("[base]", spec.base),
+        *((f"[optimizer_overrides.{name}]", overrides) for name, overrides in spec.optimizer_overrides.items()),
+        *(("[[grid]]", entry) for entry in spec.grid),
+    ]:
         # The sweep sets these itself: a value given here would be silently replaced.
         clash = sorted({"task", "seed"} & set(fields))
         if clash:
-            raise ValueError(f"sweep {spec.name!r}: {part} sets {', '.join(clash)}, which the sweep sets for every "
-                             "run (seed: the file's top-level seed plus the trial number minus one); remove it")
+            raise ValueError(
+                f"sweep {spec.name!r}: {part} sets {', '.join(clash)}, which the sweep sets for every "
+                "run (seed: the file's top-level seed plus the trial number minus one); remove it"
+            )
     for entry in spec.grid:
         for combo in _expand(entry):
             fields = {**spec.base, **combo}
@@ -300,26 +333,47 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
             fields.update(spec.optimizer_overrides.get(optimizer, {}))
             fields.update(combo)  # the grid entry wins over the optimizer overrides
             label = fields.pop("label", None)
-            for trial in range(1, spec.trials + 1):
-                try:
-                    config = RunConfig.from_dict({**fields, "task": "quantize", "seed": spec.seed + trial - 1})
-                except ValueError as err:
-                    raise ValueError(f"sweep {spec.name!r}: {err}") from None
-                if spec.pretrain is not None and config.init is None:
-                    config = dataclasses.replace(
-                        config, init=str(pretrain_path(root, config.model, config.dataset))
-                    )
-                name = label or backward_label(config)
-                config = dataclasses.replace(config, label=name)
-                path = root / (
-                    f"{_slug(name)}-{config.model}-{config.dataset}-{config.quantizer}{config.bits}-"
-                    f"{config.optimizer}-trial-{trial}"
+            equivalent_of = fields.pop("equivalent_of", None)
+            if equivalent_of not in (None, "fc-grad"):
+                raise ValueError(
+                    f"sweep {spec.name!r}: equivalent_of {equivalent_of!r} is not supported; allowed: fc-grad"
                 )
+            for trial in range(1, spec.trials + 1):
+                path, config, name = _planned(spec, root, fields, label, trial)
+                if equivalent_of is not None:
+                    # the run of this trial that differs only in its estimator: FC-Grad, run before this one
+                    sibling, _, _ = _planned(spec, root, {**fields, "estimator": equivalent_of}, None, trial)
+                    config = dataclasses.replace(config, lr_gain_from=str(sibling))
+                    name = label or backward_label(config)
+                    config = dataclasses.replace(config, label=name)
+                    path = _run_path(root, name, config, trial)
                 if path in seen:
                     raise ValueError(f"sweep {spec.name!r}: two runs would share the directory {path.name}")
                 seen.add(path)
                 runs.append(PlannedRun(path, config, name, trial))
     return runs
+
+
+def _run_path(root: Path, name: str, config: RunConfig, trial: int) -> Path:
+    return root / (
+        f"{_slug(name)}-{config.model}-{config.dataset}-{config.quantizer}{config.bits}-"
+        f"{config.optimizer}-trial-{trial}"
+    )
+
+
+def _planned(
+    spec: SweepSpec, root: Path, fields: dict[str, Any], label: str | None, trial: int
+) -> tuple[Path, RunConfig, str]:
+    """The directory, configuration and label of one run of the sweep."""
+    try:
+        config = RunConfig.from_dict({**fields, "task": "quantize", "seed": spec.seed + trial - 1})
+    except ValueError as err:
+        raise ValueError(f"sweep {spec.name!r}: {err}") from None
+    if spec.pretrain is not None and config.init is None:
+        config = dataclasses.replace(config, init=str(pretrain_path(root, config.model, config.dataset)))
+    name = label or backward_label(config)
+    config = dataclasses.replace(config, label=name)
+    return _run_path(root, name, config, trial), config, name
 
 
 def _differences(a: RunConfig, b: RunConfig) -> list[str]:
@@ -348,6 +402,42 @@ def _run_once(
     return "done", result.final_acc, result.best_acc
 
 
+@dataclass(frozen=True)
+class _Task:
+    """One run to make: where, with what configuration, and how its progress line begins."""
+
+    path: Path
+    config: RunConfig
+    title: str
+    pretrain: bool
+
+
+def _line(task: _Task, status: str, final: float | None, best: float | None, seconds: float) -> str:
+    if task.pretrain:
+        return f"{task.title}: {status}, test accuracy {final:.2f}% ({seconds:.0f}s)"
+    return f"{task.title}: {status}, final {final:.2f}%, best {best:.2f}% ({seconds:.0f}s)"
+
+
+def _tasks(spec: SweepSpec, root: Path, runs: list[PlannedRun]) -> tuple[list[_Task], list[_Task]]:
+    pretrains = []
+    if spec.pretrain is not None:
+        for model, dataset in dict.fromkeys((r.config.model, r.config.dataset) for r in runs):
+            pretrains.append(
+                _Task(
+                    pretrain_path(root, model, dataset),
+                    pretrain_config(spec, model, dataset),
+                    f"[pretrain] {model} on {dataset}",
+                    True,
+                )
+            )
+    quantize = []
+    for i, run in enumerate(runs, 1):
+        c = run.config
+        title = f"[{i}/{len(runs)}] {run.label} | {c.model} {c.quantizer}{c.bits} {c.optimizer} | trial {run.trial}"
+        quantize.append(_Task(run.path, run.config, title, False))
+    return pretrains, quantize
+
+
 def run_sweep(
     spec: SweepSpec,
     root: str | Path,
@@ -355,25 +445,35 @@ def run_sweep(
     progress: bool = False,
     echo: Callable[[str], None] = print,
     stop: StopFlag | None = None,
+    jobs: int = 1,
 ) -> list[PlannedRun]:
     """Run every run of ``spec`` under ``root`` that is not done yet; one progress line per run via ``echo``.
 
     The shared pre-training runs (if ``spec.pretrain``) come first. A finished run is skipped, an interrupted
     one resumed (``pipeline.resume``), a new one started (``pipeline.execute``).
 
+    With ``jobs > 1``, up to ``jobs`` runs go side by side, each in its own process (started fresh, so CUDA
+    works in each; on one GPU they share it), the pre-training runs before the quantization runs; each
+    process gets ``1/jobs`` of this process's CPU threads, and lines come as runs finish; a run that needs
+    another's result (an equivalent STE, its FC-Grad run) starts once that run has finished. A run's numbers do
+    not depend on ``jobs``: every run is seeded by its configuration alone. A stop request (``stop``, e.g.
+    Ctrl-C) is passed on to the runs in progress, which write a checkpoint and stop; a run that fails stops
+    the others the same way, and its error is raised once they have stopped.
+
     Args:
         spec: the sweep.
         root: the directory of the run directories (created if needed).
-        progress: show a progress bar per epoch.
+        progress: show a progress bar per epoch (only with ``jobs=1``).
         echo: receives one line per run (status, final and best test accuracy, seconds).
         stop: a ``StopFlag``, as for ``pipeline.execute``.
+        jobs: how many runs at a time (1: one after another, in this process).
 
     Returns:
         The ``PlannedRun`` of every quantization run, as ``plan`` gives them.
 
     Raises:
         ValueError: a run directory holds a run of another configuration, or a directory that is not a run
-            (nothing in it is touched); and ``plan``'s errors.
+            (nothing in it is touched); ``jobs`` is not an integer >= 1; and ``plan``'s errors.
         TrainingInterrupted: ``stop`` was set; running the sweep again resumes where it stopped.
         FileNotFoundError: as ``pipeline.execute`` (e.g. the data set is not found).
 
@@ -391,20 +491,124 @@ def run_sweep(
         >>> _ = run_sweep(spec, "sweeps/tiny")  # again: the finished run is not run twice
         [1/1] STE | resnet8 dorefa1 sgd | trial 1: skipped (done), final ...%, best ...% (...s)
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     runs = plan(spec, root)
-    if spec.pretrain is not None:
-        for model, dataset in dict.fromkeys((r.config.model, r.config.dataset) for r in runs):
-            path = pretrain_path(root, model, dataset)
-            start = time.perf_counter()
-            status, final, _ = _run_once(path, pretrain_config(spec, model, dataset), progress, stop)
-            echo(f"[pretrain] {model} on {dataset}: {status}, test accuracy {final:.2f}% "
-                 f"({time.perf_counter() - start:.0f}s)")
-    for i, run in enumerate(runs, 1):
-        start = time.perf_counter()
-        status, final, best = _run_once(run.path, run.config, progress, stop)
-        c = run.config
-        echo(f"[{i}/{len(runs)}] {run.label} | {c.model} {c.quantizer}{c.bits} {c.optimizer} | trial {run.trial}: "
-             f"{status}, final {final:.2f}%, best {best:.2f}% ({time.perf_counter() - start:.0f}s)")
+    pretrains, quantize = _tasks(spec, root, runs)
+    for phase in (pretrains, quantize):  # the quantization runs start from the pre-trained models
+        if jobs == 1:
+            for task in phase:
+                start = time.perf_counter()
+                status, final, best = _run_once(task.path, task.config, progress, stop)
+                echo(_line(task, status, final, best, time.perf_counter() - start))
+        else:
+            _run_side_by_side(phase, jobs, echo, stop)
     return runs
+
+
+def _worker(path: str, config: RunConfig, threads: int, conn: Connection) -> None:
+    """One run in a process of its own; sends ``("done", status, final, best)``, ``("interrupted", signum)`` or
+    ``("error", module, class name, message)``."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    stop = StopFlag()
+    with stop.installed():
+        try:
+            conn.send(("done", *_run_once(Path(path), config, False, stop)))
+        except TrainingInterrupted as err:
+            conn.send(("interrupted", err.signum))
+        except Exception as err:  # the parent reports it and stops the sweep
+            conn.send(("error", type(err).__module__, type(err).__qualname__, str(err)))
+    conn.close()
+
+
+def _rebuild(module: str, name: str, message: str) -> Exception:
+    """The worker's exception, of its own type where that type takes a message alone."""
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        err = cls(message)
+        if isinstance(err, Exception):
+            return err
+    except Exception:  # a type that cannot be rebuilt from its message
+        pass
+    return RuntimeError(f"{name}: {message}")
+
+
+def _prerequisites(task: _Task) -> set[Path]:
+    """Runs that must be finished before ``task`` starts: the FC-Grad run whose gain an equivalent STE uses."""
+    source = getattr(task.config, "lr_gain_from", None)
+    return {Path(source)} if source else set()
+
+
+def _next_task(pending: list[_Task], running: set[Path]) -> _Task | None:
+    """The first pending run whose prerequisites are neither pending nor running, or None."""
+    unfinished = {t.path for t in pending} | running
+    return next((t for t in pending if not (_prerequisites(t) & unfinished)), None)
+
+
+def _run_side_by_side(tasks: list[_Task], jobs: int, echo: Callable[[str], None], stop: StopFlag | None) -> None:
+    # "spawn": a fresh interpreter per run, safe with CUDA and with the threads torch has already started.
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, torch.get_num_threads() // jobs)
+    pending = list(tasks)
+    running: dict[Any, tuple[Any, Connection, _Task, float]] = {}
+    failure: Exception | None = None
+    signum: int | None = None
+    stopping = False
+
+    def stop_all() -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            for process, _, _, _ in running.values():
+                process.terminate()  # SIGTERM: the run writes a checkpoint at the end of its step and stops
+
+    try:
+        while pending or running:
+            if stop and not stopping:
+                signum = stop.signum
+                stop_all()
+            while len(running) < jobs and not stopping:
+                task = _next_task(pending, {entry[2].path for entry in running.values()})
+                if task is None:
+                    break
+                pending.remove(task)
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_worker, args=(str(task.path), task.config, threads, send))
+                process.start()
+                send.close()
+                running[process.sentinel] = (process, receive, task, time.perf_counter())
+            for sentinel in multiprocessing.connection.wait(list(running), timeout=0.5):
+                process, receive, task, start = running.pop(sentinel)
+                message = receive.recv() if receive.poll() else None
+                process.join()
+                receive.close()
+                seconds = time.perf_counter() - start
+                if message is not None and message[0] == "done":
+                    _, status, final, best = message
+                    echo(_line(task, status, final, best, seconds))
+                elif message is not None and message[0] == "error":
+                    echo(f"{task.title}: failed ({message[2]}: {message[3]})")
+                    failure = failure or _rebuild(*message[1:])
+                    stop_all()
+                elif stopping:  # interrupted, with a checkpoint, or stopped before it began
+                    echo(f"{task.title}: stopped ({seconds:.0f}s)")
+                    signum = signum or (message[1] if message is not None else None)
+                else:
+                    failure = failure or RuntimeError(
+                        f"the process of {task.path} ended with exit status {process.exitcode} without a result"
+                    )
+                    echo(f"{task.title}: failed (exit status {process.exitcode})")
+                    stop_all()
+    finally:
+        for process, receive, _, _ in running.values():  # only left over when this process itself failed
+            process.terminate()
+            process.join()
+            receive.close()
+    if failure is not None:
+        raise failure
+    if stopping:
+        signum = signum or signal.SIGTERM
+        raise TrainingInterrupted(f"sweep stopped by signal {signum}; the runs in progress wrote checkpoints", signum)

@@ -11,7 +11,8 @@ directory (a few hundred kilobytes at most).
 * ``learned-function.png``: MultiFC's multiplier of ``g_Ŵ`` as a function of ``W̃``, FC-Grad's output as a
   function of its input gradient, or LSTMFC's multiplier of the sampled coordinates over the epochs, at the
   snapshot epochs, next to STE's (a multiplier of 1);
-* ``weights.png``: the distribution of each quantized layer's latent weights at the start and at the end.
+* ``weights.png``: the distribution of each quantized layer's latent weights at the first and the last
+  snapshot, and below it the change in every bin, with the share of the weights that changed bin.
 """
 
 from __future__ import annotations
@@ -102,8 +103,13 @@ class MetaTrace:
                 # and let the training itself resume.
                 aside = self.path.with_name(self.path.stem + ".damaged" + self.path.suffix)
                 os.replace(self.path, aside)
-                logger.warning("%s is not a readable trace (%s: %s); moved to %s, starting a new trace",
-                               self.path, type(err).__name__, err, aside.name)
+                logger.warning(
+                    "%s is not a readable trace (%s: %s); moved to %s, starting a new trace",
+                    self.path,
+                    type(err).__name__,
+                    err,
+                    aside.name,
+                )
 
     def snapshot(self, epoch: int, trainer: Any, model: nn.Module) -> None:
         """Record the state after ``epoch`` epochs (0: before training) if it is a snapshot epoch.
@@ -131,8 +137,11 @@ class MetaTrace:
             record = trainer.state_dict()["records"][first]
             if record["w_tilde"] is not None and record["meta_state"] is not None:
                 h, c = record["meta_state"]
-                entry["lstm_sample"] = {"w_tilde": record["w_tilde"].reshape(-1)[:SAMPLE].clone(),
-                                        "h": h[:, :SAMPLE].clone(), "c": c[:, :SAMPLE].clone()}
+                entry["lstm_sample"] = {
+                    "w_tilde": record["w_tilde"].reshape(-1)[:SAMPLE].clone(),
+                    "h": h[:, :SAMPLE].clone(),
+                    "c": c[:, :SAMPLE].clone(),
+                }
         self.data["snapshots"][epoch] = entry
         buffer = io.BytesIO()
         torch.save(self.data, buffer)
@@ -169,10 +178,12 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
     Raises:
         FileNotFoundError: the run has no trace (not a MetaQuant run, or made before traces existed), or no
             ``config.json``.
-        ImportError: matplotlib is not installed.
+        ValueError: ``trace.pt`` is damaged or holds no snapshot; ``config.json`` is malformed.
+        ImportError: matplotlib is not installed (the message names the extra).
 
     Example:
-        Drawing takes about a second (matplotlib). For MultiFC, ``learned-function.png`` shows at each snapshot
+        Drawing takes about a second (matplotlib; drawn on ``Figure`` objects, without ``pyplot``, so nothing
+        global changes). For MultiFC, ``learned-function.png`` shows at each snapshot
         the multiplier of ``g_Ŵ`` as a function of ``W̃`` (DoReFa: ``W̃`` in [0, 1]), next to STE's 1:
 
         >>> meta, w_tilde = mq.MultiFC(hidden=8), torch.linspace(0, 1, 5)
@@ -180,29 +191,42 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
         >>> multiplier.shape, torch.allclose(meta(torch.full((5,), 3.0), w_tilde)[0], 3 * multiplier)
         (torch.Size([5]), True)
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .config import RunConfig
     from .pipeline import build_meta
+    from .report import figure_class
+
+    Figure = figure_class()  # first: without matplotlib, the error names the extra to install
+    from matplotlib import colormaps
 
     run_dir = Path(run_dir)
     trace_path = run_dir / TRACE_FILE
     if not trace_path.exists():
-        raise FileNotFoundError(f"{run_dir} has no {TRACE_FILE}: only MetaQuant runs record what they learn, "
-                                "from their first epoch on")
+        raise FileNotFoundError(
+            f"{run_dir} has no {TRACE_FILE}: only MetaQuant runs record what they learn, from their first epoch on"
+        )
     out = Path(out) if out else run_dir
     out.mkdir(parents=True, exist_ok=True)
-    data = torch.load(trace_path, weights_only=True)
+    try:
+        data = torch.load(trace_path, weights_only=True)
+        if not (
+            isinstance(data, dict)
+            and isinstance(data.get("snapshots"), dict)
+            and data["snapshots"]
+            and isinstance(data.get("bins"), dict)
+        ):
+            raise ValueError("no snapshots")
+    except Exception as err:  # torch raises several types for a damaged file
+        raise ValueError(
+            f"{trace_path} is not a readable trace ({type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]})"
+        ) from None
     config = RunConfig.load(run_dir / "config.json")
     meta = build_meta(config)
     snapshots = dict(sorted(data["snapshots"].items()))
-    colors = plt.cm.viridis(np.linspace(0, 1, len(snapshots)))
+    colors = colormaps["viridis"](np.linspace(0, 1, len(snapshots)))
     written = []
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
     if isinstance(meta, MultiFC):
         # the range of W̃: DoReFa's A maps into [0, 1]; the identity pre-processing keeps the weights' range
         lo, hi = (0.0, 1.0) if config.quantizer == "dorefa" else (-1.0, 1.0)
@@ -230,9 +254,9 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
             epochs.append(epoch)
             values.append(_multiplier(meta, sample["w_tilde"], state).numpy())
         if values:
-            values = np.stack(values)
-            for i in range(values.shape[1]):
-                ax.plot(epochs, values[:, i], marker="o", label=f"coordinate {i}" if i < 4 else None)
+            stacked = np.stack(values)
+            for i in range(stacked.shape[1]):
+                ax.plot(epochs, stacked[:, i], marker="o", label=f"coordinate {i}" if i < 4 else None)
         ax.set_xlabel("epoch")
         ax.set_ylabel("multiplier of g_Ŵ for sampled coordinates")
     if isinstance(meta, FCGrad):
@@ -242,29 +266,50 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"What {type(meta).__name__} learned ({config.quantizer} {config.bits}-bit, {config.optimizer})")
-    fig.tight_layout()
     written.append(out / "learned-function.png")
     fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
 
+    written.append(out / "weights.png")
+    _plot_weights(Figure, data, snapshots, written[-1])
+    return written
+
+
+def _plot_weights(Figure: type, data: dict[str, Any], snapshots: dict[int, Any], path: Path) -> None:
+    """Each quantized layer's latent-weight histogram at the first and the last snapshot, and below it their
+    difference, which shows how the weights moved even where the two histograms look alike."""
     first, last = min(snapshots), max(snapshots)
     names = list(data["bins"])
     cols = min(4, len(names))
     rows = -(-len(names) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    fig = Figure(figsize=(3.4 * cols, 3.0 * rows + 0.6), layout="constrained")
+    grid = fig.add_gridspec(rows, cols)
+    for i, name in enumerate(names):
+        row, col = divmod(i, cols)
+        top, bottom = fig.add_subfigure(grid[row, col]).subplots(2, 1, sharex=True, height_ratios=[2, 1])
         edges = data["bins"][name].numpy()
-        centers = (edges[:-1] + edges[1:]) / 2
-        for epoch, style in ((first, "-"), (last, "--")):
-            ax.plot(centers, snapshots[epoch]["weights"][name].numpy(), style, label=f"epoch {epoch}")
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle("latent weights W per quantized layer: start and end of training")
-    fig.tight_layout()
-    written.append(out / "weights.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-    return written
+        centers, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+        start = snapshots[first]["weights"][name].numpy().astype(np.float64)
+        end = snapshots[last]["weights"][name].numpy().astype(np.float64)
+        top.fill_between(centers, start, step="mid", color="0.75", label=f"epoch {first}")
+        top.step(centers, end, where="mid", color="C0", linewidth=1.2, label=f"epoch {last}")
+        change = end - start
+        bottom.bar(centers, change, width=width, color=np.where(change >= 0, "C2", "C3"))
+        bottom.axhline(0, color="black", linewidth=0.6)
+        # at least this share of the weights left their bin: every weight that moved bins adds 1 to |change| twice
+        moved = np.abs(change).sum() / 2 / max(start.sum(), 1)
+        top.set_title(f"{name}: {moved:.1%} changed bin", fontsize=8)
+        for ax in (top, bottom):
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        if col == 0:
+            top.set_ylabel("weights per bin", fontsize=8)
+            bottom.set_ylabel(f"change\n(epoch {last} − {first})", fontsize=7)
+        if row == rows - 1 or i + cols >= len(names):
+            bottom.set_xlabel("latent weight W", fontsize=8)
+        if i == 0:
+            top.legend(fontsize=7)
+    fig.suptitle(
+        f"Latent weights W per quantized layer, epoch {first} (grey) and {last} (line); below, the "
+        "change in each bin (green: more weights, red: fewer)"
+    )
+    fig.savefig(path, dpi=100)

@@ -14,7 +14,7 @@ optimizer update every parameter, exactly as a ``torch.optim`` training loop wou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -22,12 +22,46 @@ from torch import Tensor, nn
 
 from .estimators import STE, ClassicalEstimator, fake_quantize
 from .distributed import any_process
-from .guards import BufferSnapshot, check_policy, first_nonfinite, reject_step
+from .guards import BufferSnapshot, check_closure, check_loss, check_policy, first_nonfinite, reject_step
 from .layers import QuantLayer, forward_params_fn
 
 __all__ = ["Trainer"]
 
 Closure = Callable[[], Tensor]
+
+
+def closures_of(closure: Closure | Sequence[Closure]) -> list[Closure]:
+    """``step``'s argument as a list of closures: one, or one per micro-batch (gradient accumulation).
+
+    Raises:
+        TypeError: not a callable nor a non-empty sequence of callables (the message says what ``step`` needs).
+    """
+    closures = list(closure) if isinstance(closure, (list, tuple)) else [closure]
+    if not closures:
+        raise TypeError("step(closure) needs a closure, or a non-empty list of closures (one per micro-batch); "
+                        "got an empty list")
+    return [check_closure(c) for c in closures]
+
+
+GradMarks = list[tuple[int, int] | None]
+
+
+def grad_marks(tensors: Iterable[Tensor]) -> GradMarks:
+    """Which ``.grad`` each tensor holds now, and its version (an in-place accumulation changes it)."""
+    return [None if t.grad is None else (id(t.grad), t.grad._version) for t in tensors]
+
+
+def check_no_backward(before: GradMarks, tensors: Iterable[Tensor]) -> None:
+    """Raise if a gradient appeared or changed since ``before``: the closure back-propagated by itself.
+
+    Raises:
+        RuntimeError: says that the closure must return the loss and leave ``backward`` to ``step``.
+    """
+    if grad_marks(tensors) != before:
+        raise RuntimeError(
+            "the closure called backward() itself; it must only run the forward pass and return the loss: step() "
+            "back-propagates (and scales, accumulates and checks the gradients) — remove loss.backward() from the "
+            "closure; for gradient accumulation pass a list of closures, one per micro-batch")
 
 
 class Trainer:
@@ -39,6 +73,9 @@ class Trainer:
         estimator: the classical estimator for quantized layers (default: clipped STE, the paper's baseline).
         on_nonfinite: ``"raise"`` (default) stops with ``NonFiniteError`` before any update when the loss or a
             gradient is not finite; ``"skip"`` undoes the forward pass's BatchNorm statistics and skips the step.
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 training: the loss is scaled before the backward
+            pass, the gradients unscaled before the update, and a step whose scaled gradients overflowed is
+            skipped while the scaler lowers its scale (not an error, not counted in ``skipped_steps``).
 
     Raises:
         TypeError: ``estimator`` is not a ``ClassicalEstimator``.
@@ -65,6 +102,7 @@ class Trainer:
         estimator: ClassicalEstimator = STE(),
         *,
         on_nonfinite: str = "raise",
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if not isinstance(estimator, ClassicalEstimator):
             raise TypeError(f"estimator must be a ClassicalEstimator (STE, Identity, EWGS), got {estimator!r}")
@@ -74,40 +112,92 @@ class Trainer:
         self.estimator = estimator
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
+        self.grad_scaler = grad_scaler
 
     def _forward_params(self, layer: QuantLayer) -> tuple[Tensor, Tensor | None]:
         return fake_quantize(layer.weight, layer.quantizer, self.estimator), layer.bias
 
-    def step(self, closure: Closure) -> Tensor:
+    def step(self, closure: Closure | Sequence[Closure], *,
+             before_update: Callable[[Trainer], None] | None = None) -> Tensor:
         """Zero the gradients, compute ``closure()``, back-propagate, update. Returns the loss (detached).
 
         Args:
-            closure: runs the forward pass on a batch and returns the scalar loss (without calling ``backward``).
+            closure: runs the forward pass on a batch and returns the scalar loss (without calling ``backward``);
+                or a list of such closures, one per micro-batch, for gradient accumulation: each is called and
+                back-propagated in turn (one micro-batch's activations in memory at a time) with its loss divided
+                by their number, so for equal micro-batches and mean-reduced losses the update equals one step
+                on their union.
+            before_update: called with the trainer after the backward pass (gradients unscaled, checked finite)
+                and before the optimizer's step, e.g. to clip ``p.grad`` of ``trainer.model.parameters()``
+                in place; the step uses the gradients as the hook leaves them.
 
         Returns:
-            The loss, detached; with ``on_nonfinite="skip"``, a skipped step's non-finite loss.
+            The loss, detached (the mean over micro-batches); with ``on_nonfinite="skip"``, a skipped step's
+            non-finite loss.
 
         Raises:
             NonFiniteError: the loss or a gradient is not finite (``on_nonfinite="raise"``); nothing was updated.
+            RuntimeError: a closure called ``backward`` itself.
+            TypeError: ``closure`` is not callable nor a non-empty list of callables.
+
+        Example:
+            Clipping the gradients between the backward pass and the update, over two micro-batches:
+
+            >>> import torch.nn.functional as F
+            >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)))
+            >>> trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+            >>> x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+            >>> clip = lambda t: torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm=0.5)
+            >>> halves = [lambda: F.cross_entropy(model(x[:3]), y[:3]), lambda: F.cross_entropy(model(x[3:]), y[3:])]
+            >>> loss = trainer.step(halves, before_update=clip)
+            >>> loss.shape
+            torch.Size([])
         """
+        closures = closures_of(closure)
         self.optimizer.zero_grad(set_to_none=True)
         snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" else None
         # The layers' default is the clipped STE; another estimator is installed for this forward pass only.
-        scope = (
-            contextlib.nullcontext() if self.estimator == STE() else forward_params_fn(self.model, self._forward_params)
-        )
-        with scope:
-            loss = closure()
-        # under data parallelism every process must take the same branch (backward runs collectives)
-        bad = "loss" if any_process(first_nonfinite({"loss": [loss]}) is not None) else None
+        def scope() -> contextlib.AbstractContextManager[Any]:  # a fresh context per micro-batch
+            if self.estimator == STE():
+                return contextlib.nullcontext()
+            return forward_params_fn(self.model, self._forward_params)
+
+        scaler = self.grad_scaler
+        params = list(self.model.parameters())
+        bad, total = None, None
+        for part in closures:
+            marks = grad_marks(params)
+            with scope():
+                loss = check_loss(part())
+            check_no_backward(marks, params)
+            # under data parallelism every process must take the same branch (backward runs collectives)
+            if any_process(first_nonfinite({"loss": [loss]}) is not None):
+                bad = "loss"
+                break
+            # k = 1 back-propagates the loss itself, so that a single closure's gradients are unchanged to the bit
+            scaled = loss if len(closures) == 1 else loss / len(closures)
+            (scaled if scaler is None else scaler.scale(scaled)).backward()
+            total = loss.detach() if total is None else total + loss.detach()
         if bad is None:
-            loss.backward()
+            loss = total if len(closures) == 1 else total / len(closures)
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
             bad = first_nonfinite({"gradients": (p.grad for p in self.model.parameters())})
+        if bad == "gradients" and scaler is not None:
+            # The fp16 loss scale overflowed: as scaler.step does, skip the update and let the scaler back off.
+            scaler.step(self.optimizer)
+            scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
         if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps = reject_step(bad, snapshot, self.skipped_steps)
             return loss.detach()
+        if before_update is not None:
+            before_update(self)
         self.optimizer.step()
+        if scaler is not None:
+            scaler.update()
         return loss.detach()
 
     def set_epoch(self, epoch: int) -> None:

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum, is_distributed, unwrap
-from .guards import NonFiniteError, StopFlag, TrainingInterrupted, all_finite
+from .distributed import all_reduce_sum, any_process, is_distributed, unwrap
+from .guards import NonFiniteError, SkipLimitError, StepSnapshot, StopFlag, TrainingInterrupted, all_finite
+from .precision import autocast
 from .runs import RunDir, save_checkpoint
 from .schedules import lr_factor, scale_lr
 
@@ -168,7 +169,9 @@ class FitState:
     (non-zero only in a checkpoint written mid-epoch), and the ``epoch_*`` fields the running sums of the
     epoch's training statistics. ``iteration`` counts the steps of the whole run, ``best_acc`` and ``last_acc``
     are the best and the latest test top-1 accuracy (percent), and ``epoch_losses`` the ``(iteration, loss)``
-    pairs of the epoch. ``fit`` returns it and saves it in each checkpoint as ``dataclasses.asdict(state)``.
+    pairs of the epoch. ``skipped`` counts the steps skipped for non-finite values in the whole run and
+    ``epoch_skipped`` those of the epoch. ``fit`` returns it and saves it in each checkpoint as
+    ``dataclasses.asdict(state)``.
 
     Example:
         >>> import dataclasses
@@ -188,21 +191,24 @@ class FitState:
     epoch_correct: int = 0
     epoch_seen: int = 0
     epoch_losses: list[tuple[int, float]] = field(default_factory=list)
+    skipped: int = 0
+    epoch_skipped: int = 0
 
     def start_epoch(self) -> None:
         """Reset ``batch`` and the epoch's running statistics (``epoch`` itself is left to the caller)."""
         self.batch, self.epoch_loss_sum, self.epoch_correct, self.epoch_seen = 0, 0.0, 0, 0
         self.epoch_losses = []
+        self.epoch_skipped = 0
 
 
 def fit(
     model: nn.Module,
     trainer: StepTrainer,
-    train_loader: EpochLoader,
-    test_loader: EpochLoader,
+    train_loader: Iterable[tuple[Tensor, Tensor]],
+    test_loader: Iterable[tuple[Tensor, Tensor]],
     *,
     epochs: int,
-    schedule: Callable[[int], float],
+    schedule: Callable[[int], float] | None,
     run: RunDir | None = None,
     state: FitState | None = None,
     extra_checkpoint: Callable[[], dict[str, Any]] | None = None,
@@ -210,19 +216,30 @@ def fit(
     stop: StopFlag | None = None,
     checkpoint_every: int = 0,
     on_epoch_end: Callable[[int], None] | None = None,
+    max_skipped: int | None = None,
+    amp: str = "none",
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scheduler_interval: str = "epoch",
 ) -> FitState:
     """Train ``model`` with ``trainer`` from ``state`` to the end of epoch ``epochs``.
 
     Args:
         model: the model (quantized or not).
         trainer: does one optimization step per batch.
-        train_loader: a re-iterable loader of ``(x, y)`` batches with ``set_epoch`` and ``len`` (the data order
-            depends on the epoch only, so a resumed run sees the same batches), e.g. a ``TensorLoader``.
+        train_loader: any re-iterable of ``(x, y)`` batches: a ``TensorLoader``, a ``torch.utils.data.DataLoader``,
+            a list. Its ``set_epoch`` is called at each epoch's start when it has one (a loader whose data order
+            depends on the epoch only lets a resumed run see the same batches); its ``len``, when it has one,
+            sizes the progress bar.
         test_loader: the evaluation batches, iterated once per epoch by ``evaluate`` (``fit`` calls no
             ``set_epoch`` on it).
         epochs: total number of epochs.
-        schedule: ``epoch -> learning-rate factor`` of the base optimizer (MetaQuant's meta optimizer
-            follows the base optimizer's rate by itself).
+        schedule: ``epoch -> learning-rate factor`` of the base optimizer, set at each epoch's start (MetaQuant's
+            meta optimizer follows the base optimizer's rate by itself); None: ``fit`` leaves the rate alone
+            (to ``scheduler``, or constant).
+        scheduler: a ``torch.optim.lr_scheduler`` of the trainer's optimizer, stepped by ``fit`` after every
+            epoch or every step (``scheduler_interval``); ``fit`` does not otherwise touch the rate, so
+            ``schedule`` must be None. Its ``state_dict`` goes into each checkpoint as ``"scheduler"``.
+        scheduler_interval: ``"epoch"`` or ``"step"``: when ``scheduler.step()`` is called.
         run: where metrics and checkpoints go (None: keep nothing, e.g. in tests and notebooks).
         state: where to start (a resumed run's saved state, possibly mid-epoch); default the beginning.
         extra_checkpoint: more entries for each checkpoint (e.g. the configuration).
@@ -231,16 +248,29 @@ def fit(
         checkpoint_every: also write a checkpoint every N steps within an epoch (0: at epoch ends only).
         on_epoch_end: called with the number of epochs done, after each epoch's checkpoint (and with 0 before
             the first epoch of a run that starts from the beginning).
+        max_skipped: stop with ``SkipLimitError`` once more steps than this were skipped for non-finite values
+            in the whole run (None: no limit). Skipping is the trainer's ``on_nonfinite="skip"``.
+        amp: mixed precision of the forward pass, one of ``metaquant.precision.AMP_MODES`` (``"bf16"``: under
+            ``torch.autocast`` in bfloat16; the loss is taken in float32).
+
+    After every step the model's parameters and buffers are checked: an update that made them non-finite
+    stops the run (``NonFiniteError``) or, when the trainer skips non-finite steps, is undone from a
+    ``StepSnapshot`` taken before the step and counted as a skipped step. Each epoch's record holds its
+    number of skipped steps (``skipped_steps``); its training loss and accuracy are None when every step was
+    skipped.
 
     Returns:
         The final ``FitState``.
 
     Raises:
         TrainingInterrupted: ``stop`` was set; with ``run``, a checkpoint of the exact position was written.
-        NonFiniteError: a step produced a non-finite value; the message names the epoch, the step and the
-            last good checkpoint, which is left as it was. Also raised, instead of writing, when ``run`` is set
-            and the weights of a checkpoint about to be saved are not finite.
-        ValueError: ``test_loader`` yielded no examples (from ``evaluate``).
+        NonFiniteError: a step produced a non-finite value, or its update made the weights non-finite; the
+            message names the epoch, the step and the last good checkpoint, which is left as it was. Also
+            raised, instead of writing, when ``run`` is set and the weights of a checkpoint about to be saved
+            are not finite.
+        SkipLimitError: more than ``max_skipped`` steps were skipped (a ``NonFiniteError``).
+        ValueError: ``test_loader`` yielded no examples (from ``evaluate``); both ``schedule`` and ``scheduler``
+            given, or ``scheduler_interval`` not ``"epoch"`` or ``"step"``.
 
     Example:
         One epoch of STE training on 8 random 4×4 images, in two batches:
@@ -254,7 +284,17 @@ def fit(
         >>> state.epoch, state.iteration, 0.0 <= state.best_acc <= 100.0
         (1, 2, True)
     """
+    if schedule is not None and scheduler is not None:
+        # schedule sets the rate from initial_lr at each epoch: it would undo the scheduler's steps.
+        raise ValueError("fit got both schedule and scheduler: pass schedule=None to let the scheduler set the rate")
+    if scheduler_interval not in ("epoch", "step"):
+        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
     state = state or FitState()
+    skip = getattr(trainer, "on_nonfinite", "raise") == "skip"
+    weights = [*unwrap(model).parameters(), *unwrap(model).buffers()]
+
+    def last_good() -> str:
+        return str(run.checkpoint_path) if run is not None and run.checkpoint_path.exists() else "none yet"
 
     def save(mid_epoch: bool = False) -> None:
         # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective: every process
@@ -274,49 +314,78 @@ def fit(
             "best_acc": state.best_acc,
             "fit": fit_state,
             "rng": rng_state(),
+            **({"scheduler": scheduler.state_dict()} if scheduler is not None else {}),
             **(extra_checkpoint() if extra_checkpoint else {}),
         }
         if not all_finite(checkpoint["model"].values()):
-            raise NonFiniteError(f"refusing to save non-finite weights over {run.checkpoint_path}")
+            at = f"epoch {state.epoch + 1}, step {state.batch}" if mid_epoch else f"the end of epoch {state.epoch}"
+            raise NonFiniteError(f"non-finite weights at {at} (iteration {state.iteration}); refusing to save "
+                                 f"them over {run.checkpoint_path}, the last good checkpoint")
         save_checkpoint(run.checkpoint_path, checkpoint)
 
     if on_epoch_end is not None and state.epoch == 0 and state.batch == 0:
         on_epoch_end(0)
     for epoch in range(state.epoch, epochs):
         state.epoch = epoch
-        scale_lr(trainer.optimizer, schedule(epoch))
+        if schedule is not None:
+            scale_lr(trainer.optimizer, schedule(epoch))
         trainer.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
+        if hasattr(train_loader, "set_epoch"):  # e.g. a TensorLoader; a DataLoader has none
+            train_loader.set_epoch(epoch)
         model.train()
         start = time.perf_counter()
         resume_at = state.batch
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress,
-                   total=len(train_loader), initial=resume_at)
+                   total=len(train_loader) if hasattr(train_loader, "__len__") else None, initial=resume_at)
         for b, (x, y) in enumerate(bar):
             if b < resume_at:
                 continue  # done before the checkpoint this run resumed from; the loader replays the epoch
             logits_box: list[Tensor] = []
 
             def closure() -> Tensor:
-                logits = model(x)
+                with autocast(amp, x.device):
+                    logits = model(x)
                 logits_box.append(logits)
-                return F.cross_entropy(logits, y)
+                return F.cross_entropy(logits if amp == "none" else logits.float(), y)
 
+            where = f"epoch {epoch + 1}, step {b + 1} (iteration {state.iteration + 1})"
+            snapshot = StepSnapshot(unwrap(model), trainer.optimizer, trainer) if skip else None
+            skipped_before = getattr(trainer, "skipped_steps", 0)
             try:
                 loss = trainer.step(closure).item()
             except NonFiniteError as err:
-                where = run.checkpoint_path if run is not None and run.checkpoint_path.exists() else "none yet"
-                raise NonFiniteError(
-                    f"{err} at epoch {epoch + 1}, step {b + 1} (iteration {state.iteration + 1}); nothing was "
-                    f"updated; last good checkpoint: {where}"
-                ) from None
+                raise NonFiniteError(f"{err} at {where}; nothing was updated; last good checkpoint: {last_good()}"
+                                     ) from None
+            skipped = getattr(trainer, "skipped_steps", 0) > skipped_before
+            # A finite update can still overflow the weights (e.g. a huge learning rate): every process checks,
+            # so that all of them take the same branch.
+            if not skipped and any_process(not all_finite(weights)):
+                if snapshot is None:
+                    raise NonFiniteError(f"non-finite weights after the update at {where}; last good checkpoint: "
+                                         f"{last_good()}")
+                snapshot.restore()
+                if hasattr(trainer, "skipped_steps"):
+                    trainer.skipped_steps = skipped_before + 1
+                logger.warning("skipped the step at %s: its update made the weights non-finite", where)
+                skipped = True
             state.iteration += 1
             state.batch = b + 1
-            if math.isfinite(loss):  # a skipped non-finite step counts as a step but not in the statistics
+            if skipped:
+                state.skipped += 1
+                state.epoch_skipped += 1
+                if max_skipped is not None and state.skipped > max_skipped:
+                    raise SkipLimitError(
+                        f"{state.skipped} steps skipped for non-finite values, more than the limit of {max_skipped}, "
+                        f"at {where}; the run is failing (a lower learning rate?); last good checkpoint: "
+                        f"{last_good()}"
+                    )
+            elif math.isfinite(loss):  # a skipped step counts as a step but not in the statistics
                 state.epoch_losses.append((state.iteration, loss))
                 state.epoch_loss_sum += loss * y.numel()
                 state.epoch_correct += (logits_box[-1].detach().argmax(1) == y).sum().item()
                 state.epoch_seen += y.numel()
+            if scheduler is not None and scheduler_interval == "step":
+                scheduler.step()
             bar.set_postfix(loss=f"{loss:.4f}")
             if stop_requested(stop):
                 save(mid_epoch=True)
@@ -324,29 +393,36 @@ def fit(
                 signum = stop.signum if stop is not None and stop.signum else signal.SIGTERM  # another rank's
                 raise TrainingInterrupted(f"stopped by signal {signum} at epoch {epoch + 1}, step {b + 1}{where}",
                                           signum)
-            if checkpoint_every and state.batch % checkpoint_every == 0 and state.batch < len(train_loader):
+            if (checkpoint_every and state.batch % checkpoint_every == 0
+                    and (not hasattr(train_loader, "__len__") or state.batch < len(train_loader))):
                 save(mid_epoch=True)
         train_time = time.perf_counter() - start
+        lr = trainer.optimizer.param_groups[0]["lr"]  # the epoch's rate, before an epoch scheduler moves it
+        if scheduler is not None and scheduler_interval == "epoch":
+            scheduler.step()
         test = evaluate(model, test_loader)
         loss_sum, correct, seen = all_reduce_sum([state.epoch_loss_sum, state.epoch_correct, state.epoch_seen])
         state.best_acc = max(state.best_acc, test["top1"])
         state.last_acc = test["top1"]
         record = {
             "epoch": epoch,
-            "lr": trainer.optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / max(seen, 1),
-            "train_acc": 100.0 * correct / max(seen, 1),
+            "lr": lr,
+            # None, not 0: an epoch whose every step was skipped has no training loss
+            "train_loss": loss_sum / seen if seen else None,
+            "train_acc": 100.0 * correct / seen if seen else None,
             "test_loss": test["loss"],
             "test_acc": test["top1"],
             "test_top5": test["top5"],
             "best_acc": state.best_acc,
             "iteration": state.iteration,
+            "skipped_steps": state.epoch_skipped,
             "train_seconds": train_time,
         }
+        skipped_note = f", {state.epoch_skipped} steps skipped" if state.epoch_skipped else ""
         logger.info(
-            "epoch %d/%d: train loss %.4f acc %.2f%%, test acc %.2f%% (best %.2f%%), %.1fs",
-            epoch + 1, epochs, record["train_loss"], record["train_acc"], record["test_acc"], state.best_acc,
-            train_time,
+            "epoch %d/%d: train loss %s acc %s, test acc %.2f%% (best %.2f%%), %.1fs%s",
+            epoch + 1, epochs, _fmt(record["train_loss"], "{:.4f}"), _fmt(record["train_acc"], "{:.2f}%"),
+            record["test_acc"], state.best_acc, train_time, skipped_note,
         )
         if run is not None:
             run.record_epoch(record, state.epoch_losses)
@@ -356,6 +432,10 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(state.epoch)
     return state
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else spec.format(value)
 
 
 def stop_requested(stop: StopFlag | None) -> bool:

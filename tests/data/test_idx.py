@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from metaquant.data.errors import DatasetFormatError
 from metaquant.data import idx as idx_module
+from metaquant.data.errors import DatasetFormatError
 from metaquant.data.idx import read_idx, read_idx_images, read_idx_labels, read_idx_pair
 
 from .formats import write_idx

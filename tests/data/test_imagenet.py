@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from metaquant.data.errors import DatasetFormatError, DatasetNotFoundError
 from metaquant.data import imagenet
+from metaquant.data.errors import DatasetFormatError, DatasetNotFoundError
 from metaquant.data.imagenet import ImageFolderLoader, check_imagenet_layout, imagenet_loaders, imagenet_val_loader
 from metaquant.data.loader import BatchLoader
 from metaquant.data.tensors import subset_indices
@@ -80,7 +80,9 @@ def _pairs(n):
 
 def test_folder_loader_sampling_on_a_plain_dataset():
     # The loader is generic over map-style datasets; sampling needs no torchvision.
-    ranks = [ImageFolderLoader(_pairs(23), 4, train=True, seed=3, rank=r, world_size=2, num_workers=0) for r in range(2)]
+    ranks = [
+        ImageFolderLoader(_pairs(23), 4, train=True, seed=3, rank=r, world_size=2, num_workers=0) for r in range(2)
+    ]
     assert isinstance(ranks[0], BatchLoader)
     seen = [torch.cat([y for _, y in loader]).tolist() for loader in ranks]
     assert sorted(seen[0] + seen[1]) == list(range(23)) and seen[0] != sorted(seen[0])
@@ -131,9 +133,15 @@ class _FakeTorchvision:
             return lambda *args, **kwargs: name
 
         self.datasets = type("datasets", (), {"ImageFolder": ImageFolder})
-        self.transforms = type("transforms", (), {n: staticmethod(transform(n)) for n in (
-            "RandomResizedCrop", "RandomHorizontalFlip", "Resize", "CenterCrop", "ToTensor", "Normalize")}
-            | {"Compose": staticmethod(lambda steps: steps)})
+        self.transforms = type(
+            "transforms",
+            (),
+            {
+                n: staticmethod(transform(n))
+                for n in ("RandomResizedCrop", "RandomHorizontalFlip", "Resize", "CenterCrop", "ToTensor", "Normalize")
+            }
+            | {"Compose": staticmethod(lambda steps: steps)},
+        )
 
 
 @pytest.fixture
@@ -160,8 +168,7 @@ def test_the_training_subset_follows_subset_seed(tmp_path, fake_torchvision):
     make_tree(tmp_path, files=[f"{i}.JPEG" for i in range(5)])
 
     def train_images(**kwargs):
-        train, _ = imagenet_loaders(tmp_path, batch_size=20, test_batch_size=20, num_workers=0, train_size=4,
-                                    **kwargs)
+        train, _ = imagenet_loaders(tmp_path, batch_size=20, test_batch_size=20, num_workers=0, train_size=4, **kwargs)
         return sorted(int(x[0, 0, 0]) for batch, _ in train for x in batch)
 
     assert train_images(seed=1) == sorted(subset_indices(10, 4, 1).tolist())

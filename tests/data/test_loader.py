@@ -156,7 +156,9 @@ def test_distributed_drop_last_gives_equal_step_counts():
 
 def test_ranks_draw_different_augmentations():
     # Same images on both ranks would otherwise get the same crops.
-    data = ImageTensors(images=make_data(1, 3, 32).images.expand(20, -1, -1, -1).clone(), labels=torch.zeros(20, dtype=torch.long))
+    data = ImageTensors(
+        images=make_data(1, 3, 32).images.expand(20, -1, -1, -1).clone(), labels=torch.zeros(20, dtype=torch.long)
+    )
     x0 = torch.cat([x for x, _ in TensorLoader(data, CIFAR, 10, train=True, rank=0, world_size=2)])
     x1 = torch.cat([x for x, _ in TensorLoader(data, CIFAR, 10, train=True, rank=1, world_size=2)])
     assert not torch.equal(x0, x1)

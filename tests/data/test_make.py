@@ -19,7 +19,9 @@ def mnist_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(splits, "CACHE_ROOT", tmp_path / "cache")
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 60), ("t10k", 40)):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz=True)
+        write_idx(
+            tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), gz=True
+        )
         # Label = index mod 10 lets the test recognise examples.
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8) % 10, gz=True)
     return tmp_path
@@ -53,7 +55,9 @@ def test_subsets(mnist_dir):
 
 
 def test_distributed_train_drops_tail(mnist_dir):
-    loaders = [make_loaders("mnist", data_dir=mnist_dir, batch_size=7, rank=r, world_size=2, download=False) for r in range(2)]
+    loaders = [
+        make_loaders("mnist", data_dir=mnist_dir, batch_size=7, rank=r, world_size=2, download=False) for r in range(2)
+    ]
     # 60 train examples → 30 per rank → 4 full batches of 7 on both ranks.
     assert [len(train) for train, _, _ in loaders] == [4, 4]
     # Test: 40 examples → 20 per rank, nothing dropped.
@@ -79,8 +83,9 @@ def test_unknown_name():
 
 def test_subset_seed_fixes_the_training_subset_across_seeds(mnist_dir):
     def train_images(seed):
-        train, _, _ = make_loaders("mnist", data_dir=mnist_dir, batch_size=8, seed=seed, train_size=20,
-                                   subset_seed=3, download=False)
+        train, _, _ = make_loaders(
+            "mnist", data_dir=mnist_dir, batch_size=8, seed=seed, train_size=20, subset_seed=3, download=False
+        )
         return torch.cat([x for x, _ in train]).sort(0).values
 
     assert torch.equal(train_images(0), train_images(1))

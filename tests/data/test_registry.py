@@ -26,7 +26,11 @@ def test_names():
 def test_info(name, classes, channels, size, augment):
     info = dataset_info(name)
     assert (info.name, info.num_classes, info.in_channels, info.image_size, info.augment) == (
-        name, classes, channels, size, augment,
+        name,
+        classes,
+        channels,
+        size,
+        augment,
     )
     assert len(info.mean) == len(info.std) == channels
     assert all(0 < m < 1 for m in info.mean) and all(0 < s < 1 for s in info.std)

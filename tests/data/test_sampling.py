@@ -54,8 +54,9 @@ def test_batches_per_rank_counts_the_batches_of_each_shard(drop_last):
     for n in (0, 1, 7, 10, 33):
         for world_size in (1, 2, 3, 4):
             for rank in range(world_size):
-                share = shard_indices(n, seed=0, epoch=0, shuffle=True, rank=rank, world_size=world_size,
-                                      drop_last=drop_last)
+                share = shard_indices(
+                    n, seed=0, epoch=0, shuffle=True, rank=rank, world_size=world_size, drop_last=drop_last
+                )
                 batches = [share[i : i + 4] for i in range(0, len(share), 4)]
                 expected = sum(len(b) == 4 or not drop_last for b in batches)
                 assert batches_per_rank(n, 4, rank=rank, world_size=world_size, drop_last=drop_last) == expected
@@ -63,7 +64,13 @@ def test_batches_per_rank_counts_the_batches_of_each_shard(drop_last):
 
 @pytest.mark.parametrize(
     "args, message",
-    [((0, 0, 1), "batch_size"), ((1.5, 0, 1), "batch_size"), ((4, 2, 2), r"rank .* 0\.\.1"), ((4, -1, 2), "rank"), ((4, 0, 0), "world_size")],
+    [
+        ((0, 0, 1), "batch_size"),
+        ((1.5, 0, 1), "batch_size"),
+        ((4, 2, 2), r"rank .* 0\.\.1"),
+        ((4, -1, 2), "rank"),
+        ((4, 0, 0), "world_size"),
+    ],
 )
 def test_check_batching(args, message):
     with pytest.raises(ValueError, match=message):

@@ -48,11 +48,31 @@ def test_data_dir_before_system_dir(tmp_path):
     write_idx_split(tmp_path / "data", TEST, 2, fill=1)
     write_idx_split(tmp_path / "system", TEST, 3, fill=2)
     assert len(load_split("fashion-mnist", "test", tmp_path / "data", download=False)) == 2
-    # Without the files in data_dir the Debian folder is used.
-    assert len(load_split("fashion-mnist", "test", tmp_path / "empty", download=False)) == 3
+    # Without data_dir the Debian folder is used ...
+    assert len(load_split("fashion-mnist", "test", None, download=False)) == 3
     # ... and only for Fashion-MNIST.
     with pytest.raises(DatasetNotFoundError):
-        load_split("mnist", "test", tmp_path / "empty", download=False)
+        load_split("mnist", "test", None, download=False)
+
+
+@pytest.mark.parametrize("data_dir", ["missing", "empty", "a-file"])
+def test_a_data_dir_without_the_files_never_falls_back_to_another_copy(tmp_path, data_dir):
+    write_idx_split(tmp_path / "system", TEST, 3, fill=2)
+    write_idx_split(tmp_path / "cache" / "fashion-mnist", TEST, 3, fill=2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    message = "is not a directory" if data_dir == "a-file" else f"looked for .* in {tmp_path / data_dir}"
+    with pytest.raises(DatasetNotFoundError, match=message):
+        load_split("fashion-mnist", "test", tmp_path / data_dir, download=False)
+
+
+def test_both_splits_come_from_the_data_dir_or_not_at_all(tmp_path):
+    write_idx_split(tmp_path / "data", TRAIN, 2, fill=1)
+    write_idx_split(tmp_path / "data" / "fashion-mnist", TEST, 3, fill=1)  # a second copy below: not used
+    write_idx_split(tmp_path / "system", TEST, 3, fill=2)
+    assert len(load_split("fashion-mnist", "train", tmp_path / "data", download=False)) == 2
+    with pytest.raises(DatasetNotFoundError, match=f"test split not found: .* in {tmp_path / 'data'}\\."):
+        load_split("fashion-mnist", "test", tmp_path / "data", download=False)
 
 
 def test_cache_dir_when_no_data_dir(tmp_path):
@@ -61,12 +81,16 @@ def test_cache_dir_when_no_data_dir(tmp_path):
 
 
 def test_images_and_labels_must_come_from_one_folder(tmp_path):
-    # Images in data_dir and labels in the system folder are not combined.
+    # Images in data_dir and labels in the system folder are not combined (nor is the system copy used).
     data_dir = tmp_path / "data"
     write_idx_split(data_dir, TRAIN, 2, fill=1)
     (data_dir / f"{TRAIN[1]}.gz").unlink()
     write_idx_split(tmp_path / "system", TRAIN, 3, fill=2)
-    assert len(load_split("fashion-mnist", "train", data_dir, download=False)) == 3
+    with pytest.raises(DatasetNotFoundError, match="train split not found"):
+        load_split("fashion-mnist", "train", data_dir, download=False)
+    write_idx_split(tmp_path / "cache" / "fashion-mnist", TRAIN, 3, fill=2)
+    (tmp_path / "cache" / "fashion-mnist" / f"{TRAIN[1]}.gz").unlink()
+    assert len(load_split("fashion-mnist", "train", None, download=False)) == 3
 
 
 def test_missing_fashion_mnist_message(tmp_path):
@@ -191,7 +215,7 @@ REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 def test_real_fashion_mnist(tmp_path, monkeypatch):
     monkeypatch.setattr(splits, "FASHION_MNIST_SYSTEM_DIR", REAL_FASHION_MNIST)
     for split, n in (("train", 60000), ("test", 10000)):
-        data = load_split("fashion-mnist", split, tmp_path / "empty", download=False)
+        data = load_split("fashion-mnist", split, None, download=False)
         assert tuple(data.images.shape) == (n, 1, 28, 28) and data.images.dtype == torch.uint8
         assert data.labels.dtype == torch.int64
         # Fashion-MNIST is balanced: every class appears n/10 times.

@@ -51,8 +51,13 @@ EPS = 1e-5  # nn.BatchNorm2d's default
 
 def _bn(sd: dict[str, Tensor], prefix: str, x: Tensor) -> Tensor:
     return F.batch_norm(
-        x, sd[f"{prefix}.running_mean"], sd[f"{prefix}.running_var"],
-        sd[f"{prefix}.weight"], sd[f"{prefix}.bias"], training=False, eps=EPS,
+        x,
+        sd[f"{prefix}.running_mean"],
+        sd[f"{prefix}.running_var"],
+        sd[f"{prefix}.weight"],
+        sd[f"{prefix}.bias"],
+        training=False,
+        eps=EPS,
     )
 
 

@@ -20,6 +20,7 @@ def small_state_dict() -> dict[str, torch.Tensor]:
 
 # --- the original code's pretrained ResNet20 -----------------------------------------------
 
+
 def test_original_checkpoint_loads_strictly_into_resnet20(original_resnet20_path: Path) -> None:
     file_sd = torch.load(original_resnet20_path, map_location="cpu", weights_only=True)
     model = resnet20()
@@ -72,6 +73,7 @@ def test_resnet20_checkpoint_into_resnet32_names_missing_keys(original_resnet20_
 
 # --- accepted layouts ---------------------------------------------------------------------
 
+
 def test_plain_state_dict_roundtrip(tmp_path: Path) -> None:
     sd = small_state_dict()
     path = tmp_path / "plain.pth"
@@ -122,6 +124,7 @@ def test_extract_returns_same_tensors_for_plain_state_dict() -> None:
 
 
 # --- rejected inputs ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("obj", "found"),

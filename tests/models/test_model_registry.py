@@ -19,9 +19,17 @@ def test_registry_holds_exactly_the_documented_names() -> None:
 
 @pytest.mark.parametrize(
     ("name", "cls", "depth"),
-    [("resnet20", CifarResNet, 20), ("ResNet32", CifarResNet, 32), ("RESNET44", CifarResNet, 44),
-     ("ResNet56", CifarResNet, 56), ("resnet110", CifarResNet, 110), ("ResNet-20", CifarResNet, 20),
-     ("ResNet18", ImageNetResNet, None), ("LAB", LabNet, None), (" lab ", LabNet, None)],
+    [
+        ("resnet20", CifarResNet, 20),
+        ("ResNet32", CifarResNet, 32),
+        ("RESNET44", CifarResNet, 44),
+        ("ResNet56", CifarResNet, 56),
+        ("resnet110", CifarResNet, 110),
+        ("ResNet-20", CifarResNet, 20),
+        ("ResNet18", ImageNetResNet, None),
+        ("LAB", LabNet, None),
+        (" lab ", LabNet, None),
+    ],
 )
 def test_names_are_case_insensitive_and_accept_original_spellings(name: str, cls: type, depth: int | None) -> None:
     model = get_model(name)
@@ -65,8 +73,12 @@ def test_non_string_name_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "bad"),
-    [({"num_classes": 0}, "num_classes"), ({"in_channels": 0}, "in_channels"), ({"num_classes": -3}, "num_classes"),
-     ({"image_size": 0}, "image_size")],
+    [
+        ({"num_classes": 0}, "num_classes"),
+        ({"in_channels": 0}, "in_channels"),
+        ({"num_classes": -3}, "num_classes"),
+        ({"image_size": 0}, "image_size"),
+    ],
 )
 def test_sizes_below_one_are_rejected(kwargs: dict[str, int], bad: str) -> None:
     with pytest.raises(ValueError, match=bad):

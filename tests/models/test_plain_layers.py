@@ -14,7 +14,14 @@ from torch import nn
 from metaquant.models import get_model, model_names
 
 ALLOWED_TYPES = {
-    nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.Sequential,
+    nn.Conv2d,
+    nn.Linear,
+    nn.BatchNorm2d,
+    nn.BatchNorm1d,
+    nn.ReLU,
+    nn.MaxPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Sequential,
 }
 
 
@@ -59,8 +66,16 @@ def _swap(module: nn.Module) -> int:
     swapped = 0
     for child_name, child in module.named_children():
         if type(child) is nn.Conv2d:
-            new = _CountingConv(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                child.padding, child.dilation, child.groups, child.bias is not None)
+            new = _CountingConv(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                child.stride,
+                child.padding,
+                child.dilation,
+                child.groups,
+                child.bias is not None,
+            )
         elif type(child) is nn.Linear:
             new = _CountingLinear(child.in_features, child.out_features, child.bias is not None)
         else:

@@ -30,9 +30,16 @@ def test_torchvision_state_dict_names() -> None:
     keys = set(resnet18().state_dict())
     # A sample of torchvision's resnet18 keys, including both projections.
     for key in [
-        "conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer1.1.bn2.bias",
-        "layer2.0.downsample.0.weight", "layer2.0.downsample.1.running_mean",
-        "layer3.0.downsample.1.num_batches_tracked", "layer4.1.conv2.weight", "fc.weight", "fc.bias",
+        "conv1.weight",
+        "bn1.running_var",
+        "layer1.0.conv1.weight",
+        "layer1.1.bn2.bias",
+        "layer2.0.downsample.0.weight",
+        "layer2.0.downsample.1.running_mean",
+        "layer3.0.downsample.1.num_batches_tracked",
+        "layer4.1.conv2.weight",
+        "fc.weight",
+        "fc.bias",
     ]:
         assert key in keys
     assert not any(k.startswith("layer1.0.downsample") for k in keys)

@@ -119,9 +119,7 @@ def _parse_batch(raw: bytes, where: str, layout: CifarLayout) -> tuple[np.ndarra
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[layout.label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _ROW:
-        raise DatasetFormatError(
-            f"{where}: b'data' must be uint8 [N, {_ROW}], found {data.dtype} {list(data.shape)}"
-        )
+        raise DatasetFormatError(f"{where}: b'data' must be uint8 [N, {_ROW}], found {data.dtype} {list(data.shape)}")
     if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype, np.integer):
         raise DatasetFormatError(
             f"{where}: {layout.label_key!r} must be {data.shape[0]} integers (one per image), "
@@ -129,8 +127,7 @@ def _parse_batch(raw: bytes, where: str, layout: CifarLayout) -> tuple[np.ndarra
         )
     if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
         raise DatasetFormatError(
-            f"{where}: labels must lie in 0..{layout.num_classes - 1}, found "
-            f"{labels.min()}..{labels.max()}"
+            f"{where}: labels must lie in 0..{layout.num_classes - 1}, found {labels.min()}..{labels.max()}"
         )
     # Each row is the R, G, B planes in turn, so a C-order reshape gives CHW directly.
     return data.reshape(-1, *_IMAGE_SHAPE), labels.astype(np.int64)
@@ -156,8 +153,7 @@ def _read_members_from_archive(archive: Path, names: list[str]) -> dict[str, byt
             return out
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise DatasetFormatError(
-            f"{archive}: corrupt or truncated archive ({type(exc).__name__}: {exc}); delete it "
-            "and download it again"
+            f"{archive}: corrupt or truncated archive ({type(exc).__name__}: {exc}); delete it and download it again"
         ) from exc
 
 
@@ -221,7 +217,9 @@ def read_cifar(source: str | Path, variant: str, split: str) -> ImageTensors:
         raws = {name: by_member[m] for name, m in zip(files, members)}
         wheres = {name: f"{source}:{m}" for name, m in zip(files, members)}
     else:
-        raise DatasetNotFoundError(f"{source} does not exist (expected {layout.archive} or its folder {layout.folder}/)")
+        raise DatasetNotFoundError(
+            f"{source} does not exist (expected {layout.archive} or its folder {layout.folder}/)"
+        )
 
     parts = [_parse_batch(raws[name], wheres[name], layout) for name in files]
     images = np.concatenate([p[0] for p in parts])

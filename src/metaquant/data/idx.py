@@ -23,7 +23,12 @@ from .errors import DatasetFormatError
 from .tensors import ImageTensors
 
 __all__ = [
-    "IDX_IMAGES_MAGIC", "IDX_LABELS_MAGIC", "read_idx", "read_idx_images", "read_idx_labels", "read_idx_pair",
+    "IDX_IMAGES_MAGIC",
+    "IDX_LABELS_MAGIC",
+    "read_idx",
+    "read_idx_images",
+    "read_idx_labels",
+    "read_idx_pair",
     "write_idx",
 ]
 
@@ -48,8 +53,7 @@ def _read_bytes(path: Path) -> bytes:
                 return gz.read()
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DatasetFormatError(
-            f"{path}: corrupt or truncated gzip stream ({exc}); delete the file and "
-            "download it again"
+            f"{path}: corrupt or truncated gzip stream ({exc}); delete the file and download it again"
         ) from exc
 
 
@@ -77,15 +81,12 @@ def read_idx(path: str | Path, magic: int) -> np.ndarray:
         if ndim != magic & 0xFF:
             detail.append(f"{ndim} dimensions instead of {magic & 0xFF}")
         raise DatasetFormatError(
-            f"{path}: IDX magic number 0x{found:08x}, expected 0x{magic:08x} "
-            f"({'; '.join(detail)})"
+            f"{path}: IDX magic number 0x{found:08x}, expected 0x{magic:08x} ({'; '.join(detail)})"
         )
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise DatasetFormatError(
-            f"{path}: truncated header: expected {header} bytes, file has {len(data)}"
-        )
+        raise DatasetFormatError(f"{path}: truncated header: expected {header} bytes, file has {len(data)}")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     expected = header + math.prod(dims)
     if len(data) != expected:
@@ -186,8 +187,11 @@ def write_idx(path: str | Path, values: torch.Tensor | np.ndarray) -> Path:
     if not 1 <= array.ndim <= 255:
         raise ValueError(f"values have {array.ndim} dimensions; an IDX file holds 1 to 255")
     path = Path(path)
-    payload = (struct.pack(">I", (_UBYTE << 8) | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-               + np.ascontiguousarray(array).tobytes())
+    payload = (
+        struct.pack(">I", (_UBYTE << 8) | array.ndim)
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + np.ascontiguousarray(array).tobytes()
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(gzip.compress(payload) if path.name.endswith(".gz") else payload)
     return path

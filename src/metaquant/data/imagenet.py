@@ -23,9 +23,10 @@ from __future__ import annotations
 import functools
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -209,8 +210,9 @@ class ImageFolderLoader:
         ).tolist()
 
     def __len__(self) -> int:
-        return batches_per_rank(len(self.dataset), self.batch_size, rank=self.rank, world_size=self.world_size,
-                                drop_last=self.drop_last)
+        return batches_per_rank(
+            len(self.dataset), self.batch_size, rank=self.rank, world_size=self.world_size, drop_last=self.drop_last
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         loader = torch.utils.data.DataLoader(
@@ -284,10 +286,18 @@ def imagenet_loaders(
         ImageNet folder imagenet-root/val is missing; expected <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG
     """
     check_imagenet_layout(root)
-    common = dict(device=device, rank=rank, world_size=world_size, num_workers=num_workers)
+    common: dict[str, Any] = dict(device=device, rank=rank, world_size=world_size, num_workers=num_workers)
     train_subset_seed = seed if subset_seed is None else subset_seed
-    train = _split_loader(root, "train", batch_size, seed=seed, subset_seed=train_subset_seed, size=train_size,
-                          drop_last=drop_last, **common)
+    train = _split_loader(
+        root,
+        "train",
+        batch_size,
+        seed=seed,
+        subset_seed=train_subset_seed,
+        size=train_size,
+        drop_last=drop_last,
+        **common,
+    )
     test = _split_loader(root, "val", test_batch_size, seed=seed, subset_seed=test_seed, size=test_size, **common)
     return train, test
 
@@ -343,13 +353,33 @@ def imagenet_val_loader(
             f"ImageNet folder {Path(root) / 'val'} holds {len(classes)} class folders, expected {num_classes}: "
             "a missing class would shift the labels of every class after it"
         )
-    return _split_loader(root, "val", batch_size, device=device, seed=seed, subset_seed=test_seed, size=test_size,
-                         rank=rank, world_size=world_size, num_workers=num_workers)
+    return _split_loader(
+        root,
+        "val",
+        batch_size,
+        device=device,
+        seed=seed,
+        subset_seed=test_seed,
+        size=test_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+    )
 
 
 def _split_loader(
-    root: str | Path, split: str, batch_size: int, *, device: torch.device | str, seed: int, subset_seed: int,
-    size: int | None, rank: int, world_size: int, num_workers: int, drop_last: bool = False,
+    root: str | Path,
+    split: str,
+    batch_size: int,
+    *,
+    device: torch.device | str,
+    seed: int,
+    subset_seed: int,
+    size: int | None,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    drop_last: bool = False,
 ) -> ImageFolderLoader:
     """One split's loader; ``train`` augments (RandomResizedCrop + flip), ``val`` resizes and center-crops."""
     datasets, transforms = _import_torchvision()
@@ -360,10 +390,20 @@ def _split_loader(
     else:
         augment = [transforms.Resize(256), transforms.CenterCrop(info.image_size)]
     folder = Path(root).expanduser() / split
-    dataset = datasets.ImageFolder(str(folder), transform=transforms.Compose([*augment, transforms.ToTensor(),
-                                                                              normalize]))
+    dataset = datasets.ImageFolder(
+        str(folder), transform=transforms.Compose([*augment, transforms.ToTensor(), normalize])
+    )
     logger.info("imagenet %s: %d images in %d classes under %s", split, len(dataset), len(dataset.classes), folder)
     if size is not None:
         dataset = torch.utils.data.Subset(dataset, subset_indices(len(dataset), size, subset_seed).tolist())
-    return ImageFolderLoader(dataset, batch_size, train=split == "train", seed=seed, drop_last=drop_last,
-                             device=device, rank=rank, world_size=world_size, num_workers=num_workers)
+    return ImageFolderLoader(
+        dataset,
+        batch_size,
+        train=split == "train",
+        seed=seed,
+        drop_last=drop_last,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+    )

@@ -9,7 +9,8 @@ function of ``(seed, epoch)``, which exact resumption of a killed run relies on.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -167,8 +168,9 @@ class TensorLoader:
 
     def __len__(self) -> int:
         """Number of batches this rank yields per epoch."""
-        return batches_per_rank(self.num_examples, self.batch_size, rank=self.rank, world_size=self.world_size,
-                                drop_last=self.drop_last)
+        return batches_per_rank(
+            self.num_examples, self.batch_size, rank=self.rank, world_size=self.world_size, drop_last=self.drop_last
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices().to(self.device)

@@ -93,6 +93,8 @@ def make_loaders(
     info = dataset_info(name)
     test_batch_size = batch_size if test_batch_size is None else test_batch_size
     drop_last = world_size > 1
+    train: BatchLoader
+    test: BatchLoader
     if name == "imagenet":
         train, test = imagenet_loaders(
             _imagenet_dir(data_dir, "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG"),
@@ -113,10 +115,28 @@ def make_loaders(
 
     train_subset_seed = seed if subset_seed is None else subset_seed
     train_data = subset(load_split(name, "train", data_dir, download), train_size, train_subset_seed)
-    train = TensorLoader(train_data, info, batch_size, train=True, drop_last=drop_last, device=device, seed=seed,
-                         rank=rank, world_size=world_size)
-    test, _ = make_test_loader(name, data_dir=data_dir, batch_size=test_batch_size, device=device, seed=seed,
-                               test_size=test_size, download=download, rank=rank, world_size=world_size)
+    train = TensorLoader(
+        train_data,
+        info,
+        batch_size,
+        train=True,
+        drop_last=drop_last,
+        device=device,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    test, _ = make_test_loader(
+        name,
+        data_dir=data_dir,
+        batch_size=test_batch_size,
+        device=device,
+        seed=seed,
+        test_size=test_size,
+        download=download,
+        rank=rank,
+        world_size=world_size,
+    )
     return train, test, info
 
 
@@ -167,13 +187,23 @@ def make_test_loader(
     """
     info = dataset_info(name)
     if name == "imagenet":
-        test = imagenet_val_loader(_imagenet_dir(data_dir, "val/<wnid>/*.JPEG"), batch_size=batch_size, device=device, seed=seed,
-                                   test_seed=TEST_SUBSET_SEED, test_size=test_size, num_classes=info.num_classes,
-                                   rank=rank, world_size=world_size, num_workers=num_workers)
+        test = imagenet_val_loader(
+            _imagenet_dir(data_dir, "val/<wnid>/*.JPEG"),
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            test_seed=TEST_SUBSET_SEED,
+            test_size=test_size,
+            num_classes=info.num_classes,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+        )
         return test, info
     test_data = subset(load_split(name, "test", data_dir, download), test_size, TEST_SUBSET_SEED)
-    return TensorLoader(test_data, info, batch_size, train=False, device=device, seed=seed, rank=rank,
-                        world_size=world_size), info
+    return TensorLoader(
+        test_data, info, batch_size, train=False, device=device, seed=seed, rank=rank, world_size=world_size
+    ), info
 
 
 def _imagenet_dir(data_dir: str | Path | None, layout: str) -> str | Path:

@@ -7,9 +7,9 @@ the CLI cannot disagree about them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 __all__ = ["DATASETS", "DatasetInfo", "dataset_info"]
 
@@ -58,17 +58,13 @@ _INFOS: Mapping[str, DatasetInfo] = MappingProxyType(
     {
         "mnist": DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), "none"),
         "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), "none"),
-        "cifar10": DatasetInfo(
-            "cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "crop_flip"
-        ),
+        "cifar10": DatasetInfo("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "crop_flip"),
         "cifar100": DatasetInfo(
             "cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "crop_flip"
         ),
         # ImageNet is augmented by torchvision transforms in its own loader, so the
         # tensor-level augmentation policy does not apply to it.
-        "imagenet": DatasetInfo(
-            "imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "none"
-        ),
+        "imagenet": DatasetInfo("imagenet", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "none"),
     }
 )
 
@@ -99,6 +95,4 @@ def dataset_info(name: str) -> DatasetInfo:
     try:
         return _INFOS[name]
     except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}"
-        ) from None
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}") from None

@@ -2,9 +2,11 @@
 
 Lookup order for each data set:
 
-1. ``data_dir`` itself and ``data_dir/<name>/`` (or, when ``data_dir`` is None,
-   the cache folder ``~/.cache/metaquant/<name>/``);
-2. for Fashion-MNIST only, :data:`FASHION_MNIST_SYSTEM_DIR`, where the Debian
+1. with ``data_dir``: ``data_dir`` itself, or ``data_dir/<name>/`` when
+   ``data_dir`` holds none of the data set's files; nowhere else, so the data
+   used is always the data named (both splits from one folder);
+2. without ``data_dir``: the cache folder ``~/.cache/metaquant/<name>/``, then,
+   for Fashion-MNIST only, :data:`FASHION_MNIST_SYSTEM_DIR`, where the Debian
    package ``dataset-fashion-mnist`` installs it;
 3. with ``download=True``, the canonical location, verified by md5, saved into
    ``data_dir`` (or the cache folder).
@@ -69,8 +71,25 @@ _CIFAR_SOURCES = {
 }
 
 
+def _holds_any(directory: Path, name: str) -> bool:
+    """Whether ``directory`` holds any file of data set ``name`` (either split)."""
+    if name in CIFAR_LAYOUTS:
+        layout = CIFAR_LAYOUTS[name]
+        return (directory / layout.folder).exists() or (directory / layout.archive).exists()
+    stems = [stem for split in _IDX_STEMS.values() for stem in split]
+    return any(_find_idx(directory, stem) for stem in stems)
+
+
 def _local_dirs(name: str, data_dir: Path | None) -> list[Path]:
-    dirs = [data_dir, data_dir / name] if data_dir is not None else [CACHE_ROOT / name]
+    if data_dir is not None:
+        # The folder the user named, and only it: falling back to another copy would silently train or test on
+        # other data, or take the two splits from two places.
+        if data_dir.exists() and not data_dir.is_dir():
+            raise DatasetNotFoundError(f"data_dir {data_dir} is not a directory (CLI: --data-dir)")
+        if not _holds_any(data_dir, name) and _holds_any(data_dir / name, name):
+            return [data_dir / name]
+        return [data_dir, data_dir / name] if not _holds_any(data_dir, name) else [data_dir]
+    dirs = [CACHE_ROOT / name]
     if name == "fashion-mnist":
         dirs.append(FASHION_MNIST_SYSTEM_DIR)
     return dirs
@@ -101,10 +120,11 @@ def _load_idx(name: str, split: str, data_dir: Path | None, download: bool) -> I
     stems = _IDX_STEMS[split]
     dirs = _local_dirs(name, data_dir)
     for directory in dirs:
-        paths = [_find_idx(directory, stem) for stem in stems]
-        if all(paths):
+        found = [_find_idx(directory, stem) for stem in stems]
+        images, labels = found
+        if images is not None and labels is not None:
             logger.info("%s %s: reading %s", name, split, directory)
-            return read_idx_pair(paths[0], paths[1])
+            return read_idx_pair(images, labels)
 
     base_url, md5s = _IDX_SOURCES[name]
     target = _download_dir(name, data_dir)
@@ -155,9 +175,7 @@ def _load_cifar(name: str, split: str, data_dir: Path | None, download: bool) ->
     return read_cifar(archive, name, split)
 
 
-def load_split(
-    name: str, split: str, data_dir: str | Path | None = None, download: bool = True
-) -> ImageTensors:
+def load_split(name: str, split: str, data_dir: str | Path | None = None, download: bool = True) -> ImageTensors:
     """Load one split (``"train"`` or ``"test"``) of a small data set into memory.
 
     Supports ``mnist``, ``fashion-mnist``, ``cifar10`` and ``cifar100``; see the

@@ -58,9 +58,7 @@ class ImageTensors:
                 f"dtype {self.labels.dtype} with shape {tuple(self.labels.shape)}"
             )
         if self.images.shape[0] != self.labels.shape[0]:
-            raise ValueError(
-                f"ImageTensors has {self.images.shape[0]} images but {self.labels.shape[0]} labels"
-            )
+            raise ValueError(f"ImageTensors has {self.images.shape[0]} images but {self.labels.shape[0]} labels")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -78,8 +76,7 @@ def subset_indices(n: int, size: int | None, seed: int) -> torch.Tensor:
         return torch.arange(n)
     if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= n:
         raise ValueError(
-            f"subset size must be an integer in 1..{n} (the number of examples "
-            f"available) or None for all; got {size!r}"
+            f"subset size must be an integer in 1..{n} (the number of examples available) or None for all; got {size!r}"
         )
     generator = torch.Generator().manual_seed(seed)
     # Sorting keeps the subset in the data set's own order; the loader shuffles anyway.

@@ -19,6 +19,7 @@ unexpected keys and shape mismatches, instead of torch's long RuntimeError.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from ..integrity import CheckpointDamagedError, verify_checkpoint_bytes
 
 __all__ = ["LoadResult", "extract_state_dict", "load_weights", "read_checkpoint"]
 
@@ -89,7 +92,7 @@ def _strip_wrapper_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]
     # Loop because a wrapper can be wrapped again ("module.module.").
     sd = dict(state_dict)
     while sd and all(k.startswith(WRAPPER_PREFIX) for k in sd):
-        sd = {k[len(WRAPPER_PREFIX):]: v for k, v in sd.items()}
+        sd = {k[len(WRAPPER_PREFIX) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -126,8 +129,7 @@ def extract_state_dict(obj: object) -> dict[str, Tensor]:
         if _is_state_dict(inner):
             return _strip_wrapper_prefix(inner)
         raise ValueError(
-            f"checkpoint has a {MODEL_KEY!r} entry but it is not a state_dict: found {_describe(inner)}; "
-            f"{ACCEPTED}"
+            f"checkpoint has a {MODEL_KEY!r} entry but it is not a state_dict: found {_describe(inner)}; {ACCEPTED}"
         )
     raise ValueError(f"not a model checkpoint: found {_describe(obj)}; {ACCEPTED}")
 
@@ -149,8 +151,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
         FileNotFoundError: no file at ``path``.
         ValueError: ``path`` is not a regular file, or is empty, or is not a
             readable torch checkpoint (corrupt, truncated, another format, or it
-            pickles objects that ``weights_only=True`` refuses); the message
-            names ``path``.
+            pickles objects that ``weights_only=True`` refuses), or its bytes
+            changed since it was written (a zip CRC or the content digest of
+            :mod:`metaquant.integrity` disagrees); the message names ``path``.
         OSError: the file exists but cannot be read (e.g. no permission).
 
     Example:
@@ -174,7 +177,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> Any:
     if p.stat().st_size == 0:
         raise ValueError(f"cannot load checkpoint file {p}: the file is empty")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        data = p.read_bytes()
+        try:
+            verify_checkpoint_bytes(data, p)  # torch.load does not check the archive's CRCs
+        except CheckpointDamagedError as e:
+            if not e.truncated:  # complete, with changed bytes: torch.load would load them without a word
+                raise
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except CheckpointDamagedError:
+        raise
     except OSError as e:
         raise OSError(f"cannot read checkpoint file {p}: {e}") from e
     except Exception as e:  # RuntimeError, UnpicklingError, EOFError, ... depending on the damage

@@ -69,9 +69,7 @@ class CifarResNet(nn.Module):
         if isinstance(depth, bool) or not isinstance(depth, int):
             raise TypeError(f"depth must be an int of the form 6n+2, got {depth!r} ({type(depth).__name__})")
         if depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(
-                f"CIFAR ResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110), got {depth}"
-            )
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110), got {depth}")
         check_positive_int("num_classes", num_classes)
         check_positive_int("in_channels", in_channels)
         self.depth = depth

@@ -1,0 +1,149 @@
+"""The "equivalent STE" of an FC-Grad run: the STE with its learning rate multiplied by the gain FC-Grad learned.
+
+FC-Grad without a non-linearity computes ``g_W̃ = FCs_φ(g_Ŵ) = k·g_Ŵ`` with one learned scalar
+``k = W_L ⋯ W_1`` (docs/design.md, the meta quantizers): its weight gradient is the STE's times ``k``. Under
+plain SGD an FC-Grad step is then an STE step whose learning rate is ``α·k_t`` (and one step late). If a meta
+quantizer's gain over STE came only from that scale, an STE run with ``α·k̄`` would match it: the comparison
+asks whether the meta quantizer adds anything beyond a rescaled learning rate.
+
+``k̄`` is the learning-rate-weighted mean of ``k`` over the run, from the snapshots of the meta quantizer its
+trace holds (``trace.pt``: after epochs 0, 1, 2, 5, 10, ... and the last): within epoch ``e`` the gain is the
+mean of its values at the epoch's start and end, linearly interpolated between snapshots, and epoch ``e``
+weighs as much as its learning-rate factor (the steps it takes, times their size).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["fc_grad_gain", "mean_gain", "learned_gain"]
+
+
+def fc_grad_gain(meta_state: Mapping[str, Tensor]) -> float:
+    """The scalar ``k = W_L ⋯ W_1`` of an FC-Grad meta quantizer without a non-linearity, from its state dict.
+
+    Args:
+        meta_state: ``FCGrad.state_dict()`` (keys ``net.layers.<i>.weight``).
+
+    Returns:
+        ``k``: ``FCGrad(g, ·) = k·g`` for every ``g``.
+
+    Raises:
+        ValueError: the state holds no FC layers (not an FC-Grad state).
+
+    Example:
+        >>> meta = mq.FCGrad(hidden=4)
+        >>> k = mq.equivalent.fc_grad_gain(meta.state_dict())
+        >>> g = torch.tensor([0.5, -2.0])
+        >>> torch.allclose(meta(g, torch.zeros(2))[0], k * g)
+        True
+    """
+    keys = sorted(
+        (k for k in meta_state if k.startswith("net.layers.") and k.endswith(".weight")),
+        key=lambda k: int(k.split(".")[2]),
+    )
+    if not keys:
+        raise ValueError(f"not an FC-Grad state: no net.layers.<i>.weight among {sorted(meta_state)[:5]}")
+    product = meta_state[keys[0]].double()
+    for key in keys[1:]:
+        product = meta_state[key].double() @ product
+    return float(product.reshape(()))
+
+
+def mean_gain(gains: Mapping[int, float], epochs: int, lr_factor: Callable[[int], float]) -> float:
+    """The learning-rate-weighted mean gain over ``epochs`` epochs, from gains known after some epochs.
+
+    Args:
+        gains: ``{epochs done: k}``; must hold 0 (before training) and ``epochs``.
+        epochs: the run's number of epochs.
+        lr_factor: ``epoch -> learning-rate factor`` of the run's schedule (0-based epochs).
+
+    Returns:
+        ``Σ_e f_e·(k(e) + k(e+1))/2 / Σ_e f_e`` with ``k`` linear between the known points.
+
+    Raises:
+        ValueError: ``gains`` lacks epoch 0 or ``epochs``.
+
+    Example:
+        The gain grows from 1 to 3 over two epochs; the second epoch's rate is a tenth of the first's:
+
+        >>> mq.equivalent.mean_gain({0: 1.0, 2: 3.0}, 2, lambda e: [1.0, 0.1][e])  # (1·1.5 + 0.1·2.5) / 1.1
+        1.5909090909090908
+    """
+    if 0 not in gains or epochs not in gains:
+        raise ValueError(
+            f"gains must be known before training (0) and after the last epoch ({epochs}); known after {sorted(gains)}"
+        )
+    known = sorted(gains)
+
+    def at(e: int) -> float:
+        upper = next(k for k in known if k >= e)
+        lower = max(k for k in known if k <= e)
+        if upper == lower:
+            return gains[e]
+        w = (e - lower) / (upper - lower)
+        return (1 - w) * gains[lower] + w * gains[upper]
+
+    weights = [lr_factor(e) for e in range(epochs)]
+    total = sum(f * (at(e) + at(e + 1)) / 2 for e, f in enumerate(weights))
+    return total / sum(weights)
+
+
+def learned_gain(run_dir: str | Path) -> float:
+    """``k̄`` of a finished FC-Grad run (see the module's description), from its ``config.json`` and ``trace.pt``.
+
+    Args:
+        run_dir: the directory of an FC-Grad run without a non-linearity that has finished (``done``).
+
+    Returns:
+        The learning-rate-weighted mean gain.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds no ``config.json`` or ``trace.pt``.
+        ValueError: the run is not a finished FC-Grad run without a non-linearity, or its trace lacks the
+            snapshots before and after training; the message names the file.
+
+    Example:
+        A sweep entry with ``equivalent_of = "fc-grad"`` reads the FC-Grad run of its trial; before that run
+        exists, the STE run cannot start:
+
+        >>> mq.equivalent.learned_gain("runs/fc-grad-trial-1")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: runs/fc-grad-trial-1/config.json not found: the equivalent STE needs a finished ...
+    """
+    from .schedules import lr_factor  # a light import, kept local: this module is read by the sweep
+
+    run = Path(run_dir)
+    config_path, trace_path = run / "config.json", run / "trace.pt"
+    for path in (config_path, trace_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the equivalent STE needs a finished FC-Grad run there")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path} is not a run configuration: {err}") from None
+    if config.get("estimator") != "fc-grad" or config.get("nonlinearity", "none") != "none":
+        raise ValueError(
+            f"{run} is not an FC-Grad run without a non-linearity (estimator "
+            f"{config.get('estimator')!r}, nonlinearity {config.get('nonlinearity')!r})"
+        )
+    if not (run / "done").exists():
+        raise ValueError(f"{run} has not finished: run it first (the equivalent STE uses its whole trace)")
+    try:
+        data = torch.load(trace_path, weights_only=True)
+        gains = {int(e): fc_grad_gain(s["meta"]) for e, s in data["snapshots"].items()}
+    except Exception as err:  # noqa: BLE001 - any damage to the file is reported as such
+        raise ValueError(f"{trace_path} is not a readable trace of an FC-Grad run: {err}") from None
+    epochs = int(config["epochs"])
+    schedule = config.get("lr_schedule", "step")
+    step, gamma = int(config.get("lr_step", 30)), float(config.get("lr_gamma", 0.1))
+    try:
+        return mean_gain(gains, epochs, lambda e: lr_factor(schedule, e, epochs, step, gamma))
+    except ValueError as err:
+        raise ValueError(f"{trace_path}: {err}") from None

@@ -1,0 +1,34 @@
+"""The benchmark scripts run and report what their docstrings promise (tiny sizes: a smoke test, not a timing)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run_json(script, *args):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)  # exactly one JSON object on stdout
+
+
+def test_step_time_reports_every_method_against_fp_and_ste():
+    out = _run_json("step_time.py", "--steps", "1", "--repeats", "1", "--batch-size", "4",
+                    "--methods", "fp", "ste", "multifc")
+    assert list(out) == ["fp", "ste", "multifc"]
+    for method, r in out.items():
+        assert set(r) == {"seconds_per_step", "x_fp", "x_ste", "peak_mb"}, method
+        assert r["seconds_per_step"] > 0 and r["peak_mb"] > 0
+    assert out["fp"]["x_fp"] == 1.0 and out["ste"]["x_ste"] == 1.0
+    assert abs(out["multifc"]["x_fp"] - out["multifc"]["seconds_per_step"] / out["fp"]["seconds_per_step"]) < 1e-12
+
+
+def test_lstmfc_time_compares_the_fused_step_with_nn_lstm():
+    out = _run_json("lstmfc_time.py", "--n", "2000", "--hidden", "8", "--rounds", "1", "--chunks", "512")
+    assert list(out) == ["nn.LSTM", "fused", "fused-512"]
+    assert out["nn.LSTM"]["x_nn_lstm"] == 1.0
+    for r in out.values():
+        assert r["seconds"] > 0 and r["peak_rss_mb"] > 0

@@ -1,0 +1,84 @@
+"""The equivalent STE: FC-Grad's learned gain, and the STE run that takes it."""
+
+import json
+
+import pytest
+import torch
+
+import metaquant as mq
+from metaquant.equivalent import fc_grad_gain, learned_gain, mean_gain
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_fc_grad_gain_is_the_scale_fc_grad_applies(num_layers):
+    torch.manual_seed(num_layers)
+    meta = mq.FCGrad(hidden=5, num_layers=num_layers)
+    g = torch.randn(7)
+    out, _ = meta(g, torch.randn(7))
+    # oracle: the meta quantizer itself, on the incoming gradient
+    torch.testing.assert_close(out, fc_grad_gain(meta.state_dict()) * g)
+
+
+def test_mean_gain_interpolates_between_snapshots_and_weighs_epochs_by_their_rate():
+    gains = {0: 1.0, 1: 2.0, 2: 4.0, 4: 8.0}  # epoch 3 is not snapshotted: k(3) = 6 by interpolation
+    factors = [1.0, 1.0, 0.1, 0.1]
+    # by hand: epochs' mean gains 1.5, 3, 5, 7, weighted 1, 1, 0.1, 0.1
+    expected = (1.5 + 3 + 0.5 + 0.7) / 2.2
+    assert mean_gain(gains, 4, factors.__getitem__) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="known after \\[0, 1\\]"):
+        mean_gain({0: 1.0, 1: 2.0}, 4, factors.__getitem__)
+
+
+def _fake_run(tmp_path, estimator="fc-grad", done=True, gains=(0.5, 1.5)):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(
+        json.dumps({"estimator": estimator, "nonlinearity": "none", "epochs": 2, "lr_schedule": "constant"})
+    )
+    snapshots = {}
+    for epoch, k in zip((0, 2), gains):
+        meta = mq.FCGrad(hidden=1, num_layers=1)
+        with torch.no_grad():
+            meta.net.layers[0].weight.fill_(k)
+        snapshots[epoch] = {"meta": meta.state_dict(), "weights": {}}
+    torch.save({"snapshots": snapshots, "bins": {}}, run / "trace.pt")
+    if done:
+        (run / "done").write_text("")
+    return run
+
+
+def test_learned_gain_reads_a_finished_fc_grad_run(tmp_path):
+    assert learned_gain(_fake_run(tmp_path)) == pytest.approx(1.0)  # constant rate: mean of 0.5 → 1.5
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(estimator="multifc"), "is not an FC-Grad run"),
+        (dict(done=False), "has not finished"),
+    ],
+)
+def test_learned_gain_refuses_other_runs(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        learned_gain(_fake_run(tmp_path, **kwargs))
+
+
+def test_learned_gain_names_a_missing_or_damaged_trace(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        learned_gain(tmp_path)
+    run = _fake_run(tmp_path)
+    (run / "trace.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="trace.pt is not a readable trace"):
+        learned_gain(run)
+
+
+def test_the_equivalent_ste_optimizer_takes_the_scaled_rate(tmp_path):
+    from metaquant.config import RunConfig
+    from metaquant.pipeline import _with_learned_gain
+
+    run = _fake_run(tmp_path, gains=(2.0, 2.0))
+    config = RunConfig(estimator="ste", lr=1e-3, lr_gain_from=str(run))
+    assert _with_learned_gain(config).lr == pytest.approx(2e-3)
+    negative = _fake_run(tmp_path / "n", gains=(-1.0, -1.0)) if (tmp_path / "n").mkdir() is None else None
+    with pytest.raises(ValueError, match="learned a mean gain -1 <= 0"):
+        _with_learned_gain(RunConfig(estimator="ste", lr_gain_from=str(negative)))

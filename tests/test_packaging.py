@@ -1,0 +1,80 @@
+"""The distribution: a wheel built from the files a clone holds carries the license, the type marker, the
+presets and one version; the static checks are part of CI."""
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from email.parser import Parser
+
+import pytest
+
+import metaquant
+from tests.conftest import REPO
+
+
+def _clone_files() -> list[str]:
+    """The files a clone of the repository holds (tracked ones, and new ones git does not ignore)."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    return [name for name in listed.split("\0") if name and (REPO / name).is_file()]
+
+
+def test_the_wheel_holds_license_type_marker_presets_and_one_version(tmp_path):
+    source = tmp_path / "clone"
+    for name in _clone_files():
+        if name.startswith(("src/", "LICENSE", "README.md", "pyproject.toml")):
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--wheel-dir",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert wheel.name == f"metaquant_torch-{metaquant.__version__}-py3-none-any.whl"
+    names = zipfile.ZipFile(wheel).namelist()
+    dist_info = f"metaquant_torch-{metaquant.__version__}.dist-info"
+    assert f"{dist_info}/licenses/LICENSE" in names
+    assert "metaquant/py.typed" in names
+    presets = {n.removeprefix("metaquant/presets/") for n in names if n.startswith("metaquant/presets/")}
+    assert {"fashion-mnist.toml", "paper-cifar10.toml", "paper-cifar100.toml", "paper-imagenet.toml"} <= presets
+    metadata = Parser().parsestr(zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode())
+    assert metadata["Version"] == metaquant.__version__  # written once, in metaquant/__init__.py
+    assert metadata["License-Expression"] == "MIT" and metadata["License-File"] == "LICENSE"
+    assert "MIT License" in (REPO / "LICENSE").read_text()
+    assert any(url.startswith("Source, https://") for url in metadata.get_all("Project-URL"))
+
+
+def test_the_citation_file_names_this_version():
+    import re
+
+    citation = (REPO / "CITATION.cff").read_text()
+    assert re.search(r"^version: (\S+)$", citation, re.M)[1] == metaquant.__version__
+    assert re.search(r"^license: (\S+)$", citation, re.M)[1] == "MIT"
+
+
+def test_ci_runs_ruff_and_mypy_before_the_tests():
+    ci = (REPO / ".ci" / "run").read_text()
+    lint = (REPO / "scripts" / "lint.sh").read_text()
+    assert ci.index("scripts/lint.sh") < ci.index("pytest")
+    for command in ("ruff check", "ruff format --check", "mypy"):
+        assert command in lint

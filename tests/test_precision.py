@@ -1,0 +1,91 @@
+"""Mixed precision: bf16 autocast trains with float32 weights; a GradScaler gives the unscaled update."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metaquant as mq
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    return mq.quantize_(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)))
+
+
+def bn_net(seed=0):
+    torch.manual_seed(seed)
+    return mq.quantize_(
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3), nn.BatchNorm1d(3)
+        )
+    )
+
+
+@pytest.mark.parametrize("kind", ["ste", "multifc"])
+def test_bf16_autocast_trains_and_keeps_float32_weights(kind):
+    model = bn_net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    torch.manual_seed(1)
+    trainer = (
+        mq.Trainer(model, opt) if kind == "ste" else mq.MetaQuant(model, opt, mq.MultiFC(hidden=100), meta_lr=1e-2)
+    )
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 6, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+    def closure():
+        with mq.precision.autocast("bf16", "cpu"):
+            logits = model(x)
+        assert logits.dtype == torch.bfloat16  # the forward pass did run in bf16
+        return F.cross_entropy(logits.float(), y)
+
+    losses = [trainer.step(closure).item() for _ in range(40)]
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    if kind == "multifc":
+        assert all(p.dtype == torch.float32 for p in trainer.meta.parameters())
+        assert trainer.state_dict()["records"]["0"]["grad_w_hat"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["ste", "multifc", "lstmfc"])
+def test_grad_scaler_gives_the_unscaled_update_and_skips_overflowing_steps(kind):
+    # Oracle: the same run without a scaler. A power-of-two scale is exact in float32, so the runs agree to the bit.
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    runs = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)):
+        model = net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        torch.manual_seed(4)
+        meta = {"multifc": mq.MultiFC(hidden=4), "lstmfc": mq.LSTMFC(hidden=4)}.get(kind)
+        trainer = (
+            mq.Trainer(model, opt, grad_scaler=scaler)
+            if meta is None
+            else mq.MetaQuant(model, opt, meta, grad_scaler=scaler)
+        )
+
+        def closure(model=model):
+            return F.cross_entropy(model(x), y)
+
+        for _ in range(5):
+            trainer.step(closure)
+        runs.append([p.detach().clone() for p in model.parameters()])
+        if scaler is not None:
+            assert scaler.get_scale() == 2.0**14  # it grew twice (every 2 good steps)
+            weights = [p.detach().clone() for p in model.parameters()]
+            scaler.update(3e38)  # the next scaled loss overflows float32
+            trainer.step(closure)
+            assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # skipped
+            assert scaler.get_scale() < 3e38 and trainer.skipped_steps == 0
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_amp_modes_are_checked():
+    with pytest.raises(ValueError, match="amp 'fp32' is not supported; allowed: none, bf16, fp16"):
+        mq.precision.autocast("fp32", "cpu")
+    from metaquant.config import RunConfig
+
+    with pytest.raises(ValueError, match="amp 'fp16' needs a CUDA device"):
+        RunConfig(amp="fp16", device="cpu")
+    assert RunConfig(amp="bf16").amp == "bf16"
