@@ -25,8 +25,11 @@ against ``fp`` (x fp) and ``ste`` (x STE) when they were measured.
     python benchmarks/step_time.py --device cuda --json  # {method: {seconds_per_step, x_fp, x_ste, peak_mb}}
 
 Options ``--compile`` (the model wrapped in ``torch.compile`` for the closure's forward pass) and ``--amp bf16``
-(the closure under ``torch.autocast`` in bfloat16) measure those settings as well. On a CPU shared with other
-work, threads wait for each other and wall-clock times swing by 2x or more from one run to the next;
+(the closure under ``torch.autocast`` in bfloat16) measure those settings as well.
+
+On a CPU shared with other work, OpenMP threads spin while they wait for each other and wall-clock times swing
+by 2x or more from one run to the next (methods made of many small operations, LSTMFC's step, the most).
+``OMP_WAIT_POLICY=PASSIVE python benchmarks/step_time.py ...`` (the children inherit it) removes most of that;
 ``--threads 1 --cpu-time`` (seconds of CPU time per step, one thread) gives the steadiest ratios.
 """
 
@@ -67,6 +70,7 @@ def _build(method: str, device: str, compile_model: bool, amp: str) -> tuple[Any
         "lstmfc-16": lambda: mq.LSTMFC(hidden=16),
     }
     if method == "fp":
+
         def step(closure):
             opt.zero_grad(set_to_none=True)
             loss = closure()
@@ -87,8 +91,16 @@ def _build(method: str, device: str, compile_model: bool, amp: str) -> tuple[Any
     return fmt, step, loss_fn
 
 
-def child(method: str, steps: int, batch_size: int, device: str, compile_model: bool, amp: str,
-          threads: int | None = None, cpu_time: bool = False) -> dict[str, float]:
+def child(
+    method: str,
+    steps: int,
+    batch_size: int,
+    device: str,
+    compile_model: bool,
+    amp: str,
+    threads: int | None = None,
+    cpu_time: bool = False,
+) -> dict[str, float]:
     """Warm up, then time ``steps`` steps of ``method`` in this process; its peak memory in MB."""
     import torch
 
@@ -126,8 +138,20 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
     best: dict[str, dict[str, float]] = {}
     for _ in range(args.repeats):
         for method in args.methods:
-            cmd = [sys.executable, __file__, "--child", method, "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--device", args.device, "--amp", args.amp]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                method,
+                "--steps",
+                str(args.steps),
+                "--batch-size",
+                str(args.batch_size),
+                "--device",
+                args.device,
+                "--amp",
+                args.amp,
+            ]
             if args.compile:
                 cmd.append("--compile")
             if args.threads:
@@ -141,8 +165,10 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
             if method not in best:
                 best[method] = r
             else:
-                best[method] = {"seconds_per_step": min(best[method]["seconds_per_step"], r["seconds_per_step"]),
-                                "peak_mb": min(best[method]["peak_mb"], r["peak_mb"])}
+                best[method] = {
+                    "seconds_per_step": min(best[method]["seconds_per_step"], r["seconds_per_step"]),
+                    "peak_mb": min(best[method]["peak_mb"], r["peak_mb"]),
+                }
     fp, ste = best.get("fp"), best.get("ste")
     results: dict[str, dict[str, float | None]] = {}
     for method, r in best.items():
@@ -164,36 +190,47 @@ def table(results: dict[str, dict[str, float | None]], args: argparse.Namespace)
 
     settings = ", ".join(
         [f"ResNet20, 1-bit DoReFa, batch {args.batch_size}, channels-last, {args.steps} timed steps on {args.device}"]
-        + (["torch.compile"] if args.compile else []) + ([f"autocast {args.amp}"] if args.amp != "none" else [])
-        + ([f"{args.threads} thread(s)"] if args.threads else []) + (["CPU time"] if args.cpu_time else [])
+        + (["torch.compile"] if args.compile else [])
+        + ([f"autocast {args.amp}"] if args.amp != "none" else [])
+        + ([f"{args.threads} thread(s)"] if args.threads else [])
+        + (["CPU time"] if args.cpu_time else [])
         + [f"fastest of {args.repeats} round(s)"]
     )
     mem = "peak CUDA MB" if args.device.startswith("cuda") else "peak RSS MB"
     lines = [settings, f"{'method':<10} {'s/step':>8} {'x fp':>6} {'x STE':>6} {mem:>13} {'x STE':>6}"]
     for method, r in results.items():
         mem_ratio = r["peak_mb"] / ste["peak_mb"] if ste else None
-        lines.append(f"{method:<10} {r['seconds_per_step']:>8.3f} {ratio(r['x_fp']):>6} {ratio(r['x_ste']):>6} "
-                     f"{r['peak_mb']:>13.0f} {ratio(mem_ratio):>6}")
+        lines.append(
+            f"{method:<10} {r['seconds_per_step']:>8.3f} {ratio(r['x_fp']):>6} {ratio(r['x_ste']):>6} "
+            f"{r['peak_mb']:>13.0f} {ratio(mem_ratio):>6}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per child (default 10)")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="rounds over all methods; the fastest counts (default 2)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="rounds over all methods; the fastest counts (default 2)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--compile", action="store_true", help="run the forward pass through torch.compile")
     parser.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast the forward pass")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads in each child (default: torch's); 1 is the steadiest on a busy "
-                             "machine")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="measure the process's CPU time instead of wall-clock time (with --threads 1: the work "
-                             "done, whatever else the machine runs)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads in each child (default: torch's); 1 is the steadiest on a busy machine",
+    )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="measure the process's CPU time instead of wall-clock time (with --threads 1: the work "
+        "done, whatever else the machine runs)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.batch_size < 1:
@@ -201,8 +238,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.cpu_time and args.device.startswith("cuda"):
         parser.error("--cpu-time measures CPU work; on CUDA the wall-clock time is the measure")
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch_size, args.device, args.compile, args.amp,
-                               args.threads, args.cpu_time)))
+        print(
+            json.dumps(
+                child(
+                    args.child,
+                    args.steps,
+                    args.batch_size,
+                    args.device,
+                    args.compile,
+                    args.amp,
+                    args.threads,
+                    args.cpu_time,
+                )
+            )
+        )
         return
     results = run(args)
     print(json.dumps(results) if args.json else table(results, args))

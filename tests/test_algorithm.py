@@ -78,7 +78,7 @@ def test_committed_weight_is_the_look_ahead_used_in_the_forward_pass(cls, kwargs
     layers = mq.quantized_layers(model)
     from_torch = {}
     opt.register_step_post_hook(
-        lambda o, a, kw: from_torch.update({n: l.weight.detach().clone() for n, l in layers.items()})
+        lambda o, a, kw: from_torch.update({n: lyr.weight.detach().clone() for n, lyr in layers.items()})
     )
     for t, (x, y) in enumerate(batches(5, seed=1)):
         trainer.step(closure(model, x, y))
@@ -333,7 +333,7 @@ def test_a_weight_tied_between_quantized_layers_takes_one_look_ahead_and_the_sum
 
 def test_tied_weights_quantized_differently_or_used_in_full_precision_are_refused():
     tied = mq.quantize_(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), filter_fn=lambda m, n: n == "0")
-    mq.quantize_(tied, mq.QuantConfig("bwn"))
+    mq.quantize_(tied, mq.QuantConfig("bwn"), filter_fn=lambda m, n: n == "1")
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match="quantized differently"):
         mq.MetaQuant(tied, torch.optim.SGD(tied.parameters(), lr=0.1), mq.MultiFC())

@@ -9,15 +9,17 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _run_json(script, *args):
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json"],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args, "--json"], capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)  # exactly one JSON object on stdout
 
 
 def test_step_time_reports_every_method_against_fp_and_ste():
-    out = _run_json("step_time.py", "--steps", "1", "--repeats", "1", "--batch-size", "4",
-                    "--methods", "fp", "ste", "multifc")
+    out = _run_json(
+        "step_time.py", "--steps", "1", "--repeats", "1", "--batch-size", "4", "--methods", "fp", "ste", "multifc"
+    )
     assert list(out) == ["fp", "ste", "multifc"]
     for method, r in out.items():
         assert set(r) == {"seconds_per_step", "x_fp", "x_ste", "peak_mb"}, method
@@ -27,8 +29,10 @@ def test_step_time_reports_every_method_against_fp_and_ste():
 
 
 def test_lstmfc_time_compares_the_fused_step_with_nn_lstm():
-    out = _run_json("lstmfc_time.py", "--n", "2000", "--hidden", "8", "--rounds", "1", "--chunks", "512")
-    assert list(out) == ["nn.LSTM", "fused", "fused-512"]
+    out = _run_json(
+        "lstmfc_time.py", "--n", "2000", "--hidden", "8", "--rounds", "1", "--variants", "rows=512,keep=0", "keep=1"
+    )
+    assert list(out) == ["nn.LSTM", "fused", "fused rows=512,keep=0", "fused keep=1"]
     assert out["nn.LSTM"]["x_nn_lstm"] == 1.0
     for r in out.values():
         assert r["seconds"] > 0 and r["peak_rss_mb"] > 0

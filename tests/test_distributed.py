@@ -38,7 +38,7 @@ def _train(estimator: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     half = 8 // world
     for x, y in _data():
         xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
-        trainer.step(lambda: F.cross_entropy(net(xs), ys))
+        trainer.step(lambda xs=xs, ys=ys: F.cross_entropy(net(xs), ys))
     state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
     if estimator != "ste":
         state |= {f"meta.{k}": v.clone() for k, v in trainer.meta.state_dict().items()}

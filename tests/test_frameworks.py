@@ -9,8 +9,9 @@ import metaquant as mq
 
 def _model():
     torch.manual_seed(0)
-    return mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 4), torch.nn.ReLU(),
-                                            torch.nn.Linear(4, 3)))
+    return mq.quantize_(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    )
 
 
 def _batches(n=4, size=4):
@@ -27,7 +28,7 @@ def _plain_run(steps):
     model = _model()
     trainer = _metaquant(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     for x, y in steps:
-        trainer.step(lambda: F.cross_entropy(model(x), y))
+        trainer.step(lambda x=x, y=y: F.cross_entropy(model(x), y))
     return model, trainer
 
 
@@ -40,10 +41,23 @@ def test_accelerate_prepared_optimizer_trains_as_the_plain_one():
     trainer = _metaquant(model, opt)
     batches = _batches()
     for x, y in batches:
-        trainer.step(lambda: F.cross_entropy(model(x), y))
+        trainer.step(lambda x=x, y=y: F.cross_entropy(model(x), y))
     oracle, _ = _plain_run(batches)
     for a, b in zip(model.parameters(), oracle.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps its state (accumulation steps, synchronization) in process-wide singletons: each test
+    here, and the tests after them, start from a fresh one."""
+    yield
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+    except ImportError:
+        return
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def test_accelerate_accumulate_is_refused_with_what_to_do():
@@ -81,8 +95,14 @@ def _lightning_module(pl, batches_per_epoch):
 def test_lightning_manual_optimization_resumes_exactly_from_its_checkpoint(tmp_path):
     pl = pytest.importorskip("pytorch_lightning")
     batches = _batches(2)
-    options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, default_root_dir=tmp_path)
+    options = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
 
     def train(epochs, lit, ckpt=None):
         trainer = pl.Trainer(max_epochs=epochs, **options)

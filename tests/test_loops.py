@@ -14,8 +14,9 @@ import metaquant as mq
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    return mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 4), torch.nn.ReLU(),
-                                            torch.nn.Linear(4, 3)))
+    return mq.quantize_(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    )
 
 
 def _data(n=8, seed=1):
@@ -41,8 +42,7 @@ def _state(model, trainer):
 def test_a_closure_that_calls_backward_is_refused_with_a_message(kind):
     model = _model()
     x, y = _data()
-    trainer = (mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1)) if kind == "trainer"
-               else _metaquant(model))
+    trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1)) if kind == "trainer" else _metaquant(model)
 
     def closure():
         loss = F.cross_entropy(model(x), y)
@@ -74,12 +74,16 @@ def test_metaquant_clipping_in_the_hook_equals_clipping_by_hand():
     x, y = _data()
     model = _model()
     lr, meta_lr, max_norm = 0.05, 0.1, 1e-3  # a small norm: every step is clipped
-    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=lr), meta=mq.MultiFC(hidden=4),
-                           meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=meta_lr))
+    trainer = mq.MetaQuant(
+        model,
+        torch.optim.SGD(model.parameters(), lr=lr),
+        meta=mq.MultiFC(hidden=4),
+        meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=meta_lr),
+    )
     for t in range(3):
         record = {}
 
-        def hook(tr):
+        def hook(tr, t=t, record=record):
             params = list(tr.model.parameters())
             quantized = [layer.weight for layer in tr.layers.values()]
             # at t >= 1 every quantized weight holds g_W; at t = 0 None (they do not move)
@@ -89,14 +93,17 @@ def test_metaquant_clipping_in_the_hook_equals_clipping_by_hand():
             grads = [p.grad.clone() for p in params if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             coef = min(1.0, max_norm / (float(norm) + 1e-6))
-            record["expected"] = [p.detach() - lr * coef * p.grad if p.grad is not None else p.detach().clone()
-                                  for p in params]
+            record["expected"] = [
+                p.detach() - lr * coef * p.grad if p.grad is not None else p.detach().clone() for p in params
+            ]
             torch.nn.utils.clip_grad_norm_(params, max_norm)
             meta_params = [p for p in tr.meta.parameters() if p.grad is not None]
             if meta_params:
                 torch.nn.utils.clip_grad_norm_(meta_params, max_norm)
-            record["meta_expected"] = [p.detach() - meta_lr * p.grad if p.grad is not None else p.detach().clone()
-                                       for p in tr.meta.parameters()]
+            record["meta_expected"] = [
+                p.detach() - meta_lr * p.grad if p.grad is not None else p.detach().clone()
+                for p in tr.meta.parameters()
+            ]
 
         trainer.step(lambda: F.cross_entropy(model(x), y), before_update=hook)
         for p, expected in zip(model.parameters(), record["expected"]):
@@ -114,8 +121,10 @@ def test_trainer_clipping_in_the_hook_equals_clipping_by_hand():
     ta = mq.Trainer(a, torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9))
     opt_b = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
     for _ in range(3):
-        ta.step(lambda: F.cross_entropy(a(x), y),
-                before_update=lambda t: torch.nn.utils.clip_grad_norm_(t.model.parameters(), 0.01))
+        ta.step(
+            lambda: F.cross_entropy(a(x), y),
+            before_update=lambda t: torch.nn.utils.clip_grad_norm_(t.model.parameters(), 0.01),
+        )
         opt_b.zero_grad()
         F.cross_entropy(b(x), y).backward()  # the oracle: the plain torch loop (quantized layers' default STE)
         torch.nn.utils.clip_grad_norm_(b.parameters(), 0.01)
@@ -125,15 +134,18 @@ def test_trainer_clipping_in_the_hook_equals_clipping_by_hand():
 
 
 # --- gradient accumulation --------------------------------------------------------------------------------
-@pytest.mark.parametrize("opt_factory", [lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
-                                         lambda ps: torch.optim.Adam(ps, lr=1e-2)], ids=["sgd", "adam"])
+@pytest.mark.parametrize(
+    "opt_factory",
+    [lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), lambda ps: torch.optim.Adam(ps, lr=1e-2)],
+    ids=["sgd", "adam"],
+)
 def test_metaquant_accumulation_over_micro_batches_equals_one_step_on_their_union(opt_factory):
     x, y = _data(12)
     a, b = _model(), _model()
     ta, tb = _metaquant(a, opt_factory), _metaquant(b, opt_factory)
     for _ in range(4):
         la = ta.step(lambda: F.cross_entropy(a(x), y))
-        micro = [lambda i=i: F.cross_entropy(b(x[i:i + 4]), y[i:i + 4]) for i in (0, 4, 8)]
+        micro = [lambda i=i: F.cross_entropy(b(x[i : i + 4]), y[i : i + 4]) for i in (0, 4, 8)]
         lb = tb.step(micro)
         torch.testing.assert_close(la, lb)
     sa, sb = _state(a, ta), _state(b, tb)
@@ -149,7 +161,7 @@ def test_trainer_accumulation_equals_one_step_on_the_union():
     tb = mq.Trainer(b, torch.optim.Adam(b.parameters(), lr=1e-2))
     for _ in range(3):
         ta.step(lambda: F.cross_entropy(a(x), y))
-        tb.step([lambda i=i: F.cross_entropy(b(x[i:i + 6]), y[i:i + 6]) for i in (0, 6)])
+        tb.step([lambda i=i: F.cross_entropy(b(x[i : i + 6]), y[i : i + 6]) for i in (0, 6)])
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
@@ -211,8 +223,11 @@ def lightning_like(optimizer):
 
 
 @pytest.mark.parametrize("wrap", [AcceleratedLike, lightning_like], ids=["accelerate-like", "lightning-like"])
-@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
-                                  lambda ps: torch.optim.Adam(ps, lr=1e-2)], ids=["sgd", "adam"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), lambda ps: torch.optim.Adam(ps, lr=1e-2)],
+    ids=["sgd", "adam"],
+)
 def test_a_wrapped_optimizer_trains_as_the_optimizer_it_wraps(wrap, make):
     x, y = _data()
     a, b = _model(), _model()
@@ -267,8 +282,12 @@ class _RecordingTrainer:
 
 def _loader(n=8, batch_size=4):
     x, y = _data(n)
-    return DataLoader(TensorDataset(x.reshape(n, 1, 6), y), batch_size=batch_size, shuffle=True,
-                      generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        TensorDataset(x.reshape(n, 1, 6), y),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 @pytest.mark.parametrize("interval", ["epoch", "step"])
@@ -288,8 +307,17 @@ def test_fit_with_a_dataloader_follows_a_step_lr_scheduler_exactly(interval):
         if interval == "epoch":
             oracle.step()
     trainer = _RecordingTrainer(_metaquant(model, lambda ps: opt))
-    state = mq.fit(model, trainer, _loader(), _loader(), epochs=3, schedule=None, scheduler=scheduler,
-                   scheduler_interval=interval, progress=False)
+    state = mq.fit(
+        model,
+        trainer,
+        _loader(),
+        _loader(),
+        epochs=3,
+        schedule=None,
+        scheduler=scheduler,
+        scheduler_interval=interval,
+        progress=False,
+    )
     assert state.iteration == 6
     assert [base for base, _ in trainer.rates] == expected
     # the meta rate follows the base rate: γ_t = γ·α_t/α_0
@@ -310,8 +338,16 @@ def test_fit_refuses_both_a_schedule_and_a_scheduler():
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="both schedule and scheduler"):
-        mq.fit(model, mq.Trainer(model, opt), _loader(), _loader(), epochs=1, schedule=lambda e: 1.0,
-               scheduler=torch.optim.lr_scheduler.StepLR(opt, 1), progress=False)
+        mq.fit(
+            model,
+            mq.Trainer(model, opt),
+            _loader(),
+            _loader(),
+            epochs=1,
+            schedule=lambda e: 1.0,
+            scheduler=torch.optim.lr_scheduler.StepLR(opt, 1),
+            progress=False,
+        )
 
 
 # --- torch.func through a quantized layer ------------------------------------------------------------------
@@ -390,8 +426,8 @@ def test_accumulation_and_the_hook_under_a_grad_scaler_see_unscaled_gradients():
         return lambda t: seen[key].append([p.grad.clone() for p in t.model.parameters() if p.grad is not None])
 
     for _ in range(3):
-        micro_a = [lambda i=i: F.cross_entropy(a(x[i:i + 6]), y[i:i + 6]) for i in (0, 6)]
-        micro_b = [lambda i=i: F.cross_entropy(b(x[i:i + 6]), y[i:i + 6]) for i in (0, 6)]
+        micro_a = [lambda i=i: F.cross_entropy(a(x[i : i + 6]), y[i : i + 6]) for i in (0, 6)]
+        micro_b = [lambda i=i: F.cross_entropy(b(x[i : i + 6]), y[i : i + 6]) for i in (0, 6)]
         ta.step(micro_a, before_update=hook("a"))
         tb.step(micro_b, before_update=hook("b"))
     assert len(seen["a"]) == len(seen["b"]) == 3

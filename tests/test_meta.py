@@ -78,6 +78,8 @@ def test_lstmfc_runs_one_lstm_step_per_coordinate_from_the_given_state():
         (lambda: FCGrad(nonlinearity="gelu"), "nonlinearity 'gelu' is not supported; allowed: none, relu, tanh"),
         (lambda: LSTMFC(num_lstm=0), "number of LSTM layers must be an integer >= 1"),
         (lambda: LSTMFC(chunk_size=0), "chunk_size must be an integer >= 1, got 0"),
+        (lambda: LSTMFC(keep_gates=1.5), r"keep_gates must be a number in \[0, 1\], got 1.5"),
+        (lambda: LSTMFC(keep_gates=True), r"keep_gates must be a number in \[0, 1\], got True"),
     ],
 )
 def test_bad_options_are_refused(factory, message):
@@ -101,20 +103,25 @@ def _inputs(n, hidden, num_lstm, dtype, zero_state=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(n, generator=gen, dtype=dtype)
     w = torch.rand(n, generator=gen, dtype=dtype) * 2 - 1
-    state = None if zero_state else tuple(
-        torch.randn(num_lstm, n, hidden, generator=gen, dtype=dtype) * 0.5 for _ in range(2)
+    state = (
+        None
+        if zero_state
+        else tuple(torch.randn(num_lstm, n, hidden, generator=gen, dtype=dtype) * 0.5 for _ in range(2))
     )
     return g, w, state
 
 
+@pytest.mark.parametrize("keep_gates", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("zero_state", [False, True])
 @pytest.mark.parametrize("nonlinearity", ["none", "relu", "tanh"])
 @pytest.mark.parametrize("num_lstm", [1, 2])
-def test_lstmfc_values_and_parameter_gradients_equal_nn_lstm(dtype, zero_state, nonlinearity, num_lstm):
+def test_lstmfc_values_and_parameter_gradients_equal_nn_lstm(dtype, zero_state, nonlinearity, num_lstm, keep_gates):
     torch.manual_seed(3)
-    n, hidden = 37, 6
-    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity=nonlinearity, chunk_size=8).to(dtype)
+    n, hidden = 37, 6  # blocks of 8 rows: with keep_gates=0.5 the first 3 blocks are kept, the other 2 recomputed
+    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity=nonlinearity, chunk_size=8, keep_gates=keep_gates).to(
+        dtype
+    )
     g, w, state = _inputs(n, hidden, num_lstm, dtype, zero_state)
     out, (h, c) = meta(g, w, state)
     ref, (ref_h, ref_c) = _nn_lstm_forward(meta, g, w, state)
@@ -126,7 +133,8 @@ def test_lstmfc_values_and_parameter_gradients_equal_nn_lstm(dtype, zero_state, 
     weights = torch.randn(n, dtype=dtype)
     names, params = zip(*meta.named_parameters())
     assert set(names) == {"fc.weight"} | {
-        f"lstm.{kind}_l{layer}" for layer in range(num_lstm)
+        f"lstm.{kind}_l{layer}"
+        for layer in range(num_lstm)
         for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     }
     fused = torch.autograd.grad((out * weights).sum(), params)
@@ -140,7 +148,7 @@ def test_lstmfc_gradients_reach_the_inputs_and_the_state_like_nn_lstm(num_lstm):
     # Not what MetaQuant asks for (it detaches the state), but the step is a complete autograd function.
     torch.manual_seed(4)
     n, hidden = 19, 5
-    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity="tanh", chunk_size=7).double()
+    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity="tanh", chunk_size=7, keep_gates=0.4).double()
     g, w, state = _inputs(n, hidden, num_lstm, torch.float64)
     leaves = [g.requires_grad_(), w.requires_grad_(), *(s.requires_grad_() for s in state)]
     out, (h, c) = meta(g, w, state)
@@ -159,7 +167,7 @@ def test_lstmfc_gradients_reach_the_inputs_and_the_state_like_nn_lstm(num_lstm):
 def test_lstmfc_gradcheck(nonlinearity):
     torch.manual_seed(5)
     n, hidden, num_lstm = 5, 3, 2
-    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity=nonlinearity, chunk_size=2).double()
+    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity=nonlinearity, chunk_size=2, keep_gates=0.5).double()
     g, w, state = _inputs(n, hidden, num_lstm, torch.float64)
     names = [name for name, _ in meta.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in meta.parameters()]
@@ -172,13 +180,13 @@ def test_lstmfc_gradcheck(nonlinearity):
     assert torch.autograd.gradcheck(step, inputs)
 
 
-def test_lstmfc_block_size_changes_nothing_but_rounding():
+def test_lstmfc_block_size_and_kept_gates_change_nothing_but_rounding():
     torch.manual_seed(6)
     meta = LSTMFC(hidden=4, num_lstm=2).double()
     g, w, state = _inputs(23, 4, 2, torch.float64)
     results = []
-    for rows in (1, 5, 23, 1000, None):
-        meta.chunk_size = rows
+    for rows, keep in ((1, 0.0), (5, 0.3), (5, 1.0), (23, 0.5), (1000, 0.0), (None, 0.5)):
+        meta.chunk_size, meta.keep_gates = rows, keep
         meta.zero_grad(set_to_none=True)
         out, (h, c) = meta(g, w, state)
         out.sum().backward()
@@ -188,17 +196,20 @@ def test_lstmfc_block_size_changes_nothing_but_rounding():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_lstmfc_keeps_nothing_but_the_tensors_that_exist_anyway():
+@pytest.mark.parametrize("keep_gates,kept_rows", [(0.0, 0), (0.5, 192), (1.0, 300)])
+def test_lstmfc_keeps_only_the_gates_it_is_asked_to(keep_gates, kept_rows):
     torch.manual_seed(7)
     n, hidden = 300, 8
-    meta = LSTMFC(hidden=hidden, chunk_size=64)
+    meta = LSTMFC(hidden=hidden, chunk_size=64, keep_gates=keep_gates)
     g, w, state = _inputs(n, hidden, 1, torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out, (h, c) = meta(g, w, state)
     existing = {t.untyped_storage().data_ptr() for t in (g, w, *state, h, c, *meta.parameters())}
-    new_bytes = sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in existing)
-    assert new_bytes <= n * out.element_size(), new_bytes  # at most one [N] tensor; no [N, hidden] one
+    new = [t for t in saved if t.untyped_storage().data_ptr() not in existing]
+    new_bytes = sum(t.numel() * t.element_size() for t in new)
+    # the kept gates (whole blocks of 64 rows), and at most one [N] tensor besides
+    assert kept_rows * 4 * hidden * 4 <= new_bytes <= kept_rows * 4 * hidden * 4 + n * 4, new_bytes
     # Frozen (no gradient needed): no graph, nothing saved.
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -211,9 +222,10 @@ def test_lstmfc_keeps_nothing_but_the_tensors_that_exist_anyway():
     torch.testing.assert_close(out, out2)
 
 
-def test_lstmfc_backward_can_run_twice_with_retain_graph():
+@pytest.mark.parametrize("keep_gates", [0.0, 1.0])
+def test_lstmfc_backward_can_run_twice_with_retain_graph(keep_gates):
     torch.manual_seed(8)
-    meta = LSTMFC(hidden=4, chunk_size=3)
+    meta = LSTMFC(hidden=4, chunk_size=3, keep_gates=keep_gates)
     g, w, state = _inputs(10, 4, 1, torch.float32)
     out, _ = meta(g, w, state)
     first = torch.autograd.grad(out.sum(), list(meta.parameters()), retain_graph=True)
@@ -232,6 +244,15 @@ def test_lstmfc_state_dict_is_that_of_nn_lstm_and_fc():
     g, w, state = _inputs(9, 6, 2, torch.float32)
     out, _ = reference["lstm"](w.reshape(1, -1, 1), state)
     torch.testing.assert_close(meta(g, w, state)[0], g * reference["fc"](out[0]).squeeze(1))
+
+
+def test_lstmfc_refuses_inputs_in_another_dtype_as_nn_lstm_does():
+    meta = LSTMFC(hidden=4)
+    g, w, state = _inputs(5, 4, 1, torch.float64)
+    with pytest.raises(ValueError, match=r"LSTMFC input dtype \(torch.float64\) does not match weight dtype"):
+        meta(g, w, state)
+    with pytest.raises(ValueError, match=r"RNN input dtype \(torch.float64\) does not match weight dtype"):
+        _nn_lstm_forward(meta, g, w, state)
 
 
 def test_lstmfc_edge_cases_empty_input_and_autocast():

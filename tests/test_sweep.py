@@ -1,6 +1,7 @@
 """Sweeps: planning a grid, skipping finished runs, restarting an interrupted one."""
 
 import pytest
+import torch
 
 from metaquant.presets import preset_names, resolve_preset
 from metaquant.runs import RunDir
@@ -188,8 +189,16 @@ device = "cpu"
 estimator = ["ste", "multifc"]
 """
     sweep = write(tmp_path, text)
-    for jobs in (1, 2):
-        assert main(["sweep", str(sweep), "--jobs", str(jobs), "--run-dir", str(tmp_path / f"jobs{jobs}")]) == 0
+    # One CPU thread per run either way (--jobs 2 gives each process 1/2 of this process's threads): a
+    # convolution's sums, and so the last bits of every result, depend on the number of threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["sweep", str(sweep), "--jobs", "2", "--run-dir", str(tmp_path / "jobs2")]) == 0
+        torch.set_num_threads(1)
+        assert main(["sweep", str(sweep), "--jobs", "1", "--run-dir", str(tmp_path / "jobs1")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     serial = sorted(p.name for p in (tmp_path / "jobs1").iterdir())
     assert serial == sorted(p.name for p in (tmp_path / "jobs2").iterdir()) and len(serial) == 1 + 2
     for name in serial:

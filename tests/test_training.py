@@ -47,8 +47,9 @@ def test_fit_equals_a_hand_written_sgd_loop_and_applies_the_schedule():
     b.load_state_dict(a.state_dict())
     opt_a = torch.optim.SGD(a.parameters(), lr=0.5)
     loader = ListLoader(batches)
-    state = fit(a, Trainer(a, opt_a), loader, ListLoader(batches[:1]), epochs=3,
-                schedule=lambda e: 0.1**e, progress=False)
+    state = fit(
+        a, Trainer(a, opt_a), loader, ListLoader(batches[:1]), epochs=3, schedule=lambda e: 0.1**e, progress=False
+    )
     assert loader.epochs == [0, 1, 2] and state.epoch == 3 and state.iteration == 12
     opt_b = torch.optim.SGD(b.parameters(), lr=0.5)
     for epoch in range(3):
@@ -65,8 +66,16 @@ def test_fit_resumes_from_a_state():
     batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,)))]
     model = nn.Linear(3, 2)
     loader = ListLoader(batches)
-    state = fit(model, Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1)), loader, loader,
-                epochs=5, schedule=lambda e: 1.0, state=FitState(epoch=3, iteration=3), progress=False)
+    state = fit(
+        model,
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1)),
+        loader,
+        loader,
+        epochs=5,
+        schedule=lambda e: 1.0,
+        state=FitState(epoch=3, iteration=3),
+        progress=False,
+    )
     assert state.epoch == 5 and state.iteration == 5
 
 

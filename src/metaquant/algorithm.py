@@ -26,14 +26,14 @@ import io
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from .distributed import all_reduce_mean_, any_process, is_distributed, unwrap
 from .estimators import fake_quantize_preprocessed
-from .guards import BufferSnapshot, check_policy, first_nonfinite, reject_step
+from .guards import BufferSnapshot, check_loss, check_optimizer, check_policy, first_nonfinite, reject_step
 from .layers import QuantLayer, forward_tensors, quantized_layers
 from .meta import MetaQuantizer
 from .quantizers import ForwardQuantizer
@@ -60,7 +60,7 @@ class _Slot:
     channels-last weight, its gradient or its optimizer state is a view, not a copy.
     """
 
-    weight: nn.Parameter
+    weight: Tensor
     layers: list[tuple[str, QuantLayer]]  # a weight tied between layers is one slot with several layers
     quantizer: ForwardQuantizer
     group: int  # index of the weight's optimizer param group
@@ -105,7 +105,13 @@ class _Slot:
 
 def _memory_order(t: Tensor) -> tuple[int, ...]:
     # Largest stride first; ties (size-1 dimensions) keep their logical order.
-    return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+    strides = t.stride()
+    return tuple(sorted(range(t.dim()), key=lambda d: (-strides[d], d)))
+
+
+def _bias(layer: QuantLayer) -> Tensor | None:
+    """The layer's bias (``nn.Module`` attributes are typed loosely)."""
+    return cast("Tensor | None", layer.bias)
 
 
 def _flatten(slots: Sequence[_Slot], tensors: Sequence[Tensor]) -> Tensor:
@@ -187,18 +193,25 @@ class MetaQuant:
             raise ValueError(f"through {through!r} is not supported; allowed: {', '.join(THROUGH)}")
         if step_order == "original" and through != "residual":
             # The original order differentiates −α·g_W only (docs/design.md): there is no π to go through.
-            raise ValueError(f"through={through!r} applies to step_order='paper' only; the original order "
-                             "differentiates the look-ahead as −α·g_W (use through='residual')")
+            raise ValueError(
+                f"through={through!r} applies to step_order='paper' only; the original order "
+                "differentiates the look-ahead as −α·g_W (use through='residual')"
+            )
         # bool is an int subclass: True is refused, not read as 1.
         if not (isinstance(meta_lr, (int, float)) and not isinstance(meta_lr, bool) and meta_lr > 0):
             raise ValueError(f"meta_lr must be a number > 0, got {meta_lr!r}")
-        if not (isinstance(meta_weight_decay, (int, float)) and not isinstance(meta_weight_decay, bool)
-                and meta_weight_decay >= 0):
+        if not (
+            isinstance(meta_weight_decay, (int, float))
+            and not isinstance(meta_weight_decay, bool)
+            and meta_weight_decay >= 0
+        ):
             raise ValueError(f"meta_weight_decay must be a number >= 0, got {meta_weight_decay!r}")
-        if freeze_meta_epoch is not None and (not isinstance(freeze_meta_epoch, int)
-                                              or isinstance(freeze_meta_epoch, bool) or freeze_meta_epoch < 0):
+        if freeze_meta_epoch is not None and (
+            not isinstance(freeze_meta_epoch, int) or isinstance(freeze_meta_epoch, bool) or freeze_meta_epoch < 0
+        ):
             raise ValueError(f"freeze_meta_epoch must be an integer >= 0 or None, got {freeze_meta_epoch!r}")
         check_policy(on_nonfinite)
+        check_optimizer(optimizer)
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
         self.grad_scaler = grad_scaler
@@ -241,7 +254,7 @@ class MetaQuant:
     def _make_slots(self) -> list[_Slot]:
         """One slot per trained quantized weight, ordered by param group so each group is one flat range."""
         group_of = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
-        by_weight: dict[int, tuple[nn.Parameter, list[tuple[str, QuantLayer]]]] = {}
+        by_weight: dict[int, tuple[Tensor, list[tuple[str, QuantLayer]]]] = {}
         frozen = []
         for name, layer in self.layers.items():
             w = layer.weight
@@ -255,12 +268,17 @@ class MetaQuant:
                     "quantize_(..., filter_fn=...)"
                 )
             if layer.bias is not None and layer.bias.requires_grad and id(layer.bias) not in group_of:
-                raise ValueError(f"the bias {name}.bias of a quantized layer requires grad but is not in the "
-                                 "optimizer: pass it to the optimizer or freeze it (requires_grad_(False))")
+                raise ValueError(
+                    f"the bias {name}.bias of a quantized layer requires grad but is not in the "
+                    "optimizer: pass it to the optimizer or freeze it (requires_grad_(False))"
+                )
             by_weight.setdefault(id(w), (w, []))[1].append((name, layer))
         if frozen:
-            logger.info("MetaQuant: %d frozen quantized layer(s) keep their weights: %s", len(frozen),
-                        ", ".join(frozen[:10]) + (" ..." if len(frozen) > 10 else ""))
+            logger.info(
+                "MetaQuant: %d frozen quantized layer(s) keep their weights: %s",
+                len(frozen),
+                ", ".join(frozen[:10]) + (" ..." if len(frozen) > 10 else ""),
+            )
         if not by_weight:
             raise ValueError("MetaQuant found no trainable quantized weight: every quantized layer is frozen")
         owners: dict[int, int] = {}  # how many distinct modules hold each parameter
@@ -273,12 +291,16 @@ class MetaQuant:
             quantizers = {layer.quantizer for _, layer in layers}
             if len(quantizers) > 1:
                 names = ", ".join(n for n, _ in layers)
-                raise ValueError(f"the weight tied between the quantized layers {names} is quantized differently "
-                                 "by them; give them one quantizer (quantize_ with one QuantConfig)")
+                raise ValueError(
+                    f"the weight tied between the quantized layers {names} is quantized differently "
+                    "by them; give them one quantizer (quantize_ with one QuantConfig)"
+                )
             if owners[id(w)] > len(layers):
                 names = ", ".join(n for n, _ in layers)
-                raise ValueError(f"the quantized weight of {names} is also used by a layer that is not quantized: "
-                                 "quantize both layers or neither")
+                raise ValueError(
+                    f"the quantized weight of {names} is also used by a layer that is not quantized: "
+                    "quantize both layers or neither"
+                )
             slots.append(_Slot(w, layers, layers[0][1].quantizer, group_of[id(w)], 0, _memory_order(w)))
         slots.sort(key=lambda slot: slot.group)  # stable: module order within a group
         start = 0
@@ -286,7 +308,10 @@ class MetaQuant:
             slot.start, start = start, start + slot.numel
         kinds = {(slot.weight.device, slot.weight.dtype) for slot in slots}
         if len(kinds) > 1:
-            raise ValueError(f"MetaQuant needs every quantized weight on one device and in one dtype, found {sorted(map(str, kinds))}")
+            raise ValueError(
+                "MetaQuant needs every quantized weight on one device and in one dtype, found "
+                f"{sorted(map(str, kinds))}"
+            )
         return slots
 
     def _group(self, slot: _Slot) -> dict[str, Any]:
@@ -346,8 +371,13 @@ class MetaQuant:
             return [flat]
         return list(flat.split([sum(slot.numel for slot in slots) for _, slots, _ in plan]))
 
-    def _directions(self, grad_w: Tensor, weights: Tensor, rule: Callable[..., Tensor],
-                    plan: list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]]) -> list[Tensor]:
+    def _directions(
+        self,
+        grad_w: Tensor,
+        weights: Tensor,
+        rule: Callable[..., Tensor],
+        plan: list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]],
+    ) -> list[Tensor]:
         """``π(g_W)`` (Eq. 6) on each piece of the plan, from the flat ``g_W`` and ``W``."""
         pieces = zip(self._pieces(grad_w, plan), self._pieces(weights, plan), plan)
         return [rule(grad, weight, state, group) for grad, weight, (group, _, state) in pieces]
@@ -363,8 +393,9 @@ class MetaQuant:
             logger.info("meta quantizer frozen from epoch %d", epoch)
             self.meta_frozen = True
 
-    def step(self, closure: Closure | Sequence[Closure], *,
-             before_update: Callable[[MetaQuant], None] | None = None) -> Tensor:
+    def step(
+        self, closure: Closure | Sequence[Closure], *, before_update: Callable[[MetaQuant], None] | None = None
+    ) -> Tensor:
         """One iteration of Algorithm 1. ``closure()`` runs the forward pass and returns the loss.
 
         At ``t >= 1``: ``g_W`` from the meta quantizer (Eq. 4-5), the look-ahead ``W^t`` (Eq. 6), the forward
@@ -423,7 +454,8 @@ class MetaQuant:
             raise RuntimeError(
                 "MetaQuant.step was called inside accelerator.accumulate() on a step that does not synchronize "
                 "gradients; MetaQuant accumulates by itself: call step([closure_1, ..., closure_k]) once per k "
-                "micro-batches, outside accumulate() (gradient_accumulation_steps=1)")
+                "micro-batches, outside accumulate() (gradient_accumulation_steps=1)"
+            )
         if self.meta_optimizer is not None:
             base = self._group(self._slots[0])
             lr0 = float(base.get("initial_lr", self._base_lr0))
@@ -453,16 +485,19 @@ class MetaQuant:
 
     def _check(self, loss: Tensor, meta_outputs: list[Tensor], grad_w_hat: list[Tensor | None]) -> str | None:
         """What, if anything, is non-finite after the backward pass (checked before any update)."""
-        return first_nonfinite({
-            "loss": [loss],
-            "meta quantizer output": meta_outputs,
-            "gradients": [p.grad for p in self.model.parameters()] + grad_w_hat,
-            "meta gradients": [p.grad for p in self.meta.parameters()],
-        })
+        return first_nonfinite(
+            {
+                "loss": [loss],
+                "meta quantizer output": meta_outputs,
+                "gradients": [p.grad for p in self.model.parameters()] + grad_w_hat,
+                "meta gradients": [p.grad for p in self.meta.parameters()],
+            }
+        )
 
     # --- iteration 0 --------------------------------------------------------------------------------------
-    def _first_step(self, closure: list[Closure], hook: Callable[[MetaQuant], None] | None
-                    ) -> tuple[Tensor, str | None]:
+    def _first_step(
+        self, closure: list[Closure], hook: Callable[[MetaQuant], None] | None
+    ) -> tuple[Tensor, str | None]:
         self.optimizer.zero_grad(set_to_none=True)
         # Q(A(W)) with the plain STE gradient reaching W (the original order keeps it as G_0).
         forward = [fake_quantize_preprocessed(slot.weight, slot.quantizer) for slot in self._slots]
@@ -472,14 +507,18 @@ class MetaQuant:
             return loss, bad
         if self.step_order == "original":
             # G_0 and B_0: the plain STE gradients of iteration 0 (docs/design.md, the original order).
-            self._prev_direction = _flatten(self._slots, [
-                slot.weight.grad if slot.weight.grad is not None else torch.zeros_like(slot.weight)
-                for slot in self._slots
-            ]).detach()
+            self._prev_direction = _flatten(
+                self._slots,
+                [
+                    slot.weight.grad if slot.weight.grad is not None else torch.zeros_like(slot.weight)
+                    for slot in self._slots
+                ],
+            ).detach()
             self._prev_bias_direction = {
-                name: layer.bias.grad.detach().clone()
-                for slot in self._slots for name, layer in slot.layers
-                if layer.bias is not None and layer.bias.grad is not None
+                name: bias.grad.detach().clone()
+                for slot in self._slots
+                for name, layer in slot.layers
+                if (bias := _bias(layer)) is not None and bias.grad is not None
             }
         for slot in self._slots:
             slot.weight.grad = None  # quantized weights do not move at t = 0 (torch.optim skips grad None)
@@ -492,8 +531,7 @@ class MetaQuant:
         return loss, None
 
     # --- iterations t >= 1 --------------------------------------------------------------------------------
-    def _meta_step(self, closure: list[Closure], hook: Callable[[MetaQuant], None] | None
-                   ) -> tuple[Tensor, str | None]:
+    def _meta_step(self, closure: list[Closure], hook: Callable[[MetaQuant], None] | None) -> tuple[Tensor, str | None]:
         self.optimizer.zero_grad(set_to_none=True)
         if self.meta_optimizer is not None:
             self.meta_optimizer.zero_grad(set_to_none=True)
@@ -516,8 +554,10 @@ class MetaQuant:
                 directions = self._pieces(moved, plan)
             # torch.add(..., alpha=-lr) rounds as torch.optim's add_ does, so the commit below is the
             # optimizer's own value to the bit for plain SGD.
-            pieces = [torch.add(w, d, alpha=-group["lr"])
-                      for w, d, (group, _, _) in zip(self._pieces(weights, plan), directions, plan)]
+            pieces = [
+                torch.add(w, d, alpha=-group["lr"])
+                for w, d, (group, _, _) in zip(self._pieces(weights, plan), directions, plan)
+            ]
             look_ahead = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         # split, not a slice per slot: its backward is one concatenation, not a zero-filled [N] per slot
         forward_weights = [slot.unflat(w) for slot, w in zip(slots, look_ahead.split(self._numels))]
@@ -534,7 +574,7 @@ class MetaQuant:
         # step stays, with its records (its g_W had no effect on ℓ).
         grad_w = grad_w.detach()
         for slot, is_used in zip(slots, used):
-            g = slot.unflat(grad_w[slot.start:slot.stop]) if is_used else None
+            g = slot.unflat(grad_w[slot.start : slot.stop]) if is_used else None
             # the hook may change .grad in place: it gets a copy, so that g_W stays to compare with
             slot.weight.grad = g.clone() if hook is not None and g is not None else g
         changed = [False] * len(slots)
@@ -542,15 +582,24 @@ class MetaQuant:
             hook(self)
             changed = [
                 (slot.weight.grad is not None or u)
-                and not (u and slot.weight.grad is not None
-                         and torch.equal(slot.weight.grad, slot.unflat(grad_w[slot.start:slot.stop])))
+                and not (
+                    u
+                    and slot.weight.grad is not None
+                    and torch.equal(slot.weight.grad, slot.unflat(grad_w[slot.start : slot.stop]))
+                )
                 for slot, u in zip(slots, used)
             ]
             if any(changed):  # the commit's direction is that of the gradient the hook left
-                grad_w = _flatten(slots, [slot.weight.grad.detach() if slot.weight.grad is not None
-                                          else torch.zeros_like(slot.weight) for slot in slots])
+                grad_w = _flatten(
+                    slots,
+                    [
+                        slot.weight.grad.detach() if slot.weight.grad is not None else torch.zeros_like(slot.weight)
+                        for slot in slots
+                    ],
+                )
         # Step 5: the meta quantizer's own update.
         if learn_meta:
+            assert self.meta_optimizer is not None  # learn_meta implies it
             self.meta_optimizer.step()
         # Step 6: commit through the base optimizer.
         if self.step_order == "original":
@@ -560,16 +609,24 @@ class MetaQuant:
             with torch.no_grad():
                 # W ← W^t exactly: optimizer.step() computed the same value up to rounding. A g_W changed by
                 # the hook keeps the optimizer's own value, the update with the changed gradient.
-                moved = [(slot.weight, w.detach())
-                         for slot, w, u, c in zip(slots, forward_weights, used, changed) if u and not c]
+                moved = [
+                    (slot.weight, w.detach())
+                    for slot, w, u, c in zip(slots, forward_weights, used, changed)
+                    if u and not c
+                ]
                 if moved:
                     torch._foreach_copy_([p for p, _ in moved], [w for _, w in moved])
         self.optimizer.zero_grad(set_to_none=True)
         self._keep(grads, [w_tilde for _, w_tilde in forward], used, meta_state)
         return loss, None
 
-    def _record_original_directions(self, grad_w: Tensor, weights: Tensor, used: list[bool],
-                                    plan: list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]]) -> None:
+    def _record_original_directions(
+        self,
+        grad_w: Tensor,
+        weights: Tensor,
+        used: list[bool],
+        plan: list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]],
+    ) -> None:
         """G_t and B_t of the original order: the directions of the update about to be committed."""
         directions = self._directions(grad_w, weights, self._refine, plan)
         flat = directions[0] if len(directions) == 1 else torch.cat(directions)
@@ -577,11 +634,12 @@ class MetaQuant:
         if not all(used):
             for slot, is_used in zip(self._slots, used):
                 if not is_used:
-                    flat[slot.start:slot.stop] = self._prev_direction[slot.start:slot.stop]
+                    assert self._prev_direction is not None  # recorded at t = 0
+                    flat[slot.start : slot.stop] = self._prev_direction[slot.start : slot.stop]
         self._prev_direction = flat
         for slot in self._slots:
             for name, layer in slot.layers:
-                bias = layer.bias
+                bias = _bias(layer)
                 if bias is not None and bias.grad is not None:
                     state = self.optimizer.state.get(bias, {})
                     group = self.optimizer.param_groups[self._bias_group(bias)]
@@ -595,7 +653,7 @@ class MetaQuant:
         biases: dict[str, Tensor | None] = {}
         for slot in self._slots:
             for name, layer in slot.layers:
-                bias = layer.bias
+                bias = _bias(layer)
                 ahead = self._prev_bias_direction.get(name)
                 if self.step_order == "original" and bias is not None and bias.requires_grad and ahead is not None:
                     # the original code also evaluates the bias one previous step ahead: b − α·B_{t−1}
@@ -621,11 +679,11 @@ class MetaQuant:
         watched = [*self.model.parameters(), *self.meta.parameters(), *(w_hat for w_hat, _ in forward)]
         scaler = self.grad_scaler
         k = len(closures)
-        total = None
+        total: Tensor | None = None
         for i, closure in enumerate(closures):
             marks = grad_marks(watched)
             with forward_tensors(tensors):
-                loss = closure()
+                loss = check_loss(closure())
             check_no_backward(marks, watched)
             # every process takes the same branch under data parallelism (backward runs collectives)
             if any_process(not bool(torch.isfinite(loss))):
@@ -636,6 +694,7 @@ class MetaQuant:
             part = loss if k == 1 else loss / k
             (part if scaler is None else scaler.scale(part)).backward(retain_graph=i < k - 1)
             total = loss.detach() if total is None else total + loss.detach()
+        assert total is not None  # closures is not empty, and every one was back-propagated
         loss = total if k == 1 else total / k
         if scaler is not None:
             self._scaler_recorded = any(p.grad is not None for g in self.optimizer.param_groups for p in g["params"])
@@ -657,22 +716,32 @@ class MetaQuant:
             used = [bool(m > 0) for m in mask]
             grads = [g if u else None for g, u in zip(grads, used)]
         if not any(used):
-            raise RuntimeError("the loss does not depend on any quantized layer: the closure must run the model's "
-                               "forward pass and return its loss")
+            raise RuntimeError(
+                "the loss does not depend on any quantized layer: the closure must run the model's "
+                "forward pass and return its loss"
+            )
         return loss, grads, used
 
     def _keep(self, grads: list[Tensor | None], w_tildes: list[Tensor], used: list[bool], meta_state: Any) -> None:
         """Record ``g_Ŵ^t``, ``W̃^t`` and the meta state for iteration ``t+1``; an unused slot keeps its records."""
         slots = self._slots
         old_g, old_w = self._grad_w_hat, self._w_tilde
-        self._grad_w_hat = _flatten(slots, [
-            g if g is not None else (torch.zeros_like(slot.weight) if old_g is None else slot.unflat(old_g[slot.start:slot.stop]))
-            for slot, g in zip(slots, grads)
-        ]).detach()
-        self._w_tilde = _flatten(slots, [
-            w if u or old_w is None else slot.unflat(old_w[slot.start:slot.stop])
-            for slot, w, u in zip(slots, w_tildes, used)
-        ]).detach()
+        self._grad_w_hat = _flatten(
+            slots,
+            [
+                g
+                if g is not None
+                else (torch.zeros_like(slot.weight) if old_g is None else slot.unflat(old_g[slot.start : slot.stop]))
+                for slot, g in zip(slots, grads)
+            ],
+        ).detach()
+        self._w_tilde = _flatten(
+            slots,
+            [
+                w if u or old_w is None else slot.unflat(old_w[slot.start : slot.stop])
+                for slot, w, u in zip(slots, w_tildes, used)
+            ],
+        ).detach()
         if meta_state is None:
             return
         # LSTMFC's state is carried to the next iteration but not differentiated through.
@@ -682,7 +751,7 @@ class MetaQuant:
             for slot, is_used in zip(slots, used):
                 if not is_used:
                     for s, old in zip(new, self._meta_state):
-                        s[:, slot.start:slot.stop] = old[:, slot.start:slot.stop]
+                        s[:, slot.start : slot.stop] = old[:, slot.start : slot.stop]
         self._meta_state = new
 
     # --- persistence ----------------------------------------------------------------------------------------
@@ -732,8 +801,16 @@ class MetaQuant:
             torch.save(self.state_dict(), buffer)
             state[prefix + name] = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
-        def load(mod: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
-                 missing: list[str], unexpected: list[str], errors: list[str]) -> None:
+        def load(
+            mod: nn.Module,
+            state: dict[str, Any],
+            prefix: str,
+            local_metadata: Any,
+            strict: bool,
+            missing: list[str],
+            unexpected: list[str],
+            errors: list[str],
+        ) -> None:
             packed = state.pop(prefix + name, None)  # popped: not an unexpected key of the module
             if packed is None:
                 missing.append(prefix + name)
@@ -760,16 +837,19 @@ class MetaQuant:
         for slot in self._slots:
             for i, (name, _) in enumerate(slot.layers):
                 record: dict[str, Any] = dict.fromkeys(
-                    ("grad_w_hat", "w_tilde", "meta_state", "prev_direction", "prev_bias_direction"))
+                    ("grad_w_hat", "w_tilde", "meta_state", "prev_direction", "prev_bias_direction")
+                )
                 if i == 0:
                     a, b = slot.start, slot.stop
-                    for key, flat in (("grad_w_hat", self._grad_w_hat), ("w_tilde", self._w_tilde),
-                                      ("prev_direction", self._prev_direction)):
+                    for key, flat in (
+                        ("grad_w_hat", self._grad_w_hat),
+                        ("w_tilde", self._w_tilde),
+                        ("prev_direction", self._prev_direction),
+                    ):
                         if flat is not None:
                             record[key] = slot.unflat(flat[a:b]).clone()
                     if self._meta_state is not None:
-                        record["meta_state"] = tuple(slot.state_to_logical(s[:, a:b]).clone()
-                                                     for s in self._meta_state)
+                        record["meta_state"] = tuple(slot.state_to_logical(s[:, a:b]).clone() for s in self._meta_state)
                 if name in self._prev_bias_direction:
                     record["prev_bias_direction"] = self._prev_bias_direction[name].clone()
                 records[name] = record
@@ -805,8 +885,9 @@ class MetaQuant:
             )
         for key in ("step_order", "through"):
             if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"MetaQuant state was saved with {key}={state[key]!r}, this trainer uses "
-                                 f"{getattr(self, key)!r}")
+                raise ValueError(
+                    f"MetaQuant state was saved with {key}={state[key]!r}, this trainer uses {getattr(self, key)!r}"
+                )
         if (state["meta_optimizer"] is None) != (self.meta_optimizer is None):
             raise ValueError("MetaQuant state and this trainer disagree on whether the meta quantizer has an optimizer")
         device = self._slots[0].weight.device
@@ -816,12 +897,16 @@ class MetaQuant:
             for key in ("grad_w_hat", "w_tilde", "prev_direction"):
                 value = record.get(key)
                 if value is not None and tuple(value.shape) != tuple(slot.weight.shape):
-                    raise ValueError(f"MetaQuant state for {slot.name}: {key} has shape {tuple(value.shape)}, the "
-                                     f"layer's weight {tuple(slot.weight.shape)}")
+                    raise ValueError(
+                        f"MetaQuant state for {slot.name}: {key} has shape {tuple(value.shape)}, the "
+                        f"layer's weight {tuple(slot.weight.shape)}"
+                    )
             meta_state = record.get("meta_state")
             if meta_state is not None and any(s.shape[1] != slot.numel for s in meta_state):
-                raise ValueError(f"MetaQuant state for {slot.name}: the meta quantizer's state is for "
-                                 f"{meta_state[0].shape[1]} weights, the layer has {slot.numel}")
+                raise ValueError(
+                    f"MetaQuant state for {slot.name}: the meta quantizer's state is for "
+                    f"{meta_state[0].shape[1]} weights, the layer has {slot.numel}"
+                )
 
         def gather(key: str) -> Tensor | None:
             values = [records[slot.name].get(key) for slot in self._slots]
@@ -848,8 +933,13 @@ class MetaQuant:
         self.meta_frozen = state["meta_frozen"]
         self.iteration = state["iteration"]
         self._grad_w_hat, self._w_tilde, self._prev_direction, self._meta_state = (
-            grad_w_hat, w_tilde, prev_direction, meta_state)
+            grad_w_hat,
+            w_tilde,
+            prev_direction,
+            meta_state,
+        )
         self._prev_bias_direction = {
             name: record["prev_bias_direction"].to(device)
-            for name, record in records.items() if record.get("prev_bias_direction") is not None
+            for name, record in records.items()
+            if record.get("prev_bias_direction") is not None
         }

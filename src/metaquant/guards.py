@@ -297,7 +297,7 @@ def check_policy(policy: str) -> None:
 
 
 def check_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """Return ``optimizer`` if it is a ``torch.optim.Optimizer``, else raise a ``TypeError`` that says so.
+    """Return ``optimizer`` if it is a ``torch.optim.Optimizer`` (or wraps one), else raise a ``TypeError``.
 
     Args:
         optimizer: what a trainer was given as its optimizer.
@@ -315,7 +315,11 @@ def check_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         ...     print(err)
         optimizer must be a torch.optim.Optimizer over the model's parameters (e.g. ...), got 'sgd'
     """
-    if not isinstance(optimizer, torch.optim.Optimizer):
+    # a wrapper (Accelerate's, Lightning's) exposes the optimizer's param_groups, state and step
+    wrapped = all(hasattr(optimizer, a) for a in ("param_groups", "state")) and callable(
+        getattr(optimizer, "step", None)
+    )
+    if not (isinstance(optimizer, torch.optim.Optimizer) or wrapped):
         raise TypeError(
             "optimizer must be a torch.optim.Optimizer over the model's parameters (e.g. "
             f"torch.optim.SGD(model.parameters(), lr=0.1)), got {optimizer!r}"

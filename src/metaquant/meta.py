@@ -18,6 +18,7 @@ and configuration: the LSTM state is passed in and returned.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -87,9 +88,10 @@ class CoordinateMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[N]`` → ``[N]``."""
         if self.nonlinearity == "none":
-            product = self.layers[0].weight  # [hidden, 1]
-            for layer in self.layers[1:]:
-                product = layer.weight @ product
+            weights: list[Tensor] = [layer.weight for layer in self.layers]  # type: ignore[misc]
+            product = weights[0]  # [hidden, 1]
+            for weight in weights[1:]:
+                product = weight @ product
             return x * product.reshape(())
         h = x.unsqueeze(1)  # [N, 1]
         for i, layer in enumerate(self.layers):
@@ -242,30 +244,30 @@ class MultiFC(MetaQuantizer):
 # The functions below compute the same step block by block of rows (``chunk_size`` coordinates at a time): each
 # block of gates ``[rows, 4H]`` is one matrix product (plus the input term, of size 1: an outer product) into a
 # reused buffer, turned into the new state by in-place element-wise operations while it is still in cache. The
-# autograd function saves only tensors that exist anyway (the input, the old and the new state, the parameters);
-# its backward pass recomputes each block of gates (one more matrix product, about a third of the step's work)
-# instead of keeping the N × 4H gates, so that the only memory beyond the two states is a few block-sized buffers.
-# Then per block: ∂/∂gates in place of the gates, and two products for the gradients of the weights.
+# autograd function saves tensors that exist anyway (the input, the old and the new state, the parameters) and
+# the gates of a share ``keep_gates`` of the coordinates; its backward pass recomputes the other blocks of gates
+# (one more matrix product) instead of keeping all N × 4H gates: time against memory, 0 (nothing kept beyond the
+# new state and a few block-sized buffers) to 1 (no recomputation). Then per block: ∂/∂gates in place of the
+# gates, and two products for the gradients of the weights.
 #
 # One sigmoid call makes all four gates: the cell gate's weights and bias are doubled and tanh(x) = 2·σ(2x) − 1
 # (a CPU computes a sigmoid several times faster than a tanh; the two differ by rounding, at most 2e-7 in float32).
 
-#: Rows of N processed at once on a CPU with one thread: a block of gates (2048 x 400 floats, 3.3 MB) stays in
-#: cache between its matrix product and the element-wise work that follows.
-CPU_CHUNK_ROWS = 2048
-#: With several threads, larger blocks (65536 x 400 floats: 100 MB): each element-wise operation then has enough
-#: work to outweigh the threads' synchronization, which dominates on a busy machine (on 2 shared cores, 2048-row
-#: blocks took 3x longer than 65536-row ones; benchmarks/lstmfc_time.py measures both).
-CPU_THREADED_CHUNK_ROWS = 65536
-#: On a GPU, the same: fewer kernel launches, a bounded buffer.
+#: Rows of N processed at once on a CPU: a block of gates (4096 x 400 floats, 6.5 MB) stays in cache between its
+#: matrix product and the element-wise work that follows. On a machine whose cores are oversubscribed (other
+#: work), OpenMP threads spin at the end of every operation waiting for a descheduled peer, which made the step
+#: 4x slower on 2 shared cores: ``OMP_WAIT_POLICY=PASSIVE`` in the environment cures it, and larger blocks
+#: (``chunk_size=65536``: fewer operations) lessen it (benchmarks/lstmfc_time.py measures both).
+CPU_CHUNK_ROWS = 4096
+#: On a GPU, larger blocks: fewer kernel launches, a bounded buffer (65536 x 400 floats: 100 MB).
 GPU_CHUNK_ROWS = 65536
+#: The share of coordinates whose gates ``LSTMFC`` keeps for the backward pass by default (see ``keep_gates``).
+KEEP_GATES = 0.5
 
 
 def default_chunk_rows(device: torch.device) -> int:
     """The block size ``LSTMFC`` uses on ``device`` when its ``chunk_size`` is None."""
-    if device.type != "cpu":
-        return GPU_CHUNK_ROWS
-    return CPU_CHUNK_ROWS if torch.get_num_threads() == 1 else CPU_THREADED_CHUNK_ROWS
+    return CPU_CHUNK_ROWS if device.type == "cpu" else GPU_CHUNK_ROWS
 
 
 def _lstm_weights(lstm: nn.LSTM) -> list[Tensor]:
@@ -325,10 +327,27 @@ def _block_rows(rows: int, n_total: int) -> int:
     return max(1, min(rows, n_total))
 
 
+def _kept_rows(keep: float, rows: int, n_total: int) -> int:
+    """The first rows whose gates the forward pass keeps: ``keep`` of ``n_total``, rounded up to whole blocks."""
+    rows = _block_rows(rows, n_total)
+    return min(n_total, math.ceil(keep * n_total / rows) * rows)
+
+
 def _lstmfc_forward(
-    x: Tensor, h0: Tensor | None, c0: Tensor | None, weights: list[Tensor], w_fc: Tensor, nonlinearity: str, rows: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``scale = FC(act(h'))`` ``[N]`` and the new state ``h', c'`` ``[L, N, H]`` of one LSTM step (no autograd)."""
+    x: Tensor,
+    h0: Tensor | None,
+    c0: Tensor | None,
+    weights: list[Tensor],
+    w_fc: Tensor,
+    nonlinearity: str,
+    rows: int,
+    kept_rows: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``scale = FC(act(h'))`` ``[N]`` and the new state ``h', c'`` ``[L, N, H]`` of one LSTM step (no autograd).
+
+    The fourth result holds the activated gates of the first ``kept_rows`` rows, ``[L, kept_rows, 4H]`` (None
+    for 0); those of the other rows are made in a buffer of one block and not kept.
+    """
     layers, n_total, hidden = len(weights) // 4, x.shape[0], w_fc.shape[-1]
     h_new = x.new_empty(layers, n_total, hidden)
     c_new = x.new_empty(layers, n_total, hidden)
@@ -336,14 +355,20 @@ def _lstmfc_forward(
     cells = _cell_weights(weights)
     w_fc = w_fc.detach().reshape(-1)
     rows = _block_rows(rows, n_total)
-    gate_buffer = x.new_empty(rows, 4 * hidden)
+    kept = x.new_empty(layers, kept_rows, 4 * hidden) if kept_rows else None
+    gate_buffer = x.new_empty(rows, 4 * hidden) if kept_rows < n_total else None
     act_buffer = x.new_empty(rows, hidden) if nonlinearity != "none" else None
     for start in range(0, n_total, rows):
         block = slice(start, min(start + rows, n_total))
         n = block.stop - start
         inp = x[block]
         for k in range(layers):
-            i, f, g, o = _gates(gate_buffer[:n], inp, None if h0 is None else h0[k, block], cells[k])
+            if kept is not None and start < kept_rows:
+                out = kept[k, block]
+            else:
+                assert gate_buffer is not None  # made whenever some rows are not kept
+                out = gate_buffer[:n]
+            i, f, g, o = _gates(out, inp, None if h0 is None else h0[k, block], cells[k])
             c, h = c_new[k, block], h_new[k, block]
             if c0 is None:
                 torch.mul(i, g, out=c)
@@ -353,32 +378,42 @@ def _lstmfc_forward(
             inp = h
         a = _activate(inp, nonlinearity, act_buffer[:n] if act_buffer is not None else inp)
         torch.mv(a, w_fc, out=scale[block])
-    return scale, h_new, c_new
+    return scale, h_new, c_new, kept
 
 
 class _LSTMFCStep(torch.autograd.Function):
     """``(x, h, c, W_fc, W_ih, W_hh, b_ih, b_hh, …) → (FC(act(h')), h', c')`` with a lean backward pass.
 
-    Saves only tensors that live anyway (inputs, parameters and the new state); the backward pass recomputes
-    each block of gates. Gradients reach every input, and the new state may receive gradients too
-    (``set_materialize_grads(False)``: the usual case, none on the state, costs nothing).
+    Saves the tensors that live anyway (inputs, parameters and the new state) and the gates of the first
+    ``kept_rows`` rows; the backward pass recomputes the other blocks of gates. Gradients reach every input, and
+    the new state may receive gradients too (``set_materialize_grads(False)``: the usual case, none on the
+    state, costs nothing).
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, h0: Tensor | None, c0: Tensor | None, w_fc: Tensor, nonlinearity: str,
-                rows: int, *weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        scale, h_new, c_new = _lstmfc_forward(x, h0, c0, list(weights), w_fc, nonlinearity, rows)
-        ctx.nonlinearity, ctx.rows = nonlinearity, rows
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        h0: Tensor | None,
+        c0: Tensor | None,
+        w_fc: Tensor,
+        nonlinearity: str,
+        rows: int,
+        kept_rows: int,
+        *weights: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        scale, h_new, c_new, kept = _lstmfc_forward(x, h0, c0, list(weights), w_fc, nonlinearity, rows, kept_rows)
+        ctx.nonlinearity, ctx.rows, ctx.kept_rows = nonlinearity, rows, kept_rows
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, h0, c0, w_fc, h_new, c_new, *weights)
+        ctx.save_for_backward(x, h0, c0, w_fc, h_new, c_new, kept, *weights)
         return scale, h_new, c_new
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, d_scale: Tensor | None, d_h_new: Tensor | None, d_c_new: Tensor | None) -> tuple:
-        x, h0, c0, w_fc, h_new, c_new, *weights = ctx.saved_tensors
+        x, h0, c0, w_fc, h_new, c_new, kept, *weights = ctx.saved_tensors
         need_x, need_h0, need_c0, need_fc = ctx.needs_input_grad[:4]
-        need_w = ctx.needs_input_grad[6:]
+        need_w = ctx.needs_input_grad[7:]
         layers, n_total, hidden = h_new.shape
         act = ctx.nonlinearity
         if d_scale is None:
@@ -388,8 +423,9 @@ class _LSTMFCStep(torch.autograd.Function):
         g_fc = torch.zeros_like(w_fc_flat) if need_fc else None
         # per layer: d(W_ihᵀ | b) as [in + 1, 4H] (in = 1 for the first layer) and d W_hhᵀ as [H, 4H]
         any_w = any(need_w)
-        g_in = [x.new_zeros((1 if k == 0 else hidden) + 1, 4 * hidden) for k in range(layers)] if any_w else None
-        g_hh = [x.new_zeros(hidden, 4 * hidden) for _ in range(layers)] if any_w else None
+        # (empty lists when no weight needs a gradient: they are read only under ``if any_w``)
+        g_in = [x.new_zeros((1 if k == 0 else hidden) + 1, 4 * hidden) for k in range(layers)] if any_w else []
+        g_hh = [x.new_zeros(hidden, 4 * hidden) for _ in range(layers)] if any_w else []
         g_x = torch.empty_like(x) if need_x else None
         g_h0 = torch.empty_like(h0) if need_h0 else None
         g_c0 = torch.empty_like(c0) if need_c0 else None
@@ -397,7 +433,7 @@ class _LSTMFCStep(torch.autograd.Function):
         gate_buffer = x.new_empty(rows, 4 * hidden)
         dh_buffer, dc_buffer, t_buffer = (x.new_empty(rows, hidden) for _ in range(3))
         # [input | 1] of each layer, so that one product gives the gradients of W_ih and of the bias
-        in_buffers = [x.new_ones(rows, (1 if k == 0 else hidden) + 1) for k in range(layers)] if any_w else None
+        in_buffers = [x.new_ones(rows, (1 if k == 0 else hidden) + 1) for k in range(layers)] if any_w else []
         for start in range(0, n_total, rows):
             block = slice(start, min(start + rows, n_total))
             n = block.stop - start
@@ -418,7 +454,10 @@ class _LSTMFCStep(torch.autograd.Function):
                 inp = x[block] if k == 0 else h_new[k - 1, block]
                 h_prev = None if h0 is None else h0[k, block]
                 c_prev = None if c0 is None else c0[k, block]
-                i, f, g, o = _gates(G, inp, h_prev, cells[k])
+                if start < ctx.kept_rows:  # kept by the forward pass (copied: a second backward pass needs them)
+                    i, f, g, o = G.copy_(kept[k, block]).chunk(4, dim=1)
+                else:
+                    i, f, g, o = _gates(G, inp, h_prev, cells[k])
                 # dh: ∂/∂h'. With T = tanh(c'), u = dh·o, v = u·T:
                 _tanh(c_new[k, block], out=t)  # as in the forward pass, to the bit
                 torch.mul(dh, o, out=dc)  # u
@@ -461,7 +500,7 @@ class _LSTMFCStep(torch.autograd.Function):
                 g_w[4 * k + 2] = g_in[k][-1].clone()
                 g_w[4 * k + 3] = g_in[k][-1].clone()  # b_ih and b_hh enter the gates the same way
             g_w = [gw if need else None for gw, need in zip(g_w, need_w)]
-        return (g_x, g_h0, g_c0, None if g_fc is None else g_fc.view_as(w_fc), None, None, *g_w)
+        return (g_x, g_h0, g_c0, None if g_fc is None else g_fc.view_as(w_fc), None, None, None, *g_w)
 
 
 class LSTMFC(MetaQuantizer):
@@ -483,13 +522,18 @@ class LSTMFC(MetaQuantizer):
         hidden: hidden size of the LSTM (and input size of the FC layer).
         num_lstm: number of stacked LSTM layers.
         nonlinearity: ``"none"``, ``"relu"`` or ``"tanh"``, between the LSTM and the FC layer.
-        chunk_size: coordinates processed at once; None: ``default_chunk_rows(device)`` (2048 on a CPU with one
-            thread, 65536 with several or on a GPU). It changes neither values (up to rounding) nor
-            gradients, only speed and memory.
+        chunk_size: coordinates processed at once; None: ``default_chunk_rows(device)`` (4096 on a CPU, 65536 on
+            a GPU). It changes neither values (up to rounding) nor gradients, only speed and memory.
+        keep_gates: the share of the coordinates, in ``[0, 1]``, whose gates the forward pass keeps for the
+            backward pass (``4·hidden·num_lstm`` floats each); the backward pass recomputes the others' with one
+            more matrix product. 0 is the leanest (nothing kept beyond the new state), 1 the fastest (about a
+            quarter less time than 0, for ``N·4·hidden·num_lstm`` more floats); the default 0.5 is halfway. It
+            changes neither values nor gradients.
 
     Raises:
-        ValueError: ``hidden``, ``num_lstm`` or ``chunk_size`` not an integer >= 1, or an unknown
-            ``nonlinearity``.
+        ValueError: ``hidden``, ``num_lstm`` or ``chunk_size`` not an integer >= 1, ``keep_gates`` not a number
+            in ``[0, 1]``, or an unknown ``nonlinearity``; when called, inputs in another dtype than the
+            parameters (as ``nn.LSTM``).
 
     Example:
         >>> meta = mq.LSTMFC(hidden=8)
@@ -507,15 +551,22 @@ class LSTMFC(MetaQuantizer):
     stateful: ClassVar[bool] = True
 
     def __init__(
-        self, hidden: int = 100, num_lstm: int = 1, nonlinearity: str = "none", chunk_size: int | None = None
+        self,
+        hidden: int = 100,
+        num_lstm: int = 1,
+        nonlinearity: str = "none",
+        chunk_size: int | None = None,
+        keep_gates: float = KEEP_GATES,
     ) -> None:
         super().__init__()
         _check_int("hidden size", hidden, 1)
         _check_int("number of LSTM layers", num_lstm, 1)
         if chunk_size is not None:
             _check_int("chunk_size", chunk_size, 1)
+        if isinstance(keep_gates, bool) or not isinstance(keep_gates, (int, float)) or not 0 <= keep_gates <= 1:
+            raise ValueError(f"keep_gates must be a number in [0, 1], got {keep_gates!r}")
         _check_nonlinearity(nonlinearity)
-        self.hidden, self.num_lstm, self.chunk_size = hidden, num_lstm, chunk_size
+        self.hidden, self.num_lstm, self.chunk_size, self.keep_gates = hidden, num_lstm, chunk_size, keep_gates
         self.nonlinearity = nonlinearity
         self.lstm = nn.LSTM(input_size=1, hidden_size=hidden, num_layers=num_lstm)
         self.activation = _ACTIVATIONS[nonlinearity]() if nonlinearity != "none" else nn.Identity()
@@ -530,15 +581,23 @@ class LSTMFC(MetaQuantizer):
         x = w_tilde.reshape(-1)
         h0, c0 = (None, None) if state is None else (state[0].contiguous(), state[1].contiguous())
         weights = _lstm_weights(self.lstm)
+        dtype = self.fc.weight.dtype
+        for t in (x, h0, c0):
+            if t is not None and t.dtype != dtype:  # as nn.LSTM refuses it
+                raise ValueError(
+                    f"LSTMFC input dtype ({t.dtype}) does not match weight dtype ({dtype}): "
+                    f"convert w_tilde and the state, or the meta quantizer"
+                )
         rows = self.chunk_size or default_chunk_rows(x.device)
         args = (x, h0, c0, self.fc.weight)
         with contextlib.ExitStack() as stack:
             if torch.is_autocast_enabled(x.device.type):  # the step runs in the parameters' dtype
                 stack.enter_context(torch.autocast(x.device.type, enabled=False))
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, *weights)):
-                scale, h, c = _LSTMFCStep.apply(*args, self.nonlinearity, rows, *weights)
+                kept_rows = _kept_rows(self.keep_gates, rows, x.shape[0])
+                scale, h, c = _LSTMFCStep.apply(*args, self.nonlinearity, rows, kept_rows, *weights)
             else:
-                scale, h, c = _lstmfc_forward(x, h0, c0, weights, self.fc.weight, self.nonlinearity, rows)
+                scale, h, c, _ = _lstmfc_forward(x, h0, c0, weights, self.fc.weight, self.nonlinearity, rows)
         return grad_w_hat * scale, (h, c)
 
 

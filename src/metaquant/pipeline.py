@@ -16,7 +16,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -716,7 +716,8 @@ def resume(
             set_rng_state(checkpoint["rng"])
             if "fit" in checkpoint:
                 state = FitState(**checkpoint["fit"])
-                state.epoch_losses = [tuple(x) for x in state.epoch_losses]
+                # as tuples, whatever sequence the checkpoint held; fit writes (iteration, loss) pairs
+                state.epoch_losses = [cast("tuple[int, float]", tuple(x)) for x in state.epoch_losses]
             else:  # written at an epoch's end by a version without mid-epoch positions
                 state = FitState(
                     epoch=checkpoint["epoch"], iteration=checkpoint["iteration"], best_acc=checkpoint["best_acc"]
@@ -940,7 +941,9 @@ def evaluate_artifact(
         if from_previous:
             raise ValueError(f"--from-previous applies to a run directory, not to the file {path}")
         if path.suffix == ".onnx":
-            header, model = _onnx_model(path)
+            header, onnx_model = _onnx_model(path)
+            # evaluate() uses only .training, .eval(), .train(mode) and calls, which _OnnxClassifier provides
+            model = cast(nn.Module, onnx_model)
         else:
             header, _ = read_packed(path)
             model = load_packed(path).to(resolve_device(device))

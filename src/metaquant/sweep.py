@@ -456,9 +456,10 @@ def run_sweep(
     works in each; on one GPU they share it), the pre-training runs before the quantization runs; each
     process gets ``1/jobs`` of this process's CPU threads, and lines come as runs finish; a run that needs
     another's result (an equivalent STE, its FC-Grad run) starts once that run has finished. A run's numbers do
-    not depend on ``jobs``: every run is seeded by its configuration alone. A stop request (``stop``, e.g.
-    Ctrl-C) is passed on to the runs in progress, which write a checkpoint and stop; a run that fails stops
-    the others the same way, and its error is raised once they have stopped.
+    not depend on ``jobs`` beyond the number of CPU threads a run gets (which decides the order of a
+    convolution's sums, so the last bits): every run is seeded by its configuration alone. A stop request
+    (``stop``, e.g. Ctrl-C) is passed on to the runs in progress, which write a checkpoint and stop; a run that
+    fails stops the others the same way, and its error is raised once they have stopped.
 
     Args:
         spec: the sweep.

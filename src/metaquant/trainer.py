@@ -15,14 +15,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from .estimators import STE, ClassicalEstimator, fake_quantize
 from .distributed import any_process
-from .guards import BufferSnapshot, check_closure, check_loss, check_policy, first_nonfinite, reject_step
+from .estimators import STE, ClassicalEstimator, fake_quantize
+from .guards import (
+    BufferSnapshot,
+    check_closure,
+    check_loss,
+    check_optimizer,
+    check_policy,
+    first_nonfinite,
+    reject_step,
+)
 from .layers import QuantLayer, forward_params_fn
 
 __all__ = ["Trainer"]
@@ -38,8 +46,9 @@ def closures_of(closure: Closure | Sequence[Closure]) -> list[Closure]:
     """
     closures = list(closure) if isinstance(closure, (list, tuple)) else [closure]
     if not closures:
-        raise TypeError("step(closure) needs a closure, or a non-empty list of closures (one per micro-batch); "
-                        "got an empty list")
+        raise TypeError(
+            "step(closure) needs a closure, or a non-empty list of closures (one per micro-batch); got an empty list"
+        )
     return [check_closure(c) for c in closures]
 
 
@@ -57,11 +66,13 @@ def check_no_backward(before: GradMarks, tensors: Iterable[Tensor]) -> None:
     Raises:
         RuntimeError: says that the closure must return the loss and leave ``backward`` to ``step``.
     """
-    if grad_marks(tensors) != before:
+    # a gradient that appeared or was accumulated into; one the closure cleared (zero_grad) is no backward pass
+    if any(after is not None and after != was for was, after in zip(before, grad_marks(tensors))):
         raise RuntimeError(
             "the closure called backward() itself; it must only run the forward pass and return the loss: step() "
             "back-propagates (and scales, accumulates and checks the gradients) — remove loss.backward() from the "
-            "closure; for gradient accumulation pass a list of closures, one per micro-batch")
+            "closure; for gradient accumulation pass a list of closures, one per micro-batch"
+        )
 
 
 class Trainer:
@@ -99,14 +110,16 @@ class Trainer:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        estimator: ClassicalEstimator = STE(),
+        estimator: ClassicalEstimator | None = None,
         *,
         on_nonfinite: str = "raise",
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
+        estimator = STE() if estimator is None else estimator
         if not isinstance(estimator, ClassicalEstimator):
             raise TypeError(f"estimator must be a ClassicalEstimator (STE, Identity, EWGS), got {estimator!r}")
         check_policy(on_nonfinite)
+        check_optimizer(optimizer)
         self.model = model
         self.optimizer = optimizer
         self.estimator = estimator
@@ -115,10 +128,11 @@ class Trainer:
         self.grad_scaler = grad_scaler
 
     def _forward_params(self, layer: QuantLayer) -> tuple[Tensor, Tensor | None]:
-        return fake_quantize(layer.weight, layer.quantizer, self.estimator), layer.bias
+        return fake_quantize(layer.weight, layer.quantizer, self.estimator), cast("Tensor | None", layer.bias)
 
-    def step(self, closure: Closure | Sequence[Closure], *,
-             before_update: Callable[[Trainer], None] | None = None) -> Tensor:
+    def step(
+        self, closure: Closure | Sequence[Closure], *, before_update: Callable[[Trainer], None] | None = None
+    ) -> Tensor:
         """Zero the gradients, compute ``closure()``, back-propagate, update. Returns the loss (detached).
 
         Args:
@@ -156,6 +170,7 @@ class Trainer:
         closures = closures_of(closure)
         self.optimizer.zero_grad(set_to_none=True)
         snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" else None
+
         # The layers' default is the clipped STE; another estimator is installed for this forward pass only.
         def scope() -> contextlib.AbstractContextManager[Any]:  # a fresh context per micro-batch
             if self.estimator == STE():
@@ -164,7 +179,8 @@ class Trainer:
 
         scaler = self.grad_scaler
         params = list(self.model.parameters())
-        bad, total = None, None
+        bad: str | None = None
+        total: Tensor | None = None
         for part in closures:
             marks = grad_marks(params)
             with scope():
@@ -179,6 +195,7 @@ class Trainer:
             (scaled if scaler is None else scaler.scale(scaled)).backward()
             total = loss.detach() if total is None else total + loss.detach()
         if bad is None:
+            assert total is not None  # closures is not empty, and every one was back-propagated
             loss = total if len(closures) == 1 else total / len(closures)
             if scaler is not None:
                 scaler.unscale_(self.optimizer)

@@ -13,9 +13,9 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ def rng_state() -> dict[str, Any]:
         >>> {"python", "numpy", "torch"} <= set(torch.load("rng.pt", weights_only=True))
         True
     """
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state = {
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
@@ -155,7 +155,8 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[
         total += y.numel()
     model.train(was_training)
     # data-parallel: each process evaluated its shard of the test set
-    loss_sum, correct1, correct5, total = all_reduce_sum([loss_sum, correct1, correct5, total])
+    sums = all_reduce_sum([loss_sum, correct1, correct5, total])
+    loss_sum, correct1, correct5, total = sums[0], int(sums[1]), int(sums[2]), int(sums[3])
     if total == 0:
         raise ValueError("evaluation loader yielded no examples")
     return {"loss": loss_sum / total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
@@ -319,8 +320,10 @@ def fit(
         }
         if not all_finite(checkpoint["model"].values()):
             at = f"epoch {state.epoch + 1}, step {state.batch}" if mid_epoch else f"the end of epoch {state.epoch}"
-            raise NonFiniteError(f"non-finite weights at {at} (iteration {state.iteration}); refusing to save "
-                                 f"them over {run.checkpoint_path}, the last good checkpoint")
+            raise NonFiniteError(
+                f"non-finite weights at {at} (iteration {state.iteration}); refusing to save "
+                f"them over {run.checkpoint_path}, the last good checkpoint"
+            )
         save_checkpoint(run.checkpoint_path, checkpoint)
 
     if on_epoch_end is not None and state.epoch == 0 and state.batch == 0:
@@ -335,14 +338,21 @@ def fit(
         model.train()
         start = time.perf_counter()
         resume_at = state.batch
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress,
-                   total=len(train_loader) if hasattr(train_loader, "__len__") else None, initial=resume_at)
+        batches = len(train_loader) if isinstance(train_loader, Sized) else None  # a generator has no len
+        bar = tqdm(
+            train_loader,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            leave=False,
+            disable=not progress,
+            total=batches,
+            initial=resume_at,
+        )
         for b, (x, y) in enumerate(bar):
             if b < resume_at:
                 continue  # done before the checkpoint this run resumed from; the loader replays the epoch
             logits_box: list[Tensor] = []
 
-            def closure() -> Tensor:
+            def closure(x: Tensor = x, y: Tensor = y, logits_box: list[Tensor] = logits_box) -> Tensor:
                 with autocast(amp, x.device):
                     logits = model(x)
                 logits_box.append(logits)
@@ -354,15 +364,17 @@ def fit(
             try:
                 loss = trainer.step(closure).item()
             except NonFiniteError as err:
-                raise NonFiniteError(f"{err} at {where}; nothing was updated; last good checkpoint: {last_good()}"
-                                     ) from None
+                raise NonFiniteError(
+                    f"{err} at {where}; nothing was updated; last good checkpoint: {last_good()}"
+                ) from None
             skipped = getattr(trainer, "skipped_steps", 0) > skipped_before
             # A finite update can still overflow the weights (e.g. a huge learning rate): every process checks,
             # so that all of them take the same branch.
             if not skipped and any_process(not all_finite(weights)):
                 if snapshot is None:
-                    raise NonFiniteError(f"non-finite weights after the update at {where}; last good checkpoint: "
-                                         f"{last_good()}")
+                    raise NonFiniteError(
+                        f"non-finite weights after the update at {where}; last good checkpoint: {last_good()}"
+                    )
                 snapshot.restore()
                 if hasattr(trainer, "skipped_steps"):
                     trainer.skipped_steps = skipped_before + 1
@@ -382,7 +394,7 @@ def fit(
             elif math.isfinite(loss):  # a skipped step counts as a step but not in the statistics
                 state.epoch_losses.append((state.iteration, loss))
                 state.epoch_loss_sum += loss * y.numel()
-                state.epoch_correct += (logits_box[-1].detach().argmax(1) == y).sum().item()
+                state.epoch_correct += int((logits_box[-1].detach().argmax(1) == y).sum().item())
                 state.epoch_seen += y.numel()
             if scheduler is not None and scheduler_interval == "step":
                 scheduler.step()
@@ -391,10 +403,10 @@ def fit(
                 save(mid_epoch=True)
                 where = f"; checkpoint written to {run.checkpoint_path}" if run is not None else ""
                 signum = stop.signum if stop is not None and stop.signum else signal.SIGTERM  # another rank's
-                raise TrainingInterrupted(f"stopped by signal {signum} at epoch {epoch + 1}, step {b + 1}{where}",
-                                          signum)
-            if (checkpoint_every and state.batch % checkpoint_every == 0
-                    and (not hasattr(train_loader, "__len__") or state.batch < len(train_loader))):
+                raise TrainingInterrupted(
+                    f"stopped by signal {signum} at epoch {epoch + 1}, step {b + 1}{where}", signum
+                )
+            if checkpoint_every and state.batch % checkpoint_every == 0 and (batches is None or state.batch < batches):
                 save(mid_epoch=True)
         train_time = time.perf_counter() - start
         lr = trainer.optimizer.param_groups[0]["lr"]  # the epoch's rate, before an epoch scheduler moves it
@@ -421,8 +433,14 @@ def fit(
         skipped_note = f", {state.epoch_skipped} steps skipped" if state.epoch_skipped else ""
         logger.info(
             "epoch %d/%d: train loss %s acc %s, test acc %.2f%% (best %.2f%%), %.1fs%s",
-            epoch + 1, epochs, _fmt(record["train_loss"], "{:.4f}"), _fmt(record["train_acc"], "{:.2f}%"),
-            record["test_acc"], state.best_acc, train_time, skipped_note,
+            epoch + 1,
+            epochs,
+            _fmt(record["train_loss"], "{:.4f}"),
+            _fmt(record["train_acc"], "{:.2f}%"),
+            record["test_acc"],
+            state.best_acc,
+            train_time,
+            skipped_note,
         )
         if run is not None:
             run.record_epoch(record, state.epoch_losses)

@@ -63,7 +63,7 @@ def _all_crops_flips(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
     c, h, w = image.shape
     padded = torch.zeros(c, h + 2 * padding, w + 2 * padding)
     padded[:, padding : padding + h, padding : padding + w] = image
-    crops = [padded[:, t : t + h, l : l + w] for t in range(2 * padding + 1) for l in range(2 * padding + 1)]
+    crops = [padded[:, t : t + h, s : s + w] for t in range(2 * padding + 1) for s in range(2 * padding + 1)]
     crops = torch.stack(crops)
     return torch.cat([crops, crops.flip(-1)])
 
