@@ -36,3 +36,50 @@ def test_lstmfc_time_compares_the_fused_step_with_nn_lstm():
     assert out["nn.LSTM"]["x_nn_lstm"] == 1.0
     for r in out.values():
         assert r["seconds"] > 0 and r["peak_rss_mb"] > 0
+
+
+def test_step_profile_counts_the_operators_of_each_method():
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "step_profile.py"), "--methods", "fp", "ste", "--steps", "1"]
+        + ["--batch-size", "2", "--top", "3"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    heads = [line for line in proc.stdout.splitlines() if line.startswith("== ")]
+    # "== fp: per step 0 device kernels, 0 launch calls, 1206 aten ops; waits per step: none"
+    counts = {line.split(":")[0][3:]: int(line.split(", ")[2].split(" aten")[0]) for line in heads}
+    assert list(counts) == ["fp", "ste"]
+    assert counts["ste"] > counts["fp"] > 0  # the quantizer adds operators to the same network's step
+
+
+def test_cuda_check_runs_its_checks_on_the_cpu_and_refuses_cuda_without_a_device(tmp_path):
+    script = str(BENCHMARKS / "cuda_check.py")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--device",
+            "cpu",
+            "--skip",
+            "amp",
+            "time",
+            "epoch",
+            "compile",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "cuda_check.json").read_text())
+    assert set(report["parity"]) == {"ste", "fc-grad", "multifc", "lstmfc"}
+    assert all(r["passed"] and r["loss_rel_err"] == 0.0 for r in report["parity"].values())  # CPU against CPU
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import metaquant as mq
 from metaquant.estimators import EWGS, STE, Identity, fake_quantize
 from metaquant.quantizers import BWN, QUANTIZERS, DoReFa, get_quantizer
 
@@ -84,3 +85,82 @@ def test_fake_quantize_value_is_exactly_the_quantizer_output(name):
 def test_ewgs_rejects_a_delta_that_is_not_a_number_at_least_zero(delta):
     with pytest.raises(ValueError, match=f"delta must be a number >= 0, got {delta!r}"):
         EWGS(delta)
+
+
+# --- several weights at once ------------------------------------------------------------------------------
+def _weights(seed=0):
+    """Weights of the kinds a model holds: a channels-last convolution, a plain one, a matrix, a vector."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(8, 3, 3, 3, generator=g).to(memory_format=torch.channels_last),
+        torch.randn(4, 8, 1, 1, generator=g) * 3,
+        torch.randn(5, 7, generator=g) * 0.1,
+        torch.randn(6, generator=g),
+        torch.zeros(3, 2),  # DoReFa's all-zero weight: max|tanh W| is guarded
+    ]
+
+
+@pytest.mark.parametrize("estimator", [mq.STE(), mq.Identity(), mq.EWGS(delta=0.3)], ids=lambda e: e.name)
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_fake_quantize_many_equals_one_weight_at_a_time_to_the_bit(estimator, bits):
+    q = mq.quantizers.DoReFa(bits)
+    many = [w.clone().requires_grad_() for w in _weights()]
+    one = [w.clone().requires_grad_() for w in _weights()]
+    g = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(w.shape, generator=g) for w in many]
+    used = [True, True, False, True, True]  # the third Ŵ is not used by the loss
+
+    out_many = mq.estimators.fake_quantize_many(many, [q] * len(many), estimator)
+    out_one = [mq.estimators.fake_quantize_preprocessed(w, q, estimator) for w in one]
+    for (h_many, t_many), (h_one, t_one), w in zip(out_many, out_one, many):
+        assert torch.equal(h_many, h_one) and torch.equal(t_many, t_one)
+        assert h_many.stride() == w.stride()  # Ŵ keeps W's layout (channels-last stays channels-last)
+        assert not t_many.requires_grad
+    sum(((h * u).sum() for (h, _), u, k in zip(out_many, upstream, used) if k), torch.zeros(())).backward()
+    sum(((h * u).sum() for (h, _), u, k in zip(out_one, upstream, used) if k), torch.zeros(())).backward()
+    for a, b, k in zip(many, one, used):
+        assert (a.grad is None) == (not k) == (b.grad is None)
+        if k:
+            assert torch.equal(a.grad, b.grad)
+
+
+def test_fake_quantize_many_groups_by_quantizer_and_leaves_the_others_weight_by_weight():
+    """A mix: DoReFa at two bit widths (two groups), BWN per channel (not segmentable), a custom estimator."""
+
+    class Halved(mq.estimators.ClassicalEstimator):  # not declared element-wise: weight by weight
+        def __call__(self, grad_w_hat, w_relaxed, w_hat):
+            return grad_w_hat / 2
+
+    quantizers = [
+        mq.quantizers.DoReFa(1),
+        mq.quantizers.DoReFa(2),
+        mq.quantizers.BWNPerChannel(),
+        mq.quantizers.DoReFa(1),
+        mq.quantizers.DoReFa(2),
+    ]
+    for estimator in (mq.STE(), Halved()):
+        many = [w.clone().requires_grad_() for w in _weights(3)]
+        one = [w.clone().requires_grad_() for w in _weights(3)]
+        out_many = mq.estimators.fake_quantize_many(many, quantizers, estimator)
+        out_one = [mq.estimators.fake_quantize_preprocessed(w, q, estimator) for w, q in zip(one, quantizers)]
+        sum((h.sin().sum() for h, _ in out_many), torch.zeros(())).backward()
+        sum((h.sin().sum() for h, _ in out_one), torch.zeros(())).backward()
+        for (h_many, _), (h_one, _), a, b in zip(out_many, out_one, many, one):
+            assert torch.equal(h_many, h_one) and torch.equal(a.grad, b.grad)
+    with pytest.raises(ValueError, match="2 weight.*1 quantizer"):
+        mq.estimators.fake_quantize_many(many[:2], quantizers[:1])
+
+
+def test_segments_of_a_flat_vector_equal_each_weight_alone():
+    q, ws = mq.quantizers.DoReFa(3), _weights(5)
+    numels = [w.numel() for w in ws]
+    flat = torch.cat([w.reshape(-1) for w in ws])
+    pre = q.preprocess_segments(flat, numels)
+    relaxed, scale, calibration = q.backward_terms_segments(flat, numels)
+    for w, p, r, c in zip(ws, pre.split(numels), relaxed.split(numels), calibration.split(numels)):
+        r1, s1, c1 = q.backward_terms(w.reshape(-1), q.preprocess(w.reshape(-1)))
+        assert torch.equal(p, q.preprocess(w.reshape(-1))) and torch.equal(r, r1) and torch.equal(c, c1)
+        assert s1.item() == 1.0
+    assert scale is None
+    with pytest.raises(NotImplementedError, match="bwn"):
+        mq.quantizers.BWN().preprocess_segments(flat, numels)

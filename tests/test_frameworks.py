@@ -72,6 +72,18 @@ def test_accelerate_accumulate_is_refused_with_what_to_do():
             trainer.step(lambda: F.cross_entropy(model(x), y))
 
 
+def _quiet_lightning(root):
+    """Lightning trainer options for a test: on the CPU, writing and printing nothing."""
+    return dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+
+
 def _lightning_module(pl, batches_per_epoch):
     class Lit(pl.LightningModule):
         def __init__(self):
@@ -95,14 +107,7 @@ def _lightning_module(pl, batches_per_epoch):
 def test_lightning_manual_optimization_resumes_exactly_from_its_checkpoint(tmp_path):
     pl = pytest.importorskip("pytorch_lightning")
     batches = _batches(2)
-    options = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    options = _quiet_lightning(tmp_path)
 
     def train(epochs, lit, ckpt=None):
         trainer = pl.Trainer(max_epochs=epochs, **options)
@@ -121,4 +126,40 @@ def test_lightning_manual_optimization_resumes_exactly_from_its_checkpoint(tmp_p
     for a, b, c in zip(resumed.model.parameters(), whole.model.parameters(), oracle.parameters()):
         assert torch.equal(a, b) and torch.equal(a, c)
     for a, b in zip(resumed.mq.meta.parameters(), oracle_mq.meta.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_lightning_optimizer_from_self_optimizers_trains_as_the_plain_one(tmp_path):
+    """The optimizer a manual-optimization step gets from ``self.optimizers()`` is a LightningOptimizer wrapper."""
+    pl = pytest.importorskip("pytorch_lightning")
+    from pytorch_lightning.core.optimizer import LightningOptimizer
+
+    batches = _batches(4)
+    wrappers = []
+
+    class Lit(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.model = _model()
+            self.mq = None
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+
+        def training_step(self, batch, batch_idx):
+            if self.mq is None:
+                wrappers.append(self.optimizers())
+                self.mq = _metaquant(self.model, self.optimizers())
+            x, y = batch
+            return self.mq.step(lambda: F.cross_entropy(self.model(x), y))
+
+    lit = Lit()
+    trainer = pl.Trainer(max_epochs=1, **_quiet_lightning(tmp_path))
+    data = torch.utils.data.TensorDataset(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    trainer.fit(lit, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
+    assert isinstance(wrappers[0], LightningOptimizer)
+    oracle, oracle_mq = _plain_run(batches)
+    assert lit.mq.iteration == oracle_mq.iteration == 4
+    for a, b in zip(lit.model.parameters(), oracle.parameters()):
         assert torch.equal(a, b)

@@ -334,20 +334,123 @@ def test_fit_with_a_plain_list_of_batches_and_no_schedule_keeps_the_rate():
     assert trainer.rates == [0.1] * 6
 
 
-def test_fit_refuses_both_a_schedule_and_a_scheduler():
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_fit_with_a_schedule_besides_a_scheduler_trains_at_their_product(interval):
+    """fit's own schedule multiplies the scheduler's rates, and the scheduler steps from its own rates."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="both schedule and scheduler"):
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    oracle_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    oracle = torch.optim.lr_scheduler.StepLR(oracle_opt, step_size=1, gamma=0.5)
+    factors = [1.0, 0.1, 0.01]
+    expected = []
+    for epoch in range(3):
+        for _ in range(2):
+            expected.append(oracle_opt.param_groups[0]["lr"] * factors[epoch])
+            oracle_opt.step()
+            if interval == "step":
+                oracle.step()
+        if interval == "epoch":
+            oracle.step()
+    trainer = _RecordingTrainer(mq.Trainer(model, opt))
+    mq.fit(
+        model,
+        trainer,
+        _loader(),
+        _loader(),
+        epochs=3,
+        schedule=lambda epoch: factors[epoch],
+        scheduler=scheduler,
+        scheduler_interval=interval,
+        progress=False,
+    )
+    assert trainer.rates == pytest.approx(expected, rel=1e-12)
+    assert scheduler.get_last_lr() == pytest.approx(oracle.get_last_lr(), rel=1e-12)  # never saw the factor
+
+
+def test_fit_steps_reduce_lr_on_plateau_with_the_epochs_test_loss():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+    seen = []
+    original_step = scheduler.step
+    scheduler.step = lambda metrics: (seen.append(metrics), original_step(metrics))[1]
+    test = _loader()
+    losses = []
+    mq.fit(
+        model,
+        mq.Trainer(model, opt),
+        _loader(),
+        test,
+        epochs=3,
+        schedule=None,
+        scheduler=scheduler,
+        on_epoch_end=lambda done: done and losses.append(mq.evaluate(model, test)["loss"]),
+        progress=False,
+    )
+    assert seen == pytest.approx(losses, rel=1e-6)
+    with pytest.raises(ValueError, match="ReduceLROnPlateau.*scheduler_interval='epoch'"):
         mq.fit(
             model,
             mq.Trainer(model, opt),
             _loader(),
-            _loader(),
+            test,
             epochs=1,
-            schedule=lambda e: 1.0,
-            scheduler=torch.optim.lr_scheduler.StepLR(opt, 1),
+            schedule=None,
+            scheduler=scheduler,
+            scheduler_interval="step",
             progress=False,
         )
+
+
+@pytest.mark.parametrize("with_schedule", [False, True])
+def test_a_fit_resumed_with_restore_fit_continues_its_scheduler_exactly(tmp_path, with_schedule):
+    from metaquant.config import RunConfig
+    from metaquant.runs import RunDir, load_checkpoint
+
+    batches = list(_loader())
+    schedule = (lambda epoch: 0.5**epoch) if with_schedule else None
+
+    def setup():
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        trainer = _metaquant(model, lambda ps: opt)
+        return model, trainer, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)
+
+    def train(model, trainer, scheduler, epochs, **kw):
+        return mq.fit(
+            model,
+            trainer,
+            batches,
+            batches,
+            epochs=epochs,
+            schedule=schedule,
+            scheduler=scheduler,
+            scheduler_interval="step",
+            progress=False,
+            **kw,
+        )
+
+    model, trainer, scheduler = setup()
+    torch.manual_seed(5)
+    train(model, trainer, scheduler, 3)
+
+    run = RunDir.create(tmp_path / "run", RunConfig())
+    first, first_trainer, first_scheduler = setup()
+    torch.manual_seed(5)
+    train(first, first_trainer, first_scheduler, 2, run=run)
+    resumed, resumed_trainer, resumed_scheduler = setup()
+    torch.manual_seed(123)  # restore_fit puts the saved generator states back
+    checkpoint = load_checkpoint(run.checkpoint_path)
+    with pytest.raises(ValueError, match="pass the scheduler"):
+        mq.restore_fit(checkpoint, resumed_trainer)
+    state = mq.restore_fit(checkpoint, resumed_trainer, model=resumed, scheduler=resumed_scheduler)
+    assert state.epoch == 2
+    train(resumed, resumed_trainer, resumed_scheduler, 3, state=state)
+
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+    assert resumed_scheduler.state_dict() == scheduler.state_dict()
+    assert resumed_trainer.optimizer.param_groups[0]["lr"] == trainer.optimizer.param_groups[0]["lr"]
 
 
 # --- torch.func through a quantized layer ------------------------------------------------------------------

@@ -18,7 +18,7 @@ from .layers import (
 from .meta import LSTMFC, FCGrad, IdentityMeta, MetaQuantizer, MultiFC
 from .quantizers import get_quantizer
 from .trainer import Trainer
-from .training import evaluate, fit
+from .training import evaluate, fit, restore_fit
 
 __all__ = [
     "data",
@@ -49,6 +49,7 @@ __all__ = [
     "IdentityMeta",
     "evaluate",
     "fit",
+    "restore_fit",
 ]
 
 __version__ = "0.1.0"

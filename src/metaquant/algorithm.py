@@ -32,9 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import all_reduce_mean_, any_process, is_distributed, unwrap
-from .estimators import fake_quantize_preprocessed
+from .estimators import fake_quantize_many
 from .guards import BufferSnapshot, check_loss, check_optimizer, check_policy, first_nonfinite, reject_step
 from .layers import QuantLayer, forward_tensors, quantized_layers
+from .layout import flatten_in_memory_order, memory_order, unflatten_like
 from .meta import MetaQuantizer
 from .quantizers import ForwardQuantizer
 from .refine import THROUGH, refinement_for, with_derivative
@@ -81,13 +82,11 @@ class _Slot:
 
     def flat(self, t: Tensor) -> Tensor:
         """``t`` (the weight's shape) as ``[numel]`` in this slot's coordinate order (a view when it can be)."""
-        return t.permute(self.perm).reshape(-1)
+        return flatten_in_memory_order(t, self.perm)
 
     def unflat(self, flat: Tensor) -> Tensor:
         """``[numel]`` in this slot's order → the weight's shape (a view with the weight's strides)."""
-        shape = [self.weight.shape[d] for d in self.perm]
-        inverse = sorted(range(len(self.perm)), key=self.perm.__getitem__)
-        return flat.reshape(shape).permute(inverse)
+        return unflatten_like(flat, self.weight.shape, self.perm)
 
     def state_to_logical(self, s: Tensor) -> Tensor:
         """LSTMFC state ``[L, numel, H]`` in slot order → the order of ``weight.reshape(-1)`` (checkpoints)."""
@@ -101,12 +100,6 @@ class _Slot:
         shape = [s.shape[0], *self.weight.shape, s.shape[-1]]
         dims = [0, *(1 + d for d in self.perm), len(shape) - 1]
         return s.reshape(shape).permute(dims).reshape(s.shape[0], self.numel, s.shape[-1])
-
-
-def _memory_order(t: Tensor) -> tuple[int, ...]:
-    # Largest stride first; ties (size-1 dimensions) keep their logical order.
-    strides = t.stride()
-    return tuple(sorted(range(t.dim()), key=lambda d: (-strides[d], d)))
 
 
 def _bias(layer: QuantLayer) -> Tensor | None:
@@ -301,7 +294,7 @@ class MetaQuant:
                     f"the quantized weight of {names} is also used by a layer that is not quantized: "
                     "quantize both layers or neither"
                 )
-            slots.append(_Slot(w, layers, layers[0][1].quantizer, group_of[id(w)], 0, _memory_order(w)))
+            slots.append(_Slot(w, layers, layers[0][1].quantizer, group_of[id(w)], 0, memory_order(w)))
         slots.sort(key=lambda slot: slot.group)  # stable: module order within a group
         start = 0
         for slot in slots:
@@ -500,7 +493,7 @@ class MetaQuant:
     ) -> tuple[Tensor, str | None]:
         self.optimizer.zero_grad(set_to_none=True)
         # Q(A(W)) with the plain STE gradient reaching W (the original order keeps it as G_0).
-        forward = [fake_quantize_preprocessed(slot.weight, slot.quantizer) for slot in self._slots]
+        forward = fake_quantize_many([slot.weight for slot in self._slots], [slot.quantizer for slot in self._slots])
         loss, grads, used = self._forward_backward(closure, forward, self._biases())
         bad = self._check(loss, [], grads)
         if bad is not None:
@@ -561,10 +554,10 @@ class MetaQuant:
             look_ahead = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         # split, not a slice per slot: its backward is one concatenation, not a zero-filled [N] per slot
         forward_weights = [slot.unflat(w) for slot, w in zip(slots, look_ahead.split(self._numels))]
-        forward = [
-            fake_quantize_preprocessed(w if w.requires_grad else w.detach().requires_grad_(), slot.quantizer)
-            for slot, w in zip(slots, forward_weights)
-        ]
+        forward = fake_quantize_many(
+            [w if w.requires_grad else w.detach().requires_grad_() for w in forward_weights],
+            [slot.quantizer for slot in slots],
+        )
         # Steps 3-4: forward with Q(A(W^t)), backward to φ and to the parameters that are not quantized.
         loss, grads, used = self._forward_backward(closure, forward, self._biases())
         bad = self._check(loss, [grad_w], grads)

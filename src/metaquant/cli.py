@@ -552,8 +552,10 @@ def _demo(args: argparse.Namespace) -> int:
         )
     fp = results["full precision"].final_acc
     quantized = max(r.final_acc for name, r in results.items() if name != "full precision")
+    gap = quantized - fp
+    where = f"{abs(gap):.2f} points {'above' if gap > 0 else 'under'}" if gap else "level with"
     print(
-        f"\nThe better 1-bit model is {fp - quantized:.2f} points under its full-precision model. The comparison "
+        f"\nThe better 1-bit model is {where} its full-precision model. The comparison "
         "under the paper's protocols (3 trials, whole data set):\n  metaquant sweep fashion-mnist-full   "
         "(results: docs/results/README.md)"
     )

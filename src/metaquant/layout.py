@@ -6,15 +6,27 @@ every operation's result are the same up to the order of floating-point sums ins
 quantizers are element-wise, so ``Ŵ = Q(A(W))`` keeps the layout of ``W``.
 
 ``preferred_memory_format(model)`` says which layout a model should use, ``apply_memory_format`` converts a
-model's 4-D parameters and buffers, and ``format_batch`` converts a batch of images to match.
+model's 4-D parameters and buffers, and ``format_batch`` converts a batch of images to match. ``memory_order``,
+``flatten_in_memory_order`` and ``unflatten_like`` turn weights of any layout into flat vectors and back
+without copying, for the code that processes the weights of all layers at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["preferred_memory_format", "apply_memory_format", "format_batch", "MEMORY_FORMATS"]
+__all__ = [
+    "preferred_memory_format",
+    "apply_memory_format",
+    "format_batch",
+    "memory_order",
+    "flatten_in_memory_order",
+    "unflatten_like",
+    "MEMORY_FORMATS",
+]
 
 #: Names of the layouts, as ``RunConfig.memory_format`` and ``--memory-format`` spell them.
 MEMORY_FORMATS = ("auto", "channels-last", "contiguous")
@@ -98,3 +110,65 @@ def format_batch(x: Tensor, memory_format: torch.memory_format) -> Tensor:
     if x.dim() != 4 or memory_format == torch.contiguous_format and x.is_contiguous():
         return x
     return x.contiguous(memory_format=memory_format)
+
+
+def memory_order(t: Tensor) -> tuple[int, ...]:
+    """``t``'s dimensions from the largest stride to the smallest: the order its elements lie in memory.
+
+    Size-1 dimensions, whose strides are arbitrary, keep their logical order among equal strides.
+
+    Args:
+        t: any tensor.
+
+    Returns:
+        A permutation of ``range(t.dim())``; ``t.permute(order)`` is contiguous when ``t`` is dense.
+
+    Example:
+        >>> w = torch.randn(8, 3, 5, 5)
+        >>> mq.layout.memory_order(w), mq.layout.memory_order(w.to(memory_format=torch.channels_last))
+        ((0, 1, 2, 3), (0, 2, 3, 1))
+    """
+    strides = t.stride()
+    return tuple(sorted(range(t.dim()), key=lambda d: (-strides[d], d)))
+
+
+def flatten_in_memory_order(t: Tensor, order: Sequence[int]) -> Tensor:
+    """``t`` as a flat vector in the element order ``order`` gives (a view when ``t`` is dense in that order).
+
+    Args:
+        t: any tensor.
+        order: a permutation of its dimensions, e.g. ``memory_order(t)``.
+
+    Returns:
+        ``t.permute(order).reshape(-1)``: ``[t.numel()]``.
+
+    Example:
+        >>> w = torch.randn(8, 3, 5, 5).to(memory_format=torch.channels_last)
+        >>> flat = mq.layout.flatten_in_memory_order(w, mq.layout.memory_order(w))
+        >>> flat.data_ptr() == w.data_ptr()  # no copy
+        True
+    """
+    return t.permute(tuple(order)).reshape(-1)
+
+
+def unflatten_like(flat: Tensor, shape: Sequence[int], order: Sequence[int]) -> Tensor:
+    """The inverse of ``flatten_in_memory_order``: ``flat`` viewed in ``shape``, laid out in memory as ``order`` says.
+
+    Args:
+        flat: ``[prod(shape)]``.
+        shape: the logical shape, e.g. a weight's.
+        order: the permutation the vector was flattened with.
+
+    Returns:
+        A view of ``flat`` of shape ``shape`` whose memory order is ``order`` (channels-last for a channels-last
+        weight's ``memory_order``).
+
+    Example:
+        >>> w = torch.randn(8, 3, 5, 5).to(memory_format=torch.channels_last)
+        >>> order = mq.layout.memory_order(w)
+        >>> back = mq.layout.unflatten_like(mq.layout.flatten_in_memory_order(w, order), w.shape, order)
+        >>> torch.equal(back, w), back.stride() == w.stride()
+        (True, True)
+    """
+    inverse = sorted(range(len(order)), key=list(order).__getitem__)
+    return flat.reshape([shape[d] for d in order]).permute(inverse)

@@ -46,7 +46,7 @@ from .runs import (
 )
 from .trace import TRACE_FILE, MetaTrace
 from .trainer import Trainer
-from .training import FitState, evaluate, fit, seed_everything, set_rng_state, step_schedule
+from .training import FitState, evaluate, fit, restore_fit, seed_everything, step_schedule
 
 __all__ = [
     "execute",
@@ -711,17 +711,7 @@ def resume(
         _check_owner(checkpoint, source, config, run)
         session = _prepare(config, load_init=False, checkpoint=checkpoint)
         try:
-            session.trainer.optimizer.load_state_dict(checkpoint["optimizer"])
-            session.trainer.load_state_dict(checkpoint["trainer"])
-            set_rng_state(checkpoint["rng"])
-            if "fit" in checkpoint:
-                state = FitState(**checkpoint["fit"])
-                # as tuples, whatever sequence the checkpoint held; fit writes (iteration, loss) pairs
-                state.epoch_losses = [cast("tuple[int, float]", tuple(x)) for x in state.epoch_losses]
-            else:  # written at an epoch's end by a version without mid-epoch positions
-                state = FitState(
-                    epoch=checkpoint["epoch"], iteration=checkpoint["iteration"], best_acc=checkpoint["best_acc"]
-                )
+            state = restore_fit(checkpoint, session.trainer)
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
             reason = " ".join(str(err).split())  # torch's messages span lines; this one is one line
             raise ValueError(

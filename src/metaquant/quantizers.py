@@ -23,6 +23,7 @@ variant for a layer whose output channels lie along another axis of its weight (
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -113,6 +114,10 @@ class ForwardQuantizer:
     #: Bit widths this quantizer supports, inclusive.
     min_bits: ClassVar[int] = 1
     max_bits: ClassVar[int] = 1
+    #: Whether ``preprocess_segments`` and ``backward_terms_segments`` are implemented: the quantizer depends on
+    #: a weight's shape only through per-weight statistics, and ``quantize`` is element-wise, so the weights of
+    #: several layers can be quantized as segments of one flat vector (``estimators.fake_quantize_many``).
+    segmentable: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
@@ -252,6 +257,49 @@ class ForwardQuantizer:
             (True, True, 1.0)
         """
         return self.relaxed(w), self.ste_scale(w_tilde), self.calibration(w)
+
+    def preprocess_segments(self, x: Tensor, numels: Sequence[int]) -> Tensor:
+        """``preprocess`` of each segment of a flat vector, all at once (only where ``segmentable``).
+
+        Args:
+            x: ``[N]``, the weights of several layers one after the other, ``N = sum(numels)``.
+            numels: the segments' lengths.
+
+        Returns:
+            ``[N]``: segment ``i`` equals ``preprocess`` of segment ``i`` alone, to the bit.
+
+        Raises:
+            NotImplementedError: the quantizer is not ``segmentable``.
+
+        Example:
+            >>> q, a, b = mq.quantizers.DoReFa(), torch.randn(6), torch.randn(4)
+            >>> one_by_one = torch.cat([q.preprocess(a), q.preprocess(b)])
+            >>> torch.equal(q.preprocess_segments(torch.cat([a, b]), [6, 4]), one_by_one)
+            True
+        """
+        raise NotImplementedError(f"quantizer {self.name!r} does not process flat segments")
+
+    def backward_terms_segments(self, x: Tensor, numels: Sequence[int]) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``backward_terms`` of each segment of a flat vector, all at once (only where ``segmentable``).
+
+        Args:
+            x: ``[N]``, the latent weights of several layers one after the other.
+            numels: the segments' lengths.
+
+        Returns:
+            ``(relaxed, ste_scale, calibration)``, each ``[N]`` and equal segment by segment to
+            ``backward_terms``; ``ste_scale`` is None where it is one.
+
+        Raises:
+            NotImplementedError: the quantizer is not ``segmentable``.
+
+        Example:
+            >>> q, a, b = mq.quantizers.DoReFa(), torch.randn(6), torch.randn(4)
+            >>> r, s, c = q.backward_terms_segments(torch.cat([a, b]), [6, 4])
+            >>> torch.equal(r, torch.cat([q.relaxed(a), q.relaxed(b)])), s
+            (True, None)
+        """
+        raise NotImplementedError(f"quantizer {self.name!r} does not process flat segments")
 
     def encode(self, w: Tensor) -> Encoded:
         """Integer codes and scales of ``Q(A(W))``: ``encode_preprocessed(preprocess(W))``.
@@ -413,6 +461,25 @@ class DoReFa(ForwardQuantizer):
         t = torch.tanh(w)
         peak = self._abs_max(t)
         return t / peak, torch.ones((), dtype=w.dtype, device=w.device), (1 - t * t) / peak
+
+    # The same formulas on segments: one element-wise pass over all layers, each segment divided by its own max.
+    segmentable: ClassVar[bool] = True
+
+    @staticmethod
+    def _segment_abs_max(t: Tensor, numels: Sequence[int]) -> Tensor:
+        """``max|tanh W|`` of each segment, repeated over the segment's coordinates: ``[N]``."""
+        peaks = torch.stack(torch._foreach_norm(t.split(list(numels)), float("inf")))  # [L], max|t| per segment
+        peaks = peaks.clamp_min(torch.finfo(t.dtype).tiny)
+        return torch.cat([p.expand(n) for p, n in zip(peaks.unbind(), numels)])
+
+    def preprocess_segments(self, x: Tensor, numels: Sequence[int]) -> Tensor:
+        t = torch.tanh(x)
+        return t / (2 * self._segment_abs_max(t, numels)) + 0.5
+
+    def backward_terms_segments(self, x: Tensor, numels: Sequence[int]) -> tuple[Tensor, Tensor | None, Tensor]:
+        t = torch.tanh(x)
+        peak = self._segment_abs_max(t, numels)
+        return t / peak, None, (1 - t * t) / peak
 
     @property
     def _levels(self) -> int:

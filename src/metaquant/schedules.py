@@ -3,15 +3,18 @@
 The paper divides the learning rate by 10 every 30 epochs (``step``); ``cosine`` anneals to zero over the run;
 ``constant`` keeps it. Being pure functions of the epoch, they need no state to save or restore: a resumed run
 recomputes the same value. The same factor scales the base optimizer and the meta quantizer's optimizer.
+Beside a ``torch.optim.lr_scheduler`` (``fit(..., schedule=..., scheduler=...)``) the factor multiplies the
+scheduler's own rates (``set_scaled_rates``) instead of the initial ones, so neither undoes the other.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["SCHEDULES", "lr_factor", "scale_lr"]
+__all__ = ["SCHEDULES", "lr_factor", "scale_lr", "set_scaled_rates"]
 
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -77,3 +80,29 @@ def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
         group["lr"] = group["initial_lr"] * factor
+
+
+def set_scaled_rates(optimizer: torch.optim.Optimizer, rates: Sequence[float | torch.Tensor], factor: float) -> None:
+    """Set group ``i``'s learning rate to ``rates[i] * factor``: a schedule's factor on top of other rates.
+
+    ``fit`` uses it with a scheduler's own rates (``scheduler.get_last_lr()``): the optimizer trains at their
+    product, and the scheduler, which is stepped from its own rates, never sees the factor.
+
+    Args:
+        optimizer: its groups' ``lr`` are set in place.
+        rates: one rate per parameter group (a number, or a tensor as ``torch.optim`` allows).
+        factor: the multiplier.
+
+    Raises:
+        ValueError: ``rates`` does not have one entry per parameter group.
+
+    Example:
+        >>> opt = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": 0.1}, {"params": [torch.zeros(1)], "lr": 1.0}])
+        >>> mq.schedules.set_scaled_rates(opt, [0.2, 0.4], 0.5)
+        >>> [g["lr"] for g in opt.param_groups]
+        [0.1, 0.2]
+    """
+    if len(rates) != len(optimizer.param_groups):
+        raise ValueError(f"{len(rates)} rate(s) for {len(optimizer.param_groups)} parameter group(s)")
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate * factor

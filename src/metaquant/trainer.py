@@ -20,8 +20,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .distributed import any_process
-from .estimators import STE, ClassicalEstimator, fake_quantize
+from .distributed import any_process, unwrap
+from .estimators import STE, ClassicalEstimator, fake_quantize_many
 from .guards import (
     BufferSnapshot,
     check_closure,
@@ -31,7 +31,8 @@ from .guards import (
     first_nonfinite,
     reject_step,
 )
-from .layers import QuantLayer, forward_params_fn
+from .layers import QuantLayer, forward_tensors, quantized_layers
+from .quantizers import ForwardQuantizer
 
 __all__ = ["Trainer"]
 
@@ -127,8 +128,31 @@ class Trainer:
         self.skipped_steps = 0
         self.grad_scaler = grad_scaler
 
-    def _forward_params(self, layer: QuantLayer) -> tuple[Tensor, Tensor | None]:
-        return fake_quantize(layer.weight, layer.quantizer, self.estimator), cast("Tensor | None", layer.bias)
+    def _quantized_forward(self) -> contextlib.AbstractContextManager[Any]:
+        """A scope in which every quantized layer computes with this step's ``Ŵ``, made for all layers at once.
+
+        ``fake_quantize_many`` quantizes the weights that share a quantizer in one pass (``Ŵ`` and the
+        estimator's gradient equal each layer's own ``fake_quantize`` to the bit), instead of one pass per
+        layer inside the forward pass. A weight tied between layers is quantized once; a layer that already
+        has its forward tensors or function from the caller keeps them.
+        """
+        by_weight: dict[tuple[int, ForwardQuantizer], list[QuantLayer]] = {}
+        for layer in quantized_layers(unwrap(self.model)).values():
+            if layer.param_fn is None and layer.param_override is None:
+                by_weight.setdefault((id(layer.weight), layer.quantizer), []).append(layer)
+        if not by_weight:
+            return contextlib.nullcontext()
+        owners = list(by_weight.values())
+        quantized = fake_quantize_many(
+            [ls[0].weight for ls in owners], [ls[0].quantizer for ls in owners], self.estimator
+        )
+        return forward_tensors(
+            {
+                layer: (w_hat, cast("Tensor | None", layer.bias))
+                for ls, (w_hat, _) in zip(owners, quantized)
+                for layer in ls
+            }
+        )
 
     def step(
         self, closure: Closure | Sequence[Closure], *, before_update: Callable[[Trainer], None] | None = None
@@ -171,19 +195,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" else None
 
-        # The layers' default is the clipped STE; another estimator is installed for this forward pass only.
-        def scope() -> contextlib.AbstractContextManager[Any]:  # a fresh context per micro-batch
-            if self.estimator == STE():
-                return contextlib.nullcontext()
-            return forward_params_fn(self.model, self._forward_params)
-
         scaler = self.grad_scaler
         params = list(self.model.parameters())
         bad: str | None = None
         total: Tensor | None = None
         for part in closures:
             marks = grad_marks(params)
-            with scope():
+            with self._quantized_forward():  # a fresh Ŵ per micro-batch: each backward frees its own graph
                 loss = check_loss(part())
             check_no_backward(marks, params)
             # under data parallelism every process must take the same branch (backward runs collectives)

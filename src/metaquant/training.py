@@ -27,9 +27,9 @@ from .distributed import all_reduce_sum, any_process, is_distributed, unwrap
 from .guards import NonFiniteError, SkipLimitError, StepSnapshot, StopFlag, TrainingInterrupted, all_finite
 from .precision import autocast
 from .runs import RunDir, save_checkpoint
-from .schedules import lr_factor, scale_lr
+from .schedules import lr_factor, scale_lr, set_scaled_rates
 
-__all__ = ["evaluate", "fit", "FitState", "rng_state", "set_rng_state", "seed_everything"]
+__all__ = ["evaluate", "fit", "restore_fit", "FitState", "rng_state", "set_rng_state", "seed_everything"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class StepTrainer(Protocol):
     def step(self, closure: Callable[[], Tensor]) -> Tensor: ...
     def set_epoch(self, epoch: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class EpochLoader(Protocol):
@@ -235,12 +236,15 @@ def fit(
             ``set_epoch`` on it).
         epochs: total number of epochs.
         schedule: ``epoch -> learning-rate factor`` of the base optimizer, set at each epoch's start (MetaQuant's
-            meta optimizer follows the base optimizer's rate by itself); None: ``fit`` leaves the rate alone
-            (to ``scheduler``, or constant).
+            meta optimizer follows the base optimizer's rate by itself): the rate is the initial rate times the
+            factor or, with a ``scheduler``, the scheduler's current rate times the factor. None: ``fit`` leaves
+            the rate to ``scheduler``, or constant.
         scheduler: a ``torch.optim.lr_scheduler`` of the trainer's optimizer, stepped by ``fit`` after every
-            epoch or every step (``scheduler_interval``); ``fit`` does not otherwise touch the rate, so
-            ``schedule`` must be None. Its ``state_dict`` goes into each checkpoint as ``"scheduler"``.
-        scheduler_interval: ``"epoch"`` or ``"step"``: when ``scheduler.step()`` is called.
+            epoch (after the evaluation; ``ReduceLROnPlateau`` gets the epoch's test loss) or every step
+            (``scheduler_interval``). It is stepped from its own rates, so ``schedule``'s factor and the
+            scheduler compose and neither undoes the other. Its ``state_dict`` goes into each checkpoint as
+            ``"scheduler"``; ``restore_fit`` gives it back.
+        scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler is stepped.
         run: where metrics and checkpoints go (None: keep nothing, e.g. in tests and notebooks).
         state: where to start (a resumed run's saved state, possibly mid-epoch); default the beginning.
         extra_checkpoint: more entries for each checkpoint (e.g. the configuration).
@@ -270,8 +274,8 @@ def fit(
             raised, instead of writing, when ``run`` is set and the weights of a checkpoint about to be saved
             are not finite.
         SkipLimitError: more than ``max_skipped`` steps were skipped (a ``NonFiniteError``).
-        ValueError: ``test_loader`` yielded no examples (from ``evaluate``); both ``schedule`` and ``scheduler``
-            given, or ``scheduler_interval`` not ``"epoch"`` or ``"step"``.
+        ValueError: ``test_loader`` yielded no examples (from ``evaluate``); ``scheduler_interval`` not
+            ``"epoch"`` or ``"step"``, or ``"step"`` with ``ReduceLROnPlateau`` (it needs the epoch's test loss).
 
     Example:
         One epoch of STE training on 8 random 4×4 images, in two batches:
@@ -285,11 +289,30 @@ def fit(
         >>> state.epoch, state.iteration, 0.0 <= state.best_acc <= 100.0
         (1, 2, True)
     """
-    if schedule is not None and scheduler is not None:
-        # schedule sets the rate from initial_lr at each epoch: it would undo the scheduler's steps.
-        raise ValueError("fit got both schedule and scheduler: pass schedule=None to let the scheduler set the rate")
     if scheduler_interval not in ("epoch", "step"):
         raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    if plateau and scheduler_interval == "step":
+        raise ValueError("ReduceLROnPlateau steps on the epoch's test loss: use scheduler_interval='epoch'")
+
+    def set_rates(epoch: int) -> None:
+        if schedule is None:
+            return
+        if scheduler is None:
+            scale_lr(trainer.optimizer, schedule(epoch))
+        else:
+            set_scaled_rates(trainer.optimizer, scheduler.get_last_lr(), schedule(epoch))
+
+    def step_scheduler(epoch: int, test_loss: float | None = None) -> None:
+        assert scheduler is not None
+        if schedule is not None:  # the scheduler steps from its own rates, without the schedule's factor
+            set_scaled_rates(trainer.optimizer, scheduler.get_last_lr(), 1.0)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(test_loss if test_loss is not None else math.inf)
+        else:
+            scheduler.step()
+        set_rates(epoch)
+
     state = state or FitState()
     skip = getattr(trainer, "on_nonfinite", "raise") == "skip"
     weights = [*unwrap(model).parameters(), *unwrap(model).buffers()]
@@ -330,8 +353,7 @@ def fit(
         on_epoch_end(0)
     for epoch in range(state.epoch, epochs):
         state.epoch = epoch
-        if schedule is not None:
-            scale_lr(trainer.optimizer, schedule(epoch))
+        set_rates(epoch)
         trainer.set_epoch(epoch)
         if hasattr(train_loader, "set_epoch"):  # e.g. a TensorLoader; a DataLoader has none
             train_loader.set_epoch(epoch)
@@ -397,7 +419,7 @@ def fit(
                 state.epoch_correct += int((logits_box[-1].detach().argmax(1) == y).sum().item())
                 state.epoch_seen += y.numel()
             if scheduler is not None and scheduler_interval == "step":
-                scheduler.step()
+                step_scheduler(epoch)
             bar.set_postfix(loss=f"{loss:.4f}")
             if stop_requested(stop):
                 save(mid_epoch=True)
@@ -410,9 +432,9 @@ def fit(
                 save(mid_epoch=True)
         train_time = time.perf_counter() - start
         lr = trainer.optimizer.param_groups[0]["lr"]  # the epoch's rate, before an epoch scheduler moves it
-        if scheduler is not None and scheduler_interval == "epoch":
-            scheduler.step()
         test = evaluate(model, test_loader)
+        if scheduler is not None and scheduler_interval == "epoch":
+            step_scheduler(epoch, test["loss"])
         loss_sum, correct, seen = all_reduce_sum([state.epoch_loss_sum, state.epoch_correct, state.epoch_seen])
         state.best_acc = max(state.best_acc, test["top1"])
         state.last_acc = test["top1"]
@@ -449,6 +471,77 @@ def fit(
         save()
         if on_epoch_end is not None:
             on_epoch_end(state.epoch)
+    return state
+
+
+def restore_fit(
+    checkpoint: dict[str, Any],
+    trainer: StepTrainer,
+    *,
+    model: nn.Module | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> FitState:
+    """Put back what a checkpoint of ``fit`` holds; the ``FitState`` to pass to ``fit`` to continue exactly.
+
+    Restores the base optimizer, the trainer's state (MetaQuant: meta quantizer, its optimizer, the records),
+    the random number generators, and, when given, the model's weights and the scheduler's state.
+
+    Args:
+        checkpoint: a checkpoint written by ``fit`` (``metaquant.runs.load_checkpoint(run.checkpoint_path)``).
+        trainer: the trainer, built as for the interrupted run (same model, optimizer and settings).
+        model: the model whose weights to load (None: the caller has loaded them).
+        scheduler: the scheduler ``fit`` was given, built anew on ``trainer.optimizer``; it must be given
+            exactly when the checkpoint holds a scheduler's state.
+
+    Returns:
+        Where the run stands: pass it to ``fit`` as ``state``.
+
+    Raises:
+        ValueError: the checkpoint holds a scheduler's state and no scheduler was given, or the reverse.
+        KeyError, RuntimeError, ValueError: from ``load_state_dict`` when the checkpoint belongs to another
+            model, optimizer or trainer.
+
+    Example:
+        Two epochs, stopped after the first and continued, equal two epochs in one go:
+
+        >>> import pathlib, tempfile
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.runs import RunDir, load_checkpoint
+        >>> def setup():
+        ...     torch.manual_seed(0)
+        ...     model = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)))
+        ...     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ...     return model, mq.Trainer(model, opt), torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+        >>> batches = [(torch.randn(4, 1, 4), torch.tensor([0, 1, 2, 0])) for _ in range(2)]
+        >>> model, trainer, sched = setup()
+        >>> _ = mq.fit(model, trainer, batches, batches, epochs=2, schedule=None, scheduler=sched, progress=False)
+        >>> run = RunDir.create(pathlib.Path(tempfile.mkdtemp()) / "run", RunConfig())
+        >>> model2, trainer2, sched2 = setup()
+        >>> _ = mq.fit(model2, trainer2, batches, batches, epochs=1, schedule=None, scheduler=sched2, run=run,
+        ...            progress=False)
+        >>> model2, trainer2, sched2 = setup()
+        >>> state = mq.restore_fit(load_checkpoint(run.checkpoint_path), trainer2, model=model2, scheduler=sched2)
+        >>> _ = mq.fit(model2, trainer2, batches, batches, epochs=2, schedule=None, scheduler=sched2, state=state,
+        ...            progress=False)
+        >>> all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+        True
+    """
+    if (scheduler is None) != ("scheduler" not in checkpoint):
+        if scheduler is None:
+            raise ValueError("the checkpoint holds a scheduler's state: pass the scheduler to restore it")
+        raise ValueError("a scheduler was given, but the checkpoint holds no scheduler state")
+    if model is not None:
+        unwrap(model).load_state_dict(checkpoint["model"])
+    trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+    trainer.load_state_dict(checkpoint["trainer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    set_rng_state(checkpoint["rng"])
+    if "fit" not in checkpoint:  # written at an epoch's end by a version without mid-epoch positions
+        return FitState(epoch=checkpoint["epoch"], iteration=checkpoint["iteration"], best_acc=checkpoint["best_acc"])
+    state = FitState(**checkpoint["fit"])
+    # as tuples, whatever sequence the checkpoint held; fit writes (iteration, loss) pairs
+    state.epoch_losses = [cast("tuple[int, float]", tuple(x)) for x in state.epoch_losses]
     return state
 
 
