@@ -136,20 +136,21 @@ class Trainer:
         layer inside the forward pass. A weight tied between layers is quantized once; a layer that already
         has its forward tensors or function from the caller keeps them.
         """
-        by_weight: dict[tuple[int, ForwardQuantizer], list[QuantLayer]] = {}
+        # keyed by id, the tensor kept alive beside it: a weight computed on access (a parametrization) is a
+        # new tensor each time, and a freed one's id could be reused by the next layer's
+        by_weight: dict[tuple[int, ForwardQuantizer], tuple[Tensor, list[QuantLayer]]] = {}
         for layer in quantized_layers(unwrap(self.model)).values():
             if layer.param_fn is None and layer.param_override is None:
-                by_weight.setdefault((id(layer.weight), layer.quantizer), []).append(layer)
+                w = layer.weight
+                by_weight.setdefault((id(w), layer.quantizer), (w, []))[1].append(layer)
         if not by_weight:
             return contextlib.nullcontext()
         owners = list(by_weight.values())
-        quantized = fake_quantize_many(
-            [ls[0].weight for ls in owners], [ls[0].quantizer for ls in owners], self.estimator
-        )
+        quantized = fake_quantize_many([w for w, _ in owners], [ls[0].quantizer for _, ls in owners], self.estimator)
         return forward_tensors(
             {
                 layer: (w_hat, cast("Tensor | None", layer.bias))
-                for ls, (w_hat, _) in zip(owners, quantized)
+                for (_, ls), (w_hat, _) in zip(owners, quantized)
                 for layer in ls
             }
         )
