@@ -12,10 +12,11 @@ TINY = ["-m", "resnet8", "--train-size", "64", "--test-size", "50", "-bs", "32",
 
 
 def test_pretrain_then_quantize_writes_run_directories(tmp_path, capsys, fashion_mnist_available):
-    assert main(["pretrain", *TINY, "--run-dir", str(tmp_path), "--name", "fp"]) == 0
+    assert main(["pretrain", *TINY, "--augment", "crop_flip", "--run-dir", str(tmp_path), "--name", "fp"]) == 0
     fp = tmp_path / "fp"
     assert {p.name for p in fp.iterdir()} >= {"config.json", "metrics.jsonl", "loss.csv", "checkpoint.pt", "done"}
-    assert json.loads((fp / "config.json").read_text())["task"] == "pretrain"
+    written = json.loads((fp / "config.json").read_text())
+    assert (written["task"], written["augment"]) == ("pretrain", "crop_flip")
     rc = main(["quantize", *TINY, "--init", str(fp), "-q", "bwn", "--run-dir", str(tmp_path), "--name", "q"])
     assert rc == 0
     metrics = [json.loads(line) for line in (tmp_path / "q" / "metrics.jsonl").read_text().splitlines()]

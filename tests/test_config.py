@@ -31,6 +31,8 @@ from metaquant.config import RunConfig
         ({"model": None}, "model must be a string, got None"),
         ({"device": 0}, "device must be a string, got 0"),
         ({"nesterov": "yes"}, "nesterov must be true or false, got 'yes'"),
+        ({"augment": "mixup"}, "augment 'mixup' is not supported; allowed: auto, none, crop_flip"),
+        ({"augment": "none", "dataset": "imagenet"}, "ImageNet's training transforms are fixed"),
     ],
 )
 def test_bad_values_are_refused_with_the_allowed_ones(kwargs, message):
@@ -64,3 +66,10 @@ def test_names_are_case_insensitive_and_kept_in_one_spelling():
 def test_unknown_keys_are_refused():
     with pytest.raises(ValueError, match=r"unknown configuration keys \['colour'\]"):
         RunConfig.from_dict({"colour": "red"})
+
+
+def test_a_config_written_before_a_field_existed_reads_back_with_its_default(tmp_path):
+    """Run directories keep their config.json: one without ``augment`` means the data set's own augmentation."""
+    data = RunConfig().to_dict()
+    del data["augment"]
+    assert RunConfig.from_dict(data) == RunConfig() and RunConfig().augment == "auto"

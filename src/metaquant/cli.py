@@ -19,7 +19,7 @@ from pathlib import Path
 from . import __version__
 from .algorithm import STEP_ORDERS
 from .config import ESTIMATOR_ALIASES, ESTIMATORS, OPTIMIZERS, RunConfig
-from .data import DATASETS
+from .data import AUGMENTATIONS, DATASETS
 from .data.errors import DatasetError
 from .demo import DemoConfig, run_demo
 from .distributed import is_main, shutdown
@@ -90,6 +90,13 @@ def _add_common(p: argparse.ArgumentParser, *, task: str) -> None:
     )
     data.add_argument(
         "--no-download", dest="download", action="store_false", help="never download a missing dataset; fail instead"
+    )
+    data.add_argument(
+        "--augment",
+        choices=("auto", *AUGMENTATIONS),
+        default="auto",
+        help="training augmentation: auto (the data set's own: crop_flip for CIFAR, none for the others), none, or "
+        "crop_flip (pad 4, random crop, random horizontal flip) (default: %(default)s)",
     )
     data.add_argument(
         "--train-size",

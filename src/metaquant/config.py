@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .algorithm import STEP_ORDERS
-from .data import DATASETS
+from .data import AUGMENTATIONS, DATASETS
 from .estimators import CLASSICAL_ESTIMATORS
 from .guards import NONFINITE_POLICIES
 from .layout import MEMORY_FORMATS
@@ -107,6 +107,8 @@ class RunConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     download: bool = True
+    # training augmentation: "auto" (the data set's own: crop_flip for CIFAR, none for the others) or a name
+    augment: str = "auto"
     train_size: int | None = None
     test_size: int | None = None
     # seed of the training subset (default: ``seed``); fix it to compare trials on the same examples
@@ -171,6 +173,9 @@ class RunConfig:
         _choice("task", self.task, TASKS)
         _choice("model", self.model, model_names())
         _choice("dataset", self.dataset, DATASETS)
+        _choice("augment", self.augment, ("auto", *AUGMENTATIONS))
+        if self.augment != "auto" and self.dataset == "imagenet":
+            raise ValueError("augment applies to the in-memory data sets; ImageNet's training transforms are fixed")
         for name, available, split in zip(("train_size", "test_size"), SPLIT_SIZES[self.dataset], ("training", "test")):
             value = getattr(self, name)
             if value is not None:

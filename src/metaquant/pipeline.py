@@ -373,6 +373,7 @@ def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str,
         download=config.download,
         rank=dist_info.rank if dist_info else 0,
         world_size=dist_info.world_size if dist_info else 1,
+        augment=None if config.augment == "auto" else config.augment,
     )
     build_config = config if load_init else dataclasses.replace(config, init=None, meta_init=None)
     model = build_model(build_config, info.num_classes, info.in_channels, info.image_size)

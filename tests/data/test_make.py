@@ -103,3 +103,31 @@ def test_the_test_loader_alone_serves_the_same_batches_without_the_training_file
         assert torch.equal(x, x0) and torch.equal(y, y0)
     with pytest.raises(DatasetNotFoundError):
         make_loaders("mnist", batch_size=8, **kwargs)
+
+
+def test_augment_replaces_the_data_sets_own_augmentation(mnist_dir):
+    """MNIST's own is none; crop_flip turns it on for the train loader only, and none turns it off again."""
+
+    def batches(augment):
+        train, test, info = make_loaders(
+            "mnist", data_dir=mnist_dir, batch_size=60, seed=3, download=False, augment=augment
+        )
+        train.set_epoch(0)
+        return next(iter(train))[0], torch.cat([x for x, _ in test]), info
+
+    plain, test_plain, info_plain = batches(None)
+    off, test_off, info_off = batches("none")
+    on, test_on, info_on = batches("crop_flip")
+    assert (info_plain.augment, info_off.augment, info_on.augment) == ("none", "none", "crop_flip")
+    assert torch.equal(plain, off) and torch.equal(test_plain, test_on)  # the test loader never augments
+    assert not torch.equal(plain, on)
+    # every augmented image is a padded crop (and maybe a flip) of its un-augmented self
+    background = (0 - info_on.mean[0]) / info_on.std[0]  # zero padding of the [0, 1] image, normalised
+    for a, b in zip(on, plain):
+        padded = torch.nn.functional.pad(b, (4, 4, 4, 4), value=background)
+        candidates = [padded[:, i : i + 28, j : j + 28] for i in range(9) for j in range(9)]
+        assert any(torch.equal(a, c) or torch.equal(a, c.flip(-1)) for c in candidates)
+    with pytest.raises(ValueError, match="unknown augmentation 'mixup'; allowed: none, crop_flip"):
+        make_loaders("mnist", data_dir=mnist_dir, download=False, augment="mixup")
+    with pytest.raises(ValueError, match="ImageNet's training transforms are fixed"):
+        make_loaders("imagenet", data_dir=mnist_dir, download=False, augment="none")

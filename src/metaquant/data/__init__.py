@@ -16,11 +16,12 @@ from .idx import read_idx_pair, write_idx
 from .imagenet import ImageFolderLoader, check_imagenet_layout, imagenet_loaders, imagenet_val_loader
 from .loader import BatchLoader, TensorLoader
 from .make import make_loaders, make_test_loader
-from .registry import DATASETS, DatasetInfo, dataset_info
+from .registry import AUGMENTATIONS, DATASETS, DatasetInfo, dataset_info
 from .splits import load_split
 from .tensors import ImageTensors, subset
 
 __all__ = [
+    "AUGMENTATIONS",
     "DATASETS",
     "BatchLoader",
     "ChecksumError",

@@ -3,6 +3,7 @@ alone for evaluation (:func:`make_test_loader`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from .errors import DatasetNotFoundError
 from .imagenet import imagenet_loaders, imagenet_val_loader
 from .loader import BatchLoader, TensorLoader
-from .registry import DatasetInfo, dataset_info
+from .registry import AUGMENTATIONS, DatasetInfo, dataset_info
 from .splits import load_split
 from .tensors import subset
 
@@ -37,6 +38,7 @@ def make_loaders(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 4,
+    augment: str | None = None,
 ) -> tuple[BatchLoader, BatchLoader, DatasetInfo]:
     """Train loader, test loader and :class:`DatasetInfo` of data set ``name``.
 
@@ -66,9 +68,15 @@ def make_loaders(
         rank: this process's index in ``0..world_size-1``.
         world_size: number of processes sharing the data.
         num_workers: decoding workers of the ImageNet loader.
+        augment: the training augmentation, one of :data:`AUGMENTATIONS` (``"crop_flip"``: pad 4, random crop,
+            random horizontal flip), instead of the data set's own (``info.augment``); None keeps the data set's.
+            ImageNet's training transforms are fixed.
 
     Returns:
-        ``(train_loader, test_loader, info)``.
+        ``(train_loader, test_loader, info)``; ``info.augment`` is the augmentation the train loader applies.
+
+    Raises:
+        ValueError: ``augment`` is not one of :data:`AUGMENTATIONS`, or is given for ImageNet.
 
     Raises:
         ValueError: unknown ``name``, a subset size out of range, or invalid
@@ -91,6 +99,14 @@ def make_loaders(
         ('mnist', 8, 2, [[0, 1, 2, 3]])
     """
     info = dataset_info(name)
+    if augment is not None:
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {augment!r}; allowed: {', '.join(AUGMENTATIONS)}")
+        if name == "imagenet":
+            raise ValueError(
+                "ImageNet's training transforms are fixed (random resized crop and flip): leave augment unset"
+            )
+        info = dataclasses.replace(info, augment=augment)
     test_batch_size = batch_size if test_batch_size is None else test_batch_size
     drop_last = world_size > 1
     train: BatchLoader

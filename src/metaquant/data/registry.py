@@ -11,7 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-__all__ = ["DATASETS", "DatasetInfo", "dataset_info"]
+__all__ = ["AUGMENTATIONS", "DATASETS", "DatasetInfo", "dataset_info"]
+
+#: Training augmentations a data set can use, as ``DatasetInfo.augment`` and ``--augment`` spell them.
+AUGMENTATIONS = ("none", "crop_flip")
 
 
 @dataclass(frozen=True)
