@@ -290,22 +290,29 @@ def _loader(n=8, batch_size=4):
     )
 
 
-@pytest.mark.parametrize("interval", ["epoch", "step"])
-def test_fit_with_a_dataloader_follows_a_step_lr_scheduler_exactly(interval):
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+def _step_lr_oracle(interval, factors=(1.0, 1.0, 1.0), steps_per_epoch=2):
+    """The rate of each step of a plain loop with ``StepLR(lr 0.1, step 1, gamma 0.5)`` stepped per ``interval``,
+    times the epoch's factor; and the oracle scheduler at the end."""
     oracle_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     oracle = torch.optim.lr_scheduler.StepLR(oracle_opt, step_size=1, gamma=0.5)
     expected = []
-    for _ in range(3):
-        for _ in range(2):
-            expected.append(oracle_opt.param_groups[0]["lr"])
+    for factor in factors:
+        for _ in range(steps_per_epoch):
+            expected.append(oracle_opt.param_groups[0]["lr"] * factor)
             oracle_opt.step()  # no gradient: moves nothing; the scheduler's order of calls as in a real loop
             if interval == "step":
                 oracle.step()
         if interval == "epoch":
             oracle.step()
+    return expected, oracle
+
+
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_fit_with_a_dataloader_follows_a_step_lr_scheduler_exactly(interval):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    expected, _ = _step_lr_oracle(interval)
     trainer = _RecordingTrainer(_metaquant(model, lambda ps: opt))
     state = mq.fit(
         model,
@@ -340,18 +347,8 @@ def test_fit_with_a_schedule_besides_a_scheduler_trains_at_their_product(interva
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    oracle_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    oracle = torch.optim.lr_scheduler.StepLR(oracle_opt, step_size=1, gamma=0.5)
     factors = [1.0, 0.1, 0.01]
-    expected = []
-    for epoch in range(3):
-        for _ in range(2):
-            expected.append(oracle_opt.param_groups[0]["lr"] * factors[epoch])
-            oracle_opt.step()
-            if interval == "step":
-                oracle.step()
-        if interval == "epoch":
-            oracle.step()
+    expected, oracle = _step_lr_oracle(interval, factors)
     trainer = _RecordingTrainer(mq.Trainer(model, opt))
     mq.fit(
         model,
