@@ -150,6 +150,55 @@ def test_presets_load():
         resolve_preset("nope")
 
 
+def test_the_full_scale_preset_is_the_study_its_results_page_describes(tmp_path):
+    """fashion-mnist-full: the whole data set, 1-bit DoReFa everywhere, the paper's two protocols for STE, FC-Grad
+    and MultiFC with 3 trials each, the strong baselines and the best recipe (docs/results/fashion-mnist-full/)."""
+    from metaquant.config import RunConfig
+    from metaquant.sweep import pretrain_config, pretrain_path
+
+    spec = load_sweep(resolve_preset("fashion-mnist-full"))
+    pretrain = pretrain_config(spec, "resnet20", "fashion-mnist")
+    assert (pretrain.task, pretrain.train_size, pretrain.test_size, pretrain.augment) == (
+        "pretrain",
+        None,
+        None,
+        "crop_flip",
+    )
+    runs = plan(spec, tmp_path)
+    assert len(runs) == 30 and len({r.path for r in runs}) == 30
+    for run in runs:
+        c = run.config
+        assert (c.dataset, c.train_size, c.test_size, c.quantizer, c.bits) == ("fashion-mnist", None, None, "dorefa", 1)
+        assert c.init == str(pretrain_path(tmp_path, "resnet20", "fashion-mnist")) and c.augment == "crop_flip"
+        assert c.seed == spec.seed + run.trial - 1 and RunConfig.from_dict(c.to_dict()) == c
+
+    def trials(label, optimizer):
+        return sorted(r.trial for r in runs if r.label == label and r.config.optimizer == optimizer)
+
+    for label in ("STE", "FC-Grad", "MultiFC"):
+        assert trials(label, "sgd") == trials(label, "adam") == [1, 2, 3], label
+    paper = [r for r in runs if r.label in ("STE", "FC-Grad", "MultiFC")]
+    for run in paper:  # the paper's protocols: alpha = gamma = 1e-3, divided by 10 at each third of the run
+        c = run.config
+        assert (c.lr, c.meta_lr, c.lr_schedule, c.lr_gamma, 3 * c.lr_step) == (1e-3, 1e-3, "step", 0.1, c.epochs)
+        assert (c.momentum, c.weight_decay) == ((0.0, 0.0) if c.optimizer == "sgd" else (0.0, 5e-4))
+    assert trials("STE + momentum 0.9", "sgd") == [1, 2, 3]
+    index = {r.path: i for i, r in enumerate(runs)}
+    equivalent = [r for r in runs if r.config.lr_gain_from is not None]
+    assert [r.trial for r in equivalent] == [1, 2, 3]
+    for run in equivalent:  # after the FC-Grad run of its trial and protocol, whose gain it takes
+        (source,) = [r for r in paper if r.label == "FC-Grad" and r.config.optimizer == "sgd" and r.trial == run.trial]
+        assert run.config.lr_gain_from == str(source.path) and index[source.path] < index[run.path]
+        assert (run.config.estimator, run.config.lr, run.config.momentum) == ("ste", 1e-3, 0.0)
+    best = [r for r in runs if r.label.endswith("best recipe")]
+    assert sorted((r.config.estimator, r.trial) for r in best) == [
+        (e, t) for e in ("multifc", "ste") for t in (1, 2, 3)
+    ]
+    for run in best:  # long enough that the report's Last 10 Acc is the low-rate second half of the run
+        c = run.config
+        assert (c.optimizer, c.lr_schedule, c.weight_decay, c.epochs) == ("adam", "cosine", 0.0, 20)
+
+
 def _metrics_without_times(run_dir):
     import json
 
