@@ -24,6 +24,7 @@ MODULES = [
     "metaquant.algorithm",
     "metaquant.trainer",
     "metaquant.training",
+    "metaquant.distill",
     "metaquant.schedules",
     "metaquant.guards",
     "metaquant.config",

@@ -197,6 +197,8 @@ def test_the_full_scale_preset_is_the_study_its_results_page_describes(tmp_path)
     for run in best:  # long enough that the report's Last 10 Acc is the low-rate second half of the run
         c = run.config
         assert (c.optimizer, c.lr_schedule, c.weight_decay, c.epochs) == ("adam", "cosine", 0.0, 20)
+        assert (c.distill_weight, c.distill_temperature) == (0.9, 4.0)
+    assert all(r.config.distill_weight == 0 for r in runs if r not in best)  # the protocols train on labels only
 
 
 def _metrics_without_times(run_dir):

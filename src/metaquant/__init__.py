@@ -3,8 +3,9 @@
 The public API in one place; see the README for a tour.
 """
 
-from . import data, equivalent, layout, models, precision, quantizers, schedules
+from . import data, distill, equivalent, layout, models, precision, quantizers, schedules
 from .algorithm import MetaQuant
+from .distill import Distillation
 from .estimators import EWGS, STE, Identity, fake_quantize
 from .layers import (
     QuantConfig,
@@ -22,6 +23,7 @@ from .training import evaluate, fit, restore_fit
 
 __all__ = [
     "data",
+    "distill",
     "equivalent",
     "layout",
     "models",
@@ -50,6 +52,7 @@ __all__ = [
     "evaluate",
     "fit",
     "restore_fit",
+    "Distillation",
 ]
 
 __version__ = "0.1.0"

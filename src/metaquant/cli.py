@@ -263,6 +263,19 @@ def _add_quantization(p: argparse.ArgumentParser) -> None:
         "(fc-grad, multifc, lstmfc) trained by MetaQuant (default: ste)",
     )
     q.add_argument("--ewgs-delta", type=float, default=1e-3, help="EWGS scaling factor δ (default: 1e-3)")
+    q.add_argument(
+        "--distill-weight",
+        type=float,
+        default=0.0,
+        help="knowledge distillation from the --init model: the share λ in [0, 1] of the loss that matches its "
+        "softened predictions (default: 0, labels only)",
+    )
+    q.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=4.0,
+        help="the temperature T > 0 of the distillation (default: %(default)s)",
+    )
 
     m = p.add_argument_group("meta quantizer (with --estimator fc-grad, multifc or lstmfc)")
     m.add_argument("-hidden", "--hidden-size", type=int, default=100, help="hidden size (default: 100)")

@@ -17,6 +17,7 @@ from typing import Any
 
 from .algorithm import STEP_ORDERS
 from .data import AUGMENTATIONS, DATASETS
+from .distill import check_distillation
 from .estimators import CLASSICAL_ESTIMATORS
 from .guards import NONFINITE_POLICIES
 from .layout import MEMORY_FORMATS
@@ -157,6 +158,9 @@ class RunConfig:
     meta_init: str | None = None
     # the "equivalent STE": multiply lr by the mean gain that the FC-Grad run in this directory learned
     lr_gain_from: str | None = None
+    # knowledge distillation (quantize runs): lambda and T of metaquant.distill, the teacher being the init model
+    distill_weight: float = 0.0
+    distill_temperature: float = 4.0
     # reports: how tables and figures name this run's backward method (default: derived from the options)
     label: str | None = None
 
@@ -223,6 +227,12 @@ class RunConfig:
                 "lr_gain_from (the equivalent STE) applies to quantize runs with a classical "
                 f"estimator (ste, identity, ewgs), not to task {self.task!r} with estimator "
                 f"{self.estimator!r}"
+            )
+        check_distillation(self.distill_weight, self.distill_temperature)
+        if self.distill_weight > 0 and self.task != "quantize":
+            raise ValueError(
+                f"distill_weight {self.distill_weight!r} applies to quantize runs (their teacher is the init "
+                f"model), not to task {self.task!r}"
             )
         _positive("ewgs_delta", self.ewgs_delta, allow_zero=True)
         for name in ("hidden_size", "num_fc", "num_lstm"):

@@ -24,6 +24,7 @@ from torch import nn
 from .algorithm import MetaQuant
 from .config import RunConfig
 from .data import dataset_info, make_loaders, make_test_loader
+from .distill import Distillation
 from .distributed import any_process, init_from_env, is_main, unwrap, wrap
 from .equivalent import learned_gain
 from .estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
@@ -56,6 +57,7 @@ __all__ = [
     "resolve_device",
     "build_optimizer",
     "build_trainer",
+    "build_teacher",
     "default_run_name",
     "RunResult",
     "describe_checkpoint",
@@ -350,6 +352,38 @@ class _Session:
     trainer: Trainer | MetaQuant
     train_loader: Any
     test_loader: Any
+    criterion: Distillation | None = None
+
+
+def build_teacher(config: RunConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """The full-precision model named by ``config.init``, the teacher of a run with ``distill_weight > 0``.
+
+    Raises:
+        ValueError: the run has no ``init``: there is no full-precision model to distil from.
+        FileNotFoundError: ``init`` names no checkpoint.
+
+    Example:
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.pipeline import build_teacher
+        >>> fp = mq.models.resnet8(num_classes=10, in_channels=1)
+        >>> torch.save({"model": fp.state_dict()}, "fp.pt")
+        >>> teacher = build_teacher(RunConfig(model="resnet8", init="fp.pt", distill_weight=0.9), 10, 1, 28)
+        >>> torch.equal(teacher.fc.weight, fp.fc.weight), len(mq.quantized_layers(teacher))  # not quantized
+        (True, 0)
+        >>> try:
+        ...     build_teacher(RunConfig(distill_weight=0.9), 10, 1, 28)
+        ... except ValueError as err:
+        ...     print(str(err)[:60])
+        distill_weight 0.9 distils from the full-precision model nam
+    """
+    if not config.init:
+        raise ValueError(
+            f"distill_weight {config.distill_weight} distils from the full-precision model named by init; "
+            "give init (--init), a pre-trained checkpoint or run directory"
+        )
+    teacher = get_model(config.model, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    load_weights(teacher, _init_path(config.init))
+    return teacher
 
 
 def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str, Any] | None = None) -> _Session:
@@ -386,9 +420,15 @@ def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str,
         model = wrap(model, dist_info, sync_bn=config.sync_bn, find_unused=config.uses_meta)
     optimizer = build_optimizer(model.parameters(), _with_learned_gain(config))
     trainer = build_trainer(build_config, model, optimizer)
+    criterion = None
+    if config.distill_weight > 0:  # the teacher is the init model, also when resuming (load_init=False)
+        teacher = build_teacher(config, info.num_classes, info.in_channels, info.image_size).to(device)
+        apply_memory_format(teacher, preferred_memory_format(teacher, config.memory_format))
+        criterion = Distillation(teacher, weight=config.distill_weight, temperature=config.distill_temperature)
+        logger.info("distilling from %s (%s)", config.init, criterion)
     where = f"rank {dist_info.rank} of {dist_info.world_size}, " if dist_info else ""
     logger.info("%s on %s (%s%d training batches per epoch)", config.model, device, where, len(train_loader))
-    return _Session(model, trainer, train_loader, test_loader)
+    return _Session(model, trainer, train_loader, test_loader, criterion)
 
 
 def _train(
@@ -415,6 +455,7 @@ def _train(
         on_epoch_end=on_epoch_end,
         max_skipped=config.max_skipped if config.on_nonfinite == "skip" else None,
         amp=config.amp,
+        criterion=session.criterion,
     )
     if run is not None:
         if isinstance(session.trainer, MetaQuant):

@@ -222,6 +222,7 @@ def fit(
     amp: str = "none",
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     scheduler_interval: str = "epoch",
+    criterion: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> FitState:
     """Train ``model`` with ``trainer`` from ``state`` to the end of epoch ``epochs``.
 
@@ -257,6 +258,9 @@ def fit(
             in the whole run (None: no limit). Skipping is the trainer's ``on_nonfinite="skip"``.
         amp: mixed precision of the forward pass, one of ``metaquant.precision.AMP_MODES`` (``"bf16"``: under
             ``torch.autocast`` in bfloat16; the loss is taken in float32).
+        criterion: the training loss, ``(logits, targets, inputs) -> scalar``, e.g. a ``metaquant.distill.Distillation``
+            (default: the cross-entropy of the logits and the targets). The reported training loss is this loss;
+            the test loss is always the cross-entropy.
 
     After every step the model's parameters and buffers are checked: an update that made them non-finite
     stops the run (``NonFiniteError``) or, when the trainer skips non-finite steps, is undone from a
@@ -378,7 +382,8 @@ def fit(
                 with autocast(amp, x.device):
                     logits = model(x)
                 logits_box.append(logits)
-                return F.cross_entropy(logits if amp == "none" else logits.float(), y)
+                logits = logits if amp == "none" else logits.float()
+                return F.cross_entropy(logits, y) if criterion is None else criterion(logits, y, x)
 
             where = f"epoch {epoch + 1}, step {b + 1} (iteration {state.iteration + 1})"
             snapshot = StepSnapshot(unwrap(model), trainer.optimizer, trainer) if skip else None

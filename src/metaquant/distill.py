@@ -1,0 +1,131 @@
+"""Knowledge distillation: a quantized student learns from its full-precision teacher's predictions.
+
+The loss of Hinton, Vinyals and Dean (2015, "Distilling the Knowledge in a Neural Network") mixes the
+cross-entropy with the labels and the Kullback-Leibler divergence from the teacher's softened predictions to
+the student's::
+
+    L = (1 − λ)·CE(z_s, y) + λ·T²·KL( softmax(z_t / T) ‖ softmax(z_s / T) )
+
+with student logits ``z_s``, teacher logits ``z_t``, temperature ``T`` and weight ``λ`` in [0, 1]. The ``T²``
+keeps the soft term's gradient, which scales as ``1/T²``, on the scale of the hard term's as ``T`` changes.
+``λ = 0`` is plain cross-entropy. For a quantized network the natural teacher is the full-precision model it
+was quantized from: it is already trained, and its predictions say more per example than a one-hot label (which
+wrong classes are nearly right), which a 1-bit network, whose training is noisy, can use.
+
+:func:`distillation_loss` is the formula; :class:`Distillation` holds a frozen teacher and gives the loss that
+``metaquant.fit`` takes as ``loss=``: ``(logits, targets, inputs) -> loss``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["distillation_loss", "Distillation", "check_distillation"]
+
+
+def check_distillation(weight: float, temperature: float) -> None:
+    """Refuse a weight outside [0, 1] or a temperature that is not a finite number > 0, naming the value.
+
+    Example:
+        >>> mq.distill.check_distillation(0.5, 4.0)
+        >>> try:
+        ...     mq.distill.check_distillation(1.5, 4.0)
+        ... except ValueError as err:
+        ...     print(err)
+        distill_weight must be a number in [0, 1], got 1.5
+    """
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+        raise ValueError(f"distill_weight must be a number in [0, 1], got {weight!r}")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (0 < temperature < float("inf"))
+    ):
+        raise ValueError(f"distill_temperature must be a finite number > 0, got {temperature!r}")
+
+
+def distillation_loss(
+    logits: Tensor, targets: Tensor, teacher_logits: Tensor, *, weight: float, temperature: float
+) -> Tensor:
+    """``(1 − λ)·CE(z_s, y) + λ·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))``, averaged over the batch.
+
+    Args:
+        logits: the student's logits ``z_s``, ``[B, K]``.
+        targets: class indices ``[B]``.
+        teacher_logits: the teacher's logits ``z_t``, ``[B, K]``; no gradient flows into them.
+        weight: ``λ`` in [0, 1], the soft term's share.
+        temperature: ``T > 0``.
+
+    Returns:
+        The scalar loss, in the dtype of ``logits``.
+
+    Raises:
+        ValueError: ``weight`` or ``temperature`` out of range; logits of different shapes.
+
+    Example:
+        A student that predicts what its teacher does pays only the hard term; ``λ = 0`` is the cross-entropy:
+
+        >>> z, y = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0])
+        >>> ce = torch.nn.functional.cross_entropy(z, y)
+        >>> loss = mq.distill.distillation_loss(z, y, z, weight=0.5, temperature=4.0)
+        >>> labels_only = mq.distill.distillation_loss(z, y, -z, weight=0.0, temperature=2.0)
+        >>> torch.allclose(loss, 0.5 * ce), torch.equal(labels_only, ce)
+        (True, True)
+    """
+    check_distillation(weight, temperature)
+    if logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in shape"
+        )
+    hard = F.cross_entropy(logits, targets)
+    if weight == 0:
+        return hard
+    log_student = F.log_softmax(logits / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits.detach().to(logits.dtype) / temperature, dim=1)
+    # KL(p_t ‖ p_s) summed over classes, averaged over the batch ("batchmean": the divergence per example).
+    soft = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+    return (1 - weight) * hard + weight * temperature**2 * soft
+
+
+class Distillation:
+    """The loss of a student trained against a frozen ``teacher``: ``(logits, targets, inputs) -> loss``.
+
+    The teacher runs in evaluation mode (its BatchNorm uses its running statistics) without gradients, on the
+    same batch as the student; its parameters are frozen (``requires_grad_(False)``) so that no optimizer or
+    gradient hook sees them. Give it to ``metaquant.fit`` as ``loss=``.
+
+    Args:
+        teacher: the full-precision model, on the batches' device.
+        weight: ``λ`` in [0, 1] (see :func:`distillation_loss`).
+        temperature: ``T > 0``.
+
+    Raises:
+        ValueError: ``weight`` or ``temperature`` out of range.
+
+    Example:
+        >>> teacher = torch.nn.Linear(4, 3)
+        >>> loss_fn = mq.distill.Distillation(teacher, weight=0.5, temperature=2.0)
+        >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+        >>> student_logits = torch.zeros(5, 3, requires_grad=True)
+        >>> loss = loss_fn(student_logits, y, x)
+        >>> loss.backward(); teacher.weight.grad is None, student_logits.grad.shape
+        (True, torch.Size([5, 3]))
+    """
+
+    def __init__(self, teacher: nn.Module, *, weight: float, temperature: float) -> None:
+        check_distillation(weight, temperature)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.weight = weight
+        self.temperature = temperature
+
+    def __call__(self, logits: Tensor, targets: Tensor, inputs: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(inputs)
+        return distillation_loss(logits, targets, teacher_logits, weight=self.weight, temperature=self.temperature)
+
+    def __repr__(self) -> str:
+        return (
+            f"Distillation(teacher={type(self.teacher).__name__}, weight={self.weight}, temperature={self.temperature})"
+        )
