@@ -70,9 +70,12 @@ def test_without_weight_it_is_the_cross_entropy_and_a_student_equal_to_its_teach
         ({"weight": 1.5, "temperature": 1.0}, r"distill_weight must be a number in \[0, 1\], got 1.5"),
         ({"weight": float("nan"), "temperature": 1.0}, r"distill_weight must be a number in \[0, 1\], got nan"),
         ({"weight": True, "temperature": 1.0}, r"distill_weight must be a number in \[0, 1\], got True"),
-        ({"weight": 0.5, "temperature": 0.0}, r"distill_temperature must be a finite number > 0, got 0.0"),
-        ({"weight": 0.5, "temperature": math.inf}, r"distill_temperature must be a finite number > 0, got inf"),
-        ({"weight": 0.5, "temperature": "4"}, r"distill_temperature must be a finite number > 0, got '4'"),
+        ({"weight": 0.5, "temperature": 0.0}, r"distill_temperature must be a number in \[0.01, 1000\], got 0.0"),
+        ({"weight": 0.5, "temperature": 1e-300}, r"distill_temperature must be a number in \[0.01, 1000\], got 1e-300"),
+        ({"weight": 0.5, "temperature": 1e200}, r"distill_temperature must be a number in \[0.01, 1000\], got 1e\+200"),
+        ({"weight": 0.5, "temperature": math.inf}, r"distill_temperature must be a number in \[0.01, 1000\], got inf"),
+        ({"weight": 0.5, "temperature": math.nan}, r"distill_temperature must be a number in \[0.01, 1000\], got nan"),
+        ({"weight": 0.5, "temperature": "4"}, r"distill_temperature must be a number in \[0.01, 1000\], got '4'"),
     ],
 )
 def test_bad_weights_and_temperatures_are_refused_by_name(kwargs, message):
@@ -112,7 +115,22 @@ def test_the_teacher_is_frozen_in_evaluation_mode_and_untouched_by_training():
     )
 
 
-def test_fit_with_a_criterion_trains_as_a_plain_loop_on_that_loss():
+def test_without_weight_the_teacher_is_not_run_and_a_teacher_put_back_in_training_mode_is_refused():
+    class Refuses(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("the teacher ran")
+
+    z, y = torch.randn(3, 4), torch.tensor([0, 1, 3])
+    assert torch.equal(Distillation(Refuses(), weight=0.0, temperature=2.0)(z, y, z), F.cross_entropy(z, y))
+    loss_fn = Distillation(torch.nn.Linear(4, 4), weight=0.5, temperature=2.0)
+    loss_fn.teacher.train()
+    with pytest.raises(RuntimeError, match="the teacher was put back in training mode"):
+        loss_fn(z, y, z)
+
+
+def test_fit_with_a_criterion_trains_as_a_plain_loop_on_that_loss(tmp_path):
+    from metaquant.runs import RunDir
+
     torch.manual_seed(0)
     x, y = torch.randn(24, 6), torch.randint(0, 4, (24,))
     batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 24, 8)]
@@ -122,19 +140,31 @@ def test_fit_with_a_criterion_trains_as_a_plain_loop_on_that_loss():
     oracle.load_state_dict(student.state_dict())
     criterion = Distillation(teacher, weight=0.7, temperature=3.0)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    run = RunDir.create(tmp_path / "run", RunConfig())
     state = mq.fit(
         student, mq.Trainer(student, optimizer), batches, batches, epochs=2, schedule=None, progress=False,
-        criterion=criterion,
+        criterion=criterion, run=run,
     )  # fmt: skip
     oracle_optimizer = torch.optim.SGD(oracle.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(2):
+    cross_entropy, objective = [[], []], [[], []]
+    for epoch in range(2):
         for xb, yb in batches:
             oracle_optimizer.zero_grad()
-            loss = distillation_loss(oracle(xb), yb, teacher(xb).detach(), weight=0.7, temperature=3.0)
+            logits = oracle(xb)
+            loss = distillation_loss(logits, yb, teacher(xb).detach(), weight=0.7, temperature=3.0)
             loss.backward()
             oracle_optimizer.step()
-    assert state.iteration == 6
+            cross_entropy[epoch].append(F.cross_entropy(logits, yb).item())
+            objective[epoch].append(loss.item())
+    assert state.iteration == 6 and not criterion.teacher.training  # still evaluating after fit's evaluations
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(student.parameters(), oracle.parameters()))
+    # train_loss stays the labels' cross-entropy (comparable with other runs); the criterion is train_objective
+    metrics = run.metrics()
+    assert [m["train_loss"] for m in metrics] == pytest.approx([np.mean(c) for c in cross_entropy], rel=1e-5)
+    assert [m["train_objective"] for m in metrics] == pytest.approx([np.mean(o) for o in objective], rel=1e-5)
+    assert [float(line.split(",")[1]) for line in run.loss_path.read_text().splitlines()[1:]] == pytest.approx(
+        objective[0] + objective[1], rel=1e-5
+    )
 
 
 class _StopAfter(StopFlag):
@@ -203,3 +233,34 @@ def test_distillation_without_an_init_model_is_refused_by_name(tmp_path, tiny_mn
     assert "distill_weight 0.5 distils from the full-precision model named by init" in err and "Traceback" not in err
     assert main([*args, "--distill-weight", "2"]) != 0
     assert "distill_weight must be a number in [0, 1], got 2.0" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before a run directory was made
+
+
+def test_a_resumed_run_refuses_a_teacher_that_changed_or_went_missing(tmp_path, pretrained_resnet8):
+    fields, init = pretrained_resnet8
+    config = RunConfig(init=str(init), epochs=1, distill_weight=0.5, **fields)
+    with pytest.raises(TrainingInterrupted):
+        execute(config, tmp_path / "stopped", progress=False, stop=_StopAfter(1))
+    checkpoint = init / "checkpoint.pt"
+    original = checkpoint.read_bytes()
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"]["fc.bias"] = state["model"]["fc.bias"] + 1.0
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match="is not the model the run started with"):
+        resume(tmp_path / "stopped", progress=False)
+    checkpoint.unlink()
+    with pytest.raises(FileNotFoundError, match=r"the teacher of this run, init '.*pretrain', is not there"):
+        resume(tmp_path / "stopped", progress=False)
+    checkpoint.write_bytes(original)
+    assert resume(tmp_path / "stopped", progress=False).epochs == 1
+
+
+def test_sweeps_name_distilled_runs_apart_and_refuse_one_without_a_teacher(tmp_path):
+    from metaquant.sweep import SweepSpec, plan
+
+    grid = [{"estimator": "ste", "distill_weight": [0.0, 0.9]}]
+    spec = SweepSpec("kd", 1, 0, {"epochs": 1}, {"dataset": "cifar10"}, grid=grid, optimizer_overrides={})
+    assert [r.label for r in plan(spec, tmp_path)] == ["STE", "STE + distillation (0.9, T 4)"]
+    no_teacher = SweepSpec("kd", 1, 0, None, {"dataset": "cifar10"}, grid=grid, optimizer_overrides={})
+    with pytest.raises(ValueError, match="sweep 'kd': distill_weight 0.9 distils .* set init, or add a \\[pretrain\\]"):
+        plan(no_teacher, tmp_path)

@@ -274,7 +274,7 @@ def _add_quantization(p: argparse.ArgumentParser) -> None:
         "--distill-temperature",
         type=float,
         default=4.0,
-        help="the temperature T > 0 of the distillation (default: %(default)s)",
+        help="the temperature T of the distillation, in [0.01, 1000] (default: %(default)s)",
     )
 
     m = p.add_argument_group("meta quantizer (with --estimator fc-grad, multifc or lstmfc)")

@@ -13,7 +13,7 @@ was quantized from: it is already trained, and its predictions say more per exam
 wrong classes are nearly right), which a 1-bit network, whose training is noisy, can use.
 
 :func:`distillation_loss` is the formula; :class:`Distillation` holds a frozen teacher and gives the loss that
-``metaquant.fit`` takes as ``loss=``: ``(logits, targets, inputs) -> loss``.
+``metaquant.fit`` takes as ``criterion=``: ``(logits, targets, inputs) -> loss``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["distillation_loss", "Distillation", "check_distillation"]
+__all__ = ["distillation_loss", "Distillation", "check_distillation", "TEMPERATURE_RANGE"]
+
+#: Allowed temperatures: beyond them ``T²`` or ``z / T`` leave the range where the loss is computed exactly.
+TEMPERATURE_RANGE = (0.01, 1000.0)
 
 
 def check_distillation(weight: float, temperature: float) -> None:
-    """Refuse a weight outside [0, 1] or a temperature that is not a finite number > 0, naming the value.
+    """Refuse a weight outside [0, 1] or a temperature outside :data:`TEMPERATURE_RANGE`, naming the value.
 
     Example:
         >>> mq.distill.check_distillation(0.5, 4.0)
@@ -38,12 +41,9 @@ def check_distillation(weight: float, temperature: float) -> None:
     """
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
         raise ValueError(f"distill_weight must be a number in [0, 1], got {weight!r}")
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not (0 < temperature < float("inf"))
-    ):
-        raise ValueError(f"distill_temperature must be a finite number > 0, got {temperature!r}")
+    low, high = TEMPERATURE_RANGE
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not low <= temperature <= high:
+        raise ValueError(f"distill_temperature must be a number in [{low:g}, {high:g}], got {temperature!r}")
 
 
 def distillation_loss(
@@ -56,7 +56,7 @@ def distillation_loss(
         targets: class indices ``[B]``.
         teacher_logits: the teacher's logits ``z_t``, ``[B, K]``; no gradient flows into them.
         weight: ``λ`` in [0, 1], the soft term's share.
-        temperature: ``T > 0``.
+        temperature: ``T`` in :data:`TEMPERATURE_RANGE`.
 
     Returns:
         The scalar loss, in the dtype of ``logits``.
@@ -94,12 +94,12 @@ class Distillation:
 
     The teacher runs in evaluation mode (its BatchNorm uses its running statistics) without gradients, on the
     same batch as the student; its parameters are frozen (``requires_grad_(False)``) so that no optimizer or
-    gradient hook sees them. Give it to ``metaquant.fit`` as ``loss=``.
+    gradient hook sees them. Give it to ``metaquant.fit`` as ``criterion=``.
 
     Args:
         teacher: the full-precision model, on the batches' device.
         weight: ``λ`` in [0, 1] (see :func:`distillation_loss`).
-        temperature: ``T > 0``.
+        temperature: ``T`` in :data:`TEMPERATURE_RANGE`.
 
     Raises:
         ValueError: ``weight`` or ``temperature`` out of range.
@@ -121,6 +121,12 @@ class Distillation:
         self.temperature = temperature
 
     def __call__(self, logits: Tensor, targets: Tensor, inputs: Tensor) -> Tensor:
+        if self.weight == 0:  # the labels alone: no need to run the teacher
+            return F.cross_entropy(logits, targets)
+        if self.teacher.training:
+            raise RuntimeError(
+                "the teacher was put back in training mode; its BatchNorm would use the batch's statistics"
+            )
         with torch.no_grad():
             teacher_logits = self.teacher(inputs)
         return distillation_loss(logits, targets, teacher_logits, weight=self.weight, temperature=self.temperature)

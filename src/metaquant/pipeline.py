@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -353,6 +354,8 @@ class _Session:
     train_loader: Any
     test_loader: Any
     criterion: Distillation | None = None
+    # the teacher's state digest, kept in each checkpoint: a resumed run checks that its teacher is the same
+    teacher_digest: str | None = None
 
 
 def build_teacher(config: RunConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
@@ -376,14 +379,35 @@ def build_teacher(config: RunConfig, num_classes: int, in_channels: int, image_s
         ...     print(str(err)[:60])
         distill_weight 0.9 distils from the full-precision model nam
     """
+    teacher = get_model(config.model, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    load_weights(teacher, _teacher_path(config))
+    return teacher
+
+
+def _teacher_path(config: RunConfig) -> Path:
+    """The checkpoint of a distilling run's teacher; checked before any data is read."""
     if not config.init:
         raise ValueError(
             f"distill_weight {config.distill_weight} distils from the full-precision model named by init; "
             "give init (--init), a pre-trained checkpoint or run directory"
         )
-    teacher = get_model(config.model, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
-    load_weights(teacher, _init_path(config.init))
-    return teacher
+    try:
+        return _init_path(config.init)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"the teacher of this run, init {config.init!r}, is not there (no checkpoint file, or run directory "
+            f"with {CHECKPOINT}; a relative path is taken from the working directory, {Path.cwd()})"
+        ) from None
+
+
+def _digest_of(model: nn.Module) -> str:
+    """A SHA-256 of a model's state (names, dtypes, shapes and values): tells whether a teacher changed."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str, Any] | None = None) -> _Session:
@@ -420,15 +444,17 @@ def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str,
         model = wrap(model, dist_info, sync_bn=config.sync_bn, find_unused=config.uses_meta)
     optimizer = build_optimizer(model.parameters(), _with_learned_gain(config))
     trainer = build_trainer(build_config, model, optimizer)
-    criterion = None
+    criterion, digest = None, None
     if config.distill_weight > 0:  # the teacher is the init model, also when resuming (load_init=False)
-        teacher = build_teacher(config, info.num_classes, info.in_channels, info.image_size).to(device)
+        teacher = build_teacher(config, info.num_classes, info.in_channels, info.image_size)
+        digest = _digest_of(teacher)
+        teacher = teacher.to(device)
         apply_memory_format(teacher, preferred_memory_format(teacher, config.memory_format))
         criterion = Distillation(teacher, weight=config.distill_weight, temperature=config.distill_temperature)
         logger.info("distilling from %s (%s)", config.init, criterion)
     where = f"rank {dist_info.rank} of {dist_info.world_size}, " if dist_info else ""
     logger.info("%s on %s (%s%d training batches per epoch)", config.model, device, where, len(train_loader))
-    return _Session(model, trainer, train_loader, test_loader, criterion)
+    return _Session(model, trainer, train_loader, test_loader, criterion, digest)
 
 
 def _train(
@@ -448,7 +474,10 @@ def _train(
         schedule=step_schedule(config.lr_schedule, config.epochs, config.lr_step, config.lr_gamma),
         run=run,
         state=state,
-        extra_checkpoint=lambda: _extra(config),
+        extra_checkpoint=lambda: {
+            **_extra(config),
+            **({"teacher": session.teacher_digest} if session.criterion else {}),
+        },
         progress=progress,
         stop=stop,
         checkpoint_every=config.checkpoint_every,
@@ -518,6 +547,8 @@ def execute(
     """
     if run_dir is not None:
         RunDir.check_free(run_dir)  # raises before any work is done, and before anything is written
+    if config.distill_weight > 0:
+        _teacher_path(config)
     session = _prepare(config)
     if run_dir is None:
         return _train(config, session, None, FitState(), progress, stop)
@@ -734,6 +765,8 @@ def resume(
             raise ValueError(f"{run.metrics_path} holds no epoch, yet {run.done_path} says the run has finished")
         logger.info("run %s is already finished", run.path)
         return RunResult(run.path, metrics[-1]["test_acc"], max(m["test_acc"] for m in metrics), len(metrics))
+    if config.distill_weight > 0:
+        _teacher_path(config)
     init_from_env(config.device)  # join the process group first: every process learns whether the lock was taken
     with _owning(run.path) as writer:
         if writer is not None:
@@ -752,6 +785,11 @@ def resume(
         assert source is not None  # a checkpoint comes with its path
         _check_owner(checkpoint, source, config, run)
         session = _prepare(config, load_init=False, checkpoint=checkpoint)
+        if checkpoint.get("teacher", session.teacher_digest) != session.teacher_digest:
+            raise ValueError(
+                f"the teacher of {run.path}, init {config.init!r}, is not the model the run started with (its "
+                "weights changed since); put that model back there, or start a new run"
+            )
         try:
             state = restore_fit(checkpoint, session.trainer)
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
@@ -761,6 +799,7 @@ def resume(
             ) from None
         if not is_main():  # the saved running sums are those of all processes: counted once, by rank 0
             state.epoch_loss_sum, state.epoch_correct, state.epoch_seen = 0.0, 0, 0
+            state.epoch_objective_sum = 0.0
         if writer is not None and source != run.checkpoint_path:
             _adopt_previous(run)
         logger.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.batch)

@@ -4,7 +4,7 @@ Layout of a run directory::
 
     config.json       the RunConfig that produced it: what makes the directory a run
     metrics.jsonl     one JSON object per finished epoch (epoch, lr, train_loss, train_acc, test_acc, ...)
-    loss.csv          "iteration,loss", one line per training iteration
+    loss.csv          "iteration,loss", one line per training iteration (the loss the trainer minimised)
     checkpoint.pt     the latest checkpoint: model, optimizer(s), epoch, best accuracy, RNG states, config
     checkpoint.prev.pt  a distinct, complete copy of the checkpoint before it
     done              written last, when the run has finished
@@ -71,7 +71,17 @@ RUN_FILES = (
     "trace.pt",
 )
 # Numeric fields of a metrics record: a number, or null where there was nothing to measure.
-_METRIC_NUMBERS = ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "best_acc", "train_seconds")
+_METRIC_NUMBERS = (
+    "lr",
+    "train_loss",
+    "train_objective",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "test_top5",
+    "best_acc",
+    "train_seconds",
+)
 
 logger = logging.getLogger(__name__)
 

@@ -146,7 +146,8 @@ def backward_label(config: RunConfig) -> str:
     """How tables and figures name a run's backward method, e.g. ``MultiFC (original order)``.
 
     The estimator's display name, then `` (original order)`` for a meta quantizer run in the original code's
-    order (docs/design.md §5.1), then `` + momentum m`` for SGD with momentum.
+    order (docs/design.md §5.1), then `` + momentum m`` for SGD with momentum, then `` + distillation (λ, T)``
+    for a run that distils from its ``init`` model.
 
     Args:
         config: the run's configuration.
@@ -161,6 +162,8 @@ def backward_label(config: RunConfig) -> str:
         'MultiFC (original order)'
         >>> backward_label(RunConfig(estimator="ste", momentum=0.9)), backward_label(RunConfig(estimator="identity"))
         ('STE + momentum 0.9', 'STE (unclipped)')
+        >>> backward_label(RunConfig(estimator="ste", distill_weight=0.9, distill_temperature=4.0))
+        'STE + distillation (0.9, T 4)'
     """
     label = _DISPLAY.get(config.estimator, config.estimator)
     if config.lr_gain_from is not None:
@@ -169,6 +172,8 @@ def backward_label(config: RunConfig) -> str:
         label += " (original order)"
     if config.optimizer == "sgd" and config.momentum > 0:
         label += f" + momentum {config.momentum:g}"
+    if config.distill_weight > 0:
+        label += f" + distillation ({config.distill_weight:g}, T {config.distill_temperature:g})"
     return label
 
 
@@ -371,6 +376,11 @@ def _planned(
         raise ValueError(f"sweep {spec.name!r}: {err}") from None
     if spec.pretrain is not None and config.init is None:
         config = dataclasses.replace(config, init=str(pretrain_path(root, config.model, config.dataset)))
+    if config.distill_weight > 0 and config.init is None:  # refused now, not when the run's turn comes
+        raise ValueError(
+            f"sweep {spec.name!r}: distill_weight {config.distill_weight:g} distils from the full-precision model "
+            "named by init: set init, or add a [pretrain] part"
+        )
     name = label or backward_label(config)
     config = dataclasses.replace(config, label=name)
     return _run_path(root, name, config, trial), config, name

@@ -171,9 +171,10 @@ class FitState:
     (non-zero only in a checkpoint written mid-epoch), and the ``epoch_*`` fields the running sums of the
     epoch's training statistics. ``iteration`` counts the steps of the whole run, ``best_acc`` and ``last_acc``
     are the best and the latest test top-1 accuracy (percent), and ``epoch_losses`` the ``(iteration, loss)``
-    pairs of the epoch. ``skipped`` counts the steps skipped for non-finite values in the whole run and
-    ``epoch_skipped`` those of the epoch. ``fit`` returns it and saves it in each checkpoint as
-    ``dataclasses.asdict(state)``.
+    pairs of the epoch (the loss the trainer minimised). ``epoch_loss_sum`` sums the labels' cross-entropy and,
+    with a ``criterion`` other than it, ``epoch_objective_sum`` that criterion. ``skipped`` counts the steps
+    skipped for non-finite values in the whole run and ``epoch_skipped`` those of the epoch. ``fit`` returns it
+    and saves it in each checkpoint as ``dataclasses.asdict(state)``.
 
     Example:
         >>> import dataclasses
@@ -190,6 +191,7 @@ class FitState:
     last_acc: float = float("nan")
     batch: int = 0
     epoch_loss_sum: float = 0.0
+    epoch_objective_sum: float = 0.0
     epoch_correct: int = 0
     epoch_seen: int = 0
     epoch_losses: list[tuple[int, float]] = field(default_factory=list)
@@ -199,6 +201,7 @@ class FitState:
     def start_epoch(self) -> None:
         """Reset ``batch`` and the epoch's running statistics (``epoch`` itself is left to the caller)."""
         self.batch, self.epoch_loss_sum, self.epoch_correct, self.epoch_seen = 0, 0.0, 0, 0
+        self.epoch_objective_sum = 0.0
         self.epoch_losses = []
         self.epoch_skipped = 0
 
@@ -258,9 +261,10 @@ def fit(
             in the whole run (None: no limit). Skipping is the trainer's ``on_nonfinite="skip"``.
         amp: mixed precision of the forward pass, one of ``metaquant.precision.AMP_MODES`` (``"bf16"``: under
             ``torch.autocast`` in bfloat16; the loss is taken in float32).
-        criterion: the training loss, ``(logits, targets, inputs) -> scalar``, e.g. a ``metaquant.distill.Distillation``
-            (default: the cross-entropy of the logits and the targets). The reported training loss is this loss;
-            the test loss is always the cross-entropy.
+        criterion: the training loss, ``(logits, targets, inputs) -> scalar``, e.g. a
+            ``metaquant.distill.Distillation`` (default: the cross-entropy of the logits and the targets). Each
+            epoch's ``train_loss`` stays the labels' cross-entropy, comparable with runs without a criterion;
+            the criterion's mean is recorded beside it as ``train_objective`` and per step in ``loss.csv``.
 
     After every step the model's parameters and buffers are checked: an update that made them non-finite
     stops the run (``NonFiniteError``) or, when the trainer skips non-finite steps, is undone from a
@@ -329,8 +333,12 @@ def fit(
         # calls save; only the writer writes). A resumed run gives them back to rank 0 alone.
         fit_state = dataclasses.asdict(state)
         if mid_epoch and is_distributed():
-            sums = all_reduce_sum([state.epoch_loss_sum, state.epoch_correct, state.epoch_seen])
-            fit_state.update(epoch_loss_sum=sums[0], epoch_correct=int(sums[1]), epoch_seen=int(sums[2]))
+            sums = all_reduce_sum(
+                [state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_objective_sum]
+            )
+            fit_state.update(
+                epoch_loss_sum=sums[0], epoch_correct=int(sums[1]), epoch_seen=int(sums[2]), epoch_objective_sum=sums[3]
+            )
         if run is None:
             return
         checkpoint = {
@@ -420,8 +428,13 @@ def fit(
                     )
             elif math.isfinite(loss):  # a skipped step counts as a step but not in the statistics
                 state.epoch_losses.append((state.iteration, loss))
-                state.epoch_loss_sum += loss * y.numel()
-                state.epoch_correct += int((logits_box[-1].detach().argmax(1) == y).sum().item())
+                logits = logits_box[-1].detach()
+                if criterion is None:
+                    state.epoch_loss_sum += loss * y.numel()
+                else:  # train_loss stays the labels' cross-entropy, comparable with other runs; the criterion beside
+                    state.epoch_loss_sum += F.cross_entropy(logits.float(), y).item() * y.numel()
+                    state.epoch_objective_sum += loss * y.numel()
+                state.epoch_correct += int((logits.argmax(1) == y).sum().item())
                 state.epoch_seen += y.numel()
             if scheduler is not None and scheduler_interval == "step":
                 step_scheduler(epoch)
@@ -440,7 +453,9 @@ def fit(
         test = evaluate(model, test_loader)
         if scheduler is not None and scheduler_interval == "epoch":
             step_scheduler(epoch, test["loss"])
-        loss_sum, correct, seen = all_reduce_sum([state.epoch_loss_sum, state.epoch_correct, state.epoch_seen])
+        loss_sum, correct, seen, objective_sum = all_reduce_sum(
+            [state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_objective_sum]
+        )
         state.best_acc = max(state.best_acc, test["top1"])
         state.last_acc = test["top1"]
         record = {
@@ -457,6 +472,8 @@ def fit(
             "skipped_steps": state.epoch_skipped,
             "train_seconds": train_time,
         }
+        if criterion is not None:  # the loss minimised, beside the labels' cross-entropy in train_loss
+            record["train_objective"] = objective_sum / seen if seen else None
         skipped_note = f", {state.epoch_skipped} steps skipped" if state.epoch_skipped else ""
         logger.info(
             "epoch %d/%d: train loss %s acc %s, test acc %.2f%% (best %.2f%%), %.1fs%s",
