@@ -10,7 +10,10 @@ channels-last layout (``mq.layout``), float32 unless ``--amp bf16``. Methods:
                  ``mq.Trainer`` (clipped STE): the paper's baseline;
 * ``fc-grad``, ``multifc``, ``lstmfc``, ``lstmfc-16``   the same quantized network trained by ``mq.MetaQuant``
                  with ``FCGrad(hidden=100)``, ``MultiFC(hidden=100)``, ``LSTMFC(hidden=100)`` (the paper's) and
-                 ``LSTMFC(hidden=16)``, ``meta_lr=1e-3``.
+                 ``LSTMFC(hidden=16)``, ``meta_lr=1e-3``;
+* ``ste-kd``     STE on the loss of knowledge distillation (``mq.Distillation``, weight 0.9, temperature 4) from
+                 the full-precision ResNet20 as teacher (evaluation mode, no gradient): the cost of the teacher's
+                 forward pass, which the ``fashion-mnist-full`` preset's best recipe pays.
 
 How: every method runs in a child process of its own, so that its peak memory is its own: peak resident set
 (``ru_maxrss``) on a CPU, ``torch.cuda.max_memory_allocated`` on CUDA (after ``reset_peak_memory_stats``). A
@@ -43,7 +46,7 @@ import sys
 import time
 from typing import Any
 
-METHODS = ("fp", "ste", "fc-grad", "multifc", "lstmfc", "lstmfc-16")
+METHODS = ("fp", "ste", "fc-grad", "multifc", "lstmfc", "lstmfc-16", "ste-kd")
 WARMUP_STEPS = 3
 
 
@@ -77,16 +80,23 @@ def _build(method: str, device: str, compile_model: bool, amp: str) -> tuple[Any
             loss.backward()
             opt.step()
             return loss.detach()
-    elif method == "ste":
+    elif method in ("ste", "ste-kd"):
         step = mq.Trainer(model, opt).step
     else:
         step = mq.MetaQuant(model, opt, meta=metas[method](), meta_lr=1e-3).step
 
+    criterion = lambda logits, y, x: F.cross_entropy(logits, y)  # noqa: E731
+    if method == "ste-kd":
+        teacher = mq.models.resnet20(num_classes=10).to(device)
+        mq.layout.apply_memory_format(teacher, fmt)
+        criterion = mq.Distillation(teacher, weight=0.9, temperature=4.0)
+
     def loss_fn(x, y):
         if amp == "bf16":
             with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
-                return F.cross_entropy(forward(x), y)
-        return F.cross_entropy(forward(x), y)
+                logits = forward(x)
+            return criterion(logits.float(), y, x)
+        return criterion(forward(x), y, x)
 
     return fmt, step, loss_fn
 

@@ -18,9 +18,20 @@ def _run_json(script, *args):
 
 def test_step_time_reports_every_method_against_fp_and_ste():
     out = _run_json(
-        "step_time.py", "--steps", "1", "--repeats", "1", "--batch-size", "4", "--methods", "fp", "ste", "multifc"
+        "step_time.py",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--batch-size",
+        "4",
+        "--methods",
+        "fp",
+        "ste",
+        "multifc",
+        "ste-kd",
     )
-    assert list(out) == ["fp", "ste", "multifc"]
+    assert list(out) == ["fp", "ste", "multifc", "ste-kd"]
     for method, r in out.items():
         assert set(r) == {"seconds_per_step", "x_fp", "x_ste", "peak_mb"}, method
         assert r["seconds_per_step"] > 0 and r["peak_mb"] > 0
