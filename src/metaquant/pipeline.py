@@ -311,10 +311,12 @@ def build_model(config: RunConfig, num_classes: int, in_channels: int, image_siz
     return model
 
 
-def _extra(config: RunConfig) -> dict[str, Any]:
+def _extra(config: RunConfig, teacher_digest: str | None = None) -> dict[str, Any]:
     extra: dict[str, Any] = {"config": config.to_dict()}
     if config.uses_meta:
         extra["meta_config"] = meta_config(config)
+    if teacher_digest is not None:  # a distilling run: resume checks that its teacher is the same model
+        extra["teacher"] = teacher_digest
     return extra
 
 
@@ -474,10 +476,7 @@ def _train(
         schedule=step_schedule(config.lr_schedule, config.epochs, config.lr_step, config.lr_gamma),
         run=run,
         state=state,
-        extra_checkpoint=lambda: {
-            **_extra(config),
-            **({"teacher": session.teacher_digest} if session.criterion else {}),
-        },
+        extra_checkpoint=lambda: _extra(config, session.teacher_digest),
         progress=progress,
         stop=stop,
         checkpoint_every=config.checkpoint_every,

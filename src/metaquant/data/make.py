@@ -76,11 +76,9 @@ def make_loaders(
         ``(train_loader, test_loader, info)``; ``info.augment`` is the augmentation the train loader applies.
 
     Raises:
-        ValueError: ``augment`` is not one of :data:`AUGMENTATIONS`, or is given for ImageNet.
-
-    Raises:
         ValueError: unknown ``name``, a subset size out of range, or invalid
-            ``batch_size`` / ``rank`` / ``world_size``.
+            ``batch_size`` / ``rank`` / ``world_size``; ``augment`` not one of
+            :data:`AUGMENTATIONS`, or given for ImageNet.
         DatasetNotFoundError: the files are missing (see :func:`load_split`), or
             ``name == "imagenet"`` without ``data_dir``.
         DatasetFormatError: a data file is corrupt, or the ImageNet folder has
