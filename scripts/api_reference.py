@@ -25,6 +25,7 @@ MODULES = [
     "metaquant.trainer",
     "metaquant.training",
     "metaquant.distill",
+    "metaquant.batchnorm",
     "metaquant.schedules",
     "metaquant.guards",
     "metaquant.config",

@@ -77,8 +77,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_cli_run_completes_writes_once_and_resumes(tmp_path, fashion_mnist_available):
-    torchrun = [
+def _torchrun_two_processes() -> list[str]:
+    """torchrun for two local processes on a fresh port; the port is the last item, to be replaced for a rerun."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -91,6 +92,10 @@ def test_torchrun_cli_run_completes_writes_once_and_resumes(tmp_path, fashion_mn
         "--master_port",
         str(_free_port()),
     ]
+
+
+def test_torchrun_cli_run_completes_writes_once_and_resumes(tmp_path, fashion_mnist_available):
+    torchrun = _torchrun_two_processes()
     args = [
         "-m",
         "metaquant",
@@ -143,19 +148,7 @@ def test_torchrun_cli_run_completes_writes_once_and_resumes(tmp_path, fashion_mn
 
 def test_torchrun_failure_ends_every_rank_with_one_line_and_status_1(tmp_path, fashion_mnist_available):
     """A failure that every rank meets (here: more skipped steps than allowed) ends each process cleanly."""
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--nnodes",
-        "1",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-    ]
+    torchrun = _torchrun_two_processes()
     args = [
         "-m",
         "metaquant",

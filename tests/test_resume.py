@@ -20,7 +20,12 @@ def TINY(tiny_mnist):
     return [*tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "4", "-ad", "2", "--no-progress", "--seed", "3"]
 
 
-ESTIMATORS = {"ste": ["-meta", "ste"], "lstmfc": ["-meta", "lstmfc", "-hidden", "4"]}
+ESTIMATORS = {
+    "ste": ["-meta", "ste"],
+    "lstmfc": ["-meta", "lstmfc", "-hidden", "4"],
+    # BatchNorm statistics recomputed before each evaluation: part of each checkpoint, and no randomness used
+    "ste-precise-bn": ["-meta", "ste", "--precise-bn", "2"],
+}
 
 # Runs the CLI with os.replace slowed down at the N-th write of checkpoint.pt, after writing a marker file,
 # so that the test can SIGKILL the process while that checkpoint is being written.

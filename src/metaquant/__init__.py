@@ -3,8 +3,9 @@
 The public API in one place; see the README for a tour.
 """
 
-from . import data, distill, equivalent, layout, models, precision, quantizers, schedules
+from . import batchnorm, data, distill, equivalent, layout, models, precision, quantizers, schedules
 from .algorithm import MetaQuant
+from .batchnorm import recompute_batchnorm_stats
 from .distill import Distillation
 from .estimators import EWGS, STE, Identity, fake_quantize
 from .layers import (
@@ -22,6 +23,7 @@ from .trainer import Trainer
 from .training import evaluate, fit, restore_fit
 
 __all__ = [
+    "batchnorm",
     "data",
     "distill",
     "equivalent",
@@ -52,6 +54,7 @@ __all__ = [
     "evaluate",
     "fit",
     "restore_fit",
+    "recompute_batchnorm_stats",
     "Distillation",
 ]
 

@@ -35,7 +35,7 @@ from .refine import THROUGH
 from .report import collect, plot_comparisons, summarize, write_table
 from .runs import RunDir, RunExistsError, RunLockedError
 from .schedules import SCHEDULES
-from .sweep import load_sweep, plan, run_sweep
+from .sweep import load_sweep, plan, run_state, run_sweep
 from .trace import plot_trace
 
 __all__ = ["main", "build_parser"]
@@ -185,6 +185,15 @@ def _add_common(p: argparse.ArgumentParser, *, task: str) -> None:
         action="store_true",
         help="under torchrun: SyncBatchNorm (statistics over the whole batch) instead of each "
         "process's own BatchNorm statistics",
+    )
+    opt.add_argument(
+        "--precise-bn",
+        dest="precise_bn_batches",
+        type=int,
+        default=0,
+        metavar="N",
+        help="before each evaluation, recompute the BatchNorm statistics for the current weights from the "
+        "epoch's first N training batches instead of the running averages (default: 0, off)",
     )
 
     out = p.add_argument_group("output")
@@ -522,8 +531,7 @@ def _sweep(args: argparse.Namespace) -> int:
         raise CLIError(f"metaquant sweep: error: {err}", EXIT_USAGE) from None
     if args.dry_run:
         for i, run in enumerate(plan(spec, root), 1):
-            done = " (done)" if (run.path / "done").exists() else ""
-            print(f"[{i}] {run.path}{done}")
+            print(f"[{i}] {run.path} ({run_state(run.path, run.config)})")
         return 0
     if args.jobs < 1:
         raise CLIError(f"metaquant sweep: error: --jobs must be at least 1, got {args.jobs}", EXIT_USAGE)

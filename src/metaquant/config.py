@@ -134,6 +134,9 @@ class RunConfig:
     amp: str = "none"
     # data-parallel training under torchrun: SyncBatchNorm instead of per-process BatchNorm statistics
     sync_bn: bool = False
+    # evaluation: recompute BatchNorm statistics from this many training batches before each test (0: keep the
+    # running averages; metaquant.batchnorm)
+    precise_bn_batches: int = 0
     # reliability
     on_nonfinite: str = "raise"
     # with on_nonfinite="skip": the run stops as failed once more steps than this were skipped
@@ -218,6 +221,7 @@ class RunConfig:
         _choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         _positive("max_skipped", self.max_skipped, integer=True, allow_zero=True)
         _positive("checkpoint_every", self.checkpoint_every, integer=True, allow_zero=True)
+        _positive("precise_bn_batches", self.precise_bn_batches, integer=True, allow_zero=True)
         _positive("bits", self.bits, integer=True)
         get_quantizer(self.quantizer, self.bits)  # raises with the allowed names / bit widths
         self.estimator = ESTIMATOR_ALIASES.get(self.estimator, self.estimator)

@@ -484,6 +484,7 @@ def _train(
         max_skipped=config.max_skipped if config.on_nonfinite == "skip" else None,
         amp=config.amp,
         criterion=session.criterion,
+        precise_bn_batches=config.precise_bn_batches,
     )
     if run is not None:
         if isinstance(session.trainer, MetaQuant):

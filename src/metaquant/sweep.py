@@ -64,7 +64,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "run_sweep", "backward_label"]
+__all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "run_sweep", "run_state", "backward_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,8 @@ def backward_label(config: RunConfig) -> str:
         ('STE + momentum 0.9', 'STE (unclipped)')
         >>> backward_label(RunConfig(estimator="ste", distill_weight=0.9, distill_temperature=4.0))
         'STE + distillation (0.9, T 4)'
+        >>> backward_label(RunConfig(estimator="multifc", precise_bn_batches=100))
+        'MultiFC + precise BN'
     """
     label = _DISPLAY.get(config.estimator, config.estimator)
     if config.lr_gain_from is not None:
@@ -174,6 +176,8 @@ def backward_label(config: RunConfig) -> str:
         label += f" + momentum {config.momentum:g}"
     if config.distill_weight > 0:
         label += f" + distillation ({config.distill_weight:g}, T {config.distill_temperature:g})"
+    if config.precise_bn_batches > 0:
+        label += " + precise BN"
     return label
 
 
@@ -388,6 +392,38 @@ def _planned(
 
 def _differences(a: RunConfig, b: RunConfig) -> list[str]:
     return [f.name for f in dataclasses.fields(RunConfig) if getattr(a, f.name) != getattr(b, f.name)]
+
+
+def run_state(path: str | Path, config: RunConfig) -> str:
+    """Where the planned run ``config`` stands in ``path``, as ``sweep --dry-run`` lists it.
+
+    Returns:
+        ``"done"``, ``"started"`` (it will be resumed), ``"to run"``, or, for a directory that the sweep would
+        refuse, what is there instead: ``"another configuration (epochs, lr differ)"``, ``"no run"`` (other
+        files) or ``"unreadable configuration"``.
+
+    Example:
+        >>> from metaquant.config import RunConfig
+        >>> from metaquant.sweep import run_state
+        >>> config = RunConfig(epochs=2)
+        >>> run_state("runs/a", config)
+        'to run'
+        >>> import pathlib; pathlib.Path("runs/a").mkdir(parents=True); config.save(pathlib.Path("runs/a/config.json"))
+        >>> run_state("runs/a", config), run_state("runs/a", RunConfig(epochs=3, lr=0.1))
+        ('started', 'another configuration (epochs, lr differ)')
+    """
+    run = RunDir(path)
+    if run.config_path.exists():
+        try:
+            differ = _differences(run.config(), config)
+        except (ValueError, TypeError):
+            return "unreadable configuration"
+        if differ:
+            return f"another configuration ({', '.join(differ)} differ)"
+        return "done" if run.is_done() else "started"
+    if run.path.exists() and any(run.path.iterdir()):
+        return "no run"
+    return "to run"
 
 
 def _run_once(

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .batchnorm import recompute_batchnorm_stats
 from .distributed import all_reduce_sum, any_process, is_distributed, unwrap
 from .guards import NonFiniteError, SkipLimitError, StepSnapshot, StopFlag, TrainingInterrupted, all_finite
 from .precision import autocast
@@ -226,6 +227,7 @@ def fit(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     scheduler_interval: str = "epoch",
     criterion: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    precise_bn_batches: int = 0,
 ) -> FitState:
     """Train ``model`` with ``trainer`` from ``state`` to the end of epoch ``epochs``.
 
@@ -265,6 +267,10 @@ def fit(
             ``metaquant.distill.Distillation`` (default: the cross-entropy of the logits and the targets). Each
             epoch's ``train_loss`` stays the labels' cross-entropy, comparable with runs without a criterion;
             the criterion's mean is recorded beside it as ``train_objective`` and per step in ``loss.csv``.
+        precise_bn_batches: before each evaluation, recompute the BatchNorm statistics from the epoch's first
+            ``N`` batches of ``train_loader``, iterated again (``metaquant.batchnorm.recompute_batchnorm_stats``;
+            the checkpoint keeps them); 0 evaluates with the running averages. A ``TensorLoader`` repeats the
+            epoch's batches, so the training that follows is the same with or without it.
 
     After every step the model's parameters and buffers are checked: an update that made them non-finite
     stops the run (``NonFiniteError``) or, when the trainer skips non-finite steps, is undone from a
@@ -283,7 +289,8 @@ def fit(
             are not finite.
         SkipLimitError: more than ``max_skipped`` steps were skipped (a ``NonFiniteError``).
         ValueError: ``test_loader`` yielded no examples (from ``evaluate``); ``scheduler_interval`` not
-            ``"epoch"`` or ``"step"``, or ``"step"`` with ``ReduceLROnPlateau`` (it needs the epoch's test loss).
+            ``"epoch"`` or ``"step"``, or ``"step"`` with ``ReduceLROnPlateau`` (it needs the epoch's test loss);
+            ``precise_bn_batches`` not an integer >= 0.
 
     Example:
         One epoch of STE training on 8 random 4×4 images, in two batches:
@@ -299,6 +306,8 @@ def fit(
     """
     if scheduler_interval not in ("epoch", "step"):
         raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+    if isinstance(precise_bn_batches, bool) or not isinstance(precise_bn_batches, int) or precise_bn_batches < 0:
+        raise ValueError(f"precise_bn_batches must be an integer >= 0, got {precise_bn_batches!r}")
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     if plateau and scheduler_interval == "step":
         raise ValueError("ReduceLROnPlateau steps on the epoch's test loss: use scheduler_interval='epoch'")
@@ -450,6 +459,8 @@ def fit(
                 save(mid_epoch=True)
         train_time = time.perf_counter() - start
         lr = trainer.optimizer.param_groups[0]["lr"]  # the epoch's rate, before an epoch scheduler moves it
+        if precise_bn_batches:
+            recompute_batchnorm_stats(model, train_loader, precise_bn_batches)
         test = evaluate(model, test_loader)
         if scheduler is not None and scheduler_interval == "epoch":
             step_scheduler(epoch, test["loss"])

@@ -1,0 +1,217 @@
+"""Precise BatchNorm statistics against an independent computation: the layers' inputs gathered by hand."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import metaquant as mq
+from metaquant.batchnorm import batchnorm_layers, recompute_batchnorm_stats
+from metaquant.export import materialize
+
+
+def _batches(n=5, size=6, shape=(1, 8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(size, *shape, generator=g) * 3 + 1, torch.randint(0, 3, (size,), generator=g)) for _ in range(n)
+    ]
+
+
+def _net():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.5),  # off during the pass: the statistics are those of the evaluated network
+        nn.Conv2d(4, 5, 3),
+        nn.BatchNorm2d(5),
+        nn.Flatten(2),  # [B, 5, 16]: BatchNorm1d over a length dimension
+        nn.BatchNorm1d(5),
+        nn.Flatten(),
+        nn.Linear(80, 3),
+    )
+    for m in net.modules():  # statistics and affine parameters away from their defaults
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return net
+
+
+def _oracle_stats(net, batches):
+    """Each BatchNorm layer's input over all batches, the layers normalising with batch statistics, as F does."""
+    inputs = {i: [] for i, m in enumerate(net) if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    for x, _ in batches:
+        h = x
+        for i, m in enumerate(net):
+            if i in inputs:
+                inputs[i].append(h)
+                h = F.batch_norm(h, None, None, m.weight, m.bias, training=True, eps=m.eps)
+            elif isinstance(m, nn.Dropout):
+                continue
+            else:
+                h = m(h)
+    stats = {}
+    for i, xs in inputs.items():
+        x = torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in xs], dim=1).double()  # [C, n]
+        stats[i] = (x.mean(1), x.var(1, unbiased=True))
+    return stats
+
+
+def test_statistics_are_the_mean_and_unbiased_variance_of_each_layers_inputs():
+    net, batches = _net(), _batches()
+    with torch.no_grad():
+        expected = _oracle_stats(copy.deepcopy(net), batches[:4])
+    assert recompute_batchnorm_stats(net, batches, num_batches=4) == 24
+    for i, (mean, var) in expected.items():
+        torch.testing.assert_close(net[i].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(net[i].running_var.double(), var, rtol=1e-5, atol=1e-6)
+
+
+def test_nothing_but_the_running_statistics_changes():
+    net, batches = _net(), _batches()
+    net.train()
+    net[5].eval()  # a submodule in another mode than its parent keeps it
+    net[1].momentum = None  # cumulative averaging, kept
+    before = copy.deepcopy(net)
+    recompute_batchnorm_stats(net, batches, num_batches=2)
+    for (name, a), b in zip(net.named_parameters(), before.parameters()):
+        assert torch.equal(a, b) and a.grad is None, name
+    for a, b in zip(net.modules(), before.modules()):
+        assert a.training == b.training
+        if isinstance(a, nn.modules.batchnorm._BatchNorm):
+            assert a.momentum == b.momentum and torch.equal(a.num_batches_tracked, b.num_batches_tracked)
+            assert not torch.equal(a.running_mean, b.running_mean)
+    assert torch.is_grad_enabled()  # the pass left autograd on
+
+
+def test_a_quantized_model_is_measured_with_its_quantized_weights():
+    torch.manual_seed(0)
+    model = mq.quantize_(mq.models.resnet8(num_classes=3, in_channels=1))
+    plain = materialize(copy.deepcopy(model))  # ordinary layers holding Ŵ
+    batches = _batches(n=3, size=8)
+    recompute_batchnorm_stats(model, batches, num_batches=3)
+    recompute_batchnorm_stats(plain, batches, num_batches=3)
+    quantized, reference = batchnorm_layers(model), batchnorm_layers(plain)
+    assert len(quantized) == len(reference) > 0
+    for a, b in zip(quantized, reference):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+
+
+def test_the_recomputed_statistics_make_evaluation_match_the_population_normalisation():
+    """In eval mode the first layer's output is then standardised over the data it was measured on."""
+    net, batches = _net(), _batches(n=4)
+    recompute_batchnorm_stats(net, batches, num_batches=4)
+    net.eval()
+    with torch.no_grad():
+        z = torch.cat([net[1](net[0](x)) for x, _ in batches])  # [24, 4, 6, 6]
+    standardised = (z - net[1].bias[None, :, None, None]) / net[1].weight[None, :, None, None]
+    torch.testing.assert_close(standardised.mean((0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(standardised.var((0, 2, 3)), torch.ones(4), atol=1e-3, rtol=0)
+
+
+def test_fewer_batches_than_asked_uses_them_all_and_a_model_without_batchnorm_reads_nothing():
+    net, batches = _net(), _batches(n=2)
+    assert recompute_batchnorm_stats(net, batches, num_batches=100) == 12
+
+    def never():
+        raise AssertionError("iterated")
+        yield
+
+    assert recompute_batchnorm_stats(nn.Linear(3, 2), never(), num_batches=5) == 0
+    no_stats = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2, track_running_stats=False))
+    assert recompute_batchnorm_stats(no_stats, never(), num_batches=5) == 0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True, None, "4"])
+def test_a_bad_number_of_batches_is_named(bad):
+    with pytest.raises(ValueError, match=f"num_batches must be an integer >= 1, got {bad!r}"):
+        recompute_batchnorm_stats(_net(), _batches(), num_batches=bad)
+
+
+def test_no_batches_is_an_error_and_leaves_the_statistics():
+    net = _net()
+    before = copy.deepcopy(net)
+    with pytest.raises(ValueError, match="yielded no examples"):
+        recompute_batchnorm_stats(net, [], num_batches=3)
+    assert all(torch.equal(a, b) for a, b in zip(net.buffers(), before.buffers()))
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        net = _net()
+        batches = _batches()[rank::world]  # each process its own batches
+        examples = recompute_batchnorm_stats(net, batches, num_batches=2)
+        torch.save({"examples": examples, "state": net.state_dict()}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_data_parallelism_the_statistics_are_over_every_process_batches(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    batches = _batches()
+    union = [batches[0], batches[2], batches[1], batches[3]]  # rank 0: 0, 2; rank 1: 1, 3
+    reference = _net()
+    recompute_batchnorm_stats(reference, union, num_batches=4)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert saved["examples"] == 24
+        for k, v in reference.state_dict().items():
+            torch.testing.assert_close(saved["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _fit(precise_bn_batches, epochs=2):
+    torch.manual_seed(1)
+    model = mq.quantize_(mq.models.resnet8(num_classes=3, in_channels=1))
+    info = mq.data.DatasetInfo("toy", 3, 1, 8, (0.5,), (0.5,), "crop_flip")
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g)
+    data = mq.data.ImageTensors(images, torch.randint(0, 3, (40,), generator=g))
+    train = mq.data.TensorLoader(data, info, batch_size=8, train=True, seed=5)
+    test = mq.data.TensorLoader(data, info, batch_size=20, train=False)
+    trainer = mq.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2))
+    mq.fit(
+        model, trainer, train, test, epochs=epochs, schedule=None, progress=False, precise_bn_batches=precise_bn_batches
+    )
+    return model, train, test
+
+
+def test_fit_with_precise_bn_trains_the_same_and_evaluates_with_the_recomputed_statistics():
+    plain, train, test = _fit(0)
+    precise, _, _ = _fit(3)
+    for (name, a), b in zip(precise.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name  # the pass changes no weight and consumes no randomness of the run
+    # the final statistics are those of the last epoch's first 3 batches, computed for the final weights
+    train.set_epoch(1)
+    recompute_batchnorm_stats(plain, train, num_batches=3)
+    for a, b in zip(batchnorm_layers(precise), batchnorm_layers(plain)):
+        torch.testing.assert_close(a.running_mean, b.running_mean)
+        torch.testing.assert_close(a.running_var, b.running_var)
+    assert mq.evaluate(precise, test) == mq.evaluate(plain, test)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_fit_refuses_a_bad_precise_bn_batches_before_training(bad):
+    with pytest.raises(ValueError, match=f"precise_bn_batches must be an integer >= 0, got {bad!r}"):
+        _fit(bad)
+
+
+def test_the_cli_refuses_a_negative_precise_bn_without_a_traceback(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "metaquant", "quantize", "--precise-bn", "-3", "--run-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "precise_bn_batches must be an integer >= 0, got -3" in done.stderr and "Traceback" not in done.stderr
