@@ -1,6 +1,7 @@
 """Precise BatchNorm statistics against an independent computation: the layers' inputs gathered by hand."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from torch import nn
 import metaquant as mq
 from metaquant.batchnorm import batchnorm_layers, recompute_batchnorm_stats
 from metaquant.export import materialize
+from metaquant.runs import RunDir
 
 
 def _batches(n=5, size=6, shape=(1, 8, 8), seed=0):
@@ -77,21 +79,60 @@ def test_statistics_are_the_mean_and_unbiased_variance_of_each_layers_inputs():
         torch.testing.assert_close(net[i].running_var.double(), var, rtol=1e-5, atol=1e-6)
 
 
-def test_nothing_but_the_running_statistics_changes():
+def _assert_restored(net, before):
+    for (name, a), b in zip(net.named_parameters(), before.parameters()):
+        assert torch.equal(a, b), name
+    for a, b in zip(net.modules(), before.modules()):
+        assert a.training == b.training and not a._forward_pre_hooks and not a._forward_hooks
+        if isinstance(a, nn.modules.batchnorm._BatchNorm):
+            assert a.momentum == b.momentum and torch.equal(a.num_batches_tracked, b.num_batches_tracked)
+
+
+def test_nothing_but_the_running_statistics_changes_and_a_frozen_layer_keeps_its_own():
     net, batches = _net(), _batches()
     net.train()
-    net[5].eval()  # a submodule in another mode than its parent keeps it
+    net[5].eval()  # frozen (as when fine-tuning): keeps its statistics and its mode
     net[1].momentum = None  # cumulative averaging, kept
     before = copy.deepcopy(net)
     recompute_batchnorm_stats(net, batches, num_batches=2)
-    for (name, a), b in zip(net.named_parameters(), before.parameters()):
-        assert torch.equal(a, b) and a.grad is None, name
-    for a, b in zip(net.modules(), before.modules()):
-        assert a.training == b.training
-        if isinstance(a, nn.modules.batchnorm._BatchNorm):
-            assert a.momentum == b.momentum and torch.equal(a.num_batches_tracked, b.num_batches_tracked)
-            assert not torch.equal(a.running_mean, b.running_mean)
-    assert torch.is_grad_enabled()  # the pass left autograd on
+    _assert_restored(net, before)
+    for i in (1, 7):
+        assert not torch.equal(net[i].running_mean, before[i].running_mean)
+        assert not torch.equal(net[i].running_var, before[i].running_var)
+    assert torch.equal(net[5].running_mean, before[5].running_mean)
+    assert torch.equal(net[5].running_var, before[5].running_var)
+
+
+def test_in_a_model_in_eval_mode_every_layer_is_recomputed():
+    net, batches = _net(), _batches()
+    net.eval()
+    before = copy.deepcopy(net)
+    recompute_batchnorm_stats(net, batches, num_batches=2)
+    _assert_restored(net, before)
+    assert all(not torch.equal(net[i].running_mean, before[i].running_mean) for i in (1, 5, 7))
+
+
+def test_a_failing_forward_pass_leaves_the_model_as_it_was():
+    net, batches = _net(), _batches()
+    net.train()
+    before = copy.deepcopy(net)
+    bad = [*batches[:2], (torch.randn(6, 2, 8, 8), None)]  # two channels: the first convolution refuses it
+    with pytest.raises(RuntimeError):
+        recompute_batchnorm_stats(net, bad, num_batches=3)
+    _assert_restored(net, before)
+    assert all(torch.equal(a, b) for a, b in zip(net.buffers(), before.buffers()))
+
+
+def test_only_the_batches_used_are_read():
+    read = []
+
+    def batches():
+        for i, batch in enumerate(_batches(n=5)):
+            read.append(i)
+            yield batch
+
+    recompute_batchnorm_stats(_net(), batches(), num_batches=2)
+    assert read == [0, 1]
 
 
 def test_a_quantized_model_is_measured_with_its_quantized_weights():
@@ -171,34 +212,76 @@ def test_under_data_parallelism_the_statistics_are_over_every_process_batches(tm
             torch.testing.assert_close(saved["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def _fit(precise_bn_batches, epochs=2):
-    torch.manual_seed(1)
-    model = mq.quantize_(mq.models.resnet8(num_classes=3, in_channels=1))
+def _toy_data():
     info = mq.data.DatasetInfo("toy", 3, 1, 8, (0.5,), (0.5,), "crop_flip")
     g = torch.Generator().manual_seed(2)
     images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g)
     data = mq.data.ImageTensors(images, torch.randint(0, 3, (40,), generator=g))
     train = mq.data.TensorLoader(data, info, batch_size=8, train=True, seed=5)
-    test = mq.data.TensorLoader(data, info, batch_size=20, train=False)
+    return train, mq.data.TensorLoader(data, info, batch_size=20, train=False), data, info
+
+
+def _fit(precise_bn_batches, train=None, run_dir=None, epochs=2):
+    torch.manual_seed(1)
+    model = mq.quantize_(mq.models.resnet8(num_classes=3, in_channels=1))
+    default_train, test, _, _ = _toy_data()
     trainer = mq.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2))
+    run = RunDir(run_dir) if run_dir is not None else None
+    if run is not None:
+        run.path.mkdir(parents=True)
     mq.fit(
-        model, trainer, train, test, epochs=epochs, schedule=None, progress=False, precise_bn_batches=precise_bn_batches
+        model,
+        trainer,
+        default_train if train is None else train,
+        test,
+        epochs=epochs,
+        schedule=None,
+        run=run,
+        progress=False,
+        precise_bn_batches=precise_bn_batches,
     )
-    return model, train, test
+    return model, test
 
 
-def test_fit_with_precise_bn_trains_the_same_and_evaluates_with_the_recomputed_statistics():
-    plain, train, test = _fit(0)
-    precise, _, _ = _fit(3)
+def test_fit_with_precise_bn_trains_the_same_and_tests_with_the_recomputed_statistics(tmp_path):
+    plain, test = _fit(0)
+    precise, _ = _fit(3, run_dir=tmp_path / "run")
     for (name, a), b in zip(precise.named_parameters(), plain.parameters()):
         assert torch.equal(a, b), name  # the pass changes no weight and consumes no randomness of the run
     # the final statistics are those of the last epoch's first 3 batches, computed for the final weights
+    train, _, _, _ = _toy_data()
     train.set_epoch(1)
+    with_running_averages = mq.evaluate(plain, test)
     recompute_batchnorm_stats(plain, train, num_batches=3)
     for a, b in zip(batchnorm_layers(precise), batchnorm_layers(plain)):
         torch.testing.assert_close(a.running_mean, b.running_mean)
         torch.testing.assert_close(a.running_var, b.running_var)
-    assert mq.evaluate(precise, test) == mq.evaluate(plain, test)
+    # the epoch's recorded test metrics are those of the recomputed statistics, not of the running averages
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    expected = mq.evaluate(plain, test)
+    assert (last["test_loss"], last["test_acc"]) == (expected["loss"], expected["top1"])
+    assert last["test_loss"] != with_running_averages["loss"]
+
+
+def test_fit_with_a_shuffling_dataloader_trains_the_same_with_precise_bn():
+    """A DataLoader draws its order and seeds from the global generator: fit gives them back after the pass."""
+    _, _, data, info = _toy_data()
+    dataset = torch.utils.data.TensorDataset(data.images.float() / 255, data.labels)
+
+    def train():
+        torch.manual_seed(7)
+        return torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=True)
+
+    plain, _ = _fit(0, train=train())
+    precise, _ = _fit(3, train=train())
+    for (name, a), b in zip(precise.named_parameters(), plain.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_fit_refuses_precise_bn_with_a_one_shot_iterator():
+    train, _, _, _ = _toy_data()
+    with pytest.raises(ValueError, match="precise_bn_batches 2 iterates train_loader again .* one-shot generator"):
+        _fit(2, train=(batch for batch in train))
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True])

@@ -129,3 +129,20 @@ def test_meta_quantizer_reuse_and_freezing(tmp_path, capsys, fashion_mnist_avail
     assert "holds a meta quantizer {'estimator': 'multifc'" in capsys.readouterr().err
     assert main(["quantize", *TINY, "--fix-meta", "--run-dir", str(tmp_path)]) == 2
     assert "needs a meta quantizer estimator" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly_with_status_141():
+    """`metaquant ... | head`: the closed pipe is not reported as an error, and nothing is printed after it."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metaquant", "sweep", "paper-cifar10", "--dry-run"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
+    assert err == ""

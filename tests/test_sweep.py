@@ -166,15 +166,22 @@ def test_dry_run_says_where_each_run_stands_and_names_a_changed_configuration(tm
     dataclasses.replace(runs[2].config, epochs=3, lr=0.5).save(changed / "config.json")
     other.mkdir(parents=True)
     (other / "notes.txt").write_text("not a run")
+    garbled, a_file = runs[5].path, runs[6].path
+    garbled.mkdir(parents=True)
+    (garbled / "config.json").write_text("{not json")
+    a_file.write_text("a file where the run's directory goes")
     assert main(["sweep", str(path), "--run-dir", str(root), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(runs)
-    assert lines[:5] == [
+    assert lines[:8] == [
         f"[1] {done} (done)",
         f"[2] {started} (started)",
         f"[3] {changed} (another configuration (epochs, lr differ))",
         f"[4] {other} (no run)",
         f"[5] {runs[4].path} (to run)",
+        f"[6] {garbled} (unreadable configuration)",
+        f"[7] {a_file} (a file, not a directory)",
+        f"[8] {runs[7].path} (to run)",
     ]
 
 

@@ -13,6 +13,7 @@ estimates change, nothing that the gradient sees.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from .distributed import all_reduce_sum, unwrap
 __all__ = ["batchnorm_layers", "recompute_batchnorm_stats"]
 
 logger = logging.getLogger(__name__)
+
+_CHUNK_VALUES = 1 << 24  # values per float64 copy in the statistics' sums: 128 MB
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -57,13 +60,16 @@ def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[tuple[Tensor, 
     own batches; every process must pass the same number). The rest of the model runs as in evaluation (its
     dropout off, quantized layers with their quantized weights); each BatchNorm layer normalises with its
     batch's statistics, as in training. No gradient is computed, nothing else changes: parameters, the layers'
-    ``momentum`` and ``num_batches_tracked``, and the model's train/eval mode are as they were.
+    ``momentum`` and ``num_batches_tracked``, and the model's train/eval mode are as they were. A BatchNorm layer
+    left in eval mode inside a model in training mode is taken as frozen (as when fine-tuning) and keeps its
+    statistics; in a model in eval mode every layer is recomputed.
 
     Args:
         model: the model (wrapped by DDP or ``torch.compile`` or not).
         batches: an iterable of ``(x, y)`` batches, e.g. the training loader (``y`` is not used). Iterating a
-            ``TensorLoader`` again repeats the epoch set by its ``set_epoch``, so the pass consumes no
-            randomness of the training run.
+            ``TensorLoader`` again repeats the epoch set by its ``set_epoch`` and draws nothing from the global
+            random generators; a ``torch.utils.data.DataLoader`` draws its seeds (and, shuffling, its order)
+            from them, which ``fit`` saves and restores around the pass.
         num_batches: how many of its first batches to use (fewer if it has fewer).
 
     Returns:
@@ -85,10 +91,11 @@ def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[tuple[Tensor, 
         (True, True)
     """
     num_batches = _check_num_batches(num_batches)
-    layers = batchnorm_layers(model)
+    net = unwrap(model)
+    # a layer left in eval mode inside a model in training mode is frozen (fine-tuning): it keeps its statistics
+    layers = [bn for bn in batchnorm_layers(net) if bn.training or not net.training]
     if not layers:
         return 0
-    net = unwrap(model)
     moments = [_Moments() for _ in layers]
     was_training = {m: m.training for m in net.modules()}
     saved = [(bn.momentum, _buffer(bn, "num_batches_tracked").clone()) for bn in layers]
@@ -100,9 +107,7 @@ def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[tuple[Tensor, 
             bn.train()
             bn.momentum = 0.0  # batch statistics for the forward pass; the running ones are set below
         with torch.no_grad():
-            for i, (x, _) in enumerate(batches):
-                if i == num_batches:
-                    break
+            for x, _ in itertools.islice(batches, num_batches):
                 net(x)
                 examples += x.shape[0]
     finally:
@@ -154,11 +159,14 @@ class _Moments:
     count: int = 0
 
     def hook(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        x = inputs[0].detach().double()
+        x = inputs[0].detach()
         dims = [d for d in range(x.dim()) if d != 1]  # every dimension but the channels'
-        s, ss = x.sum(dims), (x * x).sum(dims)
-        self.sum_x = s if self.sum_x is None else self.sum_x + s
-        self.sum_xx = ss if self.sum_xx is None else self.sum_xx + ss
+        # float64 copies of a few samples at a time: a whole batch's (an ImageNet stem's: GBs) is not needed
+        for part in x.split(max(1, _CHUNK_VALUES // max(1, x[0].numel()))):
+            part = part.double()
+            s, ss = part.sum(dims), (part * part).sum(dims)
+            self.sum_x = s if self.sum_x is None else self.sum_x + s
+            self.sum_xx = ss if self.sum_xx is None else self.sum_xx + ss
         self.count += x.numel() // x.shape[1]
 
     def flat(self, channels: int) -> list[float]:

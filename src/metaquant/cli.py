@@ -786,7 +786,15 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.getLogger("metaquant").setLevel(logging.INFO)  # our progress; other libraries: warnings only
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        return _run(argv)
+        status = _run(argv)
+        sys.stdout.flush()  # a reader that went away (`| head`) is met here, in the handlers below, not at exit
+        return status
+    except BrokenPipeError:
+        # Whoever read the output stopped reading (e.g. `metaquant sweep NAME --dry-run | head`): nothing is left
+        # to tell it. Status 141 as for a program ended by SIGPIPE; stdout goes nowhere, so that the
+        # interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except CLIError as err:
         print(err, file=sys.stderr)
         return err.status

@@ -398,9 +398,9 @@ def run_state(path: str | Path, config: RunConfig) -> str:
     """Where the planned run ``config`` stands in ``path``, as ``sweep --dry-run`` lists it.
 
     Returns:
-        ``"done"``, ``"started"`` (it will be resumed), ``"to run"``, or, for a directory that the sweep would
+        ``"done"``, ``"started"`` (it will be resumed), ``"to run"``, or, for a path that the sweep would
         refuse, what is there instead: ``"another configuration (epochs, lr differ)"``, ``"no run"`` (other
-        files) or ``"unreadable configuration"``.
+        files), ``"unreadable configuration"`` or ``"a file, not a directory"``.
 
     Example:
         >>> from metaquant.config import RunConfig
@@ -416,11 +416,13 @@ def run_state(path: str | Path, config: RunConfig) -> str:
     if run.config_path.exists():
         try:
             differ = _differences(run.config(), config)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OSError):
             return "unreadable configuration"
         if differ:
             return f"another configuration ({', '.join(differ)} differ)"
         return "done" if run.is_done() else "started"
+    if run.path.exists() and not run.path.is_dir():
+        return "a file, not a directory"
     if run.path.exists() and any(run.path.iterdir()):
         return "no run"
     return "to run"

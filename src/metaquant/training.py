@@ -13,7 +13,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -270,7 +270,9 @@ def fit(
         precise_bn_batches: before each evaluation, recompute the BatchNorm statistics from the epoch's first
             ``N`` batches of ``train_loader``, iterated again (``metaquant.batchnorm.recompute_batchnorm_stats``;
             the checkpoint keeps them); 0 evaluates with the running averages. A ``TensorLoader`` repeats the
-            epoch's batches, so the training that follows is the same with or without it.
+            epoch's batches; a shuffling ``DataLoader`` gives other training batches, as good for the statistics.
+            The global random generators are restored after the pass, so the training that follows is the same
+            with or without it. Needs a ``train_loader`` that can be iterated again (not a generator).
 
     After every step the model's parameters and buffers are checked: an update that made them non-finite
     stops the run (``NonFiniteError``) or, when the trainer skips non-finite steps, is undone from a
@@ -290,7 +292,7 @@ def fit(
         SkipLimitError: more than ``max_skipped`` steps were skipped (a ``NonFiniteError``).
         ValueError: ``test_loader`` yielded no examples (from ``evaluate``); ``scheduler_interval`` not
             ``"epoch"`` or ``"step"``, or ``"step"`` with ``ReduceLROnPlateau`` (it needs the epoch's test loss);
-            ``precise_bn_batches`` not an integer >= 0.
+            ``precise_bn_batches`` not an integer >= 0, or given with a one-shot iterator as ``train_loader``.
 
     Example:
         One epoch of STE training on 8 random 4×4 images, in two batches:
@@ -308,6 +310,11 @@ def fit(
         raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
     if isinstance(precise_bn_batches, bool) or not isinstance(precise_bn_batches, int) or precise_bn_batches < 0:
         raise ValueError(f"precise_bn_batches must be an integer >= 0, got {precise_bn_batches!r}")
+    if precise_bn_batches and isinstance(train_loader, Iterator):
+        raise ValueError(
+            f"precise_bn_batches {precise_bn_batches} iterates train_loader again after each epoch's training; "
+            f"a one-shot {type(train_loader).__name__} cannot be: pass a loader or a list"
+        )
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     if plateau and scheduler_interval == "step":
         raise ValueError("ReduceLROnPlateau steps on the epoch's test loss: use scheduler_interval='epoch'")
@@ -460,7 +467,9 @@ def fit(
         train_time = time.perf_counter() - start
         lr = trainer.optimizer.param_groups[0]["lr"]  # the epoch's rate, before an epoch scheduler moves it
         if precise_bn_batches:
+            generators = rng_state()  # a DataLoader draws from them: the training that follows must not change
             recompute_batchnorm_stats(model, train_loader, precise_bn_batches)
+            set_rng_state(generators)
         test = evaluate(model, test_loader)
         if scheduler is not None and scheduler_interval == "epoch":
             step_scheduler(epoch, test["loss"])
