@@ -431,23 +431,22 @@ def run_state(path: str | Path, config: RunConfig) -> str:
 def _run_once(
     path: Path, config: RunConfig, progress: bool, stop: StopFlag | None = None
 ) -> tuple[str, float | None, float | None]:
-    run = RunDir(path)
-    if run.config_path.exists():
-        differ = _differences(run.config(), config)
-        if differ:
-            raise ValueError(
-                f"{path} holds a run with another configuration ({', '.join(differ)} differ); remove it or "
-                "change the sweep's run directory"
-            )
-        if run.is_done():
-            metrics = run.metrics()
-            return "skipped (done)", metrics[-1]["test_acc"], max(m["test_acc"] for m in metrics)
+    state = run_state(path, config)
+    if state == "done":
+        metrics = RunDir(path).metrics()
+        return "skipped (done)", metrics[-1]["test_acc"], max(m["test_acc"] for m in metrics)
+    if state == "started":
         result = resume(path, progress=progress, stop=stop)
         return "resumed, done", result.final_acc, result.best_acc
-    if path.exists() and any(path.iterdir()):
-        raise ValueError(f"{path} exists and holds no run; remove it or change the sweep's run directory")
-    result = execute(config, path, progress=progress, stop=stop)
-    return "done", result.final_acc, result.best_acc
+    if state == "to run":
+        result = execute(config, path, progress=progress, stop=stop)
+        return "done", result.final_acc, result.best_acc
+    if state == "unreadable configuration":
+        RunDir(path).config()  # raises the reader's error, which names the file and what is wrong
+    refusal = {"no run": "exists and holds no run", "a file, not a directory": "is a file, not a directory"}
+    raise ValueError(
+        f"{path} {refusal.get(state, f'holds a run with {state}')}; remove it or change the sweep's run directory"
+    )
 
 
 @dataclass(frozen=True)
