@@ -1,18 +1,54 @@
-"""Shared fixtures: paths to the shared reference material, the Debian Fashion-MNIST files, and one briefly
-pre-trained ResNet20 on a Fashion-MNIST subset that the real-data tests start from."""
+"""Shared fixtures: the Debian Fashion-MNIST files, one briefly pre-trained ResNet20 on a Fashion-MNIST subset
+that the real-data tests start from, and a checkpoint in the layout of the original code's pre-trained ResNet20."""
 
+import math
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+ORIGINAL_LAYOUT = REPO / "tests" / "fixtures" / "original-resnet20-cifar10-layout.txt"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _fashion_available() -> bool:
     return (FASHION_DIR / "train-images-idx3-ubyte.gz").exists()
+
+
+@pytest.fixture(scope="session")
+def original_resnet20_path(tmp_path_factory) -> Path:
+    """A ``ResNet20-CIFAR10-pretrain.pth`` as the original MetaQuant code saved it: its 128 state_dict entries,
+    in its order, names, shapes and dtypes (``tests/fixtures/original-resnet20-cifar10-layout.txt``, read from
+    the released file), in torch's legacy non-zip format with its storages tagged as on "cuda:0"; the values are random (conv and linear weights with
+    He scaling, BatchNorm statistics with positive variances), so that a forward pass is not degenerate."""
+    generator = torch.Generator().manual_seed(20)
+    state = OrderedDict()
+    for line in ORIGINAL_LAYOUT.read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        name, dims, dtype = line.split()
+        shape = () if dims == "-" else tuple(int(d) for d in dims.split(","))
+        if dtype == "int64":  # num_batches_tracked
+            state[name] = torch.tensor(38_318)
+        elif name.endswith("running_var"):
+            state[name] = 0.5 + torch.rand(shape, generator=generator)
+        elif len(shape) > 1:  # conv [out, in, k, k] or linear [out, in]
+            state[name] = torch.randn(shape, generator=generator) * math.sqrt(2 / math.prod(shape[1:]))
+        else:  # BatchNorm weight, bias, running mean; linear bias
+            base = 1.0 if name.endswith(".weight") else 0.0  # a 1-d weight is a BatchNorm scale
+            state[name] = base + 0.1 * torch.randn(shape, generator=generator)
+    path = tmp_path_factory.mktemp("original") / "ResNet20-CIFAR10-pretrain.pth"
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    # The released file was saved from a GPU: its storages are tagged "cuda:0", so that it loads on a CPU-only
+    # machine only with a map_location. The legacy format pickles (protocol 2, no framing) the tag once as a
+    # length-prefixed string and refers back to it; retag it.
+    data = path.read_bytes()
+    cpu, cuda = b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"
+    assert data.count(cpu) == 1, "the legacy format's storage tag was not found once"
+    path.write_bytes(data.replace(cpu, cuda))
+    return path
 
 
 @pytest.fixture

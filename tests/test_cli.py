@@ -59,13 +59,11 @@ def test_missing_init_and_existing_run_dir_fail_cleanly(tmp_path, capsys, fashio
     assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
 
 
-def test_original_checkpoint_into_a_one_channel_model_is_a_clear_error(tmp_path, capsys, fashion_mnist_available):
-    from tests.conftest import REPO
-
-    original = REPO.parent / "shared/reference/original-checkpoints/ResNet20-CIFAR10-pretrain.pth"
-    if not original.exists():
-        pytest.skip("shared reference checkpoint not present")
-    assert main(["quantize", *TINY, "-m", "resnet20", "--init", str(original), "--run-dir", str(tmp_path)]) == 1
+def test_original_checkpoint_into_a_one_channel_model_is_a_clear_error(
+    tmp_path, capsys, fashion_mnist_available, original_resnet20_path
+):
+    argv = ["quantize", *TINY, "-m", "resnet20", "--init", str(original_resnet20_path), "--run-dir", str(tmp_path)]
+    assert main(argv) == 1
     assert "conv1.weight: checkpoint (16, 3, 3, 3) vs model (16, 1, 3, 3)" in capsys.readouterr().err
 
 

@@ -2,12 +2,12 @@
 text, and the written table and figures."""
 
 import json
-import shutil
 import statistics
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from metaquant.config import RunConfig
 from metaquant.report import (
@@ -19,9 +19,6 @@ from metaquant.report import (
     summarize,
     write_table,
 )
-from tests.conftest import SHARED
-
-ORIGINAL = SHARED / "reference/original-runs/ResNet20-CIFAR10/runs-Quant-Multiple"
 
 
 def test_best_and_pooled_last_k_statistics_by_hand():
@@ -66,12 +63,18 @@ def test_summary_of_synthetic_runs(tmp_path):
 
 @pytest.fixture
 def original_copy(tmp_path):
-    src = ORIGINAL / "BWN" / "Baseline-BWN-optimizer-SGD-1bits-trial-2"
-    if not src.exists():
-        pytest.skip("shared original runs not present")
-    dst = tmp_path / "ResNet20-CIFAR10" / "runs" / src.name
-    shutil.copytree(src, dst)
-    return dst
+    """A run of the original code as its logs lay it out: ``<Model>-<Dataset>/<folder>/<run name>/`` with
+    ``test-acc.txt`` (``iteration, accuracy`` after each of 100 epochs of 390 steps, 3 decimals) and
+    ``loss.txt`` (``iteration, loss`` after every step, 8 decimals), each line ending in a newline."""
+    run = tmp_path / "ResNet20-CIFAR10" / "runs" / "Baseline-BWN-optimizer-SGD-1bits-trial-2"
+    run.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(2)
+    steps = torch.arange(1, 39_001)
+    losses = 2.3 * steps.double() ** -0.1 + 0.05 * torch.rand(len(steps), generator=generator, dtype=torch.float64)
+    accuracies = 80 - 30 * torch.arange(1, 101).double() ** -0.5 + torch.rand(100, generator=generator) * 3
+    (run / "loss.txt").write_text("".join(f"{i}, {x:.8f}\n" for i, x in zip(steps.tolist(), losses.tolist())))
+    (run / "test-acc.txt").write_text("".join(f"{390 * e}, {a:.3f}\n" for e, a in enumerate(accuracies.tolist(), 1)))
+    return run
 
 
 def test_original_run_reader_against_the_raw_text(original_copy):

@@ -1,5 +1,7 @@
 """Sweeps: planning a grid, skipping finished runs, restarting an interrupted one."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -130,6 +132,15 @@ def test_second_call_skips_finished_runs_and_resumes_an_interrupted_one(tmp_path
     lines.clear()
     run_sweep(spec, root, echo=lines.append)
     assert RunDir(victim).is_done() and len(RunDir(victim).metrics()) == 2
+    accuracies = [m["test_acc"] for m in RunDir(victim).metrics()]
+    # a run whose creation was killed before its config.json was in place is created there afresh
+    shutil.rmtree(victim)
+    victim.mkdir()
+    (victim / ".config.json.k1ll3d.tmp").write_text("{")
+    lines.clear()
+    run_sweep(spec, root, echo=lines.append)
+    assert ": done," in lines[2] and RunDir(victim).is_done()
+    assert [m["test_acc"] for m in RunDir(victim).metrics()] == accuracies
     # a directory holding a run of another configuration is refused, never deleted or overwritten
     config = (victim / "config.json").read_text()
     (victim / "config.json").write_text(config.replace('"lr": 0.001', '"lr": 0.002'))
@@ -170,6 +181,9 @@ def test_dry_run_says_where_each_run_stands_and_names_a_changed_configuration(tm
     garbled.mkdir(parents=True)
     (garbled / "config.json").write_text("{not json")
     a_file.write_text("a file where the run's directory goes")
+    interrupted = runs[7].path  # a creation killed before config.json was renamed into place
+    interrupted.mkdir(parents=True)
+    (interrupted / ".config.json.x1y2.tmp").write_text("{")
     assert main(["sweep", str(path), "--run-dir", str(root), "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(runs)
@@ -181,7 +195,7 @@ def test_dry_run_says_where_each_run_stands_and_names_a_changed_configuration(tm
         f"[5] {runs[4].path} (to run)",
         f"[6] {garbled} (unreadable configuration)",
         f"[7] {a_file} (a file, not a directory)",
-        f"[8] {runs[7].path} (to run)",
+        f"[8] {interrupted} (to run)",
     ]
 
 

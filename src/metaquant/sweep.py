@@ -57,7 +57,7 @@ import torch
 from .config import OPTIMIZERS, RunConfig
 from .guards import StopFlag, TrainingInterrupted
 from .pipeline import execute, resume
-from .runs import RunDir
+from .runs import RunDir, RunExistsError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -421,9 +421,13 @@ def run_state(path: str | Path, config: RunConfig) -> str:
         if differ:
             return f"another configuration ({', '.join(differ)} differ)"
         return "done" if run.is_done() else "started"
-    if run.path.exists() and not run.path.is_dir():
+    # Whatever a new run may be created in (check_free: missing, empty, or left by an interrupted creation)
+    # is "to run"; the sweep then creates it there.
+    try:
+        RunDir.check_free(run.path)
+    except NotADirectoryError:
         return "a file, not a directory"
-    if run.path.exists() and any(run.path.iterdir()):
+    except RunExistsError:
         return "no run"
     return "to run"
 

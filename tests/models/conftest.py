@@ -1,6 +1,5 @@
 """Fixtures for the model tests.
 
-* where the original MetaQuant checkpoint lives;
 * an independent, functional ResNet forward pass used as a test oracle: it
   reads the weights straight from a state_dict and applies F.conv2d /
   F.batch_norm in the order of the ResNet paper, so comparing it with the
@@ -10,18 +9,10 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-# The shared reference folder sits next to the repository checkout
-# (<repo>/../shared); METAQUANT_SHARED_DIR overrides it.
-SHARED_DIR = Path(os.environ.get("METAQUANT_SHARED_DIR", Path(__file__).resolve().parents[2] / ".." / "shared"))
-ORIGINAL_RESNET20 = SHARED_DIR / "reference" / "original-checkpoints" / "ResNet20-CIFAR10-pretrain.pth"
 
 
 @pytest.fixture(autouse=True)
@@ -36,14 +27,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def original_resnet20_path() -> Path:
-    """Path of the original code's pretrained ResNet20 state_dict; skip if absent."""
-    if not ORIGINAL_RESNET20.is_file():
-        pytest.skip(f"original checkpoint not available at {ORIGINAL_RESNET20}")
-    return ORIGINAL_RESNET20
 
 
 EPS = 1e-5  # nn.BatchNorm2d's default
