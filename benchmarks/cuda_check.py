@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -216,7 +215,7 @@ def _verdict(passed: bool) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=None, help="where the Fashion-MNIST IDX files are")
-    parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for cuda_check.json")
+    parser.add_argument("--out", default=".", help="folder for cuda_check.json (default: the current folder)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps per method in step_time.py")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of step_time.py")
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run of the script")

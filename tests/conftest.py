@@ -21,8 +21,9 @@ def _fashion_available() -> bool:
 def original_resnet20_path(tmp_path_factory) -> Path:
     """A ``ResNet20-CIFAR10-pretrain.pth`` as the original MetaQuant code saved it: its 128 state_dict entries,
     in its order, names, shapes and dtypes (``tests/fixtures/original-resnet20-cifar10-layout.txt``, read from
-    the released file), in torch's legacy non-zip format with its storages tagged as on "cuda:0"; the values are random (conv and linear weights with
-    He scaling, BatchNorm statistics with positive variances), so that a forward pass is not degenerate."""
+    the released file), in torch's legacy non-zip format with its storages tagged as on "cuda:0"; the values
+    are random (conv and linear weights with He scaling, BatchNorm statistics with positive variances), so
+    that a forward pass is not degenerate."""
     generator = torch.Generator().manual_seed(20)
     state = OrderedDict()
     for line in ORIGINAL_LAYOUT.read_text().splitlines():

@@ -93,6 +93,8 @@ CASES = [
     ),
     (["quantize", "--data-dir", "{root}/broken"], 1, "broken/train-images-idx3-ubyte"),
     (["quantize", "--init", "{root}/missing.pt"], 1, "missing.pt: no such checkpoint file"),
+    # named before the data set is read (here it is missing too)
+    (["quantize", "--data-dir", "{root}/nowhere", "--init", "{root}/gone.pt"], 1, "gone.pt: no such checkpoint file"),
     (["quantize", "--init", "{root}/garbage.pt"], 1, "garbage.pt: not a torch checkpoint, or corrupt or truncated"),
     (["quantize", "--init", "{root}/other-architecture.pt"], 1, "does not fit CifarResNet"),
     (["quantize", "-m", "resnet20", "--init", "{root}/runs/fp"], 1, "does not fit CifarResNet"),

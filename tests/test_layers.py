@@ -155,6 +155,26 @@ def test_what_cannot_be_quantized_fails_clearly(model, filter_fn, message):
         mq.quantize_(model, filter_fn=filter_fn)
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ((None,), r"model must be a torch.nn.Module, got NoneType"),
+        (("resnet20",), r"model must be a torch.nn.Module, got str \('resnet20'\)"),
+        ((nn.Sequential(nn.Linear(2, 2)), "bwn"), r"config must be a QuantConfig or None, got str 'bwn', e.g. Quant"),
+        ((nn.Sequential(nn.Linear(2, 2)), 1), r"config must be a QuantConfig or None, got int 1"),
+        ((nn.Sequential(nn.Linear(2, 2)), None, "0"), r"filter_fn must be callable .* got '0'"),
+    ],
+)
+def test_arguments_of_the_wrong_type_are_named(args, message):
+    with pytest.raises(TypeError, match=message):
+        mq.quantize_(*args)
+    if not isinstance(args[0], nn.Module):
+        with pytest.raises(TypeError, match=message):
+            mq.dequantize_(args[0])
+    else:
+        assert type(args[0][0]) is nn.Linear  # nothing converted
+
+
 def test_what_cannot_be_quantized_changes_nothing():
     net = nn.Sequential(nn.Linear(2, 2), nn.Bilinear(2, 2, 2))
     with pytest.raises(TypeError, match="Bilinear"):

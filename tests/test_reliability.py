@@ -185,6 +185,8 @@ CASES = [
         ["{root}/typed/metrics.jsonl, line 1: 'test_acc' must be a number, got 'high'"],
     ),
     ("plot of a garbage trace", ["plot", "{root}/badtrace"], 1, ["{root}/badtrace/trace.pt is not a readable trace"]),
+    ("plot of a missing run", ["plot", "{root}/nowhere"], 1, ["{root}/nowhere does not exist"]),
+    ("plot of a file", ["plot", "{root}/a-file"], 1, ["{root}/a-file is not a directory"]),
     (
         "garbage config.json",
         ["quantize", "--resume", "{root}/badcfg"],

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -347,6 +348,8 @@ def _add_quantization(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``metaquant`` argument parser with its subcommands (``pretrain``, ``quantize``, ``demo``, ``sweep``,
+    ``report``, ``export``, ``eval``, ``plot``); a usage error becomes a ``CLIError`` with status 2."""
     parser = _Parser(
         prog="metaquant",
         description="Train networks with 1-bit (or k-bit) weights, with MetaQuant's learned gradient through "
@@ -537,7 +540,7 @@ def _sweep(args: argparse.Namespace) -> int:
         raise CLIError(f"metaquant sweep: error: --jobs must be at least 1, got {args.jobs}", EXIT_USAGE)
     with StopFlag().installed(exiting=True) as stop:
         try:
-            run_sweep(spec, root, progress=args.progress, stop=stop, jobs=args.jobs)
+            run_sweep(spec, root, progress=args.progress, echo=print, stop=stop, jobs=args.jobs)
         except TrainingInterrupted as err:
             raise CLIError(f"metaquant: {err}; continue with the same command", 128 + err.signum) from None
     print(f"sweep {spec.name} finished; summarize it with: metaquant report {root}")
@@ -562,9 +565,13 @@ def _report(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     fields = {f: getattr(args, f) for f in DemoConfig.__dataclass_fields__}
+    try:  # the options are the command's configuration: their mistakes are usage errors
+        demo = DemoConfig(**fields)
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"metaquant demo: error: {err}", EXIT_USAGE) from None
     with StopFlag().installed(exiting=True) as stop:
         try:
-            results = run_demo(DemoConfig(**fields), progress=args.progress, stop=stop)
+            results = run_demo(demo, progress=args.progress, stop=stop)
         except TrainingInterrupted as err:
             raise CLIError(f"metaquant: {err}; continue with the same command", 128 + err.signum) from None
     print(f"\nResNet20 on Fashion-MNIST ({args.train_size} training / {args.test_size} test images):")
@@ -606,6 +613,7 @@ _WITH_RESUME = {"command", "resume", "progress", "debug", "on_nonfinite", "max_s
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The validated ``RunConfig`` of parsed ``pretrain``/``quantize`` options (``ValueError`` names a bad one)."""
     fields = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     if fields.get("max_skipped") is None:
         fields.pop("max_skipped", None)  # RunConfig's default
@@ -652,8 +660,7 @@ def _write_failure(err: OSError, command: str, run_dir: Path) -> str:
     return f"metaquant: error: {what}; {saved}: {fix}, then continue with: metaquant {command} --resume {run_dir}"
 
 
-def _run(argv: Sequence[str] | None) -> int:
-    global _left_process_group
+def _run(argv: Sequence[str] | None, process: _Process) -> int:
     args = build_parser().parse_args(argv)
     commands = {"demo": _demo, "sweep": _sweep, "report": _report, "export": _export, "eval": _eval, "plot": _plot}
     if args.command in commands:
@@ -737,7 +744,7 @@ def _run(argv: Sequence[str] | None) -> int:
             raise
         raise CLIError(_write_failure(err, args.command, run_dir)) from None
     finally:
-        _left_process_group = shutdown(clean=clean) or _left_process_group
+        process.left_group = shutdown(clean=clean) or process.left_group
     if reporter:
         print(
             f"{args.command} finished: final test accuracy {result.final_acc:.2f}%, best {result.best_acc:.2f}% "
@@ -758,8 +765,12 @@ def _ignore_stop_signals() -> None:
             pass
 
 
-# Set when this process joined and left a torchrun process group: main() then ends the process itself.
-_left_process_group = False
+@dataclass
+class _Process:
+    """What one call of ``main`` learns about its process: whether it joined and left a torchrun process group
+    (``main`` then ends the process itself)."""
+
+    left_group: bool = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -770,10 +781,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     the destruction of gloo's native threads, which can abort a process that has finished all its work
     (SIGABRT, "terminate called without an active exception") and turn a complete run into a failed job.
     """
-    global _left_process_group
-    _left_process_group = False
-    status = _main(argv)
-    if _left_process_group:
+    process = _Process()
+    status = _main(argv, process)
+    if process.left_group:
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
@@ -781,12 +791,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
-def _main(argv: Sequence[str] | None) -> int:
+def _main(argv: Sequence[str] | None, process: _Process) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("metaquant").setLevel(logging.INFO)  # our progress; other libraries: warnings only
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        status = _run(argv)
+        status = _run(argv, process)
         sys.stdout.flush()  # a reader that went away (`| head`) is met here, in the handlers below, not at exit
         return status
     except BrokenPipeError:

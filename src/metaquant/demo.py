@@ -35,7 +35,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the demo; the defaults take about ten minutes on two CPU cores."""
+    """Sizes of the demo; the defaults take about ten minutes on two CPU cores.
+
+    Raises:
+        ValueError: a value its runs' ``RunConfig`` refuses (e.g. ``train_size=0``); the message names it.
+    """
 
     run_dir: str = "runs/demo"
     train_size: int = 10_000
@@ -46,6 +50,52 @@ class DemoConfig:
     seed: int = 0
     device: str = "auto"
     data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.stages()  # each stage's RunConfig validates the values it is given
+
+    def stages(self) -> dict[str, tuple[Path, RunConfig]]:
+        """The three runs, by name (``full precision``, ``STE``, ``MetaQuant (MultiFC)``): directory, config."""
+        root = Path(self.run_dir)
+        common: dict[str, Any] = dict(
+            model="resnet20",
+            dataset="fashion-mnist",
+            data_dir=self.data_dir,
+            train_size=self.train_size,
+            test_size=self.test_size,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            device=self.device,
+        )
+        pretrain = RunConfig(
+            task="pretrain",
+            epochs=self.pretrain_epochs,
+            optimizer="sgd",
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=5e-4,
+            lr_schedule="cosine",
+            **common,
+        )
+        # One good recipe for both: Adam, lr 1e-3 (meta lr 1e-3), cosine schedule; 1-bit DoReFa on every layer.
+        ste = RunConfig(
+            task="quantize",
+            init=str(root / "pretrain"),
+            epochs=self.quantize_epochs,
+            optimizer="adam",
+            lr=1e-3,
+            lr_schedule="cosine",
+            quantizer="dorefa",
+            bits=1,
+            estimator="ste",
+            **common,
+        )
+        metaquant = dataclasses.replace(ste, estimator="multifc", hidden_size=100, num_fc=2, meta_lr=1e-3)
+        return {
+            "full precision": (root / "pretrain", pretrain),
+            "STE": (root / "quantize-ste", ste),
+            "MetaQuant (MultiFC)": (root / "quantize-multifc", metaquant),
+        }
 
 
 def _stage(path: Path, config: RunConfig, progress: bool, stop: StopFlag | None) -> RunResult:
@@ -60,43 +110,6 @@ def _stage(path: Path, config: RunConfig, progress: bool, stop: StopFlag | None)
 
 
 def run_demo(demo: DemoConfig, progress: bool = True, stop: StopFlag | None = None) -> dict[str, RunResult]:
-    """Run the three stages; returns their results by name (``full precision``, ``STE``, ``MetaQuant``)."""
-    root = Path(demo.run_dir)
-    common: dict[str, Any] = dict(
-        model="resnet20",
-        dataset="fashion-mnist",
-        data_dir=demo.data_dir,
-        train_size=demo.train_size,
-        test_size=demo.test_size,
-        batch_size=demo.batch_size,
-        seed=demo.seed,
-        device=demo.device,
-    )
-    pretrain = RunConfig(
-        task="pretrain",
-        epochs=demo.pretrain_epochs,
-        optimizer="sgd",
-        lr=0.05,
-        momentum=0.9,
-        weight_decay=5e-4,
-        lr_schedule="cosine",
-        **common,
-    )
-    results = {"full precision": _stage(root / "pretrain", pretrain, progress, stop)}
-    # One good recipe for both: Adam, lr 1e-3 (meta lr 1e-3), cosine schedule; 1-bit DoReFa on every layer.
-    ste = RunConfig(
-        task="quantize",
-        init=str(root / "pretrain"),
-        epochs=demo.quantize_epochs,
-        optimizer="adam",
-        lr=1e-3,
-        lr_schedule="cosine",
-        quantizer="dorefa",
-        bits=1,
-        estimator="ste",
-        **common,
-    )
-    results["STE"] = _stage(root / "quantize-ste", ste, progress, stop)
-    metaquant = dataclasses.replace(ste, estimator="multifc", hidden_size=100, num_fc=2, meta_lr=1e-3)
-    results["MetaQuant (MultiFC)"] = _stage(root / "quantize-multifc", metaquant, progress, stop)
-    return results
+    """Run the three stages in order; returns their results by name (``full precision``, ``STE``, ``MetaQuant
+    (MultiFC)``)."""
+    return {name: _stage(path, config, progress, stop) for name, (path, config) in demo.stages().items()}

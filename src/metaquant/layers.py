@@ -830,8 +830,21 @@ def _check_include(include: Iterable[str]) -> set[str]:
 
 
 def _refuse_wrapped(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} ({model!r:.80})")
     if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
         raise TypeError("quantize_/dequantize_ work on the bare model: apply them before wrapping it in DDP")
+
+
+def _check_arguments(config: object, filter_fn: object) -> None:
+    """``quantize_``'s arguments of the wrong type, named (typed ``object``: untyped callers pass anything)."""
+    if config is not None and not isinstance(config, QuantConfig):
+        hint = f", e.g. QuantConfig({config!r})" if isinstance(config, str) else ""
+        raise TypeError(f"config must be a QuantConfig or None, got {type(config).__name__} {config!r:.80}{hint}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(
+            f"filter_fn must be callable as filter_fn(module, qualified_name) -> bool, got {filter_fn!r:.80}"
+        )
 
 
 def _describe(entries: list[tuple[str, nn.Module, str]]) -> str:
@@ -871,9 +884,10 @@ def quantize_(
         ``model`` itself.
 
     Raises:
-        TypeError: a chosen module cannot be converted (unsupported type, parametrizations, a subclass with its
-            own forward, an embedding with ``max_norm`` or ``sparse``), the model is wrapped in
-            DDP/DataParallel, or the root module itself would need converting. Nothing is changed then.
+        TypeError: ``model`` is not a module, ``config`` not a ``QuantConfig`` or ``filter_fn`` not callable; a
+            chosen module cannot be converted (unsupported type, parametrizations, a subclass with its own
+            forward, an embedding with ``max_norm`` or ``sparse``), the model is wrapped in DDP/DataParallel,
+            or the root module itself would need converting. Nothing is changed then.
         ValueError: ``include`` names an unknown kind or comes with a ``filter_fn``; or nothing to quantize (no
             layer chosen and no quantized layer in ``model`` already; the message says what was left and why).
 
@@ -892,6 +906,7 @@ def quantize_(
         ...
         TypeError: cannot swap the root module itself (Linear); wrap it in a container first
     """
+    _check_arguments(config, filter_fn)
     asked = config  # an explicit config must agree with the layers quantized already
     config = config or QuantConfig()
     kinds = _check_include(include)
@@ -1013,7 +1028,7 @@ def dequantize_(model: nn.Module) -> nn.Module:
         ``model`` itself.
 
     Raises:
-        TypeError: the model is wrapped in DDP/DataParallel, or ``model`` is itself a quantized layer.
+        TypeError: ``model`` is not a module, is wrapped in DDP/DataParallel, or is itself a quantized layer.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4, 2))

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -81,13 +83,15 @@ class CoordinateMLP(nn.Module):
         _check_int("number of FC layers", num_layers, 1)
         _check_nonlinearity(nonlinearity)
         self.nonlinearity = nonlinearity
+        # decided once: without a non-linearity the stack collapses to one scalar (see above)
+        self.collapses = nonlinearity == "none"
         sizes = [1] + [hidden] * (num_layers - 1) + [1]
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(sizes[:-1], sizes[1:]))
         self.activation = _ACTIVATIONS[nonlinearity]() if nonlinearity != "none" else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[N]`` → ``[N]``."""
-        if self.nonlinearity == "none":
+        if self.collapses:
             weights: list[Tensor] = [layer.weight for layer in self.layers]  # type: ignore[misc]
             product = weights[0]  # [hidden, 1]
             for weight in weights[1:]:
@@ -314,13 +318,50 @@ def _tanh(x: Tensor, out: Tensor) -> Tensor:
     return out.mul_(2).sub_(1)
 
 
-def _activate(h: Tensor, nonlinearity: str, buffer: Tensor) -> Tensor:
-    """``act(h)``: ``h`` itself for ``"none"``, else computed into ``buffer``."""
-    if nonlinearity == "relu":
-        return torch.clamp_min(h, 0, out=buffer)
-    if nonlinearity == "tanh":
-        return torch.tanh(h, out=buffer)
+@dataclass(frozen=True)
+class _HeadActivation:
+    """``act`` between the LSTM and the FC head of ``LSTMFC``, as its fused step computes it and its derivative.
+
+    ``forward(h, buffer)`` returns ``act(h)`` (``h`` itself when ``identity``, else written into ``buffer``);
+    ``scale_grad(d, a)`` multiplies ``d = ∂/∂act(h)``, in place, by ``act'(h)`` given ``a = act(h)``, and may
+    overwrite ``a``.
+    """
+
+    identity: bool
+    forward: Callable[[Tensor, Tensor], Tensor]
+    scale_grad: Callable[[Tensor, Tensor], None]
+
+
+# Named functions, not lambdas, so that an LSTMFC module can be pickled whole.
+def _identity(h: Tensor, buffer: Tensor) -> Tensor:
     return h
+
+
+def _identity_grad(d: Tensor, a: Tensor) -> None:
+    return None
+
+
+def _relu(h: Tensor, buffer: Tensor) -> Tensor:
+    return torch.clamp_min(h, 0, out=buffer)
+
+
+def _relu_grad(d: Tensor, a: Tensor) -> None:
+    d.masked_fill_(a <= 0, 0)
+
+
+def _tanh_into(h: Tensor, buffer: Tensor) -> Tensor:
+    return torch.tanh(h, out=buffer)
+
+
+def _tanh_grad(d: Tensor, a: Tensor) -> None:
+    d.addcmul_(d, a.mul_(a), value=-1)  # · (1 − tanh²)
+
+
+_HEAD_ACTIVATIONS = {
+    "none": _HeadActivation(True, _identity, _identity_grad),
+    "relu": _HeadActivation(False, _relu, _relu_grad),
+    "tanh": _HeadActivation(False, _tanh_into, _tanh_grad),
+}
 
 
 def _block_rows(rows: int, n_total: int) -> int:
@@ -339,7 +380,7 @@ def _lstmfc_forward(
     c0: Tensor | None,
     weights: list[Tensor],
     w_fc: Tensor,
-    nonlinearity: str,
+    act: _HeadActivation,
     rows: int,
     kept_rows: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -357,7 +398,7 @@ def _lstmfc_forward(
     rows = _block_rows(rows, n_total)
     kept = x.new_empty(layers, kept_rows, 4 * hidden) if kept_rows else None
     gate_buffer = x.new_empty(rows, 4 * hidden) if kept_rows < n_total else None
-    act_buffer = x.new_empty(rows, hidden) if nonlinearity != "none" else None
+    act_buffer = None if act.identity else x.new_empty(rows, hidden)
     for start in range(0, n_total, rows):
         block = slice(start, min(start + rows, n_total))
         n = block.stop - start
@@ -376,7 +417,7 @@ def _lstmfc_forward(
                 torch.mul(f, c0[k, block], out=c).addcmul_(i, g)  # c' = f·c + i·g
             _tanh(c, out=h).mul_(o)  # h' = o·tanh(c')
             inp = h
-        a = _activate(inp, nonlinearity, act_buffer[:n] if act_buffer is not None else inp)
+        a = act.forward(inp, act_buffer[:n] if act_buffer is not None else inp)
         torch.mv(a, w_fc, out=scale[block])
     return scale, h_new, c_new, kept
 
@@ -397,13 +438,13 @@ class _LSTMFCStep(torch.autograd.Function):
         h0: Tensor | None,
         c0: Tensor | None,
         w_fc: Tensor,
-        nonlinearity: str,
+        act: _HeadActivation,
         rows: int,
         kept_rows: int,
         *weights: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        scale, h_new, c_new, kept = _lstmfc_forward(x, h0, c0, list(weights), w_fc, nonlinearity, rows, kept_rows)
-        ctx.nonlinearity, ctx.rows, ctx.kept_rows = nonlinearity, rows, kept_rows
+        scale, h_new, c_new, kept = _lstmfc_forward(x, h0, c0, list(weights), w_fc, act, rows, kept_rows)
+        ctx.act, ctx.rows, ctx.kept_rows = act, rows, kept_rows
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, h0, c0, w_fc, h_new, c_new, kept, *weights)
         return scale, h_new, c_new
@@ -415,7 +456,7 @@ class _LSTMFCStep(torch.autograd.Function):
         need_x, need_h0, need_c0, need_fc = ctx.needs_input_grad[:4]
         need_w = ctx.needs_input_grad[7:]
         layers, n_total, hidden = h_new.shape
-        act = ctx.nonlinearity
+        act: _HeadActivation = ctx.act
         if d_scale is None:
             d_scale = x.new_zeros(n_total)
         cells = _cell_weights(weights)
@@ -440,14 +481,11 @@ class _LSTMFCStep(torch.autograd.Function):
             G, dh, dc, t = gate_buffer[:n], dh_buffer[:n], dc_buffer[:n], t_buffer[:n]
             ds = d_scale[block]
             # the head: scale = act(h') · w_fc
-            a = _activate(h_new[layers - 1, block], act, t)
+            a = act.forward(h_new[layers - 1, block], t)
             if g_fc is not None:
                 g_fc.addmv_(a.t(), ds)
             torch.mul(ds[:, None], w_fc_flat, out=dh)  # ∂/∂act(h')
-            if act == "relu":
-                dh.masked_fill_(a <= 0, 0)
-            elif act == "tanh":
-                dh.addcmul_(dh, t.mul_(t), value=-1)  # · (1 − tanh²)
+            act.scale_grad(dh, a)  # · act'(h')
             if d_h_new is not None:
                 dh.add_(d_h_new[layers - 1, block])
             for k in reversed(range(layers)):
@@ -568,6 +606,7 @@ class LSTMFC(MetaQuantizer):
         _check_nonlinearity(nonlinearity)
         self.hidden, self.num_lstm, self.chunk_size, self.keep_gates = hidden, num_lstm, chunk_size, keep_gates
         self.nonlinearity = nonlinearity
+        self.head_activation = _HEAD_ACTIVATIONS[nonlinearity]  # chosen once, used by the fused step
         self.lstm = nn.LSTM(input_size=1, hidden_size=hidden, num_layers=num_lstm)
         self.activation = _ACTIVATIONS[nonlinearity]() if nonlinearity != "none" else nn.Identity()
         self.fc = nn.Linear(hidden, 1, bias=False)
@@ -595,9 +634,9 @@ class LSTMFC(MetaQuantizer):
                 stack.enter_context(torch.autocast(x.device.type, enabled=False))
             if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*args, *weights)):
                 kept_rows = _kept_rows(self.keep_gates, rows, x.shape[0])
-                scale, h, c = _LSTMFCStep.apply(*args, self.nonlinearity, rows, kept_rows, *weights)
+                scale, h, c = _LSTMFCStep.apply(*args, self.head_activation, rows, kept_rows, *weights)
             else:
-                scale, h, c, _ = _lstmfc_forward(x, h0, c0, weights, self.fc.weight, self.nonlinearity, rows)
+                scale, h, c, _ = _lstmfc_forward(x, h0, c0, weights, self.fc.weight, self.head_activation, rows)
         return grad_w_hat * scale, (h, c)
 
 

@@ -160,6 +160,7 @@ def build_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
 
 
 def classical_estimator(config: RunConfig) -> ClassicalEstimator:
+    """The hand-designed backward method named by ``config.estimator`` (STE, identity, EWGS) with its options."""
     if config.estimator == "ewgs":
         return EWGS(config.ewgs_delta)
     return CLASSICAL_ESTIMATORS[config.estimator]()
@@ -549,6 +550,8 @@ def execute(
         RunDir.check_free(run_dir)  # raises before any work is done, and before anything is written
     if config.distill_weight > 0:
         _teacher_path(config)
+    elif config.init:
+        _init_path(config.init)  # a missing init is named before the data set is read
     session = _prepare(config)
     if run_dir is None:
         return _train(config, session, None, FitState(), progress, stop)

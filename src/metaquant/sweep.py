@@ -269,6 +269,8 @@ def _slug(text: str) -> str:
 
 
 def pretrain_config(spec: SweepSpec, model: str, dataset: str) -> RunConfig:
+    """The configuration of the sweep's one full-precision pre-training run for ``model`` on ``dataset``: its
+    ``[pretrain]`` part with the sweep's seed (``ValueError`` if that part sets ``task`` or ``model``)."""
     fields = {"seed": spec.seed, **(spec.pretrain or {})}
     clash = sorted({"task", "model"} & set(fields))
     if clash:
@@ -281,6 +283,7 @@ def pretrain_config(spec: SweepSpec, model: str, dataset: str) -> RunConfig:
 
 
 def pretrain_path(root: Path, model: str, dataset: str) -> Path:
+    """Where the sweep keeps the pre-trained ``model`` for ``dataset``: ``<root>/pretrain-<model>-<dataset>``."""
     return root / f"pretrain-{model}-{dataset}"
 
 
@@ -494,7 +497,7 @@ def run_sweep(
     root: str | Path,
     *,
     progress: bool = False,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] = logger.info,
     stop: StopFlag | None = None,
     jobs: int = 1,
 ) -> list[PlannedRun]:
@@ -516,7 +519,8 @@ def run_sweep(
         spec: the sweep.
         root: the directory of the run directories (created if needed).
         progress: show a progress bar per epoch (only with ``jobs=1``).
-        echo: receives one line per run (status, final and best test accuracy, seconds).
+        echo: receives one line per run (status, final and best test accuracy, seconds); by default they go to
+            this module's logger at INFO level (the CLI prints them).
         stop: a ``StopFlag``, as for ``pipeline.execute``.
         jobs: how many runs at a time (1: one after another, in this process).
 
@@ -538,9 +542,9 @@ def run_sweep(
         >>> base = {"model": "resnet8", "dataset": "mnist", "data_dir": "mnist", "download": False,
         ...         "batch_size": 4, "epochs": 1, "device": "cpu"}
         >>> spec = SweepSpec("tiny", 1, 0, None, base, grid=[{"estimator": "ste"}], optimizer_overrides={})
-        >>> _ = run_sweep(spec, "sweeps/tiny")
+        >>> _ = run_sweep(spec, "sweeps/tiny", echo=print)
         [1/1] STE | resnet8 dorefa1 sgd | trial 1: done, final ...%, best ...% (...s)
-        >>> _ = run_sweep(spec, "sweeps/tiny")  # again: the finished run is not run twice
+        >>> _ = run_sweep(spec, "sweeps/tiny", echo=print)  # again: the finished run is not run twice
         [1/1] STE | resnet8 dorefa1 sgd | trial 1: skipped (done), final ...%, best ...% (...s)
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:

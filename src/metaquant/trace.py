@@ -176,8 +176,8 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
         The paths of ``learned-function.png`` and ``weights.png``.
 
     Raises:
-        FileNotFoundError: the run has no trace (not a MetaQuant run, or made before traces existed), or no
-            ``config.json``.
+        FileNotFoundError: ``run_dir`` does not exist or is not a directory; the run has no trace (not a
+            MetaQuant run, or made before traces existed), or no ``config.json``.
         ValueError: ``trace.pt`` is damaged or holds no snapshot; ``config.json`` is malformed.
         ImportError: matplotlib is not installed (the message names the extra).
 
@@ -200,6 +200,8 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
 
     run_dir = Path(run_dir)
     trace_path = run_dir / TRACE_FILE
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} " + ("is not a directory" if run_dir.exists() else "does not exist"))
     if not trace_path.exists():
         raise FileNotFoundError(
             f"{run_dir} has no {TRACE_FILE}: only MetaQuant runs record what they learn, from their first epoch on"

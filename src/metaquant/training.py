@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 class StepTrainer(Protocol):
+    """What ``fit`` needs of a trainer (``Trainer``, ``MetaQuant``): one optimization step from a closure that
+    returns the loss, the epoch, and a state to checkpoint."""
+
     optimizer: torch.optim.Optimizer
 
     def step(self, closure: Callable[[], Tensor]) -> Tensor: ...
@@ -45,6 +48,8 @@ class StepTrainer(Protocol):
 
 
 class EpochLoader(Protocol):
+    """A loader that ``fit`` can reshuffle per epoch (``set_epoch``) and resume mid-epoch (``len``)."""
+
     def set_epoch(self, epoch: int) -> None: ...
     def __len__(self) -> int: ...
     def __iter__(self): ...

@@ -13,6 +13,7 @@ PRESET_DIR = Path(__file__).parent
 
 
 def preset_names() -> list[str]:
+    """The names of the sweep presets shipped with the package (``metaquant sweep NAME``), sorted."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
