@@ -26,6 +26,7 @@ MODULES = [
     "metaquant.training",
     "metaquant.distill",
     "metaquant.batchnorm",
+    "metaquant.averaging",
     "metaquant.schedules",
     "metaquant.guards",
     "metaquant.config",

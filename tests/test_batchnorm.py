@@ -17,6 +17,7 @@ import metaquant as mq
 from metaquant.batchnorm import batchnorm_layers, recompute_batchnorm_stats
 from metaquant.export import materialize
 from metaquant.runs import RunDir
+from tests.data.toy import toy_loaders
 
 
 def _batches(n=5, size=6, shape=(1, 8, 8), seed=0):
@@ -212,19 +213,10 @@ def test_under_data_parallelism_the_statistics_are_over_every_process_batches(tm
             torch.testing.assert_close(saved["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def _toy_data():
-    info = mq.data.DatasetInfo("toy", 3, 1, 8, (0.5,), (0.5,), "crop_flip")
-    g = torch.Generator().manual_seed(2)
-    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g)
-    data = mq.data.ImageTensors(images, torch.randint(0, 3, (40,), generator=g))
-    train = mq.data.TensorLoader(data, info, batch_size=8, train=True, seed=5)
-    return train, mq.data.TensorLoader(data, info, batch_size=20, train=False), data, info
-
-
 def _fit(precise_bn_batches, train=None, run_dir=None, epochs=2):
     torch.manual_seed(1)
     model = mq.quantize_(mq.models.resnet8(num_classes=3, in_channels=1))
-    default_train, test, _, _ = _toy_data()
+    default_train, test, _, _ = toy_loaders()
     trainer = mq.Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-2))
     run = RunDir(run_dir) if run_dir is not None else None
     if run is not None:
@@ -249,7 +241,7 @@ def test_fit_with_precise_bn_trains_the_same_and_tests_with_the_recomputed_stati
     for (name, a), b in zip(precise.named_parameters(), plain.parameters()):
         assert torch.equal(a, b), name  # the pass changes no weight and consumes no randomness of the run
     # the final statistics are those of the last epoch's first 3 batches, computed for the final weights
-    train, _, _, _ = _toy_data()
+    train, _, _, _ = toy_loaders()
     train.set_epoch(1)
     with_running_averages = mq.evaluate(plain, test)
     recompute_batchnorm_stats(plain, train, num_batches=3)
@@ -265,7 +257,7 @@ def test_fit_with_precise_bn_trains_the_same_and_tests_with_the_recomputed_stati
 
 def test_fit_with_a_shuffling_dataloader_trains_the_same_with_precise_bn():
     """A DataLoader draws its order and seeds from the global generator: fit gives them back after the pass."""
-    _, _, data, info = _toy_data()
+    _, _, data, info = toy_loaders()
     dataset = torch.utils.data.TensorDataset(data.images.float() / 255, data.labels)
 
     def train():
@@ -279,7 +271,7 @@ def test_fit_with_a_shuffling_dataloader_trains_the_same_with_precise_bn():
 
 
 def test_fit_refuses_precise_bn_with_a_one_shot_iterator():
-    train, _, _, _ = _toy_data()
+    train, _, _, _ = toy_loaders()
     with pytest.raises(ValueError, match="precise_bn_batches 2 iterates train_loader again .* one-shot generator"):
         _fit(2, train=(batch for batch in train))
 

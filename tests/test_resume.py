@@ -25,6 +25,8 @@ ESTIMATORS = {
     "lstmfc": ["-meta", "lstmfc", "-hidden", "4"],
     # BatchNorm statistics recomputed before each evaluation: part of each checkpoint, and no randomness used
     "ste-precise-bn": ["-meta", "ste", "--precise-bn", "2"],
+    # a moving average of the weights: part of each checkpoint
+    "ste-ema": ["-meta", "ste", "--precise-bn", "2", "--ema-decay", "0.7"],
 }
 
 # Runs the CLI with os.replace slowed down at the N-th write of checkpoint.pt, after writing a marker file,
@@ -65,7 +67,7 @@ def _result(run: Path):
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for m in metrics:
         m.pop("train_seconds")  # wall time, the only field allowed to differ
-    return state["model"], state["trainer"], metrics, (run / "loss.csv").read_text()
+    return {**state["model"], **state.get("averaged", {})}, state["trainer"], metrics, (run / "loss.csv").read_text()
 
 
 def _assert_same(a, b):

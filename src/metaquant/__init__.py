@@ -3,8 +3,9 @@
 The public API in one place; see the README for a tour.
 """
 
-from . import batchnorm, data, distill, equivalent, layout, models, precision, quantizers, schedules
+from . import averaging, batchnorm, data, distill, equivalent, layout, models, precision, quantizers, schedules
 from .algorithm import MetaQuant
+from .averaging import ema_model
 from .batchnorm import recompute_batchnorm_stats
 from .distill import Distillation
 from .estimators import EWGS, STE, Identity, fake_quantize
@@ -23,6 +24,7 @@ from .trainer import Trainer
 from .training import evaluate, fit, restore_fit
 
 __all__ = [
+    "averaging",
     "batchnorm",
     "data",
     "distill",
@@ -55,6 +57,7 @@ __all__ = [
     "fit",
     "restore_fit",
     "recompute_batchnorm_stats",
+    "ema_model",
     "Distillation",
 ]
 

@@ -196,6 +196,14 @@ def _add_common(p: argparse.ArgumentParser, *, task: str) -> None:
         help="before each evaluation, recompute the BatchNorm statistics for the current weights from the "
         "epoch's first N training batches instead of the running averages (default: 0, off)",
     )
+    opt.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        metavar="D",
+        help="deliver an exponential moving average of the weights (decay D per step, in (0, 1), e.g. 0.999) "
+        "instead of the last ones; each test reports both; pair it with --precise-bn (default: 0, off)",
+    )
 
     out = p.add_argument_group("output")
     out.add_argument("--run-dir", default="runs", help="folder that receives the run directory (default: runs)")

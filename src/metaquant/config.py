@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .algorithm import STEP_ORDERS
+from .averaging import check_ema_decay
 from .data import AUGMENTATIONS, DATASETS
 from .distill import check_distillation
 from .estimators import CLASSICAL_ESTIMATORS
@@ -137,6 +138,9 @@ class RunConfig:
     # evaluation: recompute BatchNorm statistics from this many training batches before each test (0: keep the
     # running averages; metaquant.batchnorm)
     precise_bn_batches: int = 0
+    # deliver an exponential moving average of the weights, with this decay per step (0: the last weights;
+    # metaquant.averaging)
+    ema_decay: float = 0.0
     # reliability
     on_nonfinite: str = "raise"
     # with on_nonfinite="skip": the run stops as failed once more steps than this were skipped
@@ -222,6 +226,7 @@ class RunConfig:
         _positive("max_skipped", self.max_skipped, integer=True, allow_zero=True)
         _positive("checkpoint_every", self.checkpoint_every, integer=True, allow_zero=True)
         _positive("precise_bn_batches", self.precise_bn_batches, integer=True, allow_zero=True)
+        check_ema_decay(self.ema_decay, allow_zero=True)
         _positive("bits", self.bits, integer=True)
         get_quantizer(self.quantizer, self.bits)  # raises with the allowed names / bit widths
         self.estimator = ESTIMATOR_ALIASES.get(self.estimator, self.estimator)

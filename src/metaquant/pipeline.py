@@ -21,8 +21,10 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from .algorithm import MetaQuant
+from .averaging import ema_model
 from .config import RunConfig
 from .data import dataset_info, make_loaders, make_test_loader
 from .distill import Distillation
@@ -34,7 +36,7 @@ from .integrity import read_verified, with_digest
 from .layers import QuantConfig, dequantize_, quantize_
 from .layout import apply_memory_format, preferred_memory_format
 from .meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
-from .models import get_model, load_weights
+from .models import extract_state_dict, get_model, load_weights
 from .precision import make_grad_scaler
 from .runs import (
     CHECKPOINT,
@@ -359,6 +361,8 @@ class _Session:
     criterion: Distillation | None = None
     # the teacher's state digest, kept in each checkpoint: a resumed run checks that its teacher is the same
     teacher_digest: str | None = None
+    # the moving average of the weights that the run delivers (config.ema_decay > 0)
+    averaged: AveragedModel | None = None
 
 
 def build_teacher(config: RunConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
@@ -455,9 +459,11 @@ def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str,
         apply_memory_format(teacher, preferred_memory_format(teacher, config.memory_format))
         criterion = Distillation(teacher, weight=config.distill_weight, temperature=config.distill_temperature)
         logger.info("distilling from %s (%s)", config.init, criterion)
+    # after the weights are in place and on the device: the average is a copy of the model as it is now
+    averaged = ema_model(model, config.ema_decay) if config.ema_decay > 0 else None
     where = f"rank {dist_info.rank} of {dist_info.world_size}, " if dist_info else ""
     logger.info("%s on %s (%s%d training batches per epoch)", config.model, device, where, len(train_loader))
-    return _Session(model, trainer, train_loader, test_loader, criterion, digest)
+    return _Session(model, trainer, train_loader, test_loader, criterion, digest, averaged)
 
 
 def _train(
@@ -486,6 +492,7 @@ def _train(
         amp=config.amp,
         criterion=session.criterion,
         precise_bn_batches=config.precise_bn_batches,
+        averaged=session.averaged,
     )
     if run is not None:
         if isinstance(session.trainer, MetaQuant):
@@ -794,7 +801,7 @@ def resume(
                 "weights changed since); put that model back there, or start a new run"
             )
         try:
-            state = restore_fit(checkpoint, session.trainer)
+            state = restore_fit(checkpoint, session.trainer, averaged=session.averaged)
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
             reason = " ".join(str(err).split())  # torch's messages span lines; this one is one line
             raise ValueError(
@@ -834,7 +841,7 @@ def _run_model(run: RunDir, device: str | None = None, from_previous: bool = Fal
         raise ValueError(f"{run.path} has no checkpoint yet")
     info = dataset_info(config.dataset)
     model = build_model(dataclasses.replace(config, init=None), info.num_classes, info.in_channels, info.image_size)
-    load_weights(model, checkpoint["model"])
+    load_weights(model, extract_state_dict(checkpoint))  # the average, when the run kept one
     return config, model.to(resolve_device(device or config.device)).eval(), info
 
 

@@ -164,8 +164,8 @@ def backward_label(config: RunConfig) -> str:
         ('STE + momentum 0.9', 'STE (unclipped)')
         >>> backward_label(RunConfig(estimator="ste", distill_weight=0.9, distill_temperature=4.0))
         'STE + distillation (0.9, T 4)'
-        >>> backward_label(RunConfig(estimator="multifc", precise_bn_batches=100))
-        'MultiFC + precise BN'
+        >>> backward_label(RunConfig(estimator="multifc", precise_bn_batches=100, ema_decay=0.999))
+        'MultiFC + precise BN + EMA 0.999'
     """
     label = _DISPLAY.get(config.estimator, config.estimator)
     if config.lr_gain_from is not None:
@@ -178,6 +178,8 @@ def backward_label(config: RunConfig) -> str:
         label += f" + distillation ({config.distill_weight:g}, T {config.distill_temperature:g})"
     if config.precise_bn_batches > 0:
         label += " + precise BN"
+    if config.ema_decay > 0:
+        label += f" + EMA {config.ema_decay:g}"
     return label
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .batchnorm import recompute_batchnorm_stats
@@ -233,6 +234,7 @@ def fit(
     scheduler_interval: str = "epoch",
     criterion: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
     precise_bn_batches: int = 0,
+    averaged: AveragedModel | None = None,
 ) -> FitState:
     """Train ``model`` with ``trainer`` from ``state`` to the end of epoch ``epochs``.
 
@@ -278,6 +280,13 @@ def fit(
             epoch's batches; a shuffling ``DataLoader`` gives other training batches, as good for the statistics.
             The global random generators are restored after the pass, so the training that follows is the same
             with or without it. Needs a ``train_loader`` that can be iterated again (not a generator).
+        averaged: an average of the model's weights to deliver instead of the last ones, e.g.
+            ``metaquant.averaging.ema_model(model, 0.999)`` (a ``torch.optim.swa_utils.AveragedModel`` of the
+            unwrapped model), updated after every step that changed the weights. Each epoch evaluates it (with
+            ``precise_bn_batches``, after recomputing its statistics: give both, as the average takes the
+            trained model's) and the trained model: the average's accuracy is the epoch's ``test_acc`` (and
+            ``best_acc``, ``last_acc``), the trained model's ``trained_test_acc``. Its ``state_dict`` goes into
+            each checkpoint as ``"averaged"``; ``restore_fit`` gives it back.
 
     After every step the model's parameters and buffers are checked: an update that made them non-finite
     stops the run (``NonFiniteError``) or, when the trainer skips non-finite steps, is undone from a
@@ -343,6 +352,8 @@ def fit(
         set_rates(epoch)
 
     state = state or FitState()
+    if averaged is not None and not isinstance(averaged, AveragedModel):
+        raise TypeError(f"averaged must be a torch.optim.swa_utils.AveragedModel, got {type(averaged).__name__}")
     skip = getattr(trainer, "on_nonfinite", "raise") == "skip"
     weights = [*unwrap(model).parameters(), *unwrap(model).buffers()]
 
@@ -372,6 +383,7 @@ def fit(
             "fit": fit_state,
             "rng": rng_state(),
             **({"scheduler": scheduler.state_dict()} if scheduler is not None else {}),
+            **({"averaged": averaged.state_dict()} if averaged is not None else {}),
             **(extra_checkpoint() if extra_checkpoint else {}),
         }
         if not all_finite(checkpoint["model"].values()):
@@ -381,6 +393,13 @@ def fit(
                 f"them over {run.checkpoint_path}, the last good checkpoint"
             )
         save_checkpoint(run.checkpoint_path, checkpoint)
+
+    def measure(network: nn.Module) -> dict[str, float]:
+        if precise_bn_batches:
+            generators = rng_state()  # a DataLoader draws from them: the training that follows must not change
+            recompute_batchnorm_stats(network, train_loader, precise_bn_batches)
+            set_rng_state(generators)
+        return evaluate(network, test_loader)
 
     if on_epoch_end is not None and state.epoch == 0 and state.batch == 0:
         on_epoch_end(0)
@@ -436,6 +455,8 @@ def fit(
                     trainer.skipped_steps = skipped_before + 1
                 logger.warning("skipped the step at %s: its update made the weights non-finite", where)
                 skipped = True
+            if averaged is not None and not skipped:
+                averaged.update_parameters(unwrap(model))
             state.iteration += 1
             state.batch = b + 1
             if skipped:
@@ -471,11 +492,10 @@ def fit(
                 save(mid_epoch=True)
         train_time = time.perf_counter() - start
         lr = trainer.optimizer.param_groups[0]["lr"]  # the epoch's rate, before an epoch scheduler moves it
-        if precise_bn_batches:
-            generators = rng_state()  # a DataLoader draws from them: the training that follows must not change
-            recompute_batchnorm_stats(model, train_loader, precise_bn_batches)
-            set_rng_state(generators)
-        test = evaluate(model, test_loader)
+        test = measure(model)
+        trained = None
+        if averaged is not None:  # the average is the run's model; the trained one is reported beside it
+            trained, test = test, measure(averaged.module)
         if scheduler is not None and scheduler_interval == "epoch":
             step_scheduler(epoch, test["loss"])
         loss_sum, correct, seen, objective_sum = all_reduce_sum(
@@ -499,14 +519,19 @@ def fit(
         }
         if criterion is not None:  # the loss minimised, beside the labels' cross-entropy in train_loss
             record["train_objective"] = objective_sum / seen if seen else None
+        if trained is not None:
+            record["trained_test_loss"] = trained["loss"]
+            record["trained_test_acc"] = trained["top1"]
         skipped_note = f", {state.epoch_skipped} steps skipped" if state.epoch_skipped else ""
+        trained_note = f" (trained weights {trained['top1']:.2f}%)" if trained is not None else ""
         logger.info(
-            "epoch %d/%d: train loss %s acc %s, test acc %.2f%% (best %.2f%%), %.1fs%s",
+            "epoch %d/%d: train loss %s acc %s, test acc %.2f%%%s (best %.2f%%), %.1fs%s",
             epoch + 1,
             epochs,
             _fmt(record["train_loss"], "{:.4f}"),
             _fmt(record["train_acc"], "{:.2f}%"),
             record["test_acc"],
+            trained_note,
             state.best_acc,
             train_time,
             skipped_note,
@@ -527,6 +552,7 @@ def restore_fit(
     *,
     model: nn.Module | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    averaged: AveragedModel | None = None,
 ) -> FitState:
     """Put back what a checkpoint of ``fit`` holds; the ``FitState`` to pass to ``fit`` to continue exactly.
 
@@ -539,12 +565,15 @@ def restore_fit(
         model: the model whose weights to load (None: the caller has loaded them).
         scheduler: the scheduler ``fit`` was given, built anew on ``trainer.optimizer``; it must be given
             exactly when the checkpoint holds a scheduler's state.
+        averaged: the weight average ``fit`` was given, built anew on the model; it must be given exactly when
+            the checkpoint holds one.
 
     Returns:
         Where the run stands: pass it to ``fit`` as ``state``.
 
     Raises:
-        ValueError: the checkpoint holds a scheduler's state and no scheduler was given, or the reverse.
+        ValueError: the checkpoint holds a scheduler's state and no scheduler was given, or the reverse; the
+            same for a weight average.
         KeyError, RuntimeError, ValueError: from ``load_state_dict`` when the checkpoint belongs to another
             model, optimizer or trainer.
 
@@ -577,12 +606,18 @@ def restore_fit(
         if scheduler is None:
             raise ValueError("the checkpoint holds a scheduler's state: pass the scheduler to restore it")
         raise ValueError("a scheduler was given, but the checkpoint holds no scheduler state")
+    if (averaged is None) != ("averaged" not in checkpoint):
+        if averaged is None:
+            raise ValueError("the checkpoint holds a weight average: pass the averaged model to restore it")
+        raise ValueError("an averaged model was given, but the checkpoint holds no weight average")
     if model is not None:
         unwrap(model).load_state_dict(checkpoint["model"])
     trainer.optimizer.load_state_dict(checkpoint["optimizer"])
     trainer.load_state_dict(checkpoint["trainer"])
     if scheduler is not None:
         scheduler.load_state_dict(checkpoint["scheduler"])
+    if averaged is not None:
+        averaged.load_state_dict(checkpoint["averaged"])
     set_rng_state(checkpoint["rng"])
     if "fit" not in checkpoint:  # written at an epoch's end by a version without mid-epoch positions
         return FitState(epoch=checkpoint["epoch"], iteration=checkpoint["iteration"], best_acc=checkpoint["best_acc"])

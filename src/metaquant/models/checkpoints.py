@@ -6,6 +6,10 @@ Three checkpoint layouts are accepted:
   MetaQuant code (e.g. ``ResNet20-CIFAR10-pretrain.pth``);
 * this library's training checkpoint, a dict whose ``"model"`` entry is the
   state_dict (``{"model": ..., "optimizer": ..., "epoch": ..., "config": ...}``);
+  when the run averaged its weights (``metaquant.averaging``), the model it
+  delivers is the average, in the ``"averaged"`` entry (an ``AveragedModel``'s
+  state_dict: ``"module."``-prefixed weights and ``n_averaged``), and that is
+  the one read;
 * either of the above saved from an ``nn.DataParallel`` /
   ``DistributedDataParallel`` wrapper, whose keys start with ``"module."``
   (the prefix is stripped).
@@ -37,6 +41,10 @@ __all__ = ["LoadResult", "extract_state_dict", "load_weights", "read_checkpoint"
 WRAPPER_PREFIX = "module."
 # Key of the state_dict in this library's training checkpoints.
 MODEL_KEY = "model"
+# Key of the weight average's state_dict (torch.optim.swa_utils.AveragedModel), when a run keeps one, and the
+# count that it holds beside the averaged model's entries.
+AVERAGED_KEY = "averaged"
+AVERAGED_COUNT = "n_averaged"
 # How many names of each kind of mismatch an error message lists.
 MAX_LISTED = 5
 
@@ -101,8 +109,9 @@ def extract_state_dict(obj: object) -> dict[str, Tensor]:
 
     Args:
         obj: what ``torch.load`` returned: a plain state_dict, or a dict with
-            a ``"model"`` entry holding one; ``"module."`` key prefixes are
-            removed.
+            a ``"model"`` entry holding one (or an ``"averaged"`` entry, read
+            first: the weights a run that averaged delivers); ``"module."`` key
+            prefixes are removed.
 
     Returns:
         A new ``{name: Tensor}`` dict (the tensors are not copied).
@@ -116,6 +125,13 @@ def extract_state_dict(obj: object) -> dict[str, Tensor]:
         >>> ckpt = {"model": {"module.fc.weight": torch.zeros(2, 4), "module.fc.bias": torch.zeros(2)}, "epoch": 7}
         >>> list(mq.models.extract_state_dict(ckpt))
         ['fc.weight', 'fc.bias']
+
+        A run that averaged its weights delivers the average:
+
+        >>> ckpt["averaged"] = {"n_averaged": torch.tensor(9), "module.fc.weight": torch.ones(2, 4),
+        ...                     "module.fc.bias": torch.ones(2)}
+        >>> mq.models.extract_state_dict(ckpt)["fc.bias"].tolist()
+        [1.0, 1.0]
         >>> try:
         ...     mq.models.extract_state_dict({"epoch": 7})
         ... except ValueError as err:
@@ -124,6 +140,17 @@ def extract_state_dict(obj: object) -> dict[str, Tensor]:
     """
     if _is_state_dict(obj):
         return _strip_wrapper_prefix(obj)  # type: ignore[arg-type]
+    if isinstance(obj, Mapping) and AVERAGED_KEY in obj:
+        average = obj[AVERAGED_KEY]
+        if not _is_state_dict(average) or AVERAGED_COUNT not in average:
+            raise ValueError(
+                f"checkpoint has an {AVERAGED_KEY!r} entry but it is not an averaged model's state_dict (with "
+                f"{AVERAGED_COUNT!r}): found {_describe(average)}; {ACCEPTED}"
+            )
+        weights = {k: v for k, v in average.items() if k != AVERAGED_COUNT}
+        if not weights or not all(k.startswith(WRAPPER_PREFIX) for k in weights):
+            raise ValueError(f"checkpoint's {AVERAGED_KEY!r} entry holds no 'module.' weights: {sorted(weights)[:5]}")
+        return _strip_wrapper_prefix(weights)
     if isinstance(obj, Mapping) and MODEL_KEY in obj:
         inner = obj[MODEL_KEY]
         if _is_state_dict(inner):
