@@ -230,7 +230,7 @@ def test_distillation_without_an_init_model_is_refused_by_name(tmp_path, tiny_mn
     args = ["quantize", *tiny_mnist, "-m", "resnet8", "-n", "1", "--no-progress", "--run-dir", str(tmp_path)]
     assert main([*args, "--distill-weight", "0.5"]) != 0
     err = capsys.readouterr().err
-    assert "distill_weight 0.5 distils from the full-precision model named by init" in err and "Traceback" not in err
+    assert "distill_weight 0.5 distils from a full-precision model: give teacher" in err and "Traceback" not in err
     assert main([*args, "--distill-weight", "2"]) != 0
     assert "distill_weight must be a number in [0, 1], got 2.0" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before a run directory was made
@@ -264,3 +264,40 @@ def test_sweeps_name_distilled_runs_apart_and_refuse_one_without_a_teacher(tmp_p
     no_teacher = SweepSpec("kd", 1, 0, None, {"dataset": "cifar10"}, grid=grid, optimizer_overrides={})
     with pytest.raises(ValueError, match="sweep 'kd': distill_weight 0.9 distils .* set init, or add a \\[pretrain\\]"):
         plan(no_teacher, tmp_path)
+
+
+def test_a_named_teacher_replaces_the_init_model_and_a_quantized_run_is_refused_as_one(tmp_path, pretrained_resnet8):
+    """Fine-tuning a 1-bit run (its init) while distilling from the pre-trained model (its teacher)."""
+    from metaquant.models import extract_state_dict, get_model, load_weights
+    from metaquant.pipeline import build_model
+
+    fields, pretrained = pretrained_resnet8
+    first = execute(RunConfig(init=str(pretrained), epochs=1, **fields), tmp_path / "first", progress=False).run_dir
+    config = RunConfig(init=str(first), teacher=str(pretrained), epochs=1, distill_weight=0.5, **fields)
+    reference = get_model("resnet8", num_classes=10, in_channels=1)
+    load_weights(reference, pretrained / "checkpoint.pt")
+    teacher = build_teacher(config, 10, 1, 28)
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), reference.state_dict().values()))
+    student = build_model(config, 10, 1, 28)
+    source = extract_state_dict(torch.load(first / "checkpoint.pt", weights_only=True))
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in source.items())  # the 1-bit run's weights
+    assert execute(config, tmp_path / "tuned", progress=False).epochs == 1
+
+    as_teacher = RunConfig(init=str(pretrained), teacher=str(first), distill_weight=0.5, **fields)
+    with pytest.raises(ValueError, match="the teacher .*first/checkpoint.pt is a checkpoint of a quantization run"):
+        build_teacher(as_teacher, 10, 1, 28)
+    missing = RunConfig(init=str(first), teacher=str(tmp_path / "nowhere"), distill_weight=0.5, **fields)
+    with pytest.raises(FileNotFoundError, match=r"the teacher of this run, teacher '.*nowhere', is not there"):
+        execute(missing, tmp_path / "missing", progress=False)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_teacher_without_distillation_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"teacher 'fp.pt' is the model a run distils from: give distill_weight > 0"):
+        RunConfig(teacher="fp.pt")
+    from metaquant.cli import main
+
+    done = main(["quantize", "--teacher", "fp.pt", "--run-dir", str(tmp_path)])
+    assert done == 2 and not list(tmp_path.iterdir())
+    err = capsys.readouterr().err
+    assert "teacher 'fp.pt' is the model a run distils from" in err and "Traceback" not in err

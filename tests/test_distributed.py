@@ -35,11 +35,14 @@ def _train(estimator: str, rank: int, world: int) -> dict[str, torch.Tensor]:
         trainer = mq.Trainer(net, opt)
     else:
         trainer = mq.MetaQuant(net, opt, mq.MultiFC(hidden=4, nonlinearity="tanh"), meta_lr=1e-2)
+    average = mq.ema_model(net, 0.5)  # of the model inside DistributedDataParallel
     half = 8 // world
     for x, y in _data():
         xs, ys = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
         trainer.step(lambda xs=xs, ys=ys: F.cross_entropy(net(xs), ys))
+        average.update_parameters(net.module if world > 1 else net)
     state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    state |= {f"average.{k}": v.clone() for k, v in average.module.state_dict().items()}
     if estimator != "ste":
         state |= {f"meta.{k}": v.clone() for k, v in trainer.meta.state_dict().items()}
     return state
@@ -64,6 +67,7 @@ def test_two_processes_on_half_batches_equal_one_process_on_whole_batches(tmp_pa
         for k in reference:
             torch.testing.assert_close(state[k], reference[k], rtol=1e-5, atol=1e-5, msg=k)
     assert not torch.equal(reference["model.0.weight"], _initial_conv_weight())
+    assert not torch.equal(reference["average.0.weight"], reference["model.0.weight"])  # an average, not a copy
 
 
 def _initial_conv_weight():

@@ -214,11 +214,14 @@ def test_the_full_scale_preset_is_the_study_its_results_page_describes(tmp_path)
         "crop_flip",
     )
     runs = plan(spec, tmp_path)
-    assert len(runs) == 30 and len({r.path for r in runs}) == 30
+    assert len(runs) == 36 and len({r.path for r in runs}) == 36
+    pretrained = str(pretrain_path(tmp_path, "resnet20", "fashion-mnist"))
+    tuned = [r for r in runs if r.label.endswith("+ fine-tuning")]
     for run in runs:
         c = run.config
         assert (c.dataset, c.train_size, c.test_size, c.quantizer, c.bits) == ("fashion-mnist", None, None, "dorefa", 1)
-        assert c.init == str(pretrain_path(tmp_path, "resnet20", "fashion-mnist")) and c.augment == "crop_flip"
+        if run not in tuned:
+            assert c.init == pretrained and c.augment == "crop_flip" and c.teacher is None and c.ema_decay == 0
         assert c.seed == spec.seed + run.trial - 1 and RunConfig.from_dict(c.to_dict()) == c
 
     def trials(label, optimizer):
@@ -247,8 +250,24 @@ def test_the_full_scale_preset_is_the_study_its_results_page_describes(tmp_path)
         c = run.config
         assert (c.optimizer, c.lr_schedule, c.weight_decay, c.epochs) == ("adam", "cosine", 0.0, 30)
         assert (c.distill_weight, c.distill_temperature, c.precise_bn_batches) == (0.9, 4.0, 100)
+    index = {r.path: i for i, r in enumerate(runs)}
+    assert sorted((r.config.estimator, r.trial) for r in tuned) == sorted((r.config.estimator, r.trial) for r in best)
+    for run in tuned:  # each best-recipe run, fine-tuned: from its weights, without augmentation, averaged
+        (source,) = [r for r in best if (r.config.estimator, r.trial) == (run.config.estimator, run.trial)]
+        c = run.config
+        assert c.init == str(source.path) and index[source.path] < index[run.path] and c.teacher == pretrained
+        assert c.meta_init == (str(source.path) if c.uses_meta else None)
+        assert (c.optimizer, c.lr, c.lr_schedule, c.weight_decay, c.epochs, c.augment) == (
+            "adam",
+            5e-5,
+            "constant",
+            0.0,
+            10,
+            "none",
+        )
+        assert (c.distill_weight, c.precise_bn_batches, c.ema_decay) == (0.9, 100, 0.998)
     for run in runs:  # the protocols train on labels only and evaluate with the running averages, as the paper
-        if run not in best:
+        if run not in best and run not in tuned:
             assert (run.config.distill_weight, run.config.precise_bn_batches) == (0, 0), run.label
 
 
@@ -366,3 +385,73 @@ def test_side_by_side_a_run_waits_for_the_run_whose_result_it_needs(tmp_path):
     assert _next_task([equivalent, ste], {fc_grad.path}) is ste  # FC-Grad still running: the STE goes first
     assert _next_task([equivalent], {fc_grad.path}) is None
     assert _next_task([equivalent], set()) is equivalent  # FC-Grad finished
+
+
+def test_a_run_continues_the_run_of_its_trial_that_an_earlier_entry_labels(tmp_path):
+    """``continue_from``: init is the source run of the same trial, the teacher stays the pre-trained model, a meta
+    quantizer continues from the source's; an unknown or later label is refused, naming the earlier labels."""
+    from metaquant.sweep import SweepSpec, _prerequisites, _Task, plan, pretrain_path
+
+    grid = [
+        {"estimator": ["ste", "multifc"], "label": "first"},
+        {"estimator": "multifc", "label": "tuned", "continue_from": "first", "distill_weight": 0.5, "lr": 1e-5},
+    ]
+    spec = SweepSpec("chain", 2, 0, {"epochs": 1}, {"dataset": "cifar10"}, grid=grid, optimizer_overrides={})
+    with pytest.raises(ValueError, match="two runs would share the directory first-resnet20"):
+        plan(spec, tmp_path)  # both estimators of "first" have one label: the grid must name them apart
+    grid[0] = {"estimator": "multifc", "label": "first"}
+    grid.insert(1, {"estimator": "ste", "label": "other"})
+    runs = plan(spec, tmp_path)
+    assert [r.label for r in runs] == ["first", "first", "other", "other", "tuned", "tuned"]
+    for run in runs[4:]:
+        (source,) = [r for r in runs if r.label == "first" and r.trial == run.trial]
+        c = run.config
+        assert (c.init, c.meta_init) == (str(source.path), str(source.path))
+        assert c.teacher == str(pretrain_path(tmp_path, "resnet20", "cifar10")) and c.lr == 1e-5
+        assert _prerequisites(_Task(run.path, c, run.label, False)) == {source.path}
+    grid[-1] = {**grid[-1], "estimator": "ste", "distill_weight": 0.0}  # no teacher, no meta quantizer to carry
+    (tuned, _) = [r for r in plan(spec, tmp_path) if r.label == "tuned"]
+    assert (tuned.config.teacher, tuned.config.meta_init) == (None, None)
+    for bad in ("fits", "tuned"):  # unknown; its own label (no earlier entry has it)
+        grid[-1] = {**grid[-1], "continue_from": bad}
+        with pytest.raises(ValueError, match=f"continue_from '{bad}' names no run of an earlier .*'first', 'other'"):
+            plan(spec, tmp_path)
+
+
+def test_a_sweep_fine_tunes_the_delivered_model_of_the_run_it_continues(tmp_path, tiny_mnist):
+    """End to end, on a tiny data set: the fine-tuning run starts from the source run's averaged weights, distils
+    from the pre-trained model, and its first epoch's metrics equal those of the same run made by hand."""
+    import metaquant as mq
+    from metaquant.config import RunConfig
+    from metaquant.models import extract_state_dict, load_weights
+    from metaquant.pipeline import build_model, build_teacher, execute
+    from metaquant.runs import load_checkpoint
+    from metaquant.sweep import SweepSpec
+
+    data_dir = tiny_mnist[tiny_mnist.index("--data-dir") + 1]
+    data = {"dataset": "mnist", "data_dir": data_dir, "download": False, "batch_size": 32, "device": "cpu"}
+    grid = [
+        {"estimator": "ste", "label": "first", "ema_decay": 0.5},
+        {"estimator": "ste", "label": "tuned", "continue_from": "first", "distill_weight": 0.5, "lr": 1e-4},
+    ]
+    spec = SweepSpec(
+        "chain",
+        1,
+        0,
+        {**data, "epochs": 1, "lr": 0.05},
+        {**data, "model": "resnet8", "epochs": 1},
+        grid=grid,
+        optimizer_overrides={},
+    )
+    first, tuned = run_sweep(spec, tmp_path / "sweep")
+    source = load_checkpoint(first.path / "checkpoint.pt")
+    student = build_model(tuned.config, 10, 1, 28)
+    for name, value in extract_state_dict(source).items():  # the average, not the last trained weights
+        assert torch.equal(student.state_dict()[name], value), name
+    assert any(not torch.equal(source["model"][k], v) for k, v in extract_state_dict(source).items())
+    teacher = build_teacher(tuned.config, 10, 1, 28)
+    pretrained = mq.models.get_model("resnet8", num_classes=10, in_channels=1)
+    load_weights(pretrained, tmp_path / "sweep" / "pretrain-resnet8-mnist" / "checkpoint.pt")
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), pretrained.state_dict().values()))
+    by_hand = execute(RunConfig.from_dict(tuned.config.to_dict()), tmp_path / "by-hand", progress=False)
+    assert _metrics_without_times(tuned.path) == _metrics_without_times(by_hand.run_dir)

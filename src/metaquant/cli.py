@@ -285,8 +285,15 @@ def _add_quantization(p: argparse.ArgumentParser) -> None:
         "--distill-weight",
         type=float,
         default=0.0,
-        help="knowledge distillation from the --init model: the share λ in [0, 1] of the loss that matches its "
-        "softened predictions (default: 0, labels only)",
+        help="knowledge distillation from the --init model (or --teacher): the share λ in [0, 1] of the loss "
+        "that matches its softened predictions (default: 0, labels only)",
+    )
+    q.add_argument(
+        "--teacher",
+        default=None,
+        metavar="CHECKPOINT",
+        help="the full-precision model to distil from, a checkpoint or run directory (default: the --init "
+        "model); e.g. to fine-tune a quantized run given as --init",
     )
     q.add_argument(
         "--distill-temperature",

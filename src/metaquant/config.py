@@ -165,9 +165,11 @@ class RunConfig:
     meta_init: str | None = None
     # the "equivalent STE": multiply lr by the mean gain that the FC-Grad run in this directory learned
     lr_gain_from: str | None = None
-    # knowledge distillation (quantize runs): lambda and T of metaquant.distill, the teacher being the init model
+    # knowledge distillation (quantize runs): lambda and T of metaquant.distill
     distill_weight: float = 0.0
     distill_temperature: float = 4.0
+    # the full-precision model to distil from: a checkpoint or run directory (None: the init model)
+    teacher: str | None = None
     # reports: how tables and figures name this run's backward method (default: derived from the options)
     label: str | None = None
 
@@ -242,6 +244,11 @@ class RunConfig:
             raise ValueError(
                 f"distill_weight {self.distill_weight!r} applies to quantize runs (their teacher is the init "
                 f"model), not to task {self.task!r}"
+            )
+        if self.teacher is not None and self.distill_weight == 0:
+            raise ValueError(
+                f"teacher {self.teacher!r} is the model a run distils from: give distill_weight > 0 too "
+                "(--distill-weight)"
             )
         _positive("ewgs_delta", self.ewgs_delta, allow_zero=True)
         for name in ("hidden_size", "num_fc", "num_lstm"):

@@ -36,7 +36,7 @@ from .integrity import read_verified, with_digest
 from .layers import QuantConfig, dequantize_, quantize_
 from .layout import apply_memory_format, preferred_memory_format
 from .meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
-from .models import extract_state_dict, get_model, load_weights
+from .models import extract_state_dict, get_model, load_weights, read_checkpoint
 from .precision import make_grad_scaler
 from .runs import (
     CHECKPOINT,
@@ -366,11 +366,13 @@ class _Session:
 
 
 def build_teacher(config: RunConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """The full-precision model named by ``config.init``, the teacher of a run with ``distill_weight > 0``.
+    """The teacher of a run with ``distill_weight > 0``: the full-precision model named by ``config.teacher``,
+    or by ``config.init`` when the run names no teacher.
 
     Raises:
-        ValueError: the run has no ``init``: there is no full-precision model to distil from.
-        FileNotFoundError: ``init`` names no checkpoint.
+        ValueError: the run names neither: there is no full-precision model to distil from; or the checkpoint
+            is a quantization run's (its latent weights are not a full-precision model).
+        FileNotFoundError: the teacher names no checkpoint.
 
     Example:
         >>> from metaquant.config import RunConfig
@@ -384,25 +386,37 @@ def build_teacher(config: RunConfig, num_classes: int, in_channels: int, image_s
         ...     build_teacher(RunConfig(distill_weight=0.9), 10, 1, 28)
         ... except ValueError as err:
         ...     print(str(err)[:60])
-        distill_weight 0.9 distils from the full-precision model nam
+        distill_weight 0.9 distils from a full-precision model: give
     """
+    path = _teacher_path(config)
+    checkpoint = read_checkpoint(path)
+    owner = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if isinstance(owner, dict) and owner.get("task") == "quantize":
+        raise ValueError(
+            f"the teacher {path} is a checkpoint of a quantization run: its latent weights are not a "
+            "full-precision model; name a pre-trained model as the teacher (--teacher)"
+        )
     teacher = get_model(config.model, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
-    load_weights(teacher, _teacher_path(config))
+    load_weights(teacher, checkpoint)
     return teacher
 
 
 def _teacher_path(config: RunConfig) -> Path:
     """The checkpoint of a distilling run's teacher; checked before any data is read."""
-    if not config.init:
+    if config.teacher:
+        source, field = config.teacher, "teacher"
+    elif config.init:
+        source, field = config.init, "init"
+    else:
         raise ValueError(
-            f"distill_weight {config.distill_weight} distils from the full-precision model named by init; "
-            "give init (--init), a pre-trained checkpoint or run directory"
+            f"distill_weight {config.distill_weight} distils from a full-precision model: give teacher "
+            "(--teacher) or init (--init), a pre-trained checkpoint or run directory"
         )
     try:
-        return _init_path(config.init)
+        return _init_path(source)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"the teacher of this run, init {config.init!r}, is not there (no checkpoint file, or run directory "
+            f"the teacher of this run, {field} {source!r}, is not there (no checkpoint file, or run directory "
             f"with {CHECKPOINT}; a relative path is taken from the working directory, {Path.cwd()})"
         ) from None
 
@@ -452,7 +466,7 @@ def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str,
     optimizer = build_optimizer(model.parameters(), _with_learned_gain(config))
     trainer = build_trainer(build_config, model, optimizer)
     criterion, digest = None, None
-    if config.distill_weight > 0:  # the teacher is the init model, also when resuming (load_init=False)
+    if config.distill_weight > 0:  # the teacher (or the init model), also when resuming (load_init=False)
         teacher = build_teacher(config, info.num_classes, info.in_channels, info.image_size)
         digest = _digest_of(teacher)
         teacher = teacher.to(device)
@@ -797,7 +811,7 @@ def resume(
         session = _prepare(config, load_init=False, checkpoint=checkpoint)
         if checkpoint.get("teacher", session.teacher_digest) != session.teacher_digest:
             raise ValueError(
-                f"the teacher of {run.path}, init {config.init!r}, is not the model the run started with (its "
+                f"the teacher of {run.path}, {_teacher_path(config)}, is not the model the run started with (its "
                 "weights changed since); put that model back there, or start a new run"
             )
         try:

@@ -27,7 +27,10 @@ A ``[[grid]]`` entry (or ``[base]``) may set ``label`` to name its backward meth
 from the estimator, step order and momentum); ``seed`` and ``task`` are the sweep's to set. An entry with
 ``equivalent_of = "fc-grad"`` (and a classical estimator) is the *equivalent STE* of the FC-Grad run of the
 same trial and options (``metaquant.equivalent``): its learning rate is multiplied by the mean gain that run
-learned, so the FC-Grad entry must come first. Runs that are
+learned, so the FC-Grad entry must come first. An entry with ``continue_from = "<label>"`` fine-tunes the run
+of the same trial that an earlier entry labelled so: it starts from that run's model (``init``: its delivered
+weights; with a meta quantizer, also ``meta_init``: the trained meta quantizer), and a distilling run keeps the
+sweep's pre-trained model as its ``teacher``; it starts once that run has finished. Runs that are
 ``done`` are skipped when the sweep is run again; a run left unfinished by an interruption is resumed from its
 last checkpoint (exactly: see ``pipeline.resume``). ``run_sweep(..., jobs=N)`` (``metaquant sweep --jobs N``)
 makes N runs at a time, each in its own process, with the same results.
@@ -348,6 +351,7 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
             fields.update(combo)  # the grid entry wins over the optimizer overrides
             label = fields.pop("label", None)
             equivalent_of = fields.pop("equivalent_of", None)
+            continue_from = fields.pop("continue_from", None)
             if equivalent_of not in (None, "fc-grad"):
                 raise ValueError(
                     f"sweep {spec.name!r}: equivalent_of {equivalent_of!r} is not supported; allowed: fc-grad"
@@ -361,11 +365,34 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
                     name = label or backward_label(config)
                     config = dataclasses.replace(config, label=name)
                     path = _run_path(root, name, config, trial)
+                if continue_from is not None:
+                    config = _continuing(spec, config, continue_from, [r for r in runs if r.trial == trial])
                 if path in seen:
                     raise ValueError(f"sweep {spec.name!r}: two runs would share the directory {path.name}")
                 seen.add(path)
                 runs.append(PlannedRun(path, config, name, trial))
     return runs
+
+
+def _continuing(spec: SweepSpec, config: RunConfig, label: object, earlier: list[PlannedRun]) -> RunConfig:
+    """``config`` starting from the earlier run of the same trial labelled ``label``: its weights as ``init``, its
+    meta quantizer as ``meta_init`` (when both use one), the init model it replaces as the ``teacher``."""
+    source = next((r for r in earlier if r.label == label), None)
+    if source is None:
+        labels = ", ".join(sorted({repr(r.label) for r in earlier})) or "none"
+        raise ValueError(
+            f"sweep {spec.name!r}: continue_from {label!r} names no run of an earlier [[grid]] entry; earlier "
+            f"labels: {labels}"
+        )
+    fields: dict[str, Any] = {"init": str(source.path)}
+    if config.distill_weight > 0:
+        fields["teacher"] = config.teacher or config.init  # the full-precision model, not the run it continues
+    if config.uses_meta and source.config.uses_meta:
+        fields["meta_init"] = str(source.path)
+    try:
+        return RunConfig.from_dict({**config.to_dict(), **fields})
+    except ValueError as err:
+        raise ValueError(f"sweep {spec.name!r}: {err}") from None
 
 
 def _run_path(root: Path, name: str, config: RunConfig, trial: int) -> Path:
@@ -595,9 +622,10 @@ def _rebuild(module: str, name: str, message: str) -> Exception:
 
 
 def _prerequisites(task: _Task) -> set[Path]:
-    """Runs that must be finished before ``task`` starts: the FC-Grad run whose gain an equivalent STE uses."""
-    source = getattr(task.config, "lr_gain_from", None)
-    return {Path(source)} if source else set()
+    """Runs that must be finished before ``task`` starts: the FC-Grad run whose gain an equivalent STE uses, the
+    run that a fine-tuning run continues (any other ``init`` is no run of the sweep, and so never pending)."""
+    sources = (getattr(task.config, "lr_gain_from", None), getattr(task.config, "init", None))
+    return {Path(source) for source in sources if source}
 
 
 def _next_task(pending: list[_Task], running: set[Path]) -> _Task | None:
