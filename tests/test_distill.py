@@ -266,7 +266,9 @@ def test_sweeps_name_distilled_runs_apart_and_refuse_one_without_a_teacher(tmp_p
         plan(no_teacher, tmp_path)
 
 
-def test_a_named_teacher_replaces_the_init_model_and_a_quantized_run_is_refused_as_one(tmp_path, pretrained_resnet8):
+def test_a_named_teacher_replaces_the_init_model_and_a_quantized_run_is_refused_as_one(
+    tmp_path, pretrained_resnet8, caplog
+):
     """Fine-tuning a 1-bit run (its init) while distilling from the pre-trained model (its teacher)."""
     from metaquant.models import extract_state_dict, get_model, load_weights
     from metaquant.pipeline import build_model
@@ -281,7 +283,9 @@ def test_a_named_teacher_replaces_the_init_model_and_a_quantized_run_is_refused_
     student = build_model(config, 10, 1, 28)
     source = extract_state_dict(torch.load(first / "checkpoint.pt", weights_only=True))
     assert all(torch.equal(student.state_dict()[k], v) for k, v in source.items())  # the 1-bit run's weights
-    assert execute(config, tmp_path / "tuned", progress=False).epochs == 1
+    with caplog.at_level("INFO", logger="metaquant.pipeline"):
+        assert execute(config, tmp_path / "tuned", progress=False).epochs == 1
+    assert f"distilling from {pretrained} (" in caplog.text
 
     as_teacher = RunConfig(init=str(pretrained), teacher=str(first), distill_weight=0.5, **fields)
     with pytest.raises(ValueError, match="the teacher .*first/checkpoint.pt is a checkpoint of a quantization run"):

@@ -472,7 +472,7 @@ def _prepare(config: RunConfig, *, load_init: bool = True, checkpoint: dict[str,
         teacher = teacher.to(device)
         apply_memory_format(teacher, preferred_memory_format(teacher, config.memory_format))
         criterion = Distillation(teacher, weight=config.distill_weight, temperature=config.distill_temperature)
-        logger.info("distilling from %s (%s)", config.init, criterion)
+        logger.info("distilling from %s (%s)", config.teacher or config.init, criterion)
     # after the weights are in place and on the device: the average is a copy of the model as it is now
     averaged = ema_model(model, config.ema_decay) if config.ema_decay > 0 else None
     where = f"rank {dist_info.rank} of {dist_info.world_size}, " if dist_info else ""
