@@ -73,3 +73,10 @@ def test_a_config_written_before_a_field_existed_reads_back_with_its_default(tmp
     data = RunConfig().to_dict()
     del data["augment"]
     assert RunConfig.from_dict(data) == RunConfig() and RunConfig().augment == "auto"
+
+
+@pytest.mark.parametrize("name", ["init", "teacher", "meta_init", "lr_gain_from"])
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_path_is_refused_rather_than_read_as_none(name, blank):
+    with pytest.raises(ValueError, match=f"{name} must name a checkpoint or run directory, got {blank!r}"):
+        RunConfig(**{name: blank})

@@ -245,6 +245,10 @@ class RunConfig:
                 f"distill_weight {self.distill_weight!r} applies to quantize runs (their teacher is the init "
                 f"model), not to task {self.task!r}"
             )
+        for name in ("init", "teacher", "meta_init", "lr_gain_from"):  # a checkpoint or run directory, if given
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"{name} must name a checkpoint or run directory, got {value!r}")
         if self.teacher is not None and self.distill_weight == 0:
             raise ValueError(
                 f"teacher {self.teacher!r} is the model a run distils from: give distill_weight > 0 too "
