@@ -244,11 +244,12 @@ def test_the_cli_refuses_a_bad_decay_without_a_traceback(tmp_path):
 def test_a_run_with_an_average_records_both_models_and_eval_reads_the_average(tmp_path, tiny_mnist):
     from metaquant.cli import main
 
-    args = [*tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "2", "--no-progress", "--precise-bn", "1"]
+    args = [*tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "2", "--no-progress", "--precise-bn", "1", "--lr", "0.05"]
     assert main(["quantize", *args, "--ema-decay", "0.5", "--run-dir", str(tmp_path), "--name", "ema"]) == 0
     run = RunDir(tmp_path / "ema")
     metrics = run.metrics()
     assert all("trained_test_acc" in m for m in metrics) and len(metrics) == 2
+    assert metrics[-1]["test_loss"] != metrics[-1]["trained_test_loss"]  # two different models were measured
     checkpoint = load_checkpoint(run.checkpoint_path)
     assert int(checkpoint["averaged"]["n_averaged"]) == 4  # 64 images, batch 32, 2 epochs
     # `metaquant eval` on the run measures the delivered model, the average: the recorded accuracy again
@@ -260,3 +261,16 @@ def test_a_run_with_an_average_records_both_models_and_eval_reads_the_average(tm
     # and so does the packed 1-bit export
     packed, _, _ = export_run(run.path)
     assert evaluate_artifact(packed, device="cpu")["loss"] == pytest.approx(metrics[-1]["test_loss"], rel=1e-5)
+
+
+def test_an_average_evaluated_without_recomputed_statistics_is_warned_about(caplog):
+    train, test = _toy_data()
+    model, trainer, average = _setup()
+    with caplog.at_level("WARNING", logger="metaquant.training"):
+        _fit(model, trainer, average, train, test, epochs=1, precise_bn_batches=0)
+    assert "evaluated with the trained model's BatchNorm statistics" in caplog.text
+    caplog.clear()
+    model, trainer, average = _setup()
+    with caplog.at_level("WARNING", logger="metaquant.training"):
+        _fit(model, trainer, average, train, test, epochs=1)
+    assert "BatchNorm statistics" not in caplog.text

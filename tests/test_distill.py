@@ -262,7 +262,7 @@ def test_sweeps_name_distilled_runs_apart_and_refuse_one_without_a_teacher(tmp_p
     spec = SweepSpec("kd", 1, 0, {"epochs": 1}, {"dataset": "cifar10"}, grid=grid, optimizer_overrides={})
     assert [r.label for r in plan(spec, tmp_path)] == ["STE", "STE + distillation (0.9, T 4)"]
     no_teacher = SweepSpec("kd", 1, 0, None, {"dataset": "cifar10"}, grid=grid, optimizer_overrides={})
-    with pytest.raises(ValueError, match="sweep 'kd': distill_weight 0.9 distils .* set init, or add a \\[pretrain\\]"):
+    with pytest.raises(ValueError, match="sweep 'kd': distill_weight 0.9 distils .* set one, or add a \\[pretrain\\]"):
         plan(no_teacher, tmp_path)
 
 

@@ -455,3 +455,31 @@ def test_a_sweep_fine_tunes_the_delivered_model_of_the_run_it_continues(tmp_path
     assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), pretrained.state_dict().values()))
     by_hand = execute(RunConfig.from_dict(tuned.config.to_dict()), tmp_path / "by-hand", progress=False)
     assert _metrics_without_times(tuned.path) == _metrics_without_times(by_hand.run_dir)
+
+
+def test_continue_from_pairs_runs_by_model_and_optimizer_and_refuses_what_would_not_load(tmp_path):
+    from metaquant.sweep import SweepSpec, plan
+
+    grid = [
+        {"estimator": "ste", "optimizer": ["sgd", "adam"], "label": "first"},
+        {"estimator": "ste", "optimizer": ["sgd", "adam"], "label": "tuned", "continue_from": "first"},
+    ]
+    spec = SweepSpec("pair", 1, 0, None, {"dataset": "cifar10"}, grid=grid, optimizer_overrides={})
+    runs = plan(spec, tmp_path)
+    for run in runs[2:]:  # each optimizer's fine-tuning continues the run of the same optimizer
+        (source,) = [r for r in runs[:2] if r.config.optimizer == run.config.optimizer]
+        assert run.config.init == str(source.path)
+    grid[1] = {**grid[1], "model": "resnet8"}  # no run of that label has this model
+    with pytest.raises(ValueError, match="continue_from 'first': no run of that label has this run's model"):
+        plan(spec, tmp_path)
+    grid[1] = {"estimator": "ste", "optimizer": "sgd", "label": "tuned", "continue_from": "first", "lr": 1e-4}
+    grid[0] = {**grid[0], "lr": [1e-3, 1e-2], "optimizer": "sgd", "label": "first"}
+    with pytest.raises(ValueError, match="two runs would share the directory"):
+        plan(spec, tmp_path)
+    grid[0] = {"estimator": "fc-grad", "label": "first"}
+    grid[1] = {"estimator": "multifc", "label": "tuned", "continue_from": "first"}
+    with pytest.raises(ValueError, match="the meta quantizer of first-.* is not this run's .* it would not load"):
+        plan(spec, tmp_path)
+    grid[1] = {"estimator": "ste", "label": "tuned", "continue_from": "first", "init": "elsewhere"}
+    with pytest.raises(ValueError, match="continue_from 'first' starts from that run; it cannot also set init"):
+        plan(spec, tmp_path)

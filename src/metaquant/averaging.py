@@ -7,9 +7,10 @@ the latent weights,
 
     W̄_t = d · W̄_{t−1} + (1 − d) · W_t,        W̄_1 = W_1,
 
-quantized as usual (``Ŵ = Q(W̄)``), is a vote over the last ``1 / (1 − d)`` or so steps on each sign: it takes the
-signs that most of them agreed on. The average is PyTorch's ``torch.optim.swa_utils.AveragedModel`` with its EMA
-update (Polyak & Juditsky 1992; Izmailov et al. 2018 for the averaged model). It averages the parameters only;
+quantized as usual (``Ŵ = Q(W̄)``), decides each sign by a weighted mean of the latent weight over the recent
+steps (the last ``1 / (1 − d)`` steps carry about 63% of the weight) instead of by the last step alone. The
+average is PyTorch's ``torch.optim.swa_utils.AveragedModel`` with its EMA update (Polyak & Juditsky 1992;
+Izmailov et al. 2018 for the averaged model). It averages the parameters only;
 its BatchNorm statistics are the trained model's, copied at each update, and should be recomputed for the
 averaged weights before it is evaluated (``metaquant.batchnorm.recompute_batchnorm_stats``, which ``fit`` does
 with ``precise_bn_batches``).

@@ -259,8 +259,9 @@ def _add_quantization(p: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--init",
         default=None,
-        help="pre-trained full-precision weights: a checkpoint, a run directory, or the original "
-        "MetaQuant code's state_dict (e.g. ResNet20-CIFAR10-pretrain.pth)",
+        help="the weights to start from: pre-trained full-precision weights (a checkpoint, a run directory, or "
+        "the original MetaQuant code's state_dict, e.g. ResNet20-CIFAR10-pretrain.pth), or a quantization run "
+        "to fine-tune (the weights it delivered: its average with --ema-decay)",
     )
     q.add_argument(
         "-q",

@@ -243,7 +243,7 @@ class RunConfig:
         if self.distill_weight > 0 and self.task != "quantize":
             raise ValueError(
                 f"distill_weight {self.distill_weight!r} applies to quantize runs (their teacher is the init "
-                f"model), not to task {self.task!r}"
+                f"model or teacher), not to task {self.task!r}"
             )
         for name in ("init", "teacher", "meta_init", "lr_gain_from"):  # a checkpoint or run directory, if given
             value = getattr(self, name)

@@ -569,10 +569,10 @@ def execute(
     """
     if run_dir is not None:
         RunDir.check_free(run_dir)  # raises before any work is done, and before anything is written
+    if config.init:
+        _init_path(config.init)  # a missing init or teacher is named before the data set is read
     if config.distill_weight > 0:
         _teacher_path(config)
-    elif config.init:
-        _init_path(config.init)  # a missing init is named before the data set is read
     session = _prepare(config)
     if run_dir is None:
         return _train(config, session, None, FitState(), progress, stop)
@@ -906,8 +906,9 @@ def export_run(
     """Write a quantization run's model as a packed file (default ``RUN_DIR/model.safetensors``) or as ONNX
     (``fmt="onnx"``, default ``RUN_DIR/model.onnx``).
 
-    The model is the run's latest checkpoint, quantized as it trained; the file's metadata holds the run's
-    configuration and its final test accuracy, so ``evaluate_artifact`` can test it on the run's own data.
+    The model is the run's latest checkpoint, quantized as it trained (the weight average, when the run kept
+    one: the model it delivers); the file's metadata holds the run's configuration and its final test
+    accuracy, so ``evaluate_artifact`` can test it on the run's own data.
 
     Args:
         run_dir: a ``quantize`` run directory with a checkpoint.

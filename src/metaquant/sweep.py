@@ -59,7 +59,7 @@ import torch
 
 from .config import OPTIMIZERS, RunConfig
 from .guards import StopFlag, TrainingInterrupted
-from .pipeline import execute, resume
+from .pipeline import execute, meta_config, resume
 from .runs import RunDir, RunExistsError
 
 if sys.version_info >= (3, 11):
@@ -352,6 +352,11 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
             label = fields.pop("label", None)
             equivalent_of = fields.pop("equivalent_of", None)
             continue_from = fields.pop("continue_from", None)
+            if continue_from is not None and "init" in fields:
+                raise ValueError(
+                    f"sweep {spec.name!r}: an entry with continue_from {continue_from!r} starts from that run; "
+                    f"it cannot also set init {fields['init']!r}"
+                )
             if equivalent_of not in (None, "fc-grad"):
                 raise ValueError(
                     f"sweep {spec.name!r}: equivalent_of {equivalent_of!r} is not supported; allowed: fc-grad"
@@ -375,19 +380,40 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
 
 
 def _continuing(spec: SweepSpec, config: RunConfig, label: object, earlier: list[PlannedRun]) -> RunConfig:
-    """``config`` starting from the earlier run of the same trial labelled ``label``: its weights as ``init``, its
+    """``config`` starting from the earlier run of the same trial labelled ``label`` (and of the same model, data
+    set and quantizer; of the same optimizer when the label has runs of several): its weights as ``init``, its
     meta quantizer as ``meta_init`` (when both use one), the init model it replaces as the ``teacher``."""
-    source = next((r for r in earlier if r.label == label), None)
-    if source is None:
+    labelled = [r for r in earlier if r.label == label]
+    if not labelled:
         labels = ", ".join(sorted({repr(r.label) for r in earlier})) or "none"
         raise ValueError(
             f"sweep {spec.name!r}: continue_from {label!r} names no run of an earlier [[grid]] entry; earlier "
             f"labels: {labels}"
         )
+
+    def key(c: RunConfig) -> tuple[Any, ...]:
+        return (c.model, c.dataset, c.quantizer, c.bits)
+
+    sources = [r for r in labelled if key(r.config) == key(config)]
+    if len(sources) > 1:
+        sources = [r for r in sources if r.config.optimizer == config.optimizer]
+    if len(sources) != 1:
+        found = ", ".join(r.path.name for r in labelled)
+        raise ValueError(
+            f"sweep {spec.name!r}: continue_from {label!r}: {'no' if not sources else 'more than one'} run of that "
+            f"label has this run's model, data set and quantizer ({config.model}, {config.dataset}, "
+            f"{config.quantizer}{config.bits}, {config.optimizer}); runs of that label: {found}"
+        )
+    (source,) = sources
     fields: dict[str, Any] = {"init": str(source.path)}
     if config.distill_weight > 0:
         fields["teacher"] = config.teacher or config.init  # the full-precision model, not the run it continues
     if config.uses_meta and source.config.uses_meta:
+        if meta_config(source.config) != meta_config(config):
+            raise ValueError(
+                f"sweep {spec.name!r}: continue_from {label!r}: the meta quantizer of {source.path.name} "
+                f"({meta_config(source.config)}) is not this run's ({meta_config(config)}); it would not load"
+            )
         fields["meta_init"] = str(source.path)
     try:
         return RunConfig.from_dict({**config.to_dict(), **fields})
@@ -412,10 +438,10 @@ def _planned(
         raise ValueError(f"sweep {spec.name!r}: {err}") from None
     if spec.pretrain is not None and config.init is None:
         config = dataclasses.replace(config, init=str(pretrain_path(root, config.model, config.dataset)))
-    if config.distill_weight > 0 and config.init is None:  # refused now, not when the run's turn comes
+    if config.distill_weight > 0 and config.init is None and config.teacher is None:  # refused now, not later
         raise ValueError(
             f"sweep {spec.name!r}: distill_weight {config.distill_weight:g} distils from the full-precision model "
-            "named by init: set init, or add a [pretrain] part"
+            "named by teacher or init: set one, or add a [pretrain] part"
         )
     name = label or backward_label(config)
     config = dataclasses.replace(config, label=name)

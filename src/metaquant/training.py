@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from .batchnorm import recompute_batchnorm_stats
+from .batchnorm import batchnorm_layers, recompute_batchnorm_stats
 from .distributed import all_reduce_sum, any_process, is_distributed, unwrap
 from .guards import NonFiniteError, SkipLimitError, StepSnapshot, StopFlag, TrainingInterrupted, all_finite
 from .precision import autocast
@@ -282,11 +282,13 @@ def fit(
             with or without it. Needs a ``train_loader`` that can be iterated again (not a generator).
         averaged: an average of the model's weights to deliver instead of the last ones, e.g.
             ``metaquant.averaging.ema_model(model, 0.999)`` (a ``torch.optim.swa_utils.AveragedModel`` of the
-            unwrapped model), updated after every step that changed the weights. Each epoch evaluates it (with
+            unwrapped model), updated after every step not skipped for non-finite values. Each epoch evaluates it (with
             ``precise_bn_batches``, after recomputing its statistics: give both, as the average takes the
             trained model's) and the trained model: the average's accuracy is the epoch's ``test_acc`` (and
-            ``best_acc``, ``last_acc``), the trained model's ``trained_test_acc``. Its ``state_dict`` goes into
-            each checkpoint as ``"averaged"``; ``restore_fit`` gives it back.
+            ``best_acc``, ``last_acc``; ``ReduceLROnPlateau`` steps on its loss), the trained model's
+            ``trained_test_acc``. Its ``state_dict`` goes into each checkpoint as ``"averaged"``; ``restore_fit``
+            gives it back. Without ``precise_bn_batches`` the average is evaluated with the trained model's
+            BatchNorm statistics, made for other weights: a warning says so.
 
     After every step the model's parameters and buffers are checked: an update that made them non-finite
     stops the run (``NonFiniteError``) or, when the trainer skips non-finite steps, is undone from a
@@ -354,6 +356,11 @@ def fit(
     state = state or FitState()
     if averaged is not None and not isinstance(averaged, AveragedModel):
         raise TypeError(f"averaged must be a torch.optim.swa_utils.AveragedModel, got {type(averaged).__name__}")
+    if averaged is not None and not precise_bn_batches and batchnorm_layers(averaged.module):
+        logger.warning(
+            "the weight average is evaluated with the trained model's BatchNorm statistics, gathered for other "
+            "weights; give precise_bn_batches (--precise-bn) to recompute them for the average"
+        )
     skip = getattr(trainer, "on_nonfinite", "raise") == "skip"
     weights = [*unwrap(model).parameters(), *unwrap(model).buffers()]
 
