@@ -36,7 +36,7 @@ from .integrity import read_verified, with_digest
 from .layers import QuantConfig, dequantize_, quantize_
 from .layout import apply_memory_format, preferred_memory_format
 from .meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
-from .models import extract_state_dict, get_model, load_weights, read_checkpoint
+from .models import get_model, load_weights, read_checkpoint
 from .precision import make_grad_scaler
 from .runs import (
     CHECKPOINT,
@@ -855,7 +855,7 @@ def _run_model(run: RunDir, device: str | None = None, from_previous: bool = Fal
         raise ValueError(f"{run.path} has no checkpoint yet")
     info = dataset_info(config.dataset)
     model = build_model(dataclasses.replace(config, init=None), info.num_classes, info.in_channels, info.image_size)
-    load_weights(model, extract_state_dict(checkpoint))  # the average, when the run kept one
+    load_weights(model, checkpoint)  # reads the average, when the run kept one
     return config, model.to(resolve_device(device or config.device)).eval(), info
 
 
