@@ -79,6 +79,43 @@ def test_fit_resumes_from_a_state():
     assert state.epoch == 5 and state.iteration == 5
 
 
+def test_fit_resumed_mid_epoch_trains_the_remaining_batches_and_counts_them_once(monkeypatch):
+    import metaquant.training as training
+
+    bars = []
+
+    class RecordingBar(training.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(training, "tqdm", RecordingBar)
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(5)]
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    state = fit(
+        a,
+        Trainer(a, torch.optim.SGD(a.parameters(), lr=0.1)),
+        ListLoader(batches),
+        ListLoader(batches[:1]),
+        epochs=1,
+        schedule=lambda e: 1.0,
+        state=FitState(epoch=0, batch=2, iteration=2),
+        progress=True,
+    )
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+    for x, y in batches[2:]:  # the checkpoint was written after batches 0 and 1
+        opt_b.zero_grad()
+        F.cross_entropy(b(x), y).backward()
+        opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    assert state.iteration == 5
+    # the bar starts at the resumed position and ends at the epoch's length, not past it
+    assert [(bar.n, bar.total) for bar in bars] == [(5, 5)]
+
+
 @pytest.mark.slow
 def test_real_fashion_mnist_full_precision_run_is_far_above_chance(pretrained_resnet20):
     _, accuracy = pretrained_resnet20  # 200 SGD steps of ResNet20 on 6400 real images (conftest)

@@ -8,6 +8,7 @@ training, STE, or MetaQuant): they all offer ``step(closure)``, ``set_epoch`` an
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import random
@@ -420,17 +421,20 @@ def fit(
         start = time.perf_counter()
         resume_at = state.batch
         batches = len(train_loader) if isinstance(train_loader, Sized) else None  # a generator has no len
+        epoch_batches = iter(train_loader)
+        # The batches done before the checkpoint this run resumed from: the loader replays the epoch (same order,
+        # same augmentation), and they are drawn and dropped outside the bar, which starts at resume_at.
+        for _ in itertools.islice(epoch_batches, resume_at):
+            pass
         bar = tqdm(
-            train_loader,
+            epoch_batches,
             desc=f"epoch {epoch + 1}/{epochs}",
             leave=False,
             disable=not progress,
             total=batches,
             initial=resume_at,
         )
-        for b, (x, y) in enumerate(bar):
-            if b < resume_at:
-                continue  # done before the checkpoint this run resumed from; the loader replays the epoch
+        for b, (x, y) in enumerate(bar, start=resume_at):
             logits_box: list[Tensor] = []
 
             def closure(x: Tensor = x, y: Tensor = y, logits_box: list[Tensor] = logits_box) -> Tensor:
