@@ -204,3 +204,33 @@ def test_collect_errors(tmp_path):
         collect([tmp_path / "nope"])
     with pytest.raises(ValueError, match="no runs found"):
         collect([tmp_path])
+
+
+def test_a_run_that_continues_a_quantization_run_is_compared_with_the_full_precision_model_it_descends_from(
+    tmp_path,
+):
+    """A fine-tuning run's ``init`` is a 1-bit run: its full-precision accuracy is that of the pre-training at the
+    start of the chain (also once the sweep's folder has moved), not the 1-bit run's."""
+    root = tmp_path / "sweep"
+    pre = root / "pretrain-resnet20-fashion-mnist"
+    pre.mkdir(parents=True)
+    RunConfig(task="pretrain").save(pre / "config.json")
+    (pre / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "test_acc": 94.5, "train_loss": 0.2}) + "\n")
+    chain = [("first-trial-1", pre, [90.0, 92.0]), ("tuned-trial-1", root / "first-trial-1", [93.0, 93.5])]
+    for name, init, accuracies in chain:
+        run = root / name
+        run.mkdir()
+        RunConfig(label=name.split("-")[0], init=str(init)).save(run / "config.json")
+        lines = [json.dumps({"epoch": i, "test_acc": a, "train_loss": 1.0}) for i, a in enumerate(accuracies)]
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        (run / "done").touch()
+    moved = tmp_path / "moved"
+    root.rename(moved)  # the configurations still name the old folder
+    by_label = {t.key[5]: t for t in collect([moved])}
+    assert by_label["first"].fp_acc == 94.5 and by_label["tuned"].fp_acc == 94.5
+    loop = moved / "loop-trial-1"  # runs that start from each other: no full-precision model to compare with
+    loop.mkdir()
+    RunConfig(init=str(loop)).save(loop / "config.json")
+    (loop / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "test_acc": 50.0, "train_loss": 1.0}) + "\n")
+    (loop / "done").touch()
+    assert {t.key[5]: t for t in collect([moved])}["STE"].fp_acc is None

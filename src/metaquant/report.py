@@ -22,9 +22,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +194,38 @@ def last_k_stats(curves: Sequence[Sequence[float]], k: int = 10) -> tuple[float,
 
 
 # --- reading ---------------------------------------------------------------------------------------------
+def _full_precision_accuracy(config: RunConfig, path: Path) -> float | None:
+    """The final test accuracy of the full-precision model that the run in ``path`` descends from, if known.
+
+    ``init`` names the run a run started from; a quantization run that continues another (fine-tuning a 1-bit
+    model) names that one, so the chain is followed through quantization runs to the first run that is not
+    one. A directory that is not found where ``init`` says is looked for beside the run (a sweep's folder moved
+    elsewhere).
+    """
+    from .config import RunConfig
+
+    visited: set[Path] = set()
+    source, here = config.init, path
+    while source:
+        init = Path(source)
+        if not init.exists() and (here.parent / init.name).exists():
+            init = here.parent / init.name
+        run_dir = init if init.is_dir() else init.parent
+        if run_dir.resolve() in visited:  # a loop of runs that start from each other: no full-precision model
+            return None
+        visited.add(run_dir.resolve())
+        if (run_dir / "config.json").exists():
+            parent = RunConfig.load(run_dir / "config.json")
+            if parent.task == "quantize":
+                source, here = parent.init, run_dir
+                continue
+        if not (run_dir / "metrics.jsonl").exists():
+            return None
+        lines = _checked_metrics(run_dir, need=("test_acc",))
+        return lines[-1]["test_acc"] if lines else None
+    return None
+
+
 def read_run(path: Path) -> TrialCurves | None:
     """A finished run directory of this library; None for a pre-training run or an unfinished run (whose
     partial curves would bias the statistics).
@@ -198,7 +233,8 @@ def read_run(path: Path) -> TrialCurves | None:
     The backward method is the run's ``label`` (default ``sweep.backward_label``); the trial number comes from
     a directory name ending in ``-trial-<n>``, else it is ``seed + 1``; ``fp_acc`` is the final accuracy of
     the run named by ``init``, when that run directory is there (or, for a sweep's folder that was moved, a
-    directory of the same name beside the run).
+    directory of the same name beside the run); for a run that continues a quantization run, that of the
+    full-precision run at the start of the chain.
 
     Args:
         path: the run directory.
@@ -234,15 +270,7 @@ def read_run(path: Path) -> TrialCurves | None:
     metrics = _checked_metrics(path)
     if config.task != "quantize" or not metrics:
         return None
-    fp_acc = None
-    if config.init:
-        init = Path(config.init)
-        if not init.exists() and (path.parent / init.name).exists():
-            init = path.parent / init.name  # a sweep's folder moved elsewhere: its pre-training sits beside
-        init_metrics = (init if init.is_dir() else init.parent) / "metrics.jsonl"
-        if init_metrics.exists():
-            lines = _checked_metrics(init_metrics.parent, need=("test_acc",))
-            fp_acc = lines[-1]["test_acc"] if lines else None
+    fp_acc = _full_precision_accuracy(config, path)
     label = config.label or backward_label(config)
     trial = int(path.name.rsplit("-trial-", 1)[1]) if "-trial-" in path.name else config.seed + 1
     return TrialCurves(
