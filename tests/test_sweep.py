@@ -483,3 +483,104 @@ def test_continue_from_pairs_runs_by_model_and_optimizer_and_refuses_what_would_
     grid[1] = {"estimator": "ste", "label": "tuned", "continue_from": "first", "init": "elsewhere"}
     with pytest.raises(ValueError, match="continue_from 'first' starts from that run; it cannot also set init"):
         plan(spec, tmp_path)
+
+
+def test_only_selects_runs_by_name_in_plan_order_and_refuses_a_pattern_that_matches_nothing(tmp_path, capsys):
+    from metaquant.cli import main
+    from metaquant.sweep import select_runs
+
+    path, root = write(tmp_path), tmp_path / "runs"
+    runs = plan(load_sweep(path), root)
+    names = [r.path.name for r in runs]
+    # an independent selection: every name against each pattern by hand
+    picked = select_runs(runs, ["multifc-*", "*momentum*-trial-2"])
+    expected = [n for n in names if n.startswith("multifc-") or ("momentum" in n and n.endswith("-trial-2"))]
+    assert [r.path.name for r in picked] == expected and len(expected) == 4 + 1
+    assert select_runs(runs, [names[3], names[3]]) == [runs[3]]  # a run matched twice is made once
+    assert select_runs(runs, names[3]) == [runs[3]]  # one string is one pattern, not a list of characters
+    assert select_runs(runs, [str(runs[2].path)]) == [runs[2]]  # a path as --dry-run prints it
+    for bad, message in (
+        (["lstmfc-*"], "pattern 'lstmfc-\\*' matches no run of the sweep .*--dry-run"),
+        (["ste-*", " "], "blank"),
+        ([], "no pattern"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            select_runs(runs, bad)
+    assert main(["sweep", str(path), "--run-dir", str(root), "--dry-run", "--only", "*-adam-trial-1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    numbered = [f"[{i}] {r.path} (to run)" for i, r in enumerate(runs, 1) if r.path.name.endswith("-adam-trial-1")]
+    assert lines == numbered and len(lines) == 2  # the sweep's numbering, so that lists can be compared
+    assert main(["sweep", str(path), "--run-dir", str(root), "--only", "ste-*-adm-*"]) == 2
+    assert "pattern 'ste-*-adm-*' matches no run" in capsys.readouterr().err
+    assert not root.exists()
+
+
+def test_only_refuses_to_leave_out_an_unfinished_run_that_a_selected_one_starts_from(tmp_path, capsys):
+    from metaquant.cli import main
+    from metaquant.sweep import SweepSpec, select_runs
+
+    grid = [
+        {"estimator": "fc-grad"},
+        {"estimator": "ste", "equivalent_of": "fc-grad"},
+        {"estimator": "ste", "label": "tuned", "continue_from": "FC-Grad", "lr": 1e-5},
+    ]
+    spec = SweepSpec("chain", 1, 0, None, {"dataset": "cifar10"}, grid=grid, optimizer_overrides={})
+    root = tmp_path / "runs"
+    runs = plan(spec, root)
+    fc_grad, equivalent, tuned = runs
+    for selected, reason in ((equivalent, "learned gain"), (tuned, "model")):
+        message = f"run {selected.path.name} starts from run {fc_grad.path.name} \\(its {reason}\\), which is not done"
+        with pytest.raises(ValueError, match=message):
+            run_sweep(spec, root, only=[selected.path.name])
+    assert not root.exists()  # refused before anything was written
+    assert select_runs(runs, ["*"]) == runs  # selected together, they run in order
+    sweep = write(tmp_path, '[[grid]]\nestimator = "fc-grad"\n[[grid]]\nestimator = "ste"\nequivalent_of = "fc-grad"\n')
+    sweep.write_text('name = "chain"\ntrials = 1\n[base]\ndataset = "cifar10"\n' + sweep.read_text())
+    assert main(["sweep", str(sweep), "--run-dir", str(root), "--only", "ste-*", "--dry-run"]) == 2
+    assert "not done and not selected" in capsys.readouterr().err  # a usage error, seen before anything runs
+    fc_grad.path.mkdir(parents=True)  # once the source is done, the selection stands on its own
+    fc_grad.config.save(fc_grad.path / "config.json")
+    (fc_grad.path / "done").touch()
+    assert select_runs(runs, ["ste-*", "tuned-*"]) == [equivalent, tuned]
+
+
+def test_only_makes_the_pre_training_that_the_selected_runs_start_or_distil_from(tmp_path):
+    from metaquant.sweep import SweepSpec, _tasks, pretrain_path
+
+    grid = [
+        {"estimator": "ste", "model": ["resnet20", "resnet32"], "label": "first"},
+        {"estimator": "ste", "model": "resnet20", "label": "tuned", "continue_from": "first", "lr": 1e-5},
+        {"estimator": "ste", "model": "resnet32", "label": "taught", "continue_from": "first", "distill_weight": 0.5},
+    ]
+    spec = SweepSpec("chain", 1, 0, {"epochs": 1}, {"dataset": "cifar10"}, grid=grid, optimizer_overrides={})
+    root = tmp_path / "runs"
+    runs = plan(spec, root)
+    by_label = {(r.label, r.config.model): r for r in runs}
+
+    def pretrains(*keys):
+        return [task.path for task in _tasks(spec, root, runs, [by_label[k] for k in keys])[0]]
+
+    resnet20, resnet32 = (pretrain_path(root, m, "cifar10") for m in ("resnet20", "resnet32"))
+    assert pretrains(*by_label) == [resnet20, resnet32]  # the whole sweep
+    assert pretrains(("first", "resnet32")) == [resnet32]  # its initialisation
+    assert pretrains(("tuned", "resnet20")) == []  # starts from its source run, without a teacher
+    assert pretrains(("taught", "resnet32")) == [resnet32]  # its teacher
+
+
+def test_only_makes_the_selected_runs_and_the_pre_training_they_start_from(tmp_path, tiny_mnist, capsys):
+    from metaquant.cli import main
+
+    data_dir = tiny_mnist[tiny_mnist.index("--data-dir") + 1]
+    data = f'dataset = "mnist"\ndata_dir = "{data_dir}"\ndownload = false\nbatch_size = 32\ndevice = "cpu"\n'
+    text = (
+        f'name = "part"\ntrials = 2\n[pretrain]\n{data}epochs = 1\nlr = 0.05\n'
+        f'[base]\n{data}model = "resnet8"\nepochs = 1\nhidden_size = 4\n[[grid]]\nestimator = ["ste", "multifc"]\n'
+    )
+    root = tmp_path / "runs"
+    assert main(["sweep", str(write(tmp_path, text)), "--run-dir", str(root), "--only", "multifc-*-trial-2"]) == 0
+    out = capsys.readouterr().out
+    assert "[4/4] MultiFC | resnet8 dorefa1 sgd | trial 2: done" in out
+    assert f"the 1 selected run(s) of sweep part finished; summarize it with: metaquant report {root}" in out
+    made = "multifc-resnet8-mnist-dorefa1-sgd-trial-2"
+    assert sorted(p.name for p in root.iterdir()) == [made, "pretrain-resnet8-mnist"]
+    assert (root / made / "done").exists()

@@ -36,7 +36,7 @@ from .refine import THROUGH
 from .report import collect, plot_comparisons, summarize, write_table
 from .runs import RunDir, RunExistsError, RunLockedError
 from .schedules import SCHEDULES
-from .sweep import load_sweep, plan, run_state, run_sweep
+from .sweep import load_sweep, plan, run_state, run_sweep, select_runs
 from .trace import plot_trace
 
 __all__ = ["main", "build_parser"]
@@ -433,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir", default=None, help="where the runs go (default: the file's run_dir, else runs/<sweep name>)"
     )
     sweep.add_argument("--dry-run", action="store_true", help="list the runs without running them")
+    sweep.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="make only the runs whose directory names (or paths) match PATTERN (shell-style, e.g. "
+        "'ste-*-trial-1'; repeat for several; --dry-run lists them), and the pre-training runs they start from",
+    )
     sweep.add_argument("--progress", action="store_true", help="progress bars within each run (with --jobs 1)")
     sweep.add_argument(
         "-j",
@@ -540,8 +547,10 @@ def _sweep(args: argparse.Namespace) -> int:
         source = resolve_preset(args.config)
         spec = load_sweep(source)
         root = Path(args.run_dir or spec.run_dir or Path("runs") / spec.name)
-        if not plan(spec, root):
+        runs = plan(spec, root)
+        if not runs:
             raise ValueError(f"sweep file {source} defines no run (a [[grid]] entry has an empty list)")
+        selected = runs if args.only is None else select_runs(runs, args.only)
     except UnicodeDecodeError:
         raise CLIError(
             f"metaquant sweep: error: sweep file {args.config} is not a text (TOML) file", EXIT_USAGE
@@ -549,17 +558,20 @@ def _sweep(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         raise CLIError(f"metaquant sweep: error: {err}", EXIT_USAGE) from None
     if args.dry_run:
-        for i, run in enumerate(plan(spec, root), 1):
-            print(f"[{i}] {run.path} ({run_state(run.path, run.config)})")
+        chosen = {run.path for run in selected}
+        for i, run in enumerate(runs, 1):
+            if run.path in chosen:
+                print(f"[{i}] {run.path} ({run_state(run.path, run.config)})")
         return 0
     if args.jobs < 1:
         raise CLIError(f"metaquant sweep: error: --jobs must be at least 1, got {args.jobs}", EXIT_USAGE)
     with StopFlag().installed(exiting=True) as stop:
         try:
-            run_sweep(spec, root, progress=args.progress, echo=print, stop=stop, jobs=args.jobs)
+            run_sweep(spec, root, progress=args.progress, echo=print, stop=stop, jobs=args.jobs, only=args.only)
         except TrainingInterrupted as err:
             raise CLIError(f"metaquant: {err}; continue with the same command", 128 + err.signum) from None
-    print(f"sweep {spec.name} finished; summarize it with: metaquant report {root}")
+    what = f"sweep {spec.name}" if args.only is None else f"the {len(selected)} selected run(s) of sweep {spec.name}"
+    print(f"{what} finished; summarize it with: metaquant report {root}")
     return 0
 
 

@@ -33,13 +33,16 @@ weights; with a meta quantizer, also ``meta_init``: the trained meta quantizer),
 sweep's pre-trained model as its ``teacher``; it starts once that run has finished. Runs that are
 ``done`` are skipped when the sweep is run again; a run left unfinished by an interruption is resumed from its
 last checkpoint (exactly: see ``pipeline.resume``). ``run_sweep(..., jobs=N)`` (``metaquant sweep --jobs N``)
-makes N runs at a time, each in its own process, with the same results.
+makes N runs at a time, each in its own process, with the same results; ``only=[pattern, ...]``
+(``metaquant sweep --only PATTERN``) makes only the runs whose directory names match, e.g. to share a sweep out
+between machines.
 A directory holding a run of another configuration is never touched: the sweep stops and says so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib
 import itertools
 import logging
@@ -49,7 +52,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -67,7 +70,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "run_sweep", "run_state", "backward_label"]
+__all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "run_sweep", "run_state", "select_runs", "backward_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -527,20 +530,85 @@ def _line(task: _Task, status: str, final: float | None, best: float | None, sec
     return f"{task.title}: {status}, final {final:.2f}%, best {best:.2f}% ({seconds:.0f}s)"
 
 
-def _tasks(spec: SweepSpec, root: Path, runs: list[PlannedRun]) -> tuple[list[_Task], list[_Task]]:
+def _matches(run: PlannedRun, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(run.path.name, pattern) or fnmatch.fnmatchcase(str(run.path), pattern)
+
+
+def select_runs(runs: list[PlannedRun], patterns: Sequence[str]) -> list[PlannedRun]:
+    """The runs whose directory name matches one of ``patterns`` (shell-style: ``*``, ``?``, ``[...]``), in order.
+
+    A pattern may also be a run's whole path, as ``metaquant sweep --dry-run`` prints it.
+
+    A selected run that starts from another run of the sweep (an equivalent STE from its FC-Grad run's learned
+    gain, a ``continue_from`` run from its source's model) needs that run to be selected too, or done already.
+
+    Args:
+        runs: the sweep's runs, as ``plan`` gives them.
+        patterns: at least one pattern (a single string is one pattern); each must match at least one run (a
+            typo would otherwise select nothing, silently).
+
+    Returns:
+        The selected runs, in the order of ``runs``.
+
+    Raises:
+        ValueError: no pattern, a blank pattern, a pattern that matches no run (named, with an example name),
+            or a selection that leaves out an unfinished run that a selected one starts from (both named).
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.sweep import SweepSpec, plan, select_runs
+        >>> spec = SweepSpec(name="demo", trials=2, seed=0, pretrain=None, base={"dataset": "cifar10"},
+        ...                  grid=[{"estimator": ["ste", "multifc"]}], optimizer_overrides={})
+        >>> [r.path.name for r in select_runs(plan(spec, pathlib.Path("sweeps/demo")), ["*-trial-2"])]
+        ['ste-resnet20-cifar10-dorefa1-sgd-trial-2', 'multifc-resnet20-cifar10-dorefa1-sgd-trial-2']
+    """
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:
+        raise ValueError("no pattern given to select runs by; give at least one (e.g. 'ste-*-trial-1')")
+    for pattern in patterns:
+        if not pattern.strip():
+            raise ValueError(f"a pattern to select runs by is blank ({pattern!r}); give a run name or a glob")
+        if not any(_matches(run, pattern) for run in runs):
+            names = f"run names look like {runs[0].path.name!r}" if runs else "the sweep has no run"
+            raise ValueError(
+                f"pattern {pattern!r} matches no run of the sweep ({names}; `metaquant sweep --dry-run` lists "
+                "them; a pre-training is not selected: it is made for the selected runs that need it)"
+            )
+    selected = [run for run in runs if any(_matches(run, p) for p in patterns)]
+    planned = {run.path: run for run in runs}
+    chosen = {run.path for run in selected}
+    for run in selected:
+        for source in sorted(_sources(run.config) - chosen):
+            needed = planned.get(source)  # an init from outside the sweep is the user's to provide
+            if needed is not None and run_state(needed.path, needed.config) != "done":
+                gain_from = run.config.lr_gain_from
+                what = "learned gain" if gain_from and Path(gain_from) == source else "model"
+                raise ValueError(
+                    f"run {run.path.name} starts from run {source.name} (its {what}), which is not done and not "
+                    f"selected; select it too (its name as a pattern)"
+                )
+    return selected
+
+
+def _tasks(
+    spec: SweepSpec, root: Path, runs: list[PlannedRun], selected: list[PlannedRun]
+) -> tuple[list[_Task], list[_Task]]:
+    """The pre-training runs that ``selected`` start from or distil from, and ``selected`` (numbered as in
+    ``runs``)."""
     pretrains = []
     if spec.pretrain is not None:
-        for model, dataset in dict.fromkeys((r.config.model, r.config.dataset) for r in runs):
-            pretrains.append(
-                _Task(
-                    pretrain_path(root, model, dataset),
-                    pretrain_config(spec, model, dataset),
-                    f"[pretrain] {model} on {dataset}",
-                    True,
+        needed = {Path(p) for run in selected for p in (run.config.init, run.config.teacher) if p}
+        for model, dataset in dict.fromkeys((r.config.model, r.config.dataset) for r in selected):
+            path = pretrain_path(root, model, dataset)
+            if path in needed:  # not for a run that only continues another (or starts from a model of its own)
+                pretrains.append(
+                    _Task(path, pretrain_config(spec, model, dataset), f"[pretrain] {model} on {dataset}", True)
                 )
-            )
     quantize = []
+    chosen = {run.path for run in selected}
     for i, run in enumerate(runs, 1):
+        if run.path not in chosen:
+            continue
         c = run.config
         title = f"[{i}/{len(runs)}] {run.label} | {c.model} {c.quantizer}{c.bits} {c.optimizer} | trial {run.trial}"
         quantize.append(_Task(run.path, run.config, title, False))
@@ -555,8 +623,10 @@ def run_sweep(
     echo: Callable[[str], None] = logger.info,
     stop: StopFlag | None = None,
     jobs: int = 1,
+    only: Sequence[str] | None = None,
 ) -> list[PlannedRun]:
-    """Run every run of ``spec`` under ``root`` that is not done yet; one progress line per run via ``echo``.
+    """Run every run of ``spec`` (or those ``only`` selects) under ``root`` that is not done yet; one progress line
+    per run via ``echo``.
 
     The shared pre-training runs (if ``spec.pretrain``) come first. A finished run is skipped, an interrupted
     one resumed (``pipeline.resume``), a new one started (``pipeline.execute``).
@@ -578,13 +648,16 @@ def run_sweep(
             this module's logger at INFO level (the CLI prints them).
         stop: a ``StopFlag``, as for ``pipeline.execute``.
         jobs: how many runs at a time (1: one after another, in this process).
+        only: patterns of run directory names (``select_runs``); None: every run. Only the pre-training runs
+            that the selected runs start (or distil) from are made.
 
     Returns:
-        The ``PlannedRun`` of every quantization run, as ``plan`` gives them.
+        The ``PlannedRun`` of every quantization run made (or skipped as done), as ``plan`` gives them.
 
     Raises:
         ValueError: a run directory holds a run of another configuration, or a directory that is not a run
-            (nothing in it is touched); ``jobs`` is not an integer >= 1; and ``plan``'s errors.
+            (nothing in it is touched); ``jobs`` is not an integer >= 1; ``select_runs``'s errors (with
+            ``only``) and ``plan``'s.
         TrainingInterrupted: ``stop`` was set; running the sweep again resumes where it stopped.
         FileNotFoundError: as ``pipeline.execute`` (e.g. the data set is not found).
 
@@ -605,9 +678,10 @@ def run_sweep(
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     runs = plan(spec, root)
-    pretrains, quantize = _tasks(spec, root, runs)
+    selected = runs if only is None else select_runs(runs, only)
+    pretrains, quantize = _tasks(spec, root, runs, selected)
+    root.mkdir(parents=True, exist_ok=True)
     for phase in (pretrains, quantize):  # the quantization runs start from the pre-trained models
         if jobs == 1:
             for task in phase:
@@ -616,7 +690,7 @@ def run_sweep(
                 echo(_line(task, status, final, best, time.perf_counter() - start))
         else:
             _run_side_by_side(phase, jobs, echo, stop)
-    return runs
+    return selected
 
 
 def _worker(path: str, config: RunConfig, threads: int, conn: Connection) -> None:
@@ -647,11 +721,15 @@ def _rebuild(module: str, name: str, message: str) -> Exception:
     return RuntimeError(f"{name}: {message}")
 
 
+def _sources(config: RunConfig) -> set[Path]:
+    """The runs ``config`` starts from: the FC-Grad run whose gain an equivalent STE uses, the run that a
+    fine-tuning run continues (any other ``init`` is no run of the sweep)."""
+    return {Path(source) for source in (config.lr_gain_from, config.init) if source}
+
+
 def _prerequisites(task: _Task) -> set[Path]:
-    """Runs that must be finished before ``task`` starts: the FC-Grad run whose gain an equivalent STE uses, the
-    run that a fine-tuning run continues (any other ``init`` is no run of the sweep, and so never pending)."""
-    sources = (getattr(task.config, "lr_gain_from", None), getattr(task.config, "init", None))
-    return {Path(source) for source in sources if source}
+    """Runs that must be finished before ``task`` starts (``_sources``; a pre-training's config has none)."""
+    return _sources(task.config)
 
 
 def _next_task(pending: list[_Task], running: set[Path]) -> _Task | None:
