@@ -390,7 +390,7 @@ def test_side_by_side_a_run_waits_for_the_run_whose_result_it_needs(tmp_path):
 def test_a_run_continues_the_run_of_its_trial_that_an_earlier_entry_labels(tmp_path):
     """``continue_from``: init is the source run of the same trial, the teacher stays the pre-trained model, a meta
     quantizer continues from the source's; an unknown or later label is refused, naming the earlier labels."""
-    from metaquant.sweep import SweepSpec, _prerequisites, _Task, plan, pretrain_path
+    from metaquant.sweep import SweepSpec, _prerequisites, plan, pretrain_path
 
     grid = [
         {"estimator": ["ste", "multifc"], "label": "first"},
@@ -408,7 +408,7 @@ def test_a_run_continues_the_run_of_its_trial_that_an_earlier_entry_labels(tmp_p
         c = run.config
         assert (c.init, c.meta_init) == (str(source.path), str(source.path))
         assert c.teacher == str(pretrain_path(tmp_path, "resnet20", "cifar10")) and c.lr == 1e-5
-        assert _prerequisites(_Task(run.path, c, run.label, False)) == {source.path}
+        assert _prerequisites(c) == {source.path}
     grid[-1] = {**grid[-1], "estimator": "ste", "distill_weight": 0.0}  # no teacher, no meta quantizer to carry
     (tuned, _) = [r for r in plan(spec, tmp_path) if r.label == "tuned"]
     assert (tuned.config.teacher, tuned.config.meta_init) == (None, None)

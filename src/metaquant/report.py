@@ -211,9 +211,10 @@ def _full_precision_accuracy(config: RunConfig, path: Path) -> float | None:
         if not init.exists() and (here.parent / init.name).exists():
             init = here.parent / init.name
         run_dir = init if init.is_dir() else init.parent
-        if run_dir.resolve() in visited:  # a loop of runs that start from each other: no full-precision model
+        key = run_dir.resolve()
+        if key in visited:  # a loop of runs that start from each other: no full-precision model
             return None
-        visited.add(run_dir.resolve())
+        visited.add(key)
         if (run_dir / "config.json").exists():
             parent = RunConfig.load(run_dir / "config.json")
             if parent.task == "quantize":

@@ -578,7 +578,7 @@ def select_runs(runs: list[PlannedRun], patterns: Sequence[str]) -> list[Planned
     planned = {run.path: run for run in runs}
     chosen = {run.path for run in selected}
     for run in selected:
-        for source in sorted(_sources(run.config) - chosen):
+        for source in sorted(_prerequisites(run.config) - chosen):
             needed = planned.get(source)  # an init from outside the sweep is the user's to provide
             if needed is not None and run_state(needed.path, needed.config) != "done":
                 gain_from = run.config.lr_gain_from
@@ -721,21 +721,16 @@ def _rebuild(module: str, name: str, message: str) -> Exception:
     return RuntimeError(f"{name}: {message}")
 
 
-def _sources(config: RunConfig) -> set[Path]:
-    """The runs ``config`` starts from: the FC-Grad run whose gain an equivalent STE uses, the run that a
-    fine-tuning run continues (any other ``init`` is no run of the sweep)."""
+def _prerequisites(config: RunConfig) -> set[Path]:
+    """The runs that must be finished before a run of ``config`` starts: the FC-Grad run whose gain an equivalent
+    STE uses, the run that a fine-tuning run continues (any other ``init`` is no run of the sweep)."""
     return {Path(source) for source in (config.lr_gain_from, config.init) if source}
-
-
-def _prerequisites(task: _Task) -> set[Path]:
-    """Runs that must be finished before ``task`` starts (``_sources``; a pre-training's config has none)."""
-    return _sources(task.config)
 
 
 def _next_task(pending: list[_Task], running: set[Path]) -> _Task | None:
     """The first pending run whose prerequisites are neither pending nor running, or None."""
     unfinished = {t.path for t in pending} | running
-    return next((t for t in pending if not (_prerequisites(t) & unfinished)), None)
+    return next((t for t in pending if not (_prerequisites(t.config) & unfinished)), None)
 
 
 def _run_side_by_side(tasks: list[_Task], jobs: int, echo: Callable[[str], None], stop: StopFlag | None) -> None:
