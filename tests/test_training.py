@@ -116,6 +116,53 @@ def test_fit_resumed_mid_epoch_trains_the_remaining_batches_and_counts_them_once
     assert [(bar.n, bar.total) for bar in bars] == [(5, 5)]
 
 
+def test_fit_refuses_to_resume_past_the_end_of_a_shorter_loader():
+    # a checkpoint at step 4 of an epoch, resumed with a loader of 3 batches, would otherwise train nothing
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(3)]
+    model = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"yields 3 batches in epoch 2.*step 4"):
+        fit(
+            model,
+            Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1)),
+            ListLoader(batches),
+            ListLoader(batches[:1]),
+            epochs=2,
+            schedule=lambda e: 1.0,
+            state=FitState(epoch=1, batch=4, iteration=7),
+            progress=False,
+        )
+    for p, q in zip(model.parameters(), before):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_fit_resumed_at_the_last_step_of_an_epoch_goes_on_with_the_next():
+    # a stop after the last batch of an epoch writes a mid-epoch state at step len(loader): nothing is left of it
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(3)]
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    state = fit(
+        a,
+        Trainer(a, torch.optim.SGD(a.parameters(), lr=0.1)),
+        ListLoader(batches),
+        ListLoader(batches[:1]),
+        epochs=2,
+        schedule=lambda e: 1.0,
+        state=FitState(epoch=0, batch=3, iteration=3),
+        progress=False,
+    )
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+    for x, y in batches:  # epoch 2 only
+        opt_b.zero_grad()
+        F.cross_entropy(b(x), y).backward()
+        opt_b.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    assert state.epoch == 2 and state.iteration == 6
+
+
 @pytest.mark.slow
 def test_real_fashion_mnist_full_precision_run_is_far_above_chance(pretrained_resnet20):
     _, accuracy = pretrained_resnet20  # 200 SGD steps of ResNet20 on 6400 real images (conftest)

@@ -424,8 +424,13 @@ def fit(
         epoch_batches = iter(train_loader)
         # The batches done before the checkpoint this run resumed from: the loader replays the epoch (same order,
         # same augmentation), and they are drawn and dropped outside the bar, which starts at resume_at.
-        for _ in itertools.islice(epoch_batches, resume_at):
-            pass
+        replayed = sum(1 for _ in itertools.islice(epoch_batches, resume_at))
+        if replayed < resume_at:
+            raise ValueError(
+                f"the training loader yields {replayed} batches in epoch {epoch + 1}, but the state to resume from "
+                f"is at step {resume_at} of that epoch: it was made with other data or another batch size; "
+                f"resume with the loader the run was trained with"
+            )
         bar = tqdm(
             epoch_batches,
             desc=f"epoch {epoch + 1}/{epochs}",
