@@ -151,6 +151,51 @@ def test_skipped_steps_are_not_averaged():
     assert int(average.n_averaged) == 4
 
 
+@pytest.mark.parametrize("kind", ["ste", "multifc"])
+def test_steps_the_fp16_loss_scaler_skipped_are_not_averaged(kind):
+    """A step whose scaled gradients overflow makes no update; averaging its unchanged weights once more would pull
+    the average towards them. Oracle: the EMA recursion by hand over the weights after the steps that updated."""
+    torch.manual_seed(0)
+    model = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = (
+        mq.Trainer(model, optimizer, grad_scaler=scaler)
+        if kind == "ste"
+        else mq.MetaQuant(model, optimizer, mq.MultiFC(hidden=4), grad_scaler=scaler)
+    )
+    average = ema_model(model, 0.5)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 1, 4, 4, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(4)]
+    seen = []  # the weights each step starts from, then the final ones
+
+    def criterion(logits, y, x):
+        seen.append([p.detach().clone() for p in model.parameters()])
+        loss = F.cross_entropy(logits, y)
+        return loss * 1e37 if len(seen) == 3 else loss  # step 3: finite loss, its scaled gradients overflow
+
+    state = mq.fit(
+        model,
+        trainer,
+        batches,
+        batches[:1],
+        epochs=1,
+        schedule=None,
+        progress=False,
+        averaged=average,
+        criterion=criterion,
+    )
+    seen.append([p.detach().clone() for p in model.parameters()])
+    assert trainer.overflow_steps == 1 and trainer.skipped_steps == 0 and state.skipped == 0
+    assert all(torch.equal(a, b) for a, b in zip(seen[2], seen[3]))  # step 3 changed nothing
+    assert int(average.n_averaged) == 3
+    expected = seen[1]  # W̄ after step 1 is W_1; steps 2 and 4 update it; step 3 does not
+    for weights in (seen[2], seen[4]):
+        expected = [0.5 * e + 0.5 * w for e, w in zip(expected, weights)]
+    for got, want in zip(average.module.parameters(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_fit_refuses_an_average_that_is_not_an_averaged_model():
     train, test = _toy_data()
     model, trainer, _ = _setup()

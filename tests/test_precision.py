@@ -76,7 +76,7 @@ def test_grad_scaler_gives_the_unscaled_update_and_skips_overflowing_steps(kind)
             scaler.update(3e38)  # the next scaled loss overflows float32
             trainer.step(closure)
             assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # skipped
-            assert scaler.get_scale() < 3e38 and trainer.skipped_steps == 0
+            assert scaler.get_scale() < 3e38 and trainer.skipped_steps == 0 and trainer.overflow_steps == 1
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 

@@ -142,7 +142,8 @@ class MetaQuant:
         grad_scaler: a ``torch.amp.GradScaler`` for float16 forward passes: the loss is scaled before the
             backward pass; ``g_Ŵ``, ``∂ℓ/∂φ`` and the other gradients are unscaled before anything uses them; a
             step whose scaled gradients overflowed is skipped (no update, records kept) while the scaler lowers
-            its scale, which is not an error and not counted in ``skipped_steps``.
+            its scale, which is not an error and not counted in ``skipped_steps`` but in ``overflow_steps`` (the
+            number of such steps since the trainer was made).
 
     Raises:
         TypeError: ``meta`` is not a ``MetaQuantizer``.
@@ -207,6 +208,7 @@ class MetaQuant:
         check_optimizer(optimizer)
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
+        self.overflow_steps = 0
         self.grad_scaler = grad_scaler
         self._scaler_recorded = False
         self.model = model
@@ -467,6 +469,7 @@ class MetaQuant:
             if scaler is not None and bad != "loss":
                 # The fp16 loss scale overflowed: skip the step, as scaler.step would, and lower the scale.
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+                self.overflow_steps += 1
                 return loss
             self.skipped_steps = reject_step(bad, snapshot, self.skipped_steps)
             return loss

@@ -87,7 +87,8 @@ class Trainer:
             gradient is not finite; ``"skip"`` undoes the forward pass's BatchNorm statistics and skips the step.
         grad_scaler: a ``torch.amp.GradScaler`` for float16 training: the loss is scaled before the backward
             pass, the gradients unscaled before the update, and a step whose scaled gradients overflowed is
-            skipped while the scaler lowers its scale (not an error, not counted in ``skipped_steps``).
+            skipped while the scaler lowers its scale (not an error, not counted in ``skipped_steps`` but in
+            ``overflow_steps``, the number of such steps since the trainer was made).
 
     Raises:
         TypeError: ``estimator`` is not a ``ClassicalEstimator``.
@@ -126,6 +127,7 @@ class Trainer:
         self.estimator = estimator
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
+        self.overflow_steps = 0
         self.grad_scaler = grad_scaler
 
     def _quantized_forward(self) -> contextlib.AbstractContextManager[Any]:
@@ -224,6 +226,7 @@ class Trainer:
             scaler.step(self.optimizer)
             scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            self.overflow_steps += 1
             return loss.detach()
         if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)

@@ -283,7 +283,8 @@ def fit(
             with or without it. Needs a ``train_loader`` that can be iterated again (not a generator).
         averaged: an average of the model's weights to deliver instead of the last ones, e.g.
             ``metaquant.averaging.ema_model(model, 0.999)`` (a ``torch.optim.swa_utils.AveragedModel`` of the
-            unwrapped model), updated after every step not skipped for non-finite values. Each epoch evaluates it (with
+            unwrapped model), updated after every step that updated the weights (not after one skipped for
+            non-finite values, nor after one the fp16 loss scaler skipped). Each epoch evaluates it (with
             ``precise_bn_batches``, after recomputing its statistics: give both, as the average takes the
             trained model's) and the trained model: the average's accuracy is the epoch's ``test_acc`` (and
             ``best_acc``, ``last_acc``; ``ReduceLROnPlateau`` steps on its loss), the trained model's
@@ -452,6 +453,7 @@ def fit(
             where = f"epoch {epoch + 1}, step {b + 1} (iteration {state.iteration + 1})"
             snapshot = StepSnapshot(unwrap(model), trainer.optimizer, trainer) if skip else None
             skipped_before = getattr(trainer, "skipped_steps", 0)
+            overflows_before = getattr(trainer, "overflow_steps", 0)
             try:
                 loss = trainer.step(closure).item()
             except NonFiniteError as err:
@@ -471,7 +473,9 @@ def fit(
                     trainer.skipped_steps = skipped_before + 1
                 logger.warning("skipped the step at %s: its update made the weights non-finite", where)
                 skipped = True
-            if averaged is not None and not skipped:
+            # a step the fp16 loss scaler skipped made no update: the average must not count the weights twice
+            overflowed = getattr(trainer, "overflow_steps", 0) > overflows_before
+            if averaged is not None and not skipped and not overflowed:
                 averaged.update_parameters(unwrap(model))
             state.iteration += 1
             state.batch = b + 1
