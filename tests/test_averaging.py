@@ -308,6 +308,29 @@ def test_a_run_with_an_average_records_both_models_and_eval_reads_the_average(tm
     assert evaluate_artifact(packed, device="cpu")["loss"] == pytest.approx(metrics[-1]["test_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("before, after", [(0.5, 0.0), (0.0, 0.5)])
+def test_resume_refuses_a_config_that_adds_or_drops_the_average_and_names_it(tmp_path, tiny_mnist, before, after):
+    from metaquant.cli import main
+
+    args = [*tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "2", "--no-progress", "--run-dir", str(tmp_path)]
+    assert main(["quantize", *args, "--ema-decay", str(before), "--name", "run"]) == 0
+    run = RunDir(tmp_path / "run")
+    run.done_path.unlink()  # as if killed before it marked itself finished: resume reads the checkpoint
+    checkpoint = load_checkpoint(run.checkpoint_path)
+    config = json.loads(run.config_path.read_text())
+    config["ema_decay"] = after
+    run.config_path.write_text(json.dumps(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "metaquant", "quantize", "--resume", str(run.path), "--no-progress"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"sets ema_decay={after!r}" in done.stderr and f"put ema_decay back to {before!r}" in done.stderr
+    # nothing was changed: the checkpoint is the one the run left
+    assert all(torch.equal(v, load_checkpoint(run.checkpoint_path)["model"][k]) for k, v in checkpoint["model"].items())
+
+
 def test_an_average_evaluated_without_recomputed_statistics_is_warned_about(caplog):
     train, test = _toy_data()
     model, trainer, average = _setup()

@@ -707,6 +707,14 @@ def _check_owner(checkpoint: dict[str, Any], path: Path, config: RunConfig, run:
         raise ValueError(
             f"checkpoint {path} was written by another run ({theirs}), not by the run of {run.config_path} ({ours})"
         )
+    # The average's weights are part of the checkpoint: a run cannot gain or lose one half-way (its decay may change).
+    was = saved.get("ema_decay", 0.0)
+    if isinstance(was, (int, float)) and (was > 0) != (config.ema_decay > 0):
+        raise ValueError(
+            f"{run.config_path} sets ema_decay={config.ema_decay!r}, but checkpoint {path} was written with "
+            f"ema_decay={was!r}: a run cannot {'drop its' if was > 0 else 'start a'} weight average half-way; "
+            f"put ema_decay back to {was!r}, or start a new run"
+        )
 
 
 def resume(
