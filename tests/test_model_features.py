@@ -51,6 +51,35 @@ def test_trainer_leaves_frozen_and_unused_quantized_layers_as_they_are(make_opt)
     assert torch.equal(model.frozen.weight, frozen)
 
 
+@pytest.mark.parametrize("name, bits", [("dorefa", 1), ("bwn", 1), ("bwn-channel", 1), ("ternary", 2), ("uniform", 4)])
+@pytest.mark.parametrize("kind", ["ste", "multifc"])
+def test_a_frozen_quantized_layer_computes_with_its_quantized_weight_and_keeps_it(name, bits, kind):
+    """Every quantizer, including those whose pre-processing is the identity (the weight itself goes into the
+    autograd function): a frozen layer in inference and under either trainer. Oracle: the quantizer applied by
+    hand, and autograd through a plain network that uses the frozen ``Ŵ`` as a constant."""
+    torch.manual_seed(0)
+    model = mq.quantize_(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), mq.QuantConfig(name, bits))
+    x, y = data()
+    first = model[0]
+    first.weight.requires_grad_(False)
+    frozen = first.weight.detach().clone()
+    w_hat = first.quantizer(frozen)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model[2](torch.relu(F.linear(x, w_hat, first.bias))), rtol=0, atol=0)
+    # the bias of the frozen layer still trains: its gradient is plain autograd's with the frozen Ŵ
+    bias = first.bias.detach().clone().requires_grad_(True)
+    hidden = torch.relu(F.linear(x, w_hat, bias))
+    F.cross_entropy(
+        F.linear(hidden, model[2].quantizer(model[2].weight.detach()), model[2].bias.detach()), y
+    ).backward()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    trainer = mq.Trainer(model, optimizer) if kind == "ste" else mq.MetaQuant(model, optimizer, mq.MultiFC(hidden=4))
+    trainer.step(lambda: F.cross_entropy(model(x), y))
+    torch.testing.assert_close(first.bias.detach(), bias.detach() - 0.1 * bias.grad)
+    trainer.step(lambda: F.cross_entropy(model(x), y))
+    assert torch.equal(first.weight, frozen)
+
+
 def test_trainer_on_a_tied_weight_sums_the_gradients_of_its_layers():
     """Two quantized layers with one weight Parameter train as one layer applied twice (the oracle: a shared
     module, where autograd sums the two uses)."""

@@ -178,6 +178,8 @@ class _FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEstimator) -> tuple[Tensor, Tensor]:
         w_tilde = quantizer.preprocess(w)
+        if w_tilde is w:  # A is the identity (BWN, ternary, uniform): autograd cannot save an input returned as-is
+            w_tilde = w.view_as(w)
         return quantizer.quantize(w_tilde), w_tilde
 
     @staticmethod
