@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import metaquant as mq
 from metaquant.guards import (
@@ -81,3 +82,20 @@ def test_quantizing_again_with_another_quantizer_is_refused():
     check_requantization("1", layer.quantizer, mq.get_quantizer("dorefa", 1))  # the same: fine
     with pytest.raises(ValueError, match=r"layer 1 is already quantized with DoReFa\(bits=1\), not BWN\(bits=1\)"):
         check_requantization("1", layer.quantizer, mq.get_quantizer("bwn", 1))
+
+
+def test_quantizing_again_with_the_same_per_channel_config_keeps_every_layer_on_its_own_axis():
+    # a transposed convolution holds its per-channel quantizer on axis 1: asking again for the same config is the
+    # same request, and quantizing in two passes (filter_fn) gives what one pass gives
+    config = mq.QuantConfig("bwn-channel")
+    model = mq.quantize_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 2)), config)
+    axes = [layer.quantizer.axis for layer in (model[0], model[1])]
+    assert mq.quantize_(model, config) is model and [model[0].quantizer.axis, model[1].quantizer.axis] == axes == [0, 1]
+    two_passes = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 2))
+    mq.quantize_(two_passes, config, lambda m, name: name == "1")
+    mq.quantize_(two_passes, config)
+    assert [two_passes[0].quantizer, two_passes[1].quantizer] == [model[0].quantizer, model[1].quantizer]
+    with pytest.raises(
+        ValueError, match=r"layer 0 is already quantized with BWNPerChannel\(bits=1\), not BWN\(bits=1\)"
+    ):
+        mq.quantize_(model, mq.QuantConfig("bwn"))

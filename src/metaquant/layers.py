@@ -924,7 +924,9 @@ def quantize_(
         if isinstance(module, QuantLayer):
             if asked is not None and (filter_fn is None or filter_fn(module, name)):
                 # quantized already: asking for another quantizer must not silently keep the first one
-                check_requantization(name or "<root>", module.quantizer, config.forward_quantizer)
+                # (compared as the layer would hold it: a per-channel quantizer on the layer's channel axis)
+                requested = config.forward_quantizer.with_channel_axis(module.channel_axis)
+                check_requantization(name or "<root>", module.quantizer, requested)
             continue
         if isinstance(module, _MultiWeight) and _views(module):
             continue  # quantized already (an attention module with a quantized out_proj only may gain views)
