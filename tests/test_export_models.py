@@ -3,6 +3,7 @@ check the details against values computed here)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import metaquant as mq
@@ -42,6 +43,40 @@ def test_load_packed_unties_what_the_file_holds_in_two_forms(tmp_path):
     tokens = torch.tensor([[1, 2], [4, 0]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens), model.eval()(tokens), rtol=0, atol=0)
+
+
+class TiedAutoencoder(nn.Module):
+    """A convolution and its transpose sharing one weight [6, 3, 3, 3]: output channels along axis 0 for the
+    first, axis 1 for the second, so a per-channel quantizer gives each layer another Ŵ."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Conv2d(3, 6, 3, bias=False)
+        self.decode = nn.ConvTranspose2d(6, 3, 3, bias=False)
+        self.decode.weight = self.encode.weight
+
+    def forward(self, x):
+        return self.decode(torch.relu(self.encode(x)))
+
+
+@pytest.mark.parametrize("quantizer", [("dorefa", 1), ("bwn-channel", 1)])
+def test_load_packed_gives_each_use_of_a_tied_weight_the_w_hat_its_layer_computes_with(tmp_path, quantizer):
+    torch.manual_seed(0)
+    model = mq.quantize_(TiedAutoencoder(), mq.QuantConfig(*quantizer)).eval()
+    w = model.encode.weight
+    w_hats = model.encode.quantizer(w), model.decode.quantizer(w)  # by hand, each layer's own Ŵ
+    export_packed(model, tmp_path / "m.safetensors")
+    loaded = load_packed(tmp_path / "m.safetensors", TiedAutoencoder())
+    assert torch.equal(loaded.encode.weight, w_hats[0]) and torch.equal(loaded.decode.weight, w_hats[1])
+    # tied in the file's model only where the two Ŵ are one
+    assert (loaded.encode.weight is loaded.decode.weight) == torch.equal(*w_hats)
+    assert torch.equal(*w_hats) == (quantizer[0] == "dorefa")
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = F.conv_transpose2d(torch.relu(F.conv2d(x, w_hats[0])), w_hats[1])
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(materialize(model)(x), expected, rtol=0, atol=0)
 
 
 def test_export_onnx_names_why_it_cannot_pass_a_dict_input_by_name(tmp_path):

@@ -286,9 +286,11 @@ class MetaQuant:
             quantizers = {layer.quantizer for _, layer in layers}
             if len(quantizers) > 1:
                 names = ", ".join(n for n, _ in layers)
+                used = ", ".join(sorted(repr(q) for q in quantizers))
                 raise ValueError(
-                    f"the weight tied between the quantized layers {names} is quantized differently "
-                    "by them; give them one quantizer (quantize_ with one QuantConfig)"
+                    f"the weight tied between the quantized layers {names} is quantized differently by them "
+                    f"({used}), and MetaQuant needs one Ŵ per weight: give them one quantizer with one scale per "
+                    "layer (a per-channel quantizer runs along each layer's own output channels), or untie the weight"
                 )
             if owners[id(w)] > len(layers):
                 names = ", ".join(n for n, _ in layers)

@@ -460,7 +460,7 @@ def _build_packed(
             codes = unpack_bits(tensors[e["name"]], quantizer.bits, numel) - e["offset_code"]
             codes = codes.to(torch.int8 if e["signed"] else torch.uint8).reshape(e["shape"])
             state[e["name"]] = quantizer.decode(Encoded(codes, tensors[e["name"] + ".scale"]))
-    _untie(model, {e["name"] for e in header["tensors"] if e["kind"] == "codes"})
+    _untie(model, {e["name"]: state[e["name"]] for e in header["tensors"] if e["kind"] == "codes"})
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -468,22 +468,31 @@ def _build_packed(
     return model.eval()
 
 
-def _untie(model: nn.Module, quantized: set[str]) -> None:
-    """Give the ``state_dict`` keys in ``quantized`` a Parameter of their own where ``model`` ties them to keys
-    that are not: a quantized use holds ``Ŵ``, a full-precision use ``W``, and one Parameter cannot hold both."""
+def _untie(model: nn.Module, quantized: dict[str, Tensor]) -> None:
+    """Give the ``state_dict`` keys in ``quantized`` (key: its decoded ``Ŵ``) a Parameter of their own where
+    ``model`` ties them to keys that are not, or to quantized keys with another ``Ŵ``: a quantized use holds
+    ``Ŵ``, a full-precision use ``W``, and one Parameter cannot hold both; nor two ``Ŵ``, which a weight tied
+    between layers with a per-channel quantizer along different axes (a convolution and its transpose) has."""
     keys_of: dict[int, list[str]] = {}
     params = model.state_dict(keep_vars=True)
     for key, value in params.items():
         keys_of.setdefault(id(value), []).append(key)
     for keys in keys_of.values():
-        chosen = [key for key in keys if key in quantized]
-        if not chosen or len(chosen) == len(keys):
+        groups: list[list[str]] = []  # the quantized uses with the same Ŵ stay tied among themselves
+        for key in (key for key in keys if key in quantized):
+            same = next((g for g in groups if torch.equal(quantized[g[0]], quantized[key])), None)
+            if same is None:
+                groups.append([key])
+            else:
+                same.append(key)
+        if not groups or (len(groups) == 1 and len(groups[0]) == len(keys)):
             continue
-        old = params[chosen[0]]
-        own = nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad)
-        for key in chosen:  # the quantized uses stay tied among themselves
-            owner, _, attr = key.rpartition(".")
-            setattr(model.get_submodule(owner), attr, own)
+        old = params[groups[0][0]]
+        for group in groups:
+            own = nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad)
+            for key in group:
+                owner, _, attr = key.rpartition(".")
+                setattr(model.get_submodule(owner), attr, own)
 
 
 def materialize(model: nn.Module) -> nn.Module:
