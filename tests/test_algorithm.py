@@ -285,9 +285,9 @@ def test_meta_learning_rate_follows_the_base_schedule():
     [
         (dict(step_order="reverse"), ValueError, "step_order 'reverse' is not supported; allowed: paper, original"),
         (dict(through="approx"), ValueError, "through 'approx' is not supported; allowed: residual, exact"),
-        (dict(meta_lr=0), ValueError, "meta_lr must be a number > 0"),
-        (dict(meta_lr=True), ValueError, "meta_lr must be a number > 0, got True"),
-        (dict(meta_weight_decay=False), ValueError, "meta_weight_decay must be a number >= 0, got False"),
+        (dict(meta_lr=0), ValueError, "meta_lr must be a finite number > 0"),
+        (dict(meta_lr=True), ValueError, "meta_lr must be a finite number > 0, got True"),
+        (dict(meta_weight_decay=False), ValueError, "meta_weight_decay must be a finite number >= 0, got False"),
         (dict(freeze_meta_epoch=True), ValueError, "freeze_meta_epoch must be an integer >= 0 or None, got True"),
         (dict(meta=mq.STE()), TypeError, "meta must be a MetaQuantizer"),
     ],

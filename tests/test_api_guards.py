@@ -1,5 +1,7 @@
 """The training API refuses wrong arguments at the call, with one clear error, not deep inside a later step."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,3 +101,93 @@ def test_quantizing_again_with_the_same_per_channel_config_keeps_every_layer_on_
         ValueError, match=r"layer 0 is already quantized with BWNPerChannel\(bits=1\), not BWN\(bits=1\)"
     ):
         mq.quantize_(model, mq.QuantConfig("bwn"))
+
+
+def _trainers(model, **options):
+    """Both trainers over ``model``, built with ``options`` (a function each, so that a refusal is raised inside)."""
+    return {
+        "Trainer": lambda: mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), **options),
+        "MetaQuant": lambda: mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(4), **options),
+    }
+
+
+@pytest.mark.parametrize("kind", ["Trainer", "MetaQuant"])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"grad_scaler": "yes"}, r"grad_scaler must be None or a torch\.amp\.GradScaler .*got 'yes'"),
+        ({"grad_scaler": True}, r"grad_scaler must be None or a torch\.amp\.GradScaler .*got True"),
+    ],
+)
+def test_trainers_refuse_a_grad_scaler_that_is_not_one_when_given(kind, options, message):
+    with pytest.raises(TypeError, match=message):
+        _trainers(_model(), **options)[kind]()
+
+
+def test_trainers_refuse_a_model_that_is_not_a_module_and_callables_that_are_not_callable():
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str 'model'"):
+        mq.Trainer("model", optimizer)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str 'model'"):
+        mq.MetaQuant("model", optimizer, mq.MultiFC(4))
+    with pytest.raises(TypeError, match="meta_optimizer must be None or a callable, got 'adam'"):
+        mq.MetaQuant(model, optimizer, mq.MultiFC(4), meta_optimizer="adam")
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    for trainer in (mq.Trainer(model, optimizer), mq.MetaQuant(model, optimizer, mq.MultiFC(4))):
+        w = model[1].weight.detach().clone()
+        with pytest.raises(TypeError, match="before_update must be None or a callable, got 'clip'"):
+            trainer.step(lambda: F.cross_entropy(model(x), y), before_update="clip")
+        assert torch.equal(model[1].weight, w)  # refused before anything ran
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_infinite_or_nan_rates_and_scales_are_refused_at_construction(value):
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"meta_lr must be a finite number > 0, got (inf|nan)"):
+        mq.MetaQuant(model, optimizer, mq.MultiFC(4), meta_lr=value)
+    with pytest.raises(ValueError, match=r"meta_weight_decay must be a finite number >= 0, got (inf|nan)"):
+        mq.MetaQuant(model, optimizer, mq.MultiFC(4), meta_weight_decay=value)
+    with pytest.raises(ValueError, match=r"EWGS delta must be a finite number >= 0, got (inf|nan)"):
+        mq.EWGS(delta=value)
+
+
+@pytest.mark.parametrize("include", [None, [["recurrent"]], 3])
+def test_quantize_refuses_an_include_that_is_not_kind_names(include):
+    with pytest.raises(TypeError, match=r"include must be layer kind names \(recurrent, embedding\), got"):
+        mq.quantize_(nn.Sequential(nn.Linear(3, 2)), include=include)
+
+
+def _prune(layer):
+    torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
+    return "torch.nn.utils.prune.remove(module, 'weight')"
+
+
+def _weight_norm(layer):
+    with pytest.warns(FutureWarning):  # the older form, deprecated but still used
+        torch.nn.utils.weight_norm(layer)
+    return "torch.nn.utils.remove_weight_norm(module, 'weight')"
+
+
+def _spectral_norm(layer):
+    torch.nn.utils.spectral_norm(layer)
+    return "torch.nn.utils.remove_spectral_norm(module, 'weight')"
+
+
+@pytest.mark.parametrize("hook", [_prune, _weight_norm, _spectral_norm])
+def test_a_weight_recomputed_by_a_forward_pre_hook_is_refused_before_and_after_quantization(hook):
+    # the quantized forward would read the tensor the hook made before the last update: stale weights
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    remove = hook(model[0])
+    with pytest.raises(
+        TypeError, match=r"cannot quantize 0 \(Linear\): its weight is recomputed .*" + re.escape(remove)
+    ):
+        mq.quantize_(model)
+    assert type(model[0]) is nn.Linear  # nothing converted
+    quantized = mq.quantize_(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    hook(quantized[0])
+    for make in _trainers(quantized).values():
+        with pytest.raises(TypeError, match=r"quantized layer 0 \(QuantLinear\): its weight is recomputed"):
+            make()

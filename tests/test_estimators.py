@@ -83,7 +83,7 @@ def test_fake_quantize_value_is_exactly_the_quantizer_output(name):
 
 @pytest.mark.parametrize("delta", [-1, True, float("nan"), "0.1"])
 def test_ewgs_rejects_a_delta_that_is_not_a_number_at_least_zero(delta):
-    with pytest.raises(ValueError, match=f"delta must be a number >= 0, got {delta!r}"):
+    with pytest.raises(ValueError, match=f"delta must be a finite number >= 0, got {delta!r}"):
         EWGS(delta)
 
 

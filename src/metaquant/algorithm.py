@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -33,8 +34,16 @@ from torch import Tensor, nn
 
 from .distributed import all_reduce_mean_, any_process, is_distributed, unwrap
 from .estimators import fake_quantize_many
-from .guards import BufferSnapshot, check_loss, check_optimizer, check_policy, first_nonfinite, reject_step
-from .layers import QuantLayer, forward_tensors, quantized_layers
+from .guards import (
+    BufferSnapshot,
+    check_loss,
+    check_optimizer,
+    check_policy,
+    check_trainer_inputs,
+    first_nonfinite,
+    reject_step,
+)
+from .layers import QuantLayer, check_weight_hooks, forward_tensors, quantized_layers
 from .layout import flatten_in_memory_order, memory_order, unflatten_like
 from .meta import MetaQuantizer
 from .quantizers import ForwardQuantizer
@@ -192,20 +201,22 @@ class MetaQuant:
                 "differentiates the look-ahead as −α·g_W (use through='residual')"
             )
         # bool is an int subclass: True is refused, not read as 1.
-        if not (isinstance(meta_lr, (int, float)) and not isinstance(meta_lr, bool) and meta_lr > 0):
-            raise ValueError(f"meta_lr must be a number > 0, got {meta_lr!r}")
+        if not (isinstance(meta_lr, (int, float)) and not isinstance(meta_lr, bool) and 0 < meta_lr < math.inf):
+            raise ValueError(f"meta_lr must be a finite number > 0, got {meta_lr!r}")
         if not (
             isinstance(meta_weight_decay, (int, float))
             and not isinstance(meta_weight_decay, bool)
-            and meta_weight_decay >= 0
+            and 0 <= meta_weight_decay < math.inf
         ):
-            raise ValueError(f"meta_weight_decay must be a number >= 0, got {meta_weight_decay!r}")
+            raise ValueError(f"meta_weight_decay must be a finite number >= 0, got {meta_weight_decay!r}")
         if freeze_meta_epoch is not None and (
             not isinstance(freeze_meta_epoch, int) or isinstance(freeze_meta_epoch, bool) or freeze_meta_epoch < 0
         ):
             raise ValueError(f"freeze_meta_epoch must be an integer >= 0 or None, got {freeze_meta_epoch!r}")
         check_policy(on_nonfinite)
         check_optimizer(optimizer)
+        check_trainer_inputs(model, grad_scaler, meta_optimizer=meta_optimizer)
+        check_weight_hooks(model)
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
         self.overflow_steps = 0
@@ -445,6 +456,7 @@ class MetaQuant:
             (False, 2)
         """
         closures = closures_of(closure)
+        check_trainer_inputs(self.model, before_update=before_update)
         gradient_state = getattr(self.optimizer, "gradient_state", None)  # Accelerate's AcceleratedOptimizer
         if gradient_state is not None and not getattr(gradient_state, "sync_gradients", True):
             # Its step would be skipped, but the look-ahead commit and the meta step would not: refuse.

@@ -16,6 +16,7 @@ live in ``metaquant.meta``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -139,7 +140,7 @@ class EWGS(ClassicalEstimator):
         delta: the scaling factor δ, a number ``>= 0`` (default 1e-3).
 
     Raises:
-        ValueError: ``delta`` is not a number or is negative (or NaN).
+        ValueError: ``delta`` is not a number, or is negative, infinite or NaN.
 
     Example:
         ``r = 0.5`` below its code ``Ŵ = 1``: the step toward the code (``g_Ŵ < 0``) is amplified by
@@ -157,8 +158,10 @@ class EWGS(ClassicalEstimator):
     elementwise: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.delta, (int, float)) and not isinstance(self.delta, bool) and self.delta >= 0):
-            raise ValueError(f"EWGS delta must be a number >= 0, got {self.delta!r}")
+        if not (
+            isinstance(self.delta, (int, float)) and not isinstance(self.delta, bool) and 0 <= self.delta < math.inf
+        ):
+            raise ValueError(f"EWGS delta must be a finite number >= 0, got {self.delta!r}")
 
     def __call__(self, grad_w_hat: Tensor, w_relaxed: Tensor, w_hat: Tensor) -> Tensor:
         return grad_w_hat * (1 + self.delta * torch.sign(grad_w_hat) * (w_relaxed - w_hat))

@@ -40,6 +40,7 @@ __all__ = [
     "StopFlag",
     "TrainingInterrupted",
     "check_optimizer",
+    "check_trainer_inputs",
     "check_closure",
     "check_loss",
     "check_state_shapes",
@@ -294,6 +295,34 @@ def check_policy(policy: str) -> None:
     """
     if policy not in NONFINITE_POLICIES:
         raise ValueError(f"on_nonfinite {policy!r} is not supported; allowed: {', '.join(NONFINITE_POLICIES)}")
+
+
+def check_trainer_inputs(model: Any, grad_scaler: Any = None, **callables: Any) -> None:
+    """Refuse, with what was given, a trainer's model that is not a module, a ``grad_scaler`` that is not a
+    gradient scaler, and any of ``callables`` (e.g. ``meta_optimizer``, ``before_update``) that is neither None
+    nor callable; checked when given, not at the first step that uses them.
+
+    Raises:
+        TypeError: one of them; the message names the argument, what is allowed and what was given.
+
+    Example:
+        >>> try:
+        ...     mq.guards.check_trainer_inputs(torch.nn.Linear(2, 2), meta_optimizer="adam")
+        ... except TypeError as err:
+        ...     print(err)
+        meta_optimizer must be None or a callable, got 'adam'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r:.80}")
+    scaler_api = ("scale", "unscale_", "step", "update", "get_scale")
+    if grad_scaler is not None and not all(callable(getattr(grad_scaler, a, None)) for a in scaler_api):
+        raise TypeError(
+            f"grad_scaler must be None or a torch.amp.GradScaler (e.g. torch.amp.GradScaler('cuda')), "
+            f"got {grad_scaler!r:.80}"
+        )
+    for name, value in callables.items():
+        if value is not None and not callable(value):
+            raise TypeError(f"{name} must be None or a callable, got {value!r:.80}")
 
 
 def check_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -807,6 +807,9 @@ def _problem(module: nn.Module, base: type[nn.Module]) -> tuple[str | None, bool
     even when ``quantize_`` chose it by default (rather than a reason to leave it in full precision)."""
     if torch.nn.utils.parametrize.is_parametrized(module):
         return "it has parametrizations (e.g. weight_norm); remove them first", True
+    hook = _weight_hook(module)
+    if hook:
+        return hook, True
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "it is a lazy layer not initialized yet; run one forward pass before quantize_", False
     if type(module).forward is not base.forward and not isinstance(module, _MultiWeight):
@@ -818,10 +821,50 @@ def _problem(module: nn.Module, base: type[nn.Module]) -> tuple[str | None, bool
     return None, False
 
 
+def _weight_hook(module: nn.Module) -> str | None:
+    """Why ``module``'s weight cannot be quantized if a forward pre-hook recomputes it from other Parameters
+    (``torch.nn.utils.prune``, the older ``weight_norm`` and ``spectral_norm``), else None: the quantized forward
+    would read the tensor the hook made before the last update, and the optimizer would train the hook's inputs."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    removals = (
+        (prune.BasePruningMethod, "torch.nn.utils.prune", "torch.nn.utils.prune.remove(module, {!r})"),
+        (WeightNorm, "torch.nn.utils.weight_norm", "torch.nn.utils.remove_weight_norm(module, {!r})"),
+        (SpectralNorm, "torch.nn.utils.spectral_norm", "torch.nn.utils.remove_spectral_norm(module, {!r})"),
+    )
+    for hook in module._forward_pre_hooks.values():
+        for kind, made_by, remove in removals:
+            if isinstance(hook, kind):
+                name = getattr(hook, "_tensor_name", None) or getattr(hook, "name", "weight")
+                return (
+                    f"its {name} is recomputed before each forward pass by {made_by}, which a quantized layer "
+                    f"cannot follow; call {remove.format(name)} first"
+                )
+    return None
+
+
+def check_weight_hooks(model: nn.Module) -> None:
+    """Refuse a model whose quantized layer has its weight recomputed by a forward pre-hook (pruning, the older
+    ``weight_norm``/``spectral_norm``, applied after ``quantize_``): its training would use stale weights.
+
+    Raises:
+        TypeError: such a layer; the message names it and how to remove the hook.
+    """
+    for name, layer in quantized_layers(model).items():
+        problem = _weight_hook(layer)
+        if problem:
+            raise TypeError(f"quantized layer {name or '<root>'} ({type(layer).__name__}): {problem}")
+
+
 def _check_include(include: Iterable[str]) -> set[str]:
     if isinstance(include, str):
         include = (include,)
-    chosen = set(include)
+    kinds = tuple(include) if isinstance(include, Iterable) else None
+    if kinds is None or not all(isinstance(k, str) for k in kinds):
+        raise TypeError(f"include must be layer kind names ({', '.join(INCLUDE)}), got {include!r:.80}")
+    chosen = set(kinds)
     unknown = sorted(k for k in chosen if k not in INCLUDE)
     if unknown:
         names = ", ".join(map(repr, unknown))

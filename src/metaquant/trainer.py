@@ -28,10 +28,11 @@ from .guards import (
     check_loss,
     check_optimizer,
     check_policy,
+    check_trainer_inputs,
     first_nonfinite,
     reject_step,
 )
-from .layers import QuantLayer, forward_tensors, quantized_layers
+from .layers import QuantLayer, check_weight_hooks, forward_tensors, quantized_layers
 from .quantizers import ForwardQuantizer
 
 __all__ = ["Trainer"]
@@ -122,6 +123,8 @@ class Trainer:
             raise TypeError(f"estimator must be a ClassicalEstimator (STE, Identity, EWGS), got {estimator!r}")
         check_policy(on_nonfinite)
         check_optimizer(optimizer)
+        check_trainer_inputs(model, grad_scaler)
+        check_weight_hooks(model)
         self.model = model
         self.optimizer = optimizer
         self.estimator = estimator
@@ -195,6 +198,7 @@ class Trainer:
             torch.Size([])
         """
         closures = closures_of(closure)
+        check_trainer_inputs(self.model, before_update=before_update)
         self.optimizer.zero_grad(set_to_none=True)
         snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" else None
 
