@@ -135,6 +135,7 @@ def test_trainers_refuse_a_model_that_is_not_a_module_and_callables_that_are_not
         mq.MetaQuant(model, optimizer, mq.MultiFC(4), meta_optimizer="adam")
     x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
     for trainer in (mq.Trainer(model, optimizer), mq.MetaQuant(model, optimizer, mq.MultiFC(4))):
+        trainer.step(lambda: F.cross_entropy(model(x), y))  # past MetaQuant's first step, which keeps the weights
         w = model[1].weight.detach().clone()
         with pytest.raises(TypeError, match="before_update must be None or a callable, got 'clip'"):
             trainer.step(lambda: F.cross_entropy(model(x), y), before_update="clip")
@@ -191,3 +192,21 @@ def test_a_weight_recomputed_by_a_forward_pre_hook_is_refused_before_and_after_q
     for make in _trainers(quantized).values():
         with pytest.raises(TypeError, match=r"quantized layer 0 \(QuantLinear\): its weight is recomputed"):
             make()
+
+
+def test_a_hook_on_a_recurrent_weight_is_refused_where_it_sits_and_ignored_where_nothing_is_quantized():
+    # the hook sits on the LSTM, not on the QuantWeight view of one of its matrices
+    lstm = mq.quantize_(nn.Sequential(nn.LSTM(3, 4)), include=("recurrent",))
+    torch.nn.utils.prune.l1_unstructured(lstm[0], "weight_hh_l0", amount=0.5)
+    for make in _trainers(lstm).values():
+        with pytest.raises(
+            TypeError, match=r"its weight_hh_l0 is recomputed .*prune\.remove\(module, 'weight_hh_l0'\)"
+        ):
+            make()
+    # an LSTM that quantize_ leaves in full precision (recurrent layers are quantized on request) may keep its hook
+    model = nn.Sequential(nn.LSTM(3, 4), nn.Linear(4, 2))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight_ih_l0", amount=0.5)
+    mq.quantize_(model)
+    assert type(model[0]) is nn.LSTM and type(model[1]).__name__ == "QuantLinear"
+    with pytest.raises(TypeError, match=r"cannot quantize 0 \(LSTM\): its weight_ih_l0 is recomputed"):
+        mq.quantize_(model, include=("recurrent",))

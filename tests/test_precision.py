@@ -89,3 +89,34 @@ def test_amp_modes_are_checked():
     with pytest.raises(ValueError, match="amp 'fp16' needs a CUDA device"):
         RunConfig(amp="fp16", device="cpu")
     assert RunConfig(amp="bf16").amp == "bf16"
+
+
+@pytest.mark.parametrize("policy", ["raise", "skip"])
+def test_a_non_finite_meta_quantizer_output_under_a_grad_scaler_follows_on_nonfinite_not_the_overflow_path(policy):
+    """The meta quantizer's output comes from the last step's unscaled records, not from the scaled loss: lowering
+    the scale cannot cure it, so it is an error (or a counted skip), never an fp16 overflow."""
+    from metaquant.guards import NonFiniteError
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    model = mq.quantize_(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = mq.MetaQuant(model, optimizer, mq.MultiFC(hidden=4), grad_scaler=scaler, on_nonfinite=policy)
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    trainer.step(closure)
+    state = trainer.state_dict()
+    state["records"]["0"]["grad_w_hat"][0, 0] = float("inf")  # MultiFC: g_W̃ = g_Ŵ ⊙ net(W̃) = inf there
+    trainer.load_state_dict(state)
+    weights = [p.detach().clone() for p in model.parameters()]
+    if policy == "raise":
+        with pytest.raises(NonFiniteError, match="non-finite meta quantizer output"):
+            trainer.step(closure)
+    else:
+        trainer.step(closure)
+        assert trainer.skipped_steps == 1
+    assert trainer.overflow_steps == 0 and scaler.get_scale() == 2.0**4
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))

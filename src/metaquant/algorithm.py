@@ -155,12 +155,14 @@ class MetaQuant:
             number of such steps since the trainer was made).
 
     Raises:
-        TypeError: ``meta`` is not a ``MetaQuantizer``.
+        TypeError: ``meta`` is not a ``MetaQuantizer``, ``model`` not a module, ``optimizer`` not an optimizer,
+            ``grad_scaler`` not a gradient scaler, ``meta_optimizer`` not callable; a quantized weight that a
+            forward pre-hook recomputes (pruning, the older ``weight_norm``/``spectral_norm``).
         ValueError: unsupported optimizer or ``maximize=True`` (the message lists the supported optimizers),
-            unknown ``step_order``, ``through`` or ``on_nonfinite``, ``meta_lr`` not > 0, negative
-            ``meta_weight_decay``, ``freeze_meta_epoch`` not an integer >= 0, no quantized layer, a quantized
-            weight the optimizer does not train or that is shared with another module, or a trainable bias of a
-            quantized layer that the optimizer does not train.
+            unknown ``step_order``, ``through`` or ``on_nonfinite``, ``meta_lr`` not a finite number > 0,
+            ``meta_weight_decay`` not a finite number >= 0, ``freeze_meta_epoch`` not an integer >= 0, no
+            quantized layer, a quantized weight the optimizer does not train or that is shared with another
+            module, or a trainable bias of a quantized layer that the optimizer does not train.
 
     Example:
         >>> import torch, torch.nn.functional as F, metaquant as mq
@@ -441,7 +443,7 @@ class MetaQuant:
             RuntimeError: the loss does not depend on some quantized layer; a closure called ``backward``
                 itself; the optimizer is an Accelerate optimizer inside ``accelerator.accumulate`` on a step that
                 does not synchronize (MetaQuant accumulates itself: pass the micro-batches' closures as a list).
-            TypeError: ``closure`` is not callable nor a non-empty list of callables.
+            TypeError: ``closure`` is not callable nor a non-empty list of callables; ``before_update`` not callable.
 
         Example:
             >>> import torch.nn.functional as F
@@ -480,8 +482,9 @@ class MetaQuant:
             self.optimizer.zero_grad(set_to_none=True)
             if self.meta_optimizer is not None:
                 self.meta_optimizer.zero_grad(set_to_none=True)
-            if scaler is not None and bad != "loss":
-                # The fp16 loss scale overflowed: skip the step, as scaler.step would, and lower the scale.
+            if scaler is not None and bad in ("gradients", "meta gradients"):
+                # The fp16 loss scale overflowed: skip the step, as scaler.step would, and lower the scale. (The
+                # meta quantizer's output comes from the last step's unscaled records: the scale is not the cause.)
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
                 self.overflow_steps += 1
                 return loss

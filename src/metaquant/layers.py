@@ -821,10 +821,11 @@ def _problem(module: nn.Module, base: type[nn.Module]) -> tuple[str | None, bool
     return None, False
 
 
-def _weight_hook(module: nn.Module) -> str | None:
-    """Why ``module``'s weight cannot be quantized if a forward pre-hook recomputes it from other Parameters
-    (``torch.nn.utils.prune``, the older ``weight_norm`` and ``spectral_norm``), else None: the quantized forward
-    would read the tensor the hook made before the last update, and the optimizer would train the hook's inputs."""
+def _weight_hook(module: nn.Module, names: tuple[str, ...] | None = None) -> str | None:
+    """Why a weight of ``module`` (any, or those in ``names``) cannot be quantized if a forward pre-hook recomputes
+    it from other Parameters (``torch.nn.utils.prune``, the older ``weight_norm`` and ``spectral_norm``), else None:
+    the quantized forward would read the tensor the hook made before the last update, and the optimizer would
+    train the hook's inputs."""
     from torch.nn.utils import prune
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
@@ -836,8 +837,8 @@ def _weight_hook(module: nn.Module) -> str | None:
     )
     for hook in module._forward_pre_hooks.values():
         for kind, made_by, remove in removals:
-            if isinstance(hook, kind):
-                name = getattr(hook, "_tensor_name", None) or getattr(hook, "name", "weight")
+            name = getattr(hook, "_tensor_name", None) or getattr(hook, "name", "weight")
+            if isinstance(hook, kind) and (names is None or name in names):
                 return (
                     f"its {name} is recomputed before each forward pass by {made_by}, which a quantized layer "
                     f"cannot follow; call {remove.format(name)} first"
@@ -853,7 +854,8 @@ def check_weight_hooks(model: nn.Module) -> None:
         TypeError: such a layer; the message names it and how to remove the hook.
     """
     for name, layer in quantized_layers(model).items():
-        problem = _weight_hook(layer)
+        owner, weight_name = layer.weight_location  # an attention or recurrent weight's hook sits on its owner
+        problem = _weight_hook(owner, (weight_name,))
         if problem:
             raise TypeError(f"quantized layer {name or '<root>'} ({type(layer).__name__}): {problem}")
 
@@ -927,9 +929,10 @@ def quantize_(
         ``model`` itself.
 
     Raises:
-        TypeError: ``model`` is not a module, ``config`` not a ``QuantConfig`` or ``filter_fn`` not callable; a
-            chosen module cannot be converted (unsupported type, parametrizations, a subclass with its own
-            forward, an embedding with ``max_norm`` or ``sparse``), the model is wrapped in DDP/DataParallel,
+        TypeError: ``model`` is not a module, ``config`` not a ``QuantConfig``, ``filter_fn`` not callable or
+            ``include`` not kind names; a chosen module cannot be converted (unsupported type, parametrizations,
+            a weight that a forward pre-hook recomputes, a subclass with its own forward, an embedding with
+            ``max_norm`` or ``sparse``), the model is wrapped in DDP/DataParallel,
             or the root module itself would need converting. Nothing is changed then.
         ValueError: ``include`` names an unknown kind or comes with a ``filter_fn``; or nothing to quantize (no
             layer chosen and no quantized layer in ``model`` already; the message says what was left and why).
@@ -989,6 +992,11 @@ def quantize_(
             if _holds_weights(module):
                 unasked.append((name, module, "not a layer type quantize_ supports"))
             continue
+        kind = _KINDS[base][1]
+        if filter_fn is None and kind != "default" and kind not in kinds:
+            # not asked for: left in full precision whatever would stop its conversion
+            unasked.append((name, module, f"{kind} layers are quantized on request: include=({kind!r},)"))
+            continue
         problem, fatal = _problem(module, base)
         attention = attention_of.get(id(module))
         if problem is None and attention is not None and not isinstance(attention, QuantMultiheadAttention):
@@ -998,10 +1006,6 @@ def quantize_(
             if fatal or filter_fn is not None:
                 raise TypeError(f"cannot quantize {label} ({type(module).__name__}): {problem}")
             unasked.append((name, module, problem))
-            continue
-        kind = _KINDS[base][1]
-        if filter_fn is None and kind != "default" and kind not in kinds:
-            unasked.append((name, module, f"{kind} layers are quantized on request: include=({kind!r},)"))
             continue
         if not name:
             raise TypeError(

@@ -92,7 +92,9 @@ class Trainer:
             ``overflow_steps``, the number of such steps since the trainer was made).
 
     Raises:
-        TypeError: ``estimator`` is not a ``ClassicalEstimator``.
+        TypeError: ``estimator`` is not a ``ClassicalEstimator``, ``model`` not a module, ``optimizer`` not an
+            optimizer, ``grad_scaler`` not a gradient scaler; a quantized weight that a forward pre-hook
+            recomputes (pruning, the older ``weight_norm``/``spectral_norm``).
         ValueError: ``on_nonfinite`` is not one of ``NONFINITE_POLICIES``.
 
     Example:
@@ -182,7 +184,7 @@ class Trainer:
         Raises:
             NonFiniteError: the loss or a gradient is not finite (``on_nonfinite="raise"``); nothing was updated.
             RuntimeError: a closure called ``backward`` itself.
-            TypeError: ``closure`` is not callable nor a non-empty list of callables.
+            TypeError: ``closure`` is not callable nor a non-empty list of callables; ``before_update`` not callable.
 
         Example:
             Clipping the gradients between the backward pass and the update, over two micro-batches:

@@ -283,8 +283,8 @@ def fit(
             with or without it. Needs a ``train_loader`` that can be iterated again (not a generator).
         averaged: an average of the model's weights to deliver instead of the last ones, e.g.
             ``metaquant.averaging.ema_model(model, 0.999)`` (a ``torch.optim.swa_utils.AveragedModel`` of the
-            unwrapped model), updated after every step that updated the weights (not after one skipped for
-            non-finite values, nor after one the fp16 loss scaler skipped). Each epoch evaluates it (with
+            unwrapped model), updated after every step except those skipped for non-finite values or by the fp16
+            loss scaler (which leave the weights as they were). Each epoch evaluates it (with
             ``precise_bn_batches``, after recomputing its statistics: give both, as the average takes the
             trained model's) and the trained model: the average's accuracy is the epoch's ``test_acc`` (and
             ``best_acc``, ``last_acc``; ``ReduceLROnPlateau`` steps on its loss), the trained model's
@@ -426,11 +426,11 @@ def fit(
         # The batches done before the checkpoint this run resumed from: the loader replays the epoch (same order,
         # same augmentation), and they are drawn and dropped outside the bar, which starts at resume_at.
         replayed = sum(1 for _ in itertools.islice(epoch_batches, resume_at))
-        if replayed < resume_at:
+        if any_process(replayed < resume_at):  # every process takes the same branch: none waits in a collective
             raise ValueError(
-                f"the training loader yields {replayed} batches in epoch {epoch + 1}, but the state to resume from "
-                f"is at step {resume_at} of that epoch: it was made with other data or another batch size; "
-                f"resume with the loader the run was trained with"
+                f"the training loader yields {replayed} batches in epoch {epoch + 1} (in this process), but the "
+                f"state to resume from is at step {resume_at} of that epoch: the data, the batch size or the "
+                f"number of processes differs from the run's; resume as the run was trained"
             )
         bar = tqdm(
             epoch_batches,
