@@ -79,6 +79,18 @@ def test_fit_resumes_from_a_state():
     assert state.epoch == 5 and state.iteration == 5
 
 
+def _assert_equals_sgd_by_hand(trained, by_hand, batches, lr=0.1):
+    """The oracle of a resumed fit: ``by_hand`` (a copy of the starting weights) trained by plain SGD over
+    ``batches`` ends bit-exactly at ``trained``'s weights."""
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=lr)
+    for x, y in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(by_hand(x), y).backward()
+        optimizer.step()
+    for pa, pb in zip(trained.parameters(), by_hand.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
 def test_fit_resumed_mid_epoch_trains_the_remaining_batches_and_counts_them_once(monkeypatch):
     import metaquant.training as training
 
@@ -104,13 +116,7 @@ def test_fit_resumed_mid_epoch_trains_the_remaining_batches_and_counts_them_once
         state=FitState(epoch=0, batch=2, iteration=2),
         progress=True,
     )
-    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
-    for x, y in batches[2:]:  # the checkpoint was written after batches 0 and 1
-        opt_b.zero_grad()
-        F.cross_entropy(b(x), y).backward()
-        opt_b.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    _assert_equals_sgd_by_hand(a, b, batches[2:])  # the checkpoint was written after batches 0 and 1
     assert state.iteration == 5
     # the bar starts at the resumed position and ends at the epoch's length, not past it
     assert [(bar.n, bar.total) for bar in bars] == [(5, 5)]
@@ -153,13 +159,7 @@ def test_fit_resumed_at_the_last_step_of_an_epoch_goes_on_with_the_next():
         state=FitState(epoch=0, batch=3, iteration=3),
         progress=False,
     )
-    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
-    for x, y in batches:  # epoch 2 only
-        opt_b.zero_grad()
-        F.cross_entropy(b(x), y).backward()
-        opt_b.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    _assert_equals_sgd_by_hand(a, b, batches)  # epoch 2 only
     assert state.epoch == 2 and state.iteration == 6
 
 

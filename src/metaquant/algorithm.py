@@ -458,7 +458,8 @@ class MetaQuant:
             (False, 2)
         """
         closures = closures_of(closure)
-        check_trainer_inputs(self.model, before_update=before_update)
+        if before_update is not None:
+            check_trainer_inputs(self.model, before_update=before_update)
         gradient_state = getattr(self.optimizer, "gradient_state", None)  # Accelerate's AcceleratedOptimizer
         if gradient_state is not None and not getattr(gradient_state, "sync_gradients", True):
             # Its step would be skipped, but the look-ahead commit and the meta step would not: refuse.

@@ -200,7 +200,8 @@ class Trainer:
             torch.Size([])
         """
         closures = closures_of(closure)
-        check_trainer_inputs(self.model, before_update=before_update)
+        if before_update is not None:
+            check_trainer_inputs(self.model, before_update=before_update)
         self.optimizer.zero_grad(set_to_none=True)
         snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" else None
 
