@@ -41,15 +41,20 @@ def original_resnet20_path(tmp_path_factory) -> Path:
             base = 1.0 if name.endswith(".weight") else 0.0  # a 1-d weight is a BatchNorm scale
             state[name] = base + 0.1 * torch.randn(shape, generator=generator)
     path = tmp_path_factory.mktemp("original") / "ResNet20-CIFAR10-pretrain.pth"
-    torch.save(state, path, _use_new_zipfile_serialization=False)
-    # The released file was saved from a GPU: its storages are tagged "cuda:0", so that it loads on a CPU-only
-    # machine only with a map_location. The legacy format pickles (protocol 2, no framing) the tag once as a
-    # length-prefixed string and refers back to it; retag it.
+    save_as_from_a_gpu(state, path)  # the released file was saved from a GPU
+    return path
+
+
+def save_as_from_a_gpu(obj, path: Path) -> None:
+    """``torch.save(obj, path)`` as a machine with a GPU writes ``obj`` with its tensors there: in torch's legacy
+    non-zip format, with every storage tagged "cuda:0", so that on a CPU-only machine it loads only with a
+    ``map_location``. The legacy format pickles (protocol 2, no framing) the tag once as a length-prefixed
+    string and refers back to it; this retags it."""
+    torch.save(obj, path, _use_new_zipfile_serialization=False)
     data = path.read_bytes()
     cpu, cuda = b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0"
     assert data.count(cpu) == 1, "the legacy format's storage tag was not found once"
     path.write_bytes(data.replace(cpu, cuda))
-    return path
 
 
 @pytest.fixture

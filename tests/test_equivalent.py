@@ -7,6 +7,7 @@ import torch
 
 import metaquant as mq
 from metaquant.equivalent import fc_grad_gain, learned_gain, mean_gain
+from tests.conftest import save_as_from_a_gpu
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
@@ -61,6 +62,15 @@ def test_learned_gain_reads_a_finished_fc_grad_run(tmp_path):
 def test_learned_gain_refuses_other_runs(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         learned_gain(_fake_run(tmp_path, **kwargs))
+
+
+def test_learned_gain_reads_a_trace_written_on_a_gpu(tmp_path):
+    run = _fake_run(tmp_path)
+    save_as_from_a_gpu(torch.load(run / "trace.pt", weights_only=True), run / "trace.pt")
+    if not torch.cuda.is_available():  # the file really is one that needs a map_location here
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(run / "trace.pt", weights_only=True)
+    assert learned_gain(run) == pytest.approx(1.0)
 
 
 def test_learned_gain_names_a_missing_or_damaged_trace(tmp_path):

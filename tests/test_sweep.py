@@ -327,6 +327,34 @@ estimator = ["ste", "multifc"]
     assert main(["sweep", str(sweep), "--jobs", "0"]) == 2
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_stopped_sweep_returns_with_runs_still_to_start(tmp_path, tiny_mnist, jobs):
+    """A stop request (Ctrl-C, SIGTERM) while runs are still waiting ends the sweep: it raises
+    ``TrainingInterrupted`` and starts nothing more, side by side too (where it used to wait forever)."""
+    import signal
+
+    from metaquant.guards import StopFlag, TrainingInterrupted
+    from metaquant.sweep import SweepSpec
+
+    data_dir = tiny_mnist[tiny_mnist.index("--data-dir") + 1]
+    base = {
+        "dataset": "mnist",
+        "data_dir": data_dir,
+        "download": False,
+        "model": "resnet8",
+        "batch_size": 32,
+        "epochs": 1,
+        "device": "cpu",
+    }
+    spec = SweepSpec("stop", 3, 0, None, base, grid=[{"estimator": "ste"}], optimizer_overrides={})
+    stop = StopFlag()
+    stop.request(signal.SIGTERM)  # asked before the first run starts: all three are still waiting
+    with pytest.raises(TrainingInterrupted):
+        run_sweep(spec, tmp_path / "runs", stop=stop, jobs=jobs, echo=lambda line: None)
+    assert not any((run.path / "done").exists() for run in plan(spec, tmp_path / "runs"))
+
+
 def test_equivalent_ste_runs_take_the_fc_grad_run_of_their_trial(tmp_path):
     from metaquant.sweep import SweepSpec, plan
 

@@ -7,6 +7,7 @@ import torch
 
 from metaquant.cli import main
 from metaquant.trace import TRACE_FILE, snapshot_epochs
+from tests.conftest import save_as_from_a_gpu
 
 
 def test_snapshot_epochs():
@@ -50,6 +51,11 @@ def test_plot_writes_the_learned_function_and_weight_distributions(tmp_path, tin
     assert _png_size(tmp_path / "fig" / "weights.png") == (1360, 960)  # 9 layers: 3 rows of 4
     for name in ("learned-function.png", "weights.png"):
         assert (tmp_path / "fig" / name).stat().st_size > 20_000
+    # The same trace as a run on a GPU writes it (its tensors tagged "cuda:0") draws the same pictures here.
+    save_as_from_a_gpu(trace, tmp_path / "r" / TRACE_FILE)
+    assert main(["plot", str(tmp_path / "r"), "--out", str(tmp_path / "gpu")]) == 0
+    for name in ("learned-function.png", "weights.png"):
+        assert (tmp_path / "gpu" / name).read_bytes() == (tmp_path / "fig" / name).read_bytes()
 
 
 def test_plot_refuses_a_run_without_a_trace(tmp_path, tiny_mnist, capsys):
@@ -100,6 +106,49 @@ def test_a_damaged_trace_is_kept_aside_and_a_new_one_begins(tmp_path, caplog, co
     assert (tmp_path / "trace.damaged.pt").read_bytes() == original
     trace.snapshot(0, trainer, model)
     assert sorted(torch.load(path, weights_only=True)["snapshots"]) == [0]
+
+
+def _multifc_trainer():
+    import metaquant as mq
+
+    torch.manual_seed(0)
+    model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    return model, mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=4))
+
+
+def test_a_trace_written_on_a_gpu_continues_on_a_cpu(tmp_path):
+    """A run moved from a GPU machine to a CPU one resumes its trace (not set aside as damaged)."""
+    from metaquant.trace import MetaTrace
+
+    path = tmp_path / TRACE_FILE
+    model, trainer = _multifc_trainer()
+    MetaTrace(path, epochs=2).snapshot(0, trainer, model)
+    written = torch.load(path, weights_only=True)
+    save_as_from_a_gpu(written, path)
+    with torch.no_grad():
+        next(trainer.meta.parameters()).add_(1.0)  # the meta quantizer moves on: snapshot 1 differs from 0
+    MetaTrace(path, epochs=2).snapshot(1, trainer, model)
+    assert not (tmp_path / "trace.damaged.pt").exists()
+    data = torch.load(path, weights_only=True)  # and it is written back with its tensors on the CPU
+    assert sorted(data["snapshots"]) == [0, 1]
+    torch.testing.assert_close(data["snapshots"][0], written["snapshots"][0])
+    torch.testing.assert_close(data["snapshots"][1]["meta"], trainer.meta.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_run_on_a_gpu_writes_its_trace_and_meta_quantizer_on_the_cpu(tmp_path):
+    from metaquant.config import RunConfig
+    from metaquant.pipeline import save_meta
+    from metaquant.trace import MetaTrace
+
+    model, trainer = _multifc_trainer()
+    model.cuda(), trainer.meta.cuda()
+    MetaTrace(tmp_path / TRACE_FILE, epochs=1).snapshot(0, trainer, model)
+    save_meta(tmp_path / "meta.pt", trainer.meta, RunConfig(estimator="multifc", hidden_size=4))
+    for name in (TRACE_FILE, "meta.pt"):
+        saved = torch.load(tmp_path / name, weights_only=True)
+        devices = {t.device.type for t in torch.utils._pytree.tree_leaves(saved) if isinstance(t, torch.Tensor)}
+        assert devices == {"cpu"}, name
 
 
 def test_fc_grad_is_drawn_on_the_scale_its_axes_state():

@@ -188,7 +188,9 @@ def test_the_packed_export_and_materialize_compute_what_the_model_computes(case,
                     torch.testing.assert_close(exported.state_dict()[key], value, rtol=0, atol=0)
     if len(x) == 1 and isinstance(x[0], torch.Tensor) and x[0].is_floating_point():
         loader = [(x[0], torch.arange(3) % CLASSES)]
-        assert mq.evaluate(model, loader) == mq.evaluate(loaded, loader)
+        # the same predictions; the mean loss to float32 rounding (the kernels, and so the order of the sums, can
+        # differ between the quantized model and the plain one loaded from the file)
+        assert mq.evaluate(loaded, loader) == pytest.approx(mq.evaluate(model, loader), rel=1e-5)
 
 
 class Zoo(nn.Module):

@@ -136,7 +136,7 @@ def learned_gain(run_dir: str | Path) -> float:
     if not (run / "done").exists():
         raise ValueError(f"{run} has not finished: run it first (the equivalent STE uses its whole trace)")
     try:
-        data = torch.load(trace_path, weights_only=True)
+        data = torch.load(trace_path, map_location="cpu", weights_only=True)  # also a trace written on a GPU
         gains = {int(e): fc_grad_gain(s["meta"]) for e, s in data["snapshots"].items()}
     except Exception as err:  # noqa: BLE001 - any damage to the file is reported as such
         raise ValueError(f"{trace_path} is not a readable trace of an FC-Grad run: {err}") from None

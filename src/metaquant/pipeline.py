@@ -326,7 +326,8 @@ def _extra(config: RunConfig, teacher_digest: str | None = None) -> dict[str, An
 def save_meta(path: Path, meta: MetaQuantizer, config: RunConfig) -> None:
     """Write the trained meta quantizer, with its architecture, for ``--meta-init`` in another run."""
     buffer = io.BytesIO()
-    torch.save({"meta": meta.state_dict(), "meta_config": meta_config(config)}, buffer)
+    state = {k: v.detach().cpu() for k, v in meta.state_dict().items()}  # readable without the GPU it ran on
+    torch.save({"meta": state, "meta_config": meta_config(config)}, buffer)
     atomic_write_bytes(path, with_digest(buffer.getvalue()))
 
 

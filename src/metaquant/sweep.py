@@ -751,7 +751,7 @@ def _run_side_by_side(tasks: list[_Task], jobs: int, echo: Callable[[str], None]
                 process.terminate()  # SIGTERM: the run writes a checkpoint at the end of its step and stops
 
     try:
-        while pending or running:
+        while running or (pending and not stopping):  # once stopping, nothing pending starts
             if stop and not stopping:
                 signum = stop.signum
                 stop_all()

@@ -17,7 +17,6 @@ directory (a few hundred kilobytes at most).
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import os
@@ -94,7 +93,7 @@ class MetaTrace:
         self.data: dict[str, Any] = {"snapshots": {}, "bins": {}}
         if self.path.exists():  # a resumed run continues its trace
             try:
-                data = torch.load(self.path, weights_only=True)
+                data = torch.load(self.path, map_location="cpu", weights_only=True)
                 if not (isinstance(data, dict) and {"snapshots", "bins"} <= set(data)):
                     raise ValueError("not a trace: no snapshots and bins")
                 self.data = data
@@ -131,16 +130,18 @@ class MetaTrace:
             histograms[name] = torch.from_numpy(
                 np.histogram(w.numpy().ravel(), bins=self.data["bins"][name].numpy())[0]
             )
-        entry: dict[str, Any] = {"meta": copy.deepcopy(trainer.meta.state_dict()), "weights": histograms}
+        # On the CPU, so that a trace written on a GPU reads (and a run resumes) on a machine without one.
+        meta_state = {k: v.detach().cpu().clone() for k, v in trainer.meta.state_dict().items()}
+        entry: dict[str, Any] = {"meta": meta_state, "weights": histograms}
         if isinstance(trainer.meta, LSTMFC):
             first = next(iter(layers))
             record = trainer.state_dict()["records"][first]
             if record["w_tilde"] is not None and record["meta_state"] is not None:
                 h, c = record["meta_state"]
                 entry["lstm_sample"] = {
-                    "w_tilde": record["w_tilde"].reshape(-1)[:SAMPLE].clone(),
-                    "h": h[:, :SAMPLE].clone(),
-                    "c": c[:, :SAMPLE].clone(),
+                    "w_tilde": record["w_tilde"].reshape(-1)[:SAMPLE].cpu().clone(),
+                    "h": h[:, :SAMPLE].cpu().clone(),
+                    "c": c[:, :SAMPLE].cpu().clone(),
                 }
         self.data["snapshots"][epoch] = entry
         buffer = io.BytesIO()
@@ -209,7 +210,7 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
     out = Path(out) if out else run_dir
     out.mkdir(parents=True, exist_ok=True)
     try:
-        data = torch.load(trace_path, weights_only=True)
+        data = torch.load(trace_path, map_location="cpu", weights_only=True)
         if not (
             isinstance(data, dict)
             and isinstance(data.get("snapshots"), dict)
