@@ -1,6 +1,7 @@
 """The results table's statistics against values computed by hand, the original logs' reader against the raw
 text, and the written table and figures."""
 
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -140,12 +141,14 @@ def test_comparison_figure_keeps_twin_curves_apart_and_shows_full_precision(tmp_
     pre.mkdir(parents=True)
     (pre / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "test_acc": 85.5, "train_loss": 0.3}) + "\n")
     curves = {"multifc": [60.0, 70.0, 71.0], "ste": [50.0, 55.0, 56.0]}
-    for estimator, step_order in (("multifc", "paper"), ("multifc", "original"), ("ste", "paper")):
-        run = tmp_path / "runs" / f"{estimator}-{step_order}-trial-1"
+    runs = (("multifc", "paper", None), ("multifc", "original", None), ("ste", "paper", None), ("ste", "paper", "eq"))
+    for estimator, step_order, label in runs:
+        run = tmp_path / "runs" / f"{estimator}-{step_order}-{label}-trial-1"
         run.mkdir()
-        RunConfig(estimator=estimator, step_order=step_order, init="elsewhere/pretrain-resnet20-fashion-mnist").save(
-            run / "config.json"
-        )
+        config = RunConfig(estimator=estimator, step_order=step_order, init="elsewhere/pretrain-resnet20-fashion-mnist")
+        # a second line of STE (as the equivalent STE is): it must not look like the first
+        config = dataclasses.replace(config, label="STE (FC-Grad's gain)") if label else config
+        config.save(run / "config.json")
         lines = [
             json.dumps({"epoch": i, "test_acc": a, "train_loss": 100.0**-i}) for i, a in enumerate(curves[estimator])
         ]
@@ -158,7 +161,16 @@ def test_comparison_figure_keeps_twin_curves_apart_and_shows_full_precision(tmp_
     assert loss_ax.get_yscale() == "log"  # losses 1, 0.01, 0.0001
     assert not loss_ax.get_legend() and not acc_ax.get_legend() and len(figure.legends) == 1  # outside the panels
     lines = {text.get_text(): line for text, line in zip(figure.legends[0].texts, figure.legends[0].legend_handles)}
-    assert set(lines) == {"STE (1)", "MultiFC (1)", "MultiFC (original order) (1)", "full precision (85.5%)"}
+    assert set(lines) == {
+        "STE (1)",
+        "STE (FC-Grad's gain) (1)",
+        "MultiFC (1)",
+        "MultiFC (original order) (1)",
+        "full precision (85.5%)",
+    }
+    ste, equivalent = lines["STE (1)"], lines["STE (FC-Grad's gain) (1)"]
+    assert (ste.get_color(), ste.get_marker()) != (equivalent.get_color(), equivalent.get_marker())
+    assert equivalent.get_color() not in {line.get_color() for name, line in lines.items() if "FC-Grad's" not in name}
     paper, original = lines["MultiFC (1)"], lines["MultiFC (original order) (1)"]
     assert paper.get_color() == original.get_color() and paper.get_linestyle() != original.get_linestyle()
     assert paper.get_marker() == original.get_marker() and paper.get_markersize() > original.get_markersize()
@@ -207,16 +219,23 @@ def test_collect_errors(tmp_path):
 
 
 def test_a_run_that_continues_a_quantization_run_is_compared_with_the_full_precision_model_it_descends_from(
-    tmp_path,
+    tmp_path, monkeypatch
 ):
+    from matplotlib.figure import Figure
+
     """A fine-tuning run's ``init`` is a 1-bit run: its full-precision accuracy is that of the pre-training at the
-    start of the chain (also once the sweep's folder has moved), not the 1-bit run's."""
+    start of the chain (also once the sweep's folder has moved), not the 1-bit run's; its curves are drawn after
+    the epochs of the chain before it."""
     root = tmp_path / "sweep"
     pre = root / "pretrain-resnet20-fashion-mnist"
     pre.mkdir(parents=True)
     RunConfig(task="pretrain").save(pre / "config.json")
     (pre / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "test_acc": 94.5, "train_loss": 0.2}) + "\n")
-    chain = [("first-trial-1", pre, [90.0, 92.0]), ("tuned-trial-1", root / "first-trial-1", [93.0, 93.5])]
+    chain = [
+        ("first-trial-1", pre, [90.0, 92.0]),
+        ("tuned-trial-1", root / "first-trial-1", [93.0, 93.5]),
+        ("again-trial-1", root / "tuned-trial-1", [94.0]),
+    ]
     for name, init, accuracies in chain:
         run = root / name
         run.mkdir()
@@ -228,6 +247,15 @@ def test_a_run_that_continues_a_quantization_run_is_compared_with_the_full_preci
     root.rename(moved)  # the configurations still name the old folder
     by_label = {t.key[5]: t for t in collect([moved])}
     assert by_label["first"].fp_acc == 94.5 and by_label["tuned"].fp_acc == 94.5
+    # each is drawn after the epochs of the runs it continues
+    assert [by_label[k].first_epoch for k in ("first", "tuned", "again")] == [0, 2, 4]
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), save(self, *a, **k))[1])
+    plot_comparisons(list(by_label.values()), tmp_path / "figures")
+    acc_ax = drawn[0].axes[1]
+    epochs = sorted(tuple(line.get_xdata()) for line in acc_ax.lines if line.get_linestyle() != ":")
+    assert epochs == [(1, 2), (3, 4), (5,)]
     loop = moved / "loop-trial-1"  # runs that start from each other: no full-precision model to compare with
     loop.mkdir()
     RunConfig(init=str(loop)).save(loop / "config.json")

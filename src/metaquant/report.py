@@ -80,6 +80,8 @@ class TrialCurves:
         train_loss: mean training loss of each epoch.
         fp_acc: the full-precision model's accuracy, if known (the run it started from).
         path: where the trial was read from.
+        first_epoch: the epochs of the runs this one continues (a fine-tuning run's source run); the figures draw
+            this run's epoch ``i`` at ``first_epoch + i``.
 
     Example:
         >>> from metaquant.report import TrialCurves
@@ -101,6 +103,7 @@ class TrialCurves:
     train_loss: list[float]
     fp_acc: float | None = None
     path: Path | None = None
+    first_epoch: int = 0
 
     @property
     def key(self) -> tuple[str, str, str, str, int, str, str]:
@@ -194,8 +197,9 @@ def last_k_stats(curves: Sequence[Sequence[float]], k: int = 10) -> tuple[float,
 
 
 # --- reading ---------------------------------------------------------------------------------------------
-def _full_precision_accuracy(config: RunConfig, path: Path) -> float | None:
-    """The final test accuracy of the full-precision model that the run in ``path`` descends from, if known.
+def _descent(config: RunConfig, path: Path) -> tuple[float | None, int]:
+    """What the run in ``path`` descends from: the final test accuracy of its full-precision model, if known, and
+    the number of epochs of the quantization runs it continues (0 for a run started from a full-precision model).
 
     ``init`` names the run a run started from; a quantization run that continues another (fine-tuning a 1-bit
     model) names that one, so the chain is followed through quantization runs to the first run that is not
@@ -205,7 +209,7 @@ def _full_precision_accuracy(config: RunConfig, path: Path) -> float | None:
     from .config import RunConfig
 
     visited: set[Path] = set()
-    source, here = config.init, path
+    source, here, epochs_before = config.init, path, 0
     while source:
         init = Path(source)
         if not init.exists() and (here.parent / init.name).exists():
@@ -213,18 +217,20 @@ def _full_precision_accuracy(config: RunConfig, path: Path) -> float | None:
         run_dir = init if init.is_dir() else init.parent
         key = run_dir.resolve()
         if key in visited:  # a loop of runs that start from each other: no full-precision model
-            return None
+            return None, epochs_before
         visited.add(key)
         if (run_dir / "config.json").exists():
             parent = RunConfig.load(run_dir / "config.json")
             if parent.task == "quantize":
+                if (run_dir / "metrics.jsonl").exists():
+                    epochs_before += len(_checked_metrics(run_dir, need=("test_acc",)))
                 source, here = parent.init, run_dir
                 continue
         if not (run_dir / "metrics.jsonl").exists():
-            return None
+            return None, epochs_before
         lines = _checked_metrics(run_dir, need=("test_acc",))
-        return lines[-1]["test_acc"] if lines else None
-    return None
+        return (lines[-1]["test_acc"] if lines else None), epochs_before
+    return None, epochs_before
 
 
 def read_run(path: Path) -> TrialCurves | None:
@@ -235,7 +241,7 @@ def read_run(path: Path) -> TrialCurves | None:
     a directory name ending in ``-trial-<n>``, else it is ``seed + 1``; ``fp_acc`` is the final accuracy of
     the run named by ``init``, when that run directory is there (or, for a sweep's folder that was moved, a
     directory of the same name beside the run); for a run that continues a quantization run, that of the
-    full-precision run at the start of the chain.
+    full-precision run at the start of the chain, and ``first_epoch`` the epochs of the runs before it there.
 
     Args:
         path: the run directory.
@@ -271,7 +277,7 @@ def read_run(path: Path) -> TrialCurves | None:
     metrics = _checked_metrics(path)
     if config.task != "quantize" or not metrics:
         return None
-    fp_acc = _full_precision_accuracy(config, path)
+    fp_acc, epochs_before = _descent(config, path)
     label = config.label or backward_label(config)
     trial = int(path.name.rsplit("-trial-", 1)[1]) if "-trial-" in path.name else config.seed + 1
     return TrialCurves(
@@ -287,6 +293,7 @@ def read_run(path: Path) -> TrialCurves | None:
         [m["train_loss"] for m in metrics],
         fp_acc,
         path,
+        epochs_before,
     )
 
 
@@ -686,6 +693,29 @@ def _line_style(label: str) -> dict[str, Any]:
     return style
 
 
+def _distinct_styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``_line_style`` of each of a figure's lines, except that a line whose colour, marker and line style an
+    earlier line of the figure already has (two labels of one method: STE and the equivalent STE) takes the
+    next free colour and marker, starting with the colours no known method uses.
+
+    Example:
+        >>> from metaquant.report import _distinct_styles
+        >>> styles = _distinct_styles(["STE", "STE (FC-Grad's gain)"])
+        >>> [(s["color"], s["marker"]) for s in styles.values()]
+        [('C0', 'o'), ('C7', 'o')]
+    """
+    styles: dict[str, dict[str, Any]] = {}
+    taken: set[tuple[str, str, str]] = set()
+    spare = [(f"C{c}", m) for m in _MARKERS for c in (7, 8, 9, *range(7))]
+    for label in labels:
+        style = _line_style(label)
+        while (style["color"], style["marker"], repr(style["linestyle"])) in taken and spare:
+            style["color"], style["marker"] = spare.pop(0)
+        taken.add((style["color"], style["marker"], repr(style["linestyle"])))
+        styles[label] = style
+    return styles
+
+
 def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
     """One figure per (model, dataset, forward, optimizer), as PNG and PDF: training loss (log scale) and test
     accuracy per epoch, one line per backward method (mean over trials) with a band from the minimum to the
@@ -694,9 +724,11 @@ def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
     Each backward method has its own colour, the same in every figure; runs in the original code's step order
     (``"... (original order)"``) are dashed with crosses and runs of the original code (``"<backward> [original
     code]"``) dash-dotted, so that a curve lying on its twin stays visible. The accuracy panel has a dotted
-    line at the full-precision model's accuracy when the trials know it. The legend, which gives each line's
-    number of trials, sits outside the panels. A figure is named ``<model>-<dataset>-<forward><bits>-
-    <optimizer>.png`` (and ``.pdf``), in lower case (e.g. ``resnet20-cifar10-dorefa1-sgd.png``). Needs
+    line at the full-precision model's accuracy when the trials know it. Two lines of one method (STE and the
+    equivalent STE) get different colours or markers; a run that continues another is drawn after its epochs.
+    The legend, which gives each line's number of trials, sits outside the panels. A figure is named
+    ``<model>-<dataset>-<forward><bits>-<optimizer>.png`` (and ``.pdf``), in lower case (e.g.
+    ``resnet20-cifar10-dorefa1-sgd.png``). Needs
     matplotlib (the ``plot`` extra); nothing global in matplotlib is changed (``figure_class``).
 
     Args:
@@ -735,14 +767,17 @@ def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
         loss_ax, acc_ax = fig.subplots(1, 2)
         handles, labels = [], []
         all_positive = True
-        for label, members in sorted(lines.items(), key=lambda item: _legend_order(item[0])):
-            style = _line_style(label)
+        ordered = sorted(lines.items(), key=lambda item: _legend_order(item[0]))
+        styles = _distinct_styles([label for label, _ in ordered])
+        for label, members in ordered:
+            style = styles[label]
+            first = min(t.first_epoch for t in members)  # a fine-tuning run is drawn after the run it continues
             for ax, attr in ((loss_ax, "train_loss"), (acc_ax, "test_acc")):
                 n = min(len(getattr(t, attr)) for t in members)
                 values = np.array([getattr(t, attr)[:n] for t in members], dtype=np.float64)
                 if n == 0 or np.all(np.isnan(values)):
                     continue  # e.g. an original-code run without loss.txt
-                epochs = np.arange(1, n + 1)
+                epochs = np.arange(first + 1, first + n + 1)
                 (handle,) = ax.plot(epochs, np.nanmean(values, axis=0), markevery=max(1, n // 15), **style)
                 ax.fill_between(
                     epochs,
