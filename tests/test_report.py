@@ -221,11 +221,11 @@ def test_collect_errors(tmp_path):
 def test_a_run_that_continues_a_quantization_run_is_compared_with_the_full_precision_model_it_descends_from(
     tmp_path, monkeypatch
 ):
-    from matplotlib.figure import Figure
-
     """A fine-tuning run's ``init`` is a 1-bit run: its full-precision accuracy is that of the pre-training at the
     start of the chain (also once the sweep's folder has moved), not the 1-bit run's; its curves are drawn after
     the epochs of the chain before it."""
+    from matplotlib.figure import Figure
+
     root = tmp_path / "sweep"
     pre = root / "pretrain-resnet20-fashion-mnist"
     pre.mkdir(parents=True)
@@ -261,4 +261,5 @@ def test_a_run_that_continues_a_quantization_run_is_compared_with_the_full_preci
     RunConfig(init=str(loop)).save(loop / "config.json")
     (loop / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "test_acc": 50.0, "train_loss": 1.0}) + "\n")
     (loop / "done").touch()
-    assert {t.key[5]: t for t in collect([moved])}["STE"].fp_acc is None
+    in_loop = {t.key[5]: t for t in collect([moved])}["STE"]
+    assert in_loop.fp_acc is None and in_loop.first_epoch == 0

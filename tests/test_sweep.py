@@ -355,6 +355,18 @@ def test_a_stopped_sweep_returns_with_runs_still_to_start(tmp_path, tiny_mnist, 
     assert not any((run.path / "done").exists() for run in plan(spec, tmp_path / "runs"))
 
 
+@pytest.mark.timeout(120)
+def test_a_failed_run_ends_a_side_by_side_sweep_with_runs_still_to_start(tmp_path):
+    """Two runs side by side fail (their data is not there) while a third waits: the sweep raises the runs'
+    error instead of waiting for the third forever."""
+    from metaquant.sweep import SweepSpec
+
+    base = {"dataset": "mnist", "data_dir": str(tmp_path / "nowhere"), "download": False, "model": "resnet8"}
+    spec = SweepSpec("fail", 3, 0, None, {**base, "device": "cpu"}, grid=[{"estimator": "ste"}], optimizer_overrides={})
+    with pytest.raises(FileNotFoundError):
+        run_sweep(spec, tmp_path / "runs", jobs=2, echo=lambda line: None)
+
+
 def test_equivalent_ste_runs_take_the_fc_grad_run_of_their_trial(tmp_path):
     from metaquant.sweep import SweepSpec, plan
 

@@ -216,8 +216,8 @@ def _descent(config: RunConfig, path: Path) -> tuple[float | None, int]:
             init = here.parent / init.name
         run_dir = init if init.is_dir() else init.parent
         key = run_dir.resolve()
-        if key in visited:  # a loop of runs that start from each other: no full-precision model
-            return None, epochs_before
+        if key in visited:  # a loop of runs that start from each other: no full-precision model, no start
+            return None, 0
         visited.add(key)
         if (run_dir / "config.json").exists():
             parent = RunConfig.load(run_dir / "config.json")
@@ -771,7 +771,12 @@ def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
         styles = _distinct_styles([label for label, _ in ordered])
         for label, members in ordered:
             style = styles[label]
-            first = min(t.first_epoch for t in members)  # a fine-tuning run is drawn after the run it continues
+            starts = sorted({t.first_epoch for t in members})  # a fine-tuning run is drawn after the run it continues
+            if len(starts) > 1:  # e.g. one trial's source run is not there: its chain could not be followed
+                logger.warning(
+                    "%s: its trials continue runs of %s epochs; drawn from epoch %d", label, starts, starts[0] + 1
+                )
+            first = starts[0]
             for ax, attr in ((loss_ax, "train_loss"), (acc_ax, "test_acc")):
                 n = min(len(getattr(t, attr)) for t in members)
                 values = np.array([getattr(t, attr)[:n] for t in members], dtype=np.float64)
