@@ -350,3 +350,44 @@ def test_eval_needs_only_the_test_files(tmp_path, tiny_mnist, capsys):
     packed = str(tmp_path / "q" / "model.safetensors")
     assert main(["eval", packed, "--data-dir", str(only_test), "--device", "cpu"]) == 0
     assert f"test accuracy {recorded:.2f}% top-1" in capsys.readouterr().out
+
+
+def test_eval_with_precise_bn_tests_the_model_with_statistics_recomputed_from_training_batches(
+    tmp_path, tiny_mnist, capsys
+):
+    """``metaquant eval RUN --precise-bn N``: the accuracy of the run's model after its BatchNorm statistics are
+    recomputed from N batches of its training set; oracle: the packed export of the same checkpoint, its
+    statistics recomputed by hand from the same batches, then evaluated."""
+    from metaquant.cli import main
+    from metaquant.config import RunConfig
+    from metaquant.data import make_loaders, make_test_loader
+    from metaquant.pipeline import evaluate_artifact
+
+    args = ["quantize", *tiny_mnist, "-m", "resnet8", "-bs", "16", "-n", "1", "--no-progress"]
+    assert main([*args, "--run-dir", str(tmp_path), "--name", "q"]) == 0
+    run = tmp_path / "q"
+    assert main(["export", str(run)]) == 0
+    config = RunConfig.load(run / "config.json")
+    train, _, _ = make_loaders(
+        config.dataset, data_dir=config.data_dir, batch_size=config.batch_size, seed=config.seed, download=False
+    )
+    test, _ = make_test_loader(
+        config.dataset, data_dir=config.data_dir, batch_size=config.test_batch_size, seed=config.seed, download=False
+    )
+    plain = load_packed(run / "model.safetensors")
+    before = [bn.running_mean.clone() for bn in mq.batchnorm.batchnorm_layers(plain)]
+    mq.batchnorm.recompute_batchnorm_stats(plain, train, 3)
+    assert any(not torch.equal(a, bn.running_mean) for a, bn in zip(before, mq.batchnorm.batchnorm_layers(plain)))
+    expected = mq.evaluate(plain, test)
+    for path in (run, run / "model.safetensors"):
+        result = evaluate_artifact(path, device="cpu", precise_bn_batches=3)
+        assert result["top1"] == expected["top1"] and result["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--device", "cpu", "--precise-bn", "3"]) == 0
+    assert f"{expected['top1']:.2f}% top-1" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="precise_bn_batches must be an integer >= 0, got -1"):
+        evaluate_artifact(run, precise_bn_batches=-1)
+    with pytest.raises(ValueError, match="not to the ONNX file"):
+        evaluate_artifact(tmp_path / "model.onnx", precise_bn_batches=3)
+    assert main(["eval", str(run), "--precise-bn", "-1"]) != 0
+    assert "got -1" in capsys.readouterr().err

@@ -516,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="for a run directory: evaluate its previous checkpoint (checkpoint.prev.pt)",
     )
+    ev.add_argument(
+        "--precise-bn",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first recompute the BatchNorm statistics from N batches of the run's training set (default: 0, "
+        "the model's own)",
+    )
     ev.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -535,10 +543,17 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    result = evaluate_artifact(args.path, data_dir=args.data_dir, device=args.device, from_previous=args.from_previous)
+    result = evaluate_artifact(
+        args.path,
+        data_dir=args.data_dir,
+        device=args.device,
+        from_previous=args.from_previous,
+        precise_bn_batches=args.precise_bn,
+    )
     recorded = result["recorded"]
     note = f" (the run recorded {recorded:.2f}%)" if recorded is not None else ""
-    print(f"{args.path}: test accuracy {result['top1']:.2f}% top-1, {result['top5']:.2f}% top-5{note}")
+    bn = f", BatchNorm statistics recomputed from {args.precise_bn} training batches" if args.precise_bn else ""
+    print(f"{args.path}: test accuracy {result['top1']:.2f}% top-1, {result['top5']:.2f}% top-5{bn}{note}")
     return 0
 
 

@@ -868,6 +868,22 @@ def _run_model(run: RunDir, device: str | None = None, from_previous: bool = Fal
     return config, model.to(resolve_device(device or config.device)).eval(), info
 
 
+def _train_loader(config: RunConfig, device: str, data_dir: str | None) -> Any:
+    """The run's training batches as it drew them (batch size, subset, augmentation, seed), on one process."""
+    train_loader, _, _ = make_loaders(
+        config.dataset,
+        data_dir=data_dir or config.data_dir,
+        batch_size=config.batch_size,
+        device=resolve_device(device),
+        seed=config.seed,
+        train_size=config.train_size,
+        subset_seed=config.subset_seed,
+        download=config.download,
+        augment=None if config.augment == "auto" else config.augment,
+    )
+    return train_loader
+
+
 def _test_loader(config: RunConfig, device: str, data_dir: str | None) -> Any:
     test_loader, _ = make_test_loader(
         config.dataset,
@@ -991,12 +1007,20 @@ def export_run(
 
 
 def evaluate_artifact(
-    path: str | Path, *, data_dir: str | None = None, device: str = "auto", from_previous: bool = False
+    path: str | Path,
+    *,
+    data_dir: str | None = None,
+    device: str = "auto",
+    from_previous: bool = False,
+    precise_bn_batches: int = 0,
 ) -> dict[str, Any]:
     """Test accuracy of a run directory's checkpoint or of a packed file, on the run's own test set.
 
     The test set is the one named by the run's configuration (stored in a packed or ONNX file's metadata by
-    ``export_run``), with ``data_dir`` in place of the run's own when given.
+    ``export_run``), with ``data_dir`` in place of the run's own when given. With ``precise_bn_batches``, the
+    BatchNorm running statistics are first recomputed from that many batches of the run's training set (its
+    batch size, augmentation and seed; ``batchnorm.recompute_batchnorm_stats``): a 1-bit model's running
+    statistics can lag behind its last weights, and this tells a model's accuracy from that of its statistics.
 
     Args:
         path: a run directory, a packed file (``export_packed``) or an ONNX file (``.onnx``).
@@ -1004,6 +1028,8 @@ def evaluate_artifact(
         device: where to evaluate (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``).
         from_previous: for a run directory, evaluate its previous checkpoint (``checkpoint.prev.pt``); the
             latest one is verified (CRCs and digest) before use and refused when damaged.
+        precise_bn_batches: 0 (the model's own statistics), or the number of training batches to recompute the
+            BatchNorm statistics from before testing (not for an ONNX file).
 
     Returns:
         ``{"top1", "top5", "loss", "recorded"}``: top-1 and top-5 accuracy in percent, mean cross-entropy,
@@ -1013,7 +1039,8 @@ def evaluate_artifact(
         FileNotFoundError: no run in the directory, no such file, or the data set is not found.
         ValueError: a run without checkpoint, or with a damaged one (the message says whether the previous
             one is intact); a damaged packed or ONNX file, or one whose metadata does not name its run;
-            ``device`` asks for CUDA without CUDA; ``from_previous`` for a file.
+            ``device`` asks for CUDA without CUDA; ``from_previous`` for a file; ``precise_bn_batches`` not an
+            integer >= 0, or given for an ONNX file.
         ImportError: an ONNX file without ``onnxruntime`` installed.
 
     Example:
@@ -1031,9 +1058,14 @@ def evaluate_artifact(
         >>> result["top1"] == result["recorded"], sorted(result)
         (True, ['loss', 'recorded', 'top1', 'top5'])
     """
+    from .batchnorm import recompute_batchnorm_stats
     from .export import load_packed, read_packed
 
+    if isinstance(precise_bn_batches, bool) or not isinstance(precise_bn_batches, int) or precise_bn_batches < 0:
+        raise ValueError(f"precise_bn_batches must be an integer >= 0, got {precise_bn_batches!r}")
     path = Path(path)
+    if precise_bn_batches and path.suffix == ".onnx":
+        raise ValueError(f"precise_bn_batches applies to a run directory or a packed file, not to the ONNX file {path}")
     if path.is_dir():
         run = RunDir(path)
         if not run.config_path.exists():
@@ -1058,6 +1090,8 @@ def evaluate_artifact(
         config = RunConfig.from_dict(run_config)
         recorded = header["metadata"].get("test_acc")
     test_loader = _test_loader(config, device, data_dir)
+    if precise_bn_batches:
+        recompute_batchnorm_stats(model, _train_loader(config, device, data_dir), precise_bn_batches)
     result = evaluate(model, test_loader)
     return {**result, "recorded": recorded}
 
