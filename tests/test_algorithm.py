@@ -98,6 +98,45 @@ def _quantities_of_step_zero(w0, x0, y0, q):
     return g0, q.preprocess(w0)
 
 
+START_AT_STE = [
+    lambda: mq.FCGrad(hidden=6, init_scheme="ste"),
+    lambda: mq.FCGrad(hidden=6, num_layers=3, nonlinearity="tanh", init_scheme="ste"),
+    lambda: mq.MultiFC(hidden=6, init_scheme="ste"),
+    lambda: mq.MultiFC(hidden=6, nonlinearity="relu", init_scheme="ste"),
+    lambda: mq.LSTMFC(hidden=4, init_scheme="ste"),
+    lambda: mq.LSTMFC(hidden=4, num_lstm=2, nonlinearity="tanh", init_scheme="ste"),
+]
+
+
+@pytest.mark.parametrize("make_meta", START_AT_STE)
+@pytest.mark.parametrize("opt", [(torch.optim.SGD, dict(lr=0.05)), (torch.optim.Adam, dict(lr=1e-2))])
+def test_a_meta_quantizer_started_at_the_ste_takes_the_ste_step_first(make_meta, opt):
+    # Oracle: IdentityMeta, whose MetaQuant step is the STE one step late (the test above); the first weight
+    # update (iteration 1) must be the same to the bit, the second differs once φ has learned.
+    cls, kwargs = opt
+    data = batches(3, seed=4)
+    models = [mq.quantize_(conv_net(seed=2), mq.QuantConfig("dorefa", 1)) for _ in range(2)]
+    metas = [mq.IdentityMeta(), make_meta()]
+    trainers = [mq.MetaQuant(m, cls(m.parameters(), **kwargs), meta) for m, meta in zip(models, metas)]
+    for t, (x, y) in enumerate(data):
+        for model, trainer in zip(models, trainers):
+            trainer.step(closure(model, x, y))
+        same = all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
+        assert same == (t < 2), t  # iterations 0 and 1 equal, 2 not: φ moved after iteration 1
+    assert any(p.abs().sum() > 0 for p in metas[1].parameters())
+
+
+@pytest.mark.parametrize("make_meta", START_AT_STE)
+def test_a_meta_quantizer_started_at_the_ste_returns_its_input_gradient(make_meta):
+    meta = make_meta()
+    g, w_tilde = torch.randn(50) * 10.0 ** torch.randint(-6, 3, (50,)), torch.rand(50)
+    out, _ = meta(g, w_tilde)
+    assert torch.equal(out, g)
+    # ... and φ receives a gradient from the first step: the last layer's, non-zero
+    (meta(g, w_tilde)[0] * torch.randn(50)).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in meta.parameters())
+
+
 @pytest.mark.parametrize(
     "make_meta",
     [
@@ -106,8 +145,24 @@ def _quantities_of_step_zero(w0, x0, y0, q):
         lambda: mq.MultiFC(hidden=4, num_layers=3, nonlinearity="relu"),
         lambda: mq.MultiFC(hidden=4),
         lambda: mq.LSTMFC(hidden=3, num_lstm=2),
+        lambda: mq.FCGrad(hidden=4, init_scheme="ste"),
+        lambda: mq.FCGrad(hidden=4, nonlinearity="tanh", init_scheme="ste"),
+        lambda: mq.MultiFC(hidden=4, init_scheme="ste"),
+        lambda: mq.MultiFC(hidden=4, num_layers=3, nonlinearity="relu", init_scheme="ste"),
+        lambda: mq.LSTMFC(hidden=3, init_scheme="ste"),
     ],
-    ids=["fcgrad-tanh", "fcgrad", "multifc-relu", "multifc", "lstmfc"],
+    ids=[
+        "fcgrad-tanh",
+        "fcgrad",
+        "multifc-relu",
+        "multifc",
+        "lstmfc",
+        "fcgrad-ste-start",
+        "fcgrad-tanh-ste-start",
+        "multifc-ste-start",
+        "multifc-relu-ste-start",
+        "lstmfc-ste-start",
+    ],
 )
 def test_meta_gradient_matches_finite_differences(make_meta):
     torch.manual_seed(3)

@@ -17,6 +17,7 @@ import metaquant as mq
 from metaquant.batchnorm import batchnorm_layers, recompute_batchnorm_stats
 from metaquant.export import materialize
 from metaquant.runs import RunDir
+from metaquant.training import precise_bn_metrics
 from tests.data.toy import toy_loaders
 
 
@@ -213,7 +214,7 @@ def test_under_data_parallelism_the_statistics_are_over_every_process_batches(tm
             torch.testing.assert_close(saved["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def _fit(precise_bn_batches, train=None, run_dir=None, epochs=2):
+def _fit(precise_bn_batches, train=None, run_dir=None, epochs=2, extra_metrics=None):
     torch.manual_seed(1)
     model = mq.quantize_(mq.models.resnet8(num_classes=3, in_channels=1))
     default_train, test, _, _ = toy_loaders()
@@ -231,6 +232,7 @@ def _fit(precise_bn_batches, train=None, run_dir=None, epochs=2):
         run=run,
         progress=False,
         precise_bn_batches=precise_bn_batches,
+        extra_metrics=extra_metrics,
     )
     return model, test
 
@@ -253,6 +255,29 @@ def test_fit_with_precise_bn_trains_the_same_and_tests_with_the_recomputed_stati
     expected = mq.evaluate(plain, test)
     assert (last["test_loss"], last["test_acc"]) == (expected["loss"], expected["top1"])
     assert last["test_loss"] != with_running_averages["loss"]
+
+
+def test_recorded_precise_bn_metrics_leave_the_run_as_it_is_and_equal_a_recomputation(tmp_path):
+    plain, test = _fit(0, run_dir=tmp_path / "plain")
+    train, _, _, _ = toy_loaders()
+    metrics = precise_bn_metrics(train, test, 3)  # over the loader fit trains with
+    recorded, _ = _fit(0, train=train, run_dir=tmp_path / "recorded", extra_metrics=metrics)
+    # the same weights and running statistics, the same records but for the two added fields
+    for (name, a), b in zip(recorded.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+    rows = [
+        [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("plain", "recorded")
+    ]
+    for a, b in zip(*rows):
+        extra = {k: b.pop(k) for k in ("test_acc_precise_bn", "test_loss_precise_bn")}
+        a.pop("train_seconds"), b.pop("train_seconds")
+        assert a == b
+    # oracle: the last epoch's statistics recomputed on the final model, by hand
+    train.set_epoch(1)
+    recompute_batchnorm_stats(plain, train, num_batches=3)
+    expected = mq.evaluate(plain, test)
+    assert (extra["test_loss_precise_bn"], extra["test_acc_precise_bn"]) == (expected["loss"], expected["top1"])
 
 
 def test_fit_with_a_shuffling_dataloader_trains_the_same_with_precise_bn():

@@ -144,3 +144,21 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly_with_status_141():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
     assert err == ""
+
+
+def test_a_meta_quantizer_started_at_the_ste_with_recorded_precise_bn(tmp_path, capsys, fashion_mnist_available):
+    import torch
+
+    common = [*TINY, "-meta", "fc-grad", "-hidden", "8", "--run-dir", str(tmp_path)]
+    assert main(["quantize", *common, "--meta-init-scheme", "ste", "--record-precise-bn", "2", "--name", "s"]) == 0
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert (config["meta_init_scheme"], config["record_precise_bn"]) == ("ste", 2)
+    (record,) = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 <= record["test_acc_precise_bn"] <= 100 and record["test_loss_precise_bn"] > 0
+    snapshots = torch.load(tmp_path / "s" / "trace.pt", weights_only=True)["snapshots"]
+    assert torch.count_nonzero(snapshots[0]["meta"]["net.layers.1.weight"]) == 0  # it started at the STE
+    # the same weights under the paper's form are another function: reusing them across the two is refused
+    assert main(["quantize", *common, "--meta-init", str(tmp_path / "s"), "--name", "p"]) == 1
+    assert "'init_scheme': 'ste'" in capsys.readouterr().err
+    assert main(["quantize", *common, "--meta-init-scheme", "zero"]) == 2
+    assert "invalid choice: 'zero'" in capsys.readouterr().err

@@ -75,6 +75,17 @@ def test_a_config_written_before_a_field_existed_reads_back_with_its_default(tmp
     assert RunConfig.from_dict(data) == RunConfig() and RunConfig().augment == "auto"
 
 
+def test_a_config_written_before_meta_init_scheme_existed_reads_back_as_the_paper_start():
+    """Fields added after runs were made take the value those runs had, whatever the default is now."""
+    data = RunConfig(estimator="multifc").to_dict()
+    del data["meta_init_scheme"]
+    assert RunConfig.from_dict(data).meta_init_scheme == "paper"
+    data["meta_init_scheme"] = "ste"
+    assert RunConfig.from_dict(data).meta_init_scheme == "ste"
+    with pytest.raises(ValueError, match="meta_init_scheme 'zero' is not supported; allowed: paper, ste"):
+        RunConfig(meta_init_scheme="zero")
+
+
 @pytest.mark.parametrize("name", ["init", "teacher", "meta_init", "lr_gain_from"])
 @pytest.mark.parametrize("blank", ["", "  "])
 def test_a_blank_path_is_refused_rather_than_read_as_none(name, blank):

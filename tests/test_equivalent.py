@@ -20,6 +20,19 @@ def test_fc_grad_gain_is_the_scale_fc_grad_applies(num_layers):
     torch.testing.assert_close(out, fc_grad_gain(meta.state_dict()) * g)
 
 
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_fc_grad_gain_of_an_fc_grad_started_at_the_ste(num_layers):
+    torch.manual_seed(num_layers)
+    meta = mq.FCGrad(hidden=5, num_layers=num_layers, init_scheme="ste")
+    g = torch.randn(7)
+    assert fc_grad_gain(meta.state_dict(), "ste") == 1.0  # it starts as the STE
+    with torch.no_grad():
+        for p in meta.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    out, _ = meta(g, torch.randn(7))
+    torch.testing.assert_close(out, fc_grad_gain(meta.state_dict(), "ste") * g)
+
+
 def test_mean_gain_interpolates_between_snapshots_and_weighs_epochs_by_their_rate():
     gains = {0: 1.0, 1: 2.0, 2: 4.0, 4: 8.0}  # epoch 3 is not snapshotted: k(3) = 6 by interpolation
     factors = [1.0, 1.0, 0.1, 0.1]

@@ -26,7 +26,7 @@ from .demo import DemoConfig, run_demo
 from .distributed import is_main, shutdown
 from .guards import NonFiniteError, SkipLimitError, StopFlag, TrainingInterrupted
 from .layout import MEMORY_FORMATS
-from .meta import NONLINEARITIES
+from .meta import INIT_SCHEMES, NONLINEARITIES
 from .models import model_names
 from .pipeline import default_run_name, describe_checkpoint, evaluate_artifact, execute, export_run, resume
 from .precision import AMP_MODES
@@ -197,6 +197,14 @@ def _add_common(p: argparse.ArgumentParser, *, task: str) -> None:
         "epoch's first N training batches instead of the running averages (default: 0, off)",
     )
     opt.add_argument(
+        "--record-precise-bn",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also record each epoch's test accuracy with BatchNorm statistics recomputed from N training "
+        "batches (test_acc_precise_bn), on a copy: the run itself is unchanged (default: 0, off)",
+    )
+    opt.add_argument(
         "--ema-decay",
         type=float,
         default=0.0,
@@ -360,6 +368,14 @@ def _add_quantization(p: argparse.ArgumentParser) -> None:
         "--meta-init",
         default=None,
         help="start from a trained meta quantizer: a run directory, its meta.pt or a checkpoint",
+    )
+    m.add_argument(
+        "--meta-init-scheme",
+        type=_lower,
+        default="paper",
+        choices=INIT_SCHEMES,
+        help="where the meta quantizer starts: paper (random, the paper's) or ste (a learned correction of "
+        "the STE whose last layer starts at zero: the first steps are STE steps) (default: paper)",
     )
 
 

@@ -22,7 +22,7 @@ from .distill import check_distillation
 from .estimators import CLASSICAL_ESTIMATORS
 from .guards import NONFINITE_POLICIES
 from .layout import MEMORY_FORMATS
-from .meta import META_QUANTIZERS, NONLINEARITIES
+from .meta import INIT_SCHEMES, META_QUANTIZERS, NONLINEARITIES
 from .models import model_names
 from .precision import AMP_MODES
 from .quantizers import get_quantizer
@@ -39,6 +39,8 @@ ESTIMATORS = tuple(CLASSICAL_ESTIMATORS) + META_ESTIMATORS
 #: Spellings of the original code, accepted on input.
 ESTIMATOR_ALIASES = {"mlpfc": "multifc", "fcgrad": "fc-grad", "fc_grad": "fc-grad", "lstm-fc": "lstmfc"}
 DEVICES = ("auto", "cpu", "cuda")
+#: Fields added after runs were made, with the value that reproduces a run whose config.json lacks them.
+ABSENT_MEANS: dict[str, Any] = {"meta_init_scheme": "paper"}
 #: Seeds reach NumPy's global generator, which takes 32-bit seeds.
 MAX_SEED = 2**32 - 1
 #: Examples in the standard training and test splits of each data set: a larger subset is a usage error.
@@ -138,6 +140,9 @@ class RunConfig:
     # evaluation: recompute BatchNorm statistics from this many training batches before each test (0: keep the
     # running averages; metaquant.batchnorm)
     precise_bn_batches: int = 0
+    # also record each epoch's test accuracy with BatchNorm statistics recomputed from this many training batches
+    # (test_acc_precise_bn), on a copy: the run's own statistics and test_acc stay as they are (0: not recorded)
+    record_precise_bn: int = 0
     # deliver an exponential moving average of the weights, with this decay per step (0: the last weights;
     # metaquant.averaging)
     ema_decay: float = 0.0
@@ -163,6 +168,8 @@ class RunConfig:
     through: str = "residual"
     freeze_meta_epoch: int | None = None
     meta_init: str | None = None
+    # where the meta quantizer starts: "paper" (random, the paper's) or "ste" (a correction of STE that starts at 0)
+    meta_init_scheme: str = "paper"
     # the "equivalent STE": multiply lr by the mean gain that the FC-Grad run in this directory learned
     lr_gain_from: str | None = None
     # knowledge distillation (quantize runs): lambda and T of metaquant.distill
@@ -228,6 +235,7 @@ class RunConfig:
         _positive("max_skipped", self.max_skipped, integer=True, allow_zero=True)
         _positive("checkpoint_every", self.checkpoint_every, integer=True, allow_zero=True)
         _positive("precise_bn_batches", self.precise_bn_batches, integer=True, allow_zero=True)
+        _positive("record_precise_bn", self.record_precise_bn, integer=True, allow_zero=True)
         check_ema_decay(self.ema_decay, allow_zero=True)
         _positive("bits", self.bits, integer=True)
         get_quantizer(self.quantizer, self.bits)  # raises with the allowed names / bit widths
@@ -258,6 +266,7 @@ class RunConfig:
         for name in ("hidden_size", "num_fc", "num_lstm"):
             _positive(name, getattr(self, name), integer=True)
         _choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
+        _choice("meta_init_scheme", self.meta_init_scheme, INIT_SCHEMES)
         _positive("meta_lr", self.meta_lr)
         _positive("meta_weight_decay", self.meta_weight_decay, allow_zero=True)
         _choice("step_order", self.step_order, STEP_ORDERS)
@@ -284,7 +293,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """A validated configuration from ``to_dict``'s form; missing fields take their defaults.
+        """A validated configuration from ``to_dict``'s form; missing fields take their defaults, except the
+        fields of ``ABSENT_MEANS``, added after runs were made, which take the value those runs had.
 
         Raises:
             ValueError: an unknown key (the message lists the allowed ones), or a value ``RunConfig`` refuses.
@@ -293,7 +303,7 @@ class RunConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown configuration keys {unknown}; allowed: {', '.join(sorted(known))}")
-        return cls(**data)
+        return cls(**{**ABSENT_MEANS, **data})
 
     def save(self, path: str | Path) -> None:
         """Write the configuration as indented JSON to ``path``."""

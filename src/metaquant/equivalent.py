@@ -24,11 +24,13 @@ from torch import Tensor
 __all__ = ["fc_grad_gain", "mean_gain", "learned_gain"]
 
 
-def fc_grad_gain(meta_state: Mapping[str, Tensor]) -> float:
-    """The scalar ``k = W_L ⋯ W_1`` of an FC-Grad meta quantizer without a non-linearity, from its state dict.
+def fc_grad_gain(meta_state: Mapping[str, Tensor], init_scheme: str = "paper") -> float:
+    """The gain ``k`` of an FC-Grad meta quantizer without a non-linearity, from its state dict:
+    ``W_L ⋯ W_1``, plus 1 for ``init_scheme="ste"`` (``g + FCs_φ(g)``).
 
     Args:
         meta_state: ``FCGrad.state_dict()`` (keys ``net.layers.<i>.weight``).
+        init_scheme: the ``init_scheme`` the FC-Grad was made with.
 
     Returns:
         ``k``: ``FCGrad(g, ·) = k·g`` for every ``g``.
@@ -52,7 +54,7 @@ def fc_grad_gain(meta_state: Mapping[str, Tensor]) -> float:
     product = meta_state[keys[0]].double()
     for key in keys[1:]:
         product = meta_state[key].double() @ product
-    return float(product.reshape(()))
+    return float(product.reshape(())) + (1.0 if init_scheme == "ste" else 0.0)
 
 
 def mean_gain(gains: Mapping[int, float], epochs: int, lr_factor: Callable[[int], float]) -> float:
@@ -137,7 +139,8 @@ def learned_gain(run_dir: str | Path) -> float:
         raise ValueError(f"{run} has not finished: run it first (the equivalent STE uses its whole trace)")
     try:
         data = torch.load(trace_path, map_location="cpu", weights_only=True)  # also a trace written on a GPU
-        gains = {int(e): fc_grad_gain(s["meta"]) for e, s in data["snapshots"].items()}
+        scheme = config.get("meta_init_scheme", "paper")
+        gains = {int(e): fc_grad_gain(s["meta"], scheme) for e, s in data["snapshots"].items()}
     except Exception as err:  # noqa: BLE001 - any damage to the file is reported as such
         raise ValueError(f"{trace_path} is not a readable trace of an FC-Grad run: {err}") from None
     epochs = int(config["epochs"])

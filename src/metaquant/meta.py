@@ -10,6 +10,14 @@ pre-processed weight ``W̃`` to ``g_W̃`` (paper §3.2):
 * ``IdentityMeta`` ``g_W̃ = g_Ŵ``, no parameters: with DoReFa, MetaQuant's step then reduces to STE with the
   paper's late update (used in tests and ablations).
 
+``init_scheme`` chooses where a learned one starts. ``"paper"``: PyTorch's default initialisation of the
+layers, as the paper, so the first steps follow a random multiple of ``g_Ŵ`` (of either sign). ``"ste"``: the
+learned part is a correction of the STE, ``FCGrad`` ``g_W̃ = g_Ŵ + FCs_φ(g_Ŵ)``, ``MultiFC``
+``g_W̃ = g_Ŵ ⊙ (1 + FCs_φ(W̃))``, ``LSTMFC`` ``g_W̃ = g_Ŵ ⊙ (1 + FC_φ(act(LSTM_φ(W̃))))``, whose last layer starts at
+zero: at step 1 ``g_W̃ = g_Ŵ`` exactly, for every input, and ``∂ℓ/∂φ`` reaches that last layer from the first
+step (the others from the second), as in zero-initialised residual branches (Fixup, ReZero, LoRA). The paper's
+bias-free forms cannot start at the STE: ``FCs_φ(0) = 0``, so MultiFC's multiplier is 0 at ``W̃ = 0``.
+
 Every weight element is one sample of size 1, so inputs are flat ``[N]`` tensors; one instance is shared by all
 quantized layers. Fully connected layers have no bias (the paper's setting). The modules hold only parameters
 and configuration: the LSTM state is passed in and returned.
@@ -27,9 +35,20 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["MetaQuantizer", "FCGrad", "MultiFC", "LSTMFC", "IdentityMeta", "NONLINEARITIES", "CoordinateMLP"]
+__all__ = [
+    "MetaQuantizer",
+    "FCGrad",
+    "MultiFC",
+    "LSTMFC",
+    "IdentityMeta",
+    "NONLINEARITIES",
+    "INIT_SCHEMES",
+    "CoordinateMLP",
+]
 
 NONLINEARITIES = ("none", "relu", "tanh")
+#: Where a learned meta quantizer starts (see the module's description).
+INIT_SCHEMES = ("paper", "ste")
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 LSTMState = tuple[Tensor, Tensor]
@@ -43,6 +62,11 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 def _check_nonlinearity(value: str) -> None:
     if value not in NONLINEARITIES:
         raise ValueError(f"nonlinearity {value!r} is not supported; allowed: {', '.join(NONLINEARITIES)}")
+
+
+def _check_init_scheme(value: str) -> None:
+    if value not in INIT_SCHEMES:
+        raise ValueError(f"init_scheme {value!r} is not supported; allowed: {', '.join(INIT_SCHEMES)}")
 
 
 class CoordinateMLP(nn.Module):
@@ -88,6 +112,12 @@ class CoordinateMLP(nn.Module):
         sizes = [1] + [hidden] * (num_layers - 1) + [1]
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(sizes[:-1], sizes[1:]))
         self.activation = _ACTIVATIONS[nonlinearity]() if nonlinearity != "none" else nn.Identity()
+
+    def zero_last_layer(self) -> None:
+        """Set the last layer's weights to zero: the stack's output is then 0 for every input."""
+        last = self.layers[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[N]`` → ``[N]``."""
@@ -180,10 +210,12 @@ class FCGrad(MetaQuantizer):
         hidden: width of the hidden layers.
         num_layers: number of fully connected layers (bias-free).
         nonlinearity: ``"none"``, ``"relu"`` or ``"tanh"``, between the layers.
+        init_scheme: ``"paper"`` (the paper's form and initialisation) or ``"ste"`` (a correction of the STE
+            whose last layer starts at zero: see the module's description).
 
     Raises:
         ValueError: as ``CoordinateMLP``: ``hidden`` or ``num_layers`` not an integer >= 1, or an unknown
-            ``nonlinearity``.
+            ``nonlinearity``; an unknown ``init_scheme``.
 
     Example:
         >>> meta = mq.FCGrad()
@@ -197,12 +229,19 @@ class FCGrad(MetaQuantizer):
 
     name: ClassVar[str] = "fc-grad"
 
-    def __init__(self, hidden: int = 100, num_layers: int = 2, nonlinearity: str = "none") -> None:
+    def __init__(
+        self, hidden: int = 100, num_layers: int = 2, nonlinearity: str = "none", init_scheme: str = "paper"
+    ) -> None:
         super().__init__()
+        _check_init_scheme(init_scheme)
+        self.init_scheme = init_scheme
         self.net = CoordinateMLP(hidden, num_layers, nonlinearity)
+        if init_scheme == "ste":
+            self.net.zero_last_layer()
 
     def forward(self, grad_w_hat: Tensor, w_tilde: Tensor, state: Any = None) -> tuple[Tensor, Any]:
-        return self.net(grad_w_hat), None
+        out = self.net(grad_w_hat)
+        return (grad_w_hat + out if self.init_scheme == "ste" else out), None
 
 
 class MultiFC(MetaQuantizer):
@@ -215,10 +254,12 @@ class MultiFC(MetaQuantizer):
         hidden: width of the hidden layers.
         num_layers: number of fully connected layers (bias-free).
         nonlinearity: ``"none"``, ``"relu"`` or ``"tanh"``, between the layers.
+        init_scheme: ``"paper"`` (the paper's form and initialisation) or ``"ste"`` (a correction of the STE
+            whose last layer starts at zero: see the module's description).
 
     Raises:
         ValueError: as ``CoordinateMLP``: ``hidden`` or ``num_layers`` not an integer >= 1, or an unknown
-            ``nonlinearity``.
+            ``nonlinearity``; an unknown ``init_scheme``.
 
     Example:
         >>> meta = mq.MultiFC(hidden=8, nonlinearity="tanh")
@@ -232,12 +273,19 @@ class MultiFC(MetaQuantizer):
 
     name: ClassVar[str] = "multifc"
 
-    def __init__(self, hidden: int = 100, num_layers: int = 2, nonlinearity: str = "none") -> None:
+    def __init__(
+        self, hidden: int = 100, num_layers: int = 2, nonlinearity: str = "none", init_scheme: str = "paper"
+    ) -> None:
         super().__init__()
+        _check_init_scheme(init_scheme)
+        self.init_scheme = init_scheme
         self.net = CoordinateMLP(hidden, num_layers, nonlinearity)
+        if init_scheme == "ste":
+            self.net.zero_last_layer()
 
     def forward(self, grad_w_hat: Tensor, w_tilde: Tensor, state: Any = None) -> tuple[Tensor, Any]:
-        return grad_w_hat * self.net(w_tilde), None
+        multiplier = self.net(w_tilde)
+        return grad_w_hat * (1 + multiplier if self.init_scheme == "ste" else multiplier), None
 
 
 # --- LSTMFC: one LSTM step per coordinate, fused --------------------------------------------------------------
@@ -567,6 +615,8 @@ class LSTMFC(MetaQuantizer):
             more matrix product. 0 is the leanest (nothing kept beyond the new state), 1 the fastest (about a
             quarter less time than 0, for ``N·4·hidden·num_lstm`` more floats); the default 0.5 is halfway. It
             changes neither values nor gradients.
+        init_scheme: ``"paper"`` or ``"ste"`` (``1 + FC_φ(·)``, the FC layer starting at zero: see the module's
+            description).
 
     Raises:
         ValueError: ``hidden``, ``num_lstm`` or ``chunk_size`` not an integer >= 1, ``keep_gates`` not a number
@@ -595,8 +645,10 @@ class LSTMFC(MetaQuantizer):
         nonlinearity: str = "none",
         chunk_size: int | None = None,
         keep_gates: float = KEEP_GATES,
+        init_scheme: str = "paper",
     ) -> None:
         super().__init__()
+        _check_init_scheme(init_scheme)
         _check_int("hidden size", hidden, 1)
         _check_int("number of LSTM layers", num_lstm, 1)
         if chunk_size is not None:
@@ -610,6 +662,9 @@ class LSTMFC(MetaQuantizer):
         self.lstm = nn.LSTM(input_size=1, hidden_size=hidden, num_layers=num_lstm)
         self.activation = _ACTIVATIONS[nonlinearity]() if nonlinearity != "none" else nn.Identity()
         self.fc = nn.Linear(hidden, 1, bias=False)
+        self.init_scheme = init_scheme
+        if init_scheme == "ste":
+            nn.init.zeros_(self.fc.weight)
 
     def initial_state(self, numel: int, device: torch.device, dtype: torch.dtype) -> LSTMState:
         """Zeros ``(h, c)``, each ``[num_lstm, numel, hidden]``, on ``device`` in ``dtype``."""
@@ -637,7 +692,7 @@ class LSTMFC(MetaQuantizer):
                 scale, h, c = _LSTMFCStep.apply(*args, self.head_activation, rows, kept_rows, *weights)
             else:
                 scale, h, c, _ = _lstmfc_forward(x, h0, c0, weights, self.fc.weight, self.head_activation, rows)
-        return grad_w_hat * scale, (h, c)
+        return grad_w_hat * (1 + scale if self.init_scheme == "ste" else scale), (h, c)
 
 
 META_QUANTIZERS: dict[str, type[MetaQuantizer]] = {cls.name: cls for cls in (FCGrad, MultiFC, LSTMFC)}

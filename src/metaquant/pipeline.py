@@ -50,7 +50,7 @@ from .runs import (
 )
 from .trace import TRACE_FILE, MetaTrace
 from .trainer import Trainer
-from .training import FitState, evaluate, fit, restore_fit, seed_everything, step_schedule
+from .training import FitState, evaluate, fit, precise_bn_metrics, restore_fit, seed_everything, step_schedule
 
 __all__ = [
     "execute",
@@ -172,8 +172,8 @@ def build_meta(config: RunConfig) -> MetaQuantizer:
     """The meta quantizer named by ``config.estimator`` with its options."""
     cls = META_QUANTIZERS[config.estimator]
     if cls is LSTMFC:
-        return LSTMFC(config.hidden_size, config.num_lstm, config.nonlinearity)
-    return cls(config.hidden_size, config.num_fc, config.nonlinearity)
+        return LSTMFC(config.hidden_size, config.num_lstm, config.nonlinearity, init_scheme=config.meta_init_scheme)
+    return cls(config.hidden_size, config.num_fc, config.nonlinearity, init_scheme=config.meta_init_scheme)
 
 
 def meta_config(config: RunConfig) -> dict[str, Any]:
@@ -181,7 +181,10 @@ def meta_config(config: RunConfig) -> dict[str, Any]:
     keys = ("estimator", "hidden_size", "nonlinearity") + (
         ("num_lstm",) if config.estimator == "lstmfc" else ("num_fc",)
     )
-    return {k: getattr(config, k) for k in keys}
+    found = {k: getattr(config, k) for k in keys}
+    if config.meta_init_scheme != "paper":  # another function of the same weights (files of paper runs lack it)
+        found["init_scheme"] = config.meta_init_scheme
+    return found
 
 
 def load_meta(meta: MetaQuantizer, source: str, expected: dict[str, Any]) -> None:
@@ -292,7 +295,10 @@ def default_run_name(config: RunConfig) -> str:
     if config.task == "pretrain":
         return f"{base}-{config.optimizer}-seed{config.seed}"
     order = "-original-order" if config.uses_meta and config.step_order == "original" else ""
-    return f"{base}-{config.quantizer}{config.bits}-{config.estimator}{order}-{config.optimizer}-seed{config.seed}"
+    start = "-ste-start" if config.uses_meta and config.meta_init_scheme == "ste" else ""
+    return (
+        f"{base}-{config.quantizer}{config.bits}-{config.estimator}{start}{order}-{config.optimizer}-seed{config.seed}"
+    )
 
 
 def _init_path(init: str) -> Path:
@@ -508,6 +514,11 @@ def _train(
         criterion=session.criterion,
         precise_bn_batches=config.precise_bn_batches,
         averaged=session.averaged,
+        extra_metrics=(
+            precise_bn_metrics(session.train_loader, session.test_loader, config.record_precise_bn)
+            if config.record_precise_bn
+            else None
+        ),
     )
     if run is not None:
         if isinstance(session.trainer, MetaQuant):
@@ -690,6 +701,7 @@ _IDENTITY = (
     "num_fc",
     "num_lstm",
     "nonlinearity",
+    "meta_init_scheme",
     "optimizer",
     "step_order",
     "through",

@@ -174,6 +174,8 @@ def backward_label(config: RunConfig) -> str:
         'MultiFC + precise BN + EMA 0.999'
     """
     label = _DISPLAY.get(config.estimator, config.estimator)
+    if config.uses_meta and config.meta_init_scheme == "ste":
+        label += " (STE start)"
     if config.lr_gain_from is not None:
         label += " (FC-Grad's gain)"
     if config.uses_meta and config.step_order == "original":

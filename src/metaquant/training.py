@@ -7,6 +7,7 @@ training, STE, or MetaQuant): they all offer ``step(closure)``, ``set_epoch`` an
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import logging
@@ -32,7 +33,16 @@ from .precision import autocast
 from .runs import RunDir, save_checkpoint
 from .schedules import lr_factor, scale_lr, set_scaled_rates
 
-__all__ = ["evaluate", "fit", "restore_fit", "FitState", "rng_state", "set_rng_state", "seed_everything"]
+__all__ = [
+    "evaluate",
+    "fit",
+    "restore_fit",
+    "precise_bn_metrics",
+    "FitState",
+    "rng_state",
+    "set_rng_state",
+    "seed_everything",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +246,7 @@ def fit(
     criterion: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
     precise_bn_batches: int = 0,
     averaged: AveragedModel | None = None,
+    extra_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> FitState:
     """Train ``model`` with ``trainer`` from ``state`` to the end of epoch ``epochs``.
 
@@ -291,6 +302,9 @@ def fit(
             ``trained_test_acc``. Its ``state_dict`` goes into each checkpoint as ``"averaged"``; ``restore_fit``
             gives it back. Without ``precise_bn_batches`` the average is evaluated with the trained model's
             BatchNorm statistics, made for other weights: a warning says so.
+        extra_metrics: more measurements of each epoch's delivered model (the average, if any) for its record,
+            ``network -> {name: value}``, e.g. ``precise_bn_metrics``; called after the evaluation, between a
+            save and a restore of the global random generators, so that the training that follows is the same.
 
     After every step the model's parameters and buffers are checked: an update that made them non-finite
     stops the run (``NonFiniteError``) or, when the trainer skips non-finite steps, is undone from a
@@ -516,6 +530,11 @@ def fit(
         trained = None
         if averaged is not None:  # the average is the run's model; the trained one is reported beside it
             trained, test = test, measure(averaged.module)
+        extras: dict[str, float] = {}
+        if extra_metrics is not None:
+            generators = rng_state()
+            extras = extra_metrics(averaged.module if averaged is not None else model)
+            set_rng_state(generators)
         if scheduler is not None and scheduler_interval == "epoch":
             step_scheduler(epoch, test["loss"])
         loss_sum, correct, seen, objective_sum = all_reduce_sum(
@@ -542,6 +561,7 @@ def fit(
         if trained is not None:
             record["trained_test_loss"] = trained["loss"]
             record["trained_test_acc"] = trained["top1"]
+        record.update(extras)
         skipped_note = f", {state.epoch_skipped} steps skipped" if state.epoch_skipped else ""
         trained_note = f" (trained weights {trained['top1']:.2f}%)" if trained is not None else ""
         logger.info(
@@ -564,6 +584,31 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(state.epoch)
     return state
+
+
+def precise_bn_metrics(
+    train_loader: Iterable[tuple[Tensor, Tensor]], test_loader: Iterable[tuple[Tensor, Tensor]], num_batches: int
+) -> Callable[[nn.Module], dict[str, float]]:
+    """``fit``'s ``extra_metrics``: the test loss and accuracy with BatchNorm statistics recomputed from
+    ``num_batches`` training batches, on a copy of the network (whose own running statistics stay as they are),
+    as ``test_loss_precise_bn`` and ``test_acc_precise_bn``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+        >>> batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+        >>> before = net[2].running_mean.clone()
+        >>> metrics = mq.training.precise_bn_metrics(batches, batches, 2)(net)
+        >>> sorted(metrics), torch.equal(net[2].running_mean, before)
+        (['test_acc_precise_bn', 'test_loss_precise_bn'], True)
+    """
+
+    def measure(network: nn.Module) -> dict[str, float]:
+        network = copy.deepcopy(unwrap(network))
+        recompute_batchnorm_stats(network, train_loader, num_batches)
+        result = evaluate(network, test_loader)
+        return {"test_loss_precise_bn": result["loss"], "test_acc_precise_bn": result["top1"]}
+
+    return measure
 
 
 def restore_fit(
