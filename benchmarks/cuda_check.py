@@ -176,7 +176,7 @@ def step_times(report: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def epochs(report: dict[str, Any], args: argparse.Namespace) -> None:
-    from metaquant.cli import main as cli
+    from metaquant.experiments.cli import main as cli
 
     with tempfile.TemporaryDirectory() as runs:
         for method in ("ste", "multifc"):

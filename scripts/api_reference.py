@@ -29,19 +29,31 @@ MODULES = [
     "metaquant.averaging",
     "metaquant.schedules",
     "metaquant.guards",
-    "metaquant.config",
-    "metaquant.pipeline",
     "metaquant.data",
     "metaquant.models",
     "metaquant.export",
     "metaquant.distributed",
-    "metaquant.sweep",
-    "metaquant.equivalent",
-    "metaquant.report",
-    "metaquant.trace",
-    "metaquant.runs",
+    "metaquant.files",
     "metaquant.integrity",
+    "metaquant.validation",
+    "metaquant.experiments",
+    "metaquant.experiments.config",
+    "metaquant.experiments.runs",
+    "metaquant.experiments.lifecycle",
+    "metaquant.experiments.builders",
+    "metaquant.experiments.artifacts",
+    "metaquant.experiments.meta_files",
+    "metaquant.experiments.naming",
+    "metaquant.experiments.sweep",
+    "metaquant.experiments.scheduler",
+    "metaquant.experiments.equivalent",
+    "metaquant.experiments.report",
+    "metaquant.experiments.trace",
+    "metaquant.experiments.plots",
 ]
+#: What needs a runnable example: the library's public API (``metaquant.__all__``) and the export module, whose
+#: file formats users read with other tools. The rest says in words what it does; workflows are in the guide.
+EXAMPLES = ["metaquant", "metaquant.export"]
 OUT = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
 

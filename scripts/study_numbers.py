@@ -7,7 +7,7 @@ prints, for every configuration (optimizer and backward method of one model, dat
 - each trial's Last-10 mean test accuracy (the report pools them; here they are side by side) and their mean;
 - the mean training loss over the trials after the first epoch, a third, two thirds and the whole run (the
   paper's "faster decrease of the training loss");
-- for FC-Grad runs, the learned gain ``k̄`` of each trial (``metaquant.equivalent.learned_gain``), which the
+- for FC-Grad runs, the learned gain ``k̄`` of each trial (``metaquant.experiments.equivalent.learned_gain``), which the
   "equivalent STE" multiplies its learning rate by;
 - per optimizer, each backward method's paired difference from STE, trial by trial (runs of one trial share
   the data order and augmentation), with their mean: the paper's "gap" under SGD and "parity" under Adam;
@@ -23,8 +23,8 @@ import statistics
 import sys
 from collections import defaultdict
 
-from metaquant.equivalent import learned_gain
-from metaquant.report import TrialCurves, collect
+from metaquant.experiments.equivalent import learned_gain
+from metaquant.experiments.report import TrialCurves, collect
 
 LAST_K = 10
 

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 import metaquant as mq
 from metaquant.averaging import check_ema_decay, ema_model
 from metaquant.batchnorm import recompute_batchnorm_stats
-from metaquant.config import RunConfig
+from metaquant.experiments.config import RunConfig
+from metaquant.experiments.runs import RunDir
+from metaquant.files import load_checkpoint
 from metaquant.guards import StopFlag, TrainingInterrupted
 from metaquant.models import extract_state_dict, load_weights
-from metaquant.runs import RunDir, load_checkpoint
 from metaquant.training import restore_fit
 from tests.data.toy import toy_loaders
 
@@ -287,7 +288,7 @@ def test_the_cli_refuses_a_bad_decay_without_a_traceback(tmp_path):
 
 
 def test_a_run_with_an_average_records_both_models_and_eval_reads_the_average(tmp_path, tiny_mnist):
-    from metaquant.cli import main
+    from metaquant.experiments.cli import main
 
     args = [*tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "2", "--no-progress", "--precise-bn", "1", "--lr", "0.05"]
     assert main(["quantize", *args, "--ema-decay", "0.5", "--run-dir", str(tmp_path), "--name", "ema"]) == 0
@@ -298,7 +299,7 @@ def test_a_run_with_an_average_records_both_models_and_eval_reads_the_average(tm
     checkpoint = load_checkpoint(run.checkpoint_path)
     assert int(checkpoint["averaged"]["n_averaged"]) == 4  # 64 images, batch 32, 2 epochs
     # `metaquant eval` on the run measures the delivered model, the average: the recorded accuracy again
-    from metaquant.pipeline import evaluate_artifact, export_run
+    from metaquant.experiments.artifacts import evaluate_artifact, export_run
 
     result = evaluate_artifact(run.path, device="cpu")
     assert result["top1"] == result["recorded"] == metrics[-1]["test_acc"]
@@ -310,7 +311,7 @@ def test_a_run_with_an_average_records_both_models_and_eval_reads_the_average(tm
 
 @pytest.mark.parametrize("before, after", [(0.5, 0.0), (0.0, 0.5)])
 def test_resume_refuses_a_config_that_adds_or_drops_the_average_and_names_it(tmp_path, tiny_mnist, before, after):
-    from metaquant.cli import main
+    from metaquant.experiments.cli import main
 
     args = [*tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "2", "--no-progress", "--run-dir", str(tmp_path)]
     assert main(["quantize", *args, "--ema-decay", str(before), "--name", "run"]) == 0

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaquant.cli import main
+from metaquant.experiments.cli import main
 
 
 def _snapshot(root: Path) -> dict[str, str]:

@@ -15,8 +15,8 @@ from torch import nn
 
 import metaquant as mq
 from metaquant.batchnorm import batchnorm_layers, recompute_batchnorm_stats
+from metaquant.experiments.runs import RunDir
 from metaquant.export import materialize
-from metaquant.runs import RunDir
 from metaquant.training import precise_bn_metrics
 from tests.data.toy import toy_loaders
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from metaquant.cli import main
+from metaquant.experiments.cli import main
 
 TINY = ["-m", "resnet8", "--train-size", "64", "--test-size", "50", "-bs", "32", "--no-progress", "-n", "1"]
 

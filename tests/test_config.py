@@ -2,7 +2,7 @@
 
 import pytest
 
-from metaquant.config import RunConfig
+from metaquant.experiments.config import RunConfig
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from metaquant.cli import main
-from metaquant.demo import DemoConfig
-from metaquant.runs import RunDir
+from metaquant.experiments.cli import main
+from metaquant.experiments.demo import DemoConfig
+from metaquant.experiments.runs import RunDir
 
 TINY = ["--train-size", "256", "--test-size", "100", "--pretrain-epochs", "1", "--quantize-epochs", "1"]
 

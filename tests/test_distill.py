@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 import metaquant as mq
-from metaquant.config import RunConfig
 from metaquant.distill import Distillation, distillation_loss
+from metaquant.experiments.builders import build_teacher
+from metaquant.experiments.config import RunConfig
+from metaquant.experiments.lifecycle import execute, resume
 from metaquant.guards import StopFlag, TrainingInterrupted
-from metaquant.pipeline import build_teacher, execute, resume
 
 
 def _numpy_distillation(z_s, y, z_t, weight, temperature):
@@ -129,7 +130,7 @@ def test_without_weight_the_teacher_is_not_run_and_a_teacher_put_back_in_trainin
 
 
 def test_fit_with_a_criterion_trains_as_a_plain_loop_on_that_loss(tmp_path):
-    from metaquant.runs import RunDir
+    from metaquant.experiments.runs import RunDir
 
     torch.manual_seed(0)
     x, y = torch.randn(24, 6), torch.randint(0, 4, (24,))
@@ -195,7 +196,7 @@ def test_a_quantize_run_distils_from_its_init_model(tmp_path, pretrained_resnet8
     execute(config, tmp_path / "distilled", progress=False)
     # The first step's loss, before any update: the quantized model against the init model on the first batch.
     from metaquant.data import make_loaders
-    from metaquant.pipeline import build_model
+    from metaquant.experiments.builders import build_model
 
     torch.manual_seed(3)
     train, _, info = make_loaders("mnist", data_dir=fields["data_dir"], batch_size=32, seed=3, download=False)
@@ -225,7 +226,7 @@ def test_a_stopped_distillation_run_resumes_exactly_with_its_teacher(tmp_path, p
 
 
 def test_distillation_without_an_init_model_is_refused_by_name(tmp_path, tiny_mnist, capsys):
-    from metaquant.cli import main
+    from metaquant.experiments.cli import main
 
     args = ["quantize", *tiny_mnist, "-m", "resnet8", "-n", "1", "--no-progress", "--run-dir", str(tmp_path)]
     assert main([*args, "--distill-weight", "0.5"]) != 0
@@ -256,7 +257,7 @@ def test_a_resumed_run_refuses_a_teacher_that_changed_or_went_missing(tmp_path, 
 
 
 def test_sweeps_name_distilled_runs_apart_and_refuse_one_without_a_teacher(tmp_path):
-    from metaquant.sweep import SweepSpec, plan
+    from metaquant.experiments.sweep import SweepSpec, plan
 
     grid = [{"estimator": "ste", "distill_weight": [0.0, 0.9]}]
     spec = SweepSpec("kd", 1, 0, {"epochs": 1}, {"dataset": "cifar10"}, grid=grid, optimizer_overrides={})
@@ -270,8 +271,8 @@ def test_a_named_teacher_replaces_the_init_model_and_a_quantized_run_is_refused_
     tmp_path, pretrained_resnet8, caplog
 ):
     """Fine-tuning a 1-bit run (its init) while distilling from the pre-trained model (its teacher)."""
+    from metaquant.experiments.builders import build_model
     from metaquant.models import extract_state_dict, get_model, load_weights
-    from metaquant.pipeline import build_model
 
     fields, pretrained = pretrained_resnet8
     first = execute(RunConfig(init=str(pretrained), epochs=1, **fields), tmp_path / "first", progress=False).run_dir
@@ -283,7 +284,7 @@ def test_a_named_teacher_replaces_the_init_model_and_a_quantized_run_is_refused_
     student = build_model(config, 10, 1, 28)
     source = extract_state_dict(torch.load(first / "checkpoint.pt", weights_only=True))
     assert all(torch.equal(student.state_dict()[k], v) for k, v in source.items())  # the 1-bit run's weights
-    with caplog.at_level("INFO", logger="metaquant.pipeline"):
+    with caplog.at_level("INFO", logger="metaquant.experiments.builders"):
         assert execute(config, tmp_path / "tuned", progress=False).epochs == 1
     assert f"distilling from {pretrained} (" in caplog.text
 
@@ -299,7 +300,7 @@ def test_a_named_teacher_replaces_the_init_model_and_a_quantized_run_is_refused_
 def test_a_teacher_without_distillation_is_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"teacher 'fp.pt' is the model a run distils from: give distill_weight > 0"):
         RunConfig(teacher="fp.pt")
-    from metaquant.cli import main
+    from metaquant.experiments.cli import main
 
     done = main(["quantize", "--teacher", "fp.pt", "--run-dir", str(tmp_path)])
     assert done == 2 and not list(tmp_path.iterdir())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import metaquant as mq
-from metaquant.equivalent import fc_grad_gain, learned_gain, mean_gain
+from metaquant.experiments.equivalent import fc_grad_gain, learned_gain, mean_gain
 from tests.conftest import save_as_from_a_gpu
 
 
@@ -96,12 +96,12 @@ def test_learned_gain_names_a_missing_or_damaged_trace(tmp_path):
 
 
 def test_the_equivalent_ste_optimizer_takes_the_scaled_rate(tmp_path):
-    from metaquant.config import RunConfig
-    from metaquant.pipeline import _with_learned_gain
+    from metaquant.experiments.builders import with_learned_gain
+    from metaquant.experiments.config import RunConfig
 
     run = _fake_run(tmp_path, gains=(2.0, 2.0))
     config = RunConfig(estimator="ste", lr=1e-3, lr_gain_from=str(run))
-    assert _with_learned_gain(config).lr == pytest.approx(2e-3)
+    assert with_learned_gain(config).lr == pytest.approx(2e-3)
     negative = _fake_run(tmp_path / "n", gains=(-1.0, -1.0)) if (tmp_path / "n").mkdir() is None else None
     with pytest.raises(ValueError, match="learned a mean gain -1 <= 0"):
-        _with_learned_gain(RunConfig(estimator="ste", lr_gain_from=str(negative)))
+        with_learned_gain(RunConfig(estimator="ste", lr_gain_from=str(negative)))

@@ -169,7 +169,7 @@ def test_bad_files(tmp_path):
 def test_eval_of_a_packed_export_reproduces_the_runs_accuracy(tmp_path, capsys, fashion_mnist_available):
     import re
 
-    from metaquant.cli import main
+    from metaquant.experiments.cli import main
 
     args = [
         "quantize",
@@ -317,7 +317,7 @@ def quantized_weights_unchanged(model):
 def test_eval_needs_only_the_test_files(tmp_path, tiny_mnist, capsys):
     import shutil
 
-    from metaquant.cli import main
+    from metaquant.experiments.cli import main
 
     assert (
         main(
@@ -358,10 +358,10 @@ def test_eval_with_precise_bn_tests_the_model_with_statistics_recomputed_from_tr
     """``metaquant eval RUN --precise-bn N``: the accuracy of the run's model after its BatchNorm statistics are
     recomputed from N batches of its training set; oracle: the packed export of the same checkpoint, its
     statistics recomputed by hand from the same batches, then evaluated."""
-    from metaquant.cli import main
-    from metaquant.config import RunConfig
     from metaquant.data import make_loaders, make_test_loader
-    from metaquant.pipeline import evaluate_artifact
+    from metaquant.experiments.artifacts import evaluate_artifact
+    from metaquant.experiments.cli import main
+    from metaquant.experiments.config import RunConfig
 
     args = ["quantize", *tiny_mnist, "-m", "resnet8", "-bs", "16", "-n", "1", "--no-progress"]
     assert main([*args, "--run-dir", str(tmp_path), "--name", "q"]) == 0

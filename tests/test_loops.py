@@ -402,8 +402,9 @@ def test_fit_steps_reduce_lr_on_plateau_with_the_epochs_test_loss():
 
 @pytest.mark.parametrize("with_schedule", [False, True])
 def test_a_fit_resumed_with_restore_fit_continues_its_scheduler_exactly(tmp_path, with_schedule):
-    from metaquant.config import RunConfig
-    from metaquant.runs import RunDir, load_checkpoint
+    from metaquant.experiments.config import RunConfig
+    from metaquant.experiments.runs import RunDir
+    from metaquant.files import load_checkpoint
 
     batches = list(_loader())
     schedule = (lambda epoch: 0.5**epoch) if with_schedule else None

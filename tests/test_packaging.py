@@ -55,7 +55,8 @@ def test_the_wheel_holds_license_type_marker_presets_and_one_version(tmp_path):
     dist_info = f"metaquant_torch-{metaquant.__version__}.dist-info"
     assert f"{dist_info}/licenses/LICENSE" in names
     assert "metaquant/py.typed" in names
-    presets = {n.removeprefix("metaquant/presets/") for n in names if n.startswith("metaquant/presets/")}
+    folder = "metaquant/experiments/presets/"
+    presets = {n.removeprefix(folder) for n in names if n.startswith(folder)}
     assert {"fashion-mnist.toml", "paper-cifar10.toml", "paper-cifar100.toml", "paper-imagenet.toml"} <= presets
     metadata = Parser().parsestr(zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode())
     assert metadata["Version"] == metaquant.__version__  # written once, in metaquant/__init__.py

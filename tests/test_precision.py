@@ -84,7 +84,7 @@ def test_grad_scaler_gives_the_unscaled_update_and_skips_overflowing_steps(kind)
 def test_amp_modes_are_checked():
     with pytest.raises(ValueError, match="amp 'fp32' is not supported; allowed: none, bf16, fp16"):
         mq.precision.autocast("fp32", "cpu")
-    from metaquant.config import RunConfig
+    from metaquant.experiments.config import RunConfig
 
     with pytest.raises(ValueError, match="amp 'fp16' needs a CUDA device"):
         RunConfig(amp="fp16", device="cpu")

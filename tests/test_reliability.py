@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from metaquant.cli import main
+from metaquant.experiments.cli import main
 from tests.data.formats import write_idx
 
 TINY = ["-d", "mnist", "--no-download", "-m", "resnet8", "-bs", "32", "--no-progress"]
@@ -365,7 +365,7 @@ def test_previous_checkpoint_is_used_only_when_asked(world, tmp_path, capsys):
     # resume from it: the damaged file is kept aside, the run finishes, and its checkpoints are intact and distinct
     assert main(["quantize", "--resume", str(run), "--from-previous", "--no-progress"]) == 0
     assert (run / "checkpoint.damaged.pt").read_bytes() == damaged and (run / "done").exists()
-    from metaquant.runs import load_checkpoint
+    from metaquant.files import load_checkpoint
 
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2
     assert load_checkpoint(run / "checkpoint.prev.pt")["epoch"] == 1
@@ -385,8 +385,8 @@ def test_from_previous_refuses_an_intact_latest_checkpoint(world, tmp_path, caps
 
 
 def test_a_flipped_byte_that_keeps_the_crcs_is_caught_by_the_digest(world, tmp_path):
+    from metaquant.files import load_checkpoint
     from metaquant.integrity import CheckpointDamagedError, verify_checkpoint_bytes
-    from metaquant.runs import load_checkpoint
 
     # rebuild the archive with one tensor changed and every CRC recomputed: only the digest can tell
     source = world / "q" / "checkpoint.pt"
@@ -462,7 +462,7 @@ def test_a_live_run_directory_is_refused_and_resumes_after_its_owner_is_killed(w
 
 
 def test_a_kill_while_a_checkpoint_is_written_leaves_two_distinct_complete_ones(world, tmp_path):
-    from metaquant.runs import load_checkpoint
+    from metaquant.files import load_checkpoint
     from tests.test_resume import WRAPPER as wrapper  # pauses the N-th write of checkpoint.pt
 
     marker, run = tmp_path / "writing", tmp_path / "r"
@@ -563,8 +563,8 @@ def _toy(policy, lr):
 
 def test_an_update_that_overflows_the_weights_is_skipped_and_undone(tmp_path):
     import metaquant as mq
-    from metaquant.config import RunConfig
-    from metaquant.runs import RunDir
+    from metaquant.experiments.config import RunConfig
+    from metaquant.experiments.runs import RunDir
 
     torch.manual_seed(0)
     model, trainer, loader = _toy("skip", float("inf"))

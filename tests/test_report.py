@@ -10,16 +10,9 @@ import sys
 import pytest
 import torch
 
-from metaquant.config import RunConfig
-from metaquant.report import (
-    best_stats,
-    collect,
-    last_k_stats,
-    plot_comparisons,
-    read_original_run,
-    summarize,
-    write_table,
-)
+from metaquant.experiments.config import RunConfig
+from metaquant.experiments.plots import plot_comparisons
+from metaquant.experiments.report import best_stats, collect, last_k_stats, read_original_run, summarize, write_table
 
 
 def test_best_and_pooled_last_k_statistics_by_hand():
@@ -184,7 +177,7 @@ def test_report_without_matplotlib_writes_the_table_and_exits_0(tmp_path):
     for t in (1, 2):
         _write_run(tmp_path / "runs", f"ste-trial-{t}", "ste", [50.0 + t, 60.0], [2.0, 1.0])
     code = (
-        "import sys; sys.modules['matplotlib'] = None; from metaquant.cli import main; "
+        "import sys; sys.modules['matplotlib'] = None; from metaquant.experiments.cli import main; "
         f"sys.exit(main(['report', {str(tmp_path / 'runs')!r}, '--out', {str(tmp_path / 'out')!r}]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -202,7 +195,8 @@ def test_drawing_changes_no_global_matplotlib_state(tmp_path):
     _write_run(tmp_path / "runs", "ste-trial-1", "ste", [50.0, 60.0], [2.0, 1.0])
     code = (
         "import sys, matplotlib; matplotlib.use('svg'); from pathlib import Path; "
-        "from metaquant import cli, trace; from metaquant.report import collect, plot_comparisons; "
+        "from metaquant.experiments import cli, trace; from metaquant.experiments.report import collect; "
+        "from metaquant.experiments.plots import plot_comparisons; "
         f"plot_comparisons(collect([{str(tmp_path / 'runs')!r}]), Path({str(tmp_path / 'out')!r})); "
         "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)"
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaquant.cli import main
+from metaquant.experiments.cli import main
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def replace(src, dst):
             time.sleep(120)
     return real_replace(src, dst)
 os.replace = replace
-from metaquant.cli import main
+from metaquant.experiments.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 

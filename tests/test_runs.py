@@ -7,8 +7,9 @@ import threading
 import pytest
 import torch
 
-from metaquant.config import RunConfig
-from metaquant.runs import RunDir, RunExistsError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from metaquant.experiments.config import RunConfig
+from metaquant.experiments.runs import RunDir, RunExistsError
+from metaquant.files import atomic_write_bytes, load_checkpoint, save_checkpoint
 
 
 def test_create_refuses_an_existing_run_and_leaves_it_unchanged(tmp_path):

@@ -5,7 +5,7 @@ import json
 import statistics
 import sys
 
-from metaquant.config import RunConfig
+from metaquant.experiments.config import RunConfig
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))

@@ -5,9 +5,10 @@ import shutil
 import pytest
 import torch
 
-from metaquant.presets import preset_names, resolve_preset
-from metaquant.runs import RunDir
-from metaquant.sweep import load_sweep, plan, run_sweep
+from metaquant.experiments.presets import preset_names, resolve_preset
+from metaquant.experiments.runs import RunDir
+from metaquant.experiments.scheduler import run_sweep
+from metaquant.experiments.sweep import load_sweep, plan
 
 SWEEP = """
 name = "tiny"
@@ -164,7 +165,7 @@ def test_presets_load():
 def test_dry_run_says_where_each_run_stands_and_names_a_changed_configuration(tmp_path, capsys):
     import dataclasses
 
-    from metaquant.cli import main
+    from metaquant.experiments.cli import main
 
     path, root = write(tmp_path), tmp_path / "runs"
     runs = plan(load_sweep(path), root)
@@ -202,8 +203,8 @@ def test_dry_run_says_where_each_run_stands_and_names_a_changed_configuration(tm
 def test_the_full_scale_preset_is_the_study_its_results_page_describes(tmp_path):
     """fashion-mnist-full: the whole data set, 1-bit DoReFa everywhere, the paper's two protocols for STE, FC-Grad
     and MultiFC with 3 trials each, the strong baselines and the best recipe (docs/results/fashion-mnist-full/)."""
-    from metaquant.config import RunConfig
-    from metaquant.sweep import pretrain_config, pretrain_path
+    from metaquant.experiments.config import RunConfig
+    from metaquant.experiments.sweep import pretrain_config, pretrain_path
 
     spec = load_sweep(resolve_preset("fashion-mnist-full"))
     pretrain = pretrain_config(spec, "resnet20", "fashion-mnist")
@@ -283,7 +284,7 @@ def _metrics_without_times(run_dir):
 def test_runs_side_by_side_give_the_metrics_of_runs_one_after_another(tmp_path, tiny_mnist):
     """``sweep --jobs 2`` (two processes) against ``--jobs 1`` on a tiny grid with a shared pre-training: every
     run's per-epoch metrics, losses and accuracies, are identical."""
-    from metaquant.cli import main
+    from metaquant.experiments.cli import main
 
     data_dir = tiny_mnist[tiny_mnist.index("--data-dir") + 1]
     text = f"""
@@ -334,8 +335,8 @@ def test_a_stopped_sweep_returns_with_runs_still_to_start(tmp_path, tiny_mnist, 
     ``TrainingInterrupted`` and starts nothing more, side by side too (where it used to wait forever)."""
     import signal
 
+    from metaquant.experiments.sweep import SweepSpec
     from metaquant.guards import StopFlag, TrainingInterrupted
-    from metaquant.sweep import SweepSpec
 
     data_dir = tiny_mnist[tiny_mnist.index("--data-dir") + 1]
     base = {
@@ -359,7 +360,7 @@ def test_a_stopped_sweep_returns_with_runs_still_to_start(tmp_path, tiny_mnist, 
 def test_a_failed_run_ends_a_side_by_side_sweep_with_runs_still_to_start(tmp_path):
     """Two runs side by side fail (their data is not there) while a third waits: the sweep raises the runs'
     error instead of waiting for the third forever."""
-    from metaquant.sweep import SweepSpec
+    from metaquant.experiments.sweep import SweepSpec
 
     base = {"dataset": "mnist", "data_dir": str(tmp_path / "nowhere"), "download": False, "model": "resnet8"}
     spec = SweepSpec("fail", 3, 0, None, {**base, "device": "cpu"}, grid=[{"estimator": "ste"}], optimizer_overrides={})
@@ -368,7 +369,7 @@ def test_a_failed_run_ends_a_side_by_side_sweep_with_runs_still_to_start(tmp_pat
 
 
 def test_equivalent_ste_runs_take_the_fc_grad_run_of_their_trial(tmp_path):
-    from metaquant.sweep import SweepSpec, plan
+    from metaquant.experiments.sweep import SweepSpec, plan
 
     spec = SweepSpec(
         "eq",
@@ -413,8 +414,8 @@ def test_equivalent_ste_runs_take_the_fc_grad_run_of_their_trial(tmp_path):
 def test_side_by_side_a_run_waits_for_the_run_whose_result_it_needs(tmp_path):
     """An equivalent STE (``lr_gain_from``) starts only once its FC-Grad run is neither pending nor running;
     runs without prerequisites start in plan order."""
-    from metaquant.config import RunConfig
-    from metaquant.sweep import _next_task, _Task
+    from metaquant.experiments.config import RunConfig
+    from metaquant.experiments.scheduler import _next_task, _Task
 
     fc_grad = _Task(tmp_path / "fc-grad", RunConfig(estimator="fc-grad"), "fc-grad", False)
     equivalent = _Task(
@@ -430,7 +431,7 @@ def test_side_by_side_a_run_waits_for_the_run_whose_result_it_needs(tmp_path):
 def test_a_run_continues_the_run_of_its_trial_that_an_earlier_entry_labels(tmp_path):
     """``continue_from``: init is the source run of the same trial, the teacher stays the pre-trained model, a meta
     quantizer continues from the source's; an unknown or later label is refused, naming the earlier labels."""
-    from metaquant.sweep import SweepSpec, _prerequisites, plan, pretrain_path
+    from metaquant.experiments.sweep import SweepSpec, _prerequisites, plan, pretrain_path
 
     grid = [
         {"estimator": ["ste", "multifc"], "label": "first"},
@@ -462,11 +463,12 @@ def test_a_sweep_fine_tunes_the_delivered_model_of_the_run_it_continues(tmp_path
     """End to end, on a tiny data set: the fine-tuning run starts from the source run's averaged weights, distils
     from the pre-trained model, and its first epoch's metrics equal those of the same run made by hand."""
     import metaquant as mq
-    from metaquant.config import RunConfig
+    from metaquant.experiments.builders import build_model, build_teacher
+    from metaquant.experiments.config import RunConfig
+    from metaquant.experiments.lifecycle import execute
+    from metaquant.experiments.sweep import SweepSpec
+    from metaquant.files import load_checkpoint
     from metaquant.models import extract_state_dict, load_weights
-    from metaquant.pipeline import build_model, build_teacher, execute
-    from metaquant.runs import load_checkpoint
-    from metaquant.sweep import SweepSpec
 
     data_dir = tiny_mnist[tiny_mnist.index("--data-dir") + 1]
     data = {"dataset": "mnist", "data_dir": data_dir, "download": False, "batch_size": 32, "device": "cpu"}
@@ -498,7 +500,7 @@ def test_a_sweep_fine_tunes_the_delivered_model_of_the_run_it_continues(tmp_path
 
 
 def test_continue_from_pairs_runs_by_model_and_optimizer_and_refuses_what_would_not_load(tmp_path):
-    from metaquant.sweep import SweepSpec, plan
+    from metaquant.experiments.sweep import SweepSpec, plan
 
     grid = [
         {"estimator": "ste", "optimizer": ["sgd", "adam"], "label": "first"},
@@ -526,8 +528,8 @@ def test_continue_from_pairs_runs_by_model_and_optimizer_and_refuses_what_would_
 
 
 def test_only_selects_runs_by_name_in_plan_order_and_refuses_a_pattern_that_matches_nothing(tmp_path, capsys):
-    from metaquant.cli import main
-    from metaquant.sweep import select_runs
+    from metaquant.experiments.cli import main
+    from metaquant.experiments.sweep import select_runs
 
     path, root = write(tmp_path), tmp_path / "runs"
     runs = plan(load_sweep(path), root)
@@ -556,8 +558,8 @@ def test_only_selects_runs_by_name_in_plan_order_and_refuses_a_pattern_that_matc
 
 
 def test_only_refuses_to_leave_out_an_unfinished_run_that_a_selected_one_starts_from(tmp_path, capsys):
-    from metaquant.cli import main
-    from metaquant.sweep import SweepSpec, select_runs
+    from metaquant.experiments.cli import main
+    from metaquant.experiments.sweep import SweepSpec, select_runs
 
     grid = [
         {"estimator": "fc-grad"},
@@ -585,7 +587,8 @@ def test_only_refuses_to_leave_out_an_unfinished_run_that_a_selected_one_starts_
 
 
 def test_only_makes_the_pre_training_that_the_selected_runs_start_or_distil_from(tmp_path):
-    from metaquant.sweep import SweepSpec, _tasks, pretrain_path
+    from metaquant.experiments.scheduler import _tasks
+    from metaquant.experiments.sweep import SweepSpec, pretrain_path
 
     grid = [
         {"estimator": "ste", "model": ["resnet20", "resnet32"], "label": "first"},
@@ -608,7 +611,7 @@ def test_only_makes_the_pre_training_that_the_selected_runs_start_or_distil_from
 
 
 def test_only_makes_the_selected_runs_and_the_pre_training_they_start_from(tmp_path, tiny_mnist, capsys):
-    from metaquant.cli import main
+    from metaquant.experiments.cli import main
 
     data_dir = tiny_mnist[tiny_mnist.index("--data-dir") + 1]
     data = f'dataset = "mnist"\ndata_dir = "{data_dir}"\ndownload = false\nbatch_size = 32\ndevice = "cpu"\n'

@@ -5,8 +5,8 @@ import struct
 import pytest
 import torch
 
-from metaquant.cli import main
-from metaquant.trace import TRACE_FILE, snapshot_epochs
+from metaquant.experiments.cli import main
+from metaquant.experiments.trace import TRACE_FILE, snapshot_epochs
 from tests.conftest import save_as_from_a_gpu
 
 
@@ -88,7 +88,7 @@ def test_a_damaged_trace_is_kept_aside_and_a_new_one_begins(tmp_path, caplog, co
     import io
 
     import metaquant as mq
-    from metaquant.trace import MetaTrace
+    from metaquant.experiments.trace import MetaTrace
 
     path = tmp_path / TRACE_FILE
     if content == "truncated":
@@ -100,7 +100,7 @@ def test_a_damaged_trace_is_kept_aside_and_a_new_one_begins(tmp_path, caplog, co
     original = path.read_bytes()
     model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(3, 2)))
     trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=4))
-    with caplog.at_level("WARNING", logger="metaquant.trace"):
+    with caplog.at_level("WARNING", logger="metaquant.experiments.trace"):
         trace = MetaTrace(path, epochs=2)
     assert "is not a readable trace" in caplog.text
     assert (tmp_path / "trace.damaged.pt").read_bytes() == original
@@ -118,7 +118,7 @@ def _multifc_trainer():
 
 def test_a_trace_written_on_a_gpu_continues_on_a_cpu(tmp_path):
     """A run moved from a GPU machine to a CPU one resumes its trace (not set aside as damaged)."""
-    from metaquant.trace import MetaTrace
+    from metaquant.experiments.trace import MetaTrace
 
     path = tmp_path / TRACE_FILE
     model, trainer = _multifc_trainer()
@@ -137,9 +137,9 @@ def test_a_trace_written_on_a_gpu_continues_on_a_cpu(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_run_on_a_gpu_writes_its_trace_and_meta_quantizer_on_the_cpu(tmp_path):
-    from metaquant.config import RunConfig
-    from metaquant.pipeline import save_meta
-    from metaquant.trace import MetaTrace
+    from metaquant.experiments.config import RunConfig
+    from metaquant.experiments.meta_files import save_meta
+    from metaquant.experiments.trace import MetaTrace
 
     model, trainer = _multifc_trainer()
     model.cuda(), trainer.meta.cuda()
@@ -153,7 +153,7 @@ def test_a_run_on_a_gpu_writes_its_trace_and_meta_quantizer_on_the_cpu(tmp_path)
 
 def test_fc_grad_is_drawn_on_the_scale_its_axes_state():
     import metaquant as mq
-    from metaquant.trace import _fc_grad_curve
+    from metaquant.experiments.plots import _fc_grad_curve
 
     torch.manual_seed(0)
     meta = mq.FCGrad(hidden=8)  # bias-free and linear: FCs(g) = k·g

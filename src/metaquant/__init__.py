@@ -3,7 +3,7 @@
 The public API in one place; see the README for a tour.
 """
 
-from . import averaging, batchnorm, data, distill, equivalent, layout, models, precision, quantizers, schedules
+from . import averaging, batchnorm, data, distill, layout, models, precision, quantizers, schedules
 from .algorithm import MetaQuant
 from .averaging import ema_model
 from .batchnorm import recompute_batchnorm_stats
@@ -28,7 +28,6 @@ __all__ = [
     "batchnorm",
     "data",
     "distill",
-    "equivalent",
     "layout",
     "models",
     "precision",

@@ -39,23 +39,28 @@ converters recognise. Its logits equal the quantized model's up to float roundin
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import json
 import logging
 import math
 import struct
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import Tensor, nn
 
+from .files import atomic_write_bytes
 from .layers import QuantLayer, dequantize_, quantized_layers, quantized_weight_keys
+from .models import get_model
 from .quantizers import Encoded, get_quantizer
-from .runs import atomic_write_bytes
 
 __all__ = [
     "pack_bits",
@@ -208,7 +213,6 @@ def export_packed(
         ...           json.loads(f.metadata()["codes"])["0.weight"])
         uint8 (256,) {'shape': [32, 64], 'offset': 0, 'signed': False}
     """
-    from safetensors.torch import save
 
     layers = quantized_layers(model)
     name, bits = _single_config(layers, "export_packed")
@@ -303,7 +307,6 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -440,8 +443,6 @@ def _build_packed(
         arch = header.get("architecture")
         if not arch:
             raise ValueError(f"{path} does not name its architecture: pass the model to load_packed(path, model)")
-        from .models import get_model
-
         model = get_model(
             arch["model"],
             num_classes=arch["num_classes"],
@@ -522,7 +523,6 @@ def materialize(model: nn.Module) -> nn.Module:
         >>> torch.equal(plain(x), model(x))
         True
     """
-    import copy
 
     inference = copy.deepcopy(model)
     holders: dict[int, int] = {}  # how many modules hold each Parameter
@@ -778,7 +778,6 @@ def export_onnx(
         import onnx
     except ImportError:
         raise ImportError("ONNX export needs the onnx extra: pip install 'metaquant-torch[onnx]'") from None
-    import warnings
 
     layers = quantized_weight_keys(model)
     args = _float32_cpu(example if isinstance(example, tuple) else (example,))

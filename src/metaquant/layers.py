@@ -46,6 +46,9 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .estimators import STE, fake_quantize
 from .guards import check_requantization
@@ -826,9 +829,6 @@ def _weight_hook(module: nn.Module, names: tuple[str, ...] | None = None) -> str
     it from other Parameters (``torch.nn.utils.prune``, the older ``weight_norm`` and ``spectral_norm``), else None:
     the quantized forward would read the tensor the hook made before the last update, and the optimizer would
     train the hook's inputs."""
-    from torch.nn.utils import prune
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
 
     removals = (
         (prune.BasePruningMethod, "torch.nn.utils.prune", "torch.nn.utils.prune.remove(module, {!r})"),

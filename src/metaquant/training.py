@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -28,9 +29,9 @@ from tqdm.auto import tqdm
 
 from .batchnorm import batchnorm_layers, recompute_batchnorm_stats
 from .distributed import all_reduce_sum, any_process, is_distributed, unwrap
+from .files import save_checkpoint
 from .guards import NonFiniteError, SkipLimitError, StepSnapshot, StopFlag, TrainingInterrupted, all_finite
 from .precision import autocast
-from .runs import RunDir, save_checkpoint
 from .schedules import lr_factor, scale_lr, set_scaled_rates
 
 __all__ = [
@@ -57,6 +58,15 @@ class StepTrainer(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class RunLog(Protocol):
+    """Where ``fit`` keeps a run (``metaquant.experiments.runs.RunDir`` is one): a checkpoint file, and a record
+    of each epoch with the ``(iteration, loss)`` pairs of its steps."""
+
+    @property
+    def checkpoint_path(self) -> Path: ...
+    def record_epoch(self, record: dict[str, Any], losses: list[tuple[int, float]]) -> None: ...
 
 
 class EpochLoader(Protocol):
@@ -232,7 +242,7 @@ def fit(
     *,
     epochs: int,
     schedule: Callable[[int], float] | None,
-    run: RunDir | None = None,
+    run: RunLog | None = None,
     state: FitState | None = None,
     extra_checkpoint: Callable[[], dict[str, Any]] | None = None,
     progress: bool = True,
@@ -625,7 +635,7 @@ def restore_fit(
     the random number generators, and, when given, the model's weights and the scheduler's state.
 
     Args:
-        checkpoint: a checkpoint written by ``fit`` (``metaquant.runs.load_checkpoint(run.checkpoint_path)``).
+        checkpoint: a checkpoint written by ``fit`` (``metaquant.files.load_checkpoint(run.checkpoint_path)``).
         trainer: the trainer, built as for the interrupted run (same model, optimizer and settings).
         model: the model whose weights to load (None: the caller has loaded them).
         scheduler: the scheduler ``fit`` was given, built anew on ``trainer.optimizer``; it must be given
@@ -646,8 +656,9 @@ def restore_fit(
         Two epochs, stopped after the first and continued, equal two epochs in one go:
 
         >>> import pathlib, tempfile
-        >>> from metaquant.config import RunConfig
-        >>> from metaquant.runs import RunDir, load_checkpoint
+        >>> from metaquant.experiments.config import RunConfig
+        >>> from metaquant.experiments.runs import RunDir
+        >>> from metaquant.files import load_checkpoint
         >>> def setup():
         ...     torch.manual_seed(0)
         ...     model = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)))

@@ -15,19 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .algorithm import STEP_ORDERS
-from .averaging import check_ema_decay
-from .data import AUGMENTATIONS, DATASETS
-from .distill import check_distillation
-from .estimators import CLASSICAL_ESTIMATORS
-from .guards import NONFINITE_POLICIES
-from .layout import MEMORY_FORMATS
-from .meta import INIT_SCHEMES, META_QUANTIZERS, NONLINEARITIES
-from .models import model_names
-from .precision import AMP_MODES
-from .quantizers import get_quantizer
-from .refine import THROUGH
-from .schedules import SCHEDULES
+from ..algorithm import STEP_ORDERS
+from ..averaging import check_ema_decay
+from ..data import AUGMENTATIONS, DATASETS
+from ..distill import check_distillation
+from ..estimators import CLASSICAL_ESTIMATORS
+from ..guards import NONFINITE_POLICIES
+from ..layout import MEMORY_FORMATS
+from ..meta import INIT_SCHEMES, META_QUANTIZERS, NONLINEARITIES
+from ..models import model_names
+from ..precision import AMP_MODES
+from ..quantizers import get_quantizer
+from ..refine import THROUGH
+from ..schedules import SCHEDULES
 
 __all__ = ["RunConfig", "OPTIMIZERS", "TASKS", "ESTIMATORS"]
 
@@ -90,7 +90,7 @@ class RunConfig:
             estimator.
 
     Example:
-        >>> from metaquant.config import RunConfig
+        >>> from metaquant.experiments.config import RunConfig
         >>> config = RunConfig(model="ResNet20", dataset="cifar10", estimator="mlpfc", optimizer="adam")
         >>> config.model, config.estimator, config.uses_meta
         ('resnet20', 'multifc', True)

@@ -17,27 +17,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .algorithm import STEP_ORDERS
+from .. import __version__
+from ..algorithm import STEP_ORDERS
+from ..data import AUGMENTATIONS, DATASETS
+from ..data.errors import DatasetError
+from ..distributed import is_main, shutdown
+from ..guards import NonFiniteError, SkipLimitError, StopFlag, TrainingInterrupted
+from ..layout import MEMORY_FORMATS
+from ..meta import INIT_SCHEMES, NONLINEARITIES
+from ..models import model_names
+from ..precision import AMP_MODES
+from ..quantizers import quantizer_names
+from ..refine import THROUGH
+from ..schedules import SCHEDULES
+from .artifacts import evaluate_artifact, export_run
 from .config import ESTIMATOR_ALIASES, ESTIMATORS, OPTIMIZERS, RunConfig
-from .data import AUGMENTATIONS, DATASETS
-from .data.errors import DatasetError
 from .demo import DemoConfig, run_demo
-from .distributed import is_main, shutdown
-from .guards import NonFiniteError, SkipLimitError, StopFlag, TrainingInterrupted
-from .layout import MEMORY_FORMATS
-from .meta import INIT_SCHEMES, NONLINEARITIES
-from .models import model_names
-from .pipeline import default_run_name, describe_checkpoint, evaluate_artifact, execute, export_run, resume
-from .precision import AMP_MODES
+from .lifecycle import describe_checkpoint, execute, resume
+from .naming import default_run_name
+from .plots import plot_comparisons, plot_trace
 from .presets import preset_names, resolve_preset
-from .quantizers import quantizer_names
-from .refine import THROUGH
-from .report import collect, plot_comparisons, summarize, write_table
+from .report import collect, summarize, write_table
 from .runs import RunDir, RunExistsError, RunLockedError
-from .schedules import SCHEDULES
-from .sweep import load_sweep, plan, run_state, run_sweep, select_runs
-from .trace import plot_trace
+from .scheduler import run_sweep
+from .sweep import load_sweep, plan, run_state, select_runs
 
 __all__ = ["main", "build_parser"]
 

@@ -22,12 +22,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .config import RunConfig
+from .config import RunConfig
+from .naming import backward_label
+from .runs import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,6 @@ __all__ = [
     "best_stats",
     "last_k_stats",
     "write_table",
-    "plot_comparisons",
-    "figure_class",
 ]
 
 OURS = "metaquant"
@@ -84,7 +82,7 @@ class TrialCurves:
             this run's epoch ``i`` at ``first_epoch + i``.
 
     Example:
-        >>> from metaquant.report import TrialCurves
+        >>> from metaquant.experiments.report import TrialCurves
         >>> t = TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, "MultiFC", "SGD", trial=2,
         ...                 test_acc=[80.0, 85.5], train_loss=[0.9, 0.6])
         >>> t.key  # what summarize groups by: everything but the trial
@@ -123,10 +121,10 @@ class SummaryRow:
         epochs: each trial's number of epochs.
 
     Example:
-        >>> from metaquant.report import TrialCurves
+        >>> from metaquant.experiments.report import TrialCurves
         >>> def trial(backward, n, acc):  # one trial of 3 epochs of ResNet20 on CIFAR10, 1-bit DoReFa, SGD
         ...     return TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, backward, "SGD", n, acc, [1.0]*3)
-        >>> from metaquant.report import summarize
+        >>> from metaquant.experiments.report import summarize
         >>> (row,) = summarize([trial("STE", 1, [70.0, 80.0, 75.0]), trial("STE", 2, [72.0, 78.0, 79.0])], last_k=2)
         >>> row.backward, row.best_mean, row.best_var, row.last_mean, row.last_var, row.trials, row.epochs
         ('STE', 79.5, 0.25, 78.0, 3.5, 2, [3, 3])
@@ -164,7 +162,7 @@ def best_stats(curves: Sequence[Sequence[float]]) -> tuple[float, float]:
         ValueError: a trial without accuracies.
 
     Example:
-        >>> from metaquant.report import best_stats
+        >>> from metaquant.experiments.report import best_stats
         >>> best_stats([[70.0, 80.0, 75.0], [72.0, 78.0, 79.0]])  # bests 80, 79: mean 79.5, variance 0.5² = 0.25
         (79.5, 0.25)
     """
@@ -186,7 +184,7 @@ def last_k_stats(curves: Sequence[Sequence[float]], k: int = 10) -> tuple[float,
         ``(mean, variance)``, the variance with ``ddof = 0``; NaN for no accuracy at all.
 
     Example:
-        >>> from metaquant.report import last_k_stats
+        >>> from metaquant.experiments.report import last_k_stats
         >>> last_k_stats([[70.0, 80.0, 75.0], [72.0, 78.0, 79.0]], k=2)  # pooled 80, 75, 78, 79
         (78.0, 3.5)
 
@@ -206,7 +204,6 @@ def _descent(config: RunConfig, path: Path) -> tuple[float | None, int]:
     one. A directory that is not found where ``init`` says is looked for beside the run (a sweep's folder moved
     elsewhere).
     """
-    from .config import RunConfig
 
     visited: set[Path] = set()
     source, here, epochs_before = config.init, path, 0
@@ -256,9 +253,9 @@ def read_run(path: Path) -> TrialCurves | None:
 
     Example:
         >>> import pathlib
-        >>> from metaquant.config import RunConfig
-        >>> from metaquant.report import read_run
-        >>> run = mq.runs.RunDir.create("runs/ste-trial-2", RunConfig(model="resnet20", dataset="cifar10"))
+        >>> from metaquant.experiments.config import RunConfig
+        >>> from metaquant.experiments.report import read_run
+        >>> run = mq.experiments.runs.RunDir.create("runs/ste-trial-2", RunConfig(model="resnet20", dataset="cifar10"))
         >>> for epoch, (acc, loss) in enumerate([(80.0, 0.9), (84.5, 0.7)]):
         ...     run.record_epoch({"epoch": epoch, "test_acc": acc, "train_loss": loss}, [])
         >>> read_run(run.path) is None  # not finished yet
@@ -267,8 +264,6 @@ def read_run(path: Path) -> TrialCurves | None:
         >>> t.key, t.trial, t.test_acc, t.train_loss
         (('metaquant', 'ResNet20', 'CIFAR10', 'dorefa', 1, 'STE', 'SGD'), 2, [80.0, 84.5], [0.9, 0.7])
     """
-    from .config import RunConfig
-    from .sweep import backward_label
 
     if not (path / "done").exists():
         logger.info("leaving out the unfinished run %s", path)
@@ -300,7 +295,6 @@ def read_run(path: Path) -> TrialCurves | None:
 def _checked_metrics(path: Path, need: tuple[str, ...] = ("test_acc", "train_loss")) -> list[dict]:
     """A run directory's metrics records (``RunDir.metrics``: every line checked), each with the keys in
     ``need``; a missing file or key is an error that names the file."""
-    from .runs import RunDir
 
     run = RunDir(path)
     if not run.metrics_path.exists():
@@ -355,7 +349,7 @@ def read_original_run(path: Path) -> TrialCurves:
 
     Example:
         >>> import pathlib
-        >>> from metaquant.report import read_original_run
+        >>> from metaquant.experiments.report import read_original_run
         >>> name = "Meta-MultiFC-Nonlinear-None-hidden-size-100-nfc-2-dorefa-SGD-1bits-trial-3"
         >>> run = pathlib.Path("ResNet20-CIFAR10") / name; run.mkdir(parents=True)
         >>> _ = (run / "test-acc.txt").write_text("2, 80.5\\n4, 84.0\\n")  # epochs end at iterations 2 and 4
@@ -417,13 +411,13 @@ def collect(paths: Iterable[str | Path]) -> list[TrialCurves]:
 
     Example:
         >>> import pathlib
-        >>> from metaquant.config import RunConfig
-        >>> from metaquant.report import collect
+        >>> from metaquant.experiments.config import RunConfig
+        >>> from metaquant.experiments.report import collect
         >>> for n in (1, 2):
-        ...     run = mq.runs.RunDir.create(f"results/multifc-trial-{n}", RunConfig(estimator="multifc"))
+        ...     run = mq.experiments.runs.RunDir.create(f"results/multifc-trial-{n}", RunConfig(estimator="multifc"))
         ...     run.record_epoch({"epoch": 0, "test_acc": 80.0 + n, "train_loss": 0.5}, [])
         ...     run.mark_done()
-        >>> _ = mq.runs.RunDir.create("results/unfinished", RunConfig())  # left out
+        >>> _ = mq.experiments.runs.RunDir.create("results/unfinished", RunConfig())  # left out
         >>> sorted((t.backward, t.trial, t.test_acc) for t in collect(["results", "results/multifc-trial-1"]))
         [('MultiFC', 1, [81.0]), ('MultiFC', 2, [82.0])]
     """
@@ -467,10 +461,10 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
         ValueError: a trial without accuracies.
 
     Example:
-        >>> from metaquant.report import TrialCurves
+        >>> from metaquant.experiments.report import TrialCurves
         >>> def trial(backward, n, acc):  # one trial of 3 epochs of ResNet20 on CIFAR10, 1-bit DoReFa, SGD
         ...     return TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, backward, "SGD", n, acc, [1.0]*3)
-        >>> from metaquant.report import summarize
+        >>> from metaquant.experiments.report import summarize
         >>> rows = summarize([trial("MultiFC", 1, [80.0, 85.0, 86.0]), trial("STE", 1, [75.0, 80.0, 79.0]),
         ...                   trial("STE + momentum 0.9", 1, [78.0, 82.0, 84.0])], last_k=2)
         >>> [(r.backward, r.best_mean, r.last_mean) for r in rows]
@@ -570,10 +564,10 @@ def write_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results") ->
         OSError: the files cannot be written.
 
     Example:
-        >>> from metaquant.report import TrialCurves
+        >>> from metaquant.experiments.report import TrialCurves
         >>> def trial(backward, n, acc):  # one trial of 3 epochs of ResNet20 on CIFAR10, 1-bit DoReFa, SGD
         ...     return TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, backward, "SGD", n, acc, [1.0]*3)
-        >>> from metaquant.report import summarize, write_table
+        >>> from metaquant.experiments.report import summarize, write_table
         >>> rows = summarize([trial("STE", 1, [70.0, 80.0, 75.0]), trial("STE", 2, [72.0, 78.0, 79.0])], last_k=2)
         >>> import pathlib
         >>> md, csv_path = write_table(rows, pathlib.Path("tables"))
@@ -635,214 +629,3 @@ def write_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results") ->
     csv_path = out / f"{stem}.csv"
     csv_path.write_text(buffer.getvalue())
     return md, csv_path
-
-
-# --- the figures -----------------------------------------------------------------------------------------
-PLOT_EXTRA = "pip install 'metaquant-torch[plot]'"
-_ORIGINAL_ORDER = " (original order)"
-# One colour per backward method, the same in every figure; the step order and the source are line styles.
-_METHOD_ORDER = ["STE", "STE + momentum", "STE (unclipped)", "EWGS", "FC-Grad", "MultiFC", "LSTMFC"]
-
-
-def figure_class() -> type:
-    """``matplotlib.figure.Figure``, or an ImportError that names the extra to install.
-
-    The figures are drawn on ``Figure`` objects directly, not through ``pyplot``: nothing global changes (no
-    backend is selected, no figure is registered), so drawing works the same in a script, on a server without
-    a display and in a notebook, whose inline figures keep working.
-
-    Returns:
-        The ``Figure`` class.
-
-    Raises:
-        ImportError: matplotlib is not installed; the message says ``pip install 'metaquant-torch[plot]'``.
-
-    Example:
-        >>> from metaquant.report import figure_class
-        >>> try:
-        ...     Figure = figure_class()
-        ... except ImportError as err:  # without the plot extra
-        ...     Figure = None
-        >>> Figure is None or Figure.__name__ == "Figure"
-        True
-    """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise ImportError(f"drawing figures needs matplotlib, the plot extra: {PLOT_EXTRA}") from None
-    return Figure
-
-
-_MARKERS = "osD^vPX*h"
-
-
-def _line_style(label: str) -> dict[str, Any]:
-    """Colour and marker by backward method; a solid line and hollow markers for this library's paper order,
-    dashed with small filled markers for the original code's order, dash-dotted for runs of the original code:
-    curves that coincide (a method in both orders, two methods that train alike) stay visible."""
-    key = _method(label)
-    # methods outside the list share the remaining colours C7 to C9, each always the same one
-    index = _METHOD_ORDER.index(key) if key in _METHOD_ORDER else len(_METHOD_ORDER) + sum(map(ord, key)) % 3
-    style: dict[str, Any] = {"color": f"C{index % 10}", "marker": _MARKERS[index % len(_MARKERS)], "linewidth": 1.6}
-    if label.removesuffix(f" [{ORIGINAL}]").endswith(_ORIGINAL_ORDER):
-        style.update(linestyle=(0, (4, 2)), markersize=3)
-    elif label.endswith(f" [{ORIGINAL}]"):
-        style.update(linestyle="-.", markersize=4, markerfacecolor="none")
-    else:
-        style.update(linestyle="-", markersize=6.5, markerfacecolor="none")
-    return style
-
-
-def _distinct_styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``_line_style`` of each of a figure's lines, except that a line whose colour, marker and line style an
-    earlier line of the figure already has (two labels of one method: STE and the equivalent STE) takes the
-    next free colour and marker, starting with the colours no known method uses.
-
-    Example:
-        >>> from metaquant.report import _distinct_styles
-        >>> styles = _distinct_styles(["STE", "STE (FC-Grad's gain)"])
-        >>> [(s["color"], s["marker"]) for s in styles.values()]
-        [('C0', 'o'), ('C7', 'o')]
-    """
-    styles: dict[str, dict[str, Any]] = {}
-    taken: set[tuple[str, str, str]] = set()
-    spare = [(f"C{c}", m) for m in _MARKERS for c in (7, 8, 9, *range(7))]
-    for label in labels:
-        style = _line_style(label)
-        while (style["color"], style["marker"], repr(style["linestyle"])) in taken and spare:
-            style["color"], style["marker"] = spare.pop(0)
-        taken.add((style["color"], style["marker"], repr(style["linestyle"])))
-        styles[label] = style
-    return styles
-
-
-def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
-    """One figure per (model, dataset, forward, optimizer), as PNG and PDF: training loss (log scale) and test
-    accuracy per epoch, one line per backward method (mean over trials) with a band from the minimum to the
-    maximum over trials.
-
-    Each backward method has its own colour, the same in every figure; runs in the original code's step order
-    (``"... (original order)"``) are dashed with crosses and runs of the original code (``"<backward> [original
-    code]"``) dash-dotted, so that a curve lying on its twin stays visible. The accuracy panel has a dotted
-    line at the full-precision model's accuracy when the trials know it. Two lines of one method (STE and the
-    equivalent STE) get different colours or markers; a run that continues another is drawn after its epochs.
-    The legend, which gives each line's number of trials, sits outside the panels. A figure is named
-    ``<model>-<dataset>-<forward><bits>-<optimizer>.png`` (and ``.pdf``), in lower case (e.g.
-    ``resnet20-cifar10-dorefa1-sgd.png``). Needs
-    matplotlib (the ``plot`` extra); nothing global in matplotlib is changed (``figure_class``).
-
-    Args:
-        trials: the trials (``collect``).
-        out: the directory to write in (created if needed).
-
-    Returns:
-        The paths written, each figure's PNG then its PDF, in the order of (model, dataset, forward, bits,
-        optimizer).
-
-    Raises:
-        ImportError: matplotlib is not installed (the message names the extra).
-
-    Example:
-        Drawing takes about a second (matplotlib); which figures ``plot_comparisons(trials, out)`` draws
-        follows from the trials alone:
-
-        >>> from metaquant.report import TrialCurves
-        >>> def trial(backward, n, acc):  # one trial of 3 epochs of ResNet20 on CIFAR10, 1-bit DoReFa, SGD
-        ...     return TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, backward, "SGD", n, acc, [1.0]*3)
-        >>> trials = [trial(b, n, [80.0, 82.0, 83.0]) for b in ("STE", "MultiFC") for n in (1, 2)]
-        >>> sorted({t.key[1:5] + (t.optimizer,) for t in trials})  # one figure, two lines of two trials each
-        [('ResNet20', 'CIFAR10', 'dorefa', 1, 'SGD')]
-    """
-    Figure = figure_class()
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    out.mkdir(parents=True, exist_ok=True)
-    figures: dict[tuple[str, str, str, int, str], dict[str, list[TrialCurves]]] = defaultdict(lambda: defaultdict(list))
-    for t in trials:
-        line = t.backward if t.source == OURS else f"{t.backward} [{t.source}]"
-        figures[(t.model, t.dataset, t.forward, t.bits, t.optimizer)][line].append(t)
-    written = []
-    for (model, dataset, forward, bits, optimizer), lines in sorted(figures.items()):
-        fig = Figure(figsize=(13, 4.8), layout="constrained")
-        loss_ax, acc_ax = fig.subplots(1, 2)
-        handles, labels = [], []
-        all_positive = True
-        ordered = sorted(lines.items(), key=lambda item: _legend_order(item[0]))
-        styles = _distinct_styles([label for label, _ in ordered])
-        for label, members in ordered:
-            style = styles[label]
-            starts = sorted({t.first_epoch for t in members})  # a fine-tuning run is drawn after the run it continues
-            if len(starts) > 1:  # e.g. one trial's source run is not there: its chain could not be followed
-                logger.warning(
-                    "%s: its trials continue runs of %s epochs; drawn from epoch %d", label, starts, starts[0] + 1
-                )
-            first = starts[0]
-            for ax, attr in ((loss_ax, "train_loss"), (acc_ax, "test_acc")):
-                n = min(len(getattr(t, attr)) for t in members)
-                values = np.array([getattr(t, attr)[:n] for t in members], dtype=np.float64)
-                if n == 0 or np.all(np.isnan(values)):
-                    continue  # e.g. an original-code run without loss.txt
-                epochs = np.arange(first + 1, first + n + 1)
-                (handle,) = ax.plot(epochs, np.nanmean(values, axis=0), markevery=max(1, n // 15), **style)
-                ax.fill_between(
-                    epochs,
-                    np.nanmin(values, axis=0),
-                    np.nanmax(values, axis=0),
-                    color=style["color"],
-                    alpha=0.12,
-                    linewidth=0,
-                )
-                if attr == "train_loss":
-                    all_positive &= bool(np.nanmin(values) > 0)
-                else:
-                    handles.append(handle)
-                    labels.append(f"{label} ({len(members)})")
-        fps = [t.fp_acc for members in lines.values() for t in members if t.fp_acc is not None]
-        if fps:
-            fp = float(np.mean(fps))
-            handles.append(acc_ax.axhline(fp, color="black", linestyle=":", linewidth=1.2))
-            labels.append(f"full precision ({fp:.1f}%)")
-        if all_positive:
-            loss_ax.set_yscale("log")  # losses of very different sizes stay readable side by side
-            # plain numbers (0.3, 2, not 3e-01); minor ticks labelled where the axis spans a decade or less
-            plain = FuncFormatter(lambda value, _: f"{value:g}")
-            low, high = loss_ax.get_ylim()
-            loss_ax.yaxis.set_major_formatter(plain)
-            loss_ax.yaxis.set_minor_formatter(plain if np.log10(high / low) <= 1.2 else NullFormatter())
-        loss_ax.set_ylabel("training loss (mean over the epoch" + (", log scale)" if all_positive else ")"))
-        acc_ax.set_ylabel("test accuracy (%)")
-        for ax in (loss_ax, acc_ax):
-            ax.set_xlabel("epoch")
-            ax.grid(alpha=0.3, which="both")
-        fig.legend(
-            handles,
-            labels,
-            loc="outside right center",
-            title="backward (trials)",
-            fontsize=8,
-            title_fontsize=9,
-            frameon=False,
-        )
-        fig.suptitle(
-            f"{model} on {dataset}, {bits}-bit {forward} forward, {optimizer}: mean over trials, band = min..max"
-        )
-        stem = out / f"{_slug(model)}-{_slug(dataset)}-{_slug(forward)}{bits}-{_slug(optimizer)}"
-        for suffix, options in ((".png", {"dpi": 110}), (".pdf", {})):
-            fig.savefig(stem.with_suffix(suffix), **options)
-            written.append(stem.with_suffix(suffix))
-    return written
-
-
-def _method(label: str) -> str:
-    """The backward method of a line's label: ``"STE + momentum 0.9 (original order)"`` → ``"STE + momentum"``."""
-    method = label.removesuffix(f" [{ORIGINAL}]").removesuffix(_ORIGINAL_ORDER)
-    # the longest known name that the label starts with: "STE + momentum 0.9" is not "STE"
-    for known in sorted(_METHOD_ORDER, key=len, reverse=True):
-        if method == known or method.startswith(known + " "):
-            return known
-    return method
-
-
-def _legend_order(label: str) -> tuple[int, str]:
-    key = _method(label)
-    return (_METHOD_ORDER.index(key) if key in _METHOD_ORDER else len(_METHOD_ORDER), label)

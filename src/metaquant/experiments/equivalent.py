@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..schedules import lr_factor
+
 __all__ = ["fc_grad_gain", "mean_gain", "learned_gain"]
 
 
@@ -40,7 +42,7 @@ def fc_grad_gain(meta_state: Mapping[str, Tensor], init_scheme: str = "paper") -
 
     Example:
         >>> meta = mq.FCGrad(hidden=4)
-        >>> k = mq.equivalent.fc_grad_gain(meta.state_dict())
+        >>> k = mq.experiments.equivalent.fc_grad_gain(meta.state_dict())
         >>> g = torch.tensor([0.5, -2.0])
         >>> torch.allclose(meta(g, torch.zeros(2))[0], k * g)
         True
@@ -74,7 +76,7 @@ def mean_gain(gains: Mapping[int, float], epochs: int, lr_factor: Callable[[int]
     Example:
         The gain grows from 1 to 3 over two epochs; the second epoch's rate is a tenth of the first's:
 
-        >>> mq.equivalent.mean_gain({0: 1.0, 2: 3.0}, 2, lambda e: [1.0, 0.1][e])  # (1·1.5 + 0.1·2.5) / 1.1
+        >>> mq.experiments.equivalent.mean_gain({0: 1.0, 2: 3.0}, 2, lambda e: [1.0, 0.1][e])  # (1·1.5 + 0.1·2.5) / 1.1
         1.5909090909090908
     """
     if 0 not in gains or epochs not in gains:
@@ -114,13 +116,11 @@ def learned_gain(run_dir: str | Path) -> float:
         A sweep entry with ``equivalent_of = "fc-grad"`` reads the FC-Grad run of its trial; before that run
         exists, the STE run cannot start:
 
-        >>> mq.equivalent.learned_gain("runs/fc-grad-trial-1")
+        >>> mq.experiments.equivalent.learned_gain("runs/fc-grad-trial-1")
         Traceback (most recent call last):
         ...
         FileNotFoundError: runs/fc-grad-trial-1/config.json not found: the equivalent STE needs a finished ...
     """
-    from .schedules import lr_factor  # a light import, kept local: this module is read by the sweep
-
     run = Path(run_dir)
     config_path, trace_path = run / "config.json", run / "trace.pt"
     for path in (config_path, trace_path):

@@ -32,8 +32,8 @@ of the same trial that an earlier entry labelled so: it starts from that run's m
 weights; with a meta quantizer, also ``meta_init``: the trained meta quantizer), and a distilling run keeps the
 sweep's pre-trained model as its ``teacher``; it starts once that run has finished. Runs that are
 ``done`` are skipped when the sweep is run again; a run left unfinished by an interruption is resumed from its
-last checkpoint (exactly: see ``pipeline.resume``). ``run_sweep(..., jobs=N)`` (``metaquant sweep --jobs N``)
-makes N runs at a time, each in its own process, with the same results; ``only=[pattern, ...]``
+last checkpoint (exactly: see ``lifecycle.resume``). ``scheduler.run_sweep(..., jobs=N)`` (``metaquant sweep
+--jobs N``) makes N runs at a time, each in its own process, with the same results; ``only=[pattern, ...]``
 (``metaquant sweep --only PATTERN``) makes only the runs whose directory names match, e.g. to share a sweep out
 between machines.
 A directory holding a run of another configuration is never touched: the sweep stops and says so.
@@ -43,26 +43,18 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import importlib
 import itertools
 import logging
-import multiprocessing
-import multiprocessing.connection
 import re
-import signal
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import OPTIMIZERS, RunConfig
-from .guards import StopFlag, TrainingInterrupted
-from .pipeline import execute, meta_config, resume
+from .meta_files import meta_config
+from .naming import backward_label
 from .runs import RunDir, RunExistsError
 
 if sys.version_info >= (3, 11):
@@ -70,19 +62,20 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["SweepSpec", "PlannedRun", "load_sweep", "plan", "run_sweep", "run_state", "select_runs", "backward_label"]
+__all__ = [
+    "SweepSpec",
+    "PlannedRun",
+    "load_sweep",
+    "plan",
+    "run_state",
+    "select_runs",
+    "pretrain_config",
+    "pretrain_path",
+]
 
 logger = logging.getLogger(__name__)
 
 _TOP_KEYS = {"name", "trials", "seed", "pretrain", "base", "grid", "optimizer_overrides", "run_dir"}
-_DISPLAY = {
-    "ste": "STE",
-    "identity": "STE (unclipped)",
-    "ewgs": "EWGS",
-    "fc-grad": "FC-Grad",
-    "multifc": "MultiFC",
-    "lstmfc": "LSTMFC",
-}
 
 
 @dataclass(frozen=True)
@@ -103,7 +96,7 @@ class SweepSpec:
 
     Example:
         >>> import pathlib
-        >>> from metaquant.sweep import SweepSpec, plan
+        >>> from metaquant.experiments.sweep import plan, SweepSpec
         >>> spec = SweepSpec(name="demo", trials=3, seed=0, pretrain=None, base={"dataset": "cifar10"},
         ...                  grid=[{"quantizer": ["dorefa", "bwn"], "estimator": ["ste", "multifc"]}],
         ...                  optimizer_overrides={})
@@ -134,7 +127,7 @@ class PlannedRun:
 
     Example:
         >>> import pathlib
-        >>> from metaquant.sweep import SweepSpec, plan
+        >>> from metaquant.experiments.sweep import plan, SweepSpec
         >>> spec = SweepSpec(name="demo", trials=2, seed=5, pretrain=None, base={"dataset": "cifar10"},
         ...                  grid=[{"estimator": "lstmfc", "label": "LSTMFC h100"}], optimizer_overrides={})
         >>> run = plan(spec, pathlib.Path("sweeps/demo"))[-1]
@@ -146,49 +139,6 @@ class PlannedRun:
     config: RunConfig
     label: str
     trial: int
-
-
-def backward_label(config: RunConfig) -> str:
-    """How tables and figures name a run's backward method, e.g. ``MultiFC (original order)``.
-
-    The estimator's display name, then `` (original order)`` for a meta quantizer run in the original code's
-    order (docs/design.md §5.1), then `` + momentum m`` for SGD with momentum, then `` + distillation (λ, T)``
-    for a run that distils from its ``init`` model.
-
-    Args:
-        config: the run's configuration.
-
-    Returns:
-        The label.
-
-    Example:
-        >>> from metaquant.config import RunConfig
-        >>> from metaquant.sweep import backward_label
-        >>> backward_label(RunConfig(estimator="multifc", step_order="original"))
-        'MultiFC (original order)'
-        >>> backward_label(RunConfig(estimator="ste", momentum=0.9)), backward_label(RunConfig(estimator="identity"))
-        ('STE + momentum 0.9', 'STE (unclipped)')
-        >>> backward_label(RunConfig(estimator="ste", distill_weight=0.9, distill_temperature=4.0))
-        'STE + distillation (0.9, T 4)'
-        >>> backward_label(RunConfig(estimator="multifc", precise_bn_batches=100, ema_decay=0.999))
-        'MultiFC + precise BN + EMA 0.999'
-    """
-    label = _DISPLAY.get(config.estimator, config.estimator)
-    if config.uses_meta and config.meta_init_scheme == "ste":
-        label += " (STE start)"
-    if config.lr_gain_from is not None:
-        label += " (FC-Grad's gain)"
-    if config.uses_meta and config.step_order == "original":
-        label += " (original order)"
-    if config.optimizer == "sgd" and config.momentum > 0:
-        label += f" + momentum {config.momentum:g}"
-    if config.distill_weight > 0:
-        label += f" + distillation ({config.distill_weight:g}, T {config.distill_temperature:g})"
-    if config.precise_bn_batches > 0:
-        label += " + precise BN"
-    if config.ema_decay > 0:
-        label += f" + EMA {config.ema_decay:g}"
-    return label
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
@@ -210,7 +160,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
 
     Example:
         >>> import pathlib
-        >>> from metaquant.sweep import load_sweep
+        >>> from metaquant.experiments.sweep import load_sweep
         >>> _ = pathlib.Path("tiny.toml").write_text('''
         ... name = "tiny"
         ... trials = 2
@@ -317,7 +267,7 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
 
     Example:
         >>> import pathlib
-        >>> from metaquant.sweep import SweepSpec, plan
+        >>> from metaquant.experiments.sweep import plan, SweepSpec
         >>> spec = SweepSpec(name="demo", trials=1, seed=0, pretrain=None, base={"dataset": "cifar10"},
         ...                  grid=[{"estimator": ["ste", "multifc"], "optimizer": ["sgd", "adam"]}],
         ...                  optimizer_overrides={"adam": {"weight_decay": 5e-4}})
@@ -466,8 +416,8 @@ def run_state(path: str | Path, config: RunConfig) -> str:
         files), ``"unreadable configuration"`` or ``"a file, not a directory"``.
 
     Example:
-        >>> from metaquant.config import RunConfig
-        >>> from metaquant.sweep import run_state
+        >>> from metaquant.experiments.config import RunConfig
+        >>> from metaquant.experiments.sweep import run_state
         >>> config = RunConfig(epochs=2)
         >>> run_state("runs/a", config)
         'to run'
@@ -493,43 +443,6 @@ def run_state(path: str | Path, config: RunConfig) -> str:
     except RunExistsError:
         return "no run"
     return "to run"
-
-
-def _run_once(
-    path: Path, config: RunConfig, progress: bool, stop: StopFlag | None = None
-) -> tuple[str, float | None, float | None]:
-    state = run_state(path, config)
-    if state == "done":
-        metrics = RunDir(path).metrics()
-        return "skipped (done)", metrics[-1]["test_acc"], max(m["test_acc"] for m in metrics)
-    if state == "started":
-        result = resume(path, progress=progress, stop=stop)
-        return "resumed, done", result.final_acc, result.best_acc
-    if state == "to run":
-        result = execute(config, path, progress=progress, stop=stop)
-        return "done", result.final_acc, result.best_acc
-    if state == "unreadable configuration":
-        RunDir(path).config()  # raises the reader's error, which names the file and what is wrong
-    refusal = {"no run": "exists and holds no run", "a file, not a directory": "is a file, not a directory"}
-    raise ValueError(
-        f"{path} {refusal.get(state, f'holds a run with {state}')}; remove it or change the sweep's run directory"
-    )
-
-
-@dataclass(frozen=True)
-class _Task:
-    """One run to make: where, with what configuration, and how its progress line begins."""
-
-    path: Path
-    config: RunConfig
-    title: str
-    pretrain: bool
-
-
-def _line(task: _Task, status: str, final: float | None, best: float | None, seconds: float) -> str:
-    if task.pretrain:
-        return f"{task.title}: {status}, test accuracy {final:.2f}% ({seconds:.0f}s)"
-    return f"{task.title}: {status}, final {final:.2f}%, best {best:.2f}% ({seconds:.0f}s)"
 
 
 def _matches(run: PlannedRun, pattern: str) -> bool:
@@ -558,7 +471,7 @@ def select_runs(runs: list[PlannedRun], patterns: Sequence[str]) -> list[Planned
 
     Example:
         >>> import pathlib
-        >>> from metaquant.sweep import SweepSpec, plan, select_runs
+        >>> from metaquant.experiments.sweep import plan, select_runs, SweepSpec
         >>> spec = SweepSpec(name="demo", trials=2, seed=0, pretrain=None, base={"dataset": "cifar10"},
         ...                  grid=[{"estimator": ["ste", "multifc"]}], optimizer_overrides={})
         >>> [r.path.name for r in select_runs(plan(spec, pathlib.Path("sweeps/demo")), ["*-trial-2"])]
@@ -592,210 +505,7 @@ def select_runs(runs: list[PlannedRun], patterns: Sequence[str]) -> list[Planned
     return selected
 
 
-def _tasks(
-    spec: SweepSpec, root: Path, runs: list[PlannedRun], selected: list[PlannedRun]
-) -> tuple[list[_Task], list[_Task]]:
-    """The pre-training runs that ``selected`` start from or distil from, and ``selected`` (numbered as in
-    ``runs``)."""
-    pretrains = []
-    if spec.pretrain is not None:
-        needed = {Path(p) for run in selected for p in (run.config.init, run.config.teacher) if p}
-        for model, dataset in dict.fromkeys((r.config.model, r.config.dataset) for r in selected):
-            path = pretrain_path(root, model, dataset)
-            if path in needed:  # not for a run that only continues another (or starts from a model of its own)
-                pretrains.append(
-                    _Task(path, pretrain_config(spec, model, dataset), f"[pretrain] {model} on {dataset}", True)
-                )
-    quantize = []
-    chosen = {run.path for run in selected}
-    for i, run in enumerate(runs, 1):
-        if run.path not in chosen:
-            continue
-        c = run.config
-        title = f"[{i}/{len(runs)}] {run.label} | {c.model} {c.quantizer}{c.bits} {c.optimizer} | trial {run.trial}"
-        quantize.append(_Task(run.path, run.config, title, False))
-    return pretrains, quantize
-
-
-def run_sweep(
-    spec: SweepSpec,
-    root: str | Path,
-    *,
-    progress: bool = False,
-    echo: Callable[[str], None] = logger.info,
-    stop: StopFlag | None = None,
-    jobs: int = 1,
-    only: Sequence[str] | None = None,
-) -> list[PlannedRun]:
-    """Run every run of ``spec`` (or those ``only`` selects) under ``root`` that is not done yet; one progress line
-    per run via ``echo``.
-
-    The shared pre-training runs (if ``spec.pretrain``) come first. A finished run is skipped, an interrupted
-    one resumed (``pipeline.resume``), a new one started (``pipeline.execute``).
-
-    With ``jobs > 1``, up to ``jobs`` runs go side by side, each in its own process (started fresh, so CUDA
-    works in each; on one GPU they share it), the pre-training runs before the quantization runs; each
-    process gets ``1/jobs`` of this process's CPU threads, and lines come as runs finish; a run that needs
-    another's result (an equivalent STE, its FC-Grad run) starts once that run has finished. A run's numbers do
-    not depend on ``jobs`` beyond the number of CPU threads a run gets (which decides the order of a
-    convolution's sums, so the last bits): every run is seeded by its configuration alone. A stop request
-    (``stop``, e.g. Ctrl-C) is passed on to the runs in progress, which write a checkpoint and stop; a run that
-    fails stops the others the same way, and its error is raised once they have stopped.
-
-    Args:
-        spec: the sweep.
-        root: the directory of the run directories (created if needed).
-        progress: show a progress bar per epoch (only with ``jobs=1``).
-        echo: receives one line per run (status, final and best test accuracy, seconds); by default they go to
-            this module's logger at INFO level (the CLI prints them).
-        stop: a ``StopFlag``, as for ``pipeline.execute``.
-        jobs: how many runs at a time (1: one after another, in this process).
-        only: patterns of run directory names (``select_runs``); None: every run. Only the pre-training runs
-            that the selected runs start (or distil) from are made.
-
-    Returns:
-        The ``PlannedRun`` of every quantization run made (or skipped as done), as ``plan`` gives them.
-
-    Raises:
-        ValueError: a run directory holds a run of another configuration, or a directory that is not a run
-            (nothing in it is touched); ``jobs`` is not an integer >= 1; ``select_runs``'s errors (with
-            ``only``) and ``plan``'s.
-        TrainingInterrupted: ``stop`` was set; running the sweep again resumes where it stopped.
-        FileNotFoundError: as ``pipeline.execute`` (e.g. the data set is not found).
-
-    Example:
-        >>> for split in ("train", "t10k"):  # a tiny stand-in for MNIST, in its real format: 8 + 8 images
-        ...     images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
-        ...     _ = mq.data.write_idx(f"mnist/{split}-images-idx3-ubyte", images)
-        ...     _ = mq.data.write_idx(f"mnist/{split}-labels-idx1-ubyte", torch.randint(0, 10, (8,), dtype=torch.uint8))
-        >>> from metaquant.sweep import SweepSpec, run_sweep
-        >>> base = {"model": "resnet8", "dataset": "mnist", "data_dir": "mnist", "download": False,
-        ...         "batch_size": 4, "epochs": 1, "device": "cpu"}
-        >>> spec = SweepSpec("tiny", 1, 0, None, base, grid=[{"estimator": "ste"}], optimizer_overrides={})
-        >>> _ = run_sweep(spec, "sweeps/tiny", echo=print)
-        [1/1] STE | resnet8 dorefa1 sgd | trial 1: done, final ...%, best ...% (...s)
-        >>> _ = run_sweep(spec, "sweeps/tiny", echo=print)  # again: the finished run is not run twice
-        [1/1] STE | resnet8 dorefa1 sgd | trial 1: skipped (done), final ...%, best ...% (...s)
-    """
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
-    root = Path(root)
-    runs = plan(spec, root)
-    selected = runs if only is None else select_runs(runs, only)
-    pretrains, quantize = _tasks(spec, root, runs, selected)
-    root.mkdir(parents=True, exist_ok=True)
-    for phase in (pretrains, quantize):  # the quantization runs start from the pre-trained models
-        if jobs == 1:
-            for task in phase:
-                start = time.perf_counter()
-                status, final, best = _run_once(task.path, task.config, progress, stop)
-                echo(_line(task, status, final, best, time.perf_counter() - start))
-        else:
-            _run_side_by_side(phase, jobs, echo, stop)
-    return selected
-
-
-def _worker(path: str, config: RunConfig, threads: int, conn: Connection) -> None:
-    """One run in a process of its own; sends ``("done", status, final, best)``, ``("interrupted", signum)`` or
-    ``("error", module, class name, message)``."""
-    torch.set_num_threads(threads)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    stop = StopFlag()
-    with stop.installed():
-        try:
-            conn.send(("done", *_run_once(Path(path), config, False, stop)))
-        except TrainingInterrupted as err:
-            conn.send(("interrupted", err.signum))
-        except Exception as err:  # the parent reports it and stops the sweep
-            conn.send(("error", type(err).__module__, type(err).__qualname__, str(err)))
-    conn.close()
-
-
-def _rebuild(module: str, name: str, message: str) -> Exception:
-    """The worker's exception, of its own type where that type takes a message alone."""
-    try:
-        cls = getattr(importlib.import_module(module), name)
-        err = cls(message)
-        if isinstance(err, Exception):
-            return err
-    except Exception:  # a type that cannot be rebuilt from its message
-        pass
-    return RuntimeError(f"{name}: {message}")
-
-
 def _prerequisites(config: RunConfig) -> set[Path]:
     """The runs that must be finished before a run of ``config`` starts: the FC-Grad run whose gain an equivalent
     STE uses, the run that a fine-tuning run continues (any other ``init`` is no run of the sweep)."""
     return {Path(source) for source in (config.lr_gain_from, config.init) if source}
-
-
-def _next_task(pending: list[_Task], running: set[Path]) -> _Task | None:
-    """The first pending run whose prerequisites are neither pending nor running, or None."""
-    unfinished = {t.path for t in pending} | running
-    return next((t for t in pending if not (_prerequisites(t.config) & unfinished)), None)
-
-
-def _run_side_by_side(tasks: list[_Task], jobs: int, echo: Callable[[str], None], stop: StopFlag | None) -> None:
-    # "spawn": a fresh interpreter per run, safe with CUDA and with the threads torch has already started.
-    context = multiprocessing.get_context("spawn")
-    threads = max(1, torch.get_num_threads() // jobs)
-    pending = list(tasks)
-    running: dict[Any, tuple[Any, Connection, _Task, float]] = {}
-    failure: Exception | None = None
-    signum: int | None = None
-    stopping = False
-
-    def stop_all() -> None:
-        nonlocal stopping
-        if not stopping:
-            stopping = True
-            for process, _, _, _ in running.values():
-                process.terminate()  # SIGTERM: the run writes a checkpoint at the end of its step and stops
-
-    try:
-        while running or (pending and not stopping):  # once stopping, nothing pending starts
-            if stop and not stopping:
-                signum = stop.signum
-                stop_all()
-            while len(running) < jobs and not stopping:
-                task = _next_task(pending, {entry[2].path for entry in running.values()})
-                if task is None:
-                    break
-                pending.remove(task)
-                receive, send = context.Pipe(duplex=False)
-                process = context.Process(target=_worker, args=(str(task.path), task.config, threads, send))
-                process.start()
-                send.close()
-                running[process.sentinel] = (process, receive, task, time.perf_counter())
-            for sentinel in multiprocessing.connection.wait(list(running), timeout=0.5):
-                process, receive, task, start = running.pop(sentinel)
-                message = receive.recv() if receive.poll() else None
-                process.join()
-                receive.close()
-                seconds = time.perf_counter() - start
-                if message is not None and message[0] == "done":
-                    _, status, final, best = message
-                    echo(_line(task, status, final, best, seconds))
-                elif message is not None and message[0] == "error":
-                    echo(f"{task.title}: failed ({message[2]}: {message[3]})")
-                    failure = failure or _rebuild(*message[1:])
-                    stop_all()
-                elif stopping:  # interrupted, with a checkpoint, or stopped before it began
-                    echo(f"{task.title}: stopped ({seconds:.0f}s)")
-                    signum = signum or (message[1] if message is not None else None)
-                else:
-                    failure = failure or RuntimeError(
-                        f"the process of {task.path} ended with exit status {process.exitcode} without a result"
-                    )
-                    echo(f"{task.title}: failed (exit status {process.exitcode})")
-                    stop_all()
-    finally:
-        for process, receive, _, _ in running.values():  # only left over when this process itself failed
-            process.terminate()
-            process.join()
-            receive.close()
-    if failure is not None:
-        raise failure
-    if stopping:
-        signum = signum or signal.SIGTERM
-        raise TrainingInterrupted(f"sweep stopped by signal {signum}; the runs in progress wrote checkpoints", signum)

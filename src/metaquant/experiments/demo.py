@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..guards import StopFlag
 from .config import RunConfig
-from .guards import StopFlag
-from .pipeline import RunResult, execute, resume
+from .lifecycle import RunResult, execute, resume
 from .runs import RunDir
 
 __all__ = ["DemoConfig", "run_demo"]

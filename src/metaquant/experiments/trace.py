@@ -1,0 +1,149 @@
+"""What a MetaQuant run keeps for pictures of what its meta quantizer learned, and the pictures.
+
+During a run with a run directory, ``MetaTrace.snapshot`` is called before the first epoch and after chosen
+epochs (1, 2, 5, 10, 20, 50, ... and the last). Each snapshot holds the meta quantizer's parameters, for
+LSTMFC the LSTM state of a fixed sample of weight coordinates of the first quantized layer (with their
+``W̃``), and a histogram of every quantized layer's latent weights ``W``. They go to ``trace.pt`` in the run
+directory (a few hundred kilobytes at most).
+
+``plot_trace(run_dir, out)`` draws from it:
+
+* ``learned-function.png``: MultiFC's multiplier of ``g_Ŵ`` as a function of ``W̃``, FC-Grad's output as a
+  function of its input gradient, or LSTMFC's multiplier of the sampled coordinates over the epochs, at the
+  snapshot epochs, next to STE's (a multiplier of 1);
+* ``weights.png``: the distribution of each quantized layer's latent weights at the first and the last
+  snapshot, and below it the change in every bin, with the share of the weights that changed bin.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..files import atomic_write_bytes
+from ..layers import quantized_layers
+from ..meta import LSTMFC
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MetaTrace", "snapshot_epochs", "TRACE_FILE"]
+
+TRACE_FILE = "trace.pt"
+SAMPLE = 8  # LSTMFC coordinates followed
+BINS = 60
+
+
+def snapshot_epochs(epochs: int) -> set[int]:
+    """Epoch counts after which a snapshot is taken: 0, 1, 2, 5, 10, 20, 50, ... and ``epochs``.
+
+    Args:
+        epochs: the run's number of epochs.
+
+    Returns:
+        The epoch counts, 0 (before training) and ``epochs`` included.
+
+    Example:
+        >>> from metaquant.experiments.trace import snapshot_epochs
+        >>> sorted(snapshot_epochs(100)), sorted(snapshot_epochs(7))
+        ([0, 1, 2, 5, 10, 20, 50, 100], [0, 1, 2, 5, 7])
+    """
+    marks, base = {0, epochs}, 1
+    while base <= epochs:
+        marks |= {m for m in (base, 2 * base, 5 * base) if m <= epochs}
+        base *= 10
+    return marks
+
+
+class MetaTrace:
+    """Collects snapshots of a MetaQuant run (see the module docstring) and writes them to ``path``.
+
+    ``pipeline.execute`` makes one for every MetaQuant run with a run directory and calls ``snapshot`` after
+    each epoch. An existing file at ``path`` is loaded, so a resumed run continues its trace.
+
+    Args:
+        path: the trace file (``<run dir>/trace.pt``); rewritten atomically at every snapshot.
+        epochs: the run's number of epochs (which ones are snapshot epochs: ``snapshot_epochs``).
+
+    An existing file that cannot be read (damaged, empty, truncated) is moved to ``trace.damaged.pt`` with a
+    warning and a new trace begins: the trace illustrates a run and must not stop it from resuming.
+
+    Example:
+        >>> import pathlib
+        >>> from metaquant.experiments.trace import MetaTrace
+        >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+        >>> trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=8))
+        >>> trace = MetaTrace(pathlib.Path("trace.pt"), epochs=4)  # snapshots after epochs 0, 1, 2 and 4
+        >>> for epoch in range(5):
+        ...     trace.snapshot(epoch, trainer, model)  # epoch 3 is not a snapshot epoch
+        >>> data = torch.load("trace.pt")
+        >>> sorted(data["snapshots"]), [int(h.sum()) for h in data["snapshots"][4]["weights"].values()]
+        ([0, 1, 2, 4], [24, 8])
+    """
+
+    def __init__(self, path: Path, epochs: int) -> None:
+        self.path = Path(path)
+        self.epochs = epochs
+        self.data: dict[str, Any] = {"snapshots": {}, "bins": {}}
+        if self.path.exists():  # a resumed run continues its trace
+            try:
+                data = torch.load(self.path, map_location="cpu", weights_only=True)
+                if not (isinstance(data, dict) and {"snapshots", "bins"} <= set(data)):
+                    raise ValueError("not a trace: no snapshots and bins")
+                self.data = data
+            except Exception as err:  # torch raises several types for a damaged file
+                # The trace only illustrates the run: keep the damaged file for inspection, start a new one,
+                # and let the training itself resume.
+                aside = self.path.with_name(self.path.stem + ".damaged" + self.path.suffix)
+                os.replace(self.path, aside)
+                logger.warning(
+                    "%s is not a readable trace (%s: %s); moved to %s, starting a new trace",
+                    self.path,
+                    type(err).__name__,
+                    err,
+                    aside.name,
+                )
+
+    def snapshot(self, epoch: int, trainer: Any, model: nn.Module) -> None:
+        """Record the state after ``epoch`` epochs (0: before training) if it is a snapshot epoch.
+
+        Args:
+            epoch: epochs done.
+            trainer: the run's ``MetaQuant`` (its meta quantizer and, for LSTMFC, its recorded states).
+            model: the quantized model, unwrapped from DDP.
+        """
+        if epoch not in snapshot_epochs(self.epochs) or epoch in self.data["snapshots"]:
+            return
+        layers = quantized_layers(model)
+        histograms = {}
+        for name, layer in layers.items():
+            w = layer.weight.detach().float().cpu()
+            if name not in self.data["bins"]:
+                edge = float(w.abs().max()) or 1.0
+                self.data["bins"][name] = torch.linspace(-edge, edge, BINS + 1)
+            histograms[name] = torch.from_numpy(
+                np.histogram(w.numpy().ravel(), bins=self.data["bins"][name].numpy())[0]
+            )
+        # On the CPU, so that a trace written on a GPU reads (and a run resumes) on a machine without one.
+        meta_state = {k: v.detach().cpu().clone() for k, v in trainer.meta.state_dict().items()}
+        entry: dict[str, Any] = {"meta": meta_state, "weights": histograms}
+        if isinstance(trainer.meta, LSTMFC):
+            first = next(iter(layers))
+            record = trainer.state_dict()["records"][first]
+            if record["w_tilde"] is not None and record["meta_state"] is not None:
+                h, c = record["meta_state"]
+                entry["lstm_sample"] = {
+                    "w_tilde": record["w_tilde"].reshape(-1)[:SAMPLE].cpu().clone(),
+                    "h": h[:, :SAMPLE].cpu().clone(),
+                    "c": c[:, :SAMPLE].cpu().clone(),
+                }
+        self.data["snapshots"][epoch] = entry
+        buffer = io.BytesIO()
+        torch.save(self.data, buffer)
+        atomic_write_bytes(self.path, buffer.getvalue())
