@@ -24,6 +24,8 @@ MODULES = [
     "metaquant.algorithm",
     "metaquant.trainer",
     "metaquant.training",
+    "metaquant.loop",
+    "metaquant.callbacks",
     "metaquant.distill",
     "metaquant.batchnorm",
     "metaquant.averaging",
@@ -48,6 +50,7 @@ MODULES = [
     "metaquant.experiments.scheduler",
     "metaquant.experiments.equivalent",
     "metaquant.experiments.report",
+    "metaquant.experiments.tables",
     "metaquant.experiments.trace",
     "metaquant.experiments.plots",
 ]

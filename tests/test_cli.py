@@ -162,3 +162,97 @@ def test_a_meta_quantizer_started_at_the_ste_with_recorded_precise_bn(tmp_path, 
     assert "'init_scheme': 'ste'" in capsys.readouterr().err
     assert main(["quantize", *common, "--meta-init-scheme", "zero"]) == 2
     assert "invalid choice: 'zero'" in capsys.readouterr().err
+
+
+# The command's options as RunConfig.for_task's fields: what each argument set must write to config.json.
+SAME_AS_FOR_TASK = [
+    (["pretrain"], {}),
+    (["quantize"], {}),
+    (
+        ["pretrain", "-m", "ResNet8", "-d", "mnist", "-n", "3", "--lr", "0.05", "-bs", "64", "--no-download"],
+        {"model": "resnet8", "dataset": "mnist", "epochs": 3, "lr": 0.05, "batch_size": 64, "download": False},
+    ),
+    (
+        ["pretrain", "-o", "adam", "--momentum", "0", "--lr-schedule", "step", "-ad", "5", "--precise-bn", "4"],
+        {"optimizer": "adam", "momentum": 0.0, "lr_schedule": "step", "lr_step": 5, "precise_bn_batches": 4},
+    ),
+    (
+        ["quantize", "--init", "runs/fp", "-q", "bwn", "-meta", "MLPFC", "-hidden", "8", "--fix-meta"],
+        {"init": "runs/fp", "quantizer": "bwn", "estimator": "multifc", "hidden_size": 8, "freeze_meta_epoch": 0},
+    ),
+    (
+        [
+            "quantize",
+            "-meta",
+            "lstmfc",
+            "--fix-meta",
+            "--fix-meta-epoch",
+            "2",
+            "--skip-nonfinite",
+            "--max-skipped",
+            "3",
+        ],
+        {"estimator": "lstmfc", "freeze_meta_epoch": 2, "on_nonfinite": "skip", "max_skipped": 3},
+    ),
+    (
+        ["quantize", "-meta", "ewgs", "--distill-weight", "0.5", "--teacher", "runs/t", "--weight-decay", "5e-4"],
+        {"estimator": "ewgs", "distill_weight": 0.5, "teacher": "runs/t", "weight_decay": 5e-4},
+    ),
+]
+
+
+@pytest.mark.parametrize("argv,fields", SAME_AS_FOR_TASK, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_the_command_writes_the_config_of_for_task(argv, fields, tmp_path, monkeypatch):
+    """``metaquant pretrain|quantize ARGS`` runs ``RunConfig.for_task(task, **ARGS)``: the same config.json."""
+    from metaquant.experiments import cli
+    from metaquant.experiments.config import RunConfig
+    from metaquant.experiments.lifecycle import RunResult
+    from metaquant.experiments.runs import RunDir
+
+    def write_config(config, run_dir, **_):  # the run's directory as execute() makes it, without training
+        RunDir.create(run_dir, config)
+        return RunResult(run_dir=run_dir, final_acc=0.0, best_acc=0.0, epochs=0)
+
+    monkeypatch.setattr(cli, "execute", write_config)
+    assert main([*argv, "--run-dir", str(tmp_path), "--name", "r", "--no-progress"]) == 0
+    written = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert written == RunConfig.for_task(argv[0], **fields).to_dict()
+
+
+def test_pretrain_has_no_quantization_options_and_help_shows_each_tasks_defaults(capsys):
+    assert main(["pretrain", "--estimator", "ste"]) == 2
+    assert "unrecognized arguments: --estimator ste" in capsys.readouterr().err
+    helps = {}
+    for task in ("pretrain", "quantize"):
+        with pytest.raises(SystemExit):
+            main([task, "--help"])
+        helps[task] = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert (
+        "--lr LR initial learning rate (default: 0.1)" in helps["pretrain"] and "--estimator" not in helps["pretrain"]
+    )
+    assert "--lr LR initial learning rate (default: 0.001)" in helps["quantize"]
+    assert (
+        "number of epochs (default: 100)" in helps["quantize"]
+        and "meta quantizer (with --estimator" in helps["quantize"]
+    )
+
+
+def test_messages_name_parameters_and_the_command_prints_its_flags(tmp_path, capsys):
+    from metaquant.experiments.builders import init_path
+    from metaquant.experiments.cli import build_parser
+    from metaquant.experiments.lifecycle import resume
+    from metaquant.experiments.options import parameter_flags, to_flags
+
+    with pytest.raises(FileNotFoundError, match=r"^`init` .*nope.pt: no such checkpoint file"):
+        init_path(str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError, match=r"^`run_dir` .*nowhere: no run there"):
+        resume(tmp_path / "nowhere")
+    assert main(["quantize", "--resume", str(tmp_path / "nowhere")]) == 1
+    assert f"metaquant: error: --resume {tmp_path / 'nowhere'}: no run there" in capsys.readouterr().err
+
+    flags = parameter_flags(build_parser().commands.values())
+    expected = {"out": "--out", "meta_init": "--meta-init", "batch_size": "--batch-size", "estimator": "--estimator"}
+    assert {name: flags[name] for name in expected} == expected
+    assert flags["precise_bn_batches"] == "--precise-bn" and flags["from_previous"] == "--from-previous"
+    message = "`init` x: the init model; give `teacher` or `nothing_known`"
+    assert to_flags(message, flags) == "--init x: the init model; give --teacher or `nothing_known`"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from metaquant.experiments.config import RunConfig
+from metaquant.experiments.config import TASK_DEFAULTS, RunConfig
 
 
 @pytest.mark.parametrize(
@@ -91,3 +91,14 @@ def test_a_config_written_before_meta_init_scheme_existed_reads_back_as_the_pape
 def test_a_blank_path_is_refused_rather_than_read_as_none(name, blank):
     with pytest.raises(ValueError, match=f"{name} must name a checkpoint or run directory, got {blank!r}"):
         RunConfig(**{name: blank})
+
+
+def test_each_task_has_its_recipe_and_plain_configs_keep_their_defaults():
+    pretrain, quantize = RunConfig.for_task("pretrain"), RunConfig.for_task("quantize")
+    assert (pretrain.lr, pretrain.momentum, pretrain.weight_decay, pretrain.lr_schedule) == (0.1, 0.9, 5e-4, "cosine")
+    assert (quantize.epochs, quantize.lr) == (100, 1e-3)
+    assert RunConfig.for_task("quantize", epochs=2).epochs == 2
+    assert RunConfig().epochs == 10 and RunConfig(task="pretrain").lr == 1e-3  # config.json files read back alike
+    assert set(TASK_DEFAULTS) == {"pretrain", "quantize"}
+    with pytest.raises(ValueError, match="task 'finetune' is not supported; allowed: pretrain, quantize"):
+        RunConfig.for_task("finetune")

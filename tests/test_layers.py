@@ -1,5 +1,8 @@
 """quantize_/dequantize_ and the quantized layers, against F.conv2d/F.linear computed by hand."""
 
+import pickletools
+import zipfile
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -242,3 +245,35 @@ def test_linear_subclasses_that_keep_linears_forward_are_quantized_and_restored(
     mq.dequantize_(net)
     assert type(attention) is nn.MultiheadAttention
     assert type(attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def _pickled_globals(data: bytes) -> set[str]:
+    """The classes and functions a pickle refers to, as ``module.name``."""
+    names, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            names.add(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            names.add(".".join(strings[-2:]))
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return names
+
+
+def test_a_model_saved_whole_loads_and_names_its_layer_classes_by_their_public_path(tmp_path):
+    net = nn.ModuleDict(
+        {"features": nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)), "rnn": nn.LSTM(3, 4)}
+    )
+    mq.quantize_(net, mq.QuantConfig("bwn-channel"), include=("recurrent",))
+    path = tmp_path / "model.pt"
+    torch.save(net, path)
+    loaded = torch.load(path, weights_only=False)
+    x, sequence = torch.randn(2, 1, 6, 6), torch.randn(5, 2, 3)
+    assert type(loaded["features"][0]) is QuantConv2d and type(loaded["rnn"]) is mq.layers.QuantLSTM
+    assert torch.equal(loaded["features"](x), net["features"](x))
+    assert torch.equal(loaded["rnn"](sequence)[0], net["rnn"](sequence)[0])
+    with zipfile.ZipFile(path) as archive:
+        names = _pickled_globals(archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl"))))
+    layers = {n for n in names if n.startswith("metaquant.layers")}
+    assert {"metaquant.layers.QuantConv2d", "metaquant.layers.QuantLinear", "metaquant.layers.QuantLSTM"} <= layers
+    assert "metaquant.layers.QuantWeight" in layers and all(n.count(".") == 2 for n in layers), layers

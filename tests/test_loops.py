@@ -264,6 +264,9 @@ class _RecordingTrainer:
     def __init__(self, trainer):
         self.inner, self.optimizer, self.rates = trainer, trainer.optimizer, []
 
+    def __getattr__(self, name):  # the rest of fit's StepTrainer: on_nonfinite, skipped_steps, overflow_steps
+        return getattr(self.inner, name)
+
     def step(self, closure):
         self.rates.append(self.optimizer.param_groups[0]["lr"])
         if isinstance(self.inner, mq.MetaQuant) and self.inner.meta_optimizer is not None:

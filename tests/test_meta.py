@@ -1,6 +1,9 @@
 """Meta quantizers against their formulas written out with plain tensor operations; LSTMFC's fused step against
 ``nn.LSTM`` itself (values and gradients)."""
 
+import pickle
+import pickletools
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -244,6 +247,18 @@ def test_lstmfc_state_dict_is_that_of_nn_lstm_and_fc():
     g, w, state = _inputs(9, 6, 2, torch.float32)
     out, _ = reference["lstm"](w.reshape(1, -1, 1), state)
     torch.testing.assert_close(meta(g, w, state)[0], g * reference["fc"](out[0]).squeeze(1))
+
+
+@pytest.mark.parametrize("nonlinearity", ["none", "relu", "tanh"])
+def test_lstmfc_pickles_whole_and_names_its_head_activation_by_the_public_module(nonlinearity):
+    torch.manual_seed(10)
+    meta = LSTMFC(hidden=4, nonlinearity=nonlinearity)
+    data = pickle.dumps(meta)
+    g, w, state = _inputs(7, 4, 1, torch.float32)
+    torch.testing.assert_close(pickle.loads(data)(g, w, state)[0], meta(g, w, state)[0], rtol=0, atol=0)
+    modules = {arg.split(" ")[0] for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+    modules |= {arg for op, arg, _ in pickletools.genops(data) if isinstance(arg, str) and arg.startswith("metaquant")}
+    assert {m for m in modules if m.startswith("metaquant")} == {"metaquant.meta"}, modules
 
 
 def test_lstmfc_refuses_inputs_in_another_dtype_as_nn_lstm_does():

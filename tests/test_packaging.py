@@ -1,6 +1,7 @@
 """The distribution: a wheel built from the files a clone holds carries the license, the type marker, the
 presets and one version; the static checks are part of CI."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,37 @@ def test_the_wheel_holds_license_type_marker_presets_and_one_version(tmp_path):
     assert metadata["License-Expression"] == "MIT" and metadata["License-File"] == "LICENSE"
     assert "MIT License" in (REPO / "LICENSE").read_text()
     assert any(url.startswith("Source, https://") for url in metadata.get_all("Project-URL"))
+
+
+def _collected(root, env):
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return {line for line in out.stdout.splitlines() if "::" in line}
+
+
+def test_the_source_distribution_holds_the_whole_test_suite(tmp_path):
+    """A packager runs the tests from the unpacked sdist: it collects the same tests as the repository."""
+    pytest.importorskip("build")
+    _clone_files()  # a checkout: the sdist is built from it
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    shutil.unpack_archive(archive, tmp_path / "unpacked")
+    (root,) = (tmp_path / "unpacked").iterdir()
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    assert (root / "tests" / "conftest.py").is_file() and (root / "tests" / "fixtures").is_dir()
+    assert _collected(root, env) == _collected(REPO, env)
 
 
 def test_the_citation_file_names_this_version():

@@ -12,7 +12,8 @@ import torch
 
 from metaquant.experiments.config import RunConfig
 from metaquant.experiments.plots import plot_comparisons
-from metaquant.experiments.report import best_stats, collect, last_k_stats, read_original_run, summarize, write_table
+from metaquant.experiments.report import best_stats, collect, last_k_stats, read_original_run, summarize
+from metaquant.experiments.tables import write_precise_table, write_table
 
 
 def test_best_and_pooled_last_k_statistics_by_hand():
@@ -257,3 +258,87 @@ def test_a_run_that_continues_a_quantization_run_is_compared_with_the_full_preci
     (loop / "done").touch()
     in_loop = {t.key[5]: t for t in collect([moved])}["STE"]
     assert in_loop.fp_acc is None and in_loop.first_epoch == 0
+
+
+def _write_precise_run(root, name, accs, precise, **config):
+    run = root / name
+    run.mkdir(parents=True)
+    RunConfig(**config).save(run / "config.json")
+    records = [{"epoch": i, "test_acc": a, "train_loss": 1.0} for i, a in enumerate(accs)]
+    for record, p in zip(records, precise or []):
+        record["test_acc_precise_bn"] = p
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "done").touch()
+
+
+def test_the_precise_bn_table_puts_recomputed_accuracies_beside_the_raw_ones(tmp_path):
+
+    raw = {1: [80.0, 70.0, 85.0], 2: [82.0, 84.0, 60.0]}  # running statistics: one-epoch collapses
+    precise = {1: [81.0, 83.0, 86.0], 2: [83.0, 85.0, 87.0]}
+    for t in (1, 2):
+        _write_precise_run(tmp_path, f"ste-trial-{t}", raw[t], precise[t], record_precise_bn=100)
+        _write_precise_run(tmp_path, f"multifc-trial-{t}", raw[t], None, estimator="multifc")  # nothing recorded
+    _write_precise_run(tmp_path, "ewgs-trial-1", [70.0, 71.0], None, estimator="ewgs", precise_bn_batches=50)
+    rows = {r.backward: r for r in summarize(collect([tmp_path]), last_k=2)}
+    ste = rows["STE"]
+    # by hand: finals 85, 60; recomputed finals 86, 87; last 2 pooled 70, 85, 84, 60 and 83, 86, 85, 87
+    assert ste.final == (72.5, 156.25) and ste.precise_final == (86.5, 0.25)
+    assert ste.precise_last == (statistics.fmean([83, 86, 85, 87]), statistics.pvariance([83, 86, 85, 87]))
+    assert rows["MultiFC"].precise_final is None and rows["MultiFC"].precise_last is None
+    assert rows["EWGS + precise BN"].precise_final == (71.0, 0.0)  # its every test recomputed the statistics
+    md, csv_path = write_precise_table(list(rows.values()), tmp_path / "out")
+    lines = md.read_text().splitlines()
+    assert "MultiFC" not in md.read_text() and len([line for line in lines if "| metaquant |" in line]) == 2
+    last = statistics.pvariance([70, 85, 84, 60])  # 107.6875
+    assert f"| STE | SGD | 72.500 (156.250) | 86.500 (0.250) | 74.750 ({last:.3f}) | 85.250 (2.188) | 2 |" in lines[2]
+    assert csv_path.read_text().splitlines()[0].endswith("last10_precise_bn_mean,last10_precise_bn_var,trials")
+    assert write_precise_table([rows["MultiFC"]], tmp_path / "none") == []
+
+
+def test_the_report_command_never_replaces_a_table_unasked_and_writes_the_precise_bn_table(tmp_path, capsys):
+    from metaquant.experiments.cli import main
+
+    for t in (1, 2):
+        _write_precise_run(tmp_path / "runs", f"ste-trial-{t}", [80.0, 81.0], [82.0, 83.0], record_precise_bn=10)
+    out = tmp_path / "out"
+    assert main(["report", str(tmp_path / "runs"), "--out", str(out), "--no-figures"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "results-precise-bn.csv",
+        "results-precise-bn.md",
+        "results.csv",
+        "results.md",
+    ]
+    assert "| STE | SGD | 81.000 (0.000) | 83.000 (0.000) |" in capsys.readouterr().out
+    (out / "results.md").write_text("a table someone edited")
+    assert main(["report", str(tmp_path / "runs"), "--out", str(out), "--no-figures"]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds a table (results.md, results.csv)" in err and "--overwrite" in err
+    assert (out / "results.md").read_text() == "a table someone edited"
+    assert main(["report", str(tmp_path / "runs"), "--out", str(out), "--no-figures", "--overwrite"]) == 0
+    assert (out / "results.md").read_text().startswith("| Source |")
+
+
+def test_a_table_that_cannot_be_written_whole_leaves_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    import metaquant.files
+
+    _write_run(tmp_path / "runs", "ste-trial-1", "ste", [50.0, 60.0], [2.0, 1.0])
+    rows = summarize(collect([tmp_path / "runs"]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("old md")
+    (out / "results.csv").write_text("old csv")
+    calls = []
+
+    def fsync(fd):  # the disk fills up while the second file is written
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metaquant.files.os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left") as info:
+        write_table(rows, out)
+    assert info.value.filename == str(out / "results.csv")
+    assert (out / "results.md").read_text() == "old md" and (out / "results.csv").read_text() == "old csv"
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.md"]  # no temporary file left

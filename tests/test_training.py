@@ -92,16 +92,16 @@ def _assert_equals_sgd_by_hand(trained, by_hand, batches, lr=0.1):
 
 
 def test_fit_resumed_mid_epoch_trains_the_remaining_batches_and_counts_them_once(monkeypatch):
-    import metaquant.training as training
+    import metaquant.loop as loop
 
     bars = []
 
-    class RecordingBar(training.tqdm):
+    class RecordingBar(loop.tqdm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             bars.append(self)
 
-    monkeypatch.setattr(training, "tqdm", RecordingBar)
+    monkeypatch.setattr(loop, "tqdm", RecordingBar)
     torch.manual_seed(0)
     batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(5)]
     a, b = nn.Linear(3, 2), nn.Linear(3, 2)

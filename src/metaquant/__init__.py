@@ -18,6 +18,7 @@ from .layers import (
     quantize_,
     quantized_layers,
 )
+from .loop import Callback
 from .meta import LSTMFC, FCGrad, IdentityMeta, MetaQuantizer, MultiFC
 from .quantizers import get_quantizer
 from .trainer import Trainer
@@ -55,6 +56,7 @@ __all__ = [
     "evaluate",
     "fit",
     "restore_fit",
+    "Callback",
     "recompute_batchnorm_stats",
     "ema_model",
     "Distillation",

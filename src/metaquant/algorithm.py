@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -50,6 +49,7 @@ from .quantizers import ForwardQuantizer
 from .refine import THROUGH, refinement_for, with_derivative
 from .schedules import scale_lr
 from .trainer import check_no_backward, closures_of, grad_marks
+from .validation import check_choice, is_int, is_number
 
 __all__ = ["MetaQuant", "STEP_ORDERS"]
 
@@ -192,28 +192,19 @@ class MetaQuant:
     ) -> None:
         if not isinstance(meta, MetaQuantizer):
             raise TypeError(f"meta must be a MetaQuantizer (FCGrad, MultiFC, LSTMFC, IdentityMeta), got {meta!r}")
-        if step_order not in STEP_ORDERS:
-            raise ValueError(f"step_order {step_order!r} is not supported; allowed: {', '.join(STEP_ORDERS)}")
-        if through not in THROUGH:
-            raise ValueError(f"through {through!r} is not supported; allowed: {', '.join(THROUGH)}")
+        check_choice("step_order", step_order, STEP_ORDERS)
+        check_choice("through", through, THROUGH)
         if step_order == "original" and through != "residual":
             # The original order differentiates −α·g_W only (docs/design.md): there is no π to go through.
             raise ValueError(
                 f"through={through!r} applies to step_order='paper' only; the original order "
                 "differentiates the look-ahead as −α·g_W (use through='residual')"
             )
-        # bool is an int subclass: True is refused, not read as 1.
-        if not (isinstance(meta_lr, (int, float)) and not isinstance(meta_lr, bool) and 0 < meta_lr < math.inf):
+        if not (is_number(meta_lr) and meta_lr > 0):
             raise ValueError(f"meta_lr must be a finite number > 0, got {meta_lr!r}")
-        if not (
-            isinstance(meta_weight_decay, (int, float))
-            and not isinstance(meta_weight_decay, bool)
-            and 0 <= meta_weight_decay < math.inf
-        ):
+        if not (is_number(meta_weight_decay) and meta_weight_decay >= 0):
             raise ValueError(f"meta_weight_decay must be a finite number >= 0, got {meta_weight_decay!r}")
-        if freeze_meta_epoch is not None and (
-            not isinstance(freeze_meta_epoch, int) or isinstance(freeze_meta_epoch, bool) or freeze_meta_epoch < 0
-        ):
+        if freeze_meta_epoch is not None and not (is_int(freeze_meta_epoch) and freeze_meta_epoch >= 0):
             raise ValueError(f"freeze_meta_epoch must be an integer >= 0 or None, got {freeze_meta_epoch!r}")
         check_policy(on_nonfinite)
         check_optimizer(optimizer)

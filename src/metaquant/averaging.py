@@ -21,12 +21,11 @@ A checkpoint of ``fit`` keeps the average's ``state_dict`` (``"module."``-prefix
 
 from __future__ import annotations
 
-import math
-
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .distributed import unwrap
+from .validation import is_number
 
 __all__ = ["ema_model", "check_ema_decay"]
 
@@ -43,12 +42,11 @@ def check_ema_decay(decay: object, *, allow_zero: bool = False) -> float:
         ValueError: ema_decay must be a number in (0, 1), e.g. 0.999 (an average over about 1,000 steps), got 1.0
     """
     low = "[0, 1)" if allow_zero else "(0, 1)"
-    ok = isinstance(decay, int | float) and not isinstance(decay, bool) and math.isfinite(decay)
-    if not ok or not ((0.0 <= decay < 1.0) if allow_zero else (0.0 < decay < 1.0)):  # type: ignore[operator]
+    if not is_number(decay) or not ((0.0 <= decay < 1.0) if allow_zero else (0.0 < decay < 1.0)):
         raise ValueError(
             f"ema_decay must be a number in {low}, e.g. 0.999 (an average over about 1,000 steps), got {decay!r}"
         )
-    return float(decay)  # type: ignore[arg-type]
+    return float(decay)
 
 
 def ema_model(model: nn.Module, decay: float) -> AveragedModel:

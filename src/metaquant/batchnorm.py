@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import all_reduce_sum, unwrap
+from .validation import check_int
 
 __all__ = ["batchnorm_layers", "recompute_batchnorm_stats"]
 
@@ -42,12 +43,6 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [
         m for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]
-
-
-def _check_num_batches(num_batches: object) -> int:
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
-    return num_batches
 
 
 def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_batches: int) -> int:
@@ -90,7 +85,7 @@ def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[tuple[Tensor, 
         >>> torch.allclose(bn.running_mean, x.mean(0)), torch.allclose(bn.running_var, x.var(0))
         (True, True)
     """
-    num_batches = _check_num_batches(num_batches)
+    num_batches = check_int("num_batches", num_batches, minimum=1)
     net = unwrap(model)
     # a layer left in eval mode inside a model in training mode is frozen (fine-tuning): it keeps its statistics
     layers = [bn for bn in batchnorm_layers(net) if bn.training or not net.training]

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .validation import check_number
+
 __all__ = ["distillation_loss", "Distillation", "check_distillation", "TEMPERATURE_RANGE"]
 
 #: Allowed temperatures: beyond them ``T²`` or ``z / T`` leave the range where the loss is computed exactly.
@@ -39,11 +41,8 @@ def check_distillation(weight: float, temperature: float) -> None:
         ...     print(err)
         distill_weight must be a number in [0, 1], got 1.5
     """
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
-        raise ValueError(f"distill_weight must be a number in [0, 1], got {weight!r}")
-    low, high = TEMPERATURE_RANGE
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not low <= temperature <= high:
-        raise ValueError(f"distill_temperature must be a number in [{low:g}, {high:g}], got {temperature!r}")
+    check_number("distill_weight", weight, 0, 1)
+    check_number("distill_temperature", temperature, *TEMPERATURE_RANGE)
 
 
 def distillation_loss(

@@ -16,7 +16,6 @@ live in ``metaquant.meta``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from .layout import flatten_in_memory_order, memory_order, unflatten_like
 from .quantizers import ForwardQuantizer
+from .validation import is_number
 
 __all__ = [
     "ClassicalEstimator",
@@ -158,9 +158,7 @@ class EWGS(ClassicalEstimator):
     elementwise: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if not (
-            isinstance(self.delta, (int, float)) and not isinstance(self.delta, bool) and 0 <= self.delta < math.inf
-        ):
+        if not (is_number(self.delta) and self.delta >= 0):
             raise ValueError(f"EWGS delta must be a finite number >= 0, got {self.delta!r}")
 
     def __call__(self, grad_w_hat: Tensor, w_relaxed: Tensor, w_hat: Tensor) -> Tensor:

@@ -8,10 +8,13 @@ replaces it, the current one is copied to ``<name>.prev<suffix>``.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
-import tempfile
+import secrets
+from collections.abc import Mapping
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +22,47 @@ import torch
 
 from .integrity import CheckpointDamagedError, read_verified, with_digest
 
-__all__ = ["atomic_write_bytes", "previous_checkpoint_path", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_files",
+    "temporary_files",
+    "previous_checkpoint_path",
+    "save_checkpoint",
+    "load_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
+
+
+#: What marks the temporary files this module writes: ``.<name>.<random>`` + this suffix, beside ``<name>``.
+TEMPORARY_SUFFIX = ".metaquant.tmp"
+
+
+def temporary_files(path: str | Path) -> list[Path]:
+    """The temporary files that writes of ``path`` left behind (a write that a kill interrupted); never a
+    complete file, so safe to remove. Other files, a user's ``.*.tmp`` included, are not listed."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob_escape(path.name)}.*{TEMPORARY_SUFFIX}"))
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path``, created with mode 0o666 less the umask, as ``open`` creates files
+    (``tempfile.mkstemp`` makes them 0o600, and the rename would keep that mode)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), str(tmp)
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path))  # pragma: no cover
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the complete new one, nothing between.
 
-    The bytes go to a temporary file in the same directory, are flushed to disk, then renamed over ``path``;
-    if anything fails, the temporary file is removed and ``path`` is as it was.
+    The bytes go to a temporary file in the same directory (``temporary_files`` finds what a kill left), are
+    flushed to disk, then renamed over ``path``; if anything fails, the temporary file is removed and ``path`` is
+    as it was. The file's mode follows the umask, as for any file a program creates.
 
     Args:
         path: the file to write; its directory must exist.
@@ -51,23 +85,52 @@ def atomic_write_bytes(path: Path, data: bytes, *, exclusive: bool = False) -> N
         (b'second', ['notes.txt'])
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _write_temporary(path, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         if exclusive:
             os.link(tmp, path)  # fails if path exists, unlike a rename
             Path(tmp).unlink()
         else:
             os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_files(contents: Mapping[Path, bytes]) -> None:
+    """Write several files that belong together (a table as Markdown and CSV): every new version is complete on
+    disk before the first one replaces its old file, so a failure (a full disk) leaves all the old ones.
+
+    Raises:
+        OSError: a file cannot be written; none was replaced.
+    """
+    written: list[tuple[str, Path]] = []
+    try:
+        for path, data in contents.items():
+            written.append((_write_temporary(Path(path), data), Path(path)))
+    except BaseException:
+        for tmp, _ in written:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, path in written:  # renames need no space: once the data is on disk, these do not fail for it
+        os.replace(tmp, path)
+
+
+def _write_temporary(path: Path, data: bytes) -> str:
+    """``data`` in a new temporary file beside ``path``, flushed to disk; its name. Nothing is left on failure."""
+    fd, tmp = _create_temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and not isinstance(err, FileExistsError) and err.filename is None:
+        if isinstance(err, OSError) and err.filename is None:
             # fsync and write report a full disk without a file name: say which file could not be written
             raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
         raise
+    return tmp
 
 
 def previous_checkpoint_path(path: str | Path) -> Path:

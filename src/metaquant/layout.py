@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .validation import check_choice
+
 __all__ = [
     "preferred_memory_format",
     "apply_memory_format",
@@ -57,8 +59,7 @@ def preferred_memory_format(model: nn.Module, choice: str = "auto") -> torch.mem
         >>> mq.layout.preferred_memory_format(conv, "contiguous")
         torch.contiguous_format
     """
-    if choice not in MEMORY_FORMATS:
-        raise ValueError(f"memory format {choice!r} is not supported; allowed: {', '.join(MEMORY_FORMATS)}")
+    check_choice("memory format", choice, MEMORY_FORMATS)
     if choice == "contiguous" or (choice == "auto" and not _has_conv2d(model)):
         return torch.contiguous_format
     return torch.channels_last

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .validation import check_choice
+
 __all__ = ["AMP_MODES", "autocast", "make_grad_scaler", "check_amp"]
 
 #: Names of the precision modes, as ``RunConfig.amp`` and ``--amp`` spell them.
@@ -42,8 +44,7 @@ def check_amp(mode: str, device: torch.device | str) -> None:
         ...
         ValueError: amp 'fp16' needs a CUDA device (its gradient scaler is for CUDA); on cpu use amp 'bf16'
     """
-    if mode not in AMP_MODES:
-        raise ValueError(f"amp {mode!r} is not supported; allowed: {', '.join(AMP_MODES)}")
+    check_choice("amp", mode, AMP_MODES)
     device_type = torch.device(device).type
     if mode == "fp16" and device_type != "cuda":
         raise ValueError(

@@ -30,6 +30,8 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from .validation import is_int
+
 __all__ = [
     "Encoded",
     "ForwardQuantizer",
@@ -48,15 +50,10 @@ class Encoded(NamedTuple):
     """A quantized weight as integer codes plus the float scale(s) that decode them.
 
     ``codes`` has the weight's shape and an integer dtype (``uint8`` for unsigned codes, ``int8`` for signed);
-    ``scale`` broadcasts against ``codes`` (shape ``[1]`` per layer; per channel, the weight's size along its
-    output-channel axis there and 1 elsewhere: ``[C_out, 1, ...]``, or ``[1, C_out / groups, 1, ...]`` for a
-    transposed convolution).
-    Produced by ``ForwardQuantizer.encode`` and turned back into ``Ŵ`` by ``ForwardQuantizer.decode``; it is the
-    form in which a quantized weight is exported.
-
-    Attributes:
-        codes: integer codes, same shape as the weight.
-        scale: float scale(s), broadcastable against ``codes``, in the weight's dtype.
+    ``scale``, in the weight's dtype, broadcasts against ``codes`` (shape ``[1]`` per layer; per channel, the
+    weight's size along its output-channel axis there and 1 elsewhere: ``[C_out, 1, ...]``, or
+    ``[1, C_out / groups, 1, ...]`` for a transposed convolution). Produced by ``ForwardQuantizer.encode`` and
+    turned back into ``Ŵ`` by ``ForwardQuantizer.decode``; it is the form in which a quantized weight is exported.
 
     Example:
         >>> q = mq.quantizers.DoReFa(bits=2)
@@ -120,7 +117,7 @@ class ForwardQuantizer:
     segmentable: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+        if not is_int(self.bits):
             raise TypeError(f"bits must be an int, got {self.bits!r}")
         if not self.min_bits <= self.bits <= self.max_bits:
             allowed = f"{self.min_bits}" if self.min_bits == self.max_bits else f"{self.min_bits}..{self.max_bits}"
@@ -131,13 +128,7 @@ class ForwardQuantizer:
         """``W̃ = A(W)``, the differentiable pre-processing (docs/design.md §3). Identity unless overridden.
 
         DoReFa maps to ``tanh(W) / (2·max|tanh W|) + 1/2 ∈ [0, 1]``; its max is differentiated through here, unlike
-        in ``relaxed`` and ``calibration``.
-
-        Args:
-            w: latent weight ``W``, any shape.
-
-        Returns:
-            ``W̃``, same shape and dtype (``w`` itself for the identity).
+        in ``relaxed`` and ``calibration``. ``W̃`` has the shape and dtype of the latent weight ``w``.
 
         Example:
             >>> w = torch.tensor([-2.0, 0.0, 2.0])
@@ -173,13 +164,7 @@ class ForwardQuantizer:
 
         The differentiable part of the path from ``W`` to ``Ŵ``, in ``Ŵ``'s units: the ``r`` that the classical
         estimators gate and scale (``metaquant.estimators``); its derivative is ``calibration``. DoReFa's is
-        ``tanh(W) / max|tanh W| = 2·W̃ − 1 ∈ [−1, 1]``.
-
-        Args:
-            w: latent weight ``W``, any shape.
-
-        Returns:
-            The relaxed weight, same shape and dtype (``w`` itself for the identity).
+        ``tanh(W) / max|tanh W| = 2·W̃ − 1 ∈ [−1, 1]``. Same shape and dtype as the latent weight ``w``.
 
         Example:
             For 2-bit DoReFa, ``r`` and ``Ŵ`` differ by the rounding only, at most half a step (``1/3``):
@@ -197,13 +182,8 @@ class ForwardQuantizer:
         """``c(W) = d relaxed(W) / dW`` element-wise, in closed form (docs/design.md §3). Ones unless overridden.
 
         It turns the gradient w.r.t. ``W̃`` into the weight gradient: ``g_W = g_W̃ ⊙ c(W)`` (Algorithm 1 step 1,
-        Eq. 4-5). DoReFa's is ``(1 − tanh²W) / max|tanh W|``, the max held constant.
-
-        Args:
-            w: latent weight ``W``, any shape.
-
-        Returns:
-            ``c(W)``, same shape and dtype as ``w``; no graph to ``w`` is needed.
+        Eq. 4-5). DoReFa's is ``(1 − tanh²W) / max|tanh W|``, the max held constant. Same shape and dtype as the
+        latent weight ``w``; no graph to ``w`` is needed.
 
         Example:
             >>> q = mq.quantizers.DoReFa()
@@ -247,9 +227,6 @@ class ForwardQuantizer:
             w: latent weight ``W``.
             w_tilde: ``preprocess(W)``, as the forward pass computed it.
 
-        Returns:
-            ``(relaxed(W), ste_scale(W̃), calibration(W))``, with the shapes those methods give.
-
         Example:
             >>> q, w = mq.quantizers.DoReFa(), torch.randn(3, 4)
             >>> r, s, c = q.backward_terms(w, q.preprocess(w))
@@ -267,9 +244,6 @@ class ForwardQuantizer:
 
         Returns:
             ``[N]``: segment ``i`` equals ``preprocess`` of segment ``i`` alone, to the bit.
-
-        Raises:
-            NotImplementedError: the quantizer is not ``segmentable``.
 
         Example:
             >>> q, a, b = mq.quantizers.DoReFa(), torch.randn(6), torch.randn(4)
@@ -290,9 +264,6 @@ class ForwardQuantizer:
             ``(relaxed, ste_scale, calibration)``, each ``[N]`` and equal segment by segment to
             ``backward_terms``; ``ste_scale`` is None where it is one.
 
-        Raises:
-            NotImplementedError: the quantizer is not ``segmentable``.
-
         Example:
             >>> q, a, b = mq.quantizers.DoReFa(), torch.randn(6), torch.randn(4)
             >>> r, s, c = q.backward_terms_segments(torch.cat([a, b]), [6, 4])
@@ -302,13 +273,8 @@ class ForwardQuantizer:
         raise NotImplementedError(f"quantizer {self.name!r} does not process flat segments")
 
     def encode(self, w: Tensor) -> Encoded:
-        """Integer codes and scales of ``Q(A(W))``: ``encode_preprocessed(preprocess(W))``.
-
-        Args:
-            w: latent weight ``W``, any shape.
-
-        Returns:
-            ``Encoded(codes, scale)`` with ``decode(encode(W))`` equal to ``Q(A(W))``, bit for bit.
+        """Integer codes and scales of ``Q(A(W))``: ``encode_preprocessed(preprocess(W))``, with
+        ``decode(encode(W))`` equal to ``Q(A(W))``, bit for bit.
 
         Example:
             >>> q = mq.quantizers.UniformSymmetric(bits=3)
@@ -320,11 +286,7 @@ class ForwardQuantizer:
         return self.encode_preprocessed(self.preprocess(w))
 
     def encode_preprocessed(self, w_tilde: Tensor) -> Encoded:  # pragma: no cover - abstract
-        """Integer codes and scales of ``Q(W̃)``, from the pre-processed weight; every subclass implements it.
-
-        Raises:
-            NotImplementedError: on the base class.
-        """
+        """Integer codes and scales of ``Q(W̃)``, from the pre-processed weight; every subclass implements it."""
         raise NotImplementedError
 
     def decode(self, encoded: Encoded) -> Tensor:  # pragma: no cover - abstract
@@ -335,9 +297,6 @@ class ForwardQuantizer:
 
         Returns:
             ``Ŵ`` in the scale's dtype, the codes' shape.
-
-        Raises:
-            NotImplementedError: on the base class; every subclass implements it.
 
         Example:
             BWN's codes are 1 for ``+a`` and 0 for ``−a``:
@@ -352,11 +311,7 @@ class ForwardQuantizer:
     def __call__(self, w: Tensor) -> Tensor:
         """``Ŵ = Q(A(W))`` (value only): the weight a quantized layer computes with (Algorithm 1 step 3, Eq. 7).
 
-        Args:
-            w: latent weight ``W``, any shape.
-
-        Returns:
-            ``Ŵ``, same shape and dtype; for a gradient use ``metaquant.estimators.fake_quantize``.
+        Same shape and dtype as the latent weight ``w``; for a gradient use ``metaquant.estimators.fake_quantize``.
 
         Example:
             >>> q = mq.quantizers.DoReFa()
@@ -377,7 +332,7 @@ class ForwardQuantizer:
         return 2**self.bits
 
     def with_channel_axis(self, axis: int) -> ForwardQuantizer:
-        """This quantizer for a weight whose output channels lie along ``axis``.
+        """This quantizer (same kind and bit width) for a weight whose output channels lie along ``axis``.
 
         A quantizer with one scale per layer does not depend on the axis and returns itself; the per-channel
         one (``BWNPerChannel``) returns a copy whose scales run along ``axis``. ``quantize_`` calls it for each
@@ -386,9 +341,6 @@ class ForwardQuantizer:
 
         Args:
             axis: the output-channel dimension of the weight, an ``int >= 0``.
-
-        Returns:
-            A quantizer of the same kind and bit width.
 
         Raises:
             ValueError: ``axis`` is not an ``int >= 0``.
@@ -404,7 +356,7 @@ class ForwardQuantizer:
 
 
 def _check_axis(axis: object) -> None:
-    if isinstance(axis, bool) or not isinstance(axis, int) or axis < 0:
+    if not (is_int(axis) and axis >= 0):
         raise ValueError(f"the output-channel axis must be an int >= 0, got {axis!r}")
 
 
@@ -418,10 +370,6 @@ class DoReFa(ForwardQuantizer):
 
     Args:
         bits: k, 1..8 (default 1: ``Ŵ ∈ {−1, +1}``).
-
-    Raises:
-        TypeError: ``bits`` is not an ``int``.
-        ValueError: ``bits`` outside 1..8.
 
     Example:
         ``Ŵ`` by hand from the two formulas above, for k = 2 (levels ``−1, −1/3, 1/3, 1``):
@@ -510,10 +458,6 @@ class BWN(ForwardQuantizer):
     Args:
         bits: must be 1.
 
-    Raises:
-        TypeError: ``bits`` is not an ``int``.
-        ValueError: ``bits`` is not 1.
-
     Example:
         >>> q = mq.quantizers.BWN()
         >>> w = torch.tensor([[0.5, -1.5], [0.0, -0.2]])
@@ -555,9 +499,8 @@ class BWNPerChannel(BWN):
         axis: the weight's output-channel dimension, an ``int >= 0`` (default 0).
 
     Raises:
-        TypeError: ``bits`` is not an ``int``.
-        ValueError: ``bits`` is not 1, or ``axis`` is not an ``int >= 0``; quantizing a weight of 2 or more
-            dimensions with ``axis`` beyond its last one.
+        ValueError: ``axis`` is not an ``int >= 0``; quantizing a weight of 2 or more dimensions with ``axis``
+            beyond its last one.
 
     Example:
         >>> q = mq.quantizers.BWNPerChannel()
@@ -605,11 +548,7 @@ class Ternary(ForwardQuantizer):
     (``a = 0`` for an all-zero weight). Codes are ``int8`` in ``{−1, 0, 1}``; ``c(W) = 1``.
 
     Args:
-        bits: must be 2.
-
-    Raises:
-        TypeError: ``bits`` is not an ``int``.
-        ValueError: ``bits`` is not 2 (note ``get_quantizer("ternary")`` defaults to 1: pass ``bits=2``).
+        bits: must be 2 (``get_quantizer("ternary")`` defaults to 1: pass ``bits=2``).
 
     Example:
         Here ``mean|W| = 0.49``, so ``Δ = 0.343``: two weights pass, with ``a = (0.9 + 1.1) / 2 = 1``:
@@ -648,10 +587,6 @@ class UniformSymmetric(ForwardQuantizer):
 
     Args:
         bits: k, 2..8.
-
-    Raises:
-        TypeError: ``bits`` is not an ``int``.
-        ValueError: ``bits`` outside 2..8.
 
     Example:
         k = 3: ``L = 3``, ``s = 0.9 / 3 = 0.3``:

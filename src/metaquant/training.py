@@ -1,38 +1,38 @@
-"""The training loop shared by ``metaquant pretrain`` and ``metaquant quantize``.
+"""``fit``: the training loop shared by ``metaquant pretrain`` and ``metaquant quantize``, and ``restore_fit``, which
+continues a run from its checkpoint.
 
 ``fit`` runs epochs of ``trainer.step`` over a loader, evaluates after each epoch, appends the metrics to the
 run directory and writes a checkpoint. It knows nothing about which algorithm the trainer runs (full-precision
-training, STE, or MetaQuant): they all offer ``step(closure)``, ``set_epoch`` and ``state_dict``.
+training, STE, or MetaQuant): they all offer ``step(closure)``, ``set_epoch`` and ``state_dict``. The loop itself
+is ``metaquant.loop.FitLoop``; the features around it (schedules, weight averages, ...) are callbacks
+(``metaquant.callbacks``), made from ``fit``'s keywords or given as ``callbacks``.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import itertools
-import logging
-import math
-import random
-import signal
-import time
-from collections.abc import Callable, Iterable, Iterator, Sized
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol, cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
-from tqdm.auto import tqdm
 
-from .batchnorm import batchnorm_layers, recompute_batchnorm_stats
-from .distributed import all_reduce_sum, any_process, is_distributed, unwrap
-from .files import save_checkpoint
-from .guards import NonFiniteError, SkipLimitError, StepSnapshot, StopFlag, TrainingInterrupted, all_finite
-from .precision import autocast
-from .schedules import lr_factor, scale_lr, set_scaled_rates
+from .callbacks import (
+    CheckpointExtras,
+    EpochEndHook,
+    ExtraMetrics,
+    LearningRateSchedule,
+    MidEpochCheckpoints,
+    PreciseBatchNorm,
+    SkipLimit,
+    WeightAverage,
+)
+from .distributed import unwrap
+from .evaluation import evaluate, precise_bn_metrics
+from .guards import StopFlag
+from .loop import Callback, FitLoop, FitState, RunLog, StepTrainer
+from .rng import rng_state, seed_everything, set_rng_state
+from .schedules import lr_factor
 
 __all__ = [
     "evaluate",
@@ -44,194 +44,6 @@ __all__ = [
     "set_rng_state",
     "seed_everything",
 ]
-
-logger = logging.getLogger(__name__)
-
-
-class StepTrainer(Protocol):
-    """What ``fit`` needs of a trainer (``Trainer``, ``MetaQuant``): one optimization step from a closure that
-    returns the loss, the epoch, and a state to checkpoint."""
-
-    optimizer: torch.optim.Optimizer
-
-    def step(self, closure: Callable[[], Tensor]) -> Tensor: ...
-    def set_epoch(self, epoch: int) -> None: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class RunLog(Protocol):
-    """Where ``fit`` keeps a run (``metaquant.experiments.runs.RunDir`` is one): a checkpoint file, and a record
-    of each epoch with the ``(iteration, loss)`` pairs of its steps."""
-
-    @property
-    def checkpoint_path(self) -> Path: ...
-    def record_epoch(self, record: dict[str, Any], losses: list[tuple[int, float]]) -> None: ...
-
-
-class EpochLoader(Protocol):
-    """A loader that ``fit`` can reshuffle per epoch (``set_epoch``) and resume mid-epoch (``len``)."""
-
-    def set_epoch(self, epoch: int) -> None: ...
-    def __len__(self) -> int: ...
-    def __iter__(self): ...
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices).
-
-    Args:
-        seed: the seed of all three generators.
-
-    Example:
-        >>> import random, numpy as np
-        >>> mq.training.seed_everything(1); first = (random.random(), np.random.rand(), torch.rand(1).item())
-        >>> mq.training.seed_everything(1); first == (random.random(), np.random.rand(), torch.rand(1).item())
-        True
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG state a run depends on, for a checkpoint, as tensors and plain Python values only (so the
-    checkpoint loads with ``torch.load(weights_only=True)``).
-
-    Returns:
-        A dict with the states of Python's ``random`` (``"python"``), NumPy's global generator (``"numpy"``),
-        torch's CPU generator (``"torch"``) and, when CUDA is available, of every CUDA device (``"cuda"``).
-
-    Example:
-        >>> saved = mq.training.rng_state()
-        >>> torch.save(saved, "rng.pt")
-        >>> {"python", "numpy", "torch"} <= set(torch.load("rng.pt", weights_only=True))
-        True
-    """
-    kind, keys, pos, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
-    state = {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved.
-
-    Args:
-        state: a dict returned by ``rng_state``, possibly saved and loaded with ``torch.load(weights_only=True)``.
-            Its ``"cuda"`` entry is ignored when CUDA is not available.
-
-    Example:
-        >>> import random
-        >>> torch.save(mq.training.rng_state(), "rng.pt")
-        >>> drawn = (random.random(), torch.rand(2))
-        >>> mq.training.set_rng_state(torch.load("rng.pt", weights_only=True))
-        >>> again = (random.random(), torch.rand(2))
-        >>> drawn[0] == again[0], torch.equal(drawn[1], again[1])
-        (True, True)
-    """
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    """Mean cross-entropy, top-1 and top-5 accuracy (percent) of ``model`` in eval mode over ``loader``.
-
-    Runs without gradients and puts ``model`` back in the mode it was in. Under data parallelism each process
-    evaluates its shard and the sums are combined, so every process returns the metrics of the whole set.
-    With fewer than 5 classes, "top-5" counts the top ``num_classes``.
-
-    Args:
-        model: returns logits ``[B, num_classes]`` for a batch ``x``.
-        loader: any iterable of ``(x, y)`` batches (a ``TensorLoader``, a plain list), ``y`` int64 ``[B]``.
-
-    Returns:
-        ``{"loss": mean cross-entropy, "top1": percent, "top5": percent}`` over all examples.
-
-    Raises:
-        ValueError: ``loader`` yielded no examples.
-
-    Example:
-        A "model" that returns its input as the logits, over two batches; the loss is
-        ``(2·log(1 + 2e⁻²) + log(e² + 2)) / 3``:
-
-        >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
-        >>> batches = [(logits[:2], torch.tensor([0, 1])), (logits[2:], torch.tensor([0]))]
-        >>> metrics = mq.evaluate(torch.nn.Identity(), batches)
-        >>> round(metrics["loss"], 4), round(metrics["top1"], 2), metrics["top5"]
-        (0.9062, 66.67, 100.0)
-    """
-    was_training = model.training
-    model.eval()
-    total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
-    for x, y in loader:
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top == y[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        total += y.numel()
-    model.train(was_training)
-    # data-parallel: each process evaluated its shard of the test set
-    sums = all_reduce_sum([loss_sum, correct1, correct5, total])
-    loss_sum, correct1, correct5, total = sums[0], int(sums[1]), int(sums[2]), int(sums[3])
-    if total == 0:
-        raise ValueError("evaluation loader yielded no examples")
-    return {"loss": loss_sum / total, "top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
-
-
-@dataclass
-class FitState:
-    """Where a run stands, enough to continue it exactly.
-
-    ``epoch`` is the epoch in progress (or the next one), ``batch`` the number of its batches already done
-    (non-zero only in a checkpoint written mid-epoch), and the ``epoch_*`` fields the running sums of the
-    epoch's training statistics. ``iteration`` counts the steps of the whole run, ``best_acc`` and ``last_acc``
-    are the best and the latest test top-1 accuracy (percent), and ``epoch_losses`` the ``(iteration, loss)``
-    pairs of the epoch (the loss the trainer minimised). ``epoch_loss_sum`` sums the labels' cross-entropy and,
-    with a ``criterion`` other than it, ``epoch_objective_sum`` that criterion. ``skipped`` counts the steps
-    skipped for non-finite values in the whole run and ``epoch_skipped`` those of the epoch. ``fit`` returns it
-    and saves it in each checkpoint as ``dataclasses.asdict(state)``.
-
-    Example:
-        >>> import dataclasses
-        >>> state = mq.training.FitState(epoch=2, batch=5, epoch_seen=640)
-        >>> state.start_epoch(); state.epoch, state.batch, state.epoch_seen
-        (2, 0, 0)
-        >>> mq.training.FitState(**dataclasses.asdict(state)) == state  # a checkpoint's "fit" entry, read back
-        True
-    """
-
-    epoch: int = 0
-    iteration: int = 0
-    best_acc: float = 0.0
-    last_acc: float = float("nan")
-    batch: int = 0
-    epoch_loss_sum: float = 0.0
-    epoch_objective_sum: float = 0.0
-    epoch_correct: int = 0
-    epoch_seen: int = 0
-    epoch_losses: list[tuple[int, float]] = field(default_factory=list)
-    skipped: int = 0
-    epoch_skipped: int = 0
-
-    def start_epoch(self) -> None:
-        """Reset ``batch`` and the epoch's running statistics (``epoch`` itself is left to the caller)."""
-        self.batch, self.epoch_loss_sum, self.epoch_correct, self.epoch_seen = 0, 0.0, 0, 0
-        self.epoch_objective_sum = 0.0
-        self.epoch_losses = []
-        self.epoch_skipped = 0
 
 
 def fit(
@@ -257,6 +69,7 @@ def fit(
     precise_bn_batches: int = 0,
     averaged: AveragedModel | None = None,
     extra_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> FitState:
     """Train ``model`` with ``trainer`` from ``state`` to the end of epoch ``epochs``.
 
@@ -315,6 +128,8 @@ def fit(
         extra_metrics: more measurements of each epoch's delivered model (the average, if any) for its record,
             ``network -> {name: value}``, e.g. ``precise_bn_metrics``; called after the evaluation, between a
             save and a restore of the global random generators, so that the training that follows is the same.
+        callbacks: more ``metaquant.loop.Callback`` objects, called after the built-in ones that the keywords
+            from ``schedule`` on stand for (``keyword_callbacks``; they are in ``metaquant.callbacks``).
 
     After every step the model's parameters and buffers are checked: an update that made them non-finite
     stops the run (``NonFiniteError``) or, when the trainer skips non-finite steps, is undone from a
@@ -348,277 +163,65 @@ def fit(
         >>> state.epoch, state.iteration, 0.0 <= state.best_acc <= 100.0
         (1, 2, True)
     """
-    if scheduler_interval not in ("epoch", "step"):
-        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
-    if isinstance(precise_bn_batches, bool) or not isinstance(precise_bn_batches, int) or precise_bn_batches < 0:
-        raise ValueError(f"precise_bn_batches must be an integer >= 0, got {precise_bn_batches!r}")
-    if precise_bn_batches and isinstance(train_loader, Iterator):
-        raise ValueError(
-            f"precise_bn_batches {precise_bn_batches} iterates train_loader again after each epoch's training; "
-            f"a one-shot {type(train_loader).__name__} cannot be: pass a loader or a list"
-        )
-    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    if plateau and scheduler_interval == "step":
-        raise ValueError("ReduceLROnPlateau steps on the epoch's test loss: use scheduler_interval='epoch'")
-
-    def set_rates(epoch: int) -> None:
-        if schedule is None:
-            return
-        if scheduler is None:
-            scale_lr(trainer.optimizer, schedule(epoch))
-        else:
-            set_scaled_rates(trainer.optimizer, scheduler.get_last_lr(), schedule(epoch))
-
-    def step_scheduler(epoch: int, test_loss: float | None = None) -> None:
-        assert scheduler is not None
-        if schedule is not None:  # the scheduler steps from its own rates, without the schedule's factor
-            set_scaled_rates(trainer.optimizer, scheduler.get_last_lr(), 1.0)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(test_loss if test_loss is not None else math.inf)
-        else:
-            scheduler.step()
-        set_rates(epoch)
-
-    state = state or FitState()
-    if averaged is not None and not isinstance(averaged, AveragedModel):
-        raise TypeError(f"averaged must be a torch.optim.swa_utils.AveragedModel, got {type(averaged).__name__}")
-    if averaged is not None and not precise_bn_batches and batchnorm_layers(averaged.module):
-        logger.warning(
-            "the weight average is evaluated with the trained model's BatchNorm statistics, gathered for other "
-            "weights; give precise_bn_batches (--precise-bn) to recompute them for the average"
-        )
-    skip = getattr(trainer, "on_nonfinite", "raise") == "skip"
-    weights = [*unwrap(model).parameters(), *unwrap(model).buffers()]
-
-    def last_good() -> str:
-        return str(run.checkpoint_path) if run is not None and run.checkpoint_path.exists() else "none yet"
-
-    def save(mid_epoch: bool = False) -> None:
-        # A mid-epoch checkpoint holds the epoch's running sums of all processes (a collective: every process
-        # calls save; only the writer writes). A resumed run gives them back to rank 0 alone.
-        fit_state = dataclasses.asdict(state)
-        if mid_epoch and is_distributed():
-            sums = all_reduce_sum(
-                [state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_objective_sum]
-            )
-            fit_state.update(
-                epoch_loss_sum=sums[0], epoch_correct=int(sums[1]), epoch_seen=int(sums[2]), epoch_objective_sum=sums[3]
-            )
-        if run is None:
-            return
-        checkpoint = {
-            "model": unwrap(model).state_dict(),
-            "optimizer": trainer.optimizer.state_dict(),
-            "trainer": trainer.state_dict(),
-            "epoch": state.epoch,
-            "iteration": state.iteration,
-            "best_acc": state.best_acc,
-            "fit": fit_state,
-            "rng": rng_state(),
-            **({"scheduler": scheduler.state_dict()} if scheduler is not None else {}),
-            **({"averaged": averaged.state_dict()} if averaged is not None else {}),
-            **(extra_checkpoint() if extra_checkpoint else {}),
-        }
-        if not all_finite(checkpoint["model"].values()):
-            at = f"epoch {state.epoch + 1}, step {state.batch}" if mid_epoch else f"the end of epoch {state.epoch}"
-            raise NonFiniteError(
-                f"non-finite weights at {at} (iteration {state.iteration}); refusing to save "
-                f"them over {run.checkpoint_path}, the last good checkpoint"
-            )
-        save_checkpoint(run.checkpoint_path, checkpoint)
-
-    def measure(network: nn.Module) -> dict[str, float]:
-        if precise_bn_batches:
-            generators = rng_state()  # a DataLoader draws from them: the training that follows must not change
-            recompute_batchnorm_stats(network, train_loader, precise_bn_batches)
-            set_rng_state(generators)
-        return evaluate(network, test_loader)
-
-    if on_epoch_end is not None and state.epoch == 0 and state.batch == 0:
-        on_epoch_end(0)
-    for epoch in range(state.epoch, epochs):
-        state.epoch = epoch
-        set_rates(epoch)
-        trainer.set_epoch(epoch)
-        if hasattr(train_loader, "set_epoch"):  # e.g. a TensorLoader; a DataLoader has none
-            train_loader.set_epoch(epoch)
-        model.train()
-        start = time.perf_counter()
-        resume_at = state.batch
-        batches = len(train_loader) if isinstance(train_loader, Sized) else None  # a generator has no len
-        epoch_batches = iter(train_loader)
-        # The batches done before the checkpoint this run resumed from: the loader replays the epoch (same order,
-        # same augmentation), and they are drawn and dropped outside the bar, which starts at resume_at.
-        replayed = sum(1 for _ in itertools.islice(epoch_batches, resume_at))
-        if any_process(replayed < resume_at):  # every process takes the same branch: none waits in a collective
-            raise ValueError(
-                f"the training loader yields {replayed} batches in epoch {epoch + 1} (in this process), but the "
-                f"state to resume from is at step {resume_at} of that epoch: the data, the batch size or the "
-                f"number of processes differs from the run's; resume as the run was trained"
-            )
-        bar = tqdm(
-            epoch_batches,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            leave=False,
-            disable=not progress,
-            total=batches,
-            initial=resume_at,
-        )
-        for b, (x, y) in enumerate(bar, start=resume_at):
-            logits_box: list[Tensor] = []
-
-            def closure(x: Tensor = x, y: Tensor = y, logits_box: list[Tensor] = logits_box) -> Tensor:
-                with autocast(amp, x.device):
-                    logits = model(x)
-                logits_box.append(logits)
-                logits = logits if amp == "none" else logits.float()
-                return F.cross_entropy(logits, y) if criterion is None else criterion(logits, y, x)
-
-            where = f"epoch {epoch + 1}, step {b + 1} (iteration {state.iteration + 1})"
-            snapshot = StepSnapshot(unwrap(model), trainer.optimizer, trainer) if skip else None
-            skipped_before = getattr(trainer, "skipped_steps", 0)
-            overflows_before = getattr(trainer, "overflow_steps", 0)
-            try:
-                loss = trainer.step(closure).item()
-            except NonFiniteError as err:
-                raise NonFiniteError(
-                    f"{err} at {where}; nothing was updated; last good checkpoint: {last_good()}"
-                ) from None
-            skipped = getattr(trainer, "skipped_steps", 0) > skipped_before
-            # A finite update can still overflow the weights (e.g. a huge learning rate): every process checks,
-            # so that all of them take the same branch.
-            if not skipped and any_process(not all_finite(weights)):
-                if snapshot is None:
-                    raise NonFiniteError(
-                        f"non-finite weights after the update at {where}; last good checkpoint: {last_good()}"
-                    )
-                snapshot.restore()
-                if hasattr(trainer, "skipped_steps"):
-                    trainer.skipped_steps = skipped_before + 1
-                logger.warning("skipped the step at %s: its update made the weights non-finite", where)
-                skipped = True
-            # a step the fp16 loss scaler skipped made no update: the average must not count the weights twice
-            overflowed = getattr(trainer, "overflow_steps", 0) > overflows_before
-            if averaged is not None and not skipped and not overflowed:
-                averaged.update_parameters(unwrap(model))
-            state.iteration += 1
-            state.batch = b + 1
-            if skipped:
-                state.skipped += 1
-                state.epoch_skipped += 1
-                if max_skipped is not None and state.skipped > max_skipped:
-                    raise SkipLimitError(
-                        f"{state.skipped} steps skipped for non-finite values, more than the limit of {max_skipped}, "
-                        f"at {where}; the run is failing (a lower learning rate?); last good checkpoint: "
-                        f"{last_good()}"
-                    )
-            elif math.isfinite(loss):  # a skipped step counts as a step but not in the statistics
-                state.epoch_losses.append((state.iteration, loss))
-                logits = logits_box[-1].detach()
-                if criterion is None:
-                    state.epoch_loss_sum += loss * y.numel()
-                else:  # train_loss stays the labels' cross-entropy, comparable with other runs; the criterion beside
-                    state.epoch_loss_sum += F.cross_entropy(logits.float(), y).item() * y.numel()
-                    state.epoch_objective_sum += loss * y.numel()
-                state.epoch_correct += int((logits.argmax(1) == y).sum().item())
-                state.epoch_seen += y.numel()
-            if scheduler is not None and scheduler_interval == "step":
-                step_scheduler(epoch)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if stop_requested(stop):
-                save(mid_epoch=True)
-                where = f"; checkpoint written to {run.checkpoint_path}" if run is not None else ""
-                signum = stop.signum if stop is not None and stop.signum else signal.SIGTERM  # another rank's
-                raise TrainingInterrupted(
-                    f"stopped by signal {signum} at epoch {epoch + 1}, step {b + 1}{where}", signum
-                )
-            if checkpoint_every and state.batch % checkpoint_every == 0 and (batches is None or state.batch < batches):
-                save(mid_epoch=True)
-        train_time = time.perf_counter() - start
-        lr = trainer.optimizer.param_groups[0]["lr"]  # the epoch's rate, before an epoch scheduler moves it
-        test = measure(model)
-        trained = None
-        if averaged is not None:  # the average is the run's model; the trained one is reported beside it
-            trained, test = test, measure(averaged.module)
-        extras: dict[str, float] = {}
-        if extra_metrics is not None:
-            generators = rng_state()
-            extras = extra_metrics(averaged.module if averaged is not None else model)
-            set_rng_state(generators)
-        if scheduler is not None and scheduler_interval == "epoch":
-            step_scheduler(epoch, test["loss"])
-        loss_sum, correct, seen, objective_sum = all_reduce_sum(
-            [state.epoch_loss_sum, state.epoch_correct, state.epoch_seen, state.epoch_objective_sum]
-        )
-        state.best_acc = max(state.best_acc, test["top1"])
-        state.last_acc = test["top1"]
-        record = {
-            "epoch": epoch,
-            "lr": lr,
-            # None, not 0: an epoch whose every step was skipped has no training loss
-            "train_loss": loss_sum / seen if seen else None,
-            "train_acc": 100.0 * correct / seen if seen else None,
-            "test_loss": test["loss"],
-            "test_acc": test["top1"],
-            "test_top5": test["top5"],
-            "best_acc": state.best_acc,
-            "iteration": state.iteration,
-            "skipped_steps": state.epoch_skipped,
-            "train_seconds": train_time,
-        }
-        if criterion is not None:  # the loss minimised, beside the labels' cross-entropy in train_loss
-            record["train_objective"] = objective_sum / seen if seen else None
-        if trained is not None:
-            record["trained_test_loss"] = trained["loss"]
-            record["trained_test_acc"] = trained["top1"]
-        record.update(extras)
-        skipped_note = f", {state.epoch_skipped} steps skipped" if state.epoch_skipped else ""
-        trained_note = f" (trained weights {trained['top1']:.2f}%)" if trained is not None else ""
-        logger.info(
-            "epoch %d/%d: train loss %s acc %s, test acc %.2f%%%s (best %.2f%%), %.1fs%s",
-            epoch + 1,
-            epochs,
-            _fmt(record["train_loss"], "{:.4f}"),
-            _fmt(record["train_acc"], "{:.2f}%"),
-            record["test_acc"],
-            trained_note,
-            state.best_acc,
-            train_time,
-            skipped_note,
-        )
-        if run is not None:
-            run.record_epoch(record, state.epoch_losses)
-        state.epoch = epoch + 1
-        state.start_epoch()
-        save()
-        if on_epoch_end is not None:
-            on_epoch_end(state.epoch)
-    return state
+    loop = FitLoop(
+        model,
+        trainer,
+        train_loader,
+        test_loader,
+        epochs=epochs,
+        run=run,
+        state=state,
+        callbacks=[
+            *keyword_callbacks(
+                schedule=schedule,
+                scheduler=scheduler,
+                scheduler_interval=scheduler_interval,
+                precise_bn_batches=precise_bn_batches,
+                averaged=averaged,
+                extra_metrics=extra_metrics,
+                max_skipped=max_skipped,
+                checkpoint_every=checkpoint_every,
+                extra_checkpoint=extra_checkpoint,
+                on_epoch_end=on_epoch_end,
+            ),
+            *callbacks,
+        ],
+        progress=progress,
+        stop=stop,
+        amp=amp,
+        criterion=criterion,
+    )
+    return loop.fit()
 
 
-def precise_bn_metrics(
-    train_loader: Iterable[tuple[Tensor, Tensor]], test_loader: Iterable[tuple[Tensor, Tensor]], num_batches: int
-) -> Callable[[nn.Module], dict[str, float]]:
-    """``fit``'s ``extra_metrics``: the test loss and accuracy with BatchNorm statistics recomputed from
-    ``num_batches`` training batches, on a copy of the network (whose own running statistics stay as they are),
-    as ``test_loss_precise_bn`` and ``test_acc_precise_bn``.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-        >>> batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
-        >>> before = net[2].running_mean.clone()
-        >>> metrics = mq.training.precise_bn_metrics(batches, batches, 2)(net)
-        >>> sorted(metrics), torch.equal(net[2].running_mean, before)
-        (['test_acc_precise_bn', 'test_loss_precise_bn'], True)
-    """
-
-    def measure(network: nn.Module) -> dict[str, float]:
-        network = copy.deepcopy(unwrap(network))
-        recompute_batchnorm_stats(network, train_loader, num_batches)
-        result = evaluate(network, test_loader)
-        return {"test_loss_precise_bn": result["loss"], "test_acc_precise_bn": result["top1"]}
-
-    return measure
+def keyword_callbacks(
+    *,
+    schedule: Callable[[int], float] | None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    scheduler_interval: str = "epoch",
+    precise_bn_batches: int = 0,
+    averaged: AveragedModel | None = None,
+    extra_metrics: Callable[[nn.Module], dict[str, float]] | None = None,
+    max_skipped: int | None = None,
+    checkpoint_every: int = 0,
+    extra_checkpoint: Callable[[], dict[str, Any]] | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> list[Callback]:
+    """The built-in callbacks that ``fit``'s keywords stand for, in the order they act (see
+    ``metaquant.callbacks``); each keyword left at its default adds none."""
+    rates = LearningRateSchedule(schedule, scheduler, scheduler_interval)  # checks scheduler_interval even unused
+    precise_bn = PreciseBatchNorm(precise_bn_batches)
+    chosen: list[Callback | None] = [
+        SkipLimit(max_skipped) if max_skipped is not None else None,
+        precise_bn if precise_bn_batches else None,
+        ExtraMetrics(extra_metrics) if extra_metrics is not None else None,
+        rates if schedule is not None or scheduler is not None else None,
+        WeightAverage(averaged) if averaged is not None else None,
+        MidEpochCheckpoints(checkpoint_every) if checkpoint_every else None,
+        CheckpointExtras(extra_checkpoint) if extra_checkpoint is not None else None,
+        EpochEndHook(on_epoch_end) if on_epoch_end is not None else None,
+    ]
+    return [callback for callback in chosen if callback is not None]
 
 
 def restore_fit(
@@ -701,18 +304,6 @@ def restore_fit(
     # as tuples, whatever sequence the checkpoint held; fit writes (iteration, loss) pairs
     state.epoch_losses = [cast("tuple[int, float]", tuple(x)) for x in state.epoch_losses]
     return state
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else spec.format(value)
-
-
-def stop_requested(stop: StopFlag | None) -> bool:
-    """Whether to stop now; under data parallelism, whether any process was asked to (all stop together)."""
-    local = bool(stop)
-    if is_distributed():
-        return all_reduce_sum([float(local)])[0] > 0
-    return local
 
 
 def step_schedule(kind: str, epochs: int, step_size: int, gamma: float) -> Callable[[int], float]:

@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 __all__ = ["check_choice", "check_int", "check_number", "is_int", "is_number"]
 
 T = TypeVar("T")
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int]:
     """An ``int`` that is not a ``bool`` (``True`` is an ``int`` to Python, never a count to us)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[float]:
     """A finite ``int`` or ``float`` that is not a ``bool``."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -64,7 +64,7 @@ def check_number(
 ) -> float:
     """``value`` if it is a finite number between ``low`` and ``high`` (closed bounds unless ``*_open``), else a
     ``ValueError`` naming the range: ``"<name> must be a number in [0, 1), got 1.5"`` or ``"... > 0, got 0"``
-    (``"a finite number"`` for an infinity or NaN)."""
+    (``"a finite number"`` for an infinity or NaN outside a range bounded on both sides)."""
     inside = is_number(value)
     if inside and low is not None:
         inside = value > low if low_open else value >= low
@@ -79,7 +79,10 @@ def check_number(
             bound = f" {'<' if high_open else '<='} {high:g}"
         else:
             bound = ""
-        kind = "a finite number" if isinstance(value, float) and not math.isfinite(value) else "a number"
+        # "in [a, b]" already says finite; a one-sided bound does not
+        bounded = low is not None and high is not None
+        nonfinite = isinstance(value, float) and not math.isfinite(value)
+        kind = "a finite number" if nonfinite and not bounded else "a number"
         raise ValueError(f"{name} must be {kind}{bound}, got {value!r}")
     return value
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..validation import check_int
 from .errors import DatasetFormatError, DatasetNotFoundError
 from .registry import dataset_info
 from .sampling import batches_per_rank, check_batching, epoch_seed, shard_indices
@@ -179,8 +180,7 @@ class ImageFolderLoader:
         num_workers: int = 4,
     ) -> None:
         check_batching(batch_size, rank, world_size)
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        check_int("num_workers", num_workers, minimum=0)
         self.dataset = dataset
         self.batch_size = batch_size
         self.train = train
@@ -194,9 +194,7 @@ class ImageFolderLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration produces."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, minimum=0)
 
     def _indices(self) -> list[int]:
         return shard_indices(

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..validation import check_int
 from .augment import crop_at, crop_offsets, flip_mask, hflip_where
 from .registry import DatasetInfo
 from .sampling import batches_per_rank, check_batching, epoch_generator, num_batches, shard_indices
@@ -151,9 +152,7 @@ class TensorLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration produces."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, minimum=0)
 
     def _indices(self) -> torch.Tensor:
         return shard_indices(

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from ..validation import check_int, is_int
+
 __all__ = ["batches_per_rank", "check_batching", "epoch_generator", "epoch_seed", "num_batches", "shard_indices"]
 
 
@@ -40,11 +42,9 @@ def epoch_generator(seed: int, epoch: int, stream: str) -> torch.Generator:
 
 def check_batching(batch_size: int, rank: int, world_size: int) -> None:
     """Raise ValueError unless ``batch_size >= 1`` and ``0 <= rank < world_size``."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("world_size", world_size, minimum=1)
+    if not (is_int(rank) and 0 <= rank < world_size):
         raise ValueError(f"rank must be an integer in 0..{world_size - 1} for world_size {world_size}, got {rank!r}")
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..validation import is_int
+
 __all__ = ["ImageTensors", "subset", "subset_indices"]
 
 
@@ -74,7 +76,7 @@ def subset_indices(n: int, size: int | None, seed: int) -> torch.Tensor:
     """
     if size is None:
         return torch.arange(n)
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= n:
+    if not (is_int(size) and 0 < size <= n):
         raise ValueError(
             f"subset size must be an integer in 1..{n} (the number of examples available) or None for all; got {size!r}"
         )

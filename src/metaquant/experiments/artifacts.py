@@ -78,10 +78,10 @@ def _check_output(path: Path, overwrite: bool) -> None:
     with ``overwrite``), or any existing file without ``overwrite``."""
     if (path.parent / "config.json").is_file() and path.name in RUN_FILES:
         raise ValueError(
-            f"--out {path} is a file of the run in {path.parent}; an export never replaces one (choose another --out)"
+            f"`out` {path} is a file of the run in {path.parent}; an export never replaces one (choose another `out`)"
         )
     if path.is_dir():
-        raise ValueError(f"--out {path} is a directory; give a file name")
+        raise ValueError(f"`out` {path} is a directory; give a file name")
     if path.exists():
         try:
             with zipfile.ZipFile(path) as archive:
@@ -89,11 +89,11 @@ def _check_output(path: Path, overwrite: bool) -> None:
         except (zipfile.BadZipFile, OSError, ValueError):
             checkpoint = False
         if checkpoint:
-            raise ValueError(f"--out {path} is a torch checkpoint; an export never replaces one (choose another --out)")
+            raise ValueError(f"`out` {path} is a torch checkpoint; an export never replaces one (choose another `out`)")
         if not overwrite:
-            raise FileExistsError(f"--out {path} already exists; choose another --out, or replace it with --overwrite")
+            raise FileExistsError(f"`out` {path} already exists; choose another `out`, or replace it with `overwrite`")
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"--out {path}: the folder {path.parent} does not exist")
+        raise FileNotFoundError(f"`out` {path}: the folder {path.parent} does not exist")
 
 
 def export_run(
@@ -249,7 +249,7 @@ def evaluate_artifact(
         recorded = metrics[-1]["test_acc"] if metrics and not from_previous else None
     else:
         if from_previous:
-            raise ValueError(f"--from-previous applies to a run directory, not to the file {path}")
+            raise ValueError(f"`from_previous` applies to a run directory, not to the file {path}")
         if path.suffix == ".onnx":
             header, onnx_model = _onnx_model(path)
             # evaluate() uses only .training, .eval(), .train(mode) and calls, which _OnnxClassifier provides

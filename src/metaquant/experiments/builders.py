@@ -68,7 +68,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu or auto")
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use `device` cpu or auto")
     return torch.device(name)
 
 
@@ -189,7 +189,7 @@ def init_path(init: str) -> Path:
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.is_file():
-        raise FileNotFoundError(f"--init {init}: no such checkpoint file (or run directory with {CHECKPOINT})")
+        raise FileNotFoundError(f"`init` {init}: no such checkpoint file (or run directory with {CHECKPOINT})")
     return path
 
 
@@ -267,7 +267,7 @@ def build_teacher(config: RunConfig, num_classes: int, in_channels: int, image_s
     if isinstance(owner, dict) and owner.get("task") == "quantize":
         raise ValueError(
             f"the teacher {path} is a checkpoint of a quantization run: its latent weights are not a "
-            "full-precision model; name a pre-trained model as the teacher (--teacher)"
+            "full-precision model; name a pre-trained model as the teacher (`teacher`)"
         )
     teacher = get_model(config.model, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     load_weights(teacher, checkpoint)
@@ -283,7 +283,7 @@ def teacher_path(config: RunConfig) -> Path:
     else:
         raise ValueError(
             f"distill_weight {config.distill_weight} distils from a full-precision model: give teacher "
-            "(--teacher) or init (--init), a pre-trained checkpoint or run directory"
+            "(`teacher`) or init (`init`), a pre-trained checkpoint or run directory"
         )
     try:
         return init_path(source)

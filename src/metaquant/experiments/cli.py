@@ -1,8 +1,10 @@
 """The ``metaquant`` command line: ``pretrain``, ``quantize``, ``demo``, ``sweep``, ``report``, ``export``, ``eval``.
 
-Every option maps onto a ``RunConfig`` field; the configuration validates itself, so the command line and the
-Python API refuse the same bad values with the same messages. Bad input exits with status 2 and one line on
-stderr, missing data or files with status 1; neither prints a traceback (``--debug`` shows one).
+The options of ``pretrain`` and ``quantize`` are ``RunConfig``'s fields (``options.py`` makes them from the fields'
+metadata) with the defaults of ``RunConfig.for_task``; the configuration validates itself, so the command line
+and the Python API refuse the same bad values with the same messages, and the parameters that messages name are
+printed as their flags. Bad input exits with status 2 and one line on stderr, missing data or files with
+status 1; neither prints a traceback (``--debug`` shows one).
 """
 
 from __future__ import annotations
@@ -14,33 +16,27 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
-from ..algorithm import STEP_ORDERS
-from ..data import AUGMENTATIONS, DATASETS
 from ..data.errors import DatasetError
 from ..distributed import is_main, shutdown
 from ..guards import NonFiniteError, SkipLimitError, StopFlag, TrainingInterrupted
-from ..layout import MEMORY_FORMATS
-from ..meta import INIT_SCHEMES, NONLINEARITIES
-from ..models import model_names
-from ..precision import AMP_MODES
-from ..quantizers import quantizer_names
-from ..refine import THROUGH
-from ..schedules import SCHEDULES
 from .artifacts import evaluate_artifact, export_run
-from .config import ESTIMATOR_ALIASES, ESTIMATORS, OPTIMIZERS, RunConfig
+from .config import DATA, META, OPTIMIZATION, QUANTIZATION, RELIABILITY, RunConfig
 from .demo import DemoConfig, run_demo
 from .lifecycle import describe_checkpoint, execute, resume
 from .naming import default_run_name
+from .options import OPTION_FIELDS, add_config_options, flag, parameter_flags, to_flags
 from .plots import plot_comparisons, plot_trace
 from .presets import preset_names, resolve_preset
-from .report import collect, summarize, write_table
+from .report import collect, summarize
 from .runs import RunDir, RunExistsError, RunLockedError
 from .scheduler import run_sweep
 from .sweep import load_sweep, plan, run_state, select_runs
+from .tables import write_precise_table, write_table
 
 __all__ = ["main", "build_parser"]
 
@@ -63,160 +59,14 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{self.prog}: error: {message}", EXIT_USAGE)
 
 
-def _lower(text: str) -> str:
-    return text.lower()
-
-
-def _estimator(text: str) -> str:
-    return ESTIMATOR_ALIASES.get(text.lower(), text.lower())
-
-
-def _add_common(p: argparse.ArgumentParser, *, task: str) -> None:
-    default_lr = 0.1 if task == "pretrain" else 1e-3
-    data = p.add_argument_group("data and model")
-    data.add_argument(
-        "-m",
-        "--model",
-        type=_lower,
-        default="resnet20",
-        choices=model_names(),
-        help="architecture (default: %(default)s)",
-    )
-    data.add_argument(
-        "-d", "--dataset", type=_lower, default="fashion-mnist", choices=DATASETS, help="dataset (default: %(default)s)"
-    )
-    data.add_argument(
-        "--data-dir",
-        default=None,
-        help="where the dataset files are, and only there (default: ~/.cache/metaquant/<dataset>, "
-        "and for Fashion-MNIST also /usr/share/datasets/fashion-mnist from the Debian package "
-        "dataset-fashion-mnist)",
-    )
-    data.add_argument(
-        "--no-download", dest="download", action="store_false", help="never download a missing dataset; fail instead"
-    )
-    data.add_argument(
-        "--augment",
-        choices=("auto", *AUGMENTATIONS),
-        default="auto",
-        help="training augmentation: auto (the data set's own: crop_flip for CIFAR, none for the others), none, or "
-        "crop_flip (pad 4, random crop, random horizontal flip) (default: %(default)s)",
-    )
-    data.add_argument(
-        "--train-size",
-        type=int,
-        default=None,
-        help="train on a fixed, seeded random subset of N examples (default: all)",
-    )
-    data.add_argument(
-        "--test-size",
-        type=int,
-        default=None,
-        help="evaluate on a fixed, seeded random subset of N test examples (default: all)",
-    )
-    data.add_argument(
-        "--subset-seed",
-        type=int,
-        default=None,
-        help="seed of the --train-size subset (default: --seed); fix it to keep the same images across trials",
-    )
-    data.add_argument("-bs", "--batch-size", type=int, default=128, help="training batch size (default: 128)")
-    data.add_argument("--test-batch-size", type=int, default=500, help="evaluation batch size (default: 500)")
-
-    opt = p.add_argument_group("optimization")
-    opt.add_argument(
-        "-n",
-        "--epochs",
-        type=int,
-        default=10 if task == "pretrain" else 100,
-        help="number of epochs (default: %(default)s)",
-    )
-    opt.add_argument(
-        "-o",
-        "--optimizer",
-        type=_lower,
-        default="sgd",
-        choices=OPTIMIZERS,
-        help="base optimizer (default: %(default)s)",
-    )
-    opt.add_argument("--lr", type=float, default=default_lr, help="initial learning rate (default: %(default)s)")
-    opt.add_argument(
-        "--momentum", type=float, default=0.9 if task == "pretrain" else 0.0, help="SGD momentum (default: %(default)s)"
-    )
-    opt.add_argument("--dampening", type=float, default=0.0, help="SGD dampening (default: 0)")
-    opt.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
-    opt.add_argument(
-        "--weight-decay",
-        type=float,
-        default=5e-4 if task == "pretrain" else 0.0,
-        help="weight decay (default: %(default)s)",
-    )
-    opt.add_argument(
-        "--lr-schedule",
-        type=_lower,
-        default="cosine" if task == "pretrain" else "step",
-        choices=SCHEDULES,
-        help="learning-rate schedule (default: %(default)s)",
-    )
-    opt.add_argument(
-        "-ad",
-        "--lr-step",
-        type=int,
-        default=30,
-        help="step schedule: divide the learning rate by 1/--lr-gamma every N epochs (default: 30)",
-    )
-    opt.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule factor (default: 0.1)")
-    opt.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    opt.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    opt.add_argument(
-        "--memory-format",
-        type=_lower,
-        default="auto",
-        choices=MEMORY_FORMATS,
-        help="layout of convolutional models: auto (channels-last for models with 2-D convolutions, "
-        "faster on CPU and CUDA), channels-last or contiguous (default: auto)",
-    )
-    opt.add_argument(
-        "--amp",
-        type=_lower,
-        default="none",
-        choices=AMP_MODES,
-        help="mixed precision of the forward pass: none, bf16 (CPU or CUDA) or fp16 (CUDA, with a "
-        "gradient scaler); weights and the meta quantizer stay float32 (default: none)",
-    )
-    opt.add_argument(
-        "--sync-bn",
-        action="store_true",
-        help="under torchrun: SyncBatchNorm (statistics over the whole batch) instead of each "
-        "process's own BatchNorm statistics",
-    )
-    opt.add_argument(
-        "--precise-bn",
-        dest="precise_bn_batches",
-        type=int,
-        default=0,
-        metavar="N",
-        help="before each evaluation, recompute the BatchNorm statistics for the current weights from the "
-        "epoch's first N training batches instead of the running averages (default: 0, off)",
-    )
-    opt.add_argument(
-        "--record-precise-bn",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also record each epoch's test accuracy with BatchNorm statistics recomputed from N training "
-        "batches (test_acc_precise_bn), on a copy: the run itself is unchanged (default: 0, off)",
-    )
-    opt.add_argument(
-        "--ema-decay",
-        type=float,
-        default=0.0,
-        metavar="D",
-        help="deliver an exponential moving average of the weights (decay D per step, in (0, 1), e.g. 0.999) "
-        "instead of the last ones; each test reports both; pair it with --precise-bn (default: 0, off)",
-    )
-
-    out = p.add_argument_group("output")
+def _add_run_options(p: argparse.ArgumentParser, *, task: str) -> None:
+    """``RunConfig``'s options (``options.py``), then those of the command itself."""
+    groups = {group: p.add_argument_group(group) for group in (DATA, OPTIMIZATION, "output", RELIABILITY)}
+    if task == "quantize":
+        groups[QUANTIZATION] = p.add_argument_group(QUANTIZATION)
+        groups[META] = p.add_argument_group(f"{META} (with --estimator fc-grad, multifc or lstmfc)")
+    add_config_options(groups, task)
+    out = groups["output"]
     out.add_argument("--run-dir", default="runs", help="folder that receives the run directory (default: runs)")
     out.add_argument(
         "--name",
@@ -225,161 +75,30 @@ def _add_common(p: argparse.ArgumentParser, *, task: str) -> None:
     )
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     out.add_argument("--debug", action="store_true", help="show tracebacks")
-
-    rel = p.add_argument_group("reliability")
-    rel.add_argument(
+    groups[RELIABILITY].add_argument(
         "--resume",
         metavar="RUN_DIR",
         default=None,
         help="continue the interrupted run in RUN_DIR from its latest checkpoint, exactly; every other "
         "option is taken from RUN_DIR/config.json",
     )
-    rel.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also checkpoint every N steps within an epoch (default: 0, at epoch ends only)",
-    )
-    rel.add_argument(
-        "--skip-nonfinite",
-        dest="on_nonfinite",
-        action="store_const",
-        const="skip",
-        default="raise",
-        help="skip steps with a non-finite loss, gradient or meta output, or whose update overflows "
-        "the weights, instead of stopping (also with --resume)",
-    )
-    rel.add_argument(
-        "--max-skipped",
-        type=int,
-        default=None,
-        metavar="N",
-        help="with --skip-nonfinite: stop the run as failed once more than N steps were skipped "
-        f"(default: {RunConfig.max_skipped}; also with --resume)",
-    )
-    rel.add_argument(
+    groups[RELIABILITY].add_argument(
         "--from-previous",
         action="store_true",
         help="with --resume: continue from checkpoint.prev.pt when checkpoint.pt is damaged",
     )
-
-
-def _add_quantization(p: argparse.ArgumentParser) -> None:
-    q = p.add_argument_group("quantization")
-    q.add_argument(
-        "--init",
-        default=None,
-        help="the weights to start from: pre-trained full-precision weights (a checkpoint, a run directory, or "
-        "the original MetaQuant code's state_dict, e.g. ResNet20-CIFAR10-pretrain.pth), or a quantization run "
-        "to fine-tune (the weights it delivered: its average with --ema-decay)",
-    )
-    q.add_argument(
-        "-q",
-        "--quantizer",
-        type=_lower,
-        default="dorefa",
-        choices=quantizer_names() + ["bwn-f"],
-        help="forward quantizer (default: %(default)s)",
-    )
-    q.add_argument("-bw", "--bits", type=int, default=1, help="bit width (default: 1)")
-    q.add_argument(
-        "-meta",
-        "--estimator",
-        type=_estimator,
-        default="ste",
-        choices=ESTIMATORS,
-        help="backward method: a classical estimator (ste, identity, ewgs) or a meta quantizer "
-        "(fc-grad, multifc, lstmfc) trained by MetaQuant (default: ste)",
-    )
-    q.add_argument("--ewgs-delta", type=float, default=1e-3, help="EWGS scaling factor δ (default: 1e-3)")
-    q.add_argument(
-        "--distill-weight",
-        type=float,
-        default=0.0,
-        help="knowledge distillation from the --init model (or --teacher): the share λ in [0, 1] of the loss "
-        "that matches its softened predictions (default: 0, labels only)",
-    )
-    q.add_argument(
-        "--teacher",
-        default=None,
-        metavar="CHECKPOINT",
-        help="the full-precision model to distil from, a checkpoint or run directory (default: the --init "
-        "model); e.g. to fine-tune a quantized run given as --init",
-    )
-    q.add_argument(
-        "--distill-temperature",
-        type=float,
-        default=4.0,
-        help="the temperature T of the distillation, in [0.01, 1000] (default: %(default)s)",
-    )
-
-    m = p.add_argument_group("meta quantizer (with --estimator fc-grad, multifc or lstmfc)")
-    m.add_argument("-hidden", "--hidden-size", type=int, default=100, help="hidden size (default: 100)")
-    m.add_argument(
-        "-nfc",
-        "--num-fc",
-        type=int,
-        default=2,
-        help="number of FC layers of FC-Grad and MultiFC (default: 2, the paper's)",
-    )
-    m.add_argument("-nlstm", "--num-lstm", type=int, default=1, help="number of LSTM layers of LSTMFC (default: 1)")
-    m.add_argument(
-        "-nonlinear",
-        "--nonlinearity",
-        type=_lower,
-        default="none",
-        choices=NONLINEARITIES,
-        help="non-linearity between the FC layers (default: none)",
-    )
-    m.add_argument(
-        "--meta-lr",
-        type=float,
-        default=1e-3,
-        help="learning rate γ of the meta quantizer's Adam; follows the base schedule (default: 1e-3)",
-    )
-    m.add_argument(
-        "--meta-weight-decay", type=float, default=0.0, help="weight decay of the meta optimizer (default: 0)"
-    )
-    m.add_argument(
-        "--step-order",
-        type=_lower,
-        default="paper",
-        choices=STEP_ORDERS,
-        help="paper: Algorithm 1 (default); original: the original code's order, to reproduce its numbers",
-    )
-    m.add_argument(
-        "--through",
-        type=_lower,
-        default="residual",
-        choices=THROUGH,
-        help="derivative of the optimizer's update w.r.t. the gradient: residual (identity, the "
-        "paper's) or exact (e.g. through the whole Adam update) (default: residual)",
-    )
-    m.add_argument(
-        "--fix-meta",
-        action="store_true",
-        help="freeze the meta quantizer from --fix-meta-epoch on (with --meta-init: reuse it as is)",
-    )
-    m.add_argument(
-        "--fix-meta-epoch",
-        type=int,
-        default=None,
-        help="first epoch with a frozen meta quantizer, with --fix-meta (default: 0)",
-    )
-    m.add_argument(
-        "--meta-init",
-        default=None,
-        help="start from a trained meta quantizer: a run directory, its meta.pt or a checkpoint",
-    )
-    m.add_argument(
-        "--meta-init-scheme",
-        type=_lower,
-        default="paper",
-        choices=INIT_SCHEMES,
-        help="where the meta quantizer starts: paper (random, the paper's) or ste (a learned correction of "
-        "the STE whose last layer starts at zero: the first steps are STE steps) (default: paper)",
-    )
+    if task == "quantize":
+        groups[META].add_argument(
+            "--fix-meta",
+            action="store_true",
+            help="freeze the meta quantizer from --fix-meta-epoch on (with --meta-init: reuse it as is)",
+        )
+        groups[META].add_argument(
+            "--fix-meta-epoch",
+            type=int,
+            default=None,
+            help="first epoch with a frozen meta quantizer, with --fix-meta (default: 0)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -392,20 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"metaquant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    parser.commands = sub.choices  # type: ignore[attr-defined]  # name -> subparser, for _given_options
+    parser.commands = sub.choices  # type: ignore[attr-defined]  # name -> subparser
     pre = sub.add_parser(
         "pretrain",
         help="train a full-precision model",
         description="Train a full-precision model and save it as a run directory.",
     )
-    _add_common(pre, task="pretrain")
+    _add_run_options(pre, task="pretrain")
     quant = sub.add_parser(
         "quantize",
         help="quantization training from a pre-trained model",
         description="Train a model with quantized weights from a pre-trained one.",
     )
-    _add_common(quant, task="quantize")
-    _add_quantization(quant)
+    _add_run_options(quant, task="quantize")
+    _add_demo(sub)
+    _add_sweep(sub)
+    _add_outputs(sub)
+    return parser
+
+
+def _add_demo(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="pre-train ResNet20 on Fashion-MNIST, then 1-bit quantize it with STE and with MetaQuant",
@@ -440,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     demo.add_argument("--debug", action="store_true", help="show tracebacks")
 
+
+def _add_sweep(sub: Any) -> None:
     sweep = sub.add_parser(
         "sweep",
         help="run a grid of quantization runs (models x quantizers x estimators x optimizers x trials)",
@@ -471,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--debug", action="store_true", help="show tracebacks")
 
+
+def _add_outputs(sub: Any) -> None:
+    """The commands that read finished runs: ``report``, ``export``, ``plot`` and ``eval``."""
     report = sub.add_parser(
         "report",
         help="results table (Markdown, CSV) and comparison figures from run directories",
@@ -480,36 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", help="folders to search for runs")
     report.add_argument("--out", default="report", help="output folder (default: report)")
     report.add_argument("--no-figures", dest="figures", action="store_false", help="table only")
+    report.add_argument("--overwrite", action="store_true", help="replace the tables and figures already in --out")
     report.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    export = sub.add_parser(
-        "export",
-        help="write a quantization run's model as a bit-packed file",
-        description="Write the model of a quantization run with its weights' integer codes bit-packed (1 bit "
-        "per weight at 1 bit), and print its size against the float model's.",
-    )
-    export.add_argument("run", help="the run directory")
-    export.add_argument(
-        "--format",
-        default="packed",
-        choices=["packed", "onnx"],
-        help="packed: a safetensors file of bit-packed codes and scales (metaquant.export.load_packed "
-        "reads it); onnx: the inference model, BatchNorm folded, with integer weights and "
-        "DequantizeLinear (needs the onnx extra) (default: packed)",
-    )
-    export.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.safetensors or model.onnx)")
-    export.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing output file (never a checkpoint or a file of a run)",
-    )
-    export.add_argument(
-        "--from-previous",
-        action="store_true",
-        help="export the run's previous checkpoint (checkpoint.prev.pt), e.g. when checkpoint.pt is damaged",
-    )
-    export.add_argument("--debug", action="store_true", help="show tracebacks")
-
+    _add_export(sub)
     plot = sub.add_parser(
         "plot",
         help="pictures of what a MetaQuant run's meta quantizer learned",
@@ -544,7 +248,36 @@ def build_parser() -> argparse.ArgumentParser:
         "the model's own)",
     )
     ev.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
+
+
+def _add_export(sub: Any) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a quantization run's model as a bit-packed file",
+        description="Write the model of a quantization run with its weights' integer codes bit-packed (1 bit "
+        "per weight at 1 bit), and print its size against the float model's.",
+    )
+    export.add_argument("run", help="the run directory")
+    export.add_argument(
+        "--format",
+        default="packed",
+        choices=["packed", "onnx"],
+        help="packed: a safetensors file of bit-packed codes and scales (metaquant.export.load_packed "
+        "reads it); onnx: the inference model, BatchNorm folded, with integer weights and "
+        "DequantizeLinear (needs the onnx extra) (default: packed)",
+    )
+    export.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.safetensors or model.onnx)")
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output file (never a checkpoint or a file of a run)",
+    )
+    export.add_argument(
+        "--from-previous",
+        action="store_true",
+        help="export the run's previous checkpoint (checkpoint.prev.pt), e.g. when checkpoint.pt is damaged",
+    )
+    export.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -610,12 +343,22 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    taken = [p.name for p in (out / "results.md", out / "results.csv") if p.exists()]
+    if taken and not args.overwrite:
+        raise CLIError(
+            f"metaquant report: error: --out {out} already holds a table ({', '.join(taken)}); choose another "
+            "--out, or replace it with --overwrite"
+        )
     trials = collect(args.runs)
     rows = summarize(trials)
-    out = Path(args.out)
     md, csv_path = write_table(rows, out)
     print(md.read_text())
     written = [md, csv_path]
+    precise = write_precise_table(rows, out)
+    if precise:
+        print(precise[0].read_text())
+        written += precise
     if args.figures:
         try:
             written += plot_comparisons(trials, out)
@@ -659,29 +402,16 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_NOT_CONFIG = {
-    "command",
-    "run_dir",
-    "name",
-    "progress",
-    "debug",
-    "fix_meta",
-    "fix_meta_epoch",
-    "resume",
-    "from_previous",
-}
 # What may accompany --resume: how to continue, never what the run is (that is the run's config.json).
 _WITH_RESUME = {"command", "resume", "progress", "debug", "on_nonfinite", "max_skipped", "from_previous"}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The validated ``RunConfig`` of parsed ``pretrain``/``quantize`` options (``ValueError`` names a bad one)."""
-    fields = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
-    if fields.get("max_skipped") is None:
-        fields.pop("max_skipped", None)  # RunConfig's default
+    fields = {f.name: getattr(args, f.name) for f in OPTION_FIELDS if hasattr(args, f.name)}
     if getattr(args, "fix_meta", False):
         fields["freeze_meta_epoch"] = args.fix_meta_epoch or 0
-    return RunConfig(task=args.command, **fields)
+    return RunConfig.for_task(args.command, **fields)
 
 
 def _given_options(argv: Sequence[str] | None, command: str) -> dict[str, str]:
@@ -693,7 +423,7 @@ def _given_options(argv: Sequence[str] | None, command: str) -> dict[str, str]:
     for action in sub._actions:
         if action.dest != "help":
             action.default = argparse.SUPPRESS
-            spelling[action.dest] = max(action.option_strings, key=len) if action.option_strings else action.dest
+            spelling[action.dest] = flag(action) if action.option_strings else action.dest
     given = vars(parser.parse_args(argv))
     return {dest: spelling.get(dest, dest) for dest in given if dest != "command"}
 
@@ -723,62 +453,83 @@ def _write_failure(err: OSError, command: str, run_dir: Path) -> str:
 
 
 def _run(argv: Sequence[str] | None, process: _Process) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    process.flags = parameter_flags(parser.commands.values())  # type: ignore[attr-defined]
     commands = {"demo": _demo, "sweep": _sweep, "report": _report, "export": _export, "eval": _eval, "plot": _plot}
     if args.command in commands:
         return commands[args.command](args)
-    usage = f"metaquant {args.command}: error:"
+    given = _given_options(argv, args.command)
     if args.resume:
-        given = _given_options(argv, args.command)
-        extra = sorted(spelling for dest, spelling in given.items() if dest not in _WITH_RESUME)
-        if extra:
-            raise CLIError(
-                f"{usage} {', '.join(extra)} cannot be given with --resume: a resumed run takes its "
-                f"options from {Path(args.resume) / 'config.json'} (with --resume only --skip-nonfinite, "
-                "--max-skipped, --from-previous, --no-progress and --debug apply)",
-                EXIT_USAGE,
-            )
-        saved = RunDir(args.resume).config() if RunDir(args.resume).config_path.exists() else None
-        task = saved.task if saved is not None else args.command
-        if task != args.command:
-            raise CLIError(
-                f"{usage} {args.resume} is a {task} run; use 'metaquant {task} --resume {args.resume}'", EXIT_USAGE
-            )
-        overrides = {
-            "on_nonfinite": args.on_nonfinite if "on_nonfinite" in given else None,
-            "max_skipped": args.max_skipped,
-        }
-        policy = overrides["on_nonfinite"] or (saved.on_nonfinite if saved is not None else "raise")
-        if args.max_skipped is not None and policy != "skip":
-            raise CLIError(
-                f"{usage} --max-skipped needs --skip-nonfinite (the run in {args.resume} stops at the "
-                "first non-finite step)",
-                EXIT_USAGE,
-            )
-        run_dir = Path(args.resume)
-    else:
-        if args.from_previous:
-            raise CLIError(f"{usage} --from-previous needs --resume RUN_DIR", EXIT_USAGE)
-        if args.max_skipped is not None and args.on_nonfinite != "skip":
-            raise CLIError(
-                f"{usage} --max-skipped needs --skip-nonfinite (without it the run stops at the first non-finite step)",
-                EXIT_USAGE,
-            )
-        if getattr(args, "fix_meta_epoch", None) is not None and not args.fix_meta:
-            raise CLIError(
-                f"{usage} --fix-meta-epoch needs --fix-meta (it says from which epoch on the meta quantizer is frozen)",
-                EXIT_USAGE,
-            )
-        _check_name(args.command, args.name)
-        try:
-            config = config_from_args(args)
-        except (ValueError, TypeError) as err:
-            raise CLIError(f"{usage} {err}", EXIT_USAGE) from None
-        run_dir = Path(args.run_dir) / (args.name or default_run_name(config))
+        process.flags["run_dir"] = "--resume"  # the run directory that resume() is given
+        return _make_run(args, None, Path(args.resume), _resume_overrides(args, given), process)
+    config = _new_config(args, given)
+    process.flags["run_dir"] = "--name or --run-dir"  # the run directory that execute() is given
+    return _make_run(args, config, Path(args.run_dir) / (args.name or default_run_name(config)), {}, process)
+
+
+def _resume_overrides(args: argparse.Namespace, given: dict[str, str]) -> dict[str, Any]:
+    """What ``--resume`` changes of the run's own options, after checking that nothing else was given."""
+    usage = f"metaquant {args.command}: error:"
+    extra = sorted(spelling for dest, spelling in given.items() if dest not in _WITH_RESUME)
+    if extra:
+        raise CLIError(
+            f"{usage} {', '.join(extra)} cannot be given with --resume: a resumed run takes its "
+            f"options from {Path(args.resume) / 'config.json'} (with --resume only --skip-nonfinite, "
+            "--max-skipped, --from-previous, --no-progress and --debug apply)",
+            EXIT_USAGE,
+        )
+    saved = RunDir(args.resume).config() if RunDir(args.resume).config_path.exists() else None
+    task = saved.task if saved is not None else args.command
+    if task != args.command:
+        raise CLIError(
+            f"{usage} {args.resume} is a {task} run; use 'metaquant {task} --resume {args.resume}'", EXIT_USAGE
+        )
+    overrides = {name: getattr(args, name) if name in given else None for name in ("on_nonfinite", "max_skipped")}
+    policy = overrides["on_nonfinite"] or (saved.on_nonfinite if saved is not None else "raise")
+    if overrides["max_skipped"] is not None and policy != "skip":
+        raise CLIError(
+            f"{usage} --max-skipped needs --skip-nonfinite (the run in {args.resume} stops at the "
+            "first non-finite step)",
+            EXIT_USAGE,
+        )
+    return overrides
+
+
+def _new_config(args: argparse.Namespace, given: dict[str, str]) -> RunConfig:
+    """The configuration of a new run, refusing options that only apply to another one."""
+    usage = f"metaquant {args.command}: error:"
+    if args.from_previous:
+        raise CLIError(f"{usage} --from-previous needs --resume RUN_DIR", EXIT_USAGE)
+    if "max_skipped" in given and args.on_nonfinite != "skip":
+        raise CLIError(
+            f"{usage} --max-skipped needs --skip-nonfinite (without it the run stops at the first non-finite step)",
+            EXIT_USAGE,
+        )
+    if getattr(args, "fix_meta_epoch", None) is not None and not args.fix_meta:
+        raise CLIError(
+            f"{usage} --fix-meta-epoch needs --fix-meta (it says from which epoch on the meta quantizer is frozen)",
+            EXIT_USAGE,
+        )
+    _check_name(args.command, args.name)
+    try:
+        return config_from_args(args)
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"{usage} {err}", EXIT_USAGE) from None
+
+
+def _make_run(
+    args: argparse.Namespace,
+    config: RunConfig | None,
+    run_dir: Path,
+    overrides: dict[str, Any],
+    process: _Process,
+) -> int:
+    """Execute ``config`` in ``run_dir``, or resume the run there (``config`` None), and report the outcome."""
     clean = False
     try:
         with StopFlag().installed(exiting=True) as stop:
-            if args.resume:
+            if config is None:
                 result = resume(
                     run_dir, progress=args.progress, stop=stop, from_previous=args.from_previous, **overrides
                 )
@@ -830,9 +581,10 @@ def _ignore_stop_signals() -> None:
 @dataclass
 class _Process:
     """What one call of ``main`` learns about its process: whether it joined and left a torchrun process group
-    (``main`` then ends the process itself)."""
+    (``main`` then ends the process itself), and the flag of each parameter that its messages may name."""
 
     left_group: bool = False
+    flags: dict[str, str] = field(default_factory=dict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -868,7 +620,7 @@ def _main(argv: Sequence[str] | None, process: _Process) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except CLIError as err:
-        print(err, file=sys.stderr)
+        print(to_flags(str(err), process.flags), file=sys.stderr)
         return err.status
     except KeyboardInterrupt:
         _ignore_stop_signals()  # a second Ctrl-C while this prints must not end in a traceback
@@ -890,12 +642,12 @@ def _main(argv: Sequence[str] | None, process: _Process) -> int:
         if isinstance(err, OSError) and err.filename is not None and err.strerror:
             print(f"metaquant: error: {err.filename}: {err.strerror}", file=sys.stderr)  # not "[Errno 28] ..."
         else:
-            print(f"metaquant: error: {err}", file=sys.stderr)
+            print(f"metaquant: error: {to_flags(str(err), process.flags)}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as err:  # a failure nobody foresaw: still one line, and --debug shows where
         if debug:
             raise
-        first_line = (str(err).strip().splitlines() or [""])[0]
+        first_line = (to_flags(str(err), process.flags).strip().splitlines() or [""])[0]
         print(
             f"metaquant: error: unexpected {type(err).__name__}: {first_line} (rerun with --debug for the traceback)",
             file=sys.stderr,

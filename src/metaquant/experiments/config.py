@@ -1,15 +1,16 @@
-"""The configuration of one training run, validated when it is made.
+"""The configuration of one training run, validated when it is made, and the command-line options it declares.
 
-``RunConfig`` is what the command line builds and what a run directory stores (``config.json``). Every field
-has a default suited to a quick Fashion-MNIST run; each bad value is refused in ``__post_init__`` with a
-``ValueError`` that names the value and what is allowed.
+``RunConfig`` is what the command line builds and what a run directory stores (``config.json``). Each field
+with an option carries it in its metadata: flags, help text and group (``metaquant.experiments.options`` makes
+the ``pretrain`` and ``quantize`` parsers from them). ``RunConfig.for_task`` starts from a task's recipe
+(``TASK_DEFAULTS``, the command line's defaults); ``RunConfig(...)`` and ``from_dict`` keep the dataclass
+defaults. Each bad value is refused in ``__post_init__`` with a ``ValueError`` that names it and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +26,20 @@ from ..layout import MEMORY_FORMATS
 from ..meta import INIT_SCHEMES, META_QUANTIZERS, NONLINEARITIES
 from ..models import model_names
 from ..precision import AMP_MODES
-from ..quantizers import get_quantizer
+from ..quantizers import get_quantizer, quantizer_names
 from ..refine import THROUGH
 from ..schedules import SCHEDULES
+from ..validation import check_choice, check_int, check_number, is_int
 
-__all__ = ["RunConfig", "OPTIMIZERS", "TASKS", "ESTIMATORS"]
+__all__ = ["RunConfig", "OPTIMIZERS", "TASKS", "ESTIMATORS", "TASK_DEFAULTS"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 TASKS = ("pretrain", "quantize")
+#: Each task's recipe: where ``RunConfig.for_task`` (and so the command line) starts, over the dataclass defaults.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pretrain": {"epochs": 10, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "cosine"},
+    "quantize": {"epochs": 100, "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, "lr_schedule": "step"},
+}
 #: Backward methods: the classical estimators, then the learned ones (meta quantizers).
 META_ESTIMATORS = tuple(META_QUANTIZERS)
 ESTIMATORS = tuple(CLASSICAL_ESTIMATORS) + META_ESTIMATORS
@@ -51,37 +58,51 @@ SPLIT_SIZES = {
     "cifar100": (50000, 10000),
     "imagenet": (1281167, 50000),
 }
+#: The groups of options in ``--help``; the last two are the quantize command's only.
+DATA, OPTIMIZATION, RELIABILITY, QUANTIZATION, META = (
+    "data and model",
+    "optimization",
+    "reliability",
+    "quantization",
+    "meta quantizer",
+)
 
 
-def _choice(field: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field} {value!r} is not supported; allowed: {', '.join(allowed)}")
+def _option(default: Any, *flags: str, group: str, help: str, **argparse_options: Any) -> Any:
+    """A field with its command-line option: ``flags``, its ``group`` and ``help`` in ``--help`` (which adds the
+    default unless ``help`` names it), and argparse's ``choices`` (a callable for a registry read when the parser
+    is made), ``metavar``, ``type`` or ``const`` (a flag that sets this value)."""
+    metadata = {"flags": flags, "group": group, "help": help, **argparse_options}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-def _positive(field: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    bound = ">= 0" if allow_zero else "> 0"
-    if ok and not integer and not math.isfinite(value):
-        raise ValueError(f"{field} must be a finite number {bound}, got {value!r}")
-    if ok:
-        ok = value >= 0 if allow_zero else value > 0
-    if not ok:
-        raise ValueError(f"{field} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
+def _estimator_name(name: str) -> str:
+    return ESTIMATOR_ALIASES.get(name.lower(), name.lower())
+
+
+def _quantizer_choices() -> list[str]:
+    return [*quantizer_names(), "bwn-f"]
+
+
+def _check_count(name: str, value: Any) -> None:
+    # check_int(minimum=1) would say ">= 1"; messages of counts say "> 0"
+    if not (is_int(value) and value > 0):
+        raise ValueError(f"{name} must be an integer > 0, got {value!r}")
 
 
 @dataclass
 class RunConfig:
-    """One run of ``metaquant pretrain`` or ``metaquant quantize``.
+    """One run of ``metaquant pretrain`` or ``metaquant quantize``; ``RunConfig.for_task(task, **fields)`` starts
+    from the task's recipe, as the command does, where ``RunConfig(**fields)`` starts from the defaults below.
 
     Names are validated against the registries (``metaquant.models``, ``metaquant.data``,
     ``metaquant.quantizers``); numbers against their ranges. The names (``model``, ``dataset``, ``optimizer``,
     ``quantizer``, ``estimator``) are lower-cased and the original code's estimator spellings (``mlpfc``,
     ``fcgrad``, ``fc_grad``, ``lstm-fc``) become the names used here, so that equal runs have equal
-    configurations. The fields are grouped in the source: data and model, optimization
+    configurations. The fields are grouped as the command line's options: data and model, optimization
     (``lr`` is ``α``), reliability, quantization (``quantizer``, ``bits``, ``estimator``: docs/design.md §3-§4) and the
     meta quantizer (``meta_lr`` is ``γ``; ``step_order`` ``"paper"`` is Algorithm 1 of docs/design.md §5,
-    ``"original"`` the original code's order of docs/design.md §5.1).
+    ``"original"`` the original code's order of docs/design.md §5.1); each one's metadata holds its help text.
 
     Raises:
         ValueError: a string or boolean field given a value of another type, or a value outside its registry
@@ -106,77 +127,234 @@ class RunConfig:
     """
 
     task: str = "quantize"
-    # data and model
-    model: str = "resnet20"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    download: bool = True
-    # training augmentation: "auto" (the data set's own: crop_flip for CIFAR, none for the others) or a name
-    augment: str = "auto"
-    train_size: int | None = None
-    test_size: int | None = None
-    # seed of the training subset (default: ``seed``); fix it to compare trials on the same examples
-    subset_seed: int | None = None
-    batch_size: int = 128
-    test_batch_size: int = 500
-    # optimization
-    epochs: int = 10
-    optimizer: str = "sgd"
-    lr: float = 1e-3
-    momentum: float = 0.0
-    dampening: float = 0.0
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    lr_schedule: str = "step"
-    lr_step: int = 30
-    lr_gamma: float = 0.1
-    seed: int = 0
-    device: str = "auto"
-    # speed: the layout of convolutional models and batches, and mixed precision of the forward pass
-    memory_format: str = "auto"
-    amp: str = "none"
-    # data-parallel training under torchrun: SyncBatchNorm instead of per-process BatchNorm statistics
-    sync_bn: bool = False
-    # evaluation: recompute BatchNorm statistics from this many training batches before each test (0: keep the
-    # running averages; metaquant.batchnorm)
-    precise_bn_batches: int = 0
-    # also record each epoch's test accuracy with BatchNorm statistics recomputed from this many training batches
-    # (test_acc_precise_bn), on a copy: the run's own statistics and test_acc stay as they are (0: not recorded)
-    record_precise_bn: int = 0
-    # deliver an exponential moving average of the weights, with this decay per step (0: the last weights;
-    # metaquant.averaging)
-    ema_decay: float = 0.0
-    # reliability
-    on_nonfinite: str = "raise"
-    # with on_nonfinite="skip": the run stops as failed once more steps than this were skipped
-    max_skipped: int = 10
-    checkpoint_every: int = 0
-    # quantization
-    init: str | None = None
-    quantizer: str = "dorefa"
-    bits: int = 1
-    estimator: str = "ste"
-    ewgs_delta: float = 1e-3
-    # meta quantizer (estimator fc-grad, multifc or lstmfc)
-    hidden_size: int = 100
-    num_fc: int = 2
-    num_lstm: int = 1
-    nonlinearity: str = "none"
-    meta_lr: float = 1e-3
-    meta_weight_decay: float = 0.0
-    step_order: str = "paper"
-    through: str = "residual"
+    model: str = _option("resnet20", "-m", "--model", group=DATA, help="architecture", choices=model_names)
+    dataset: str = _option("fashion-mnist", "-d", "--dataset", group=DATA, help="dataset", choices=DATASETS)
+    data_dir: str | None = _option(
+        None,
+        "--data-dir",
+        group=DATA,
+        help="where the dataset files are, and only there (default: ~/.cache/metaquant/<dataset>, and for "
+        "Fashion-MNIST also /usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist)",
+    )
+    download: bool = _option(True, "--no-download", group=DATA, help="never download a missing dataset; fail instead")
+    augment: str = _option(
+        "auto",
+        "--augment",
+        group=DATA,
+        help="training augmentation: auto (the data set's own: crop_flip for CIFAR, none for the others), none, or "
+        "crop_flip (pad 4, random crop, random horizontal flip)",
+        choices=("auto", *AUGMENTATIONS),
+    )
+    train_size: int | None = _option(
+        None, "--train-size", group=DATA, help="train on a fixed, seeded random subset of N examples (default: all)"
+    )
+    test_size: int | None = _option(
+        None,
+        "--test-size",
+        group=DATA,
+        help="evaluate on a fixed, seeded random subset of N test examples (default: all)",
+    )
+    subset_seed: int | None = _option(
+        None,
+        "--subset-seed",
+        group=DATA,
+        help="seed of the --train-size subset (default: --seed); fix it to keep the same images across trials",
+    )
+    batch_size: int = _option(128, "-bs", "--batch-size", group=DATA, help="training batch size")
+    test_batch_size: int = _option(500, "--test-batch-size", group=DATA, help="evaluation batch size")
+    epochs: int = _option(10, "-n", "--epochs", group=OPTIMIZATION, help="number of epochs")
+    optimizer: str = _option("sgd", "-o", "--optimizer", group=OPTIMIZATION, help="base optimizer", choices=OPTIMIZERS)
+    lr: float = _option(1e-3, "--lr", group=OPTIMIZATION, help="initial learning rate")
+    momentum: float = _option(0.0, "--momentum", group=OPTIMIZATION, help="SGD momentum")
+    dampening: float = _option(0.0, "--dampening", group=OPTIMIZATION, help="SGD dampening")
+    nesterov: bool = _option(False, "--nesterov", group=OPTIMIZATION, help="Nesterov momentum (SGD)")
+    weight_decay: float = _option(0.0, "--weight-decay", group=OPTIMIZATION, help="weight decay")
+    lr_schedule: str = _option(
+        "step", "--lr-schedule", group=OPTIMIZATION, help="learning-rate schedule", choices=SCHEDULES
+    )
+    lr_step: int = _option(
+        30,
+        "-ad",
+        "--lr-step",
+        group=OPTIMIZATION,
+        help="step schedule: divide the learning rate by 1/--lr-gamma every N epochs",
+    )
+    lr_gamma: float = _option(0.1, "--lr-gamma", group=OPTIMIZATION, help="step schedule factor")
+    seed: int = _option(0, "--seed", group=OPTIMIZATION, help="random seed")
+    device: str = _option("auto", "--device", group=OPTIMIZATION, help="auto, cpu, cuda or cuda:N")
+    memory_format: str = _option(
+        "auto",
+        "--memory-format",
+        group=OPTIMIZATION,
+        help="layout of convolutional models: auto (channels-last for models with 2-D convolutions, faster on CPU "
+        "and CUDA), channels-last or contiguous",
+        choices=MEMORY_FORMATS,
+    )
+    amp: str = _option(
+        "none",
+        "--amp",
+        group=OPTIMIZATION,
+        help="mixed precision of the forward pass: none, bf16 (CPU or CUDA) or fp16 (CUDA, with a gradient scaler); "
+        "weights and the meta quantizer stay float32",
+        choices=AMP_MODES,
+    )
+    sync_bn: bool = _option(
+        False,
+        "--sync-bn",
+        group=OPTIMIZATION,
+        help="under torchrun: SyncBatchNorm (statistics over the whole batch) instead of each process's own "
+        "BatchNorm statistics",
+    )
+    precise_bn_batches: int = _option(
+        0,
+        "--precise-bn",
+        group=OPTIMIZATION,
+        help="before each evaluation, recompute the BatchNorm statistics for the current weights from the epoch's "
+        "first N training batches instead of the running averages (default: %(default)s, off)",
+        metavar="N",
+    )
+    record_precise_bn: int = _option(
+        0,
+        "--record-precise-bn",
+        group=OPTIMIZATION,
+        help="also record each epoch's test accuracy with BatchNorm statistics recomputed from N training batches "
+        "(test_acc_precise_bn), on a copy: the run itself is unchanged (default: %(default)s, off)",
+        metavar="N",
+    )
+    ema_decay: float = _option(
+        0.0,
+        "--ema-decay",
+        group=OPTIMIZATION,
+        help="deliver an exponential moving average of the weights (decay D per step, in (0, 1), e.g. 0.999) "
+        "instead of the last ones; each test reports both; pair it with --precise-bn (default: %(default)s, off)",
+        metavar="D",
+    )
+    on_nonfinite: str = _option(
+        "raise",
+        "--skip-nonfinite",
+        group=RELIABILITY,
+        help="skip steps with a non-finite loss, gradient or meta output, or whose update overflows the weights, "
+        "instead of stopping (also with --resume)",
+        const="skip",
+    )
+    max_skipped: int = _option(
+        10,
+        "--max-skipped",
+        group=RELIABILITY,
+        help="with --skip-nonfinite: stop the run as failed once more than N steps were skipped (default: "
+        "%(default)s; also with --resume)",
+        metavar="N",
+    )
+    checkpoint_every: int = _option(
+        0,
+        "--checkpoint-every",
+        group=RELIABILITY,
+        help="also checkpoint every N steps within an epoch (default: %(default)s, at epoch ends only)",
+        metavar="N",
+    )
+    init: str | None = _option(
+        None,
+        "--init",
+        group=QUANTIZATION,
+        help="the weights to start from: pre-trained full-precision weights (a checkpoint, a run directory, or the "
+        "original MetaQuant code's state_dict, e.g. ResNet20-CIFAR10-pretrain.pth), or a quantization run to "
+        "fine-tune (the weights it delivered: its average with --ema-decay)",
+    )
+    quantizer: str = _option(
+        "dorefa", "-q", "--quantizer", group=QUANTIZATION, help="forward quantizer", choices=_quantizer_choices
+    )
+    bits: int = _option(1, "-bw", "--bits", group=QUANTIZATION, help="bit width")
+    estimator: str = _option(
+        "ste",
+        "-meta",
+        "--estimator",
+        group=QUANTIZATION,
+        help="backward method: a classical estimator (ste, identity, ewgs) or a meta quantizer (fc-grad, multifc, "
+        "lstmfc) trained by MetaQuant",
+        choices=ESTIMATORS,
+        type=_estimator_name,
+    )
+    ewgs_delta: float = _option(1e-3, "--ewgs-delta", group=QUANTIZATION, help="EWGS scaling factor δ")
+    hidden_size: int = _option(100, "-hidden", "--hidden-size", group=META, help="hidden size")
+    num_fc: int = _option(
+        2,
+        "-nfc",
+        "--num-fc",
+        group=META,
+        help="number of FC layers of FC-Grad and MultiFC (default: %(default)s, the paper's)",
+    )
+    num_lstm: int = _option(1, "-nlstm", "--num-lstm", group=META, help="number of LSTM layers of LSTMFC")
+    nonlinearity: str = _option(
+        "none",
+        "-nonlinear",
+        "--nonlinearity",
+        group=META,
+        help="non-linearity between the FC layers",
+        choices=NONLINEARITIES,
+    )
+    meta_lr: float = _option(
+        1e-3,
+        "--meta-lr",
+        group=META,
+        help="learning rate γ of the meta quantizer's Adam; follows the base schedule",
+    )
+    meta_weight_decay: float = _option(
+        0.0, "--meta-weight-decay", group=META, help="weight decay of the meta optimizer"
+    )
+    step_order: str = _option(
+        "paper",
+        "--step-order",
+        group=META,
+        help="paper: Algorithm 1; original: the original code's order, to reproduce its numbers",
+        choices=STEP_ORDERS,
+    )
+    through: str = _option(
+        "residual",
+        "--through",
+        group=META,
+        help="derivative of the optimizer's update w.r.t. the gradient: residual (identity, the paper's) or exact "
+        "(e.g. through the whole Adam update)",
+        choices=THROUGH,
+    )
+    # from this epoch on the meta quantizer is frozen (the command line's --fix-meta and --fix-meta-epoch)
     freeze_meta_epoch: int | None = None
-    meta_init: str | None = None
-    # where the meta quantizer starts: "paper" (random, the paper's) or "ste" (a correction of STE that starts at 0)
-    meta_init_scheme: str = "paper"
+    meta_init: str | None = _option(
+        None,
+        "--meta-init",
+        group=META,
+        help="start from a trained meta quantizer: a run directory, its meta.pt or a checkpoint",
+    )
+    meta_init_scheme: str = _option(
+        "paper",
+        "--meta-init-scheme",
+        group=META,
+        help="where the meta quantizer starts: paper (random, the paper's) or ste (a learned correction of the STE "
+        "whose last layer starts at zero: the first steps are STE steps)",
+        choices=INIT_SCHEMES,
+    )
     # the "equivalent STE": multiply lr by the mean gain that the FC-Grad run in this directory learned
     lr_gain_from: str | None = None
-    # knowledge distillation (quantize runs): lambda and T of metaquant.distill
-    distill_weight: float = 0.0
-    distill_temperature: float = 4.0
-    # the full-precision model to distil from: a checkpoint or run directory (None: the init model)
-    teacher: str | None = None
+    distill_weight: float = _option(
+        0.0,
+        "--distill-weight",
+        group=QUANTIZATION,
+        help="knowledge distillation from the --init model (or --teacher): the share λ in [0, 1] of the loss that "
+        "matches its softened predictions (default: %(default)s, labels only)",
+    )
+    distill_temperature: float = _option(
+        4.0,
+        "--distill-temperature",
+        group=QUANTIZATION,
+        help="the temperature T of the distillation, in [0.01, 1000]",
+    )
+    teacher: str | None = _option(
+        None,
+        "--teacher",
+        group=QUANTIZATION,
+        help="the full-precision model to distil from, a checkpoint or run directory (default: the --init model); "
+        "e.g. to fine-tune a quantized run given as --init",
+        metavar="CHECKPOINT",
+    )
     # reports: how tables and figures name this run's backward method (default: derived from the options)
     label: str | None = None
 
@@ -188,18 +366,26 @@ class RunConfig:
             if f.type == "bool" and not isinstance(value, bool):
                 raise ValueError(f"{f.name} must be true or false, got {value!r}")
         # Registry names are case-insensitive: keep one spelling, so run names and reports group them.
-        for name in ("model", "dataset", "optimizer", "quantizer", "estimator"):
+        for name in ("model", "dataset", "optimizer", "quantizer"):
             setattr(self, name, getattr(self, name).lower())
-        _choice("task", self.task, TASKS)
-        _choice("model", self.model, model_names())
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("augment", self.augment, ("auto", *AUGMENTATIONS))
+        self.estimator = _estimator_name(self.estimator)
+        check_choice("task", self.task, TASKS)
+        self._check_data()
+        self._check_optimization()
+        self._check_reliability()
+        self._check_quantization()
+        self._check_meta_quantizer()
+
+    def _check_data(self) -> None:
+        check_choice("model", self.model, model_names())
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("augment", self.augment, ("auto", *AUGMENTATIONS))
         if self.augment != "auto" and self.dataset == "imagenet":
             raise ValueError("augment applies to the in-memory data sets; ImageNet's training transforms are fixed")
         for name, available, split in zip(("train_size", "test_size"), SPLIT_SIZES[self.dataset], ("training", "test")):
             value = getattr(self, name)
             if value is not None:
-                _positive(name, value, integer=True)
+                _check_count(name, value)
                 if value > available:
                     raise ValueError(
                         f"{name} {value} is more than the {available} {split} examples of "
@@ -208,39 +394,46 @@ class RunConfig:
         for name in ("seed", "subset_seed"):
             value = getattr(self, name)
             if value is not None:
-                _positive(name, value, integer=True, allow_zero=True)
-                if value > MAX_SEED:
-                    raise ValueError(f"{name} must be an integer in 0..{MAX_SEED}, got {value!r}")
-        for name in ("batch_size", "test_batch_size", "epochs", "lr_step"):
-            _positive(name, getattr(self, name), integer=True)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _positive("lr", self.lr)
+                check_int(name, value, minimum=0)  # a negative seed is told as such, before the range
+                check_int(name, value, minimum=0, maximum=MAX_SEED)
+        for name in ("batch_size", "test_batch_size"):
+            _check_count(name, getattr(self, name))
+
+    def _check_optimization(self) -> None:
+        for name in ("epochs", "lr_step"):
+            _check_count(name, getattr(self, name))
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_number("lr", self.lr, low=0, low_open=True)
         for name in ("momentum", "dampening"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0 and dampening 0")
-        _positive("weight_decay", self.weight_decay, allow_zero=True)
-        _choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_choice("lr_schedule", self.lr_schedule, SCHEDULES)
         if not (isinstance(self.lr_gamma, (int, float)) and 0 < self.lr_gamma <= 1):
             raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
         if not (self.device in DEVICES or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"device {self.device!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
-        _choice("memory_format", self.memory_format, MEMORY_FORMATS)
-        _choice("amp", self.amp, AMP_MODES)
+        check_choice("memory_format", self.memory_format, MEMORY_FORMATS)
+        check_choice("amp", self.amp, AMP_MODES)
         if self.amp == "fp16" and self.device == "cpu":
             raise ValueError("amp 'fp16' needs a CUDA device (its gradient scaler is for CUDA); on cpu use amp 'bf16'")
-        _choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
-        _positive("max_skipped", self.max_skipped, integer=True, allow_zero=True)
-        _positive("checkpoint_every", self.checkpoint_every, integer=True, allow_zero=True)
-        _positive("precise_bn_batches", self.precise_bn_batches, integer=True, allow_zero=True)
-        _positive("record_precise_bn", self.record_precise_bn, integer=True, allow_zero=True)
+        for name in ("precise_bn_batches", "record_precise_bn"):
+            check_int(name, getattr(self, name), minimum=0)
         check_ema_decay(self.ema_decay, allow_zero=True)
-        _positive("bits", self.bits, integer=True)
+
+    def _check_reliability(self) -> None:
+        check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        for name in ("max_skipped", "checkpoint_every"):
+            check_int(name, getattr(self, name), minimum=0)
+
+    def _check_quantization(self) -> None:
+        _check_count("bits", self.bits)
         get_quantizer(self.quantizer, self.bits)  # raises with the allowed names / bit widths
-        self.estimator = ESTIMATOR_ALIASES.get(self.estimator, self.estimator)
-        _choice("estimator", self.estimator, ESTIMATORS)
+        check_choice("estimator", self.estimator, ESTIMATORS)
+        check_number("ewgs_delta", self.ewgs_delta, low=0)
         if self.lr_gain_from is not None and (self.task != "quantize" or self.uses_meta):
             raise ValueError(
                 "lr_gain_from (the equivalent STE) applies to quantize runs with a classical "
@@ -260,19 +453,20 @@ class RunConfig:
         if self.teacher is not None and self.distill_weight == 0:
             raise ValueError(
                 f"teacher {self.teacher!r} is the model a run distils from: give distill_weight > 0 too "
-                "(--distill-weight)"
+                "(`distill_weight`)"
             )
-        _positive("ewgs_delta", self.ewgs_delta, allow_zero=True)
+
+    def _check_meta_quantizer(self) -> None:
         for name in ("hidden_size", "num_fc", "num_lstm"):
-            _positive(name, getattr(self, name), integer=True)
-        _choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
-        _choice("meta_init_scheme", self.meta_init_scheme, INIT_SCHEMES)
-        _positive("meta_lr", self.meta_lr)
-        _positive("meta_weight_decay", self.meta_weight_decay, allow_zero=True)
-        _choice("step_order", self.step_order, STEP_ORDERS)
-        _choice("through", self.through, THROUGH)
+            _check_count(name, getattr(self, name))
+        check_choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
+        check_choice("meta_init_scheme", self.meta_init_scheme, INIT_SCHEMES)
+        check_number("meta_lr", self.meta_lr, low=0, low_open=True)
+        check_number("meta_weight_decay", self.meta_weight_decay, low=0)
+        check_choice("step_order", self.step_order, STEP_ORDERS)
+        check_choice("through", self.through, THROUGH)
         if self.freeze_meta_epoch is not None:
-            _positive("freeze_meta_epoch", self.freeze_meta_epoch, integer=True, allow_zero=True)
+            check_int("freeze_meta_epoch", self.freeze_meta_epoch, minimum=0)
         if self.estimator not in META_ESTIMATORS:
             for name in ("meta_init", "freeze_meta_epoch"):
                 if getattr(self, name) is not None:
@@ -280,6 +474,18 @@ class RunConfig:
                         f"{name} needs a meta quantizer estimator ({', '.join(META_ESTIMATORS)}), "
                         f"not {self.estimator!r}"
                     )
+
+    @classmethod
+    def for_task(cls, task: str, **fields: Any) -> RunConfig:
+        """A ``task`` run (``"pretrain"`` or ``"quantize"``) from that task's recipe, ``TASK_DEFAULTS``: what
+        ``metaquant pretrain`` and ``metaquant quantize`` run without options; ``fields`` set any other value.
+
+        Raises:
+            ValueError: an unknown task, or a value ``RunConfig`` refuses.
+            TypeError: ``fields`` names no field, or holds ``task``.
+        """
+        check_choice("task", task, TASKS)
+        return cls(task=task, **{**TASK_DEFAULTS[task], **fields})
 
     @property
     def uses_meta(self) -> bool:

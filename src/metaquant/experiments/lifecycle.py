@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from ..algorithm import MetaQuant
-from ..distributed import any_process, init_from_env, is_main, unwrap
-from ..files import atomic_write_bytes, load_checkpoint
+from ..distributed import any_process, init_from_env, is_main
+from ..files import atomic_write_bytes, load_checkpoint, temporary_files
 from ..guards import StopFlag
 from ..training import FitState, fit, precise_bn_metrics, restore_fit, step_schedule
 from .builders import Session, init_path, prepare_session, teacher_path
 from .config import RunConfig
 from .meta_files import META_FILE, meta_config, save_meta
-from .runs import DAMAGED_CHECKPOINT, RunDir, RunLock, RunLockedError
+from .runs import DAMAGED_CHECKPOINT, RUN_FILES, RunDir, RunLock, RunLockedError
 from .trace import TRACE_FILE, MetaTrace
 
 __all__ = ["execute", "resume", "RunResult", "describe_checkpoint", "latest_checkpoint"]
@@ -67,11 +67,9 @@ def _extra(config: RunConfig, teacher_digest: str | None = None) -> dict[str, An
 def _train(
     config: RunConfig, session: Session, run: RunDir | None, state: FitState, progress: bool, stop: StopFlag | None
 ) -> RunResult:
-    on_epoch_end = None
-    if run is not None and isinstance(session.trainer, MetaQuant):
-        trace = MetaTrace(run.path / TRACE_FILE, config.epochs)
-        model = unwrap(session.model)
-        on_epoch_end = lambda epoch: trace.snapshot(epoch, session.trainer, model)  # noqa: E731
+    callbacks = []
+    if run is not None and isinstance(session.trainer, MetaQuant):  # snapshots of what the meta quantizer learns
+        callbacks.append(MetaTrace(run.path / TRACE_FILE, config.epochs))
     state = fit(
         session.model,
         session.trainer,
@@ -85,7 +83,6 @@ def _train(
         progress=progress,
         stop=stop,
         checkpoint_every=config.checkpoint_every,
-        on_epoch_end=on_epoch_end,
         max_skipped=config.max_skipped if config.on_nonfinite == "skip" else None,
         amp=config.amp,
         criterion=session.criterion,
@@ -96,6 +93,7 @@ def _train(
             if config.record_precise_bn
             else None
         ),
+        callbacks=callbacks,
     )
     if run is not None:
         if isinstance(session.trainer, MetaQuant):
@@ -241,7 +239,7 @@ def _previous_note(run: RunDir) -> str:
     described = describe_checkpoint(previous)
     if described is None:
         return f"the previous checkpoint {previous} is damaged too"
-    return f"the previous checkpoint {described} is intact: use it with --from-previous"
+    return f"the previous checkpoint {described} is intact: use it with `from_previous`"
 
 
 def latest_checkpoint(run: RunDir, from_previous: bool = False) -> tuple[dict[str, Any] | None, Path | None]:
@@ -253,7 +251,7 @@ def latest_checkpoint(run: RunDir, from_previous: bool = False) -> tuple[dict[st
     current, previous = run.checkpoint_path, run.previous_checkpoint_path
     if from_previous:
         if not previous.exists():
-            raise FileNotFoundError(f"--from-previous: {previous} does not exist")
+            raise FileNotFoundError(f"`from_previous`: {previous} does not exist")
         return load_checkpoint(previous), previous
     if not current.exists():
         if previous.exists():
@@ -374,7 +372,7 @@ def resume(
     """
     run = RunDir(run_dir)
     if not run.path.is_dir() or not run.config_path.exists():
-        raise FileNotFoundError(f"--resume {run_dir}: no run there (config.json is missing)")
+        raise FileNotFoundError(f"`run_dir` {run_dir}: no run there (config.json is missing)")
     config = run.config()
     overrides = {k: v for k, v in (("on_nonfinite", on_nonfinite), ("max_skipped", max_skipped)) if v is not None}
     if overrides:
@@ -392,11 +390,12 @@ def resume(
     init_from_env(config.device)  # join the process group first: every process learns whether the lock was taken
     with _owning(run.path) as writer:
         if writer is not None:
-            for stale in run.path.glob(".*.tmp"):  # a write that a kill interrupted; never a complete file
+            # writes of the run's files that a kill interrupted: never complete files; nothing else is touched
+            for stale in (tmp for name in RUN_FILES for tmp in temporary_files(run.path / name)):
                 stale.unlink(missing_ok=True)
         if from_previous and describe_checkpoint(run.checkpoint_path) is not None:
             raise ValueError(
-                f"--from-previous: {run.checkpoint_path} is intact; continue from it (without --from-previous)"
+                f"`from_previous`: {run.checkpoint_path} is intact; continue from it (without `from_previous`)"
             )
         checkpoint, source = latest_checkpoint(run, from_previous)
         if checkpoint is None:

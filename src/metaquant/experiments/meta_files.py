@@ -46,19 +46,19 @@ def load_meta(meta: MetaQuantizer, source: str, expected: dict[str, Any]) -> Non
     if path.is_dir():
         path = path / META_FILE if (path / META_FILE).exists() else path / CHECKPOINT
     if not path.is_file():
-        raise FileNotFoundError(f"--meta-init {source}: no {META_FILE} or {CHECKPOINT} there")
+        raise FileNotFoundError(f"`meta_init` {source}: no {META_FILE} or {CHECKPOINT} there")
     try:
         saved = torch.load(io.BytesIO(read_verified(path)), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"--meta-init {path} cannot be read ({type(err).__name__}: {err})") from None
+        raise ValueError(f"`meta_init` {path} cannot be read ({type(err).__name__}: {err})") from None
     if "trainer" in saved:  # a checkpoint
         state, found = saved["trainer"].get("meta"), saved.get("meta_config")
     else:
         state, found = saved.get("meta"), saved.get("meta_config")
     if state is None or found is None:
-        raise ValueError(f"--meta-init {path} holds no meta quantizer")
+        raise ValueError(f"`meta_init` {path} holds no meta quantizer")
     if found != expected:
-        raise ValueError(f"--meta-init {path} holds a meta quantizer {found}, this run needs {expected}")
+        raise ValueError(f"`meta_init` {path} holds a meta quantizer {found}, this run needs {expected}")
     meta.load_state_dict(state)
 
 

@@ -14,8 +14,6 @@ Variances are population variances (``ddof = 0``) throughout, for both columns.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import re
 from collections import defaultdict
@@ -40,7 +38,7 @@ __all__ = [
     "summarize",
     "best_stats",
     "last_k_stats",
-    "write_table",
+    "final_stats",
 ]
 
 OURS = "metaquant"
@@ -80,6 +78,8 @@ class TrialCurves:
         path: where the trial was read from.
         first_epoch: the epochs of the runs this one continues (a fine-tuning run's source run); the figures draw
             this run's epoch ``i`` at ``first_epoch + i``.
+        precise_acc: test accuracy after each epoch with BatchNorm statistics recomputed from training batches
+            (``record_precise_bn``, or every test of a run with ``precise_bn_batches``), when the run has it.
 
     Example:
         >>> from metaquant.experiments.report import TrialCurves
@@ -102,6 +102,7 @@ class TrialCurves:
     fp_acc: float | None = None
     path: Path | None = None
     first_epoch: int = 0
+    precise_acc: list[float] | None = None
 
     @property
     def key(self) -> tuple[str, str, str, str, int, str, str]:
@@ -119,6 +120,9 @@ class SummaryRow:
         fp_acc: mean full-precision accuracy of the trials' starting models, or None.
         trials: the number of trials.
         epochs: each trial's number of epochs.
+        final: mean and population variance over trials of each trial's final test accuracy.
+        precise_final, precise_last: as ``final`` and ``last_*``, with BatchNorm statistics recomputed
+            (``TrialCurves.precise_acc``), when every trial of the row has them; else None.
 
     Example:
         >>> from metaquant.experiments.report import TrialCurves
@@ -144,6 +148,9 @@ class SummaryRow:
     fp_acc: float | None
     trials: int
     epochs: list[int] = field(default_factory=list)
+    final: tuple[float, float] = (float("nan"), float("nan"))
+    precise_final: tuple[float, float] | None = None
+    precise_last: tuple[float, float] | None = None
 
 
 # --- statistics (pure) -----------------------------------------------------------------------------------
@@ -192,6 +199,21 @@ def last_k_stats(curves: Sequence[Sequence[float]], k: int = 10) -> tuple[float,
     """
     pooled = np.array([a for c in curves for a in c[-k:]], dtype=np.float64)
     return float(pooled.mean()), float(pooled.var())
+
+
+def final_stats(curves: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """Mean and population variance, over trials, of each trial's final accuracy."""
+    final = np.array([c[-1] for c in curves], dtype=np.float64)
+    return float(final.mean()), float(final.var())
+
+
+def _precise_curve(config: RunConfig, metrics: list[dict]) -> list[float] | None:
+    """Each epoch's test accuracy with BatchNorm statistics recomputed, if the run measured it."""
+    if metrics and all(isinstance(m.get("test_acc_precise_bn"), (int, float)) for m in metrics):
+        return [m["test_acc_precise_bn"] for m in metrics]
+    if config.precise_bn_batches > 0:  # every test of the run recomputed them
+        return [m["test_acc"] for m in metrics]
+    return None
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -289,6 +311,7 @@ def read_run(path: Path) -> TrialCurves | None:
         fp_acc,
         path,
         epochs_before,
+        _precise_curve(config, metrics),
     )
 
 
@@ -479,6 +502,8 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
         best_mean, best_var = best_stats(curves)
         last_mean, last_var = last_k_stats(curves, last_k)
         fps = [t.fp_acc for t in members if t.fp_acc is not None]
+        precise = [t.precise_acc for t in members if t.precise_acc]
+        complete = len(precise) == len(members)
         source, model, dataset, forward, bits, backward, optimizer = key
         rows.append(
             SummaryRow(
@@ -496,6 +521,9 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
                 float(np.mean(fps)) if fps else None,
                 len(members),
                 [len(c) for c in curves],
+                final_stats(curves),
+                final_stats(precise) if complete else None,
+                last_k_stats(precise, last_k) if complete else None,
             )
         )
     order = {"STE": 0, "FC-Grad": 2, "MultiFC": 3, "LSTMFC": 4}
@@ -512,120 +540,3 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
         )
     )
     return rows
-
-
-_COLUMNS = [
-    "Source",
-    "Model",
-    "Dataset",
-    "Forward",
-    "Bits",
-    "Backward",
-    "Optimizer",
-    "Best Acc",
-    "Last 10 Acc",
-    "FP Acc",
-    "Trials",
-]
-
-
-def _cells(row: SummaryRow) -> list[str]:
-    fp = f"{row.fp_acc:.2f}" if row.fp_acc is not None else "-"
-    return [
-        row.source,
-        row.model,
-        row.dataset,
-        row.forward,
-        str(row.bits),
-        row.backward,
-        row.optimizer,
-        f"{row.best_mean:.3f} ({row.best_var:.3f})",
-        f"{row.last_mean:.3f} ({row.last_var:.3f})",
-        fp,
-        str(row.trials),
-    ]
-
-
-def write_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results") -> tuple[Path, Path]:
-    """``<stem>.md`` (the seed's layout: mean (variance)) and ``<stem>.csv`` (one column per number).
-
-    The Markdown table shows three decimals and ends with a note on the statistics; the CSV has four decimals
-    and the fewest epochs of the row's trials.
-
-    Args:
-        rows: the table (``summarize``).
-        out: the directory to write in (created if needed).
-        stem: the files' name without extension.
-
-    Returns:
-        ``(markdown path, CSV path)``.
-
-    Raises:
-        OSError: the files cannot be written.
-
-    Example:
-        >>> from metaquant.experiments.report import TrialCurves
-        >>> def trial(backward, n, acc):  # one trial of 3 epochs of ResNet20 on CIFAR10, 1-bit DoReFa, SGD
-        ...     return TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, backward, "SGD", n, acc, [1.0]*3)
-        >>> from metaquant.experiments.report import summarize, write_table
-        >>> rows = summarize([trial("STE", 1, [70.0, 80.0, 75.0]), trial("STE", 2, [72.0, 78.0, 79.0])], last_k=2)
-        >>> import pathlib
-        >>> md, csv_path = write_table(rows, pathlib.Path("tables"))
-        >>> md.read_text().splitlines()[2]
-        '| metaquant | ResNet20 | CIFAR10 | dorefa | 1 | STE | SGD | 79.500 (0.250) | 78.000 (3.500) | - | 2 |'
-        >>> csv_path.read_text().splitlines()[1]
-        'metaquant,ResNet20,CIFAR10,dorefa,1,STE,SGD,79.5000,0.2500,78.0000,3.5000,,2,3'
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "|".join(" :---: " for _ in _COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    lines.append("")
-    lines.append(
-        "Best Acc: mean (variance) over trials of each trial's best test accuracy. Last 10 Acc: mean "
-        "(variance) of the last 10 epochs' test accuracies of all trials pooled. Variances are "
-        "population variances (ddof = 0)."
-    )
-    md = out / f"{stem}.md"
-    md.write_text("\n".join(lines) + "\n")
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(
-        [
-            "source",
-            "model",
-            "dataset",
-            "forward",
-            "bits",
-            "backward",
-            "optimizer",
-            "best_mean",
-            "best_var",
-            "last10_mean",
-            "last10_var",
-            "fp_acc",
-            "trials",
-            "epochs",
-        ]
-    )
-    for r in rows:
-        writer.writerow(
-            [
-                r.source,
-                r.model,
-                r.dataset,
-                r.forward,
-                r.bits,
-                r.backward,
-                r.optimizer,
-                f"{r.best_mean:.4f}",
-                f"{r.best_var:.4f}",
-                f"{r.last_mean:.4f}",
-                f"{r.last_var:.4f}",
-                "" if r.fp_acc is None else f"{r.fp_acc:.4f}",
-                r.trials,
-                min(r.epochs),
-            ]
-        )
-    csv_path = out / f"{stem}.csv"
-    csv_path.write_text(buffer.getvalue())
-    return md, csv_path

@@ -267,8 +267,7 @@ class RunDir:
         run = cls(path)
         if run.config_path.exists():
             raise RunExistsError(
-                f"run directory {path} already holds a run; choose another --name or --run-dir "
-                "(or resume it with --resume)"
+                f"run directory {path} already holds a run; choose another `run_dir` (or resume it with `resume`)"
             )
         # What an interrupted creation leaves (a temporary config) is ours; anything else is not.
         others = sorted(
@@ -277,8 +276,7 @@ class RunDir:
         if others:
             shown = ", ".join(others[:5]) + (f", ... ({len(others)} entries)" if len(others) > 5 else "")
             raise RunExistsError(
-                f"{path} is not empty and is not a run (no config.json; it holds {shown}); "
-                "choose another --name or --run-dir"
+                f"{path} is not empty and is not a run (no config.json; it holds {shown}); choose another `run_dir`"
             )
 
     @classmethod
@@ -306,8 +304,7 @@ class RunDir:
             )
         except FileExistsError:
             raise RunExistsError(
-                f"run directory {run.path} already holds a run; choose another --name or --run-dir "
-                "(or resume it with --resume)"
+                f"run directory {run.path} already holds a run; choose another `run_dir` (or resume it with `resume`)"
             ) from None
         return run
 

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import unwrap
 from ..files import atomic_write_bytes
 from ..layers import quantized_layers
+from ..loop import Callback, FitLoop
 from ..meta import LSTMFC
 
 logger = logging.getLogger(__name__)
@@ -61,11 +63,12 @@ def snapshot_epochs(epochs: int) -> set[int]:
     return marks
 
 
-class MetaTrace:
+class MetaTrace(Callback):
     """Collects snapshots of a MetaQuant run (see the module docstring) and writes them to ``path``.
 
-    ``pipeline.execute`` makes one for every MetaQuant run with a run directory and calls ``snapshot`` after
-    each epoch. An existing file at ``path`` is loaded, so a resumed run continues its trace.
+    ``pipeline.execute`` makes one for every MetaQuant run with a run directory and gives it to ``fit`` as a
+    callback, which snapshots before the first epoch and after each one; ``snapshot`` takes one directly. An
+    existing file at ``path`` is loaded, so a resumed run continues its trace.
 
     Args:
         path: the trace file (``<run dir>/trace.pt``); rewritten atomically at every snapshot.
@@ -109,6 +112,13 @@ class MetaTrace:
                     err,
                     aside.name,
                 )
+
+    def on_fit_start(self, loop: FitLoop) -> None:
+        if loop.state.epoch == 0 and loop.state.batch == 0:  # before training; a resumed run has it already
+            self.snapshot(0, loop.trainer, unwrap(loop.model))
+
+    def on_epoch_end(self, loop: FitLoop, record: dict[str, Any]) -> None:
+        self.snapshot(loop.state.epoch, loop.trainer, unwrap(loop.model))
 
     def snapshot(self, epoch: int, trainer: Any, model: nn.Module) -> None:
         """Record the state after ``epoch`` epochs (0: before training) if it is a snapshot epoch.

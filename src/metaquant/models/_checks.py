@@ -8,6 +8,8 @@ layer with a shape error.
 
 from __future__ import annotations
 
+from ..validation import is_int
+
 
 def check_positive_int(name: str, value: object) -> int:
     """Return ``value`` if it is an ``int`` >= 1, else raise.
@@ -15,7 +17,7 @@ def check_positive_int(name: str, value: object) -> int:
     ``bool`` is rejected on purpose: ``True`` is an ``int`` in Python but
     ``num_classes=True`` is always a mistake.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int >= 1, got {value!r} ({type(value).__name__})")
     if value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value}")

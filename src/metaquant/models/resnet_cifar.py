@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..validation import is_int
 from ._checks import check_positive_int
 from ._init import kaiming_init_
 from .blocks import BasicBlock, conv3x3
@@ -66,7 +67,7 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int):
+        if not is_int(depth):
             raise TypeError(f"depth must be an int of the form 6n+2, got {depth!r} ({type(depth).__name__})")
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110), got {depth}")

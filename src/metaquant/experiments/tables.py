@@ -1,0 +1,187 @@
+"""The results tables: ``summarize``'s rows as Markdown (the seed's layout: mean (variance)) and CSV, and beside
+them, for runs that measured it, the accuracies with BatchNorm statistics recomputed.
+
+Both files of a table are written together (``files.atomic_write_files``): a failure leaves the old pair whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..files import atomic_write_files
+from .report import SummaryRow
+
+__all__ = ["write_table", "write_precise_table"]
+
+
+_COLUMNS = [
+    "Source",
+    "Model",
+    "Dataset",
+    "Forward",
+    "Bits",
+    "Backward",
+    "Optimizer",
+    "Best Acc",
+    "Last 10 Acc",
+    "FP Acc",
+    "Trials",
+]
+
+
+def _cells(row: SummaryRow) -> list[str]:
+    fp = f"{row.fp_acc:.2f}" if row.fp_acc is not None else "-"
+    return [
+        row.source,
+        row.model,
+        row.dataset,
+        row.forward,
+        str(row.bits),
+        row.backward,
+        row.optimizer,
+        f"{row.best_mean:.3f} ({row.best_var:.3f})",
+        f"{row.last_mean:.3f} ({row.last_var:.3f})",
+        fp,
+        str(row.trials),
+    ]
+
+
+def write_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results") -> tuple[Path, Path]:
+    """``<stem>.md`` (the seed's layout: mean (variance)) and ``<stem>.csv`` (one column per number).
+
+    The Markdown table shows three decimals and ends with a note on the statistics; the CSV has four decimals
+    and the fewest epochs of the row's trials.
+
+    Args:
+        rows: the table (``summarize``).
+        out: the directory to write in (created if needed).
+        stem: the files' name without extension.
+
+    Returns:
+        ``(markdown path, CSV path)``.
+
+    Raises:
+        OSError: the files cannot be written (both are then as they were: neither replaces its old file before
+            both are complete on disk).
+
+    Example:
+        >>> from metaquant.experiments.report import TrialCurves
+        >>> def trial(backward, n, acc):  # one trial of 3 epochs of ResNet20 on CIFAR10, 1-bit DoReFa, SGD
+        ...     return TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, backward, "SGD", n, acc, [1.0]*3)
+        >>> from metaquant.experiments.report import summarize
+        >>> from metaquant.experiments.tables import write_table
+        >>> rows = summarize([trial("STE", 1, [70.0, 80.0, 75.0]), trial("STE", 2, [72.0, 78.0, 79.0])], last_k=2)
+        >>> import pathlib
+        >>> md, csv_path = write_table(rows, pathlib.Path("tables"))
+        >>> md.read_text().splitlines()[2]
+        '| metaquant | ResNet20 | CIFAR10 | dorefa | 1 | STE | SGD | 79.500 (0.250) | 78.000 (3.500) | - | 2 |'
+        >>> csv_path.read_text().splitlines()[1]
+        'metaquant,ResNet20,CIFAR10,dorefa,1,STE,SGD,79.5000,0.2500,78.0000,3.5000,,2,3'
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "|".join(" :---: " for _ in _COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    lines.append("")
+    lines.append(
+        "Best Acc: mean (variance) over trials of each trial's best test accuracy. Last 10 Acc: mean "
+        "(variance) of the last 10 epochs' test accuracies of all trials pooled. Variances are "
+        "population variances (ddof = 0)."
+    )
+    md = out / f"{stem}.md"
+    markdown = "\n".join(lines) + "\n"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(
+        [
+            "source",
+            "model",
+            "dataset",
+            "forward",
+            "bits",
+            "backward",
+            "optimizer",
+            "best_mean",
+            "best_var",
+            "last10_mean",
+            "last10_var",
+            "fp_acc",
+            "trials",
+            "epochs",
+        ]
+    )
+    for r in rows:
+        writer.writerow(
+            [
+                r.source,
+                r.model,
+                r.dataset,
+                r.forward,
+                r.bits,
+                r.backward,
+                r.optimizer,
+                f"{r.best_mean:.4f}",
+                f"{r.best_var:.4f}",
+                f"{r.last_mean:.4f}",
+                f"{r.last_var:.4f}",
+                "" if r.fp_acc is None else f"{r.fp_acc:.4f}",
+                r.trials,
+                min(r.epochs),
+            ]
+        )
+    csv_path = out / f"{stem}.csv"
+    atomic_write_files({md: markdown.encode(), csv_path: buffer.getvalue().encode()})
+    return md, csv_path
+
+
+_PRECISE_COLUMNS = _COLUMNS[:7] + [
+    "Final Acc",
+    "Final Acc (BN recomputed)",
+    "Last 10 Acc",
+    "Last 10 Acc (BN recomputed)",
+    "Trials",
+]
+
+
+_PRECISE_NOTE = (
+    "Final Acc: mean (variance) over trials of each trial's last test accuracy; Last 10 Acc: as in the main table. "
+    "(BN recomputed): the same with the BatchNorm statistics recomputed from training batches before each test "
+    "(record_precise_bn, or a run's own precise_bn_batches) instead of the running averages the run kept."
+)
+
+
+def write_precise_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results-precise-bn") -> list[Path]:
+    """``<stem>.md`` and ``<stem>.csv``: the rows whose trials all measured their accuracy with BatchNorm
+    statistics recomputed, raw and recomputed side by side; nothing (an empty list) when no row has them."""
+    shown = [r for r in rows if r.precise_final is not None and r.precise_last is not None]
+    if not shown:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+
+    def pair(stats: tuple[float, float] | None) -> tuple[float, float]:
+        assert stats is not None
+        return stats
+
+    cells = []
+    for r in shown:
+        stats = [r.final, pair(r.precise_final), (r.last_mean, r.last_var), pair(r.precise_last)]
+        cells.append((_cells(r)[:7], stats, r.trials))
+    lines = ["| " + " | ".join(_PRECISE_COLUMNS) + " |", "|" + "|".join(" :---: " for _ in _PRECISE_COLUMNS) + "|"]
+    lines += [
+        "| " + " | ".join(key + [f"{m:.3f} ({v:.3f})" for m, v in stats] + [str(trials)]) + " |"
+        for key, stats, trials in cells
+    ]
+    md = out / f"{stem}.md"
+    markdown = "\n".join(lines) + "\n\n" + _PRECISE_NOTE + "\n"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    names = ["final", "final_precise_bn", "last10", "last10_precise_bn"]
+    header = ["source", "model", "dataset", "forward", "bits", "backward", "optimizer"]
+    writer.writerow(header + [f"{n}_{s}" for n in names for s in ("mean", "var")] + ["trials"])
+    for key, stats, trials in cells:
+        writer.writerow(key + [f"{x:.4f}" for m, v in stats for x in (m, v)] + [trials])
+    csv_path = out / f"{stem}.csv"
+    atomic_write_files({md: markdown.encode(), csv_path: buffer.getvalue().encode()})
+    return [md, csv_path]

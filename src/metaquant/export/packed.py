@@ -1,0 +1,376 @@
+"""The packed file: a quantized model as a safetensors file of bit-packed codes and scales, and back.
+
+The layout is described in ``metaquant.export``'s docstring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+from torch import Tensor, nn
+
+from ..files import atomic_write_bytes
+from ..layers import QuantLayer, dequantize_, quantized_layers, quantized_weight_keys
+from ..models import get_model
+from ..quantizers import Encoded, get_quantizer
+from .bits import pack_bits, unpack_bits
+
+FORMAT = "metaquant packed model"
+VERSION = 2
+LEGACY_VERSION = 1
+LEGACY_MAGIC = b"MQPACK\x00\x00"
+
+
+def _offset(encoded: Encoded, bits: int) -> int:
+    # Signed codes (ternary, uniform) are shifted to be non-negative: [-(2^(k-1)-1), 2^(k-1)-1] → [0, 2^k - 2].
+    return 2 ** (bits - 1) - 1 if encoded.codes.dtype == torch.int8 else 0
+
+
+def _single_config(layers: dict[str, QuantLayer], what: str) -> tuple[str, int]:
+    if not layers:
+        raise ValueError(f"{what} needs a model converted by quantize_ (no quantized layer found)")
+    configs = {(layer.quantizer.name, layer.quantizer.bits) for layer in layers.values()}
+    if len(configs) > 1:
+        raise ValueError(f"{what} supports one quantizer configuration per model, found {sorted(configs)}")
+    ((name, bits),) = configs
+    return name, bits
+
+
+def export_packed(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    architecture: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> int:
+    """Write ``model`` (converted by ``quantize_``) as a packed safetensors file; returns its size in bytes.
+
+    The file's layout is described in ``metaquant.export``'s docstring.
+
+    Args:
+        model: a quantized model; its quantized layers must share one quantizer configuration.
+        path: the file to write (atomically); ``.safetensors`` is the usual suffix.
+        architecture: how ``load_packed`` rebuilds the model without being given one: ``{"model": registry
+            name, "num_classes", "in_channels", "image_size"}``.
+        metadata: anything else to keep with it (JSON values).
+
+    Returns:
+        The file's size in bytes.
+
+    Raises:
+        ValueError: no quantized layer, several quantizer configurations, or a ``state_dict`` entry whose name
+            is that of a layer's codes or scale (``<layer>.weight.codes``, ``<layer>.weight.scale``).
+        TypeError: ``architecture`` or ``metadata`` holds a value JSON cannot represent.
+        OSError: the file cannot be written.
+
+    Example:
+        >>> from metaquant.export import export_packed, load_packed
+        >>> def net():
+        ...     return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+        >>> model = mq.quantize_(net(), mq.QuantConfig("dorefa", 1)).eval()
+        >>> size = export_packed(model, "tiny.safetensors", metadata={"test_acc": 91.5})
+        >>> loaded = load_packed("tiny.safetensors", net())  # the architecture to fill: plain Linear layers
+        >>> x = torch.randn(3, 64)
+        >>> torch.equal(loaded(x), model(x)), size < 64 * 32 * 4  # 1 bit, not 32, per quantized weight
+        (True, True)
+
+        Any safetensors reader sees the codes, the scales and the metadata:
+
+        >>> import json
+        >>> from safetensors import safe_open
+        >>> with safe_open("tiny.safetensors", framework="np") as f:
+        ...     print(f.get_tensor("0.weight.codes").dtype, f.get_tensor("0.weight.codes").shape,
+        ...           json.loads(f.metadata()["codes"])["0.weight"])
+        uint8 (256,) {'shape': [32, 64], 'offset': 0, 'signed': False}
+    """
+
+    name, bits = _single_config(quantized_layers(model), "export_packed")
+    tensors, codes = _packed_tensors(model, bits)
+    header = {
+        "format": FORMAT,
+        "format_version": str(VERSION),
+        "quantizer": _compact({"name": name, "bits": bits}),
+        "architecture": _compact(architecture),
+        "codes": _compact(codes),
+        "metadata": _compact(metadata or {}),
+    }
+    blob = save(tensors, metadata=header)
+    atomic_write_bytes(Path(path), blob)
+    return len(blob)
+
+
+def _packed_tensors(model: nn.Module, bits: int) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+    """The file's tensors (each quantized weight as ``<key>.codes`` and ``<key>.scale``, every other ``state_dict``
+    entry as it is) and the ``"codes"`` header entry: ``{key: {"shape", "offset", "signed"}}``."""
+    # every state_dict key of a quantized weight (a shared module's under each of its names); a weight tied to a
+    # layer left in full precision is stored as it is under that layer's key
+    weight_keys = quantized_weight_keys(model)
+    tensors: dict[str, Tensor] = {}
+    codes: dict[str, dict[str, Any]] = {}
+
+    def put(key: str, value: Tensor) -> None:
+        if key in tensors:
+            raise ValueError(
+                f"export_packed: the state_dict entry {key!r} has the name of a quantized weight's codes or scale"
+            )
+        # safetensors refuses tensors that share memory (tied weights): each entry gets its own copy.
+        tensors[key] = value.detach().cpu().contiguous().clone()
+
+    with torch.no_grad():
+        for key in weight_keys:  # the codes' names first, so that a clash is reported whatever the order
+            tensors[f"{key}.codes"] = tensors[f"{key}.scale"] = torch.empty(0)
+        for key, value in model.state_dict().items():
+            layer = weight_keys.get(key)
+            if layer is None:
+                put(key, value)
+                continue
+            encoded = layer.quantizer.encode(value.detach().cpu())
+            shift = _offset(encoded, bits)
+            del tensors[f"{key}.codes"], tensors[f"{key}.scale"]
+            put(f"{key}.codes", pack_bits(encoded.codes.to(torch.int64) + shift, bits))
+            put(f"{key}.scale", encoded.scale)
+            signed = encoded.codes.dtype == torch.int8
+            codes[key] = {"shape": list(encoded.codes.shape), "offset": shift, "signed": signed}
+    return tensors, codes
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The header and the stored tensors of a packed file, of either format version (codes still packed).
+
+    Args:
+        path: a file written by ``export_packed`` (format version 2, safetensors) or by an earlier metaquant
+            (version 1).
+
+    Returns:
+        ``(header, tensors)``. ``header`` holds ``"version"``, ``"quantizer"`` (``{"name", "bits"}``),
+        ``"architecture"``, ``"metadata"`` and ``"tensors"``, one entry per stored tensor with its ``"name"``
+        and ``"kind"``: ``"float"`` (a ``state_dict`` entry), ``"codes"`` (a quantized weight, under the
+        weight's own name, with ``"shape"``, ``"offset_code"`` and ``"signed"``) or ``"scale"``
+        (``<weight>.scale``). ``tensors`` maps those names to the stored tensors, codes as packed bytes.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a packed file, a damaged or truncated one, or another format version.
+
+    Example:
+        >>> from metaquant.export import export_packed, read_packed
+        >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(10, 3)), mq.QuantConfig("bwn", 1))
+        >>> _ = export_packed(model, "linear.safetensors", metadata={"note": "demo"})
+        >>> header, tensors = read_packed("linear.safetensors")
+        >>> header["version"], header["quantizer"], header["metadata"]
+        (2, {'name': 'bwn', 'bits': 1}, {'note': 'demo'})
+        >>> [(e["name"], e["kind"]) for e in header["tensors"]], tensors["0.weight"].shape  # 30 bits: 4 bytes
+        ([('0.bias', 'float'), ('0.weight', 'codes'), ('0.weight.scale', 'scale')], torch.Size([4]))
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    with path.open("rb") as f:
+        start = f.read(9)
+    if start[:8] == LEGACY_MAGIC:
+        return _read_legacy(path)
+    if len(start) < 9 or start[8:9] != b"{":  # a safetensors file starts with its header's length, then "{"
+        raise ValueError(f"{path} is not a {FORMAT} file")
+    return _read_safetensors(path)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = f.metadata() or {}
+            stored = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is damaged or truncated ({err})") from None
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{path} is a safetensors file but not a {FORMAT} (its metadata has no format {FORMAT!r})")
+    if info.get("format_version") != str(VERSION):
+        raise ValueError(
+            f"{path} has format version {info.get('format_version')}; this metaquant reads versions "
+            f"{LEGACY_VERSION} and {VERSION}"
+        )
+    try:
+        quantizer, architecture, codes, metadata = (
+            json.loads(info[k]) for k in ("quantizer", "architecture", "codes", "metadata")
+        )
+        entries: list[dict[str, Any]] = []
+        tensors: dict[str, Tensor] = {}
+        for key, value in stored.items():
+            if key.endswith(".codes") and key[: -len(".codes")] in codes:
+                weight = key[: -len(".codes")]
+                spec = codes[weight]
+                entries.append(
+                    {
+                        "name": weight,
+                        "kind": "codes",
+                        "shape": spec["shape"],
+                        "offset_code": spec["offset"],
+                        "signed": spec["signed"],
+                    }
+                )
+                tensors[weight] = value
+            elif key.endswith(".scale") and key[: -len(".scale")] in codes:
+                entries.append({"name": key, "kind": "scale"})
+                tensors[key] = value
+            else:
+                entries.append({"name": key, "kind": "float"})
+                tensors[key] = value
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} has a damaged header ({type(err).__name__}: {err})") from None
+    header = {
+        "version": VERSION,
+        "architecture": architecture,
+        "quantizer": quantizer,
+        "metadata": metadata,
+        "tensors": entries,
+    }
+    return header, tensors
+
+
+_LEGACY_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "bool": torch.bool,
+}
+
+
+def _read_legacy(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Format version 1: ``LEGACY_MAGIC``, a uint64 little-endian header length ``H``, ``H`` bytes of
+    zlib-compressed JSON (``{"version": 1, "architecture", "quantizer", "metadata", "tensors": [{"name", "kind",
+    "dtype", "shape", "offset", "nbytes", ...}]}``), then the tensors' little-endian bytes at their offsets."""
+    raw = path.read_bytes()
+    try:
+        (length,) = struct.unpack("<Q", raw[8:16])
+        header = json.loads(zlib.decompress(raw[16 : 16 + length]))
+    except (struct.error, ValueError, zlib.error) as err:
+        raise ValueError(f"{path} has a damaged header ({err})") from None
+    if header.get("version") != LEGACY_VERSION:
+        raise ValueError(
+            f"{path} has format version {header.get('version')}; this metaquant reads versions "
+            f"{LEGACY_VERSION} and {VERSION}"
+        )
+    payload = memoryview(raw)[16 + length :]
+    tensors = {}
+    if not isinstance(header.get("tensors"), list) or not isinstance(header.get("quantizer"), dict):
+        raise ValueError(f"{path} has a damaged header (no tensor index or quantizer)")
+    for e in header["tensors"]:
+        if e["offset"] + e["nbytes"] > len(payload):
+            raise ValueError(f"{path} is truncated: {e['name']} lies beyond the end of the file")
+        data = bytearray(payload[e["offset"] : e["offset"] + e["nbytes"]])
+        flat = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        dtype = _LEGACY_DTYPES[e["dtype"]]
+        tensors[e["name"]] = flat if e["kind"] == "codes" else flat.view(dtype).reshape(e["shape"])
+    return header, tensors
+
+
+def load_packed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """An inference model from a packed file: plain Conv2d/Linear layers holding the decoded ``Ŵ``.
+
+    Reads both format versions (``read_packed``).
+
+    Args:
+        path: a file written by ``export_packed``.
+        model: the full-precision architecture to fill (same module names as the exported model); by default
+            it is rebuilt from the file's ``architecture`` with ``metaquant.models.get_model``.
+
+    Returns:
+        The model in eval mode; its logits equal the quantized model's exactly.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a damaged file or another format version, one that does not fit ``model``, or (without
+            ``model``) one that does not name its architecture.
+
+    Example:
+        >>> from metaquant.export import export_packed, load_packed
+        >>> arch = {"model": "resnet8", "num_classes": 10, "in_channels": 1, "image_size": 28}
+        >>> model = mq.quantize_(mq.models.get_model("resnet8", num_classes=10, in_channels=1)).eval()
+        >>> _ = export_packed(model, "resnet8.safetensors", architecture=arch)
+        >>> net = load_packed("resnet8.safetensors")  # rebuilt from the registry; ordinary Conv2d and Linear
+        >>> x = torch.randn(2, 1, 28, 28)
+        >>> type(net.fc).__name__, torch.equal(net(x), model(x))
+        ('Linear', True)
+    """
+    header, tensors = read_packed(path)
+    try:
+        return _build_packed(path, header, tensors, model)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} has a damaged header (missing or wrong entry {err})") from None
+
+
+def _build_packed(
+    path: str | Path, header: dict[str, Any], tensors: dict[str, Tensor], model: nn.Module | None
+) -> nn.Module:
+    if model is None:
+        arch = header.get("architecture")
+        if not arch:
+            raise ValueError(f"{path} does not name its architecture: pass the model to load_packed(path, model)")
+        model = get_model(
+            arch["model"],
+            num_classes=arch["num_classes"],
+            in_channels=arch["in_channels"],
+            image_size=arch["image_size"],
+        )
+    else:
+        dequantize_(model)
+    quantizer = get_quantizer(header["quantizer"]["name"], header["quantizer"]["bits"])
+    state = {}
+    for e in header["tensors"]:
+        if e["kind"] == "float":
+            state[e["name"]] = tensors[e["name"]].clone()
+        elif e["kind"] == "codes":
+            numel = math.prod(e["shape"])
+            codes = unpack_bits(tensors[e["name"]], quantizer.bits, numel) - e["offset_code"]
+            codes = codes.to(torch.int8 if e["signed"] else torch.uint8).reshape(e["shape"])
+            state[e["name"]] = quantizer.decode(Encoded(codes, tensors[e["name"] + ".scale"]))
+    _untie(model, {e["name"]: state[e["name"]] for e in header["tensors"] if e["kind"] == "codes"})
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not fit the model: {err}") from None
+    return model.eval()
+
+
+def _untie(model: nn.Module, quantized: dict[str, Tensor]) -> None:
+    """Give the ``state_dict`` keys in ``quantized`` (key: its decoded ``Ŵ``) a Parameter of their own where
+    ``model`` ties them to keys that are not, or to quantized keys with another ``Ŵ``: a quantized use holds
+    ``Ŵ``, a full-precision use ``W``, and one Parameter cannot hold both; nor two ``Ŵ``, which a weight tied
+    between layers with a per-channel quantizer along different axes (a convolution and its transpose) has."""
+    keys_of: dict[int, list[str]] = {}
+    params = model.state_dict(keep_vars=True)
+    for key, value in params.items():
+        keys_of.setdefault(id(value), []).append(key)
+    for keys in keys_of.values():
+        groups: list[list[str]] = []  # the quantized uses with the same Ŵ stay tied among themselves
+        for key in (key for key in keys if key in quantized):
+            same = next((g for g in groups if torch.equal(quantized[g[0]], quantized[key])), None)
+            if same is None:
+                groups.append([key])
+            else:
+                same.append(key)
+        if not groups or (len(groups) == 1 and len(groups[0]) == len(keys)):
+            continue
+        old = params[groups[0][0]]
+        for group in groups:
+            own = nn.Parameter(old.detach().clone(), requires_grad=old.requires_grad)
+            for key in group:
+                owner, _, attr = key.rpartition(".")
+                setattr(model.get_submodule(owner), attr, own)
