@@ -463,7 +463,7 @@ def test_a_live_run_directory_is_refused_and_resumes_after_its_owner_is_killed(w
 
 def test_a_kill_while_a_checkpoint_is_written_leaves_two_distinct_complete_ones(world, tmp_path):
     from metaquant.files import load_checkpoint
-    from tests.test_resume import WRAPPER as wrapper  # pauses the N-th write of checkpoint.pt
+    from tests.experiments.test_resume import WRAPPER as wrapper  # pauses the N-th write of checkpoint.pt
 
     marker, run = tmp_path / "writing", tmp_path / "r"
     args = ["quantize", *TINY, "--data-dir", str(world / "mnist"), "-n", "3", "--run-dir", str(tmp_path), "--name", "r"]
