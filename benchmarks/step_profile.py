@@ -1,10 +1,10 @@
 """Where a training step's time goes: kernel launches, host-device synchronizations and the busiest operators.
 
-For each method of ``step_time.py`` (same model, batch and settings), ``torch.profiler`` records ``--steps``
-steps after warm-up and this prints, per step: the number of device kernels launched, the number of calls that
-make the host wait for the device (``cudaStreamSynchronize``, ``cudaDeviceSynchronize``, device-to-host copies,
-``aten::item``/``aten::_local_scalar_dense``), and the operators with the most self CPU time. On a GPU, a step
-that launches hundreds of small kernels or waits for the device is bound by the host, not by arithmetic.
+For each method of ``step_time.py`` (same model, batch and settings, in its ``--layout``), ``torch.profiler`` records
+``--steps`` steps after warm-up and this prints, per step: the number of device kernels launched, the number of calls
+that make the host wait for the device (``cudaStreamSynchronize``, ``cudaDeviceSynchronize``, device-to-host copies,
+``aten::item``/``aten::_local_scalar_dense``), and the operators with the most self CPU time. On a GPU, a step that
+launches hundreds of small kernels or waits for the device is bound by the host, not by arithmetic.
 
     python benchmarks/step_profile.py --device cuda --methods fp ste multifc
 """
@@ -15,24 +15,21 @@ import argparse
 from collections import Counter
 
 import torch
-from step_time import METHODS, WARMUP_STEPS, _build
+from step_time import LAYOUTS, METHODS, WARMUP_STEPS, build
 from torch.profiler import ProfilerActivity, profile
-
-import metaquant as mq
 
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "cudaMemcpyAsync")
 
 
-def profile_method(method: str, device: str, steps: int, batch_size: int, top: int) -> None:
-    fmt, step, loss_fn = _build(method, device, compile_model=False, amp="none")
-    x = mq.layout.format_batch(torch.randn(batch_size, 3, 32, 32, device=device), fmt)
-    y = torch.randint(0, 10, (batch_size,), device=device)
+def profile_method(method: str, args: argparse.Namespace) -> None:
+    device, steps, top = args.device, args.steps, args.top
+    step = build(method, args.layout, args)
     for _ in range(WARMUP_STEPS):
-        step(lambda: loss_fn(x, y))
+        step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            step(lambda: loss_fn(x, y))
+            step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     events = prof.events()
@@ -55,9 +52,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--top", type=int, default=12, help="operators shown per method")
+    parser.add_argument("--layout", default="cli", choices=LAYOUTS, help="as step_time.py (default cli)")
     args = parser.parse_args()
+    args.compile, args.amp = False, "none"
     for method in args.methods:
-        profile_method(method, args.device, args.steps, args.batch_size, args.top)
+        profile_method(method, args)
 
 
 if __name__ == "__main__":

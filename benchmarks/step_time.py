@@ -1,39 +1,38 @@
-"""Time and peak memory of one training step: full precision, STE and MetaQuant with each meta quantizer.
+"""Time of one training step: a plain PyTorch step (the limit), STE and MetaQuant with each meta quantizer.
 
 What is measured: one training step of ResNet20 (``mq.models.resnet20(num_classes=10)``) on a random CIFAR-sized
-batch (``--batch-size`` x 3 x 32 x 32, default 128), plain SGD (lr 1e-3), in the library's default settings:
-channels-last layout (``mq.layout``), float32 unless ``--amp bf16``. Methods:
+batch (``--batch-size`` x 3 x 32 x 32, default 128), plain SGD (lr 1e-3), float32 unless ``--amp bf16``. Methods:
 
-* ``fp``         the same network, not quantized, a plain ``torch.optim`` step (zero_grad, backward, step): the
-                 limit any quantized training is compared with;
+* ``fp``         the same network, not quantized, the plainest PyTorch step there is (``zero_grad``, forward,
+                 ``cross_entropy``, ``backward``, ``step``): the limit any quantized training is compared with;
 * ``ste``        1-bit DoReFa weights on every layer (``mq.quantize_(model, mq.QuantConfig("dorefa", 1))``),
                  ``mq.Trainer`` (clipped STE): the paper's baseline;
 * ``fc-grad``, ``multifc``, ``lstmfc``, ``lstmfc-16``   the same quantized network trained by ``mq.MetaQuant``
                  with ``FCGrad(hidden=100)``, ``MultiFC(hidden=100)``, ``LSTMFC(hidden=100)`` (the paper's) and
                  ``LSTMFC(hidden=16)``, ``meta_lr=1e-3``;
 * ``ste-kd``     STE on the loss of knowledge distillation (``mq.Distillation``, weight 0.9, temperature 4) from
-                 the full-precision ResNet20 as teacher (evaluation mode, no gradient): the cost of the teacher's
-                 forward pass, which the ``fashion-mnist-full`` preset's best recipe pays.
+                 the full-precision ResNet20 as teacher: the cost of the teacher's forward pass.
 
-How: every method runs in a child process of its own, so that its peak memory is its own: peak resident set
-(``ru_maxrss``) on a CPU, ``torch.cuda.max_memory_allocated`` on CUDA (after ``reset_peak_memory_stats``). A
-child first runs three warm-up steps (MetaQuant's first step is a plain one: it only records ``g_Ŵ``), then
-times ``--steps`` steps (synchronizing CUDA) and reports seconds per step. All children run in this one command,
-in rounds (every method once per round, ``--repeats`` rounds); a method's time is its fastest round, which
-removes most of the drift of a shared machine, and its memory the smallest peak of its rounds. Ratios are taken
-against ``fp`` (x fp) and ``ste`` (x STE) when they were measured.
+Each method runs in two layouts:
 
-    python benchmarks/step_time.py                       # all methods, a table
-    python benchmarks/step_time.py --steps 5 --repeats 2 --methods ste lstmfc
-    python benchmarks/step_time.py --device cuda --json  # {method: {seconds_per_step, x_fp, x_ste, peak_mb}}
+* ``python``     as the README's quick start writes it: the model and the batches as PyTorch makes them
+                 (contiguous, NCHW), everything else left to the library's defaults;
+* ``cli``        as ``metaquant quantize`` runs it: channels-last model and batches (``mq.layout``); for ``fp``,
+                 the plain step with ``model.to(memory_format=torch.channels_last)`` and channels-last batches.
 
-Options ``--compile`` (the model wrapped in ``torch.compile`` for the closure's forward pass) and ``--amp bf16``
-(the closure under ``torch.autocast`` in bfloat16) measure those settings as well.
+The limit is the faster of the two plain steps. Every method and layout is built in this one process and
+timed in rounds (each one ``--steps`` steps per round, after three warm-up steps: MetaQuant's first step is a
+plain one); a time is the fastest of its rounds (``--repeats``), which removes most of the drift of a shared
+machine, and ratios are taken against the limit (``x_limit``) and STE in the same layout (``x_ste``).
+``--memory`` also measures each one's peak memory in a process of its own (peak RSS on a CPU,
+``torch.cuda.max_memory_allocated`` on CUDA).
 
-On a CPU shared with other work, OpenMP threads spin while they wait for each other and wall-clock times swing
-by 2x or more from one run to the next (methods made of many small operations, LSTMFC's step, the most).
-``OMP_WAIT_POLICY=PASSIVE python benchmarks/step_time.py ...`` (the children inherit it) removes most of that;
-``--threads 1 --cpu-time`` (seconds of CPU time per step, one thread) gives the steadiest ratios.
+    python benchmarks/step_time.py                       # a table
+    python benchmarks/step_time.py --json                # {"limit": ..., "methods": {method: {layout: ...}}}
+    python benchmarks/step_time.py --methods fp ste --layouts cli --steps 5 --repeats 2 --device cuda
+
+On a CPU shared with other work, OpenMP threads spin while they wait for each other and wall-clock times swing;
+``OMP_WAIT_POLICY=PASSIVE`` removes most of that, and ``--threads 1 --cpu-time`` gives the steadiest ratios.
 """
 
 from __future__ import annotations
@@ -44,227 +43,201 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+import metaquant as mq
+
 METHODS = ("fp", "ste", "fc-grad", "multifc", "lstmfc", "lstmfc-16", "ste-kd")
+LAYOUTS = ("python", "cli")
 WARMUP_STEPS = 3
+META = {
+    "fc-grad": lambda: mq.FCGrad(hidden=100),
+    "multifc": lambda: mq.MultiFC(hidden=100),
+    "lstmfc": lambda: mq.LSTMFC(hidden=100),
+    "lstmfc-16": lambda: mq.LSTMFC(hidden=16),
+}
 
 
-def _build(method: str, device: str, compile_model: bool, amp: str) -> tuple[Any, Any, Any]:
-    """(model, step function, forward module) of ``method``, on ``device``, in the library's default layout."""
-    import torch
-    import torch.nn.functional as F
+def _plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable[[Callable[[], Any]], Any]:
+    def step(closure: Callable[[], Any]) -> Any:
+        opt.zero_grad(set_to_none=True)
+        loss = closure()
+        loss.backward()
+        opt.step()
+        return loss
 
-    import metaquant as mq
+    return step
 
+
+def build(method: str, layout: str, args: argparse.Namespace) -> Callable[[], Any]:
+    """One step of ``method`` in ``layout`` on its own model and batch, as a function of nothing."""
     torch.manual_seed(0)
+    device = torch.device(args.device)
     model = mq.models.resnet20(num_classes=10)
     if method != "fp":
         mq.quantize_(model, mq.QuantConfig("dorefa", 1))
     model.to(device)
-    fmt = mq.layout.preferred_memory_format(model)
-    mq.layout.apply_memory_format(model, fmt)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    if layout == "cli" and method == "fp":  # by hand, as a PyTorch user writes it
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "cli":  # as the command line's pipeline does it
+        fmt = mq.layout.preferred_memory_format(model)
+        mq.layout.apply_memory_format(model, fmt)
+        x = mq.layout.format_batch(x, fmt)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    forward = torch.compile(model) if compile_model else model
-    metas = {
-        "fc-grad": lambda: mq.FCGrad(hidden=100),
-        "multifc": lambda: mq.MultiFC(hidden=100),
-        "lstmfc": lambda: mq.LSTMFC(hidden=100),
-        "lstmfc-16": lambda: mq.LSTMFC(hidden=16),
-    }
+    forward = torch.compile(model) if args.compile else model
     if method == "fp":
-
-        def step(closure):
-            opt.zero_grad(set_to_none=True)
-            loss = closure()
-            loss.backward()
-            opt.step()
-            return loss.detach()
+        step = _plain_step(model, opt)
     elif method in ("ste", "ste-kd"):
         step = mq.Trainer(model, opt).step
     else:
-        step = mq.MetaQuant(model, opt, meta=metas[method](), meta_lr=1e-3).step
-
-    criterion = lambda logits, y, x: F.cross_entropy(logits, y)  # noqa: E731
+        step = mq.MetaQuant(model, opt, meta=META[method](), meta_lr=1e-3).step
+    criterion: Callable[..., Any] = lambda logits, y, x: F.cross_entropy(logits, y)  # noqa: E731
     if method == "ste-kd":
         teacher = mq.models.resnet20(num_classes=10).to(device)
-        mq.layout.apply_memory_format(teacher, fmt)
+        if layout == "cli":
+            teacher.to(memory_format=torch.channels_last)
         criterion = mq.Distillation(teacher, weight=0.9, temperature=4.0)
 
-    def loss_fn(x, y):
-        if amp == "bf16":
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+    def closure() -> Any:
+        if args.amp == "bf16":
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 logits = forward(x)
             return criterion(logits.float(), y, x)
         return criterion(forward(x), y, x)
 
-    return fmt, step, loss_fn
+    return lambda: step(closure)
 
 
-def child(
-    method: str,
-    steps: int,
-    batch_size: int,
-    device: str,
-    compile_model: bool,
-    amp: str,
-    threads: int | None = None,
-    cpu_time: bool = False,
-) -> dict[str, float]:
-    """Warm up, then time ``steps`` steps of ``method`` in this process; its peak memory in MB."""
-    import torch
-
-    import metaquant as mq
-
-    if threads:
-        torch.set_num_threads(threads)
-
-    fmt, step, loss_fn = _build(method, device, compile_model, amp)
-    x = mq.layout.format_batch(torch.randn(batch_size, 3, 32, 32, device=device), fmt)
-    y = torch.randint(0, 10, (batch_size,), device=device)
-    closure = lambda: loss_fn(x, y)  # noqa: E731
-    cuda = torch.device(device).type == "cuda"
-    for _ in range(WARMUP_STEPS):  # MetaQuant's first step is the plain one of iteration 0
-        step(closure)
-    if cuda:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    clock = time.process_time if cpu_time else time.perf_counter
+
+
+def time_steps(step: Callable[[], Any], args: argparse.Namespace) -> float:
+    """Seconds per step over ``args.steps`` steps."""
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    _sync(args.device)
     start = clock()
-    for _ in range(steps):
-        step(closure)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = (clock() - start) / steps
-    if cuda:
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    return {"seconds_per_step": seconds, "peak_mb": peak_mb}
+    for _ in range(args.steps):
+        step()
+    _sync(args.device)
+    return (clock() - start) / args.steps
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, float | None]]:
-    """Every method in a child process, ``args.repeats`` rounds; the fastest round's time, the smallest peak."""
-    best: dict[str, dict[str, float]] = {}
+def peak_memory(method: str, layout: str, args: argparse.Namespace) -> float:
+    """Peak memory (MB) of ``method`` in ``layout``, measured in a process of its own."""
+    cmd = [sys.executable, __file__, "--peak-of", method, layout, "--batch-size", str(args.batch_size)]
+    cmd += ["--device", args.device, "--amp", args.amp] + (["--compile"] if args.compile else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{method} ({layout}) failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _peak_child(method: str, layout: str, args: argparse.Namespace) -> float:
+    step = build(method, layout, args)
+    for _ in range(WARMUP_STEPS + 2):
+        step()
+    if args.device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every method in every layout, interleaved in rounds; the fastest round of each."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = {(m, layout): build(m, layout, args) for m in args.methods for layout in args.layouts}
+    for step in steps.values():
+        for _ in range(WARMUP_STEPS):
+            step()
+    best: dict[tuple[str, str], float] = {}
     for _ in range(args.repeats):
-        for method in args.methods:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                method,
-                "--steps",
-                str(args.steps),
-                "--batch-size",
-                str(args.batch_size),
-                "--device",
-                args.device,
-                "--amp",
-                args.amp,
-            ]
-            if args.compile:
-                cmd.append("--compile")
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            if args.cpu_time:
-                cmd.append("--cpu-time")
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"{method} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            if method not in best:
-                best[method] = r
-            else:
-                best[method] = {
-                    "seconds_per_step": min(best[method]["seconds_per_step"], r["seconds_per_step"]),
-                    "peak_mb": min(best[method]["peak_mb"], r["peak_mb"]),
-                }
-    fp, ste = best.get("fp"), best.get("ste")
-    results: dict[str, dict[str, float | None]] = {}
-    for method, r in best.items():
-        s = r["seconds_per_step"]
-        results[method] = {
-            "seconds_per_step": s,
-            "x_fp": s / fp["seconds_per_step"] if fp else None,
-            "x_ste": s / ste["seconds_per_step"] if ste else None,
-            "peak_mb": r["peak_mb"],
+        for key, step in steps.items():
+            seconds = time_steps(step, args)
+            best[key] = min(best.get(key, seconds), seconds)
+    plain = {layout: s for (m, layout), s in best.items() if m == "fp"}
+    limit = min(plain.items(), key=lambda item: item[1]) if plain else None
+    methods: dict[str, dict[str, Any]] = {}
+    for (m, layout), seconds in best.items():
+        ste = best.get(("ste", layout))
+        entry: dict[str, Any] = {
+            "seconds_per_step": seconds,
+            "x_limit": seconds / limit[1] if limit else None,
+            "x_ste": seconds / ste if ste else None,
         }
-    return results
+        if args.memory:
+            entry["peak_mb"] = peak_memory(m, layout, args)
+        methods.setdefault(m, {})[layout] = entry
+    return {
+        "limit": None if limit is None else {"layout": limit[0], "seconds_per_step": limit[1]},
+        "methods": methods,
+        "settings": settings(args),
+    }
 
 
-def table(results: dict[str, dict[str, float | None]], args: argparse.Namespace) -> str:
-    ste = results.get("ste")
-
-    def ratio(value: float | None) -> str:
-        return f"{value:.2f}" if value is not None else "-"
-
-    settings = ", ".join(
-        [f"ResNet20, 1-bit DoReFa, batch {args.batch_size}, channels-last, {args.steps} timed steps on {args.device}"]
+def settings(args: argparse.Namespace) -> str:
+    return ", ".join(
+        [f"ResNet20, 1-bit DoReFa, batch {args.batch_size}, {args.steps} timed steps on {args.device}"]
         + (["torch.compile"] if args.compile else [])
         + ([f"autocast {args.amp}"] if args.amp != "none" else [])
         + ([f"{args.threads} thread(s)"] if args.threads else [])
         + (["CPU time"] if args.cpu_time else [])
-        + [f"fastest of {args.repeats} round(s)"]
+        + [f"fastest of {args.repeats} round(s)", f"torch {torch.__version__}"]
     )
-    mem = "peak CUDA MB" if args.device.startswith("cuda") else "peak RSS MB"
-    lines = [settings, f"{'method':<10} {'s/step':>8} {'x fp':>6} {'x STE':>6} {mem:>13} {'x STE':>6}"]
-    for method, r in results.items():
-        mem_ratio = r["peak_mb"] / ste["peak_mb"] if ste else None
-        lines.append(
-            f"{method:<10} {r['seconds_per_step']:>8.3f} {ratio(r['x_fp']):>6} {ratio(r['x_ste']):>6} "
-            f"{r['peak_mb']:>13.0f} {ratio(mem_ratio):>6}"
-        )
+
+
+def table(results: dict[str, Any]) -> str:
+    def ratio(value: float | None) -> str:
+        return f"{value:.2f}" if value is not None else "-"
+
+    limit = results["limit"]
+    lines = [results["settings"]]
+    if limit:
+        lines.append(f"limit: the plain step, {limit['layout']} layout, {limit['seconds_per_step']:.4f} s")
+    lines.append(f"{'method':<10} {'layout':<7} {'s/step':>8} {'x limit':>8} {'x STE':>6} {'peak MB':>8}")
+    for method, layouts in results["methods"].items():
+        for layout, r in layouts.items():
+            peak = f"{r['peak_mb']:>8.0f}" if "peak_mb" in r else f"{'-':>8}"
+            lines.append(
+                f"{method:<10} {layout:<7} {r['seconds_per_step']:>8.4f} {ratio(r['x_limit']):>8} "
+                f"{ratio(r['x_ste']):>6} {peak}"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per child (default 10)")
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="rounds over all methods; the fastest counts (default 2)"
-    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest counts (default 3)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--memory", action="store_true", help="also measure each one's peak memory")
     parser.add_argument("--compile", action="store_true", help="run the forward pass through torch.compile")
     parser.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast the forward pass")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch.set_num_threads in each child (default: torch's); 1 is the steadiest on a busy machine",
-    )
-    parser.add_argument(
-        "--cpu-time",
-        action="store_true",
-        help="measure the process's CPU time instead of wall-clock time (with --threads 1: the work "
-        "done, whatever else the machine runs)",
-    )
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true", help="the process's CPU time instead of wall-clock")
+    parser.add_argument("--peak-of", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1 or args.batch_size < 1:
         parser.error("--steps, --repeats and --batch-size must be >= 1")
     if args.cpu_time and args.device.startswith("cuda"):
         parser.error("--cpu-time measures CPU work; on CUDA the wall-clock time is the measure")
-    if args.child:
-        print(
-            json.dumps(
-                child(
-                    args.child,
-                    args.steps,
-                    args.batch_size,
-                    args.device,
-                    args.compile,
-                    args.amp,
-                    args.threads,
-                    args.cpu_time,
-                )
-            )
-        )
+    if args.peak_of:
+        print(_peak_child(*args.peak_of, args))
         return
     results = run(args)
-    print(json.dumps(results) if args.json else table(results, args))
+    print(json.dumps(results) if args.json else table(results))
 
 
 if __name__ == "__main__":

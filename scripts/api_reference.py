@@ -23,6 +23,7 @@ MODULES = [
     "metaquant.refine",
     "metaquant.algorithm",
     "metaquant.trainer",
+    "metaquant.direct_uses",
     "metaquant.training",
     "metaquant.loop",
     "metaquant.callbacks",

@@ -454,6 +454,17 @@ def test_learning_rate_is_read_from_the_live_optimizer_after_load_state_dict():
 
 
 # --- one meta call for all layers ---------------------------------------------------------------------------
+class _PerLayerMax(mq.IdentityMeta):
+    """Not coordinate-wise: each layer's g_Ŵ divided by its own largest magnitude. Called layer by layer."""
+
+    def forward(self, grad_w_hat, w_tilde, state=None):
+        return grad_w_hat / grad_w_hat.abs().max(), None
+
+
+class _OwnLSTMFC(mq.LSTMFC):
+    """A subclass, not known to be coordinate-wise: called layer by layer, with its state per layer."""
+
+
 def wide_net(seed=0):
     """Layers of several shapes, channels-last convolutions among them (their flat order is the memory order)."""
     torch.manual_seed(seed)
@@ -478,8 +489,10 @@ def wide_net(seed=0):
         lambda: mq.MultiFC(hidden=4, nonlinearity="tanh"),
         lambda: mq.LSTMFC(hidden=3),
         lambda: mq.LSTMFC(hidden=3, num_lstm=2, nonlinearity="relu"),
+        lambda: _PerLayerMax(),
+        lambda: _OwnLSTMFC(hidden=3, num_lstm=2),
     ],
-    ids=["fc-grad", "multifc", "multifc-tanh", "lstmfc", "lstmfc-2"],
+    ids=["fc-grad", "multifc", "multifc-tanh", "lstmfc", "lstmfc-2", "per-layer-subclass", "lstmfc-subclass"],
 )
 def test_one_meta_call_for_all_layers_equals_a_call_per_layer(make_meta, step_order):
     # Oracle: from the per-layer records of iteration t−1, call the meta quantizer on each layer alone, form
@@ -558,3 +571,43 @@ def test_frozen_quantized_layers_are_skipped_and_keep_their_weights(caplog):
         trainer.step(closure(model, x, y))
     assert torch.equal(model[0].weight, frozen) and not torch.equal(model[3].weight, linear)
     assert list(trainer.state_dict()["records"]) == ["3"]
+
+
+def test_a_layer_unused_at_the_first_meta_step_keeps_its_initial_lstm_state():
+    torch.manual_seed(7)
+    model = mq.quantize_(nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)}))
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.LSTMFC(hidden=3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    trainer.step(lambda: F.cross_entropy(model["a"](x) + model["b"](x), y))  # t = 0 records both layers
+    trainer.step(lambda: F.cross_entropy(model["b"](x), y))  # t = 1 does not use "a"
+    h, c = trainer.state_dict()["records"]["a"]["meta_state"]
+    assert not h.any() and not c.any()  # the initial state, as before its first meta step
+    h_b, _ = trainer.state_dict()["records"]["b"]["meta_state"]
+    assert h_b.abs().sum() > 0
+
+
+@pytest.mark.parametrize("base,kwargs", [(torch.optim.SGD, dict(lr=0.05, momentum=0.9)), (torch.optim.AdamW, {})])
+def test_an_optimizer_subclass_that_keeps_the_update_rule_trains_as_its_parent(base, kwargs):
+    class Defaults(base):  # e.g. one that only sets defaults
+        pass
+
+    runs = []
+    for cls in (base, Defaults):
+        model = mq.quantize_(conv_net(bias=True))
+        torch.manual_seed(1)
+        trainer = mq.MetaQuant(model, cls(model.parameters(), **kwargs), mq.MultiFC(hidden=4))
+        for x, y in batches(3):
+            trainer.step(closure(model, x, y))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.Adam])
+def test_an_optimizer_subclass_that_changes_its_step_is_refused_by_name(base):
+    class Clipped(base):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    model = mq.quantize_(conv_net())
+    with pytest.raises(ValueError, match=f"Clipped overrides {base.__name__}.step, so its update rule may not be"):
+        mq.MetaQuant(model, Clipped(model.parameters(), lr=0.1), mq.MultiFC(hidden=4))

@@ -315,3 +315,9 @@ def test_the_cli_refuses_a_negative_precise_bn_without_a_traceback(tmp_path):
     )
     assert done.returncode != 0
     assert "precise_bn_batches must be an integer >= 0, got -3" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_only_batchnorm_layers_that_keep_running_statistics_are_found():
+    tracked, sync = nn.BatchNorm2d(2), nn.SyncBatchNorm(2)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), tracked, nn.BatchNorm2d(2, track_running_stats=False), sync, nn.ReLU())
+    assert batchnorm_layers(net) == [tracked, sync]

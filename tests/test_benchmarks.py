@@ -16,7 +16,7 @@ def _run_json(script, *args):
     return json.loads(proc.stdout)  # exactly one JSON object on stdout
 
 
-def test_step_time_reports_every_method_against_fp_and_ste():
+def test_step_time_reports_both_layouts_of_every_method_against_the_plain_step():
     out = _run_json(
         "step_time.py",
         "--steps",
@@ -30,13 +30,21 @@ def test_step_time_reports_every_method_against_fp_and_ste():
         "ste",
         "multifc",
         "ste-kd",
+        "--memory",
     )
-    assert list(out) == ["fp", "ste", "multifc", "ste-kd"]
-    for method, r in out.items():
-        assert set(r) == {"seconds_per_step", "x_fp", "x_ste", "peak_mb"}, method
-        assert r["seconds_per_step"] > 0 and r["peak_mb"] > 0
-    assert out["fp"]["x_fp"] == 1.0 and out["ste"]["x_ste"] == 1.0
-    assert abs(out["multifc"]["x_fp"] - out["multifc"]["seconds_per_step"] / out["fp"]["seconds_per_step"]) < 1e-12
+    methods = out["methods"]
+    assert list(methods) == ["fp", "ste", "multifc", "ste-kd"]
+    plain = {layout: r["seconds_per_step"] for layout, r in methods["fp"].items()}
+    assert set(plain) == {"python", "cli"}
+    assert out["limit"] == {"layout": min(plain, key=plain.get), "seconds_per_step": min(plain.values())}
+    for method, layouts in methods.items():
+        assert set(layouts) == {"python", "cli"}, method
+        for layout, r in layouts.items():
+            assert set(r) == {"seconds_per_step", "x_limit", "x_ste", "peak_mb"}, (method, layout)
+            assert r["seconds_per_step"] > 0 and r["peak_mb"] > 0
+            assert abs(r["x_limit"] - r["seconds_per_step"] / min(plain.values())) < 1e-12
+            assert abs(r["x_ste"] - r["seconds_per_step"] / methods["ste"][layout]["seconds_per_step"]) < 1e-12
+    assert min(r["x_limit"] for r in methods["fp"].values()) == 1.0
 
 
 def test_lstmfc_time_compares_the_fused_step_with_nn_lstm():
@@ -94,3 +102,13 @@ def test_cuda_check_runs_its_checks_on_the_cpu_and_refuses_cuda_without_a_device
     if not torch.cuda.is_available():
         proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and "no CUDA device" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_onnx_inference_compares_the_1_bit_model_with_the_float_one():
+    out = _run_json("onnx_inference.py", "--batch-size", "4", "--runs", "1", "--repeats", "1", "--rounds", "1")
+    models = out["models"]
+    assert list(models) == ["float", "1-bit", "1-bit default"]
+    assert all(r["ms_per_batch"] > 0 and r["bytes"] > 0 for r in models.values())
+    assert out["speed_vs_float"] == models["float"]["ms_per_batch"] / models["1-bit"]["ms_per_batch"]
+    assert out["size_ratio"] == models["float"]["bytes"] / models["1-bit"]["bytes"] > 4
+    assert out["max_logit_difference"] < 1e-3  # the same network: the weights decoded to float

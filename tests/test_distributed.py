@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import metaquant as mq
+from metaquant import distributed
 
 STEPS = 4
 
@@ -188,3 +189,18 @@ def test_torchrun_failure_ends_every_rank_with_one_line_and_status_1(tmp_path, f
     assert failed.stderr.count("exitcode  : 1") == 2  # torchrun's summary: both ranks exited with status 1
     assert "SIGABRT" not in failed.stderr and "terminate called" not in failed.stderr
     assert not (tmp_path / "ddp" / "done").exists()
+
+
+def test_in_one_process_the_collectives_are_identities_and_there_is_no_group_to_join_or_leave():
+    assert distributed.init_from_env("cpu") is None  # not started by torchrun
+    assert not distributed.is_distributed() and distributed.is_main()
+    grads = [torch.tensor([1.0, 2.0]), None, torch.tensor([[3.0]])]
+    distributed.all_reduce_mean_(grads)
+    assert grads[0].tolist() == [1.0, 2.0] and grads[1] is None and grads[2].tolist() == [[3.0]]
+    assert distributed.all_reduce_sum([12.5, 3.0, 40.0]) == [12.5, 3.0, 40.0]
+    assert distributed.any_process(True) and not distributed.any_process(False)
+    model = nn.Linear(4, 2)
+    assert distributed.unwrap(model) is model
+    with pytest.raises(ValueError, match="process group has not been initialized"):
+        distributed.wrap(model, distributed.DistInfo(rank=0, world_size=1, local_rank=0))
+    assert distributed.shutdown() is False

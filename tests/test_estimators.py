@@ -164,3 +164,113 @@ def test_segments_of_a_flat_vector_equal_each_weight_alone():
     assert scale is None
     with pytest.raises(NotImplementedError, match="bwn"):
         mq.quantizers.BWN().preprocess_segments(flat, numels)
+
+
+# --- subclasses: the one pass only for the formulas it replaces -----------------------------------------------
+class _LayerNormalised(mq.STE):
+    """Not element-wise: each weight's gradient divided by its own norm. The flag is not inherited."""
+
+    def __call__(self, grad_w_hat, w_relaxed, w_hat):
+        return super().__call__(grad_w_hat, w_relaxed, w_hat) / grad_w_hat.norm()
+
+
+def test_the_one_pass_flags_hold_only_for_the_class_that_declares_them():
+    class Quiet(DoReFa):
+        pass
+
+    class Declared(DoReFa):
+        segmentable = True
+
+    assert DoReFa.segmentable and Declared.segmentable and not Quiet.segmentable
+    assert STE.elementwise and Identity.elementwise and EWGS.elementwise and not _LayerNormalised.elementwise
+
+
+def test_an_estimator_subclass_that_is_not_element_wise_is_applied_weight_by_weight():
+    # Oracle: fake_quantize_preprocessed of each weight alone, where the subclass's rule sees that weight only.
+    q = DoReFa(1)
+    many = [w.clone().requires_grad_() for w in _weights(2)[:4]]
+    one = [w.clone().requires_grad_() for w in _weights(2)[:4]]
+    out_many = mq.estimators.fake_quantize_many(many, [q] * 4, _LayerNormalised())
+    out_one = [mq.estimators.fake_quantize_preprocessed(w, q, _LayerNormalised()) for w in one]
+    sum((h.sin().sum() for h, _ in out_many), torch.zeros(())).backward()
+    sum((h.sin().sum() for h, _ in out_one), torch.zeros(())).backward()
+    for a, b in zip(many, one):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+class _Shifted(DoReFa):
+    """DoReFa of ``W − 0.3``: preprocess, relaxed and calibration changed, backward_terms inherited."""
+
+    def preprocess(self, w):
+        return super().preprocess(w - 0.3)
+
+    def relaxed(self, w):
+        return super().relaxed(w - 0.3)
+
+    def calibration(self, w):
+        return super().calibration(w - 0.3)
+
+
+def test_a_quantizer_subclass_keeps_its_formulas_in_the_one_pass_and_in_the_backward_pass():
+    # Oracle: the subclass's own Q(A(W)) and, for the STE (whose gate is open for DoReFa), g_W = g_Ŵ ⊙ c(W) with
+    # c written out from the shifted formula.
+    q = _Shifted(1)
+    ws = [w.clone().requires_grad_() for w in _weights(4)[1:4]]
+    out = mq.estimators.fake_quantize_many(ws, [q] * len(ws))
+    upstream = [torch.randn(w.shape, dtype=w.dtype) for w in ws]
+    sum(((h * u).sum() for (h, _), u in zip(out, upstream)), torch.zeros(())).backward()
+    for w, (w_hat, w_tilde), u in zip(ws, out, upstream):
+        t = torch.tanh(w.detach() - 0.3)
+        assert torch.equal(w_hat, q.quantize(q.preprocess(w.detach()))) and torch.equal(w_tilde, q.preprocess(w))
+        torch.testing.assert_close(w.grad, u * (1 - t * t) / t.abs().max(), rtol=1e-6, atol=1e-7)
+    single = _w(5)
+    (grad,) = torch.autograd.grad(fake_quantize(single, q).sum(), single)
+    torch.testing.assert_close(grad, q.calibration(single.detach()), rtol=1e-12, atol=1e-12)
+
+
+def test_trainer_loss_is_the_models_own_with_a_quantizer_subclass_shared_by_layers():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = mq.quantize_(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)))
+    for layer in mq.quantized_layers(model).values():
+        layer.quantizer = _Shifted(1)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    expected = torch.nn.functional.cross_entropy(model(x), y)  # the model's own forward pass, layer by layer
+    trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert trainer.step(lambda: torch.nn.functional.cross_entropy(model(x), y)).item() == expected.item()
+
+
+# --- torch.func.vmap: per-sample gradients --------------------------------------------------------------------
+@pytest.mark.parametrize("name,bits", [("dorefa", 1), ("dorefa", 2), ("bwn", 1), ("bwn-channel", 1), ("uniform", 3)])
+def test_per_sample_gradients_by_vmap_equal_a_loop_over_samples(name, bits):
+    from torch import nn
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(1)
+    model = mq.quantize_(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)), mq.QuantConfig(name, bits))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+    def loss(p, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(len(x)):  # the oracle: autograd on each sample alone
+        model.zero_grad()
+        loss(dict(model.named_parameters()), x[i], y[i]).backward()
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[k][i], p.grad, rtol=1e-5, atol=1e-6)
+    # the several-weights-at-once form has a rule too
+    a, b = torch.randn(3, 4), torch.randn(5)
+    q = DoReFa(1)
+
+    def many(a, b, xi):
+        (ha, _), (hb, _) = mq.estimators.fake_quantize_many([a, b], [q, q])
+        return (ha @ xi).square().sum() + (hb * xi[0]).sum()
+
+    batched = vmap(grad(many, argnums=(0, 1)), in_dims=(None, None, 0))(a, b, x)
+    for i in range(len(x)):
+        ga, gb = grad(many, argnums=(0, 1))(a, b, x[i])
+        torch.testing.assert_close(batched[0][i], ga)
+        torch.testing.assert_close(batched[1][i], gb)

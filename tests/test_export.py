@@ -206,7 +206,20 @@ def test_eval_of_a_packed_export_reproduces_the_runs_accuracy(tmp_path, capsys, 
     if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
         assert main(["export", str(tmp_path / "q"), "--format", "onnx"]) == 0
         capsys.readouterr()
-        assert main(["eval", str(tmp_path / "q" / "model.onnx")]) == 0
+        import onnxruntime
+
+        sessions = []
+
+        class Recording(onnxruntime.InferenceSession):  # the options eval gives onnxruntime
+            def __init__(self, model, options=None, **kwargs):
+                sessions.append(options)
+                super().__init__(model, options, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(onnxruntime, "InferenceSession", Recording)
+            assert main(["eval", str(tmp_path / "q" / "model.onnx")]) == 0
+        (options,) = sessions  # those that fold the weights' DequantizeLinear once
+        assert options.get_session_config_entry("session.disable_quant_qdq") == "1"
         onnx_acc = float(re.search(r"test accuracy ([\d.]+)% top-1", capsys.readouterr().out)[1])
         assert abs(onnx_acc - recorded) <= 100 / 300  # logits equal to 1e-4: at most one of 300 images flips
 
@@ -263,7 +276,8 @@ def test_onnx_export_holds_integer_weights_and_matches_the_quantized_model(tmp_p
     (logits,) = session.run(None, {"images": x.numpy()})  # a batch size other than the example's
     # Equal up to float rounding: BatchNorm folded into the weights and the scales, another summation order.
     torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
-    assert session.get_modelmeta().custom_metadata_map == {"note": '"test"'}
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    assert metadata.pop("metaquant.digest").startswith('"sha256:') and metadata == {"note": '"test"'}
     assert quantized_weights_unchanged(model)
     assert not any(n.metadata_props for n in proto.graph.node)  # no stack traces or paths of this machine
 

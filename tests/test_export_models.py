@@ -8,6 +8,7 @@ from torch import nn
 
 import metaquant as mq
 from metaquant.export import export_onnx, export_packed, load_packed, materialize
+from tests.models.zoo import ZOO
 
 
 def tied_model(quantizer=("ternary", 2)):
@@ -93,3 +94,82 @@ def test_export_onnx_names_why_it_cannot_pass_a_dict_input_by_name(tmp_path):
     model = mq.quantize_(Model())
     with pytest.raises(ValueError, match=r"last input is a dict .* Model.forward has 0 such arguments for 1 inputs"):
         export_onnx(model, tmp_path / "m.onnx", ({"x": torch.randn(2, 3)},))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 4)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(self.encoder(x).mean(1))
+
+
+def _fused(model):
+    """Whether PyTorch may run part of ``model`` through its fused inference kernels under no_grad."""
+    return any(isinstance(m, nn.MultiheadAttention | nn.TransformerEncoderLayer) for m in model.modules())
+
+
+LOGIT_CASES = [
+    *((case.name, case.build, case.batch(3), case.include, case.quantizer) for case in ZOO),
+    (
+        "self-attention",
+        SelfAttention,
+        (torch.randn(8, 5, 16, generator=torch.Generator().manual_seed(1)),),
+        (),
+        ("dorefa", 1),
+    ),
+    (
+        "4-layer-encoder",
+        Encoder,
+        (torch.randn(8, 20, 64, generator=torch.Generator().manual_seed(1)),),
+        (),
+        ("dorefa", 1),
+    ),
+]
+
+
+@pytest.mark.parametrize("name,build,x,include,quantizer", LOGIT_CASES, ids=lambda c: c if isinstance(c, str) else None)
+def test_load_packed_gives_the_quantized_models_logits_as_its_docstring_says(
+    tmp_path, name, build, x, include, quantizer
+):
+    """Bit for bit with gradients enabled; under no_grad too, except where PyTorch's fused attention kernels
+    run the loaded model: there within the docstring's bounds (1e-6 of the largest logit for one attention
+    layer, 2e-4 for a 4-layer 1-bit encoder)."""
+    torch.manual_seed(0)
+    model = mq.quantize_(build(), mq.QuantConfig(*quantizer), include=include).eval()
+    export_packed(model, tmp_path / "m.safetensors")
+    torch.manual_seed(0)
+    loaded = load_packed(tmp_path / "m.safetensors", build())
+    with torch.enable_grad():
+        assert torch.equal(loaded(*x), model(*x))
+    with torch.no_grad():
+        expected, got = model(*x), loaded(*x)
+    if not _fused(model):
+        assert torch.equal(got, expected)
+    else:
+        bound = 2e-4 if name == "4-layer-encoder" else 1e-6
+        assert float((got - expected).abs().max()) <= bound * float(expected.abs().max())
+
+
+def test_the_docs_say_where_load_packed_is_exact():
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Export and evaluation") : readme.index("## Speed")]
+    assert "whose logits equal the quantized model's exactly" not in section
+    for text in (" ".join(section.split()), " ".join(load_packed.__doc__.split())):
+        assert "bit for bit, except under `torch.no_grad()`" in text or "bit for bit, with one exception" in text
+        assert "TransformerEncoderLayer" in text and "1e-6" in text and "2e-4" in text

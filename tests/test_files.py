@@ -2,11 +2,18 @@
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
 
-from metaquant.files import atomic_write_bytes, load_checkpoint, save_checkpoint, temporary_files
+from metaquant.files import (
+    atomic_write_bytes,
+    load_checkpoint,
+    previous_checkpoint_path,
+    save_checkpoint,
+    temporary_files,
+)
 
 STATE = {"model": {"w": torch.ones(2)}, "optimizer": {}, "trainer": {}, "rng": {}, "epoch": 1}
 
@@ -68,3 +75,23 @@ def test_a_name_with_glob_characters_finds_only_its_own_temporary_files(tmp_path
     atomic_write_bytes(odd, b"{}")
     (tmp_path / ".run1x.json.000000000000.metaquant.tmp").write_text("")  # matches the name as a glob
     assert temporary_files(odd) == [] and odd.read_bytes() == b"{}"
+
+
+def test_an_atomic_write_replaces_the_file_and_leaves_nothing_else_and_an_exclusive_one_never_replaces(tmp_path):
+    target = tmp_path / "notes.txt"
+    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second" and list(tmp_path.iterdir()) == [target]
+    with pytest.raises(FileExistsError):
+        atomic_write_bytes(target, b"third", exclusive=True)
+    atomic_write_bytes(tmp_path / "new.txt", b"made", exclusive=True)
+    assert target.read_bytes() == b"second" and (tmp_path / "new.txt").read_bytes() == b"made"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.txt", "notes.txt"]
+
+
+def test_the_previous_checkpoint_sits_beside_the_checkpoint_with_prev_before_the_suffix(tmp_path):
+    assert previous_checkpoint_path("runs/r/checkpoint.pt") == Path("runs/r/checkpoint.prev.pt")
+    save_checkpoint(tmp_path / "last.pth", STATE)
+    save_checkpoint(tmp_path / "last.pth", {**STATE, "epoch": 2})
+    assert load_checkpoint(previous_checkpoint_path(tmp_path / "last.pth"))["epoch"] == 1
+    assert (tmp_path / "last.prev.pth").is_file()

@@ -81,6 +81,19 @@ def test_grad_scaler_gives_the_unscaled_update_and_skips_overflowing_steps(kind)
         assert torch.equal(a, b)
 
 
+def test_only_fp16_gets_a_grad_scaler_and_needs_cuda_and_none_is_no_autocast():
+    assert mq.precision.make_grad_scaler("none", "cpu") is None
+    assert mq.precision.make_grad_scaler("bf16", "cpu") is None
+    mq.precision.check_amp("bf16", "cpu")
+    with pytest.raises(ValueError, match="amp 'fp16' needs a CUDA device .*; on cpu use amp 'bf16'"):
+        mq.precision.make_grad_scaler("fp16", "cpu")
+    if torch.cuda.is_available():
+        assert isinstance(mq.precision.make_grad_scaler("fp16", "cuda"), torch.amp.GradScaler)
+    layer = nn.Linear(4, 2)
+    with mq.precision.autocast("none", "cpu"):
+        assert layer(torch.randn(3, 4)).dtype == torch.float32
+
+
 def test_amp_modes_are_checked():
     with pytest.raises(ValueError, match="amp 'fp32' is not supported; allowed: none, bf16, fp16"):
         mq.precision.autocast("fp32", "cpu")
@@ -120,3 +133,29 @@ def test_a_non_finite_meta_quantizer_output_under_a_grad_scaler_follows_on_nonfi
         assert trainer.skipped_steps == 1
     assert trainer.overflow_steps == 0 and scaler.get_scale() == 2.0**4
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["ste", "multifc"])
+def test_an_overflow_step_leaves_batchnorm_statistics_as_every_skipped_step_does(kind):
+    # Oracle: the buffers as they were before the overflowing step (a skipped step changes nothing).
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    model = bn_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    trainer = (
+        mq.Trainer(model, opt, grad_scaler=scaler)
+        if kind == "ste"
+        else mq.MetaQuant(model, opt, mq.MultiFC(hidden=4), grad_scaler=scaler)
+    )
+    for _ in range(2):
+        trainer.step(lambda: F.cross_entropy(model(x), y))
+    buffers = [b.detach().clone() for b in model.buffers()]
+    scaler.update(3e38)  # the next scaled gradients overflow float32
+    trainer.step(lambda: F.cross_entropy(model(x), y) * 1e4)
+    assert trainer.overflow_steps == 1 and trainer.skipped_steps == 0
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    from metaquant.guards import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="non-finite loss"):  # a scaler does not turn errors into skips
+        trainer.step(lambda: F.cross_entropy(model(x), y) * float("nan"))

@@ -137,3 +137,58 @@ def test_all_zero_weight_is_finite():
         w = torch.zeros(3, 3)
         q = get_quantizer(name, bits)
         assert torch.isfinite(q(w)).all() and torch.isfinite(q.calibration(w)).all()
+
+
+# --- a weight whose statistic is 0 ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,bits", [("dorefa", 1), ("dorefa", 2), ("bwn", 1), ("ternary", 2), ("uniform", 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_all_zero_weight_takes_the_ste_step_g_times_one(name, bits, dtype):
+    """docs/design.md §3: the statistic counts as 1 where it divides or scales a gradient. Oracle: one SGD step of
+    two all-zero layers (quantized in one pass where the quantizer allows it) moves each by ``−lr·g_Ŵ``."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import metaquant as mq
+
+    torch.manual_seed(0)
+    model = mq.quantize_(nn.ModuleDict({"a": nn.Linear(4, 3), "b": nn.Linear(4, 3)}), mq.QuantConfig(name, bits))
+    model.to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    x, y = torch.randn(5, 4, dtype=dtype), torch.tensor([0, 1, 2, 0, 1])
+    layers = (model["a"], model["b"])
+    w_hats = [layer.quantizer(layer.weight).detach().requires_grad_() for layer in layers]
+    loss = F.cross_entropy(sum(F.linear(x, w_hat) for w_hat in w_hats), y)  # the biases are zero
+    grads = torch.autograd.grad(loss, w_hats)
+    trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5))
+    trainer.step(lambda: F.cross_entropy(model["a"](x) + model["b"](x), y))
+    for layer, g in zip(layers, grads):
+        torch.testing.assert_close(layer.weight.detach(), -0.5 * g, rtol=1e-6, atol=1e-7)
+        assert layer.weight.abs().max() > 0
+
+
+def test_an_all_zero_channel_takes_the_ste_step_and_the_others_their_scale():
+    q = BWNPerChannel()
+    w = _weight(1, shape=(3, 4))
+    w[1] = 0
+    w.requires_grad_()
+    g = torch.randn(3, 4, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((__import__("metaquant").fake_quantize(w, q) * g).sum(), w)
+    a = w.detach().abs().mean(1, keepdim=True)
+    expected = g * torch.where(a == 0, torch.ones_like(a), a) * (w.detach().abs() <= 1)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+    assert grad[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name,bits", ALL)
+def test_an_all_zero_weight_quantizes_to_q_of_zero_with_a_scale_of_its_own(name, bits):
+    q = get_quantizer(name, bits)
+    w = torch.zeros(3, 3)
+    assert torch.equal(q.calibration(w), torch.ones(3, 3))
+    codes, scale = q.encode(w)
+    assert torch.equal(q.decode(Encoded(codes, scale)), q(w))
+    if name == "uniform":
+        assert scale.item() == pytest.approx(1 / (2 ** (bits - 1) - 1))  # s = max|W| / L with max|W| = 1
+    if name in ("bwn", "bwn-channel", "ternary", "uniform"):
+        assert torch.equal(q(w), torch.zeros(3, 3))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from metaquant.schedules import lr_factor, scale_lr
+from metaquant.schedules import lr_factor, scale_lr, set_scaled_rates
 
 
 def _torch_lrs(make_scheduler, epochs):
@@ -47,3 +47,16 @@ def test_scale_lr_keeps_per_group_rates():
     scale_lr(opt, 0.01)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.005])
     assert math.isclose(opt.state_dict()["param_groups"][1]["initial_lr"], 0.5)
+
+
+def test_the_paper_s_step_schedule_divides_by_ten_every_30_epochs_and_cosine_is_half_way_at_the_middle():
+    assert [lr_factor("step", e, 100) for e in (0, 29, 30, 60, 99)] == pytest.approx([1.0, 1.0, 0.1, 0.01, 0.001])
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+
+
+def test_scaled_rates_multiply_each_group_s_given_rate_and_need_one_per_group():
+    opt = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": 0.1}, {"params": [torch.zeros(1)], "lr": 1.0}])
+    set_scaled_rates(opt, [0.2, 0.4], 0.5)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1, 0.2])
+    with pytest.raises(ValueError, match=r"1 rate\(s\) for 2 parameter group\(s\)"):
+        set_scaled_rates(opt, [0.2], 0.5)

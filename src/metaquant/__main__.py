@@ -1,7 +1,5 @@
 """``python -m metaquant``: the same as the ``metaquant`` command."""
 
-import sys
+from metaquant_launcher import main
 
-from .experiments.cli import main
-
-sys.exit(main())
+main()

@@ -31,6 +31,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from .direct_uses import warn_direct_uses, watched_weights
 from .distributed import all_reduce_mean_, any_process, is_distributed, unwrap
 from .estimators import fake_quantize_many
 from .guards import (
@@ -44,7 +45,7 @@ from .guards import (
 )
 from .layers import QuantLayer, check_weight_hooks, forward_tensors, quantized_layers
 from .layout import flatten_in_memory_order, memory_order, unflatten_like
-from .meta import MetaQuantizer
+from .meta import LSTMFC, FCGrad, IdentityMeta, MetaQuantizer, MultiFC
 from .quantizers import ForwardQuantizer
 from .refine import THROUGH, refinement_for, with_derivative
 from .schedules import scale_lr
@@ -57,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 STEP_ORDERS = ("paper", "original")
 Closure = Callable[[], Tensor]
+#: The meta quantizers known to work coordinate by coordinate: called once for all layers (docs/design.md §5.0).
+#: Any other class, a subclass of these too, is called layer by layer.
+_COORDINATEWISE = (IdentityMeta, FCGrad, MultiFC, LSTMFC)
 
 
 @dataclass
@@ -111,6 +115,10 @@ class _Slot:
         return s.reshape(shape).permute(dims).reshape(s.shape[0], self.numel, s.shape[-1])
 
 
+#: The refinement's pieces: ``(param group, its slots, their flat optimizer state)``.
+_Plan = list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]]
+
+
 def _bias(layer: QuantLayer) -> Tensor | None:
     """The layer's bias (``nn.Module`` attributes are typed loosely)."""
     return cast("Tensor | None", layer.bias)
@@ -150,9 +158,9 @@ class MetaQuant:
             pass's BatchNorm statistics are restored, the records of the previous step kept).
         grad_scaler: a ``torch.amp.GradScaler`` for float16 forward passes: the loss is scaled before the
             backward pass; ``g_Ŵ``, ``∂ℓ/∂φ`` and the other gradients are unscaled before anything uses them; a
-            step whose scaled gradients overflowed is skipped (no update, records kept) while the scaler lowers
-            its scale, which is not an error and not counted in ``skipped_steps`` but in ``overflow_steps`` (the
-            number of such steps since the trainer was made).
+            step whose scaled gradients overflowed is skipped (no update, records and BatchNorm statistics kept)
+            while the scaler lowers its scale, which is not an error and not counted in ``skipped_steps`` but in
+            ``overflow_steps`` (the number of such steps since the trainer was made).
 
     Raises:
         TypeError: ``meta`` is not a ``MetaQuantizer``, ``model`` not a module, ``optimizer`` not an optimizer,
@@ -248,6 +256,8 @@ class MetaQuant:
         self._meta_state: Any = None
         self._prev_direction: Tensor | None = None
         self._prev_bias_direction: dict[str, Tensor] = {}
+        self._weight_names = watched_weights(unwrap(model))  # for the warning about a direct use of W
+        self._uses_warned: set[str] = set()
 
     # --- set-up helpers -----------------------------------------------------------------------------------
     def _make_slots(self) -> list[_Slot]:
@@ -350,7 +360,7 @@ class MetaQuant:
                 return None
         return flat
 
-    def _plan(self) -> list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]]:
+    def _plan(self) -> _Plan:
         """The pieces the refinement works on: ``(group, slots, their flat optimizer state)``, in flat order.
 
         One piece per param group whose weights have states of one kind (the usual case: one piece in all);
@@ -366,7 +376,7 @@ class MetaQuant:
         return plan
 
     @staticmethod
-    def _pieces(flat: Tensor, plan: list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]]) -> list[Tensor]:
+    def _pieces(flat: Tensor, plan: _Plan) -> list[Tensor]:
         """``flat`` cut into the plan's pieces (one split: a single backward node)."""
         if len(plan) == 1:
             return [flat]
@@ -377,7 +387,7 @@ class MetaQuant:
         grad_w: Tensor,
         weights: Tensor,
         rule: Callable[..., Tensor],
-        plan: list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]],
+        plan: _Plan,
     ) -> list[Tensor]:
         """``π(g_W)`` (Eq. 6) on each piece of the plan, from the flat ``g_W`` and ``W``."""
         pieces = zip(self._pieces(grad_w, plan), self._pieces(weights, plan), plan)
@@ -405,12 +415,14 @@ class MetaQuant:
         ``W̃^0`` are recorded. The meta optimizer's rate is first set to ``meta_lr · lr_t / lr_0``.
 
         Args:
-            closure: runs the model's forward pass on a batch and returns the scalar loss; it is called once,
-                and must use every quantized layer. It must not call ``backward``. Or a list of closures, one per
-                micro-batch (gradient accumulation): ``g_W`` and the look-ahead ``W^t`` are computed once, each
-                micro-batch's loss, divided by their number, is back-propagated in turn (one micro-batch's
-                activations in memory at a time), so ``g_Ŵ^t``, ``∂ℓ/∂φ`` and the other gradients are those of
-                the mean loss: for equal micro-batches and mean-reduced losses, one step on their union.
+            closure: runs the model's forward pass on a batch and returns the scalar loss; it is called once
+                and must not call ``backward``. A quantized layer the loss does not use keeps its weight, records
+                and LSTMFC state for the next step that uses it; the loss must use one at least. Or a list of
+                closures, one per micro-batch (gradient accumulation): ``g_W`` and the look-ahead ``W^t`` are
+                computed once, each micro-batch's loss, divided by their number, is back-propagated in turn (one
+                micro-batch's activations in memory at a time), so ``g_Ŵ^t``, ``∂ℓ/∂φ`` and the other gradients
+                are those of the mean loss: for equal micro-batches, mean-reduced losses and no BatchNorm in
+                training mode (its batch statistics are per micro-batch), one step on their union.
             before_update: called as ``before_update(trainer)`` after the backward pass (gradients unscaled by
                 ``grad_scaler`` and checked finite) and before any update, to read or change gradients in place
                 (e.g. ``torch.nn.utils.clip_grad_norm_``). Then each quantized weight's ``.grad`` is ``g_W``
@@ -421,7 +433,9 @@ class MetaQuant:
                 with the unclipped ``g_W``. A quantized weight whose ``g_W`` the hook left unchanged commits
                 ``W ← W^t`` as usual; one whose ``g_W`` it changed (or set to None) is committed by the optimizer
                 with the new gradient, ``W − α·π(g_W')`` (None: it stays), and the records ``g_Ŵ^t``, ``W̃^t``
-                for the next iteration are those of the forward pass.
+                for the next iteration are those of the forward pass. A loss that reads ``W`` directly (a
+                penalty on it) adds that gradient to ``g_W`` in ``.grad`` likewise, with a warning
+                (``metaquant.direct_uses``).
 
         Returns:
             The loss (detached; the mean over micro-batches). With ``on_nonfinite="skip"`` a step that produced
@@ -431,7 +445,7 @@ class MetaQuant:
         Raises:
             NonFiniteError: (``on_nonfinite="raise"``) the loss, a gradient, the meta quantizer's output or a
                 gradient of ``φ`` is not finite; nothing was updated.
-            RuntimeError: the loss does not depend on some quantized layer; a closure called ``backward``
+            RuntimeError: the loss depends on no quantized layer; a closure called ``backward``
                 itself; the optimizer is an Accelerate optimizer inside ``accelerator.accumulate`` on a step that
                 does not synchronize (MetaQuant accumulates itself: pass the micro-batches' closures as a list).
             TypeError: ``closure`` is not callable nor a non-empty list of callables; ``before_update`` not callable.
@@ -464,12 +478,13 @@ class MetaQuant:
             lr0 = float(base.get("initial_lr", self._base_lr0))
             # γ_t = γ·α_t/α_0; a base rate that starts at 0 has no schedule to follow: γ stays.
             scale_lr(self.meta_optimizer, float(base["lr"]) / lr0 if lr0 != 0 else 1.0)
-        snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" else None
+        scaler = self.grad_scaler
+        # a skipped step (non-finite with "skip", or an fp16 overflow) undoes the forward pass's BatchNorm statistics
+        snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" or scaler is not None else None
         if self.iteration == 0:
             loss, bad = self._first_step(closures, before_update)
         else:
             loss, bad = self._meta_step(closures, before_update)
-        scaler = self.grad_scaler
         if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)
             if self.meta_optimizer is not None:
@@ -479,8 +494,11 @@ class MetaQuant:
                 # meta quantizer's output comes from the last step's unscaled records: the scale is not the cause.)
                 scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
                 self.overflow_steps += 1
+                assert snapshot is not None  # taken whenever there is a scaler
+                snapshot.restore()
                 return loss
-            self.skipped_steps = reject_step(bad, snapshot, self.skipped_steps)
+            kept = snapshot if self.on_nonfinite == "skip" else None  # None: reject_step raises
+            self.skipped_steps = reject_step(bad, kept, self.skipped_steps)
             return loss
         if scaler is not None:
             # update() reads the overflow checks unscale_ recorded; with no gradient to record, keep the scale.
@@ -543,27 +561,10 @@ class MetaQuant:
         learn_meta = self.meta_optimizer is not None and not self.meta_frozen
         slots = self._slots
         weights = _flatten(slots, [slot.weight.detach() for slot in slots])  # W^{t−1}, [N]
-        with torch.no_grad():
-            calibration = _flatten(slots, [slot.quantizer.calibration(slot.weight) for slot in slots])  # c(W)
+        plan = self._plan()
         with torch.set_grad_enabled(learn_meta):
-            # Step 1 (Eq. 4-5): g_W̃ from the meta quantizer, one call for the coordinates of every layer.
-            grad_w_tilde, meta_state = self.meta(self._grad_w_hat, self._w_tilde, self._meta_state)
-            grad_w = grad_w_tilde * calibration
-            # Step 2 (Eq. 6): the weight used in the forward pass, a function of φ.
-            plan = self._plan()
-            if self.step_order == "paper":
-                directions = self._directions(grad_w, weights, self._refine_for_meta, plan)
-            else:
-                # value W − α·G_{t−1}, derivative that of −α·g_W (docs/design.md, the original order)
-                moved = grad_w + (self._prev_direction - grad_w).detach()
-                directions = self._pieces(moved, plan)
-            # torch.add(..., alpha=-lr) rounds as torch.optim's add_ does, so the commit below is the
-            # optimizer's own value to the bit for plain SGD.
-            pieces = [
-                torch.add(w, d, alpha=-group["lr"])
-                for w, d, (group, _, _) in zip(self._pieces(weights, plan), directions, plan)
-            ]
-            look_ahead = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            grad_w, meta_state = self._meta_gradient()  # step 1 (Eq. 4-5)
+            look_ahead = self._look_ahead(grad_w, weights, plan)  # step 2 (Eq. 6), a function of φ
         # split, not a slice per slot: its backward is one concatenation, not a zero-filled [N] per slot
         forward_weights = [slot.unflat(w) for slot, w in zip(slots, look_ahead.split(self._numels))]
         forward = fake_quantize_many(
@@ -575,14 +576,80 @@ class MetaQuant:
         bad = self._check(loss, [grad_w], grads)
         if bad is not None:
             return loss, bad
-        # Step 6 needs g_W as the quantized weights' gradient. A weight whose layers the loss did not use this
-        # step stays, with its records (its g_W had no effect on ℓ).
-        grad_w = grad_w.detach()
-        for slot, is_used in zip(slots, used):
-            g = slot.unflat(grad_w[slot.start : slot.stop]) if is_used else None
-            # the hook may change .grad in place: it gets a copy, so that g_W stays to compare with
-            slot.weight.grad = g.clone() if hook is not None and g is not None else g
-        changed = [False] * len(slots)
+        grad_w, changed = self._commit_gradients(grad_w.detach(), used, hook)
+        if learn_meta:  # step 5: the meta quantizer's own update
+            assert self.meta_optimizer is not None  # learn_meta implies it
+            self.meta_optimizer.step()
+        self._commit(grad_w, weights, forward_weights, used, changed, plan)  # step 6
+        self._keep(grads, [w_tilde for _, w_tilde in forward], used, meta_state)
+        return loss, None
+
+    def _meta_gradient(self) -> tuple[Tensor, Any]:
+        """Step 1 (Eq. 4-5): the flat ``g_W = M_φ(g_Ŵ^{t−1}, W̃^{t−1}) ⊙ c(W^{t−1})`` and the meta state it leaves."""
+        slots = self._slots
+        with torch.no_grad():
+            calibration = _flatten(slots, [slot.quantizer.calibration(slot.weight) for slot in slots])  # c(W)
+        if type(self.meta) in _COORDINATEWISE:  # one call for the coordinates of every layer
+            grad_w_tilde, meta_state = self.meta(self._grad_w_hat, self._w_tilde, self._meta_state)
+            return grad_w_tilde * calibration, meta_state
+        # any other meta quantizer is called per layer, as its interface says, on the layer's own flat order
+        assert self._grad_w_hat is not None and self._w_tilde is not None  # recorded at t = 0
+        outputs, states = [], []
+        for slot in slots:
+            a, b = slot.start, slot.stop
+            old = (
+                None if self._meta_state is None else tuple(slot.state_to_logical(s[:, a:b]) for s in self._meta_state)
+            )
+            records = (slot.unflat(r[a:b]).reshape(-1) for r in (self._grad_w_hat, self._w_tilde))
+            out, state = self.meta(*records, old)
+            outputs.append(slot.flat(out.reshape(slot.weight.shape)))
+            states.append(state)
+        meta_state = None
+        if states[0] is not None:
+            meta_state = tuple(
+                torch.cat([slot.state_from_logical(s[i]) for slot, s in zip(slots, states)], 1)
+                for i in range(len(states[0]))
+            )
+        return torch.cat(outputs) * calibration, meta_state
+
+    def _look_ahead(self, grad_w: Tensor, weights: Tensor, plan: _Plan) -> Tensor:
+        """Step 2 (Eq. 6): the flat weights of the forward pass, ``W^{t−1} − α·π(g_W)`` (see the original order)."""
+        if self.step_order == "paper":
+            directions = self._directions(grad_w, weights, self._refine_for_meta, plan)
+        else:
+            # value W − α·G_{t−1}, derivative that of −α·g_W (docs/design.md, the original order)
+            assert self._prev_direction is not None  # recorded at t = 0
+            moved = grad_w + (self._prev_direction - grad_w).detach()
+            directions = self._pieces(moved, plan)
+        # torch.add(..., alpha=-lr) rounds as torch.optim's add_ does, so the commit is the optimizer's own value
+        # to the bit for plain SGD.
+        pieces = [
+            torch.add(w, d, alpha=-group["lr"])
+            for w, d, (group, _, _) in zip(self._pieces(weights, plan), directions, plan)
+        ]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _commit_gradients(
+        self, grad_w: Tensor, used: list[bool], hook: Callable[[MetaQuant], None] | None
+    ) -> tuple[Tensor, list[bool]]:
+        """Give each quantized weight its commit gradient: ``g_W`` (None for a weight whose layers the loss did not
+        use: it stays, with its records) plus the gradient of a direct use of ``W`` in the loss; then ``hook``.
+
+        Returns the flat gradients the commit follows, and which weights leave the look-ahead ``W^t`` for the
+        optimizer's own step with their gradient (a direct use's, or one the hook changed).
+        """
+        slots = self._slots
+        direct = [slot.weight.grad for slot in slots]  # W itself is in the graph only through a direct use
+        if any(d is not None for d in direct):
+            self._say_direct_uses([slot for slot, d in zip(slots, direct) if d is not None])
+        for slot, u, d in zip(slots, used, direct):
+            g = slot.unflat(grad_w[slot.start : slot.stop]) if u else None
+            if d is not None:
+                g = d if g is None else g + d
+            elif g is not None and hook is not None:
+                g = g.clone()  # the hook may change .grad in place: g_W stays to compare with
+            slot.weight.grad = g
+        changed = [d is not None for d in direct]
         if hook is not None:
             hook(self)
             changed = [
@@ -594,43 +661,57 @@ class MetaQuant:
                 )
                 for slot, u in zip(slots, used)
             ]
-            if any(changed):  # the commit's direction is that of the gradient the hook left
-                grad_w = _flatten(
-                    slots,
-                    [
-                        slot.weight.grad.detach() if slot.weight.grad is not None else torch.zeros_like(slot.weight)
-                        for slot in slots
-                    ],
-                )
-        # Step 5: the meta quantizer's own update.
-        if learn_meta:
-            assert self.meta_optimizer is not None  # learn_meta implies it
-            self.meta_optimizer.step()
-        # Step 6: commit through the base optimizer.
+        if any(changed):  # the commit's direction is that of the gradients the weights hold now
+            grad_w = _flatten(
+                slots,
+                [
+                    slot.weight.grad.detach() if slot.weight.grad is not None else torch.zeros_like(slot.weight)
+                    for slot in slots
+                ],
+            )
+        return grad_w, changed
+
+    def _say_direct_uses(self, slots: list[_Slot]) -> None:
+        names = [self._weight_names.get(id(slot.weight), f"{slot.name}.weight") for slot in slots]
+        warn_direct_uses(
+            names,
+            self._uses_warned,
+            "MetaQuant adds that use's gradient to g_W when it commits the weight (which then takes the "
+            "optimizer's step with that gradient, not the look-ahead W^t).",
+        )
+
+    def _commit(
+        self,
+        grad_w: Tensor,
+        weights: Tensor,
+        forward_weights: list[Tensor],
+        used: list[bool],
+        changed: list[bool],
+        plan: _Plan,
+    ) -> None:
+        """Step 6: the base optimizer's step; ``W ← W^t`` for every weight that keeps its look-ahead."""
         if self.step_order == "original":
             self._record_original_directions(grad_w, weights, used, plan)
         self.optimizer.step()
         if self.step_order == "paper":
             with torch.no_grad():
-                # W ← W^t exactly: optimizer.step() computed the same value up to rounding. A g_W changed by
-                # the hook keeps the optimizer's own value, the update with the changed gradient.
+                # W ← W^t exactly: optimizer.step() computed the same value up to rounding. A weight whose
+                # gradient changed keeps the optimizer's own value, the update with that gradient.
                 moved = [
                     (slot.weight, w.detach())
-                    for slot, w, u, c in zip(slots, forward_weights, used, changed)
+                    for slot, w, u, c in zip(self._slots, forward_weights, used, changed)
                     if u and not c
                 ]
                 if moved:
                     torch._foreach_copy_([p for p, _ in moved], [w for _, w in moved])
         self.optimizer.zero_grad(set_to_none=True)
-        self._keep(grads, [w_tilde for _, w_tilde in forward], used, meta_state)
-        return loss, None
 
     def _record_original_directions(
         self,
         grad_w: Tensor,
         weights: Tensor,
         used: list[bool],
-        plan: list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]],
+        plan: _Plan,
     ) -> None:
         """G_t and B_t of the original order: the directions of the update about to be committed."""
         directions = self._directions(grad_w, weights, self._refine, plan)
@@ -751,11 +832,16 @@ class MetaQuant:
             return
         # LSTMFC's state is carried to the next iteration but not differentiated through.
         new = tuple(s.detach() for s in meta_state)
-        if not all(used) and self._meta_state is not None:
+        first = slots[0].weight
+        # an unused slot keeps its state: before its first use, the initial one
+        kept = self._meta_state
+        if kept is None and not all(used):
+            kept = self.meta.initial_state(sum(self._numels), first.device, first.dtype)
+        if not all(used) and kept is not None:
             new = tuple(s.clone() for s in new)
             for slot, is_used in zip(slots, used):
                 if not is_used:
-                    for s, old in zip(new, self._meta_state):
+                    for s, old in zip(new, kept):
                         s[:, slot.start : slot.stop] = old[:, slot.start : slot.stop]
         self._meta_state = new
 

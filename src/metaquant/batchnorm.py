@@ -1,14 +1,10 @@
 """Precise BatchNorm statistics: the running means and variances recomputed for the weights as they are now.
 
-In training, a BatchNorm layer normalises with the batch's own statistics and keeps, for evaluation, an
-exponential average of them (PyTorch's ``momentum`` 0.1: mostly the last 20 or so batches), gathered while the
-weights were still moving. With 1-bit weights a single step flips signs, the activations' statistics jump, and
-that average lags behind the network it is used with: the test accuracy of a binary ResNet20 on Fashion-MNIST
-measured with the averages can be a point lower than with statistics recomputed for its final weights.
-"Precise BN" (Wu & Johnson 2021, *Rethinking "Batch" in BatchNorm*, §3) recomputes them with the weights fixed:
-the population mean ``E[x]`` and variance ``E[x²] − E[x]²`` of each layer's input over a number of training
-batches. As in training, every layer normalises with its batch's statistics during the pass; only the
-estimates change, nothing that the gradient sees.
+BatchNorm's running statistics are an exponential average (``momentum`` 0.1: the last 20 or so batches)
+gathered while the weights moved. With 1-bit weights a step flips signs and the activations' statistics jump,
+so the average lags behind the network: a binary ResNet20 on Fashion-MNIST can test a point lower with it.
+"Precise BN" (Wu & Johnson 2021, *Rethinking "Batch" in BatchNorm*, §3) recomputes the population mean
+``E[x]`` and variance ``E[x²] − E[x]²`` of each layer's input over training batches with the weights fixed.
 """
 
 from __future__ import annotations
@@ -32,14 +28,7 @@ _CHUNK_VALUES = 1 << 24  # values per float64 copy in the statistics' sums: 128 
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The BatchNorm layers of ``model`` (any dimension, ``SyncBatchNorm`` included) that keep running statistics.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2),
-        ...                           torch.nn.BatchNorm2d(2, track_running_stats=False))
-        >>> [type(m).__name__ for m in mq.batchnorm.batchnorm_layers(net)]
-        ['BatchNorm2d']
-    """
+    """The BatchNorm layers of ``model`` (any dimension, ``SyncBatchNorm`` included) that keep running statistics."""
     return [
         m for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     ]
@@ -48,38 +37,25 @@ def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_batches: int) -> int:
     """Replace the running statistics of ``model``'s BatchNorm layers by those of its first ``num_batches`` batches.
 
-    For each layer with ``C`` channels and input ``x`` (``[B, C]``, ``[B, C, L]`` or ``[B, C, H, W]``), over the
-    ``n`` values per channel seen in all the batches (``B·H·W`` per batch): ``running_mean = Σx / n`` and
-    ``running_var = (Σx² / n − running_mean²) · n / (n − 1)``, the unbiased estimate that PyTorch's running
-    variance is. The sums are taken in float64 and, under data parallelism, over all processes (each passes its
-    own batches; every process must pass the same number). The rest of the model runs as in evaluation (its
-    dropout off, quantized layers with their quantized weights); each BatchNorm layer normalises with its
-    batch's statistics, as in training. No gradient is computed, nothing else changes: parameters, the layers'
-    ``momentum`` and ``num_batches_tracked``, and the model's train/eval mode are as they were. A BatchNorm layer
-    left in eval mode inside a model in training mode is taken as frozen (as when fine-tuning) and keeps its
-    statistics; in a model in eval mode every layer is recomputed.
+    Over the ``n`` values per channel of a layer's input in all batches (``B·H·W`` per batch):
+    ``running_mean = Σx / n``, ``running_var = (Σx² / n − mean²) · n / (n − 1)`` (unbiased, as PyTorch's), summed in
+    float64 and over all processes under data parallelism (each passes the same number of its own batches). The
+    model runs as in evaluation except that each BatchNorm normalises with its batch's statistics; parameters,
+    ``momentum``, ``num_batches_tracked`` and train/eval modes are left as they were. A BatchNorm in eval mode
+    inside a model in training mode is taken as frozen and keeps its statistics. Iterating a ``DataLoader`` draws
+    from the global generators (``fit`` saves and restores them around the pass).
 
-    Args:
-        model: the model (wrapped by DDP or ``torch.compile`` or not).
-        batches: an iterable of ``(x, y)`` batches, e.g. the training loader (``y`` is not used). Iterating a
-            ``TensorLoader`` again repeats the epoch set by its ``set_epoch`` and draws nothing from the global
-            random generators; a ``torch.utils.data.DataLoader`` draws its seeds (and, shuffling, its order)
-            from them, which ``fit`` saves and restores around the pass.
-        num_batches: how many of its first batches to use (fewer if it has fewer).
-
-    Returns:
-        The number of examples the statistics come from (over all processes); 0 when the model has no
-        BatchNorm layer with running statistics (nothing is read then).
+    Returns the number of examples used (all processes); 0, reading nothing, without BatchNorm statistics.
 
     Raises:
         ValueError: ``num_batches`` is not an integer >= 1; ``batches`` yielded nothing.
 
     Example:
-        The running statistics of one layer become the mean and unbiased variance of all its inputs:
+        The running statistics become the mean and unbiased variance of all the layer's inputs:
 
         >>> bn = torch.nn.BatchNorm1d(3)
         >>> data = [(torch.randn(8, 3) * 2 + 5, torch.zeros(8)) for _ in range(4)]
-        >>> mq.batchnorm.recompute_batchnorm_stats(bn, data, num_batches=3)
+        >>> mq.recompute_batchnorm_stats(bn, data, num_batches=3)
         24
         >>> x = torch.cat([x for x, _ in data[:3]])
         >>> torch.allclose(bn.running_mean, x.mean(0)), torch.allclose(bn.running_var, x.var(0))

@@ -177,7 +177,7 @@ class WeightAverage(Callback):
         if not precise and batchnorm_layers(self.averaged.module):
             logger.warning(
                 "the weight average is evaluated with the trained model's BatchNorm statistics, gathered for other "
-                "weights; give precise_bn_batches (--precise-bn) to recompute them for the average"
+                "weights; give `precise_bn_batches` to recompute them for the average"
             )
 
     def on_step_end(self, loop: FitLoop, step: StepResult) -> None:

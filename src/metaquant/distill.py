@@ -1,19 +1,14 @@
 """Knowledge distillation: a quantized student learns from its full-precision teacher's predictions.
 
-The loss of Hinton, Vinyals and Dean (2015, "Distilling the Knowledge in a Neural Network") mixes the
-cross-entropy with the labels and the Kullback-Leibler divergence from the teacher's softened predictions to
-the student's::
+The loss of Hinton, Vinyals and Dean (2015) mixes the cross-entropy with the labels and the KL divergence
+from the teacher's softened predictions to the student's::
 
     L = (1 − λ)·CE(z_s, y) + λ·T²·KL( softmax(z_t / T) ‖ softmax(z_s / T) )
 
 with student logits ``z_s``, teacher logits ``z_t``, temperature ``T`` and weight ``λ`` in [0, 1]. The ``T²``
-keeps the soft term's gradient, which scales as ``1/T²``, on the scale of the hard term's as ``T`` changes.
-``λ = 0`` is plain cross-entropy. For a quantized network the natural teacher is the full-precision model it
-was quantized from: it is already trained, and its predictions say more per example than a one-hot label (which
-wrong classes are nearly right), which a 1-bit network, whose training is noisy, can use.
-
-:func:`distillation_loss` is the formula; :class:`Distillation` holds a frozen teacher and gives the loss that
-``metaquant.fit`` takes as ``criterion=``: ``(logits, targets, inputs) -> loss``.
+keeps the soft term's gradient (which scales as ``1/T²``) on the hard term's scale; ``λ = 0`` is plain
+cross-entropy. The natural teacher is the full-precision model the network was quantized from: its
+predictions say which wrong classes are nearly right, which a noisily trained 1-bit network can use.
 """
 
 from __future__ import annotations
@@ -31,16 +26,7 @@ TEMPERATURE_RANGE = (0.01, 1000.0)
 
 
 def check_distillation(weight: float, temperature: float) -> None:
-    """Refuse a weight outside [0, 1] or a temperature outside :data:`TEMPERATURE_RANGE`, naming the value.
-
-    Example:
-        >>> mq.distill.check_distillation(0.5, 4.0)
-        >>> try:
-        ...     mq.distill.check_distillation(1.5, 4.0)
-        ... except ValueError as err:
-        ...     print(err)
-        distill_weight must be a number in [0, 1], got 1.5
-    """
+    """Refuse a weight outside [0, 1] or a temperature outside :data:`TEMPERATURE_RANGE`, naming the value."""
     check_number("distill_weight", weight, 0, 1)
     check_number("distill_temperature", temperature, *TEMPERATURE_RANGE)
 
@@ -48,30 +34,12 @@ def check_distillation(weight: float, temperature: float) -> None:
 def distillation_loss(
     logits: Tensor, targets: Tensor, teacher_logits: Tensor, *, weight: float, temperature: float
 ) -> Tensor:
-    """``(1 − λ)·CE(z_s, y) + λ·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))``, averaged over the batch.
+    """``(1 − λ)·CE(z_s, y) + λ·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T))`` for logits ``[B, K]``, batch mean.
 
-    Args:
-        logits: the student's logits ``z_s``, ``[B, K]``.
-        targets: class indices ``[B]``.
-        teacher_logits: the teacher's logits ``z_t``, ``[B, K]``; no gradient flows into them.
-        weight: ``λ`` in [0, 1], the soft term's share.
-        temperature: ``T`` in :data:`TEMPERATURE_RANGE`.
-
-    Returns:
-        The scalar loss, in the dtype of ``logits``.
+    No gradient flows into ``teacher_logits``; the loss has the dtype of ``logits``.
 
     Raises:
         ValueError: ``weight`` or ``temperature`` out of range; logits of different shapes.
-
-    Example:
-        A student that predicts what its teacher does pays only the hard term; ``λ = 0`` is the cross-entropy:
-
-        >>> z, y = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0])
-        >>> ce = torch.nn.functional.cross_entropy(z, y)
-        >>> loss = mq.distill.distillation_loss(z, y, z, weight=0.5, temperature=4.0)
-        >>> labels_only = mq.distill.distillation_loss(z, y, -z, weight=0.0, temperature=2.0)
-        >>> torch.allclose(loss, 0.5 * ce), torch.equal(labels_only, ce)
-        (True, True)
     """
     check_distillation(weight, temperature)
     if logits.shape != teacher_logits.shape:
@@ -89,27 +57,22 @@ def distillation_loss(
 
 
 class Distillation:
-    """The loss of a student trained against a frozen ``teacher``: ``(logits, targets, inputs) -> loss``.
+    """The loss of a student trained against a frozen ``teacher``, ``(logits, targets, inputs) -> loss``: ``fit``'s
+    ``criterion``.
 
-    The teacher runs in evaluation mode (its BatchNorm uses its running statistics) without gradients, on the
-    same batch as the student; its parameters are frozen (``requires_grad_(False)``) so that no optimizer or
-    gradient hook sees them. Give it to ``metaquant.fit`` as ``criterion=``.
-
-    Args:
-        teacher: the full-precision model, on the batches' device.
-        weight: ``λ`` in [0, 1] (see :func:`distillation_loss`).
-        temperature: ``T`` in :data:`TEMPERATURE_RANGE`.
+    The teacher runs on the same batch in evaluation mode (its BatchNorm uses running statistics), without
+    gradients; its parameters are frozen so no optimizer or gradient hook sees them. See ``distillation_loss``.
 
     Raises:
         ValueError: ``weight`` or ``temperature`` out of range.
 
     Example:
         >>> teacher = torch.nn.Linear(4, 3)
-        >>> loss_fn = mq.distill.Distillation(teacher, weight=0.5, temperature=2.0)
+        >>> loss_fn = mq.Distillation(teacher, weight=0.5, temperature=2.0)
         >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
         >>> student_logits = torch.zeros(5, 3, requires_grad=True)
-        >>> loss = loss_fn(student_logits, y, x)
-        >>> loss.backward(); teacher.weight.grad is None, student_logits.grad.shape
+        >>> loss_fn(student_logits, y, x).backward()
+        >>> teacher.weight.grad is None, student_logits.grad.shape
         (True, torch.Size([5, 3]))
     """
 

@@ -35,6 +35,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_preprocessed",
     "fake_quantize_many",
+    "is_fake_quantize_node",
     "CLASSICAL_ESTIMATORS",
 ]
 
@@ -61,9 +62,14 @@ class ClassicalEstimator:
 
     name: ClassVar[str] = ""
     #: Whether the rule is element-wise (each coordinate's ``g_r`` depends on that coordinate alone): then
-    #: ``fake_quantize_many`` applies it to the weights of all layers at once. A subclass that is not, or not
-    #: known to be, leaves it False and is applied weight by weight.
+    #: ``fake_quantize_many`` applies it to the weights of all layers at once. Only a class that declares it has
+    #: it (a subclass of ``STE`` may change the rule): the others are applied weight by weight.
     elementwise: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "elementwise" not in cls.__dict__:
+            cls.elementwise = False
 
     def __call__(self, grad_w_hat: Tensor, w_relaxed: Tensor, w_hat: Tensor) -> Tensor:  # pragma: no cover
         """The gradient ``g_r`` w.r.t. the relaxed weight.
@@ -171,10 +177,12 @@ CLASSICAL_ESTIMATORS: dict[str, type[ClassicalEstimator]] = {cls.name: cls for c
 class _FakeQuantize(torch.autograd.Function):
     """``(Ŵ, W̃) = (Q(A(W)), A(W))`` forward; ``g_W = estimator(g_Ŵ, r, Ŵ) ⊙ ste_scale(W̃) ⊙ c(W)`` backward.
 
-    Written in the ``setup_context`` form, so ``torch.func`` transforms and ``torch.compile`` see through it.
-    ``W̃`` is returned (not differentiable) because MetaQuant records it: computing it once saves a second
-    pass of the pre-processing.
+    Written in the ``setup_context`` form, so ``torch.func`` transforms (``vmap`` too: its rule is generated)
+    and ``torch.compile`` see through it. ``W̃`` is returned (not differentiable) because MetaQuant records it:
+    computing it once saves a second pass of the pre-processing.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEstimator) -> tuple[Tensor, Tensor]:
@@ -260,6 +268,8 @@ class _FakeQuantizeSegments(torch.autograd.Function):
     differentiable, and a ``Ŵ`` the loss did not use gives its weight no gradient (None, as autograd would).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(quantizer: ForwardQuantizer, estimator: ClassicalEstimator, *ws: Tensor) -> tuple[Tensor, ...]:
         orders = [memory_order(w) for w in ws]
@@ -303,6 +313,12 @@ class _FakeQuantizeSegments(torch.autograd.Function):
         grad_w = grad_relaxed * calibration if ste_scale is None else grad_relaxed * ste_scale * calibration
         pieces = _unflatten(grad_w, ws, orders)
         return (None, None, *(piece if keep else None for piece, keep in zip(pieces, live)))
+
+
+def is_fake_quantize_node(node: object) -> bool:
+    """Whether ``node`` (an autograd graph node) is the backward pass of ``fake_quantize`` or its kin: the
+    nodes through which a quantized layer's latent weight enters the loss as ``Ŵ``."""
+    return isinstance(node, (_FakeQuantize._backward_cls, _FakeQuantizeSegments._backward_cls))
 
 
 def _unflatten(flat: Tensor, like: Sequence[Tensor], orders: Sequence[tuple[int, ...]]) -> list[Tensor]:

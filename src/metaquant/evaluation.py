@@ -18,25 +18,16 @@ __all__ = ["evaluate", "precise_bn_metrics"]
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    """Mean cross-entropy, top-1 and top-5 accuracy (percent) of ``model`` in eval mode over ``loader``.
+    """Mean cross-entropy, top-1 and top-5 accuracy (percent) of ``model`` in eval mode over ``(x, y)`` batches.
 
-    Runs without gradients and puts ``model`` back in the mode it was in. Under data parallelism each process
-    evaluates its shard and the sums are combined, so every process returns the metrics of the whole set.
-    With fewer than 5 classes, "top-5" counts the top ``num_classes``.
-
-    Args:
-        model: returns logits ``[B, num_classes]`` for a batch ``x``.
-        loader: any iterable of ``(x, y)`` batches (a ``TensorLoader``, a plain list), ``y`` int64 ``[B]``.
-
-    Returns:
-        ``{"loss": mean cross-entropy, "top1": percent, "top5": percent}`` over all examples.
+    Runs without gradients and restores ``model``'s mode. Under data parallelism the processes' sums are
+    combined, so each returns the metrics of the whole set. With fewer than 5 classes "top-5" is top-``C``.
 
     Raises:
         ValueError: ``loader`` yielded no examples.
 
     Example:
-        A "model" that returns its input as the logits, over two batches; the loss is
-        ``(2·log(1 + 2e⁻²) + log(e² + 2)) / 3``:
+        The logits themselves as the "model"; the loss is ``(2·log(1 + 2e⁻²) + log(e² + 2)) / 3``:
 
         >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
         >>> batches = [(logits[:2], torch.tensor([0, 1])), (logits[2:], torch.tensor([0]))]
@@ -67,18 +58,8 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[
 def precise_bn_metrics(
     train_loader: Iterable[tuple[Tensor, Tensor]], test_loader: Iterable[tuple[Tensor, Tensor]], num_batches: int
 ) -> Callable[[nn.Module], dict[str, float]]:
-    """``fit``'s ``extra_metrics``: the test loss and accuracy with BatchNorm statistics recomputed from
-    ``num_batches`` training batches, on a copy of the network (whose own running statistics stay as they are),
-    as ``test_loss_precise_bn`` and ``test_acc_precise_bn``.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-        >>> batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
-        >>> before = net[2].running_mean.clone()
-        >>> metrics = mq.training.precise_bn_metrics(batches, batches, 2)(net)
-        >>> sorted(metrics), torch.equal(net[2].running_mean, before)
-        (['test_acc_precise_bn', 'test_loss_precise_bn'], True)
-    """
+    """``fit``'s ``extra_metrics``: ``test_loss_precise_bn`` and ``test_acc_precise_bn``, measured with
+    BatchNorm statistics recomputed from ``num_batches`` training batches on a copy of the network."""
 
     def measure(network: nn.Module) -> dict[str, float]:
         network = copy.deepcopy(unwrap(network))

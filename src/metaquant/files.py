@@ -1,9 +1,8 @@
 """Crash-safe files: atomic writes, and checkpoints that carry a digest and keep their predecessor.
 
-Every file is written so that a crash leaves either the old or the new version, never half of one: the bytes go
-to a temporary file in the same directory, are flushed to disk, then renamed over the target. A checkpoint
-carries a content digest (``integrity.with_digest``) and is verified before it is used; before a new one
-replaces it, the current one is copied to ``<name>.prev<suffix>``.
+A crash leaves either the old or the new version of a file, never half of one: the bytes go to a temporary
+file in the same directory, are flushed to disk, then renamed over the target. A checkpoint carries a content
+digest (``integrity.with_digest``), verified before use; the one it replaces is kept as ``<name>.prev<suffix>``.
 """
 
 from __future__ import annotations
@@ -58,31 +57,14 @@ def _create_temporary(path: Path) -> tuple[int, str]:
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the complete new one, nothing between.
+    """Write ``data`` to ``path`` (whose directory must exist) so that readers see the old file or the new one.
 
-    The bytes go to a temporary file in the same directory (``temporary_files`` finds what a kill left), are
-    flushed to disk, then renamed over ``path``; if anything fails, the temporary file is removed and ``path`` is
-    as it was. The file's mode follows the umask, as for any file a program creates.
-
-    Args:
-        path: the file to write; its directory must exist.
-        data: the complete new contents.
-        exclusive: create ``path`` only if no file of that name exists, atomically: of two processes writing
-            the same new path at once, exactly one succeeds.
+    On failure the temporary file is removed and ``path`` is as it was. The mode follows the umask. With
+    ``exclusive``, ``path`` is created only if absent, atomically: of two processes, exactly one succeeds.
 
     Raises:
         FileExistsError: ``exclusive`` and ``path`` exists (it is left as it was).
-        OSError: the directory does not exist or cannot be written (permissions, full disk); the error's
-            ``filename`` is ``path``.
-
-    Example:
-        >>> import pathlib
-        >>> from metaquant.files import atomic_write_bytes
-        >>> folder = pathlib.Path("atomic"); folder.mkdir()
-        >>> atomic_write_bytes(folder / "notes.txt", b"first")
-        >>> atomic_write_bytes(folder / "notes.txt", b"second")
-        >>> (folder / "notes.txt").read_bytes(), [p.name for p in folder.iterdir()]  # no temporary file is left
-        (b'second', ['notes.txt'])
+        OSError: the directory is missing or cannot be written (e.g. a full disk); its ``filename`` is ``path``.
     """
     path = Path(path)
     tmp = _write_temporary(path, data)
@@ -134,50 +116,29 @@ def _write_temporary(path: Path, data: bytes) -> str:
 
 
 def previous_checkpoint_path(path: str | Path) -> Path:
-    """Where ``save_checkpoint`` keeps the checkpoint before ``path``: ``<stem>.prev<suffix>``.
-
-    Args:
-        path: the checkpoint file.
-
-    Returns:
-        The path of its previous checkpoint.
-
-    Example:
-        >>> from metaquant.files import previous_checkpoint_path
-        >>> previous_checkpoint_path("runs/r/checkpoint.pt").name
-        'checkpoint.prev.pt'
-    """
+    """Where ``save_checkpoint`` keeps the checkpoint before ``path``: ``<stem>.prev<suffix>``."""
     path = Path(path)
     return path.with_name(path.stem + ".prev" + path.suffix)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Serialize ``state`` with ``torch.save``, add a content digest, and write it atomically.
+    """``torch.save`` ``state`` with a content digest, atomically; the current checkpoint becomes ``<name>.prev.pt``.
 
-    Before the new checkpoint replaces ``path``, a distinct copy of the current one (verified first) is written
-    to ``<name>.prev.pt``: at every instant ``path`` is a complete checkpoint and ``<name>.prev.pt``, once
-    there is one, a complete earlier one, in another file. A current checkpoint that fails verification is not
-    copied (the previous one stays) and is replaced by the new one, with a warning.
-
-    Args:
-        path: the checkpoint file (e.g. ``RunDir.checkpoint_path``); its directory must exist.
-        state: what to save; ``load_checkpoint`` expects the keys ``model``, ``optimizer``, ``trainer``,
-            ``rng`` and ``epoch``.
+    The previous checkpoint is a verified copy, not a link, so at every instant both files are complete. A
+    current checkpoint that fails verification is replaced without being copied, with a warning. ``state`` holds
+    at least ``model``, ``optimizer``, ``trainer``, ``rng`` and ``epoch``.
 
     Raises:
         OSError: a file cannot be written (the checkpoints already there are kept as they were).
 
     Example:
-        >>> import os, pathlib
+        >>> import pathlib
         >>> from metaquant.files import load_checkpoint, save_checkpoint
-        >>> path = pathlib.Path("checkpoint.pt")
         >>> state = {"model": {"w": torch.ones(2)}, "optimizer": {}, "trainer": {}, "rng": {}, "epoch": 1}
-        >>> save_checkpoint(path, state)
-        >>> save_checkpoint(path, {**state, "epoch": 2})
-        >>> load_checkpoint(path)["epoch"], load_checkpoint(pathlib.Path("checkpoint.prev.pt"))["epoch"]
+        >>> save_checkpoint(pathlib.Path("checkpoint.pt"), state)
+        >>> save_checkpoint(pathlib.Path("checkpoint.pt"), {**state, "epoch": 2})
+        >>> load_checkpoint("checkpoint.pt")["epoch"], load_checkpoint("checkpoint.prev.pt")["epoch"]
         (2, 1)
-        >>> os.path.samefile("checkpoint.pt", "checkpoint.prev.pt")  # two files, not two names of one
-        False
     """
     path = Path(path)
     buffer = io.BytesIO()
@@ -197,36 +158,20 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Verify and load a checkpoint written by ``save_checkpoint``, on the CPU.
-
-    The file's CRCs and content digest are checked first (``integrity.verify_checkpoint_bytes``); only tensors
-    and plain values are unpickled (``torch.load(weights_only=True)``).
-
-    Args:
-        path: the checkpoint file.
-
-    Returns:
-        The saved dict, with at least the keys ``model``, ``optimizer``, ``trainer``, ``rng`` and ``epoch``.
+    """Verify (CRCs and digest) and load a checkpoint of ``save_checkpoint`` on the CPU, with ``weights_only=True``.
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointDamagedError: (a ``ValueError``) a CRC or the digest disagrees: the bytes changed since they
-            were written.
-        ValueError: the file is not a readable checkpoint (truncated, corrupt, another format), or a dict that
-            lacks one of the keys above (the message names them).
+        CheckpointDamagedError: (a ``ValueError``) the bytes changed since they were written.
+        ValueError: not a readable checkpoint, or a dict without ``model``, ``optimizer``, ``trainer``, ``rng``,
+            ``epoch``.
 
     Example:
-        >>> import pathlib
         >>> from metaquant.files import load_checkpoint
-        >>> _ = pathlib.Path("broken.pt").write_bytes(b"half a checkpoint")
         >>> torch.save({"model": {}, "epoch": 3}, "partial.pt")
-        >>> for name in ("broken.pt", "partial.pt"):
-        ...     try:
-        ...         load_checkpoint(name)
-        ...     except ValueError as err:
-        ...         print(err)
-        checkpoint broken.pt is corrupt or truncated (...)
-        partial.pt is not a metaquant checkpoint (missing optimizer, rng, trainer)
+        >>> load_checkpoint("partial.pt")
+        Traceback (most recent call last):
+        ValueError: partial.pt is not a metaquant checkpoint (missing optimizer, rng, trainer)
     """
     path = Path(path)
     if not path.is_file():

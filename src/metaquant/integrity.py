@@ -1,4 +1,4 @@
-"""Checkpoint integrity: a content digest written into each checkpoint, and a check before any use.
+"""File integrity: a content digest written into each checkpoint and exported model, and a check before any use.
 
 ``torch.save`` writes a zip archive whose entries carry CRC-32 checksums, but ``torch.load`` does not check
 them: a checkpoint with flipped bytes inside a tensor loads without a word and silently changes the weights.
@@ -9,6 +9,10 @@ found before the checkpoint is used.
 
 Checkpoints written without a digest (earlier versions, other programs) are checked by their CRCs alone; files
 that are not zip archives (torch's legacy format) cannot be checked and are left to ``torch.load``.
+
+Exported models (packed safetensors files, ONNX files) carry their digest in their own metadata: the exporter
+writes ``DIGEST_PLACEHOLDER`` there, and ``seal`` replaces it by the SHA-256 of the whole file as written with
+the placeholder (same length: nothing else moves). ``verify_seal`` puts the placeholder back and compares.
 """
 
 from __future__ import annotations
@@ -18,11 +22,22 @@ import io
 import zipfile
 from pathlib import Path
 
-__all__ = ["CheckpointDamagedError", "DIGEST_ENTRY", "with_digest", "verify_checkpoint_bytes", "read_verified"]
+__all__ = [
+    "CheckpointDamagedError",
+    "DIGEST_ENTRY",
+    "with_digest",
+    "verify_checkpoint_bytes",
+    "read_verified",
+    "DIGEST_PLACEHOLDER",
+    "seal",
+    "verify_seal",
+]
 
 #: Name of the digest entry, inside the archive's top folder (``archive/.metaquant-digest``).
 DIGEST_ENTRY = ".metaquant-digest"
 _PREFIX = b"sha256:"
+#: What an exporter writes where the file's digest goes; ``seal`` replaces it.
+DIGEST_PLACEHOLDER = "sha256:" + "0" * 64
 
 
 class CheckpointDamagedError(ValueError):
@@ -182,3 +197,55 @@ def read_verified(path: str | Path) -> bytes:
     data = Path(path).read_bytes()
     verify_checkpoint_bytes(data, path)
     return data
+
+
+def seal(data: bytes) -> bytes:
+    """``data``, holding ``DIGEST_PLACEHOLDER`` once, with the placeholder replaced by ``sha256:`` and the SHA-256
+    of ``data`` (in hex, the same length).
+
+    Args:
+        data: a file's bytes, with the placeholder where its digest goes.
+
+    Returns:
+        The bytes to write.
+
+    Raises:
+        ValueError: ``data`` does not hold the placeholder exactly once.
+
+    Example:
+        >>> from metaquant.integrity import DIGEST_PLACEHOLDER, seal, verify_seal
+        >>> sealed = seal(b'{"digest": "' + DIGEST_PLACEHOLDER.encode() + b'", "weights": [1, 0, 1]}')
+        >>> digest = sealed[12:83].decode()
+        >>> verify_seal(sealed, digest, "file"), digest[:15]
+        (None, 'sha256:bf98d31a')
+        >>> verify_seal(sealed.replace(b"[1, 0, 1]", b"[1, 1, 1]"), digest, "file")
+        Traceback (most recent call last):
+        ...
+        ValueError: file is damaged: its content digest does not match its data (the file changed after it was written)
+    """
+    placeholder = DIGEST_PLACEHOLDER.encode()
+    if data.count(placeholder) != 1:
+        raise ValueError(f"seal needs the digest placeholder exactly once in the data, found {data.count(placeholder)}")
+    return data.replace(placeholder, _PREFIX + hashlib.sha256(data).hexdigest().encode())
+
+
+def verify_seal(data: bytes, digest: str, name: str | Path) -> None:
+    """Check bytes written by ``seal``: ``digest`` (read from the file's metadata) is the SHA-256 of ``data`` with
+    the placeholder in its place.
+
+    Args:
+        data: the whole file.
+        digest: the digest the file holds, ``sha256:`` and 64 hex digits.
+        name: the file's name, for the message.
+
+    Raises:
+        ValueError: the digest does not match, or is not one (the message names the file).
+    """
+    value = digest.encode()
+    if not (value.startswith(_PREFIX) and len(value) == len(DIGEST_PLACEHOLDER)) or data.count(value) != 1:
+        raise ValueError(f"{name} is damaged: its content digest {digest[:80]!r} is not one this file holds")
+    restored = data.replace(value, DIGEST_PLACEHOLDER.encode())
+    if _PREFIX + hashlib.sha256(restored).hexdigest().encode() != value:
+        raise ValueError(
+            f"{name} is damaged: its content digest does not match its data (the file changed after it was written)"
+        )

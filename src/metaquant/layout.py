@@ -1,14 +1,10 @@
 """Memory layout of convolutional models and their batches: channels-last by default.
 
-PyTorch's convolutions run faster on CPU (oneDNN) and on CUDA (cuDNN, tensor cores) when activations and 4-D
-weights are stored channels-last (NHWC in memory, NCHW in shape). Nothing else changes: shapes, indexing and
-every operation's result are the same up to the order of floating-point sums inside a convolution. The
-quantizers are element-wise, so ``Ŵ = Q(A(W))`` keeps the layout of ``W``.
-
-``preferred_memory_format(model)`` says which layout a model should use, ``apply_memory_format`` converts a
-model's 4-D parameters and buffers, and ``format_batch`` converts a batch of images to match. ``memory_order``,
+Convolutions run faster on CPU (oneDNN) and CUDA (cuDNN) with activations and 4-D weights stored
+channels-last (NHWC in memory, NCHW in shape); results are the same up to the order of floating-point sums.
+The quantizers are element-wise, so ``Ŵ = Q(A(W))`` keeps the layout of ``W``. ``memory_order``,
 ``flatten_in_memory_order`` and ``unflatten_like`` turn weights of any layout into flat vectors and back
-without copying, for the code that processes the weights of all layers at once.
+without copying, for code that processes the weights of all layers at once.
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ from .validation import check_choice
 __all__ = [
     "preferred_memory_format",
     "apply_memory_format",
+    "use_fast_layout",
     "format_batch",
     "memory_order",
     "flatten_in_memory_order",
@@ -39,25 +36,10 @@ def _has_conv2d(model: nn.Module) -> bool:
 
 
 def preferred_memory_format(model: nn.Module, choice: str = "auto") -> torch.memory_format:
-    """The layout ``model`` should train in: channels-last for a model with 2-D convolutions under ``"auto"``.
-
-    Args:
-        model: any module (quantized or not; ``QuantConv2d`` is an ``nn.Conv2d``).
-        choice: ``"auto"`` (channels-last when the model has an ``nn.Conv2d``), ``"channels-last"`` or
-            ``"contiguous"`` (plain NCHW).
-
-    Returns:
-        ``torch.channels_last`` or ``torch.contiguous_format``.
+    """The layout ``model`` should train in: under ``"auto"``, channels-last when it has an ``nn.Conv2d``.
 
     Raises:
-        ValueError: ``choice`` is not one of ``MEMORY_FORMATS`` (the message lists them).
-
-    Example:
-        >>> conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
-        >>> mq.layout.preferred_memory_format(conv), mq.layout.preferred_memory_format(torch.nn.Linear(2, 2))
-        (torch.channels_last, torch.contiguous_format)
-        >>> mq.layout.preferred_memory_format(conv, "contiguous")
-        torch.contiguous_format
+        ValueError: ``choice`` is not one of ``MEMORY_FORMATS``.
     """
     check_choice("memory format", choice, MEMORY_FORMATS)
     if choice == "contiguous" or (choice == "auto" and not _has_conv2d(model)):
@@ -66,24 +48,10 @@ def preferred_memory_format(model: nn.Module, choice: str = "auto") -> torch.mem
 
 
 def apply_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
-    """Store every 4-D parameter and buffer of ``model`` in ``memory_format``, in place (Parameters are kept).
+    """Store every 4-D parameter and buffer of ``model`` in ``memory_format``, in place; returns ``model``.
 
-    ``Module.to(memory_format=...)`` does the same for the parameters; this also keeps their identity, which
-    optimizers built before the call rely on.
-
-    Args:
-        model: any module.
-        memory_format: ``torch.channels_last`` or ``torch.contiguous_format``.
-
-    Returns:
-        ``model`` itself.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
-        >>> w = net[0].weight
-        >>> _ = mq.layout.apply_memory_format(net, torch.channels_last)
-        >>> net[0].weight is w, w.is_contiguous(memory_format=torch.channels_last)
-        (True, True)
+    Unlike ``Module.to(memory_format=...)`` this keeps the Parameters' identity, which optimizers built before the
+    call rely on.
     """
     with torch.no_grad():
         for tensor in list(model.parameters()) + list(model.buffers()):
@@ -92,22 +60,28 @@ def apply_memory_format(model: nn.Module, memory_format: torch.memory_format) ->
     return model
 
 
-def format_batch(x: Tensor, memory_format: torch.memory_format) -> Tensor:
-    """``x`` in ``memory_format`` when it is a 4-D image batch; any other tensor as it is.
+def use_fast_layout(model: nn.Module) -> nn.Module:
+    """Store ``model``'s weights in the layout its convolutions run fastest in, in place; returns ``model``.
 
-    Args:
-        x: a batch (``[N, C, H, W]`` images, or anything else).
-        memory_format: the model's layout.
-
-    Returns:
-        ``x`` itself when nothing needs to change, else a copy in the layout (same values and shape).
+    For a model with 2-D convolutions: channels-last (``preferred_memory_format``), what the command line trains
+    in, about 1.3x faster per step on a CPU; other models are left as they are. The numbers computed are the same
+    up to the order of floating-point sums, and the batches need no change (the first convolution reads them as
+    they are). What changes for your tensors: the model's 4-D parameters and buffers keep their shapes and values
+    but are stored channels-last (``.is_contiguous()`` is False: use ``.reshape``, not ``.view``, on them), and so
+    are the activations that convolutions return, so a forward pass that calls ``.view`` on them must use
+    ``torch.flatten`` or ``.reshape`` instead. Optimizers built before the call keep working.
 
     Example:
-        >>> x = torch.randn(2, 3, 4, 4)
-        >>> y = mq.layout.format_batch(x, torch.channels_last)
-        >>> torch.equal(x, y), y.is_contiguous(memory_format=torch.channels_last)
-        (True, True)
+        >>> model = mq.quantize_(mq.models.resnet8(num_classes=10, in_channels=1))
+        >>> model = mq.layout.use_fast_layout(model)
+        >>> model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        True
     """
+    return apply_memory_format(model, preferred_memory_format(model))
+
+
+def format_batch(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """``x`` in ``memory_format`` when it is a 4-D image batch (a copy if needed); any other tensor as it is."""
     if x.dim() != 4 or memory_format == torch.contiguous_format and x.is_contiguous():
         return x
     return x.contiguous(memory_format=memory_format)
@@ -116,60 +90,19 @@ def format_batch(x: Tensor, memory_format: torch.memory_format) -> Tensor:
 def memory_order(t: Tensor) -> tuple[int, ...]:
     """``t``'s dimensions from the largest stride to the smallest: the order its elements lie in memory.
 
-    Size-1 dimensions, whose strides are arbitrary, keep their logical order among equal strides.
-
-    Args:
-        t: any tensor.
-
-    Returns:
-        A permutation of ``range(t.dim())``; ``t.permute(order)`` is contiguous when ``t`` is dense.
-
-    Example:
-        >>> w = torch.randn(8, 3, 5, 5)
-        >>> mq.layout.memory_order(w), mq.layout.memory_order(w.to(memory_format=torch.channels_last))
-        ((0, 1, 2, 3), (0, 2, 3, 1))
+    Size-1 dimensions (arbitrary strides) keep their logical order; ``t.permute(order)`` is contiguous when ``t``
+    is dense.
     """
     strides = t.stride()
     return tuple(sorted(range(t.dim()), key=lambda d: (-strides[d], d)))
 
 
 def flatten_in_memory_order(t: Tensor, order: Sequence[int]) -> Tensor:
-    """``t`` as a flat vector in the element order ``order`` gives (a view when ``t`` is dense in that order).
-
-    Args:
-        t: any tensor.
-        order: a permutation of its dimensions, e.g. ``memory_order(t)``.
-
-    Returns:
-        ``t.permute(order).reshape(-1)``: ``[t.numel()]``.
-
-    Example:
-        >>> w = torch.randn(8, 3, 5, 5).to(memory_format=torch.channels_last)
-        >>> flat = mq.layout.flatten_in_memory_order(w, mq.layout.memory_order(w))
-        >>> flat.data_ptr() == w.data_ptr()  # no copy
-        True
-    """
+    """``t.permute(order).reshape(-1)``: a view when ``t`` is dense in that order (``order = memory_order(t)``)."""
     return t.permute(tuple(order)).reshape(-1)
 
 
 def unflatten_like(flat: Tensor, shape: Sequence[int], order: Sequence[int]) -> Tensor:
-    """The inverse of ``flatten_in_memory_order``: ``flat`` viewed in ``shape``, laid out in memory as ``order`` says.
-
-    Args:
-        flat: ``[prod(shape)]``.
-        shape: the logical shape, e.g. a weight's.
-        order: the permutation the vector was flattened with.
-
-    Returns:
-        A view of ``flat`` of shape ``shape`` whose memory order is ``order`` (channels-last for a channels-last
-        weight's ``memory_order``).
-
-    Example:
-        >>> w = torch.randn(8, 3, 5, 5).to(memory_format=torch.channels_last)
-        >>> order = mq.layout.memory_order(w)
-        >>> back = mq.layout.unflatten_like(mq.layout.flatten_in_memory_order(w, order), w.shape, order)
-        >>> torch.equal(back, w), back.stride() == w.stride()
-        (True, True)
-    """
+    """The inverse of ``flatten_in_memory_order``: a view of ``flat`` in ``shape`` whose memory order is ``order``."""
     inverse = sorted(range(len(order)), key=list(order).__getitem__)
     return flat.reshape([shape[d] for d in order]).permute(inverse)

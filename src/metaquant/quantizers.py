@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -114,7 +114,13 @@ class ForwardQuantizer:
     #: Whether ``preprocess_segments`` and ``backward_terms_segments`` are implemented: the quantizer depends on
     #: a weight's shape only through per-weight statistics, and ``quantize`` is element-wise, so the weights of
     #: several layers can be quantized as segments of one flat vector (``estimators.fake_quantize_many``).
+    #: Only a class that declares it has it: a subclass may change the formulas the segments replace.
     segmentable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "segmentable" not in cls.__dict__:
+            cls.segmentable = False
 
     def __post_init__(self) -> None:
         if not is_int(self.bits):
@@ -198,8 +204,8 @@ class ForwardQuantizer:
         """The STE's derivative of ``Ŵ`` w.r.t. ``relaxed(W)``, beyond the clipping gate. Broadcastable.
 
         1 unless overridden (DoReFa, ternary, uniform); BWN's layer scale ``a = mean|W̃|``, as in XNOR-Net
-        (``BWNPerChannel``: one ``a`` per output channel). The meta quantizer's ``g_W`` does not use it; its
-        ``∂ℓ/∂φ`` does (docs/design.md §3, §5.3).
+        (``BWNPerChannel``: one ``a`` per output channel), or 1 where ``a = 0``. The meta quantizer's ``g_W``
+        does not use it; its ``∂ℓ/∂φ`` does (docs/design.md §3, §5.3).
 
         Args:
             w_tilde: the pre-processed weight ``W̃``.
@@ -355,6 +361,16 @@ class ForwardQuantizer:
         return self
 
 
+def _overrides(quantizer: object, base: type, names: Sequence[str]) -> bool:
+    """Whether the class of ``quantizer`` replaces any of ``base``'s methods ``names``."""
+    return any(getattr(type(quantizer), name) is not getattr(base, name) for name in names)
+
+
+def _one_if_zero(statistic: Tensor) -> Tensor:
+    """A per-layer (or per-channel) statistic, with 0 replaced by 1: a weight that is all zero has no scale."""
+    return torch.where(statistic == 0, torch.ones_like(statistic), statistic)
+
+
 def _check_axis(axis: object) -> None:
     if not (is_int(axis) and axis >= 0):
         raise ValueError(f"the output-channel axis must be an int >= 0, got {axis!r}")
@@ -388,9 +404,9 @@ class DoReFa(ForwardQuantizer):
 
     @staticmethod
     def _abs_max(t: Tensor) -> Tensor:
-        """``max|tanh W|`` from ``t = tanh W``. Guards the all-zero weight, whose max would divide by zero."""
+        """``max|tanh W|`` from ``t = tanh W``; 1 for an all-zero weight (docs/design.md §3)."""
         # vector_norm(·, inf) is max|t| without the copy that abs().max() makes of a channels-last tensor
-        return torch.linalg.vector_norm(t, float("inf")).clamp_min(torch.finfo(t.dtype).tiny)
+        return _one_if_zero(torch.linalg.vector_norm(t, float("inf")))
 
     # Each function computes tanh W once: it is the costly part of the quantizer on a CPU.
     def preprocess(self, w: Tensor) -> Tensor:
@@ -406,6 +422,8 @@ class DoReFa(ForwardQuantizer):
         return (1 - t * t) / self._abs_max(t)
 
     def backward_terms(self, w: Tensor, w_tilde: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if _overrides(self, DoReFa, ("relaxed", "calibration", "ste_scale")):  # a subclass's own formulas
+            return super().backward_terms(w, w_tilde)
         t = torch.tanh(w)
         peak = self._abs_max(t)
         return t / peak, torch.ones((), dtype=w.dtype, device=w.device), (1 - t * t) / peak
@@ -416,8 +434,7 @@ class DoReFa(ForwardQuantizer):
     @staticmethod
     def _segment_abs_max(t: Tensor, numels: Sequence[int]) -> Tensor:
         """``max|tanh W|`` of each segment: ``[L]``."""
-        peaks = torch.stack(torch._foreach_norm(t.split(list(numels)), float("inf")))
-        return peaks.clamp_min(torch.finfo(t.dtype).tiny)
+        return _one_if_zero(torch.stack(torch._foreach_norm(t.split(list(numels)), float("inf"))))
 
     @staticmethod
     def _per_coordinate(values: Tensor, numels: Sequence[int]) -> Tensor:
@@ -473,7 +490,8 @@ class BWN(ForwardQuantizer):
         return w.abs().mean().reshape(1)
 
     def ste_scale(self, w_tilde: Tensor) -> Tensor:
-        return self._scale(w_tilde)
+        # a = 0 (an all-zero weight, or channel) would stop the STE's gradient for good: it takes 1 there
+        return _one_if_zero(self._scale(w_tilde))
 
     def encode_preprocessed(self, w_tilde: Tensor) -> Encoded:
         return Encoded((w_tilde >= 0).to(torch.uint8), self._scale(w_tilde))
@@ -582,8 +600,8 @@ class Ternary(ForwardQuantizer):
 class UniformSymmetric(ForwardQuantizer):
     """Uniform symmetric k-bit weights, k = 2..8: ``Ŵ = s·clamp(round(W/s), −L, L)``, ``L = 2^(k−1) − 1``.
 
-    ``s = max|W| / L`` per layer, so no weight is clipped and ``c(W) = 1``. Uses ``2L + 1 = 2^k − 1`` levels.
-    Codes are ``int8`` in ``−L..L``.
+    ``s = max|W| / L`` per layer (``1 / L`` for an all-zero weight), so no weight is clipped and ``c(W) = 1``.
+    Uses ``2L + 1 = 2^k − 1`` levels. Codes are ``int8`` in ``−L..L``.
 
     Args:
         bits: k, 2..8.
@@ -613,7 +631,8 @@ class UniformSymmetric(ForwardQuantizer):
 
     def encode_preprocessed(self, w_tilde: Tensor) -> Encoded:
         half = self._half_levels
-        peak = torch.linalg.vector_norm(w_tilde, float("inf"))  # max|W̃|, without a copy of a channels-last tensor
+        peak = _one_if_zero(torch.linalg.vector_norm(w_tilde, float("inf")))  # max|W̃|, without a channels-last copy
+        # (a denormal peak divided by L may still underflow to 0)
         scale = (peak / half).clamp_min(torch.finfo(w_tilde.dtype).tiny).reshape(1)
         codes = torch.round(w_tilde / scale).clamp_(-half, half).to(torch.int8)
         return Encoded(codes, scale)

@@ -14,6 +14,7 @@ is the identity (exact for SGD without Nesterov or dampening).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -179,16 +180,17 @@ def refinement_for(optimizer: torch.optim.Optimizer) -> Refinement:
     """The refinement ``π`` (Eq. 6) matching ``optimizer``'s class and options.
 
     Args:
-        optimizer: the base optimizer, ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (exact classes for SGD;
-            subclasses of Adam are accepted), or a wrapper of one (see ``unwrap_optimizer``): the wrapped
-            optimizer decides.
+        optimizer: the base optimizer, ``torch.optim.SGD``, ``Adam`` or ``AdamW`` or a subclass that keeps its
+            ``step`` and ``_init_group`` (e.g. one that only sets defaults), or a wrapper of one (see
+            ``unwrap_optimizer``): the wrapped optimizer decides.
 
     Returns:
         ``sgd_direction`` or ``adam_direction`` (AdamW takes ``adam_direction``, its groups saying
         ``decoupled_weight_decay``; on a torch whose AdamW is not an Adam subclass, a wrapper that sets it).
 
     Raises:
-        ValueError: an optimizer or option (``maximize``) without a refinement; the message lists the supported.
+        ValueError: an optimizer or option (``maximize``) without a refinement, or a subclass that overrides its
+            update (the message names the method); the message lists the supported.
 
     Example:
         >>> params = [torch.nn.Parameter(torch.zeros(2))]
@@ -202,17 +204,22 @@ def refinement_for(optimizer: torch.optim.Optimizer) -> Refinement:
         ValueError: MetaQuant needs the refinement π of the base optimizer; RMSprop is not supported; supported: ...
     """
     optimizer = unwrap_optimizer(optimizer)
-    if isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass of Adam in torch >= 2.x
-        rule: Refinement = adam_direction
-    elif type(optimizer) is torch.optim.SGD:
-        rule = sgd_direction
-    elif type(optimizer) is torch.optim.AdamW:  # older torch: AdamW is not an Adam subclass
-        rule = _adamw_legacy
-    else:
+    cls = type(optimizer)
+    base = next((c for c in cls.__mro__ if c in _RULES), None)
+    if base is None:
         raise ValueError(
-            f"MetaQuant needs the refinement π of the base optimizer; {type(optimizer).__name__} is not "
-            f"supported; supported: {', '.join(SUPPORTED_OPTIMIZERS)}"
+            f"MetaQuant needs the refinement π of the base optimizer; {cls.__name__} is not "
+            f"supported; supported: {', '.join(SUPPORTED_OPTIMIZERS)} and subclasses that keep their update rule"
         )
+    changed = [name for name in _UPDATE_METHODS if _method(cls, name) is not _method(base, name)]
+    if changed:
+        raise ValueError(
+            f"MetaQuant needs the refinement π of the base optimizer; {cls.__name__} overrides "
+            f"{', '.join(f'{base.__name__}.{name}' for name in changed)}, so its update rule may not be "
+            f"{base.__name__}'s; supported: {', '.join(SUPPORTED_OPTIMIZERS)} and subclasses that keep their "
+            f"{' and '.join(_UPDATE_METHODS)}"
+        )
+    rule = _RULES[base]
     for group in optimizer.param_groups:
         if group.get("maximize", False):
             raise ValueError("MetaQuant does not support maximize=True in the base optimizer")
@@ -221,6 +228,22 @@ def refinement_for(optimizer: torch.optim.Optimizer) -> Refinement:
 
 def _adamw_legacy(grad: Tensor, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
     return adam_direction(grad, param, state, {**group, "decoupled_weight_decay": True})
+
+
+#: The rule of each supported class; AdamW's groups say ``decoupled_weight_decay`` where it is an Adam subclass.
+_RULES: dict[type, Refinement] = {
+    torch.optim.SGD: sgd_direction,
+    torch.optim.Adam: adam_direction,
+    torch.optim.AdamW: adam_direction if issubclass(torch.optim.AdamW, torch.optim.Adam) else _adamw_legacy,
+}
+#: The methods through which ``torch.optim`` computes an update: a subclass that keeps them keeps the rule.
+_UPDATE_METHODS = ("step", "_init_group")
+
+
+def _method(cls: type, name: str) -> Any:
+    """``cls``'s method ``name`` without its decorators (``torch.optim`` wraps ``step`` in each class it makes)."""
+    method = getattr(cls, name, None)
+    return inspect.unwrap(method) if method is not None else None
 
 
 def with_derivative(rule: Refinement, mode: str) -> Refinement:

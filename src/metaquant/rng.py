@@ -13,36 +13,15 @@ __all__ = ["seed_everything", "rng_state", "set_rng_state"]
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices).
-
-    Args:
-        seed: the seed of all three generators.
-
-    Example:
-        >>> import random, numpy as np
-        >>> mq.training.seed_everything(1); first = (random.random(), np.random.rand(), torch.rand(1).item())
-        >>> mq.training.seed_everything(1); first == (random.random(), np.random.rand(), torch.rand(1).item())
-        True
-    """
+    """Seed Python's, NumPy's and torch's (all devices) generators."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG state a run depends on, for a checkpoint, as tensors and plain Python values only (so the
-    checkpoint loads with ``torch.load(weights_only=True)``).
-
-    Returns:
-        A dict with the states of Python's ``random`` (``"python"``), NumPy's global generator (``"numpy"``),
-        torch's CPU generator (``"torch"``) and, when CUDA is available, of every CUDA device (``"cuda"``).
-
-    Example:
-        >>> saved = mq.training.rng_state()
-        >>> torch.save(saved, "rng.pt")
-        >>> {"python", "numpy", "torch"} <= set(torch.load("rng.pt", weights_only=True))
-        True
-    """
+    """The states of Python's (``"python"``), NumPy's (``"numpy"``), torch's CPU (``"torch"``) and, with CUDA,
+    every device's (``"cuda"``) generator, as tensors and plain values (loadable with ``weights_only=True``)."""
     kind, keys, pos, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state = {
         "python": random.getstate(),
@@ -55,21 +34,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what ``rng_state`` saved.
-
-    Args:
-        state: a dict returned by ``rng_state``, possibly saved and loaded with ``torch.load(weights_only=True)``.
-            Its ``"cuda"`` entry is ignored when CUDA is not available.
-
-    Example:
-        >>> import random
-        >>> torch.save(mq.training.rng_state(), "rng.pt")
-        >>> drawn = (random.random(), torch.rand(2))
-        >>> mq.training.set_rng_state(torch.load("rng.pt", weights_only=True))
-        >>> again = (random.random(), torch.rand(2))
-        >>> drawn[0] == again[0], torch.equal(drawn[1], again[1])
-        (True, True)
-    """
+    """Restore what ``rng_state`` saved (its ``"cuda"`` entry is ignored without CUDA)."""
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))

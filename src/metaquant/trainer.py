@@ -20,6 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from .direct_uses import direct_uses, warn_direct_uses, watched_weights
 from .distributed import any_process, unwrap
 from .estimators import STE, ClassicalEstimator, fake_quantize_many
 from .guards import (
@@ -88,8 +89,10 @@ class Trainer:
             gradient is not finite; ``"skip"`` undoes the forward pass's BatchNorm statistics and skips the step.
         grad_scaler: a ``torch.amp.GradScaler`` for float16 training: the loss is scaled before the backward
             pass, the gradients unscaled before the update, and a step whose scaled gradients overflowed is
-            skipped while the scaler lowers its scale (not an error, not counted in ``skipped_steps`` but in
-            ``overflow_steps``, the number of such steps since the trainer was made).
+            skipped, its BatchNorm statistics undone, while the scaler lowers its scale (not an error, not counted
+            in ``skipped_steps`` but in ``overflow_steps``, the number of such steps since the trainer was made).
+
+    The first step warns once about each quantized weight the loss reads directly (``metaquant.direct_uses``).
 
     Raises:
         TypeError: ``estimator`` is not a ``ClassicalEstimator``, ``model`` not a module, ``optimizer`` not an
@@ -134,6 +137,9 @@ class Trainer:
         self.skipped_steps = 0
         self.overflow_steps = 0
         self.grad_scaler = grad_scaler
+        self._forward_weights: list[Tensor] = []  # the latent weights of this step's Ŵ
+        self._uses_checked = False  # the first step looks for direct uses of quantized weights
+        self._uses_warned: set[str] = set()
 
     def _quantized_forward(self) -> contextlib.AbstractContextManager[Any]:
         """A scope in which every quantized layer computes with this step's ``Ŵ``, made for all layers at once.
@@ -150,9 +156,10 @@ class Trainer:
             if layer.param_fn is None and layer.param_override is None:
                 w = layer.weight
                 by_weight.setdefault((id(w), layer.quantizer), (w, []))[1].append(layer)
+        owners = list(by_weight.values())
+        self._forward_weights = [w for w, _ in owners]
         if not by_weight:
             return contextlib.nullcontext()
-        owners = list(by_weight.values())
         quantized = fake_quantize_many([w for w, _ in owners], [ls[0].quantizer for _, ls in owners], self.estimator)
         return forward_tensors(
             {
@@ -161,6 +168,15 @@ class Trainer:
                 for layer in ls
             }
         )
+
+    def _say_direct_uses(self, loss: Tensor) -> None:
+        """Warn once per quantized weight that ``loss`` reads other than through its ``Ŵ`` (see ``direct_uses``)."""
+        watched = watched_weights(unwrap(self.model))
+        weights = [w for w in self._forward_weights if id(w) in watched]
+        if not weights:
+            return
+        found = [watched[id(weights[i])] for i in direct_uses(loss, weights)]
+        warn_direct_uses(found, self._uses_warned, "Trainer back-propagates through that use as written.")
 
     def step(
         self, closure: Closure | Sequence[Closure], *, before_update: Callable[[Trainer], None] | None = None
@@ -171,8 +187,8 @@ class Trainer:
             closure: runs the forward pass on a batch and returns the scalar loss (without calling ``backward``);
                 or a list of such closures, one per micro-batch, for gradient accumulation: each is called and
                 back-propagated in turn (one micro-batch's activations in memory at a time) with its loss divided
-                by their number, so for equal micro-batches and mean-reduced losses the update equals one step
-                on their union.
+                by their number, so for equal micro-batches, mean-reduced losses and no BatchNorm in training
+                mode (its batch statistics are per micro-batch) the update equals one step on their union.
             before_update: called with the trainer after the backward pass (gradients unscaled, checked finite)
                 and before the optimizer's step, e.g. to clip ``p.grad`` of ``trainer.model.parameters()``
                 in place; the step uses the gradients as the hook leaves them.
@@ -203,9 +219,9 @@ class Trainer:
         if before_update is not None:
             check_trainer_inputs(self.model, before_update=before_update)
         self.optimizer.zero_grad(set_to_none=True)
-        snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" else None
-
         scaler = self.grad_scaler
+        # a skipped step (non-finite with "skip", or an fp16 overflow) undoes the forward pass's BatchNorm statistics
+        snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" or scaler is not None else None
         params = list(self.model.parameters())
         bad: str | None = None
         total: Tensor | None = None
@@ -214,6 +230,8 @@ class Trainer:
             with self._quantized_forward():  # a fresh Ŵ per micro-batch: each backward frees its own graph
                 loss = check_loss(part())
             check_no_backward(marks, params)
+            if not self._uses_checked:
+                self._say_direct_uses(loss)
             # under data parallelism every process must take the same branch (backward runs collectives)
             if any_process(first_nonfinite({"loss": [loss]}) is not None):
                 bad = "loss"
@@ -222,6 +240,7 @@ class Trainer:
             scaled = loss if len(closures) == 1 else loss / len(closures)
             (scaled if scaler is None else scaler.scale(scaled)).backward()
             total = loss.detach() if total is None else total + loss.detach()
+        self._uses_checked = True
         if bad is None:
             assert total is not None  # closures is not empty, and every one was back-propagated
             loss = total if len(closures) == 1 else total / len(closures)
@@ -234,10 +253,13 @@ class Trainer:
             scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             self.overflow_steps += 1
+            assert snapshot is not None  # taken whenever there is a scaler
+            snapshot.restore()
             return loss.detach()
         if bad is not None:
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps = reject_step(bad, snapshot, self.skipped_steps)
+            kept = snapshot if self.on_nonfinite == "skip" else None  # None: reject_step raises
+            self.skipped_steps = reject_step(bad, kept, self.skipped_steps)
             return loss.detach()
         if before_update is not None:
             before_update(self)

@@ -1,18 +1,6 @@
 """Argument checks that name the bad value and what is allowed, in one wording across the package.
 
 Each check returns the value it accepted, so that a constructor can check and assign in one line.
-
-Example:
-    >>> from metaquant.validation import check_choice, check_int, check_number
-    >>> check_int("batch_size", 32, minimum=1)
-    32
-    >>> check_number("momentum", 0.9, low=0, high=1, high_open=True)
-    0.9
-    >>> try:
-    ...     check_choice("optimizer", "rmsprop", ("sgd", "adam"))
-    ... except ValueError as err:
-    ...     print(err)
-    optimizer 'rmsprop' is not supported; allowed: sgd, adam
 """
 
 from __future__ import annotations

@@ -88,3 +88,10 @@ def test_generator_seed_determines_result():
     c = random_hflip(random_crop(x, 4, torch.Generator().manual_seed(2)), torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_the_draws_of_a_seeded_generator_stay_the_same():
+    # a run resumed or repeated with the same seed must augment as before
+    assert crop_offsets(4, 2, torch.Generator().manual_seed(0)).tolist() == [[4, 4], [3, 0], [3, 4], [2, 3]]
+    assert flip_mask(6, torch.Generator().manual_seed(0)).tolist() == [True, False, True, True, True, False]
+    assert crop_offsets(3, 0).tolist() == [[0, 0]] * 3

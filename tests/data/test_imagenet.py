@@ -64,7 +64,7 @@ def test_class_mismatch(tmp_path):
 
 def test_missing_torchvision_message(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # makes `import torchvision` fail
-    with pytest.raises(ImportError, match=r"pip install 'metaquant-torch\[vision\]'"):
+    with pytest.raises(ImportError, match=r"needs torchvision \(the vision extra\), .*: pip install torchvision$"):
         imagenet_loaders(make_tree(tmp_path), batch_size=2, test_batch_size=2)
 
 

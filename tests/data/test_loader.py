@@ -210,3 +210,15 @@ def test_iterating_twice_without_set_epoch_repeats():
     loader = TensorLoader(make_data(12, 3, 32), CIFAR, 4, train=True, seed=5)
     for (xa, ya), (xb, yb) in itertools.zip_longest(collect(loader), collect(loader)):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_the_epoch_order_of_a_seed_stays_the_same_and_only_loaders_are_batch_loaders():
+    # runs resumed or repeated with the same seed must see the same batches as before
+    white = ImageTensors(images=torch.full((5, 1, 28, 28), 255, dtype=torch.uint8), labels=torch.arange(5))
+    loader = TensorLoader(white, MNIST, batch_size=2, train=True, seed=0)
+    assert len(loader) == 3 and [y.tolist() for _, y in loader] == [[2, 0], [1, 3], [4]]
+    loader.set_epoch(1)
+    assert [y.tolist() for _, y in loader] == [[3, 4], [1, 2], [0]]
+    x, _ = next(iter(loader))
+    assert torch.allclose(x, torch.full_like(x, (1 - MNIST.mean[0]) / MNIST.std[0]))  # white, normalised
+    assert not isinstance([(0, 1)], BatchLoader)

@@ -72,7 +72,7 @@ def test_cifar(tmp_path):
 
 
 def test_imagenet_needs_data_dir():
-    with pytest.raises(DatasetNotFoundError, match="--data-dir"):
+    with pytest.raises(DatasetNotFoundError, match="`data_dir`"):
         make_loaders("imagenet")
 
 

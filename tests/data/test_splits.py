@@ -107,7 +107,7 @@ def test_missing_fashion_mnist_message(tmp_path):
         str(tmp_path / "system"),
         "apt-get install dataset-fashion-mnist",
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz",
-        "--data-dir",
+        "`data_dir`",
     ):
         assert needle in msg, needle
 
@@ -181,7 +181,7 @@ def test_failed_download_is_not_found_error_and_leaves_nothing(tmp_path, monkeyp
     with pytest.raises(DatasetNotFoundError) as err:
         load_split("mnist", "test", data_dir, download=True)
     msg = str(err.value)
-    assert "checksum mismatch" in msg and "download failed" in msg and "--data-dir" in msg
+    assert "checksum mismatch" in msg and "download failed" in msg and "`data_dir`" in msg
     assert list(data_dir.iterdir()) == []
 
 

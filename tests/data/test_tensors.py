@@ -22,6 +22,11 @@ def test_subset_is_seeded_and_consistent():
     assert a.images[:, 0, 0, 0].tolist() == a.labels.tolist()
 
 
+def test_the_subset_of_a_seed_stays_the_same():
+    # runs recorded with a train_size/test_size must be reproducible on the same examples
+    assert subset(data(10), 4, seed=0).labels.tolist() == [1, 4, 5, 7]
+
+
 def test_subset_none_and_full():
     full = data(5)
     assert subset(full, None, seed=0) is full

@@ -63,6 +63,14 @@ def test_names_are_case_insensitive_and_kept_in_one_spelling():
     assert config == RunConfig(model="resnet20", dataset="fashion-mnist", optimizer="adam", estimator="multifc")
 
 
+@pytest.mark.parametrize(
+    "spelling, ours", [("mlpfc", "multifc"), ("fcgrad", "fc-grad"), ("fc_grad", "fc-grad"), ("LSTM-FC", "lstmfc")]
+)
+def test_the_original_code_s_estimator_spellings_become_ours(spelling, ours):
+    config = RunConfig(estimator=spelling)
+    assert config.estimator == ours and config.uses_meta and config == RunConfig(estimator=ours)
+
+
 def test_unknown_keys_are_refused():
     with pytest.raises(ValueError, match=r"unknown configuration keys \['colour'\]"):
         RunConfig.from_dict({"colour": "red"})

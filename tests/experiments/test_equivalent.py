@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import metaquant as mq
-from metaquant.experiments.equivalent import fc_grad_gain, learned_gain, mean_gain
+from metaquant.experiments.equivalent import equivalent_sgd, fc_grad_gain, learned_gain, mean_gain
 from tests.conftest import save_as_from_a_gpu
 
 
@@ -43,11 +43,11 @@ def test_mean_gain_interpolates_between_snapshots_and_weighs_epochs_by_their_rat
         mean_gain({0: 1.0, 1: 2.0}, 4, factors.__getitem__)
 
 
-def _fake_run(tmp_path, estimator="fc-grad", done=True, gains=(0.5, 1.5)):
+def _fake_run(tmp_path, estimator="fc-grad", done=True, gains=(0.5, 1.5), **options):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(
-        json.dumps({"estimator": estimator, "nonlinearity": "none", "epochs": 2, "lr_schedule": "constant"})
+        json.dumps({"estimator": estimator, "nonlinearity": "none", "epochs": 2, "lr_schedule": "constant", **options})
     )
     snapshots = {}
     for epoch, k in zip((0, 2), gains):
@@ -105,3 +105,73 @@ def test_the_equivalent_ste_optimizer_takes_the_scaled_rate(tmp_path):
     negative = _fake_run(tmp_path / "n", gains=(-1.0, -1.0)) if (tmp_path / "n").mkdir() is None else None
     with pytest.raises(ValueError, match="learned a mean gain -1 <= 0"):
         with_learned_gain(RunConfig(estimator="ste", lr_gain_from=str(negative)))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(momentum=0.9, weight_decay=5e-3),
+        dict(momentum=0.9, dampening=0.3, weight_decay=1e-2),
+        dict(momentum=0.8, nesterov=True, weight_decay=5e-4),
+        dict(weight_decay=1e-2),
+    ],
+)
+def test_the_equivalent_sgd_takes_fc_grads_steps_to_rounding(options):
+    """Oracle: torch.optim.SGD itself, on FC-Grad's gradient k·g at (α, λ) and on the STE's g at equivalent_sgd."""
+    k, lr = 2.5, 0.05
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(6, generator=g, dtype=torch.float64)
+    grads = [torch.randn(6, generator=g, dtype=torch.float64) for _ in range(6)]
+    fc_grad, ste = (torch.nn.Parameter(start.clone()) for _ in range(2))
+    fc_grad_opt = torch.optim.SGD([fc_grad], lr=lr, **options)
+    lr_eq, wd_eq = equivalent_sgd(lr, options["weight_decay"], k)
+    ste_opt = torch.optim.SGD([ste], lr=lr_eq, **{**options, "weight_decay": wd_eq})
+    for grad in grads:
+        fc_grad.grad, ste.grad = k * grad, grad.clone()
+        fc_grad_opt.step()
+        ste_opt.step()
+        torch.testing.assert_close(ste, fc_grad, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(fc_grad.detach(), start)
+    with pytest.raises(ValueError, match="gain -1 <= 0"):
+        equivalent_sgd(lr, 0.0, -1.0)
+
+
+def test_the_equivalent_ste_divides_the_weight_decay_by_the_gain(tmp_path):
+    from metaquant.experiments.builders import with_learned_gain
+    from metaquant.experiments.config import RunConfig
+
+    run = _fake_run(tmp_path, gains=(2.0, 2.0), lr=1e-3, weight_decay=5e-4)
+    equivalent = with_learned_gain(RunConfig(estimator="ste", lr=1e-3, weight_decay=5e-4, lr_gain_from=str(run)))
+    assert (equivalent.lr, equivalent.weight_decay) == pytest.approx((2e-3, 2.5e-4))
+
+
+@pytest.mark.parametrize(
+    "fc_grad,ste,message",
+    [
+        ({"optimizer": "adam"}, {"optimizer": "adam"}, "defined for SGD: Adam divides each coordinate's gradient"),
+        ({"optimizer": "adamw"}, {"optimizer": "adamw"}, "allowed: 'sgd'"),
+        ({"step_order": "original"}, {}, "uses `step_order` 'original'.*defined for `step_order` 'paper'"),
+        ({"quantizer": "bwn"}, {"quantizer": "bwn"}, "`quantizer` 'bwn'.*allowed: `quantizer` dorefa, ternary"),
+        ({}, {"estimator": "ewgs"}, "`estimator` 'ewgs' is not FC-Grad's divided by its gain; allowed: `estimator`"),
+        ({"quantizer": "ternary", "bits": 2}, {"quantizer": "ternary", "bits": 2}, "allowed: `estimator` 'identity'"),
+        ({"lr": 1e-2}, {}, "its `lr` is 0.01, this run's 0.001"),
+    ],
+)
+def test_the_equivalent_ste_is_refused_where_it_is_not_defined(tmp_path, fc_grad, ste, message):
+    from metaquant.experiments.builders import with_learned_gain
+    from metaquant.experiments.config import RunConfig
+
+    run = _fake_run(tmp_path, **{"optimizer": "sgd", "lr": 1e-3, **fc_grad})
+    config = RunConfig(**{"estimator": "ste", "lr": 1e-3, "lr_gain_from": str(run), **ste})
+    with pytest.raises(ValueError, match=message):
+        with_learned_gain(config)
+
+
+def test_a_sweep_refuses_an_equivalent_ste_under_adam_when_it_is_planned(tmp_path):
+    from metaquant.experiments.sweep import SweepSpec, plan
+
+    grid = [{"estimator": "fc-grad"}, {"estimator": "ste", "equivalent_of": "fc-grad"}]
+    spec = SweepSpec("eq", 1, 0, None, {"dataset": "cifar10", "optimizer": "adam"}, grid=grid, optimizer_overrides={})
+    with pytest.raises(ValueError, match="sweep 'eq': the equivalent STE is defined for SGD"):
+        plan(spec, tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -248,7 +248,7 @@ CASES = [
         "--data-dir is a file",
         ["quantize", "--data-dir", "{root}/a-file", "--no-download", "--run-dir", "{root}/new"],
         1,
-        ["data_dir {root}/a-file is not a directory"],
+        ["--data-dir {root}/a-file is not a directory"],
     ),
     (
         "partial --data-dir",

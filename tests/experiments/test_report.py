@@ -3,6 +3,8 @@ text, and the written table and figures."""
 
 import dataclasses
 import json
+import logging
+import shutil
 import statistics
 import subprocess
 import sys
@@ -184,9 +186,7 @@ def test_report_without_matplotlib_writes_the_table_and_exits_0(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "| metaquant | ResNet20 | Fashion-MNIST | dorefa | 1 | STE | SGD |" in done.stdout
-    assert "no figures: drawing figures needs matplotlib, the plot extra: pip install 'metaquant-torch[plot]'" in (
-        done.stderr
-    )
+    assert "no figures: drawing figures needs matplotlib (the plot extra): pip install matplotlib" in (done.stderr)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.csv", "results.md"]
 
 
@@ -258,6 +258,46 @@ def test_a_run_that_continues_a_quantization_run_is_compared_with_the_full_preci
     (loop / "done").touch()
     in_loop = {t.key[5]: t for t in collect([moved])}["STE"]
     assert in_loop.fp_acc is None and in_loop.first_epoch == 0
+
+
+def _trial(root, name, accs, **config):
+    run = root / name
+    run.mkdir(parents=True)
+    RunConfig(**config).save(run / "config.json")
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": i, "test_acc": a, "train_loss": 1.0}) + "\n" for i, a in enumerate(accs))
+    )
+    (run / "done").touch()
+    return run
+
+
+def test_rows_are_experiments_and_a_trial_counts_once(tmp_path, caplog):
+    """Runs that differ in precision or learning rate are separate rows, told apart in the table; seeds, data
+    folders and devices are trials of one row; a copy of a run counts once; a repeated trial number is said."""
+    _trial(tmp_path / "a", "ste-trial-1", [50.0, 60.0], seed=0)
+    _trial(tmp_path / "a", "ste-trial-2", [52.0, 62.0], seed=1, data_dir="/elsewhere", device="cpu")
+    _trial(tmp_path / "a", "ste-bf16-trial-1", [40.0, 70.0], seed=0, amp="bf16")
+    shutil.copytree(tmp_path / "a" / "ste-trial-1", tmp_path / "b" / "ste-trial-1")  # an identical copy
+    _trial(tmp_path / "b", "ste-trial-2", [54.0, 64.0], seed=2)  # another run, also called trial 2
+    _trial(tmp_path / "a", "fast-trial-1", [30.0, 35.0], lr=0.01, label="STE, fast")
+    _trial(tmp_path / "a", "fast-other-trial-1", [31.0, 36.0], lr=0.02, label="STE, fast")
+    with caplog.at_level(logging.WARNING, logger="metaquant"):
+        rows = {r.backward: r for r in summarize(collect([tmp_path]))}
+    assert sorted(rows) == ["STE [amp=bf16]", "STE [amp=none]", "STE, fast [lr=0.01]", "STE, fast [lr=0.02]"]
+    fp32 = rows["STE [amp=none]"]
+    assert fp32.trials == 3 and fp32.best_mean == pytest.approx((60 + 62 + 64) / 3)  # the copy counted once
+    assert rows["STE [amp=bf16]"].trials == 1 and rows["STE [amp=bf16]"].best_mean == 70.0
+    assert dict(rows["STE [amp=bf16]"].setting)["amp"] == "bf16"
+    messages = [r.getMessage() for r in caplog.records]
+    copy = [m for m in messages if "is a copy of" in m]
+    assert len(copy) == 1 and "ste-trial-1" in copy[0]
+    (repeated,) = [m for m in messages if "appears 2 times" in m]
+    assert repeated.startswith("trial 2 of ResNet20 | Fashion-MNIST | dorefa | 1 | STE | SGD appears")
+    md, _ = write_table(summarize(collect([tmp_path])), tmp_path / "out")
+    assert "| dorefa | 1 | STE [amp=bf16] | SGD | 70.000 (0.000) |" in md.read_text()
+    # the same trials given to summarize directly are grouped the same way
+    again = summarize([t for t in collect([tmp_path / "a"])] + collect([tmp_path / "b"]))
+    assert {r.backward: r.trials for r in again} == {k: r.trials for k, r in rows.items()}
 
 
 def _write_precise_run(root, name, accs, precise, **config):

@@ -1,6 +1,8 @@
 """Exact resume after SIGKILL (including during a checkpoint write), SIGINT, and non-finite steps."""
 
+import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,6 +14,10 @@ import pytest
 import torch
 
 from metaquant.experiments.cli import main
+from metaquant.experiments.config import RunConfig
+from metaquant.experiments.lifecycle import execute, resume
+from metaquant.files import TEMPORARY_SUFFIX
+from metaquant.guards import StopFlag, TrainingInterrupted
 
 
 @pytest.fixture
@@ -233,3 +239,92 @@ def test_resume_from_an_epoch_checkpoint_without_a_mid_epoch_position(tmp_path, 
     assert main(["quantize", "--resume", str(run)]) == 0
     straight, resumed = _result(tmp_path / "straight"), _result(run)
     assert all(torch.equal(straight[0][k], resumed[0][k]) for k in straight[0])
+
+
+class _StopAtStep(StopFlag):
+    """A stop requested at the ``step``-th step of the run, as a Ctrl-C there would."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.left = step
+
+    def __bool__(self):
+        self.left -= 1
+        if self.left == 0:
+            self.request(signal.SIGINT)
+        return super().__bool__()
+
+
+def _stopped_run(path, tiny_mnist, step, **fields):
+    """A run of 4 epochs of 2 steps, stopped after its ``step``-th step (a checkpoint there)."""
+    config = RunConfig(
+        **{"model": "resnet8", "dataset": "mnist", "data_dir": tiny_mnist[3], "download": False, "batch_size": 32},
+        **{"epochs": 4, "lr_step": 2, "seed": 3, "device": "cpu", **fields},
+    )
+    with pytest.raises(TrainingInterrupted):
+        execute(config, path, progress=False, stop=_StopAtStep(step))
+    return config
+
+
+def _edit(run, **fields):
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+def test_an_edited_config_is_refused_or_taken_knowingly_and_recorded(tmp_path, tiny_mnist, caplog):
+    run = tmp_path / "edited"
+    config = _stopped_run(run, tiny_mnist, 5)  # at epoch 3, step 1
+    checkpoint = (run / "checkpoint.pt").read_bytes()
+    for field, value in (("lr", 0.01), ("batch_size", 16), ("train_size", 32), ("seed", 4), ("amp", "bf16")):
+        _edit(run, **{field: value})
+        with pytest.raises(ValueError) as refused:
+            resume(run, progress=False)
+        message = str(refused.value)
+        assert f"{field} {getattr(config, field)!r} -> {value!r}" in message and "Put the old values back" in message
+        assert (run / "checkpoint.pt").read_bytes() == checkpoint and not (run / "done").exists()
+        _edit(run, **{field: getattr(config, field)})
+    _edit(run, epochs=2)  # the run is within its third epoch
+    with pytest.raises(ValueError, match="sets epochs 2, but checkpoint .* is at epoch 3, step 1: .* set epochs to 3"):
+        resume(run, progress=False)
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint
+    # shortened to the epoch it is in: the same run as one of 3 epochs (the step schedule does not depend on them)
+    _edit(run, epochs=3, device="auto", checkpoint_every=1)
+    with caplog.at_level(logging.WARNING, logger="metaquant"):
+        resumed = resume(run, progress=False)
+    straight = execute(dataclasses.replace(config, epochs=3), tmp_path / "straight", progress=False)
+    assert resumed.epochs == 3 and resumed.final_acc == straight.final_acc
+    assert _result(run)[2] == _result(tmp_path / "straight")[2]
+    edits = torch.load(run / "checkpoint.pt", weights_only=True)["config_edits"]
+    assert edits == [
+        {"field": "epochs", "old": 4, "new": 3, "at": "at epoch 3, step 1"},
+        {"field": "device", "old": "cpu", "new": "auto", "at": "at epoch 3, step 1"},
+        {"field": "checkpoint_every", "old": 0, "new": 1, "at": "at epoch 3, step 1"},
+    ]
+    assert sum("epochs changed from 4 to 3 (at epoch 3, step 1)" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_edits_are_kept_across_later_resumes(tmp_path, tiny_mnist):
+    run = tmp_path / "r"
+    _stopped_run(run, tiny_mnist, 1)
+    _edit(run, epochs=5)  # extended
+    with pytest.raises(TrainingInterrupted):
+        resume(run, progress=False, stop=_StopAtStep(2))
+    resume(run, progress=False)
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["config_edits"] == [{"field": "epochs", "old": 4, "new": 5, "at": "at epoch 1, step 1"}]
+    assert saved["epoch"] == 5 and len((run / "metrics.jsonl").read_text().splitlines()) == 5
+
+
+def test_resume_removes_only_the_temporary_files_of_its_own_writes(tmp_path, tiny_mnist):
+    run = tmp_path / "r"
+    _stopped_run(run, tiny_mnist, 3)
+    mine = [run / ".notes.tmp", run / ".checkpoint.pt.mine.tmp", run / "notes.metaquant.tmp"]
+    for path in mine:
+        path.write_text("a user's file")
+    interrupted = [run / f".checkpoint.pt.0123456789ab{TEMPORARY_SUFFIX}", run / f".metrics.jsonl.ab{TEMPORARY_SUFFIX}"]
+    for path in interrupted:
+        path.write_bytes(b"half a write")
+    resume(run, progress=False)
+    assert (run / "done").exists()
+    assert all(p.read_text() == "a user's file" for p in mine)
+    assert not any(p.exists() for p in interrupted)

@@ -4,9 +4,11 @@ import struct
 
 import pytest
 import torch
+from torch import nn
 
+import metaquant as mq
 from metaquant.experiments.cli import main
-from metaquant.experiments.trace import TRACE_FILE, snapshot_epochs
+from metaquant.experiments.trace import TRACE_FILE, MetaTrace, snapshot_epochs
 from tests.conftest import save_as_from_a_gpu
 
 
@@ -161,3 +163,19 @@ def test_fc_grad_is_drawn_on_the_scale_its_axes_state():
     x, y = _fc_grad_curve(meta)
     assert (x.min().item(), x.max().item()) == (-1.0, 1.0)
     torch.testing.assert_close(y, k * x)
+
+
+def test_snapshots_are_taken_at_snapshot_epochs_once_with_every_latent_weight_counted(tmp_path):
+    model = mq.quantize_(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)))
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=8))
+    trace = MetaTrace(tmp_path / TRACE_FILE, epochs=4)
+    for epoch in range(4):
+        trace.snapshot(epoch, trainer, model)  # 3 is not a snapshot epoch of a 4-epoch run
+    resumed = MetaTrace(tmp_path / TRACE_FILE, epochs=4)  # a resumed run continues the trace
+    resumed.snapshot(2, trainer, model)  # taken already: kept as it was
+    resumed.snapshot(4, trainer, model)
+    data = torch.load(tmp_path / TRACE_FILE, weights_only=True)
+    assert sorted(data["snapshots"]) == [0, 1, 2, 4]
+    for snapshot in data["snapshots"].values():
+        assert [int(h.sum()) for h in snapshot["weights"].values()] == [6 * 4, 4 * 2]
+        assert snapshot["meta"].keys() == trainer.meta.state_dict().keys()

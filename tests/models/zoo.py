@@ -317,6 +317,26 @@ class CustomWeight(nn.Module):
         return self.fc(torch.tanh(x @ self.mix))
 
 
+class ViT(nn.Module):
+    """A vision transformer: patches from a strided convolution, a class token and positional embeddings of its own
+    (Parameters no layer holds: quantize_ names them and converts the layers), the head on the class token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 2, stride=2)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8) / 4)
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 8) / 4)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # [B, 4, 8]
+        tokens = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], 1) + self.pos_embed
+        return self.head(self.norm(self.encoder(tokens))[:, 0])
+
+
 def _vectors(n: int, g: torch.Generator) -> tuple[Tensor]:
     return (torch.randn(n, 6, generator=g),)
 
@@ -430,4 +450,17 @@ ZOO: list[Case] = [
     Case("bfloat16", MLP, _vectors, _names("net.0", "net.2"), dtype=torch.bfloat16, quantizer=("bwn", 1)),
     Case("conditional-branch", Conditional, _vectors, _names("stem", "left", "right"), unused=_names("right")),
     Case("custom-weight", CustomWeight, _vectors, _names("fc"), warned=_names("")),
+    Case(
+        "vit",
+        ViT,
+        images(3, 4, 4),
+        _names(
+            "patch",
+            "head",
+            *(f"encoder.layers.0.{m}" for m in ("self_attn.quantized_weights.in_proj_weight", "self_attn.out_proj")),
+            "encoder.layers.0.linear1",
+            "encoder.layers.0.linear2",
+        ),
+        warned=_names(""),
+    ),
 ]

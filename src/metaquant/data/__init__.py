@@ -1,11 +1,9 @@
 """Data sets as tensors, with batch augmentation on the training device.
 
-Small data sets (MNIST, Fashion-MNIST, CIFAR-10/100) are read from their
-official file formats into uint8 tensors (:func:`load_split`) and served by
-:class:`TensorLoader`, which shuffles, augments and normalises whole batches on
-the training device. ImageNet is streamed from an ImageFolder tree through
-torchvision (optional dependency). :func:`make_loaders` builds both loaders of
-a data set from its registry name (:data:`DATASETS`, :func:`dataset_info`).
+Small data sets (MNIST, Fashion-MNIST, CIFAR-10/100) are read from their official file formats into uint8
+tensors (:func:`load_split`) and served by :class:`TensorLoader`, which shuffles, augments and normalises whole
+batches on the device. ImageNet is streamed from an ImageFolder tree through torchvision (optional).
+:func:`make_loaders` builds both loaders of a data set from its registry name (:data:`DATASETS`).
 """
 
 from .augment import crop_at, crop_offsets, flip_mask, hflip_where, random_crop, random_hflip

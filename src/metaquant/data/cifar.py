@@ -1,15 +1,10 @@
 """Reader for the "python version" of CIFAR-10 and CIFAR-100.
 
-The official distribution is a tar.gz archive of pickled batches; each batch is
-a dict with bytes keys: ``b"data"`` (uint8 ``[N, 3072]``, each row the red,
-green and blue 32x32 planes in turn, i.e. CHW row-major) and ``b"labels"``
-(CIFAR-10) or ``b"fine_labels"`` (CIFAR-100). This module reads either the
-archive itself (members are read from the stream, nothing is extracted to disk)
-or the folder that extracting it produces.
-
-The batches are pickles because that is the official format. They are loaded
-with an unpickler that only resolves the few globals a numpy array needs, so a
-tampered file cannot run arbitrary code through ``pickle``.
+The official distribution is a tar.gz archive of pickled batches; each batch is a dict with bytes keys:
+``b"data"`` (uint8 ``[N, 3072]``, each row the red, green and blue 32x32 planes in turn, i.e. CHW row-major)
+and ``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` (CIFAR-100). Either the archive (read as a stream, nothing
+extracted) or the folder that extracting it produces is read. The pickles are loaded with an unpickler that
+resolves only the globals a numpy array needs, so a tampered file cannot run code.
 """
 
 from __future__ import annotations
@@ -158,29 +153,20 @@ def _read_members_from_archive(archive: Path, names: list[str]) -> dict[str, byt
 
 
 def read_cifar(source: str | Path, variant: str, split: str) -> ImageTensors:
-    """Read one split of CIFAR-10 / CIFAR-100 from the archive or the extracted folder.
+    """Read one split of CIFAR-10 / CIFAR-100 from the official archive or its extracted top-level folder.
 
-    Args:
-        source: the official ``.tar.gz`` archive, or its extracted top-level folder
-            (``cifar-10-batches-py`` / ``cifar-100-python``).
-        variant: ``"cifar10"`` or ``"cifar100"``.
-        split: ``"train"`` or ``"test"``.
-
-    Returns:
-        :class:`ImageTensors` with images uint8 ``[N, 3, 32, 32]`` and labels
-        int64 ``[N]`` (CIFAR-100: the fine labels); the training split
-        concatenates the five CIFAR-10 batches in order.
+    Returns images uint8 ``[N, 3, 32, 32]`` and labels int64 ``[N]`` (CIFAR-100: the fine labels); the training
+    split concatenates the five CIFAR-10 batches in order.
 
     Raises:
         ValueError: unknown ``variant`` or ``split``.
         DatasetNotFoundError: ``source`` or a batch file inside the folder is missing.
-        DatasetFormatError: the archive or a batch is corrupt, has the wrong
-            keys or shape or labels out of range, or its pickle refers to a
-            global that a numpy array does not need (refused without running it).
+        DatasetFormatError: a corrupt archive or batch, wrong keys, shape or labels, or a pickle that refers to a
+            global a numpy array does not need (refused without running it).
 
     Example:
-        A folder with one tiny ``test_batch`` in the official format (a protocol-2
-        pickle of a dict with bytes keys) whose rows are the R, G, B planes in turn:
+        A folder with one tiny ``test_batch`` in the official format (a protocol-2 pickle of a dict with bytes
+        keys) whose rows are the R, G, B planes in turn:
 
         >>> import pickle
         >>> from pathlib import Path

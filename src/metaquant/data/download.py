@@ -1,10 +1,8 @@
 """Download a file and verify its md5 before it appears under its final name.
 
-The bytes go to a temporary file in the destination directory, which is
-renamed onto the destination (``os.replace``, atomic on one file system) only
-once the checksum matches. A failed, interrupted or corrupted download
-therefore never leaves a file that looks complete; the temporary file is
-removed on every error path.
+The bytes go to a temporary file in the destination directory, renamed onto the destination (atomic on one
+file system) only once the checksum matches; every error path removes it, so a failed, interrupted or
+corrupted download never leaves a file that looks complete.
 """
 
 from __future__ import annotations
@@ -26,21 +24,7 @@ _CHUNK = 1 << 20
 
 
 def md5_file(path: str | Path) -> str:
-    """Hex md5 digest of the file at ``path``.
-
-    Reads the file in 1 MiB chunks, so large archives need little memory.
-
-    Raises:
-        FileNotFoundError: there is no file at ``path`` (from :func:`open`).
-
-    Example:
-        The well-known digest of no bytes at all:
-
-        >>> from pathlib import Path
-        >>> _ = Path("empty.bin").write_bytes(b"")
-        >>> mq.data.md5_file("empty.bin")
-        'd41d8cd98f00b204e9800998ecf8427e'
-    """
+    """Hex md5 digest of the file at ``path``, read in 1 MiB chunks."""
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -49,39 +33,13 @@ def md5_file(path: str | Path) -> str:
 
 
 def download_url(url: str, dest: str | Path, md5: str | None, *, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest``, verifying the md5 digest when ``md5`` is given.
+    """Download ``url`` (anything ``urlopen`` opens) to ``dest``, verifying the md5 when ``md5`` is given.
 
-    ``dest``'s directory is created if needed. An existing ``dest`` is replaced
-    only by a download that passed verification.
-
-    Args:
-        url: any URL :func:`urllib.request.urlopen` opens (``https://``,
-            ``http://``, ``file://``, ...).
-        dest: final path of the file.
-        md5: expected hex digest (either case), or None to skip the check.
-        timeout: seconds to wait for the server before giving up.
-
-    Returns:
-        ``dest`` as a :class:`~pathlib.Path`.
+    ``dest``'s directory is created if needed; an existing ``dest`` is replaced only by a verified download.
 
     Raises:
         ChecksumError: the downloaded bytes have another md5 (nothing is left on disk).
-        DownloadError: the transfer failed, including a URL with an unknown scheme
-            or none (nothing is left on disk).
-
-    Example:
-        A ``file://`` URL stands in for a server here:
-
-        >>> from pathlib import Path
-        >>> source = Path("published.bin"); _ = source.write_bytes(b"metaquant")
-        >>> out = mq.data.download_url(source.resolve().as_uri(), "cache/copy.bin", md5=mq.data.md5_file(source))
-        >>> str(out), out.read_bytes()
-        ('cache/copy.bin', b'metaquant')
-        >>> try:
-        ...     mq.data.download_url("ftp//typo/file.gz", "cache/file.gz", md5=None)
-        ... except mq.data.DownloadError as err:
-        ...     print(err, sorted(p.name for p in Path("cache").iterdir()))
-        download of ftp//typo/file.gz to cache/file.gz failed: unknown url type: 'ftp//typo/file.gz' ['copy.bin']
+        DownloadError: the transfer failed, or the URL has an unknown scheme or none (nothing is left on disk).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)

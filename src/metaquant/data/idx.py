@@ -1,10 +1,8 @@
 """Reader (and writer) for the IDX files of MNIST and Fashion-MNIST.
 
-IDX is a tiny big-endian format: a 4-byte magic number (two zero bytes, a
-type code, the number of dimensions), one uint32 per dimension, then the
-payload in C order. The files are usually gzip-compressed; compression is
-detected from the content (the gzip magic bytes), not the file name, so a
-decompressed file that kept its ``.gz`` name still reads.
+IDX is a tiny big-endian format: a 4-byte magic number (two zero bytes, a type code, the number of
+dimensions), one uint32 per dimension, then the payload in C order. Gzip compression is detected from the
+content, not the file name, so a decompressed file that kept its ``.gz`` name still reads.
 """
 
 from __future__ import annotations
@@ -58,13 +56,11 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
-    """Read an unsigned-byte IDX file whose magic number must equal ``magic``.
-
-    Returns a read-only uint8 array with the dimensions from the header.
+    """Read an unsigned-byte IDX file whose magic number must equal ``magic``, as a read-only uint8 array.
 
     Raises:
-        DatasetFormatError: wrong magic number / type code / dimension count, or
-            a payload whose length differs from the one the header announces.
+        DatasetFormatError: wrong magic number, type code or dimension count, or a payload whose length differs
+            from the one the header announces.
     """
     path = Path(path)
     data = _read_bytes(path)
@@ -112,23 +108,12 @@ def read_idx_labels(path: str | Path) -> torch.Tensor:
 
 
 def read_idx_pair(images_path: str | Path, labels_path: str | Path) -> ImageTensors:
-    """One split from its image and label IDX files.
+    """One split from its image (``idx3-ubyte``) and label (``idx1-ubyte``) files, gzip-compressed or not.
 
-    Reads an MNIST / Fashion-MNIST pair such as ``t10k-images-idx3-ubyte.gz``
-    and ``t10k-labels-idx1-ubyte.gz``; each file may be gzip-compressed or not,
-    whatever its name.
-
-    Args:
-        images_path: the ``idx3-ubyte`` file (magic ``0x00000803``, ``N x H x W`` bytes).
-        labels_path: the ``idx1-ubyte`` file (magic ``0x00000801``, ``N`` bytes).
-
-    Returns:
-        :class:`ImageTensors` with images uint8 ``[N, 1, H, W]`` and labels int64 ``[N]``.
+    Returns images uint8 ``[N, 1, H, W]`` and labels int64 ``[N]``.
 
     Raises:
-        DatasetFormatError: either file is malformed (wrong magic number,
-            truncated or corrupt gzip stream, payload of the wrong length), or
-            their counts differ.
+        DatasetFormatError: a malformed file (magic number, gzip stream, payload length), or different counts.
         FileNotFoundError: either file does not exist.
 
     Example:
@@ -156,22 +141,14 @@ def read_idx_pair(images_path: str | Path, labels_path: str | Path) -> ImageTens
 
 
 def write_idx(path: str | Path, values: torch.Tensor | np.ndarray) -> Path:
-    """Write uint8 ``values`` as an IDX file, gzip-compressed when ``path`` ends in ``.gz``.
+    """Write uint8 ``values`` (images ``[N, H, W]``, labels ``[N]``) as an IDX file, gzip-compressed for ``.gz``.
 
-    The counterpart of the readers: images ``[N, H, W]`` give an ``idx3-ubyte`` file, labels ``[N]`` an
-    ``idx1-ubyte`` file, so a data set of your own (or a tiny stand-in for a test) can be read by
-    ``load_split`` / ``make_loaders`` like MNIST. Missing parent directories are created.
-
-    Args:
-        path: the file to write; replaced if it exists.
-        values: a uint8 tensor or array with 1 to 255 dimensions.
-
-    Returns:
-        ``Path(path)``.
+    A data set of your own (or a stand-in for a test) then reads with ``load_split`` like MNIST. Missing parent
+    directories are created; ``path`` is replaced if it exists.
 
     Raises:
         TypeError: ``values`` is not uint8.
-        ValueError: ``values`` has no dimension (a scalar) or more than 255.
+        ValueError: ``values`` has no dimension or more than 255.
 
     Example:
         >>> images = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)

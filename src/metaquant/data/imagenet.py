@@ -1,21 +1,15 @@
 """ImageNet (ILSVRC-2012) from an ImageFolder layout, streamed through torchvision.
 
-ImageNet does not fit in memory, so unlike the small data sets it is decoded
-and augmented by a worker pool (torch DataLoader + torchvision transforms) and
-only the finished batches are moved to the device. Expected layout::
+ImageNet does not fit in memory, so a worker pool (torch DataLoader + torchvision transforms) decodes and
+augments it and only finished batches move to the device. Expected layout::
 
     <root>/train/<wnid>/*.JPEG
     <root>/val/<wnid>/*.JPEG      # validation images sorted into class folders
 
-torchvision is an optional dependency (``pip install 'metaquant-torch[vision]'``)
-and is imported only when an ImageNet loader is built. The layout is checked
-before that, so layout mistakes are reported even without torchvision.
-
-Epoch order and sharding come from :mod:`metaquant.data.sampling`, like for
-:class:`~metaquant.data.loader.TensorLoader`. Augmentation randomness lives in
-the workers, each seeded from (seed, epoch, rank, worker id), so with
-``num_workers > 0`` an epoch is reproducible; with ``num_workers == 0`` the
-transforms draw from the main process's global RNG and are not.
+torchvision (optional, the ``vision`` extra: ``pip install torchvision``) is imported only when a loader is built,
+after the layout is checked. Epoch order and sharding come from :mod:`metaquant.data.sampling`; the workers
+are seeded from (seed, epoch, rank, worker id), so an epoch is reproducible with ``num_workers > 0`` (with 0
+the transforms draw from the main process's global generator).
 """
 
 from __future__ import annotations
@@ -46,37 +40,14 @@ _IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 
 def check_imagenet_layout(root: str | Path, splits: tuple[str, ...] = ("train", "val")) -> list[str]:
-    """Check that ``root`` has the ImageFolder layout; return the sorted class names.
+    """Check that ``root`` has the ImageFolder layout for ``splits``; the sorted class names (index = position).
 
-    Only the folders are inspected (every sub-directory of ``train/`` and
-    ``val/`` is a class, as in torchvision's ImageFolder), so this works
-    without torchvision and without reading any image.
-
-    Args:
-        root: folder holding ``train/<wnid>/`` and ``val/<wnid>/``.
-        splits: the split folders to check, ``("train", "val")`` or one of
-            them (evaluation needs ``("val",)`` only).
-
-    Returns:
-        The class folder names, sorted (the class index of each is its position).
+    Only folders are inspected (every sub-directory of a split is a class, as in ImageFolder): no torchvision, no
+    image read.
 
     Raises:
-        DatasetNotFoundError: ``root``, ``root/train`` or ``root/val`` is missing.
+        DatasetNotFoundError: ``root`` or a split folder is missing.
         DatasetFormatError: a split has no class folders, or train and val classes differ.
-
-    Example:
-        >>> from pathlib import Path
-        >>> for wnid in ("n01440764", "n01443537"):
-        ...     (Path("imagenet-layout") / "train" / wnid).mkdir(parents=True)
-        >>> (Path("imagenet-layout") / "val" / "n01440764").mkdir(parents=True)
-        >>> try:
-        ...     mq.data.check_imagenet_layout("imagenet-layout")
-        ... except mq.data.DatasetFormatError as err:
-        ...     print(err)
-        ImageNet train and val class folders under imagenet-layout differ: only in train: ['n01443537'] (1), ...
-        >>> (Path("imagenet-layout") / "val" / "n01443537").mkdir()
-        >>> mq.data.check_imagenet_layout("imagenet-layout")
-        ['n01440764', 'n01443537']
     """
     if not splits or not set(splits) <= {"train", "val"}:
         raise ValueError(f"splits {splits!r}: expected ('train', 'val'), ('train',) or ('val',)")
@@ -116,8 +87,7 @@ def _import_torchvision() -> tuple[ModuleType, ModuleType]:
         from torchvision import datasets, transforms
     except ImportError as exc:
         raise ImportError(
-            "ImageNet loading needs torchvision, which is not installed; install it with "
-            "pip install 'metaquant-torch[vision]'"
+            "ImageNet loading needs torchvision (the vision extra), which is not installed: pip install torchvision"
         ) from exc
     return datasets, transforms
 
@@ -131,39 +101,14 @@ def _seed_worker(seed: int, epoch: int, rank: int, worker_id: int) -> None:
 
 
 class ImageFolderLoader:
-    """Batches of an image folder data set on ``device``; same interface as TensorLoader.
+    """Batches of a map-style data set of ``(image, label)`` (e.g. an ``ImageFolder``) on ``device``; the
+    ``BatchLoader`` interface of ``TensorLoader``.
 
-    Shuffles (``train=True``) and shards like TensorLoader; a fresh torch
-    DataLoader is built per epoch so each epoch's worker seeds depend only on
-    ``(seed, epoch, rank)``.
-
-    Args:
-        dataset: a map-style data set of ``(image tensor, label)`` pairs, e.g.
-            torchvision's ``ImageFolder`` with its transforms.
-        batch_size: examples per batch on this rank.
-        train: reshuffle every epoch; False keeps the data set's order.
-        device: where the batches are moved.
-        seed: seed of the shuffling and of the workers' augmentation.
-        drop_last: skip a last, smaller batch (and cut the epoch to a multiple
-            of ``world_size``).
-        rank: this process's index in ``0..world_size-1``.
-        world_size: number of processes sharing the data.
-        num_workers: DataLoader worker processes (0: decode in this process).
+    Shuffles (``train=True``) and shards across ``world_size`` processes like ``TensorLoader``; a fresh
+    DataLoader per epoch makes the workers' seeds depend only on ``(seed, epoch, rank)``.
 
     Raises:
-        ValueError: ``batch_size < 1``, ``rank`` not in ``0..world_size-1``,
-            or ``num_workers < 0``; :meth:`set_epoch` with a negative epoch.
-
-    Example:
-        Any map-style data set works; rank 1 of 2 takes every second example:
-
-        >>> ds = torch.utils.data.TensorDataset(torch.randn(10, 3, 8, 8), torch.arange(10))
-        >>> loader = mq.data.ImageFolderLoader(ds, 4, train=False, num_workers=0)
-        >>> len(loader), [y.tolist() for _, y in loader]
-        (3, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]])
-        >>> shard = mq.data.ImageFolderLoader(ds, 2, train=False, rank=1, world_size=2, num_workers=0)
-        >>> [y.tolist() for _, y in shard]
-        [[1, 3], [5, 7], [9]]
+        ValueError: ``batch_size < 1``, ``rank`` not in ``0..world_size-1``, or ``num_workers < 0``.
     """
 
     def __init__(
@@ -244,44 +189,14 @@ def imagenet_loaders(
 ) -> tuple[ImageFolderLoader, ImageFolderLoader]:
     """Train and validation loaders for ImageNet in ImageFolder layout under ``root``.
 
-    Train: RandomResizedCrop(224) + horizontal flip; eval: Resize(256) +
-    CenterCrop(224); both normalised with the ImageNet mean/std. ``train_size`` /
-    ``test_size`` pick seeded subsets (seeds ``subset_seed``, default ``seed``, / ``test_seed``).
-
-    Args:
-        root: folder with ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG``.
-        batch_size: training batch size per rank.
-        test_batch_size: validation batch size per rank.
-        device: where the batches are moved.
-        seed: seed of the shuffling and the augmentation (and of the train subset, unless ``subset_seed``).
-        test_seed: seed of the validation subset.
-        train_size: train on a seeded subset of this many images (None: all).
-        test_size: validate on a seeded subset of this many images (None: all).
-        subset_seed: seed of the train subset (default: ``seed``).
-        drop_last: the train loader skips its last, smaller batch.
-        rank: this process's index in ``0..world_size-1``.
-        world_size: number of processes sharing the data.
-        num_workers: decoding worker processes per loader.
-
-    Returns:
-        ``(train_loader, val_loader)``, two :class:`ImageFolderLoader`.
+    Train: RandomResizedCrop(224) + horizontal flip; eval: Resize(256) + CenterCrop(224); both normalised with the
+    ImageNet mean/std. ``train_size``/``test_size`` pick seeded subsets (seeds ``subset_seed``, default ``seed``,
+    and ``test_seed``).
 
     Raises:
-        DatasetNotFoundError, DatasetFormatError: wrong layout (checked first).
+        DatasetNotFoundError, DatasetFormatError: wrong layout (checked before torchvision is imported).
         ImportError: torchvision is not installed.
-        ValueError: a subset size out of range, or invalid ``batch_size`` /
-            ``rank`` / ``world_size`` / ``num_workers``.
-
-    Example:
-        The layout is checked before torchvision is needed:
-
-        >>> from pathlib import Path
-        >>> (Path("imagenet-root") / "train" / "n01440764").mkdir(parents=True)
-        >>> try:
-        ...     mq.data.imagenet_loaders("imagenet-root", batch_size=256, test_batch_size=256)
-        ... except mq.data.DatasetNotFoundError as err:
-        ...     print(err)
-        ImageNet folder imagenet-root/val is missing; expected <root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG
+        ValueError: a subset size out of range, or invalid ``batch_size``/``rank``/``world_size``/``num_workers``.
     """
     check_imagenet_layout(root)
     common: dict[str, Any] = dict(device=device, rank=rank, world_size=world_size, num_workers=num_workers)
@@ -313,37 +228,15 @@ def imagenet_val_loader(
     world_size: int = 1,
     num_workers: int = 4,
 ) -> ImageFolderLoader:
-    """The validation loader of :func:`imagenet_loaders` alone: only ``root/val`` is needed and read.
+    """The validation loader of :func:`imagenet_loaders` alone: only ``root/val`` is read.
 
     A class's index is its folder's position among the sorted folders of ``val/``, so a missing folder would
     shift every later label; ``num_classes`` (the model's output size) guards against that.
-
-    Args:
-        root: folder with ``val/<wnid>/*.JPEG``.
-        batch_size: batch size per rank.
-        device, seed, test_seed, test_size, rank, world_size, num_workers: as for
-            :func:`imagenet_loaders`.
-        num_classes: the number of class folders ``val/`` must hold (None: not checked).
-
-    Returns:
-        An :class:`ImageFolderLoader` over the validation images (Resize(256) + CenterCrop(224)).
 
     Raises:
         DatasetNotFoundError, DatasetFormatError: ``root/val`` is missing, has no class folders, or not
             ``num_classes`` of them.
         ImportError: torchvision is not installed.
-        ValueError: ``test_size`` out of range, or invalid ``batch_size`` / ``rank`` / ``world_size``.
-
-    Example:
-        A machine that only evaluates needs no training images:
-
-        >>> from pathlib import Path
-        >>> (Path("imagenet-val-only") / "val").mkdir(parents=True)
-        >>> try:
-        ...     mq.data.imagenet_val_loader("imagenet-val-only", batch_size=256)
-        ... except mq.data.DatasetFormatError as err:
-        ...     print(err)
-        ImageNet folder imagenet-val-only/val has no class folders; expected ...
     """
     classes = check_imagenet_layout(root, splits=("val",))
     if num_classes is not None and len(classes) != num_classes:

@@ -1,10 +1,8 @@
 """Batches of an in-memory split, augmented and normalised on the training device.
 
-:class:`TensorLoader` keeps a whole uint8 split on the device once and builds
-each batch there: gather, scale to [0, 1], augment (``crop_flip`` data sets,
-training only), normalise. This replaces a worker-pool DataLoader for data
-sets small enough to hold in memory, and makes every epoch's batches a pure
-function of ``(seed, epoch)``, which exact resumption of a killed run relies on.
+:class:`TensorLoader` keeps a whole uint8 split on the device and builds each batch there (gather, scale to
+[0, 1], augment, normalise) instead of a worker-pool DataLoader; every epoch's batches are a pure function of
+``(seed, epoch)``, which exact resumption of a killed run relies on.
 """
 
 from __future__ import annotations
@@ -28,18 +26,8 @@ CROP_PADDING = 4
 
 @runtime_checkable
 class BatchLoader(Protocol):
-    """What the training loop needs from a loader (TensorLoader and the ImageNet loader).
-
-    A structural type: any object with ``set_epoch(epoch)``, ``__len__`` (batches
-    per epoch on this rank) and ``__iter__`` (``(x, y)`` batches on the training
-    device) qualifies, and ``isinstance`` checks for those methods.
-
-    Example:
-        >>> data = mq.data.ImageTensors(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.arange(4))
-        >>> loader = mq.data.TensorLoader(data, mq.data.dataset_info("mnist"), 2, train=False)
-        >>> isinstance(loader, mq.data.BatchLoader), isinstance([(0, 1)], mq.data.BatchLoader)
-        (True, False)
-    """
+    """What the training loop needs from a loader (``TensorLoader``, ``ImageFolderLoader``): ``set_epoch``, ``len``
+    (batches per epoch on this rank) and ``(x, y)`` batches on the training device; ``isinstance`` checks them."""
 
     def set_epoch(self, epoch: int) -> None: ...
 
@@ -51,58 +39,19 @@ class BatchLoader(Protocol):
 
 
 class TensorLoader:
-    """Iterate over ``(x, y)`` batches of an :class:`ImageTensors` split on ``device``.
+    """``(x, y)`` batches of an :class:`ImageTensors` split, copied once to ``device``.
 
-    ``x`` is float32 ``[B, C, H, W]`` equal to ``(augment(images / 255) - mean) / std``;
-    ``y`` is int64 ``[B]``. With ``train=True`` the order is reshuffled every epoch
-    and, if ``info.augment == "crop_flip"``, each image is zero-padded by 4, randomly
-    cropped and randomly mirrored. With ``train=False`` the order is the data set's
-    own and nothing is random.
-
-    Randomness depends only on ``(seed, epoch)`` (augmentation also on ``rank``, so
-    ranks do not share crop offsets): call :meth:`set_epoch` before each epoch, as
-    with ``DistributedSampler``; iterating twice without it repeats the epoch.
-
-    Sharding: ``rank`` of ``world_size`` takes a strided share (positions
-    ``rank, rank + world_size, ...``) of the common epoch order, see
-    :mod:`metaquant.data.sampling`; ``batch_size`` is per rank. With
-    ``drop_last=False`` every example is visited exactly once per epoch over all
-    ranks and the last batch may be smaller; ranks' batch counts can then differ
-    by one, so distributed *training* should use ``drop_last=True``, which
-    gives every rank the same number of full batches.
-
-    Args:
-        data: the split, e.g. from :func:`~metaquant.data.splits.load_split`;
-            it is copied to ``device`` once.
-        info: the data set's :class:`DatasetInfo` (normalisation, augmentation,
-            expected image shape).
-        batch_size: examples per batch on this rank.
-        train: shuffle every epoch and augment (see above); False keeps the order.
-        device: where the batches are built and returned.
-        seed: seed of the shuffling and augmentation.
-        drop_last: skip a last, smaller batch (and cut the epoch to a multiple of
-            ``world_size``).
-        rank: this process's index in ``0..world_size-1``.
-        world_size: number of processes sharing the data.
+    ``x`` is float32 ``[B, C, H, W]`` ``= (augment(images / 255) − mean) / std``, ``y`` int64 ``[B]``. With
+    ``train=True`` the order is reshuffled every epoch and ``info.augment == "crop_flip"`` pads by 4, crops and
+    mirrors at random; with ``train=False`` the order is the data set's and nothing is random. Randomness depends
+    only on ``(seed, epoch)`` (augmentation also on ``rank``): call :meth:`set_epoch` before each epoch, as with
+    ``DistributedSampler``. ``rank`` of ``world_size`` takes a strided share of the common epoch order
+    (:mod:`metaquant.data.sampling`), ``batch_size`` per rank; distributed training should use ``drop_last=True``
+    so every rank has the same number of full batches.
 
     Raises:
-        ValueError: ``batch_size < 1``, ``rank`` not in ``0..world_size-1``, or
-            images that are not ``[info.in_channels, info.image_size, info.image_size]``;
-            :meth:`set_epoch` with a negative epoch.
-
-    Example:
-        White MNIST images come out as ``(1 - mean) / std``; the order is a
-        function of the epoch:
-
-        >>> info = mq.data.dataset_info("mnist")
-        >>> data = mq.data.ImageTensors(torch.full((5, 1, 28, 28), 255, dtype=torch.uint8), torch.arange(5))
-        >>> loader = mq.data.TensorLoader(data, info, batch_size=2, train=True, seed=0)
-        >>> len(loader), [y.tolist() for _, y in loader]
-        (3, [[2, 0], [1, 3], [4]])
-        >>> loader.set_epoch(1); [y.tolist() for _, y in loader]
-        [[3, 4], [1, 2], [0]]
-        >>> x, _ = next(iter(loader)); x.shape, round(x.max().item(), 4)
-        (torch.Size([2, 1, 28, 28]), 2.8215)
+        ValueError: ``batch_size < 1``, ``rank`` not in ``0..world_size-1``, or images that are not
+            ``[info.in_channels, info.image_size, info.image_size]``.
     """
 
     def __init__(

@@ -40,61 +40,23 @@ def make_loaders(
     num_workers: int = 4,
     augment: str | None = None,
 ) -> tuple[BatchLoader, BatchLoader, DatasetInfo]:
-    """Train loader, test loader and :class:`DatasetInfo` of data set ``name``.
+    """Train loader, test loader and :class:`DatasetInfo` of data set ``name`` (see :data:`DATASETS`).
 
-    Small sets are loaded into memory (:func:`load_split`), optionally cut to a
-    seeded subset (train: ``subset_seed``, default ``seed``; test: the fixed
-    :data:`TEST_SUBSET_SEED`),
-    and served by :class:`TensorLoader`; ImageNet is streamed from
-    ``data_dir`` through torchvision (``num_workers`` applies to it only).
-
-    ``batch_size`` and ``test_batch_size`` (default: ``batch_size``) are per
-    rank. The train loader drops its ragged tail when ``world_size > 1`` so all
-    ranks take the same number of steps (distributed training would otherwise
-    hang); the test loader never drops anything, so an evaluation that sums
-    correct counts over ranks covers the test set exactly once.
-
-    Args:
-        name: registry name of the data set (see :data:`DATASETS`).
-        data_dir: folder of the data set's files; required for ``"imagenet"``.
-        batch_size: training batch size per rank.
-        test_batch_size: evaluation batch size per rank (default: ``batch_size``).
-        device: where the batches are delivered.
-        seed: seed of the shuffling and augmentation.
-        train_size: train on a seeded subset of this many examples (None: all).
-        test_size: evaluate on a subset of this many examples (None: all).
-        subset_seed: seed of the training subset (default: ``seed``).
-        download: small data sets only: fetch missing files (see :func:`load_split`).
-        rank: this process's index in ``0..world_size-1``.
-        world_size: number of processes sharing the data.
-        num_workers: decoding workers of the ImageNet loader.
-        augment: the training augmentation, one of :data:`AUGMENTATIONS` (``"crop_flip"``: pad 4, random crop,
-            random horizontal flip), instead of the data set's own (``info.augment``); None keeps the data set's.
-            ImageNet's training transforms are fixed.
-
-    Returns:
-        ``(train_loader, test_loader, info)``; ``info.augment`` is the augmentation the train loader applies.
+    Small sets are loaded into memory (:func:`load_split`), cut to seeded subsets if asked (train:
+    ``subset_seed``, default ``seed``; test: the fixed :data:`TEST_SUBSET_SEED`) and served by
+    :class:`TensorLoader`; ImageNet is streamed from ``data_dir`` (required) through torchvision, with
+    ``num_workers``. Batch sizes are per rank (``test_batch_size`` defaults to ``batch_size``). With
+    ``world_size > 1`` the train loader drops its ragged tail so all ranks take the same number of steps; the
+    test loader never drops, so summed counts cover the test set once. ``augment`` (one of
+    :data:`AUGMENTATIONS`) replaces the data set's own training augmentation; the returned ``info.augment`` is
+    the one applied.
 
     Raises:
-        ValueError: unknown ``name``, a subset size out of range, or invalid
-            ``batch_size`` / ``rank`` / ``world_size``; ``augment`` not one of
-            :data:`AUGMENTATIONS`, or given for ImageNet.
-        DatasetNotFoundError: the files are missing (see :func:`load_split`), or
-            ``name == "imagenet"`` without ``data_dir``.
-        DatasetFormatError: a data file is corrupt, or the ImageNet folder has
-            the wrong layout.
+        ValueError: unknown ``name``, a subset size out of range, invalid ``batch_size``/``rank``/``world_size``,
+            or an unknown ``augment`` or one given for ImageNet.
+        DatasetNotFoundError: missing files (see :func:`load_split`), or ImageNet without ``data_dir``.
+        DatasetFormatError: a corrupt data file, or an ImageNet folder of the wrong layout.
         ImportError: ImageNet without torchvision installed.
-
-    Example:
-        Ten training and four test images in the MNIST IDX format:
-
-        >>> for s, n in (("train", 10), ("t10k", 4)):
-        ...     _ = mq.data.write_idx(f"tiny-mnist/{s}-images-idx3-ubyte", torch.zeros(n, 28, 28, dtype=torch.uint8))
-        ...     _ = mq.data.write_idx(f"tiny-mnist/{s}-labels-idx1-ubyte", torch.arange(n, dtype=torch.uint8))
-        >>> train, test, info = mq.data.make_loaders("mnist", data_dir="tiny-mnist", batch_size=4, train_size=8,
-        ...                                          download=False)
-        >>> info.name, train.num_examples, len(train), [y.tolist() for _, y in test]
-        ('mnist', 8, 2, [[0, 1, 2, 3]])
     """
     info = dataset_info(name)
     if augment is not None:
@@ -167,37 +129,11 @@ def make_test_loader(
     world_size: int = 1,
     num_workers: int = 4,
 ) -> tuple[BatchLoader, DatasetInfo]:
-    """The test loader of :func:`make_loaders` alone, and the :class:`DatasetInfo`: only the test split is
-    read (ImageNet: only ``data_dir/val``), so a machine that evaluates a model needs no training data.
+    """The test loader of :func:`make_loaders` alone, and the :class:`DatasetInfo`: only the test split is read
+    (ImageNet: ``data_dir/val``), so a machine that only evaluates needs no training data.
 
-    The same ``test_size`` gives the same examples as in :func:`make_loaders` (the fixed
-    :data:`TEST_SUBSET_SEED`), so an accuracy measured here is comparable with the one a run recorded.
-
-    Args:
-        name: registry name of the data set.
-        data_dir: folder of the data set's files; required for ``"imagenet"``.
-        batch_size: evaluation batch size per rank.
-        device, seed, download, rank, world_size, num_workers: as for :func:`make_loaders`.
-        test_size: evaluate on a subset of this many examples (None: all).
-
-    Returns:
-        ``(test_loader, info)``.
-
-    Raises:
-        ValueError: unknown ``name``, ``test_size`` out of range, or invalid ``batch_size`` / ``rank`` /
-            ``world_size``.
-        DatasetNotFoundError: the test files are missing, or ``name == "imagenet"`` without ``data_dir``.
-        DatasetFormatError: a test file is corrupt, or ``data_dir/val`` has the wrong layout.
-        ImportError: ImageNet without torchvision installed.
-
-    Example:
-        Only the test files exist:
-
-        >>> _ = mq.data.write_idx("eval-only/t10k-images-idx3-ubyte", torch.zeros(5, 28, 28, dtype=torch.uint8))
-        >>> _ = mq.data.write_idx("eval-only/t10k-labels-idx1-ubyte", torch.arange(5, dtype=torch.uint8))
-        >>> test, info = mq.data.make_test_loader("mnist", data_dir="eval-only", batch_size=2, download=False)
-        >>> [y.tolist() for _, y in test]
-        [[0, 1], [2, 3], [4]]
+    The same ``test_size`` gives the same examples as in :func:`make_loaders` (:data:`TEST_SUBSET_SEED`), so an
+    accuracy measured here is comparable with the one a run recorded. Raises as :func:`make_loaders`.
     """
     info = dataset_info(name)
     if name == "imagenet":
@@ -224,7 +160,6 @@ def _imagenet_dir(data_dir: str | Path | None, layout: str) -> str | Path:
     """``data_dir``, which ImageNet needs: it cannot be downloaded."""
     if data_dir is None:
         raise DatasetNotFoundError(
-            f"ImageNet cannot be downloaded automatically; pass data_dir (CLI: --data-dir) pointing at a folder "
-            f"with {layout}"
+            f"ImageNet cannot be downloaded automatically; pass `data_dir` pointing at a folder with {layout}"
         )
     return data_dir

@@ -1,8 +1,7 @@
 """The data sets metaquant knows, and the constants a model needs about each.
 
-The registry is the single place where image size, channel count, class count,
-normalisation statistics and augmentation policy live, so models, loaders and
-the CLI cannot disagree about them.
+The one place for image size, channels, classes, normalisation and augmentation, so that models, loaders and
+the command line cannot disagree about them.
 """
 
 from __future__ import annotations
@@ -19,33 +18,11 @@ AUGMENTATIONS = ("none", "crop_flip")
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static description of one data set.
+    """Static description of one data set, looked up with :func:`dataset_info`.
 
-    ``mean`` and ``std`` are per channel, in pixel units scaled to [0, 1]; a
-    loader computes ``(x / 255 - mean) / std``. ``augment`` names the training
-    augmentation: ``"crop_flip"`` (pad 4, random crop, random horizontal flip)
-    or ``"none"``.
-
-    Look one up with :func:`dataset_info`; models take ``num_classes``,
-    ``in_channels`` and ``image_size`` from it.
-
-    Attributes:
-        name: registry name, one of :data:`DATASETS`.
-        num_classes: number of classes (size of the logits).
-        in_channels: channels of the images (1 for MNIST, 3 for CIFAR).
-        image_size: side of the square images.
-        mean: per-channel mean of the pixels scaled to [0, 1].
-        std: per-channel standard deviation of the pixels scaled to [0, 1].
-        augment: training augmentation, ``"crop_flip"`` or ``"none"``.
-
-    Example:
-        A white MNIST pixel after normalisation, ``(255 / 255 - mean) / std``:
-
-        >>> info = mq.data.dataset_info("mnist")
-        >>> info.in_channels, info.image_size, info.augment
-        (1, 28, 'none')
-        >>> round((1.0 - info.mean[0]) / info.std[0], 4)
-        2.8215
+    ``mean`` and ``std`` are per channel of the pixels scaled to [0, 1] (a loader computes
+    ``(x / 255 − mean) / std``); ``augment`` is the training augmentation, ``"crop_flip"`` (pad 4, random crop,
+    random horizontal flip) or ``"none"``. Models take ``num_classes``, ``in_channels`` and ``image_size``.
     """
 
     name: str
@@ -76,25 +53,7 @@ DATASETS: tuple[str, ...] = tuple(_INFOS)
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """Return the :class:`DatasetInfo` registered under ``name``.
-
-    Args:
-        name: one of :data:`DATASETS` (``"mnist"``, ``"fashion-mnist"``,
-            ``"cifar10"``, ``"cifar100"``, ``"imagenet"``), exact spelling.
-
-    Raises:
-        ValueError: ``name`` is not one of :data:`DATASETS`.
-
-    Example:
-        >>> info = mq.data.dataset_info("cifar100")
-        >>> info.num_classes, info.in_channels, info.image_size, info.augment
-        (100, 3, 32, 'crop_flip')
-        >>> try:
-        ...     mq.data.dataset_info("svhn")
-        ... except ValueError as err:
-        ...     print(err)
-        unknown dataset 'svhn'; expected one of mnist, fashion-mnist, cifar10, cifar100, imagenet
-    """
+    """The :class:`DatasetInfo` registered under ``name``; ValueError unless ``name`` is one of :data:`DATASETS`."""
     try:
         return _INFOS[name]
     except (KeyError, TypeError):

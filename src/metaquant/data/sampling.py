@@ -1,16 +1,9 @@
 """Which examples each rank sees in each epoch, as a pure function of (seed, epoch).
 
-Both loaders (:class:`~metaquant.data.loader.TensorLoader` and the ImageNet
-loader) take their epoch order from here, so shuffling and sharding behave the
-same for every data set, and replaying epoch ``e`` of a resumed run reproduces
-exactly the batches of the original run.
-
-Sharding is *strided*: every rank computes the same epoch permutation and rank
-``r`` of ``W`` takes positions ``r, r + W, r + 2W, ...``. With per-rank batch
-size ``B``, step ``k`` of the ``W`` ranks together therefore covers exactly the
-examples of step ``k`` of a single-process loader with batch size ``W * B`` and
-the same seed — scaling out does not change which examples are grouped into a
-global batch.
+Both loaders take their epoch order from here, so shuffling and sharding behave the same for every data set
+and a resumed run replays exactly the original batches. Sharding is strided: rank ``r`` of ``W`` takes
+positions ``r, r + W, ...`` of the common permutation, so step ``k`` of ``W`` ranks with batch size ``B``
+covers exactly step ``k`` of one process with batch size ``W·B`` and the same seed.
 """
 
 from __future__ import annotations
@@ -26,11 +19,7 @@ __all__ = ["batches_per_rank", "check_batching", "epoch_generator", "epoch_seed"
 
 
 def epoch_seed(seed: int, epoch: int, stream: str) -> int:
-    """A 63-bit seed derived from ``(seed, epoch, stream)`` only.
-
-    Hashing (rather than e.g. ``seed + epoch``) keeps the streams of different
-    (seed, epoch) pairs unrelated: seed 0 epoch 1 is not seed 1 epoch 0.
-    """
+    """A 63-bit seed hashed from ``(seed, epoch, stream)``, so that seed 0 epoch 1 is unrelated to seed 1 epoch 0."""
     key = f"{int(seed)}:{int(epoch)}:{stream}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") >> 1
 
@@ -51,13 +40,10 @@ def check_batching(batch_size: int, rank: int, world_size: int) -> None:
 def shard_indices(
     n: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1, drop_last: bool = False
 ) -> torch.Tensor:
-    """Indices (int64, CPU) of the examples rank ``rank`` visits in ``epoch``, in order.
+    """Indices (int64, CPU) of the examples rank ``rank`` visits in ``epoch``, in order (``0..n-1`` unshuffled).
 
-    Without ``shuffle`` the order is ``0..n-1``. With ``drop_last`` the epoch is
-    first cut to a multiple of ``world_size`` so all ranks get equally many
-    examples (and hence equally many full batches — distributed training needs
-    every rank to run the same number of steps). Without it every example is
-    used exactly once over all ranks, and shares differ by at most one.
+    ``drop_last`` first cuts the epoch to a multiple of ``world_size``, so all ranks run the same number of steps;
+    without it every example is used once over all ranks and shares differ by at most one.
     """
     order = torch.randperm(n, generator=epoch_generator(seed, epoch, "order")) if shuffle else torch.arange(n)
     if drop_last:

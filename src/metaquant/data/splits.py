@@ -2,18 +2,14 @@
 
 Lookup order for each data set:
 
-1. with ``data_dir``: ``data_dir`` itself, or ``data_dir/<name>/`` when
-   ``data_dir`` holds none of the data set's files; nowhere else, so the data
-   used is always the data named (both splits from one folder);
-2. without ``data_dir``: the cache folder ``~/.cache/metaquant/<name>/``, then,
-   for Fashion-MNIST only, :data:`FASHION_MNIST_SYSTEM_DIR`, where the Debian
-   package ``dataset-fashion-mnist`` installs it;
-3. with ``download=True``, the canonical location, verified by md5, saved into
-   ``data_dir`` (or the cache folder).
+1. with ``data_dir``: ``data_dir`` itself, or ``data_dir/<name>/`` when ``data_dir`` holds none of the data
+   set's files; nowhere else, so both splits come from the folder named;
+2. without ``data_dir``: the cache ``~/.cache/metaquant/<name>/``, then, for Fashion-MNIST only,
+   :data:`FASHION_MNIST_SYSTEM_DIR` (Debian's ``dataset-fashion-mnist``);
+3. with ``download=True``, the canonical location, md5-verified, saved into ``data_dir`` (or the cache).
 
-Files found locally are not checksummed: they are validated structurally by
-the readers instead, because repackaged copies (the Debian package recompresses
-the gzip files) are valid data with different checksums.
+Local files are validated structurally by the readers, not checksummed: repackaged copies (Debian
+recompresses the gzip files) are valid data with other checksums.
 """
 
 from __future__ import annotations
@@ -85,7 +81,7 @@ def _local_dirs(name: str, data_dir: Path | None) -> list[Path]:
         # The folder the user named, and only it: falling back to another copy would silently train or test on
         # other data, or take the two splits from two places.
         if data_dir.exists() and not data_dir.is_dir():
-            raise DatasetNotFoundError(f"data_dir {data_dir} is not a directory (CLI: --data-dir)")
+            raise DatasetNotFoundError(f"`data_dir` {data_dir} is not a directory")
         if not _holds_any(data_dir, name) and _holds_any(data_dir / name, name):
             return [data_dir / name]
         return [data_dir, data_dir / name] if not _holds_any(data_dir, name) else [data_dir]
@@ -132,7 +128,7 @@ def _load_idx(name: str, split: str, data_dir: Path | None, download: bool) -> I
     wanted = " and ".join(f"{s}.gz (or {s})" for s in stems)
     how = [
         f"download {', '.join(base_url + s + '.gz' for s in stems)} into {target}",
-        "pass data_dir (CLI: --data-dir) pointing at a folder that holds them",
+        "pass `data_dir` pointing at a folder that holds them",
     ]
     if name == "fashion-mnist":
         how.insert(0, f"`apt-get install dataset-fashion-mnist` (installs them to {FASHION_MNIST_SYSTEM_DIR})")
@@ -163,8 +159,8 @@ def _load_cifar(name: str, split: str, data_dir: Path | None, download: bool) ->
     looked = ", ".join(str(d) for d in dirs)
     missing = f"{name} {split} split not found: looked for {layout.folder}/ or {layout.archive} in {looked}"
     how = (
-        f"download {url} (md5 {md5}) into {target} (extracting it is optional); or pass data_dir "
-        "(CLI: --data-dir) pointing at a folder that holds it"
+        f"download {url} (md5 {md5}) into {target} (extracting it is optional); or pass `data_dir` "
+        "pointing at a folder that holds it"
     )
     if not download:
         raise DatasetNotFoundError(f"{missing}. To get it: {how}; or allow downloading (download=True).")
@@ -176,38 +172,16 @@ def _load_cifar(name: str, split: str, data_dir: Path | None, download: bool) ->
 
 
 def load_split(name: str, split: str, data_dir: str | Path | None = None, download: bool = True) -> ImageTensors:
-    """Load one split (``"train"`` or ``"test"``) of a small data set into memory.
+    """Load one split (``"train"`` or ``"test"``) of ``mnist``, ``fashion-mnist``, ``cifar10`` or ``cifar100``.
 
-    Supports ``mnist``, ``fashion-mnist``, ``cifar10`` and ``cifar100``; see the
-    module docstring for where files are looked for and downloaded to.
-
-    Args:
-        name: registry name of the data set (see :data:`DATASETS`).
-        split: ``"train"`` or ``"test"``.
-        data_dir: folder holding the official files (directly or in a
-            ``<name>/`` subfolder); None: the cache folder ``CACHE_ROOT/<name>``.
-        download: fetch missing files from the canonical location (md5-verified).
-
-    Returns:
-        The split as :class:`ImageTensors` (uint8 images, int64 labels).
+    See the module docstring for where the files are looked for; the split comes as uint8 images and int64
+    labels (:class:`ImageTensors`).
 
     Raises:
         ValueError: unknown ``name`` or ``split``, or ``name == "imagenet"``.
-        DatasetNotFoundError: the files are missing and ``download`` is False or
-            the download failed; the message says where they were looked for
-            and how to get them.
-        DatasetFormatError: a file is corrupt or truncated, or a label is not
-            below the data set's class count.
-
-    Example:
-        A three-image MNIST test split in the IDX format (uncompressed files are
-        found too):
-
-        >>> _ = mq.data.write_idx("tiny/t10k-images-idx3-ubyte", torch.zeros(3, 28, 28, dtype=torch.uint8))
-        >>> _ = mq.data.write_idx("tiny/t10k-labels-idx1-ubyte", torch.tensor([7, 2, 1], dtype=torch.uint8))
-        >>> data = mq.data.load_split("mnist", "test", data_dir="tiny", download=False)
-        >>> data.images.shape, data.labels.tolist()
-        (torch.Size([3, 1, 28, 28]), [7, 2, 1])
+        DatasetNotFoundError: missing files and no (successful) download; the message says where they were
+            looked for and how to get them.
+        DatasetFormatError: a corrupt or truncated file, or a label not below the class count.
     """
     info = dataset_info(name)
     if split not in SPLITS:

@@ -1,8 +1,7 @@
 """In-memory image splits (:class:`ImageTensors`) and seeded subsets of them.
 
-A split of a small data set (MNIST, CIFAR) fits comfortably in memory as one
-uint8 tensor, which is what lets :class:`~metaquant.data.loader.TensorLoader`
-batch, augment and normalise on the training device without a worker pool.
+A split of a small data set fits in memory as one uint8 tensor, which lets ``TensorLoader`` batch, augment
+and normalise on the training device without a worker pool.
 """
 
 from __future__ import annotations
@@ -18,29 +17,10 @@ __all__ = ["ImageTensors", "subset", "subset_indices"]
 
 @dataclass(frozen=True)
 class ImageTensors:
-    """One split held in memory: ``images`` uint8 ``[N, C, H, W]``, ``labels`` int64 ``[N]``.
+    """One split held in memory: ``images`` uint8 ``[N, C, H, W]``, ``labels`` int64 ``[N]``; ``len()`` is ``N``.
 
-    What the readers (:func:`~metaquant.data.splits.load_split`, ``read_idx_pair``,
-    ``read_cifar``) return and :class:`~metaquant.data.loader.TensorLoader` serves.
-    ``len()`` is the number of examples. The fields are checked at construction.
-
-    Args:
-        images: uint8 pixels ``[N, C, H, W]``.
-        labels: int64 class indices ``[N]``.
-
-    Raises:
-        ValueError: ``images`` is not a 4-d uint8 tensor, ``labels`` not a 1-d
-            int64 tensor, or their first dimensions differ.
-
-    Example:
-        >>> data = mq.data.ImageTensors(torch.zeros(3, 1, 28, 28, dtype=torch.uint8), torch.tensor([5, 0, 4]))
-        >>> len(data), data.labels.tolist()
-        (3, [5, 0, 4])
-        >>> try:
-        ...     mq.data.ImageTensors(torch.zeros(3, 1, 28, 28), torch.tensor([5, 0, 4]))
-        ... except ValueError as err:
-        ...     print(err)
-        ImageTensors.images must be a uint8 tensor [N, C, H, W]; got dtype torch.float32 with shape (3, 1, 28, 28)
+    What the readers return and ``TensorLoader`` serves; ValueError at construction for other dtypes, shapes or
+    counts.
     """
 
     images: torch.Tensor
@@ -67,9 +47,7 @@ class ImageTensors:
 
 
 def subset_indices(n: int, size: int | None, seed: int) -> torch.Tensor:
-    """Sorted indices of a seeded random subset of ``size`` out of ``n`` examples.
-
-    ``size=None`` selects all ``n``. The result depends only on ``(n, size, seed)``.
+    """Sorted indices of a random subset of ``size`` (None: all) of ``n`` examples, a function of ``(n, size, seed)``.
 
     Raises:
         ValueError: ``size`` is not in ``1..n``.
@@ -86,30 +64,10 @@ def subset_indices(n: int, size: int | None, seed: int) -> torch.Tensor:
 
 
 def subset(data: ImageTensors, size: int | None, seed: int) -> ImageTensors:
-    """A fixed, seeded random subset of ``size`` examples of ``data`` (``None`` → all of it).
-
-    Used to train or evaluate on part of a data set. The chosen examples depend
-    only on ``(len(data), size, seed)`` and keep the data set's own order.
-
-    Args:
-        data: the split to cut.
-        size: number of examples to keep, or ``None`` to keep all of them.
-        seed: seed of the random choice.
-
-    Returns:
-        A new :class:`ImageTensors` (``data`` itself when ``size`` is ``None``).
+    """A seeded random subset of ``size`` examples of ``data`` in their own order (``size=None``: ``data`` itself).
 
     Raises:
-        ValueError: ``size`` is not an integer in ``1..len(data)`` (nor ``None``).
-
-    Example:
-        >>> data = mq.data.ImageTensors(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.arange(10))
-        >>> mq.data.subset(data, 4, seed=0).labels.tolist()
-        [1, 4, 5, 7]
-        >>> torch.equal(mq.data.subset(data, 4, seed=0).labels, mq.data.subset(data, 4, seed=0).labels)
-        True
-        >>> mq.data.subset(data, None, seed=0) is data
-        True
+        ValueError: ``size`` is not an integer in ``1..len(data)`` (nor None).
     """
     if size is None:
         return data

@@ -17,7 +17,16 @@ from torch import nn
 
 from ..batchnorm import recompute_batchnorm_stats
 from ..data import dataset_info, make_loaders, make_test_loader
-from ..export import export_onnx, export_packed, load_packed, read_packed
+from ..export import (
+    DIGEST_KEY,
+    MIN_OPSET,
+    export_onnx,
+    export_packed,
+    load_packed,
+    onnx_session_options,
+    read_onnx,
+    read_packed,
+)
 from ..layers import dequantize_
 from ..models import load_weights
 from ..training import evaluate
@@ -29,6 +38,10 @@ from .runs import RUN_FILES, RunDir
 __all__ = ["export_run", "evaluate_artifact"]
 
 logger = logging.getLogger(__name__)
+
+#: The fields of a run's configuration that describe the machine it trained on (paths, the device), which an
+#: exported file leaves out: evaluating it needs none of them.
+MACHINE_FIELDS = ("data_dir", "device", "init", "teacher", "meta_init", "lr_gain_from")
 
 
 def _run_model(run: RunDir, device: str | None = None, from_previous: bool = False) -> tuple[RunConfig, nn.Module, Any]:
@@ -103,13 +116,15 @@ def export_run(
     *,
     overwrite: bool = False,
     from_previous: bool = False,
+    opset: int | None = None,
 ) -> tuple[Path, int, int]:
     """Write a quantization run's model as a packed file (default ``RUN_DIR/model.safetensors``) or as ONNX
     (``fmt="onnx"``, default ``RUN_DIR/model.onnx``).
 
     The model is the run's latest checkpoint, quantized as it trained (the weight average, when the run kept
-    one: the model it delivers); the file's metadata holds the run's configuration and its final test
-    accuracy, so ``evaluate_artifact`` can test it on the run's own data.
+    one: the model it delivers); the file's metadata holds the run's configuration (without the fields of
+    ``MACHINE_FIELDS``: the paths and device of the machine that trained it), its final test accuracy and the
+    input normalisation, so ``evaluate_artifact`` can test it on the run's own data.
 
     Args:
         run_dir: a ``quantize`` run directory with a checkpoint.
@@ -119,6 +134,7 @@ def export_run(
             replaced.
         from_previous: export the run's previous checkpoint (``checkpoint.prev.pt``), e.g. when the latest
             one is damaged; the latest one is verified (CRCs and digest) before use and refused when damaged.
+        opset: for ``fmt="onnx"``, the ONNX opset (``export.export_onnx``; default 21).
 
     Returns:
         ``(path, file size in bytes, float model size in bytes)``; the float size is that of the model's
@@ -129,7 +145,7 @@ def export_run(
         FileExistsError: the target exists and ``overwrite`` is False.
         ValueError: the run has no checkpoint yet or a damaged one (the message says whether the previous one
             is intact), is a ``pretrain`` run, or ``fmt`` is neither ``packed`` nor ``onnx``; the target is a
-            torch checkpoint, a file of a run or a directory.
+            torch checkpoint, a file of a run or a directory; ``opset`` below 13, or given for ``packed``.
         ImportError: ``fmt="onnx"`` without the ``onnx`` extra.
 
     Example:
@@ -147,6 +163,12 @@ def export_run(
         >>> path.name, size < float_size / 10  # 1 bit per quantized weight instead of 32
         ('model.safetensors', True)
     """
+    if fmt not in ("packed", "onnx"):
+        raise ValueError(f"export format {fmt!r} is not supported; allowed: packed, onnx")
+    if opset is not None and (
+        fmt != "onnx" or isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET
+    ):
+        raise ValueError(f"`opset` applies to the onnx format and must be an integer >= {MIN_OPSET}, got {opset!r}")
     run = RunDir(run_dir)
     if not run.config_path.exists():
         raise FileNotFoundError(f"{run_dir}: no run there (config.json is missing)")
@@ -154,28 +176,22 @@ def export_run(
     if config.task != "quantize":
         raise ValueError(f"{run_dir} is a {config.task} run; only quantization runs can be exported packed")
     metrics = run.metrics()
+    normalization = {"rule": "(pixels / 255 - mean) / std", "mean": list(info.mean), "std": list(info.std)}
     metadata = {
-        "run": config.to_dict(),
+        "run": {k: v for k, v in config.to_dict().items() if k not in MACHINE_FIELDS},
         "test_acc": metrics[-1]["test_acc"] if metrics else None,
         "epochs": len(metrics),
     }
-    arch = {
-        "model": config.model,
-        "num_classes": info.num_classes,
-        "in_channels": info.in_channels,
-        "image_size": info.image_size,
-    }
+    path = Path(out) if out else run.path / ("model.onnx" if fmt == "onnx" else "model.safetensors")
+    _check_output(path, overwrite)
     if fmt == "onnx":
-        path = Path(out) if out else run.path / "model.onnx"
-        _check_output(path, overwrite)
         example = torch.zeros(1, info.in_channels, info.image_size, info.image_size)
-        size = export_onnx(model.cpu(), path, example, metadata=metadata)
-    elif fmt == "packed":
-        path = Path(out) if out else run.path / "model.safetensors"
-        _check_output(path, overwrite)
-        size = export_packed(model.cpu(), path, architecture=arch, metadata=metadata)
+        metadata["input_normalization"] = normalization
+        size = export_onnx(model.cpu(), path, example, metadata=metadata, **({} if opset is None else {"opset": opset}))
     else:
-        raise ValueError(f"export format {fmt!r} is not supported; allowed: packed, onnx")
+        arch = {"model": config.model, "num_classes": info.num_classes}
+        arch |= {"in_channels": info.in_channels, "image_size": info.image_size}
+        size = export_packed(model.cpu(), path, architecture=arch, input_normalization=normalization, metadata=metadata)
     buffer = io.BytesIO()
     torch.save(dequantize_(model).state_dict(), buffer)
     return path, size, buffer.tell()
@@ -192,7 +208,9 @@ def evaluate_artifact(
     """Test accuracy of a run directory's checkpoint or of a packed file, on the run's own test set.
 
     The test set is the one named by the run's configuration (stored in a packed or ONNX file's metadata by
-    ``export_run``), with ``data_dir`` in place of the run's own when given. With ``precise_bn_batches``, the
+    ``export_run``), with ``data_dir`` in place of the run's own when given. A file does not carry the data
+    folder of the machine that trained it: without ``data_dir``, a file in a run directory reads that run's, any
+    other file the default places (``data.make_loaders``). With ``precise_bn_batches``, the
     BatchNorm running statistics are first recomputed from that many batches of the run's training set (its
     batch size, augmentation and seed; ``batchnorm.recompute_batchnorm_stats``): a 1-bit model's running
     statistics can lag behind its last weights, and this tells a model's accuracy from that of its statistics.
@@ -251,22 +269,31 @@ def evaluate_artifact(
         if from_previous:
             raise ValueError(f"`from_previous` applies to a run directory, not to the file {path}")
         if path.suffix == ".onnx":
-            header, onnx_model = _onnx_model(path)
+            header, onnx_model = _onnx_model(path)  # its content digest checked
             # evaluate() uses only .training, .eval(), .train(mode) and calls, which _OnnxClassifier provides
             model = cast(nn.Module, onnx_model)
         else:
-            header, _ = read_packed(path)
+            header, _ = read_packed(path)  # both check the file's content digest
             model = load_packed(path).to(resolve_device(device))
         run_config = header.get("metadata", {}).get("run")
         if run_config is None:
             raise ValueError(f"{path} does not say which data it was trained on (no run in its metadata)")
         config = RunConfig.from_dict(run_config)
         recorded = header["metadata"].get("test_acc")
+        data_dir = data_dir or _local_data_dir(path)
     test_loader = _test_loader(config, device, data_dir)
     if precise_bn_batches:
         recompute_batchnorm_stats(model, _train_loader(config, device, data_dir), precise_bn_batches)
     result = evaluate(model, test_loader)
     return {**result, "recorded": recorded}
+
+
+def _local_data_dir(path: Path) -> str | None:
+    """The data folder of the run whose directory holds the exported file ``path``, if it lies in one."""
+    try:
+        return RunConfig.load(path.parent / "config.json").data_dir
+    except (ValueError, OSError):
+        return None
 
 
 class _OnnxClassifier:
@@ -292,13 +319,14 @@ def _onnx_model(path: Path) -> tuple[dict[str, Any], _OnnxClassifier]:
     try:
         import onnxruntime
     except ImportError:
-        raise ImportError("evaluating ONNX files needs onnxruntime: pip install 'metaquant-torch[onnx]'") from None
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        raise ImportError(
+            "evaluating ONNX files needs onnxruntime (of the onnx extra): pip install onnxruntime"
+        ) from None
+    data = read_onnx(path)  # the bytes whose digest was checked are the bytes run
+    try:  # with the options that fold the weights' DequantizeLinear once (export.runtime)
+        session = onnxruntime.InferenceSession(data, onnx_session_options(), providers=["CPUExecutionProvider"])
     except Exception as err:
         raise ValueError(f"{path} is not a readable ONNX model ({type(err).__name__})") from None
     meta = session.get_modelmeta().custom_metadata_map
-    metadata = {k: json.loads(v) for k, v in meta.items()}
+    metadata = {k: json.loads(v) for k, v in meta.items() if k != DIGEST_KEY}
     return {"metadata": metadata}, _OnnxClassifier(session)

@@ -29,7 +29,7 @@ from ..precision import make_grad_scaler
 from ..trainer import Trainer
 from ..training import seed_everything
 from .config import RunConfig
-from .equivalent import learned_gain
+from .equivalent import equivalent_sgd, learned_gain
 from .meta_files import load_meta, meta_config
 from .runs import CHECKPOINT
 
@@ -49,21 +49,8 @@ logger = logging.getLogger(__name__)
 def resolve_device(name: str) -> torch.device:
     """The ``torch.device`` named by ``RunConfig.device``: ``auto`` → CUDA when available, else CPU.
 
-    Args:
-        name: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-
-    Returns:
-        The device.
-
     Raises:
         ValueError: ``name`` asks for CUDA (``"cuda"``, ``"cuda:N"``) and CUDA is not available.
-
-    Example:
-        >>> from metaquant.experiments.builders import resolve_device
-        >>> resolve_device("cpu")
-        device(type='cpu')
-        >>> resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-        True
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -77,24 +64,6 @@ def build_optimizer(params, config: RunConfig) -> torch.optim.Optimizer:
 
     ``sgd`` takes ``lr``, ``momentum``, ``dampening``, ``nesterov`` and ``weight_decay``; ``adam`` and ``adamw``
     take ``lr`` and ``weight_decay``.
-
-    Args:
-        params: the parameters (or parameter groups) to optimize.
-        config: the run's configuration.
-
-    Returns:
-        A ``torch.optim.SGD``, ``Adam`` or ``AdamW``.
-
-    Raises:
-        ValueError: an optimizer name other than ``sgd``, ``adam``, ``adamw`` (``RunConfig`` already refuses it).
-
-    Example:
-        >>> from metaquant.experiments.config import RunConfig
-        >>> from metaquant.experiments.builders import build_optimizer
-        >>> net = torch.nn.Linear(4, 2)
-        >>> opt = build_optimizer(net.parameters(), RunConfig(optimizer="adam", lr=1e-3, weight_decay=5e-4))
-        >>> type(opt).__name__, opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]
-        ('Adam', 0.001, 0.0005)
     """
     if config.optimizer == "sgd":
         return torch.optim.SGD(
@@ -128,36 +97,13 @@ def build_meta(config: RunConfig) -> MetaQuantizer:
 
 
 def build_trainer(config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> Trainer | MetaQuant:
-    """The object doing one step per batch: plain back-propagation for pre-training and classical estimators,
-    MetaQuant for meta quantizers.
-
-    Args:
-        config: the run's configuration: ``task``, ``estimator`` (with ``ewgs_delta``), the meta quantizer's
-            options (``hidden_size``, ``num_fc``, ``num_lstm``, ``nonlinearity``, ``meta_lr``,
-            ``meta_weight_decay``, ``step_order``, ``through``, ``freeze_meta_epoch``, ``meta_init``) and
-            ``on_nonfinite``.
-        model: the model; for ``quantize`` runs, already converted by ``quantize_``.
-        optimizer: the base optimizer over the model's parameters (``build_optimizer``).
-
-    Returns:
-        A ``Trainer`` (``pretrain``, or ``quantize`` with ``ste``, ``identity`` or ``ewgs``) or a ``MetaQuant``
-        (``quantize`` with ``fc-grad``, ``multifc`` or ``lstmfc``).
+    """The object doing one step per batch: a ``Trainer`` for pre-training and classical estimators, ``MetaQuant``
+    (with the meta quantizer, loaded from ``meta_init`` if given) for meta quantizers.
 
     Raises:
         ValueError: as ``MetaQuant`` (e.g. a model without quantized layers); ``meta_init`` holds no meta
             quantizer or one of another architecture.
         FileNotFoundError: ``meta_init`` names no ``meta.pt``, checkpoint or run directory.
-
-    Example:
-        >>> from metaquant.experiments.config import RunConfig
-        >>> from metaquant.experiments.builders import build_trainer
-        >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)))
-        >>> opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        >>> type(build_trainer(RunConfig(estimator="ste"), model, opt)).__name__
-        'Trainer'
-        >>> trainer = build_trainer(RunConfig(estimator="multifc", hidden_size=8), model, opt)
-        >>> type(trainer).__name__, type(trainer.meta).__name__
-        ('MetaQuant', 'MultiFC')
     """
     device = next(model.parameters()).device
     scaler = make_grad_scaler(config.amp, device)  # fp16 only
@@ -204,23 +150,32 @@ def build_model(config: RunConfig, num_classes: int, in_channels: int, image_siz
 
 
 def with_learned_gain(config: RunConfig) -> RunConfig:
-    """``config`` with ``lr`` multiplied by the gain its ``lr_gain_from`` FC-Grad run learned (the equivalent STE)."""
+    """``config`` as the equivalent STE of its ``lr_gain_from`` FC-Grad run: ``lr`` times the gain ``k̄`` that run
+    learned, ``weight_decay`` divided by it (``equivalent.equivalent_sgd``; docs/design.md §6.2).
+
+    Raises:
+        ValueError: the run cannot be that run's equivalent (``equivalent.check_equivalent``), or ``k̄ <= 0``.
+    """
     if config.lr_gain_from is None:
         return config
-    gain = learned_gain(config.lr_gain_from)
+    gain = learned_gain(config.lr_gain_from, config.to_dict())
     if not gain > 0:
         raise ValueError(
             f"the FC-Grad run {config.lr_gain_from} learned a mean gain {gain:g} <= 0: no STE "
             "learning rate is equivalent to it"
         )
+    lr, weight_decay = equivalent_sgd(config.lr, config.weight_decay, gain)
     logger.info(
-        "equivalent STE: lr %g x the gain %.4f that %s learned = %g",
+        "equivalent STE: lr %g x the gain %.4f that %s learned = %g, weight decay %g / %.4f = %g",
         config.lr,
         gain,
         config.lr_gain_from,
-        config.lr * gain,
+        lr,
+        config.weight_decay,
+        gain,
+        weight_decay,
     )
-    return dataclasses.replace(config, lr=config.lr * gain)
+    return dataclasses.replace(config, lr=lr, weight_decay=weight_decay)
 
 
 @dataclass
@@ -246,20 +201,6 @@ def build_teacher(config: RunConfig, num_classes: int, in_channels: int, image_s
         ValueError: the run names neither: there is no full-precision model to distil from; or the checkpoint
             is a quantization run's (its latent weights are not a full-precision model).
         FileNotFoundError: the teacher names no checkpoint.
-
-    Example:
-        >>> from metaquant.experiments.config import RunConfig
-        >>> from metaquant.experiments.builders import build_teacher
-        >>> fp = mq.models.resnet8(num_classes=10, in_channels=1)
-        >>> torch.save({"model": fp.state_dict()}, "fp.pt")
-        >>> teacher = build_teacher(RunConfig(model="resnet8", init="fp.pt", distill_weight=0.9), 10, 1, 28)
-        >>> torch.equal(teacher.fc.weight, fp.fc.weight), len(mq.quantized_layers(teacher))  # not quantized
-        (True, 0)
-        >>> try:
-        ...     build_teacher(RunConfig(distill_weight=0.9), 10, 1, 28)
-        ... except ValueError as err:
-        ...     print(str(err)[:60])
-        distill_weight 0.9 distils from a full-precision model: give
     """
     path = teacher_path(config)
     checkpoint = read_checkpoint(path)

@@ -95,35 +95,17 @@ class RunConfig:
     """One run of ``metaquant pretrain`` or ``metaquant quantize``; ``RunConfig.for_task(task, **fields)`` starts
     from the task's recipe, as the command does, where ``RunConfig(**fields)`` starts from the defaults below.
 
-    Names are validated against the registries (``metaquant.models``, ``metaquant.data``,
-    ``metaquant.quantizers``); numbers against their ranges. The names (``model``, ``dataset``, ``optimizer``,
-    ``quantizer``, ``estimator``) are lower-cased and the original code's estimator spellings (``mlpfc``,
-    ``fcgrad``, ``fc_grad``, ``lstm-fc``) become the names used here, so that equal runs have equal
-    configurations. The fields are grouped as the command line's options: data and model, optimization
-    (``lr`` is ``α``), reliability, quantization (``quantizer``, ``bits``, ``estimator``: docs/design.md §3-§4) and the
-    meta quantizer (``meta_lr`` is ``γ``; ``step_order`` ``"paper"`` is Algorithm 1 of docs/design.md §5,
-    ``"original"`` the original code's order of docs/design.md §5.1); each one's metadata holds its help text.
+    Names are checked against the registries (``metaquant.models``, ``metaquant.data``, ``metaquant.quantizers``)
+    and lower-cased, the original code's estimator spellings (``mlpfc``, ``fcgrad``, ``fc_grad``, ``lstm-fc``)
+    becoming ours, so that equal runs have equal configurations; numbers are checked against their ranges. The
+    fields are grouped as the command's options: data and model, optimization (``lr`` is ``α``), reliability,
+    quantization (docs/design.md §3-§4) and the meta quantizer (``meta_lr`` is ``γ``; ``step_order`` ``"paper"``
+    is Algorithm 1 of docs/design.md §5, ``"original"`` the original code's order, §5.1).
 
     Raises:
-        ValueError: a string or boolean field given a value of another type, or a value outside its registry
-            or range; the message names the field, the value and what is allowed. Also: ``nesterov`` without
-            ``sgd``, momentum > 0 and dampening 0; ``meta_init`` or ``freeze_meta_epoch`` with a classical
-            estimator.
-
-    Example:
-        >>> from metaquant.experiments.config import RunConfig
-        >>> config = RunConfig(model="ResNet20", dataset="cifar10", estimator="mlpfc", optimizer="adam")
-        >>> config.model, config.estimator, config.uses_meta
-        ('resnet20', 'multifc', True)
-        >>> try:
-        ...     RunConfig(optimizer="rmsprop")
-        ... except ValueError as err:
-        ...     print(err)
-        optimizer 'rmsprop' is not supported; allowed: sgd, adam, adamw
-        >>> import pathlib
-        >>> config.save(pathlib.Path("config.json"))  # what a run directory stores
-        >>> RunConfig.load("config.json") == config, RunConfig.from_dict(config.to_dict()) == config
-        (True, True)
+        ValueError: a field of the wrong type or outside its registry or range (the message names the field, the
+            value and what is allowed); ``nesterov`` without ``sgd``, momentum > 0 and dampening 0; ``meta_init``
+            or ``freeze_meta_epoch`` with a classical estimator.
     """
 
     task: str = "quantize"

@@ -1,15 +1,16 @@
-"""The "equivalent STE" of an FC-Grad run: the STE with its learning rate multiplied by the gain FC-Grad learned.
+"""The "equivalent STE" of an FC-Grad run: SGD with the STE at the learning rate ``α·k̄`` and the weight decay
+``λ/k̄``, ``k̄`` the gain FC-Grad learned (docs/design.md §6.2 defines it and where it applies).
 
 FC-Grad without a non-linearity computes ``g_W̃ = FCs_φ(g_Ŵ) = k·g_Ŵ`` with one learned scalar
-``k = W_L ⋯ W_1`` (docs/design.md, the meta quantizers): its weight gradient is the STE's times ``k``. Under
-plain SGD an FC-Grad step is then an STE step whose learning rate is ``α·k_t`` (and one step late). If a meta
-quantizer's gain over STE came only from that scale, an STE run with ``α·k̄`` would match it: the comparison
-asks whether the meta quantizer adds anything beyond a rescaled learning rate.
+``k = W_L ⋯ W_1``: its weight gradient is the STE's times ``k``, and SGD adds ``λ·W`` to it. SGD with the rate
+``α·k`` and the decay ``λ/k`` on the STE's gradient takes the same steps, momentum, dampening and Nesterov
+included. If a meta quantizer's gain over STE came only from that scale, the equivalent STE would match it.
 
-``k̄`` is the learning-rate-weighted mean of ``k`` over the run, from the snapshots of the meta quantizer its
-trace holds (``trace.pt``: after epochs 0, 1, 2, 5, 10, ... and the last): within epoch ``e`` the gain is the
-mean of its values at the epoch's start and end, linearly interpolated between snapshots, and epoch ``e``
-weighs as much as its learning-rate factor (the steps it takes, times their size).
+``k̄`` is the learning-rate-weighted mean of ``k`` over the run's epochs, from the snapshots of the meta quantizer
+its trace holds (``trace.pt``: after epochs 0, 1, 2, 5, 10, ... and the last): within epoch ``e`` the gain is
+the mean of its values at the epoch's start and end, linearly interpolated between snapshots, and epoch ``e``
+weighs as much as its learning-rate factor. It estimates the per-step mean only as well as ``k`` is linear
+between snapshots.
 """
 
 from __future__ import annotations
@@ -17,13 +18,21 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..schedules import lr_factor
 
-__all__ = ["fc_grad_gain", "mean_gain", "learned_gain"]
+__all__ = ["fc_grad_gain", "mean_gain", "learned_gain", "check_equivalent", "equivalent_sgd"]
+
+#: The options of the FC-Grad run that the equivalent STE must share (its update rule, but for the gain).
+SHARED = ("quantizer", "bits", "optimizer", "lr", "momentum", "dampening", "nesterov", "weight_decay")
+#: Per quantizer, the classical estimators whose weight gradient is FC-Grad's divided by its gain: DoReFa's
+#: ``c(W)`` is FC-Grad's, and the STE's gate is open for it; ternary and uniform have ``c(W) = 1`` and no scale,
+#: so only the ungated STE (``identity``) is. BWN's STE multiplies by the layer scale ``a``: none is.
+ESTIMATORS_FOR = {"dorefa": ("ste", "identity"), "ternary": ("identity",), "uniform": ("identity",)}
 
 
 def fc_grad_gain(meta_state: Mapping[str, Tensor], init_scheme: str = "paper") -> float:
@@ -98,19 +107,96 @@ def mean_gain(gains: Mapping[int, float], epochs: int, lr_factor: Callable[[int]
     return total / sum(weights)
 
 
-def learned_gain(run_dir: str | Path) -> float:
+def equivalent_sgd(lr: float, weight_decay: float, gain: float) -> tuple[float, float]:
+    """The SGD learning rate and weight decay under which the STE takes FC-Grad's steps: ``(α·k, λ/k)``.
+
+    With gradient ``k·g`` FC-Grad's SGD moves ``W`` by ``α·(k·g + λ·W)`` (through the momentum buffer too); the
+    STE's gradient is ``g``, and ``α·k·(g + (λ/k)·W)`` is the same step.
+
+    Args:
+        lr: the FC-Grad run's ``α``.
+        weight_decay: its ``λ``.
+        gain: ``k``, a number > 0.
+
+    Returns:
+        ``(α·k, λ/k)``.
+
+    Raises:
+        ValueError: ``gain`` is not > 0 (no learning rate is equivalent to it).
+    """
+    if not gain > 0:
+        raise ValueError(f"a gain {gain:g} <= 0 has no equivalent STE learning rate")
+    return lr * gain, weight_decay / gain
+
+
+def check_equivalent(ste: Mapping[str, Any], fc_grad: Mapping[str, Any], source: str = "the FC-Grad run") -> None:
+    """Refuse, with the reason and what is allowed, an STE run (configuration ``ste``) that cannot be the
+    equivalent STE of the FC-Grad run of configuration ``fc_grad`` (docs/design.md §6.2).
+
+    Args:
+        ste: the STE run's ``RunConfig.to_dict()``.
+        fc_grad: the FC-Grad run's, as its ``config.json`` holds it.
+        source: how the messages name the FC-Grad run.
+
+    Raises:
+        ValueError: FC-Grad with a non-linearity or the original step order; another optimizer than SGD (Adam
+            divides each coordinate's gradient by its own scale: a gain cancels); an estimator whose gradient is
+            not FC-Grad's divided by its gain for the quantizer; an option of ``SHARED`` that differs.
+    """
+    if fc_grad.get("estimator") != "fc-grad" or fc_grad.get("nonlinearity", "none") != "none":
+        raise ValueError(
+            f"{source} is not an FC-Grad run without a non-linearity (`estimator` {fc_grad.get('estimator')!r}, "
+            f"`nonlinearity` {fc_grad.get('nonlinearity')!r}): only its gradient is a multiple of the STE's"
+        )
+    if fc_grad.get("step_order", "paper") != "paper":
+        raise ValueError(
+            f"{source} uses `step_order` {fc_grad.get('step_order')!r}, whose forward weight moves along the previous "
+            "update: its steps are not STE steps at a rescaled rate; the equivalent STE is defined for `step_order` "
+            "'paper'"
+        )
+    optimizer = ste.get("optimizer", "sgd")
+    if optimizer != "sgd":
+        raise ValueError(
+            f"the equivalent STE is defined for SGD: {'Adam' if optimizer == 'adam' else 'AdamW'} divides each "
+            f"coordinate's gradient by its own scale, so FC-Grad's gain cancels and no learning rate is equivalent "
+            f"(`optimizer` {optimizer!r}; allowed: 'sgd')"
+        )
+    quantizer, estimator = ste.get("quantizer", "dorefa"), ste.get("estimator")
+    allowed = ESTIMATORS_FOR.get(quantizer, ())
+    if estimator not in allowed:
+        raise ValueError(
+            f"with `quantizer` {quantizer!r} the STE's gradient under `estimator` {estimator!r} is not FC-Grad's "
+            f"divided by its gain; allowed: "
+            + (
+                f"`estimator` {' or '.join(map(repr, allowed))}"
+                if allowed
+                else f"`quantizer` {', '.join(ESTIMATORS_FOR)}"
+            )
+        )
+    for key in SHARED:
+        if key in fc_grad and ste.get(key) != fc_grad[key]:
+            raise ValueError(
+                f"the equivalent STE takes {source}'s update rule but for the gain: its `{key}` is "
+                f"{fc_grad[key]!r}, this run's {ste.get(key)!r}"
+            )
+
+
+def learned_gain(run_dir: str | Path, ste: Mapping[str, Any] | None = None) -> float:
     """``k̄`` of a finished FC-Grad run (see the module's description), from its ``config.json`` and ``trace.pt``.
 
     Args:
         run_dir: the directory of an FC-Grad run without a non-linearity that has finished (``done``).
+        ste: the configuration (``RunConfig.to_dict()``) of the STE run that takes the gain, checked with
+            ``check_equivalent``; None: the FC-Grad run alone is checked.
 
     Returns:
         The learning-rate-weighted mean gain.
 
     Raises:
         FileNotFoundError: ``run_dir`` holds no ``config.json`` or ``trace.pt``.
-        ValueError: the run is not a finished FC-Grad run without a non-linearity, or its trace lacks the
-            snapshots before and after training; the message names the file.
+        ValueError: the run is not a finished FC-Grad run without a non-linearity in the paper's step order, the
+            STE run cannot be its equivalent (``check_equivalent``), or its trace lacks the snapshots before and
+            after training; the message names the file.
 
     Example:
         A sweep entry with ``equivalent_of = "fc-grad"`` reads the FC-Grad run of its trial; before that run
@@ -130,11 +216,7 @@ def learned_gain(run_dir: str | Path) -> float:
         config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{config_path} is not a run configuration: {err}") from None
-    if config.get("estimator") != "fc-grad" or config.get("nonlinearity", "none") != "none":
-        raise ValueError(
-            f"{run} is not an FC-Grad run without a non-linearity (estimator "
-            f"{config.get('estimator')!r}, nonlinearity {config.get('nonlinearity')!r})"
-        )
+    check_equivalent(ste if ste is not None else {**config, "estimator": "ste"}, config, str(run))
     if not (run / "done").exists():
         raise ValueError(f"{run} has not finished: run it first (the equivalent STE uses its whole trace)")
     try:

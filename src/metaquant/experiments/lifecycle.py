@@ -7,6 +7,7 @@ run from Python: ``execute(RunConfig(task="quantize", init="runs/pretrain/checkp
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
@@ -55,8 +56,14 @@ class RunResult:
     epochs: int
 
 
+# The edits of config.json that a resumed run accepted (``_accepted_edits``), kept in each checkpoint it writes.
+_CONFIG_EDITS: contextvars.ContextVar[tuple[dict[str, Any], ...]] = contextvars.ContextVar("config_edits", default=())
+
+
 def _extra(config: RunConfig, teacher_digest: str | None = None) -> dict[str, Any]:
     extra: dict[str, Any] = {"config": config.to_dict()}
+    if _CONFIG_EDITS.get():
+        extra["config_edits"] = list(_CONFIG_EDITS.get())
     if config.uses_meta:
         extra["meta_config"] = meta_config(config)
     if teacher_digest is not None:  # a distilling run: resume checks that its teacher is the same model
@@ -200,10 +207,14 @@ def _owning(path: Path, create: RunConfig | None = None) -> Iterator[RunDir | No
             lock.release()
 
 
+def _epoch_and_batch(checkpoint: dict[str, Any]) -> tuple[int, int]:
+    fit_state = checkpoint.get("fit") or {}
+    return int(fit_state.get("epoch", checkpoint["epoch"])), int(fit_state.get("batch", 0))
+
+
 def _position(checkpoint: dict[str, Any]) -> str:
     """Where a checkpoint stands, e.g. ``after epoch 2`` or ``at epoch 3, step 5``."""
-    fit_state = checkpoint.get("fit") or {}
-    epoch, batch = int(fit_state.get("epoch", checkpoint["epoch"])), fit_state.get("batch", 0)
+    epoch, batch = _epoch_and_batch(checkpoint)
     return f"at epoch {epoch + 1}, step {batch}" if batch else f"after epoch {epoch}"
 
 
@@ -295,7 +306,7 @@ def _check_owner(checkpoint: dict[str, Any], path: Path, config: RunConfig, run:
         raise ValueError(
             f"checkpoint {path} was written by another run ({theirs}), not by the run of {run.config_path} ({ours})"
         )
-    # The average's weights are part of the checkpoint: a run cannot gain or lose one half-way (its decay may change).
+    # The average's weights are part of the checkpoint: a run cannot gain or lose one half-way.
     was = saved.get("ema_decay", 0.0)
     if isinstance(was, (int, float)) and (was > 0) != (config.ema_decay > 0):
         raise ValueError(
@@ -303,6 +314,49 @@ def _check_owner(checkpoint: dict[str, Any], path: Path, config: RunConfig, run:
             f"ema_decay={was!r}: a run cannot {'drop its' if was > 0 else 'start a'} weight average half-way; "
             f"put ema_decay back to {was!r}, or start a new run"
         )
+
+
+#: What a resumed run may take from an edited config.json: how it goes on (its length, where and how it runs, its
+#: reliability options, what it records and is called, where its starting files are), never what it trains.
+EDITABLE = (
+    *("epochs", "device", "memory_format", "data_dir", "download", "test_batch_size", "record_precise_bn"),
+    *("on_nonfinite", "max_skipped", "checkpoint_every", "label", "init", "teacher", "meta_init"),
+)
+
+
+def _accepted_edits(checkpoint: dict[str, Any], path: Path, config: RunConfig, run: RunDir) -> list[dict[str, Any]]:
+    """The fields of ``config`` that differ from those the checkpoint was written with, each as ``{"field", "old",
+    "new", "at"}``, once every one of them is ``EDITABLE`` and ``epochs`` still covers the checkpoint's position.
+
+    Raises:
+        ValueError: any other edit, or ``epochs`` lowered below what the run has trained; the message names the
+            fields with both values and says what to do.
+    """
+    saved = checkpoint.get("config")
+    if not isinstance(saved, dict):
+        return []  # written by other code: nothing to compare with
+    now, at = config.to_dict(), _position(checkpoint)
+    edits = [{"field": k, "old": saved[k], "new": v, "at": at} for k, v in now.items() if k in saved and saved[k] != v]
+    refused = [e for e in edits if e["field"] not in EDITABLE]
+    if refused:
+        changes = ", ".join(f"{e['field']} {e['old']!r} -> {e['new']!r}" for e in refused)
+        raise ValueError(
+            f"{run.config_path} was edited since checkpoint {path} was written ({at}): {changes}; a run cannot change "
+            f"what it trains half-way. Put the old values back to continue it, or start a new run with the new ones "
+            f"(from this run's weights with `init` {run.path}); a resume may change only {', '.join(EDITABLE)}"
+        )
+    epoch, batch = _epoch_and_batch(checkpoint)
+    reached = epoch + (1 if batch else 0)  # a run stopped within an epoch ends that epoch at the earliest
+    if config.epochs < reached:
+        raise ValueError(
+            f"{run.config_path} sets epochs {config.epochs}, but checkpoint {path} is {at}: the run has gone past "
+            f"that; set epochs to {reached} or more to continue it"
+        )
+    for e in edits:
+        logger.warning(
+            "%s: %s changed from %r to %r (%s); continuing with it", run.path, e["field"], e["old"], e["new"], at
+        )
+    return edits
 
 
 def resume(
@@ -322,7 +376,9 @@ def resume(
 
     The run's files are read through before anything trains (a malformed one is named), the checkpoint is
     verified (CRCs and content digest) and must belong to the run; the process holds the directory's lock
-    while it works, so a second process on the same run is refused.
+    while it works, so a second process on the same run is refused. An edit of ``config.json`` since the
+    checkpoint is taken only for the ``EDITABLE`` fields (e.g. more ``epochs`` to extend the run; never fewer
+    than it has reached), logged and kept in each later checkpoint as ``config_edits``; any other is refused.
 
     Args:
         run_dir: a run directory made by ``execute`` (or ``metaquant pretrain``/``quantize``).
@@ -341,8 +397,8 @@ def resume(
         FileNotFoundError: no run in ``run_dir`` (no ``config.json``); ``from_previous`` without a previous
             checkpoint.
         ValueError: a malformed ``config.json``, ``metrics.jsonl`` or ``loss.csv``; a damaged checkpoint (the
-            message says whether the previous one is intact), or one of another run or model; a bad
-            ``on_nonfinite`` or ``max_skipped``.
+            message says whether the previous one is intact), or one of another run or model; an edit of
+            ``config.json`` that a resume does not take; a bad ``on_nonfinite`` or ``max_skipped``.
         RunLockedError: another process is working in ``run_dir``.
         TrainingInterrupted: ``stop`` was set again; the run can be resumed once more.
         NonFiniteError: as for ``execute``.
@@ -405,6 +461,7 @@ def resume(
             return dataclasses.replace(result, run_dir=run.path)
         assert source is not None  # a checkpoint comes with its path
         _check_owner(checkpoint, source, config, run)
+        edits = [*checkpoint.get("config_edits", []), *_accepted_edits(checkpoint, source, config, run)]
         session = prepare_session(config, load_init=False, checkpoint=checkpoint)
         if checkpoint.get("teacher", session.teacher_digest) != session.teacher_digest:
             raise ValueError(
@@ -424,7 +481,11 @@ def resume(
         if writer is not None and source != run.checkpoint_path:
             _adopt_previous(run)
         logger.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.batch)
-        result = _train(config, session, writer, state, progress, stop)
+        recording = _CONFIG_EDITS.set(tuple(edits))
+        try:
+            result = _train(config, session, writer, state, progress, stop)
+        finally:
+            _CONFIG_EDITS.reset(recording)
     return dataclasses.replace(result, run_dir=run.path)
 
 

@@ -63,7 +63,7 @@ def load_meta(meta: MetaQuantizer, source: str, expected: dict[str, Any]) -> Non
 
 
 def save_meta(path: Path, meta: MetaQuantizer, config: RunConfig) -> None:
-    """Write the trained meta quantizer, with its architecture, for ``--meta-init`` in another run."""
+    """Write the trained meta quantizer, with its architecture, for ``meta_init`` in another run."""
     buffer = io.BytesIO()
     state = {k: v.detach().cpu() for k, v in meta.state_dict().items()}  # readable without the GPU it ran on
     torch.save({"meta": state, "meta_config": meta_config(config)}, buffer)

@@ -24,27 +24,9 @@ _DISPLAY = {
 def backward_label(config: RunConfig) -> str:
     """How tables and figures name a run's backward method, e.g. ``MultiFC (original order)``.
 
-    The estimator's display name, then `` (original order)`` for a meta quantizer run in the original code's
-    order (docs/design.md §5.1), then `` + momentum m`` for SGD with momentum, then `` + distillation (λ, T)``
-    for a run that distils from its ``init`` model.
-
-    Args:
-        config: the run's configuration.
-
-    Returns:
-        The label.
-
-    Example:
-        >>> from metaquant.experiments.config import RunConfig
-        >>> from metaquant.experiments.naming import backward_label
-        >>> backward_label(RunConfig(estimator="multifc", step_order="original"))
-        'MultiFC (original order)'
-        >>> backward_label(RunConfig(estimator="ste", momentum=0.9)), backward_label(RunConfig(estimator="identity"))
-        ('STE + momentum 0.9', 'STE (unclipped)')
-        >>> backward_label(RunConfig(estimator="ste", distill_weight=0.9, distill_temperature=4.0))
-        'STE + distillation (0.9, T 4)'
-        >>> backward_label(RunConfig(estimator="multifc", precise_bn_batches=100, ema_decay=0.999))
-        'MultiFC + precise BN + EMA 0.999'
+    The estimator's display name, then `` (STE start)``, `` (FC-Grad's gain)``, `` (original order)`` for a meta
+    quantizer run in the original code's order (docs/design.md §5.1), `` + momentum m`` for SGD with momentum,
+    `` + distillation (λ, T)``, `` + precise BN`` and `` + EMA d`` where they apply.
     """
     label = _DISPLAY.get(config.estimator, config.estimator)
     if config.uses_meta and config.meta_init_scheme == "ste":
@@ -65,25 +47,8 @@ def backward_label(config: RunConfig) -> str:
 
 
 def default_run_name(config: RunConfig) -> str:
-    """A readable directory name for a run: task, model, dataset, then the options that tell runs apart.
-
-    ``pretrain`` runs are named by optimizer and seed; ``quantize`` runs also by quantizer, bit width,
-    estimator and (for meta quantizers run in the original code's order) ``-original-order``.
-
-    Args:
-        config: the run's configuration.
-
-    Returns:
-        The name (no directory part).
-
-    Example:
-        >>> from metaquant.experiments.config import RunConfig
-        >>> from metaquant.experiments.naming import default_run_name
-        >>> default_run_name(RunConfig(model="resnet20", dataset="cifar10", estimator="multifc", seed=2))
-        'quantize-resnet20-cifar10-dorefa1-multifc-sgd-seed2'
-        >>> default_run_name(RunConfig(task="pretrain", dataset="cifar10", optimizer="adam"))
-        'pretrain-resnet20-cifar10-adam-seed0'
-    """
+    """A run's directory name: task, model, dataset, then what tells runs apart (``pretrain``: optimizer and seed;
+    ``quantize``: also quantizer, bits, estimator, ``-ste-start`` and ``-original-order`` where they apply)."""
     base = f"{config.task}-{config.model}-{config.dataset}"
     if config.task == "pretrain":
         return f"{base}-{config.optimizer}-seed{config.seed}"

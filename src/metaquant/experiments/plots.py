@@ -1,12 +1,12 @@
 """Every figure of the application, drawn with matplotlib (the ``plot`` extra, imported here only).
 
-* ``plot_trace(run_dir, out)``: from a MetaQuant run's ``trace.pt``, ``learned-function.png`` (MultiFC's
-  multiplier of ``g_Ŵ`` as a function of ``W̃``, FC-Grad's output as a function of its input gradient, or
-  LSTMFC's multiplier of the sampled coordinates over the epochs, at the snapshot epochs, next to STE's) and
-  ``weights.png`` (each quantized layer's latent weights at the first and the last snapshot, and the change in
-  every bin);
-* ``plot_comparisons(trials, out)``: the report's comparison figures (test accuracy and training loss over the
-  epochs per backward method, one figure per model, data set, forward quantizer and optimizer).
+* ``plot_trace(run_dir, out)``: from a MetaQuant run's ``trace.pt``, ``learned-function.png`` (the meta
+  quantizer's learned function at the snapshot epochs next to STE's: MultiFC's multiplier of ``g_Ŵ`` against
+  ``W̃``, FC-Grad's output against its input gradient, LSTMFC's multiplier of sampled coordinates over the
+  epochs) and ``weights.png`` (each quantized layer's latent weights at the first and last snapshot, and the
+  change in every bin);
+* ``plot_comparisons(trials, out)``: the report's figures (test accuracy and training loss per epoch and
+  backward method, one figure per model, data set, forward quantizer and optimizer).
 
 The figures are drawn on ``Figure`` objects, not through ``pyplot``: nothing global changes.
 """
@@ -33,7 +33,7 @@ __all__ = ["plot_trace", "plot_comparisons", "figure_class", "PLOT_EXTRA"]
 logger = logging.getLogger(__name__)
 
 
-PLOT_EXTRA = "pip install 'metaquant-torch[plot]'"
+PLOT_EXTRA = "pip install matplotlib"
 
 
 _ORIGINAL_ORDER = " (original order)"
@@ -46,29 +46,13 @@ _METHOD_ORDER = ["STE", "STE + momentum", "STE (unclipped)", "EWGS", "FC-Grad", 
 def figure_class() -> type:
     """``matplotlib.figure.Figure``, or an ImportError that names the extra to install.
 
-    The figures are drawn on ``Figure`` objects directly, not through ``pyplot``: nothing global changes (no
-    backend is selected, no figure is registered), so drawing works the same in a script, on a server without
-    a display and in a notebook, whose inline figures keep working.
-
-    Returns:
-        The ``Figure`` class.
-
-    Raises:
-        ImportError: matplotlib is not installed; the message says ``pip install 'metaquant-torch[plot]'``.
-
-    Example:
-        >>> from metaquant.experiments.plots import figure_class
-        >>> try:
-        ...     Figure = figure_class()
-        ... except ImportError as err:  # without the plot extra
-        ...     Figure = None
-        >>> Figure is None or Figure.__name__ == "Figure"
-        True
+    Drawing on ``Figure`` objects rather than through ``pyplot`` selects no backend and registers no figure, so it
+    works the same in a script, on a server without a display and in a notebook.
     """
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError(f"drawing figures needs matplotlib, the plot extra: {PLOT_EXTRA}") from None
+        raise ImportError(f"drawing figures needs matplotlib (the plot extra): {PLOT_EXTRA}") from None
     return Figure
 
 
@@ -94,15 +78,8 @@ def _line_style(label: str) -> dict[str, Any]:
 
 def _distinct_styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``_line_style`` of each of a figure's lines, except that a line whose colour, marker and line style an
-    earlier line of the figure already has (two labels of one method: STE and the equivalent STE) takes the
-    next free colour and marker, starting with the colours no known method uses.
-
-    Example:
-        >>> from metaquant.experiments.plots import _distinct_styles
-        >>> styles = _distinct_styles(["STE", "STE (FC-Grad's gain)"])
-        >>> [(s["color"], s["marker"]) for s in styles.values()]
-        [('C0', 'o'), ('C7', 'o')]
-    """
+    earlier line already has (two labels of one method: STE and the equivalent STE) takes the next free colour
+    and marker, starting with the colours no known method uses."""
     styles: dict[str, dict[str, Any]] = {}
     taken: set[tuple[str, str, str]] = set()
     spare = [(f"C{c}", m) for m in _MARKERS for c in (7, 8, 9, *range(7))]
@@ -117,40 +94,16 @@ def _distinct_styles(labels: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def plot_comparisons(trials: Iterable[TrialCurves], out: Path) -> list[Path]:
     """One figure per (model, dataset, forward, optimizer), as PNG and PDF: training loss (log scale) and test
-    accuracy per epoch, one line per backward method (mean over trials) with a band from the minimum to the
-    maximum over trials.
+    accuracy per epoch, one line per backward method (mean over trials) in a min-max band; the paths written.
 
-    Each backward method has its own colour, the same in every figure; runs in the original code's step order
-    (``"... (original order)"``) are dashed with crosses and runs of the original code (``"<backward> [original
-    code]"``) dash-dotted, so that a curve lying on its twin stays visible. The accuracy panel has a dotted
-    line at the full-precision model's accuracy when the trials know it. Two lines of one method (STE and the
-    equivalent STE) get different colours or markers; a run that continues another is drawn after its epochs.
-    The legend, which gives each line's number of trials, sits outside the panels. A figure is named
-    ``<model>-<dataset>-<forward><bits>-<optimizer>.png`` (and ``.pdf``), in lower case (e.g.
-    ``resnet20-cifar10-dorefa1-sgd.png``). Needs
-    matplotlib (the ``plot`` extra); nothing global in matplotlib is changed (``figure_class``).
-
-    Args:
-        trials: the trials (``collect``).
-        out: the directory to write in (created if needed).
-
-    Returns:
-        The paths written, each figure's PNG then its PDF, in the order of (model, dataset, forward, bits,
-        optimizer).
+    Each method has its own colour in every figure; the original code's step order is dashed, runs of the
+    original code dash-dotted, so a curve lying on its twin stays visible; two lines of one method get different
+    colours or markers. A dotted line marks the full-precision accuracy when known; a run that continues another
+    is drawn after its epochs; the legend (with each line's number of trials) sits outside the panels. Files are
+    named ``<model>-<dataset>-<forward><bits>-<optimizer>.png`` in lower case.
 
     Raises:
         ImportError: matplotlib is not installed (the message names the extra).
-
-    Example:
-        Drawing takes about a second (matplotlib); which figures ``plot_comparisons(trials, out)`` draws
-        follows from the trials alone:
-
-        >>> from metaquant.experiments.report import TrialCurves
-        >>> def trial(backward, n, acc):  # one trial of 3 epochs of ResNet20 on CIFAR10, 1-bit DoReFa, SGD
-        ...     return TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, backward, "SGD", n, acc, [1.0]*3)
-        >>> trials = [trial(b, n, [80.0, 82.0, 83.0]) for b in ("STE", "MultiFC") for n in (1, 2)]
-        >>> sorted({t.key[1:5] + (t.optimizer,) for t in trials})  # one figure, two lines of two trials each
-        [('ResNet20', 'CIFAR10', 'dorefa', 1, 'SGD')]
     """
     Figure = figure_class()
     from matplotlib.ticker import FuncFormatter, NullFormatter
@@ -263,32 +216,14 @@ def _multiplier(meta: MetaQuantizer, w_tilde: torch.Tensor, state: Any = None) -
 
 
 def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Draw ``learned-function.png`` and ``weights.png`` for a MetaQuant run directory.
-
-    The figures are described in the module docstring. Needs matplotlib (the ``plot`` extra).
-
-    Args:
-        run_dir: a MetaQuant run directory with ``trace.pt`` and ``config.json``.
-        out: where to write the figures (created if needed; default: ``run_dir``).
-
-    Returns:
-        The paths of ``learned-function.png`` and ``weights.png``.
+    """Draw ``learned-function.png`` and ``weights.png`` (see the module docstring) for a MetaQuant run directory
+    into ``out`` (default: ``run_dir``); their paths.
 
     Raises:
-        FileNotFoundError: ``run_dir`` does not exist or is not a directory; the run has no trace (not a
-            MetaQuant run, or made before traces existed), or no ``config.json``.
+        FileNotFoundError: ``run_dir`` is not a directory, or has no trace (not a MetaQuant run) or no
+            ``config.json``.
         ValueError: ``trace.pt`` is damaged or holds no snapshot; ``config.json`` is malformed.
         ImportError: matplotlib is not installed (the message names the extra).
-
-    Example:
-        Drawing takes about a second (matplotlib; drawn on ``Figure`` objects, without ``pyplot``, so nothing
-        global changes). For MultiFC, ``learned-function.png`` shows at each snapshot
-        the multiplier of ``g_Ŵ`` as a function of ``W̃`` (DoReFa: ``W̃`` in [0, 1]), next to STE's 1:
-
-        >>> meta, w_tilde = mq.MultiFC(hidden=8), torch.linspace(0, 1, 5)
-        >>> multiplier, _ = meta(torch.ones(5), w_tilde)  # g_W̃ / g_Ŵ, the curve drawn
-        >>> multiplier.shape, torch.allclose(meta(torch.full((5,), 3.0), w_tilde)[0], 3 * multiplier)
-        (torch.Size([5]), True)
     """
     Figure = figure_class()  # first: without matplotlib, the error names the extra to install
     from matplotlib import colormaps

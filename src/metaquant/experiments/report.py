@@ -3,13 +3,16 @@
 ``collect(paths)`` finds, under each path, run directories of this library (``config.json`` +
 ``metrics.jsonl``) and runs of the original MetaQuant code (``<config>-trial-<n>/test-acc.txt`` and
 ``loss.txt``, below a folder named ``<Model>-<Dataset>``), and reads each as a ``TrialCurves``.
-``summarize`` groups trials by (source, model, dataset, forward, backward, optimizer) and computes the seed
-table's statistics:
+``summarize`` groups trials by their experiment (source, model, dataset, forward, bits, backward, optimizer and
+every other setting that changes what is trained: ``TrialCurves.setting``) and computes the seed table's
+statistics:
 
 * *Best Acc*: mean and variance, over trials, of each trial's best test accuracy;
 * *Last 10 Acc*: mean and variance of the test accuracies of the last 10 epochs of all trials, pooled.
 
-Variances are population variances (``ddof = 0``) throughout, for both columns.
+Variances are population variances (``ddof = 0``) throughout, for both columns. A trial found twice (an
+identical copy of a run) counts once; rows that would show the same name get the settings that tell them
+apart appended to their backward label, e.g. ``STE [amp=bf16]``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +40,7 @@ __all__ = [
     "read_run",
     "read_original_run",
     "summarize",
+    "told_apart",
     "best_stats",
     "last_k_stats",
     "final_stats",
@@ -61,6 +66,16 @@ _ORIGINAL_RUN = re.compile(
     r"-trial-(?P<trial>\d+)$"
 )
 _MODEL_DATASET = re.compile(r"^(?P<model>[A-Za-z]+\d*)-(?P<dataset>CIFAR100|CIFAR10|ImageNet|MNIST|Fashion-MNIST)$")
+#: RunConfig fields that do not change what is trained: the seeds (what varies from trial to trial), where files
+#: are (a run that continues another is told apart by ``first_epoch``), where and how the run executes, its
+#: reliability knobs, what it only records, and its name and the fields that the row's key already shows.
+_NOT_THE_SETTING = frozenset(
+    {
+        *("seed", "subset_seed", "init", "teacher", "meta_init", "lr_gain_from", "data_dir", "download", "device"),
+        *("memory_format", "on_nonfinite", "max_skipped", "checkpoint_every", "test_batch_size", "record_precise_bn"),
+        *("label", "task", "model", "dataset", "quantizer", "bits", "optimizer"),
+    }
+)
 
 
 @dataclass
@@ -80,13 +95,15 @@ class TrialCurves:
             this run's epoch ``i`` at ``first_epoch + i``.
         precise_acc: test accuracy after each epoch with BatchNorm statistics recomputed from training batches
             (``record_precise_bn``, or every test of a run with ``precise_bn_batches``), when the run has it.
+        setting: ``(field, value)`` pairs of everything else that changes the experiment (learning rate, epochs,
+            precision, schedule, ...; ``first_epoch``); empty for a run of the original code.
 
     Example:
         >>> from metaquant.experiments.report import TrialCurves
         >>> t = TrialCurves("metaquant", "ResNet20", "CIFAR10", "dorefa", 1, "MultiFC", "SGD", trial=2,
         ...                 test_acc=[80.0, 85.5], train_loss=[0.9, 0.6])
         >>> t.key  # what summarize groups by: everything but the trial
-        ('metaquant', 'ResNet20', 'CIFAR10', 'dorefa', 1, 'MultiFC', 'SGD')
+        ('metaquant', 'ResNet20', 'CIFAR10', 'dorefa', 1, 'MultiFC', 'SGD', ())
     """
 
     source: str
@@ -103,18 +120,24 @@ class TrialCurves:
     path: Path | None = None
     first_epoch: int = 0
     precise_acc: list[float] | None = None
+    setting: tuple[tuple[str, Any], ...] = ()
 
     @property
-    def key(self) -> tuple[str, str, str, str, int, str, str]:
+    def key(self) -> tuple[str, str, str, str, int, str, str, tuple[tuple[str, Any], ...]]:
+        return (*self.shown, self.setting)
+
+    @property
+    def shown(self) -> tuple[str, str, str, str, int, str, str]:
+        """What the table shows of the experiment: ``key`` without ``setting``."""
         return (self.source, self.model, self.dataset, self.forward, self.bits, self.backward, self.optimizer)
 
 
 @dataclass
 class SummaryRow:
-    """One configuration of the table: ``summarize``'s statistics over its trials.
+    """One experiment of the table: ``summarize``'s statistics over its trials.
 
     Attributes:
-        source, model, dataset, forward, bits, backward, optimizer: the configuration (``TrialCurves.key``).
+        source, model, dataset, forward, bits, backward, optimizer, setting: the experiment (``TrialCurves.key``).
         best_mean, best_var: mean and population variance over trials of each trial's best test accuracy.
         last_mean, last_var: mean and population variance of the last ``k`` test accuracies of all trials.
         fp_acc: mean full-precision accuracy of the trials' starting models, or None.
@@ -151,6 +174,7 @@ class SummaryRow:
     final: tuple[float, float] = (float("nan"), float("nan"))
     precise_final: tuple[float, float] | None = None
     precise_last: tuple[float, float] | None = None
+    setting: tuple[tuple[str, Any], ...] = ()
 
 
 # --- statistics (pure) -----------------------------------------------------------------------------------
@@ -256,7 +280,7 @@ def read_run(path: Path) -> TrialCurves | None:
     """A finished run directory of this library; None for a pre-training run or an unfinished run (whose
     partial curves would bias the statistics).
 
-    The backward method is the run's ``label`` (default ``sweep.backward_label``); the trial number comes from
+    The backward method is the run's ``label`` (default ``naming.backward_label``); the trial number comes from
     a directory name ending in ``-trial-<n>``, else it is ``seed + 1``; ``fp_acc`` is the final accuracy of
     the run named by ``init``, when that run directory is there (or, for a sweep's folder that was moved, a
     directory of the same name beside the run); for a run that continues a quantization run, that of the
@@ -283,8 +307,8 @@ def read_run(path: Path) -> TrialCurves | None:
         >>> read_run(run.path) is None  # not finished yet
         True
         >>> run.mark_done(); t = read_run(run.path)
-        >>> t.key, t.trial, t.test_acc, t.train_loss
-        (('metaquant', 'ResNet20', 'CIFAR10', 'dorefa', 1, 'STE', 'SGD'), 2, [80.0, 84.5], [0.9, 0.7])
+        >>> t.shown, t.trial, t.test_acc, t.train_loss, dict(t.setting)["epochs"]
+        (('metaquant', 'ResNet20', 'CIFAR10', 'dorefa', 1, 'STE', 'SGD'), 2, [80.0, 84.5], [0.9, 0.7], 10)
     """
 
     if not (path / "done").exists():
@@ -312,7 +336,13 @@ def read_run(path: Path) -> TrialCurves | None:
         path,
         epochs_before,
         _precise_curve(config, metrics),
+        _setting(config, epochs_before),
     )
+
+
+def _setting(config: RunConfig, first_epoch: int) -> tuple[tuple[str, Any], ...]:
+    kept = [(k, v) for k, v in config.to_dict().items() if k not in _NOT_THE_SETTING]
+    return (*kept, ("first_epoch", first_epoch))
 
 
 def _checked_metrics(path: Path, need: tuple[str, ...] = ("test_acc", "train_loss")) -> list[dict]:
@@ -420,7 +450,9 @@ def collect(paths: Iterable[str | Path]) -> list[TrialCurves]:
     """Every trial found under ``paths`` (run directories of this library and original-code runs).
 
     Each path and every directory below it is looked at once (overlapping paths count a run once); unfinished
-    runs and pre-training runs of this library are left out (``read_run``).
+    runs and pre-training runs of this library are left out (``read_run``). An identical copy of a trial (the
+    same experiment and curves) counts once, and a trial number found twice in one experiment is logged as a
+    warning.
 
     Args:
         paths: directories to search (a run directory itself is fine).
@@ -462,14 +494,78 @@ def collect(paths: Iterable[str | Path]) -> list[TrialCurves]:
                 found.append(read_original_run(d))
     if not found:
         raise ValueError(f"no runs found under {', '.join(map(str, paths))}")
+    found = _counted_once(found)
+    _warn_repeated_trials(found)
     return found
+
+
+def _counted_once(trials: Iterable[TrialCurves]) -> list[TrialCurves]:
+    """``trials`` without repeats: a trial with the key and the curves of one before it is a copy of it."""
+    kept: list[TrialCurves] = []
+    first: dict[tuple[Any, ...], Path | None] = {}  # fingerprint -> where it was first found
+    for t in trials:
+        fingerprint = (t.key, repr(t.test_acc), repr(t.train_loss))
+        if fingerprint in first:
+            logger.warning(
+                "counting one trial once: %s is a copy of %s (the same experiment and curves)",
+                t.path,
+                first[fingerprint],
+            )
+            continue
+        first[fingerprint] = t.path
+        kept.append(t)
+    return kept
+
+
+def _warn_repeated_trials(trials: Iterable[TrialCurves]) -> None:
+    paths: dict[tuple[Any, int], list[str]] = defaultdict(list)
+    for t in trials:
+        paths[(t.key, t.trial)].append(str(t.path))
+    for (key, trial), where in paths.items():
+        if len(where) > 1:
+            logger.warning(
+                "trial %d of %s appears %d times (%s): each counts as a trial; give them different trial numbers "
+                "if they are different trials, or remove the extra ones",
+                trial,
+                " | ".join(map(str, key[1:7])),
+                len(where),
+                ", ".join(where),
+            )
+
+
+def _shown_value(value: Any) -> str:
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def told_apart(trials: Iterable[TrialCurves]) -> list[TrialCurves]:
+    """``trials``, where experiments that the table would show under one name (``TrialCurves.shown``) get the
+    settings that differ between them appended to their backward label, e.g. ``STE [amp=bf16]`` beside
+    ``STE [amp=none]``."""
+    trials = list(trials)
+    variants: dict[tuple[Any, ...], dict[tuple[tuple[str, Any], ...], None]] = defaultdict(dict)
+    for t in trials:
+        variants[t.shown][t.setting] = None
+    suffix = {}
+    for shown, settings in variants.items():
+        if len(settings) < 2:
+            continue
+        values = [dict(setting) for setting in settings]
+        names = dict.fromkeys(name for v in values for name in v)
+        differ = [name for name in names if len({repr(v.get(name)) for v in values}) > 1]
+        for setting, v in zip(settings, values):
+            suffix[(shown, setting)] = " [" + ", ".join(f"{n}={_shown_value(v.get(n))}" for n in differ) + "]"
+    return [
+        replace(t, backward=t.backward + suffix[(t.shown, t.setting)]) if (t.shown, t.setting) in suffix else t
+        for t in trials
+    ]
 
 
 # --- the table -------------------------------------------------------------------------------------------
 def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRow]:
     """One row per configuration, in a stable order (source, model, dataset, forward, optimizer, backward).
 
-    Trials are grouped by ``TrialCurves.key``; each group gets ``best_stats`` and ``last_k_stats``. Our runs
+    Trials are grouped by ``TrialCurves.key`` (a repeated trial counts once; experiments that would show the same
+    name are ``told_apart``); each group gets ``best_stats`` and ``last_k_stats``. Our runs
     come before the original code's; backward methods in the order STE, other STE variants, FC-Grad,
     MultiFC, LSTMFC, the rest.
 
@@ -493,8 +589,8 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
         >>> [(r.backward, r.best_mean, r.last_mean) for r in rows]
         [('STE', 80.0, 79.5), ('STE + momentum 0.9', 84.0, 83.0), ('MultiFC', 86.0, 85.5)]
     """
-    groups: dict[tuple[str, str, str, str, int, str, str], list[TrialCurves]] = defaultdict(list)
-    for t in trials:
+    groups: dict[tuple[Any, ...], list[TrialCurves]] = defaultdict(list)
+    for t in told_apart(_counted_once(trials)):
         groups[t.key].append(t)
     rows = []
     for key, members in groups.items():
@@ -504,7 +600,7 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
         fps = [t.fp_acc for t in members if t.fp_acc is not None]
         precise = [t.precise_acc for t in members if t.precise_acc]
         complete = len(precise) == len(members)
-        source, model, dataset, forward, bits, backward, optimizer = key
+        source, model, dataset, forward, bits, backward, optimizer, setting = key
         rows.append(
             SummaryRow(
                 source,
@@ -524,6 +620,7 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
                 final_stats(curves),
                 final_stats(precise) if complete else None,
                 last_k_stats(precise, last_k) if complete else None,
+                setting,
             )
         )
     order = {"STE": 0, "FC-Grad": 2, "MultiFC": 3, "LSTMFC": 4}

@@ -132,6 +132,7 @@ class RunLock:
 
     Args:
         path: an existing directory.
+        what: how messages name the directory (e.g. ``"sweep folder"``).
 
     Raises:
         RunLockedError: another process (or another ``RunLock`` of this process) holds the lock; the message
@@ -149,7 +150,7 @@ class RunLock:
         (False, None)
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, what: str = "run directory") -> None:
         self.path = Path(path)
         self._fd: int | None = None
         if _LOCK_EXCLUSIVE is None:  # pragma: no cover
@@ -163,7 +164,8 @@ class RunLock:
                 # A file system without flock on directories (some network file systems): work unlocked
                 # rather than not at all, and say so.
                 logger.warning(
-                    "cannot lock the run directory %s (%s): a second process on it would not be refused",
+                    "cannot lock the %s %s (%s): a second process on it would not be refused",
+                    what,
                     self.path,
                     err.strerror,
                 )
@@ -171,7 +173,7 @@ class RunLock:
             pid = _locker_pid(self.path)
             who = f" (pid {pid})" if pid is not None and pid != os.getpid() else ""
             raise RunLockedError(
-                f"run directory {self.path} is in use by another process{who}; wait until it ends, or stop it first"
+                f"{what} {self.path} is in use by another process{who}; wait until it ends, or stop it first"
             ) from None
         self._fd = fd
 

@@ -9,13 +9,14 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from ..guards import StopFlag, TrainingInterrupted
 from .config import RunConfig
 from .lifecycle import execute, resume
-from .runs import RunDir
+from .runs import RunDir, RunLock
 from .sweep import (
     PlannedRun,
     SweepSpec,
@@ -148,6 +149,7 @@ def run_sweep(
         ValueError: a run directory holds a run of another configuration, or a directory that is not a run
             (nothing in it is touched); ``jobs`` is not an integer >= 1; ``select_runs``'s errors (with
             ``only``) and ``plan``'s.
+        RunLockedError: another sweep is working in ``root`` (the sweep holds its lock while it runs).
         TrainingInterrupted: ``stop`` was set; running the sweep again resumes where it stopped.
         FileNotFoundError: as ``pipeline.execute`` (e.g. the data set is not found).
 
@@ -173,14 +175,15 @@ def run_sweep(
     selected = runs if only is None else select_runs(runs, only)
     pretrains, quantize = _tasks(spec, root, runs, selected)
     root.mkdir(parents=True, exist_ok=True)
-    for phase in (pretrains, quantize):  # the quantization runs start from the pre-trained models
-        if jobs == 1:
-            for task in phase:
-                start = time.perf_counter()
-                status, final, best = _run_once(task.path, task.config, progress, stop)
-                echo(_line(task, status, final, best, time.perf_counter() - start))
-        else:
-            _run_side_by_side(phase, jobs, echo, stop)
+    with RunLock(root, what="sweep folder"):  # a second sweep on the folder is refused before it starts anything
+        for phase in (pretrains, quantize):  # the quantization runs start from the pre-trained models
+            if jobs == 1:
+                for task in phase:
+                    start = time.perf_counter()
+                    status, final, best = _run_once(task.path, task.config, progress, stop)
+                    echo(_line(task, status, final, best, time.perf_counter() - start))
+            else:
+                _run_side_by_side(phase, jobs, echo, stop)
     return selected
 
 
@@ -210,6 +213,33 @@ def _rebuild(module: str, name: str, message: str) -> Exception:
     except Exception:  # a type that cannot be rebuilt from its message
         pass
     return RuntimeError(f"{name}: {message}")
+
+
+@contextlib.contextmanager
+def _children_ignore_ctrl_c() -> Iterator[None]:
+    """Processes started in the block begin with SIGINT ignored (a disposition that exec keeps): a Ctrl-C, which
+    the terminal sends to every process of the sweep, cannot end one with a traceback while it is still
+    importing; this process stops them with SIGTERM, and each run, once started, handles SIGINT itself. A
+    SIGINT meant for this process meanwhile is held back (blocked), not lost."""
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (AttributeError, ValueError):  # no POSIX signal masks, or not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _received(receive: Connection) -> Any:
+    """The worker's message, or None when it ended without one (killed: its end of the pipe closed unsent)."""
+    try:
+        return receive.recv() if receive.poll() else None
+    except EOFError:
+        return None
 
 
 def _next_task(pending: list[_Task], running: set[Path]) -> _Task | None:
@@ -247,12 +277,13 @@ def _run_side_by_side(tasks: list[_Task], jobs: int, echo: Callable[[str], None]
                 pending.remove(task)
                 receive, send = context.Pipe(duplex=False)
                 process = context.Process(target=_worker, args=(str(task.path), task.config, threads, send))
-                process.start()
+                with _children_ignore_ctrl_c():
+                    process.start()
                 send.close()
                 running[process.sentinel] = (process, receive, task, time.perf_counter())
             for sentinel in multiprocessing.connection.wait(list(running), timeout=0.5):
                 process, receive, task, start = running.pop(sentinel)
-                message = receive.recv() if receive.poll() else None
+                message = _received(receive)
                 process.join()
                 receive.close()
                 seconds = time.perf_counter() - start
@@ -263,9 +294,12 @@ def _run_side_by_side(tasks: list[_Task], jobs: int, echo: Callable[[str], None]
                     echo(f"{task.title}: failed ({message[2]}: {message[3]})")
                     failure = failure or _rebuild(*message[1:])
                     stop_all()
-                elif stopping:  # interrupted, with a checkpoint, or stopped before it began
+                elif stopping or (message is not None and message[0] == "interrupted"):
+                    # interrupted, with a checkpoint, or stopped before it began; a run stopped by a signal of
+                    # its own (Ctrl-C reaches every process) stops the sweep as this process's would
                     echo(f"{task.title}: stopped ({seconds:.0f}s)")
                     signum = signum or (message[1] if message is not None else None)
+                    stop_all()
                 else:
                     failure = failure or RuntimeError(
                         f"the process of {task.path} ended with exit status {process.exitcode} without a result"

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import OPTIMIZERS, RunConfig
+from .equivalent import check_equivalent
 from .meta_files import meta_config
 from .naming import backward_label
 from .runs import RunDir, RunExistsError
@@ -320,8 +321,12 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
                 path, config, name = _planned(spec, root, fields, label, trial)
                 if equivalent_of is not None:
                     # the run of this trial that differs only in its estimator: FC-Grad, run before this one
-                    sibling, _, _ = _planned(spec, root, {**fields, "estimator": equivalent_of}, None, trial)
+                    sibling, source, _ = _planned(spec, root, {**fields, "estimator": equivalent_of}, None, trial)
                     config = dataclasses.replace(config, lr_gain_from=str(sibling))
+                    try:
+                        check_equivalent(config.to_dict(), source.to_dict())
+                    except ValueError as err:
+                        raise ValueError(f"sweep {spec.name!r}: {err}") from None
                     name = label or backward_label(config)
                     config = dataclasses.replace(config, label=name)
                     path = _run_path(root, name, config, trial)

@@ -1,18 +1,9 @@
-"""What a MetaQuant run keeps for pictures of what its meta quantizer learned, and the pictures.
+"""What a MetaQuant run keeps for pictures of what its meta quantizer learned (``plots.plot_trace`` draws them).
 
-During a run with a run directory, ``MetaTrace.snapshot`` is called before the first epoch and after chosen
-epochs (1, 2, 5, 10, 20, 50, ... and the last). Each snapshot holds the meta quantizer's parameters, for
-LSTMFC the LSTM state of a fixed sample of weight coordinates of the first quantized layer (with their
-``W̃``), and a histogram of every quantized layer's latent weights ``W``. They go to ``trace.pt`` in the run
-directory (a few hundred kilobytes at most).
-
-``plot_trace(run_dir, out)`` draws from it:
-
-* ``learned-function.png``: MultiFC's multiplier of ``g_Ŵ`` as a function of ``W̃``, FC-Grad's output as a
-  function of its input gradient, or LSTMFC's multiplier of the sampled coordinates over the epochs, at the
-  snapshot epochs, next to STE's (a multiplier of 1);
-* ``weights.png``: the distribution of each quantized layer's latent weights at the first and the last
-  snapshot, and below it the change in every bin, with the share of the weights that changed bin.
+``MetaTrace`` snapshots a run with a run directory before the first epoch and after epochs 1, 2, 5, 10, 20,
+50, ... and the last: the meta quantizer's parameters, for LSTMFC the LSTM state of a fixed sample of weight
+coordinates of the first quantized layer (with their ``W̃``), and a histogram of every quantized layer's
+latent weights ``W``, in ``trace.pt`` in the run directory (a few hundred kilobytes at most).
 """
 
 from __future__ import annotations
@@ -43,19 +34,7 @@ BINS = 60
 
 
 def snapshot_epochs(epochs: int) -> set[int]:
-    """Epoch counts after which a snapshot is taken: 0, 1, 2, 5, 10, 20, 50, ... and ``epochs``.
-
-    Args:
-        epochs: the run's number of epochs.
-
-    Returns:
-        The epoch counts, 0 (before training) and ``epochs`` included.
-
-    Example:
-        >>> from metaquant.experiments.trace import snapshot_epochs
-        >>> sorted(snapshot_epochs(100)), sorted(snapshot_epochs(7))
-        ([0, 1, 2, 5, 10, 20, 50, 100], [0, 1, 2, 5, 7])
-    """
+    """Epoch counts after which a snapshot is taken: 0 (before training), 1, 2, 5, 10, 20, 50, ... and ``epochs``."""
     marks, base = {0, epochs}, 1
     while base <= epochs:
         marks |= {m for m in (base, 2 * base, 5 * base) if m <= epochs}
@@ -64,30 +43,11 @@ def snapshot_epochs(epochs: int) -> set[int]:
 
 
 class MetaTrace(Callback):
-    """Collects snapshots of a MetaQuant run (see the module docstring) and writes them to ``path``.
+    """The callback that collects a MetaQuant run's snapshots and rewrites ``path`` atomically at each.
 
-    ``pipeline.execute`` makes one for every MetaQuant run with a run directory and gives it to ``fit`` as a
-    callback, which snapshots before the first epoch and after each one; ``snapshot`` takes one directly. An
-    existing file at ``path`` is loaded, so a resumed run continues its trace.
-
-    Args:
-        path: the trace file (``<run dir>/trace.pt``); rewritten atomically at every snapshot.
-        epochs: the run's number of epochs (which ones are snapshot epochs: ``snapshot_epochs``).
-
-    An existing file that cannot be read (damaged, empty, truncated) is moved to ``trace.damaged.pt`` with a
-    warning and a new trace begins: the trace illustrates a run and must not stop it from resuming.
-
-    Example:
-        >>> import pathlib
-        >>> from metaquant.experiments.trace import MetaTrace
-        >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
-        >>> trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=8))
-        >>> trace = MetaTrace(pathlib.Path("trace.pt"), epochs=4)  # snapshots after epochs 0, 1, 2 and 4
-        >>> for epoch in range(5):
-        ...     trace.snapshot(epoch, trainer, model)  # epoch 3 is not a snapshot epoch
-        >>> data = torch.load("trace.pt")
-        >>> sorted(data["snapshots"]), [int(h.sum()) for h in data["snapshots"][4]["weights"].values()]
-        ([0, 1, 2, 4], [24, 8])
+    An existing trace at ``path`` is continued (a resumed run). One that cannot be read is moved to
+    ``trace.damaged.pt`` with a warning and a new trace begins: the trace illustrates a run and must not stop it
+    from resuming.
     """
 
     def __init__(self, path: Path, epochs: int) -> None:
@@ -121,13 +81,8 @@ class MetaTrace(Callback):
         self.snapshot(loop.state.epoch, loop.trainer, unwrap(loop.model))
 
     def snapshot(self, epoch: int, trainer: Any, model: nn.Module) -> None:
-        """Record the state after ``epoch`` epochs (0: before training) if it is a snapshot epoch.
-
-        Args:
-            epoch: epochs done.
-            trainer: the run's ``MetaQuant`` (its meta quantizer and, for LSTMFC, its recorded states).
-            model: the quantized model, unwrapped from DDP.
-        """
+        """Record the state after ``epoch`` epochs (0: before training) if it is a snapshot epoch not yet taken;
+        ``model`` is the quantized model unwrapped from DDP."""
         if epoch not in snapshot_epochs(self.epochs) or epoch in self.data["snapshots"]:
             return
         layers = quantized_layers(model)

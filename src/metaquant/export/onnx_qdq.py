@@ -1,4 +1,5 @@
-"""ONNX export in the QDQ form: every quantized weight an integer initializer followed by ``DequantizeLinear``."""
+"""ONNX export in the QDQ form: every quantized weight an integer initializer followed by ``DequantizeLinear``,
+and the file's content digest, checked when it is read."""
 
 from __future__ import annotations
 
@@ -7,155 +8,30 @@ import inspect
 import io
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..files import atomic_write_bytes
-from ..layers import QuantLayer, quantized_weight_keys
-from ..quantizers import Encoded
-from .bits import pack_bits
-from .inference import materialize
+from ..integrity import DIGEST_PLACEHOLDER, seal, verify_seal
+from .onnx_graph import fold_batchnorm, name_weights, prune, store_levels
+from .onnx_weights import QuantizedWeight, dequantize_op, dequantized_inference
 
 logger = logging.getLogger(__name__)
 
-
-# ONNX integer types for DequantizeLinear: (name, bits, lowest, highest, first opset that has it)
-_ONNX_INTS = (
-    ("INT2", 2, -2, 1, 25),
-    ("INT4", 4, -8, 7, 21),
-    ("INT8", 8, -128, 127, 13),
-    ("INT16", 16, -32768, 32767, 21),
-)
 MIN_OPSET = 13  # per-axis DequantizeLinear
-
-
-def levels(encoded: Encoded, bits: int) -> Tensor:
-    """The quantized weight's integer levels ``q``, symmetric around 0, with ``Ŵ = q · s`` per scale group.
-
-    Unsigned codes ``n`` of ``k`` bits (DoReFa, BWN) sit symmetrically around their midpoint, so ``q = 2n − (2^k
-    − 1)`` (BWN: ``±1``; DoReFa: odd integers, ``s = 1 / (2^k − 1)``); signed codes (ternary, uniform) are
-    ``q`` already. ``export_onnx`` stores ``q`` and checks ``Ŵ = q · s``.
-
-    Args:
-        encoded: a weight's codes and scale(s) (``ForwardQuantizer.encode``).
-        bits: the quantizer's bit width.
-
-    Returns:
-        ``int32`` tensor of the codes' shape.
-
-    Example:
-        >>> from metaquant.export import levels
-        >>> q = mq.quantizers.DoReFa(bits=2)
-        >>> w = torch.tensor([-3.0, -0.1, 0.2, 3.0])
-        >>> levels(q.encode(w), 2).tolist(), (q(w) * 3).round().tolist()  # Ŵ = q / 3, up to float rounding
-        ([-3, -1, 1, 3], [-3.0, -1.0, 1.0, 3.0])
-    """
-    codes = encoded.codes.to(torch.int32)
-    return codes if encoded.codes.dtype == torch.int8 else 2 * codes - (2**bits - 1)
-
-
-def _channel_scales(weight: np.ndarray, q: np.ndarray) -> np.ndarray | None:
-    """Per output channel (dim 0), the ``s`` with ``weight ≈ q · s``, or None if there is none.
-
-    The exported weight may be ``Ŵ`` times a per-channel factor (a folded BatchNorm); ``s`` is read at each
-    channel's largest level, and every element must then agree to float rounding.
-    """
-    w = weight.reshape(weight.shape[0], -1).astype(np.float64)
-    levels_ = q.reshape(q.shape[0], -1).astype(np.float64)
-    at = np.abs(levels_).argmax(axis=1)
-    rows = np.arange(w.shape[0])
-    pivot = levels_[rows, at]
-    scale = np.where(pivot != 0, w[rows, at] / np.where(pivot != 0, pivot, 1.0), 1.0)
-    scale = scale.astype(np.float32)  # the scale the runtime multiplies with
-    error = np.abs(w - levels_ * scale.astype(np.float64)[:, None]).max(axis=1)
-    if np.any(error > 1e-5 * np.abs(w).max(axis=1) + 1e-30):
-        return None
-    return scale
-
-
-def _onnx_int(name: str, q: np.ndarray, opset: int) -> tuple[Any, str]:
-    """``q`` as the smallest ONNX integer initializer that holds it, with the type's name."""
-    import onnx
-
-    lo, hi = int(q.min()), int(q.max())
-    fits = [
-        (candidate, bits)
-        for candidate, bits, lowest, highest, since in _ONNX_INTS
-        if since <= opset and lowest <= lo and hi <= highest
-    ]
-    if not fits:
-        raise ValueError(f"levels in [{lo}, {hi}] fit no ONNX integer type of opset {opset}")
-    type_name, bits = fits[0]
-    tensor = onnx.TensorProto(name=name, data_type=getattr(onnx.TensorProto, type_name), dims=list(q.shape))
-    if bits < 8:
-        # ONNX packs INT4 two and INT2 four to a byte, first element in the low bits: pack_bits' layout, applied
-        # to the two's-complement bit patterns.
-        patterns = torch.from_numpy(q.astype(np.int64) & (2**bits - 1))
-        tensor.raw_data = pack_bits(patterns, bits).numpy().tobytes()
-    else:
-        tensor.raw_data = q.astype(f"<i{bits // 8}").tobytes()
-    return tensor, type_name
-
-
-def _dequantize_weights(proto: Any, layers: dict[str, QuantLayer], opset: int) -> dict[str, str]:
-    """Replace the float initializer of every quantized weight (``{state_dict key: layer}``) by integer levels and
-    DequantizeLinear."""
-    import onnx
-    from onnx import numpy_helper
-
-    initializers = {t.name: t for t in proto.graph.initializer}
-    replaced: dict[str, str] = {}
-    done: set[int] = set()  # a weight tied between layers is one initializer, under its first key
-    added_initializers, added_nodes = [], []
-    for key, layer in layers.items():
-        if id(layer.weight) in done:
-            continue
-        done.add(id(layer.weight))
-        stored = initializers.get(key)
-        with torch.no_grad():
-            q = levels(layer.quantizer.encode(layer.weight.detach().cpu()), layer.quantizer.bits).numpy()
-        weight = numpy_helper.to_array(stored) if stored is not None else None
-        axis = 0
-        if weight is not None and weight.shape != q.shape and weight.ndim == 2 and weight.shape == q.T.shape:
-            q, axis = q.T, 1  # a Linear exported as MatMul with the transposed weight
-        scale = None
-        if weight is not None and weight.shape == q.shape and weight.dtype == np.float32:
-            # per-channel scales run along dimension 0, or 1 for a transposed convolution's [C_in, C_out / g, ...]
-            for candidate in (axis, 1) if layer.channel_axis == 1 else (axis,):
-                scale = _channel_scales(np.moveaxis(weight, candidate, 0), np.moveaxis(q, candidate, 0))
-                if scale is not None:
-                    axis = candidate
-                    break
-        if scale is None:
-            logger.warning(
-                "ONNX export: %s keeps float weights (the exporter did not keep it as the quantized "
-                "weight times a per-channel scale)",
-                key,
-            )
-            continue
-        integers, type_name = _onnx_int(f"{key}_quantized", np.ascontiguousarray(q), opset)
-        per_layer = bool(np.all(scale == scale[0]))
-        scale_tensor = numpy_helper.from_array(np.array(scale[0]) if per_layer else scale, f"{key}_scale")
-        added_initializers += [integers, scale_tensor]
-        node = onnx.helper.make_node(
-            "DequantizeLinear", [integers.name, scale_tensor.name], [key], name=f"{key}_dequantize"
-        )
-        if not per_layer:
-            node.attribute.append(onnx.helper.make_attribute("axis", axis))
-        added_nodes.append(node)
-        replaced[key] = type_name
-    kept = [t for t in proto.graph.initializer if t.name not in replaced]
-    nodes = added_nodes + list(proto.graph.node)  # the weights are computed before anything uses them
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept + added_initializers)
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    return replaced
+#: What the ONNX export needs, as messages say it.
+ONNX_PACKAGES = "onnx, onnxscript and onnxruntime (the onnx extra): pip install onnx onnxscript onnxruntime"
+#: The ``metadata_props`` key of an exported file's content digest (``integrity.seal``).
+DIGEST_KEY = "metaquant.digest"
+# The digest's metadata entry as protobuf encodes it: key (field 1, 16 bytes), value (field 2: the JSON string of
+# "sha256:" and 64 hex digits, 73 bytes).
+_DIGEST_ENTRY = re.compile(rb'\n\x10metaquant\.digest\x12I"(sha256:[0-9a-f]{64})"')
+_DIGEST_VALUE = re.compile(rb"sha256:[0-9a-f]{64}")
 
 
 def _onnx_inputs(model: nn.Module, args: tuple[Any, ...]) -> tuple[list[str], tuple[Any, ...]]:
@@ -205,14 +81,15 @@ def export_onnx(
 ) -> int:
     """Write the quantized inference model as ONNX with integer weights; returns the file's size in bytes.
 
-    The network is ``materialize(model)``; the exporter folds BatchNorm into the preceding convolutions, and
-    every quantized weight is then stored as its integer levels (``levels``) in the smallest ONNX integer type
-    the opset has (INT4 at opset 21, INT2 from opset 25 for 1-bit and ternary levels) followed by
-    ``DequantizeLinear`` with per-output-channel scales (one scale when they are all equal). The batch dimension
-    is dynamic; ``metadata`` is stored as the model's ``metadata_props`` (JSON values). A float64 or bfloat16
-    model is exported in float32, the type every ONNX runtime executes, its inputs too. A weight tied between a
-    quantized layer and a full-precision one is stored twice, as ``materialize`` holds it. Needs the ``onnx``
-    extra (``pip install 'metaquant-torch[onnx]'``: onnx, onnxscript, onnxruntime).
+    The network is ``materialize(model)`` in float32 (the type every ONNX runtime executes; its inputs too), in
+    which every quantized weight is its integer levels (``levels``) in the smallest ONNX integer type the opset
+    has (INT4 at opset 21, INT2 from opset 25 for 1-bit and ternary levels) followed by ``DequantizeLinear``,
+    whatever the exporter makes of the weight (transposed, split into attention projections, reordered into an
+    ONNX LSTM's gates, tied). A BatchNorm after a convolution is folded into its scales, one per output channel
+    (one scale when they are all equal). A quantized weight the forward pass does not use for ``example`` is
+    not in the file (a warning names it). The batch dimension is dynamic; ``metadata`` is stored as the model's
+    ``metadata_props`` (JSON values), with a content digest that ``read_onnx`` checks. Needs onnx, onnxscript
+    and onnxruntime (the ``onnx`` extra).
 
     Args:
         model: a model converted by ``quantize_`` (it is not changed).
@@ -223,15 +100,16 @@ def export_onnx(
             e.g. ``batch.image``). Dimension 0 of every tensor is the batch, dynamic in the file; an example
             batch of 2 or more keeps layers that treat a batch of 1 specially from fixing it.
         metadata: values to keep in the file, each stored as a JSON string under its key.
-        opset: the ONNX opset, at least 13 (per-axis DequantizeLinear, INT8 and wider); 21 (the default) adds
-            INT4, 25 adds INT2 (a runtime that implements opset 25 is needed to read it; onnxruntime 1.32 does).
+        opset: the ONNX opset, at least 13 (per-axis DequantizeLinear, INT8); 21 (the default) adds INT4 and
+            INT16, 25 adds INT2 (a runtime that implements opset 25 is needed to read it; onnxruntime 1.32 does).
 
     Returns:
         The file's size in bytes.
 
     Raises:
-        ImportError: the ``onnx`` extra is not installed.
-        ValueError: ``opset`` is below 13.
+        ImportError: onnx or onnxscript is not installed.
+        ValueError: ``opset`` is below 13; levels no integer type of ``opset`` holds (8-bit DoReFa below 21);
+            ``metadata`` uses the key ``DIGEST_KEY``.
 
     Example:
         Exporting takes seconds (``torch.export``); ``export_onnx(model, "model.onnx", torch.zeros(1, 1, 28,
@@ -250,46 +128,121 @@ def export_onnx(
     """
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} (per-axis DequantizeLinear), got {opset}")
+    if DIGEST_KEY in (metadata or {}):
+        raise ValueError(f"metadata: the key {DIGEST_KEY!r} is the file's own (its content digest)")
     try:
         import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
-        raise ImportError("ONNX export needs the onnx extra: pip install 'metaquant-torch[onnx]'") from None
+        raise ImportError(f"ONNX export needs {ONNX_PACKAGES}") from None
 
-    layers = quantized_weight_keys(model)
-    inference = _float32_inference(model)
+    inference, weights = dequantized_inference(model, opset)
     path = Path(path)
     proto = _run_exporter(inference, _exporter_inputs(inference, example), opset, path.with_name(f".{path.name}.tmp"))
-    replaced = _dequantize_weights(proto, layers, opset)
-    for node in proto.graph.node:
-        # The exporter annotates every node with its Python stack trace and module path: a third of a small
-        # model's file, and the paths of the machine that exported it. Inference needs none of it.
-        del node.metadata_props[:]
-        node.doc_string = ""
-    if "INT2" in replaced.values():
+    _check_exported(proto, opset)
+    stored = _integer_weights(proto, inference, weights, opset)
+    if "INT2" in stored.values():
         proto.ir_version = max(proto.ir_version, 12)  # INT2 is an IR version 12 type
-    for key, value in (metadata or {}).items():
+    for key, value in (*(metadata or {}).items(), (DIGEST_KEY, DIGEST_PLACEHOLDER)):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
+    data = seal(proto.SerializeToString())
     atomic_write_bytes(path, data)
     logger.debug(
-        "ONNX export: %d of %d quantized weights as integers (%s)",
-        len(replaced),
-        len(layers),
-        ", ".join(sorted(set(replaced.values()))),
+        "ONNX export: %d quantized weights as integers (%s)", len(stored), ", ".join(sorted(set(stored.values())))
     )
     return len(data)
 
 
-def _float32_inference(model: nn.Module) -> nn.Module:
-    """``materialize(model)`` on the CPU in float32, the type every ONNX runtime executes."""
-    inference = materialize(model).cpu()
-    kinds = {p.dtype for p in (*inference.parameters(), *inference.buffers()) if p.is_floating_point()}
-    if kinds - {torch.float32}:
-        logger.info("ONNX export: the model's %s tensors are exported as float32", ", ".join(sorted(map(str, kinds))))
-        inference = inference.float()
-    return inference
+def _check_exported(proto: Any, opset: int) -> None:
+    """Warn about a batch size the traced forward pass made a constant, and an opset other than ``opset``."""
+    dims = {i.name: i.type.tensor_type.shape.dim for i in proto.graph.input}
+    fixed = [name for name, d in dims.items() if d and d[0].HasField("dim_value")]
+    if fixed:
+        logger.warning(
+            "ONNX export: the batch size of %s is fixed to the example's: the forward pass made it a constant "
+            "(e.g. len(x) rather than x.shape[0])",
+            ", ".join(fixed),
+        )
+    written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        logger.warning(
+            "ONNX export: the exporter wrote opset %d, as it could not convert the graph to %d", written, opset
+        )
+
+
+def _integer_weights(proto: Any, inference: nn.Module, weights: list[QuantizedWeight], opset: int) -> dict[str, str]:
+    """The graph passes of ``onnx_graph``; returns ``{key: ONNX integer type}`` for every ``state_dict`` key whose
+    quantized weight the file holds."""
+    index = {id(w.module.levels): i for i, w in enumerate(weights)}
+    buffers = {name: index[id(b)] for name, b in inference.named_buffers(remove_duplicate=False) if id(b) in index}
+    found = name_weights(proto, weights, buffers)
+    fold_batchnorm(proto, found)
+    types = store_levels(proto, found, opset)
+    prune(proto)
+    stored, unused = {}, []
+    for weight in weights:
+        # the exporter keeps one copy of equal initializers: a weight equal to another one is stored as that one
+        same = next((w for w in weights if w.keys[0] in found and w.module.same_levels(weight.module)), None)
+        for key in weight.keys:
+            if same is None:
+                unused.append(key)
+            else:
+                stored[key] = types[same.keys[0]]
+    if unused:
+        logger.warning(
+            "ONNX export: not in the file, as the forward pass did not use them for the example input: %s",
+            ", ".join(unused),
+        )
+    return stored
+
+
+def read_onnx(path: str | Path) -> bytes:
+    """The bytes of an ONNX file written by ``export_onnx``, after checking its content digest.
+
+    Load the model from the returned bytes (``onnxruntime.InferenceSession(data)``, ``onnx.load_from_string``),
+    so that the bytes checked are the bytes used. A file without digest (written by an earlier metaquant, or
+    by another program) is returned unchecked, with a log line that says so.
+
+    Args:
+        path: the ``.onnx`` file.
+
+    Returns:
+        The file's bytes.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file's bytes are not those that were written (its digest does not match).
+
+    Example:
+        >>> import onnxruntime
+        >>> from metaquant.export import export_onnx, read_onnx
+        >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 2))).eval()
+        >>> _ = export_onnx(model, "tiny.onnx", torch.zeros(2, 4))
+        >>> session = onnxruntime.InferenceSession(read_onnx("tiny.onnx"))  # the bytes checked are the bytes run
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model(x), atol=1e-6)
+        True
+        >>> data = bytearray(open("tiny.onnx", "rb").read()); data[40] ^= 1  # one bit flipped
+        >>> _ = open("tiny.onnx", "wb").write(data)
+        >>> read_onnx("tiny.onnx")
+        Traceback (most recent call last):
+        ...
+        ValueError: tiny.onnx is damaged: its content digest does not match its data (...)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    data = path.read_bytes()
+    found = _DIGEST_ENTRY.search(data)
+    if found is not None:
+        verify_seal(data, found.group(1).decode(), path)
+    elif DIGEST_KEY.encode() in data or _DIGEST_VALUE.search(data):
+        raise ValueError(f"{path} is damaged: its content digest entry is unreadable")
+    else:
+        logger.warning("%s has no content digest (written before metaquant's exports carried one): not checked", path)
+    return data
 
 
 #: ``torch.onnx.export``'s ``args``, ``kwargs``, input names and dynamic shapes.
@@ -319,16 +272,30 @@ def _exporter_inputs(inference: nn.Module, example: Tensor | tuple[Any, ...]) ->
     return (), kwargs, input_names, shapes
 
 
+def _dequantize_linear(opset: int) -> Any:
+    """The ONNX translation of ``metaquant::dequantize_linear``: one ``DequantizeLinear`` node."""
+    import onnxscript
+
+    op = onnxscript.values.Opset("", opset)
+
+    def dequantize_linear(levels: Any, scale: Any, axis: int) -> Any:
+        return op.DequantizeLinear(levels, scale, axis=axis)
+
+    return dequantize_linear
+
+
 def _run_exporter(inference: nn.Module, inputs: _ExporterInputs, opset: int, tmp: Path) -> Any:
     """The ONNX model ``torch.onnx.export`` makes of ``inference``, written to ``tmp`` (removed after) and loaded."""
     import onnx
 
     args, kwargs, input_names, dynamic_shapes = inputs
     # torch.export-based exporter (the current one); it reports its progress through warnings, prints and
-    # log records, none of which concern the user of a plain CNN.
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
+    # log records (its optimizer's too, and a traceback when it cannot convert to an older opset, which it then
+    # does not use: export_onnx says so), none of which concern the user of a plain CNN.
+    loggers = {name: logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")}
+    levels = {name: log.level for name, log in loggers.items()}
+    for name, log in loggers.items():
+        log.setLevel(logging.ERROR if name == "torch.onnx" else logging.CRITICAL)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -344,8 +311,10 @@ def _run_exporter(inference: nn.Module, inputs: _ExporterInputs, opset: int, tmp
                 external_data=False,
                 verbose=False,
                 opset_version=opset,
+                custom_translation_table={dequantize_op(): _dequantize_linear(opset)},
             )
         return onnx.load(str(tmp))
     finally:
-        exporter_log.setLevel(level)
+        for name, log in loggers.items():
+            log.setLevel(levels[name])
         tmp.unlink(missing_ok=True)

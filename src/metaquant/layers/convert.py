@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -89,11 +90,29 @@ def _holds_weights(module: nn.Module) -> bool:
     return any(p is not None and p.dim() >= 2 for p in module._parameters.values())
 
 
+def _unsupported(module: nn.Module) -> str:
+    """Why a module holding weights of its own is left in full precision: a ``torch.nn`` layer type quantize_ does
+    not support, or a module of the user's whose own Parameters (a class token, a positional embedding, a weight
+    it multiplies with itself) no supported layer computes with; the rest of that module is not concerned."""
+    if type(module).__module__.startswith("torch."):
+        return "not a layer type quantize_ supports"
+    own = [f"{n} {list(p.shape)}" for n, p in module._parameters.items() if p is not None and p.dim() >= 2]
+    return (
+        f"its own Parameter{'s' if len(own) > 1 else ''} {', '.join(own)}, which its forward uses directly "
+        "(quantize_ converts layers: those inside it are converted)"
+    )
+
+
 def _problem(module: nn.Module, base: type[nn.Module]) -> tuple[str | None, bool]:
     """Why ``module`` (an instance of the supported ``base``) cannot be converted, and whether that is an error
     even when ``quantize_`` chose it by default (rather than a reason to leave it in full precision)."""
     if torch.nn.utils.parametrize.is_parametrized(module):
-        return "it has parametrizations (e.g. weight_norm); remove them first", True
+        names = list(cast(nn.ModuleDict, module.parametrizations))
+        removals = ", ".join(f"torch.nn.utils.parametrize.remove_parametrizations(module, {n!r})" for n in names)
+        return (
+            f"its {', '.join(names)} {'is' if len(names) == 1 else 'are'} parametrized (e.g. by weight_norm), which "
+            f"a quantized layer cannot follow; call {removals} first, or leave the layer out with filter_fn"
+        ), True
     hook = _weight_hook(module)
     if hook:
         return hook, True
@@ -125,7 +144,8 @@ def _weight_hook(module: nn.Module, names: tuple[str, ...] | None = None) -> str
             if isinstance(hook, kind) and (names is None or name in names):
                 return (
                     f"its {name} is recomputed before each forward pass by {made_by}, which a quantized layer "
-                    f"cannot follow; call {remove.format(name)} first"
+                    f"cannot follow; call {remove.format(name)} first, or leave the layer out of quantize_ with "
+                    "filter_fn"
                 )
     return None
 
@@ -308,7 +328,7 @@ def _plan_module(plan: _Plan, name: str, module: nn.Module, filter_fn: FilterFn 
                 "(and their subclasses that keep their forward)"
             )
         if _holds_weights(module):
-            plan.unasked.append((name, module, "not a layer type quantize_ supports"))
+            plan.unasked.append((name, module, _unsupported(module)))
         return
     kind = _KINDS[base][1]
     if filter_fn is None and kind != "default" and kind not in kinds:

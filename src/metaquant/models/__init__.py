@@ -1,17 +1,14 @@
 """Full-precision networks used in the MetaQuant experiments, by name.
 
-The models are ordinary ``nn.Module`` s built from plain ``nn.Conv2d``,
-``nn.Linear`` and BatchNorm layers; quantization swaps the convolutions and
-linear layers afterwards, so nothing here knows about quantization.
+Plain ``nn.Conv2d``/``nn.Linear``/BatchNorm modules; quantization swaps the convolutions and linear layers
+afterwards, so nothing here knows about it:
 
-* CIFAR ResNets ``resnet8/20/32/44/56/110`` (He et al., CVPR 2016), with the
-  parameter names of the original MetaQuant checkpoints;
+* CIFAR ResNets ``resnet8/20/32/44/56/110`` (He et al., CVPR 2016), with the original MetaQuant checkpoints'
+  parameter names;
 * ImageNet ``resnet18`` (He et al., CVPR 2016), with torchvision's names;
-* ``lab``, the VGG-style network of Hou et al., ICLR 2017, used in the
-  MetaQuant paper (Chen, Wang, Pan, NeurIPS 2019), Table 4.
+* ``lab``, the VGG-style network of Hou et al., ICLR 2017, in the MetaQuant paper's Table 4.
 
-Use :func:`get_model` to build one by name, and :func:`load_weights` to fill
-it from a checkpoint.
+:func:`get_model` builds one by name, :func:`load_weights` fills it from a checkpoint.
 """
 
 from __future__ import annotations
@@ -64,12 +61,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def model_names() -> list[str]:
-    """The canonical names :func:`get_model` accepts, in registry order.
-
-    Example:
-        >>> mq.models.model_names()
-        ['resnet8', 'resnet20', 'resnet32', 'resnet44', 'resnet56', 'resnet110', 'resnet18', 'lab']
-    """
+    """The canonical names :func:`get_model` accepts, in registry order."""
     return list(MODELS)
 
 
@@ -80,35 +72,14 @@ def _canonical(name: str) -> str:
 
 
 def get_model(name: str, *, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> nn.Module:
-    """Build a freshly initialised model by name.
+    """A freshly initialised model (training mode, Kaiming-initialised convolutions) by name.
 
-    Args:
-        name: one of :func:`model_names`, case-insensitive; the original
-            MetaQuant spellings ("ResNet20", "ResNet18", ...) are accepted.
-        num_classes: size of the output logits.
-        in_channels: channels of the input images (1 for Fashion-MNIST).
-        image_size: side of the square input images; only models with
-            fully-connected layers after the convolutions ("lab") use it,
-            the ResNets pool adaptively and accept any size.
-
-    Returns:
-        The model, in training mode, with Kaiming-initialised convolutions.
+    ``name`` is case-insensitive and accepts the original spellings ("ResNet20", "resnet-20"); ``image_size`` is
+    used only by models with fully-connected layers after the convolutions ("lab"): the ResNets pool adaptively.
 
     Raises:
-        TypeError: ``name`` is not a str, or ``num_classes`` / ``in_channels`` /
-            ``image_size`` is not an int (``bool`` included).
-        ValueError: unknown name (the message lists the allowed ones), or
-            ``num_classes`` / ``in_channels`` / ``image_size`` < 1.
-
-    Example:
-        >>> net = mq.models.get_model("ResNet-20", num_classes=100, in_channels=1)
-        >>> type(net).__name__, net.depth, net.fc.out_features, net.conv1.in_channels
-        ('CifarResNet', 20, 100, 1)
-        >>> try:
-        ...     mq.models.get_model("vgg16")
-        ... except ValueError as err:
-        ...     print(err)
-        unknown model 'vgg16'; allowed names (case-insensitive): resnet8, resnet20, ..., resnet18, lab
+        TypeError: ``name`` is not a str, or a size is not an int (``bool`` included).
+        ValueError: unknown name (the message lists the allowed ones), or a size < 1.
     """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {name!r} ({type(name).__name__}); allowed: {model_names()}")

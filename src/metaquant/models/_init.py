@@ -1,8 +1,4 @@
-"""Weight initialisation shared by the models of :mod:`metaquant.models`.
-
-Kaiming (He) initialisation from He, Zhang, Ren, Sun, "Delving Deep into
-Rectifiers", ICCV 2015 (arXiv:1502.01852), as used by the ResNet paper.
-"""
+"""Kaiming (He) initialisation (He, Zhang, Ren, Sun, ICCV 2015, arXiv:1502.01852), as in the ResNet paper."""
 
 from __future__ import annotations
 
@@ -10,12 +6,8 @@ from torch import nn
 
 
 def kaiming_init_(model: nn.Module) -> None:
-    """Kaiming-normal convolutions, BatchNorm to the identity map.
-
-    ``fan_out`` with the ReLU gain keeps the activations' variance roughly
-    constant through the stack.  Linear layers keep
-    PyTorch's default initialisation.
-    """
+    """Kaiming-normal convolutions (``fan_out``, ReLU gain: the activations' variance stays roughly constant
+    through the stack), BatchNorm to the identity map; Linear layers keep PyTorch's default."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

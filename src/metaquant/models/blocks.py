@@ -1,17 +1,9 @@
-"""The residual BasicBlock shared by the CIFAR and ImageNet ResNets.
+"""The residual BasicBlock shared by the CIFAR and ImageNet ResNets (He et al., CVPR 2016, arXiv:1512.03385).
 
-Two 3x3 convolutions with BatchNorm, added to a shortcut, as in
-He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition",
-CVPR 2016 (arXiv:1512.03385).  Where the block changes the spatial size or
-the channel count, the shortcut is a 1x1 convolution + BatchNorm (the
-paper's "option B"); otherwise it is the identity.
-
-The submodule names (``conv1``, ``bn1``, ``conv2``, ``bn2``,
-``downsample.0``, ``downsample.1``) are part of the public contract: they are
-the names used by the original MetaQuant checkpoints and by torchvision, so
-existing state_dicts load with ``strict=True``.  All layers are plain
-``nn.Conv2d`` / ``nn.BatchNorm2d`` so that quantization can later swap the
-convolutions in place.
+Two 3x3 convolutions with BatchNorm, added to a shortcut: a 1x1 convolution + BatchNorm where the block changes
+the size or the channels (the paper's "option B"), else the identity. The submodule names (``conv1``, ``bn1``,
+``conv2``, ``bn2``, ``downsample.0``, ``downsample.1``) are those of the original MetaQuant checkpoints and of
+torchvision, so their state_dicts load with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -30,11 +22,8 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``.
-
-    Shapes: input ``(B, in_channels, H, W)``, output
-    ``(B, out_channels, ceil(H / stride), ceil(W / stride))``.
-    """
+    """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``: ``(B, in, H, W)`` to
+    ``(B, out, ceil(H / stride), ceil(W / stride))``."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()

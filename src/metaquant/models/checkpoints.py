@@ -1,24 +1,16 @@
 """Reading model weights from checkpoints, with clear errors on mismatch.
 
-Three checkpoint layouts are accepted:
+Accepted layouts:
 
-* a plain ``state_dict`` (``{name: Tensor}``), as written by the original
-  MetaQuant code (e.g. ``ResNet20-CIFAR10-pretrain.pth``);
-* this library's training checkpoint, a dict whose ``"model"`` entry is the
-  state_dict (``{"model": ..., "optimizer": ..., "epoch": ..., "config": ...}``);
-  when the run averaged its weights (``metaquant.averaging``), the model it
-  delivers is the average, in the ``"averaged"`` entry (an ``AveragedModel``'s
-  state_dict: ``"module."``-prefixed weights and ``n_averaged``), and that is
-  the one read;
-* either of the above saved from an ``nn.DataParallel`` /
-  ``DistributedDataParallel`` wrapper, whose keys start with ``"module."``
-  (the prefix is stripped).
+* a plain ``state_dict`` (``{name: Tensor}``), as the original MetaQuant code wrote them
+  (e.g. ``ResNet20-CIFAR10-pretrain.pth``);
+* this library's training checkpoint, a dict whose ``"model"`` entry is the state_dict; when the run averaged
+  its weights (``metaquant.averaging``), the delivered model is the ``"averaged"`` entry (an
+  ``AveragedModel``'s state_dict: ``"module."``-prefixed weights and ``n_averaged``), which is read instead;
+* either saved from a ``DataParallel``/``DistributedDataParallel`` wrapper (``"module."`` prefixes stripped).
 
-Files are read with ``torch.load(map_location="cpu", weights_only=True)``,
-so loading a checkpoint never runs pickled code.  A checkpoint made for
-another architecture (other depth, ``num_classes`` or ``in_channels``) is
-reported as one ``ValueError`` naming the first few missing keys,
-unexpected keys and shape mismatches, instead of torch's long RuntimeError.
+Files are read with ``torch.load(weights_only=True)``: loading never runs pickled code. A checkpoint for
+another architecture is one ``ValueError`` naming the first missing and unexpected keys and shape mismatches.
 """
 
 from __future__ import annotations
@@ -55,18 +47,8 @@ ACCEPTED = (
 
 
 class LoadResult(NamedTuple):
-    """Keys that were not loaded; both empty after a strict load.
-
-    Returned by :func:`load_weights`; with ``strict=False`` it tells which of the
-    model's keys kept their initial values (``missing_keys``) and which
-    checkpoint entries were ignored (``unexpected_keys``).
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3))
-        >>> ckpt = {"0.weight": torch.zeros(3, 4), "0.bias": torch.zeros(3), "head.weight": torch.zeros(2, 3)}
-        >>> mq.models.load_weights(net, ckpt, strict=False)
-        LoadResult(missing_keys=[], unexpected_keys=['head.weight'])
-    """
+    """The model's keys left at their initial values and the checkpoint's entries ignored by a ``strict=False``
+    :func:`load_weights`; both empty after a strict load."""
 
     missing_keys: list[str]
     unexpected_keys: list[str]
@@ -105,38 +87,21 @@ def _strip_wrapper_prefix(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]
 
 
 def extract_state_dict(obj: object) -> dict[str, Tensor]:
-    """Return the model state_dict held by a loaded checkpoint object.
-
-    Args:
-        obj: what ``torch.load`` returned: a plain state_dict, or a dict with
-            a ``"model"`` entry holding one (or an ``"averaged"`` entry, read
-            first: the weights a run that averaged delivers); ``"module."`` key
-            prefixes are removed.
-
-    Returns:
-        A new ``{name: Tensor}`` dict (the tensors are not copied).
+    """The model state_dict (a new dict of the same tensors) held by a loaded checkpoint, in any accepted layout.
 
     Raises:
-        ValueError: ``obj`` is neither; the message says what was found.
+        ValueError: ``obj`` is none of the accepted layouts; the message says what was found.
 
     Example:
-        A training checkpoint saved from a ``DistributedDataParallel`` model:
+        A training checkpoint of a ``DistributedDataParallel`` model, then with a weight average, which wins:
 
         >>> ckpt = {"model": {"module.fc.weight": torch.zeros(2, 4), "module.fc.bias": torch.zeros(2)}, "epoch": 7}
         >>> list(mq.models.extract_state_dict(ckpt))
         ['fc.weight', 'fc.bias']
-
-        A run that averaged its weights delivers the average:
-
         >>> ckpt["averaged"] = {"n_averaged": torch.tensor(9), "module.fc.weight": torch.ones(2, 4),
         ...                     "module.fc.bias": torch.ones(2)}
         >>> mq.models.extract_state_dict(ckpt)["fc.bias"].tolist()
         [1.0, 1.0]
-        >>> try:
-        ...     mq.models.extract_state_dict({"epoch": 7})
-        ... except ValueError as err:
-        ...     print(err)
-        not a model checkpoint: found a dict {'epoch': int}; accepted: a state_dict {name: Tensor}, ...
     """
     if _is_state_dict(obj):
         return _strip_wrapper_prefix(obj)  # type: ignore[arg-type]
@@ -162,39 +127,14 @@ def extract_state_dict(obj: object) -> dict[str, Tensor]:
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """Load a checkpoint file onto the CPU without running pickled code.
-
-    Uses ``torch.load(path, map_location="cpu", weights_only=True)``, so tensors
-    and plain containers load, and nothing else is unpickled.
-
-    Args:
-        path: the file written by ``torch.save``.
-
-    Returns:
-        The loaded object as saved (pass it to :func:`extract_state_dict` or
-        :func:`load_weights`).
+    """Load a checkpoint file onto the CPU with ``torch.load(weights_only=True)``: tensors and plain containers.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: ``path`` is not a regular file, or is empty, or is not a
-            readable torch checkpoint (corrupt, truncated, another format, or it
-            pickles objects that ``weights_only=True`` refuses), or its bytes
-            changed since it was written (a zip CRC or the content digest of
-            :mod:`metaquant.integrity` disagrees); the message names ``path``.
-        OSError: the file exists but cannot be read (e.g. no permission).
-
-    Example:
-        >>> from pathlib import Path
-        >>> torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, "read-me.pt")
-        >>> ckpt = mq.models.read_checkpoint("read-me.pt")
-        >>> ckpt["epoch"], ckpt["model"]["w"].tolist()
-        (3, [1.0, 1.0])
-        >>> _ = Path("notes.txt").write_text("not a checkpoint")
-        >>> try:
-        ...     mq.models.read_checkpoint("notes.txt")
-        ... except ValueError as err:
-        ...     print(err)
-        cannot load checkpoint file notes.txt: not a torch checkpoint, or corrupt or truncated (...)
+        ValueError: not a regular file, empty, not a readable torch checkpoint (corrupt, truncated, another
+            format, or objects ``weights_only`` refuses), or bytes changed since written (a zip CRC or the
+            digest of :mod:`metaquant.integrity`); the message names ``path``.
+        OSError: the file cannot be read (e.g. no permission).
     """
     p = Path(path)
     if not p.exists():
@@ -274,37 +214,14 @@ def load_weights(
     path_or_obj: str | os.PathLike[str] | Mapping[str, Any],
     strict: bool = True,
 ) -> LoadResult:
-    """Load checkpoint weights into ``model`` in place.
+    """Load checkpoint weights (a file, or a loaded checkpoint in an accepted layout) into ``model`` in place.
 
-    Args:
-        model: the model to fill, e.g. ``get_model("resnet20")``.
-        path_or_obj: a checkpoint file path, or an already loaded checkpoint
-            object in one of the layouts of :func:`extract_state_dict`.
-        strict: if True, the checkpoint must hold exactly the model's keys.
-            Shapes must match in either case.
-
-    Returns:
-        The keys that were not loaded (both lists empty when ``strict``).
+    ``strict``: the checkpoint must hold exactly the model's keys; shapes must match either way.
 
     Raises:
-        ValueError: the checkpoint does not fit the model; one message lists
-            the first few missing keys, unexpected keys and shape mismatches;
-            or it is not a model checkpoint (see :func:`extract_state_dict`).
-        FileNotFoundError / ValueError / OSError: the file cannot be read, see
-            :func:`read_checkpoint`.
-
-    Example:
-        >>> def make():
-        ...     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
-        >>> trained, fresh = make(), make()
-        >>> torch.save({"model": trained.state_dict(), "epoch": 3}, "ckpt.pt")
-        >>> mq.models.load_weights(fresh, "ckpt.pt"), torch.equal(fresh[2].weight, trained[2].weight)
-        (LoadResult(missing_keys=[], unexpected_keys=[]), True)
-        >>> try:
-        ...     mq.models.load_weights(torch.nn.Sequential(torch.nn.Linear(4, 3)), "ckpt.pt")
-        ... except ValueError as err:
-        ...     print(err)
-        checkpoint file ckpt.pt does not fit Sequential (...): 2 unexpected keys (2.weight, 2.bias)
+        ValueError: the checkpoint does not fit the model (one message lists the first few missing and
+            unexpected keys and shape mismatches), or is not a model checkpoint.
+        FileNotFoundError, ValueError, OSError: the file cannot be read (see :func:`read_checkpoint`).
     """
     if isinstance(path_or_obj, (str, os.PathLike)):
         source = f"checkpoint file {Path(path_or_obj)}"

@@ -1,17 +1,10 @@
 """The "LAB" VGG-style network of the MetaQuant paper (Table 4).
 
-Architecture (2x128C3)-MP2-(2x256C3)-MP2-(2x512C3)-MP2-(2x1024FC)-10FC, the
-CIFAR-10 network used by Hou, Yao, Kwok, "Loss-aware Binarization of Deep
-Networks", ICLR 2017 (arXiv:1611.01600), itself taken from BinaryConnect
-(Courbariaux et al., NeurIPS 2015) with its final SVM replaced by a linear
-classifier.  MetaQuant (Chen, Wang, Pan, NeurIPS 2019) compares against LAB
-on this network.
-
-Every convolution and hidden fully-connected layer is followed by
-BatchNorm and ReLU.  Those layers have no bias, because the BatchNorm shift
-makes it redundant; the final classifier has one.  The first fully-connected
-layer's input size depends on the image size: three 2x2 max-poolings (floor
-division) turn 32x32 into 4x4 and 28x28 into 3x3.
+(2x128C3)-MP2-(2x256C3)-MP2-(2x512C3)-MP2-(2x1024FC)-10FC, the CIFAR-10 network of Hou, Yao, Kwok,
+"Loss-aware Binarization of Deep Networks", ICLR 2017 (from BinaryConnect, with a linear classifier instead
+of the SVM). Every convolution and hidden FC layer is followed by BatchNorm and ReLU and has no bias (the
+BatchNorm shift makes it redundant). Three floor 2x2 poolings turn 32x32 into 4x4 and 28x28 into 3x3, which
+sizes the first FC layer.
 """
 
 from __future__ import annotations
@@ -39,39 +32,12 @@ def pooled_size(image_size: int) -> int:
 
 
 class LabNet(nn.Module):
-    """(2x128C3)-MP2-(2x256C3)-MP2-(2x512C3)-MP2-(2x1024FC)-FC.
-
-    Args:
-        num_classes: size of the output logits.
-        in_channels: channels of the input images.
-        image_size: side of the square input images; fixes the first FC's
-            input size to ``512 * s * s`` with ``s = image_size // 8``.
-
-    Shapes: input ``(B, in_channels, image_size, image_size)``, output
-    ``(B, num_classes)``.
+    """(2x128C3)-MP2-(2x256C3)-MP2-(2x512C3)-MP2-(2x1024FC)-FC for ``(B, in_channels, image_size, image_size)``
+    inputs; the first FC layer takes ``512·s·s`` inputs with ``s = image_size // 8``.
 
     Raises:
         TypeError: an argument is not an int.
-        ValueError: an argument is < 1, or ``image_size < 8`` (three poolings
-            would leave nothing); the forward pass raises it for inputs of
-            another size than ``image_size``.
-
-    Example:
-        For 8x8 inputs one 512-channel pixel reaches the classifier, whose size
-        is then ``512·1024 + 1024·1024 + 1024·10 + 10`` weights and biases plus
-        ``2·2·1024`` BatchNorm parameters:
-
-        >>> net = mq.models.LabNet(num_classes=10, image_size=8)
-        >>> net(torch.randn(2, 3, 8, 8)).shape
-        torch.Size([2, 10])
-        >>> fc_params = sum(p.numel() for p in net.classifier.parameters())
-        >>> fc_params == 512 * 1024 + 1024 * 1024 + 1024 * 10 + 10 + 2 * 2 * 1024
-        True
-        >>> try:
-        ...     net(torch.randn(2, 3, 32, 32))
-        ... except ValueError as err:
-        ...     print(err)
-        LAB net was built for (B, 3, 8, 8) inputs, got (2, 3, 32, 32); build it with image_size matching the data
+        ValueError: an argument is < 1, or ``image_size < 8``; in the forward pass, an input of another size.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> None:
@@ -129,22 +95,5 @@ class LabNet(nn.Module):
 
 
 def lab(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> LabNet:
-    """The LAB network for ``image_size`` x ``image_size`` inputs.
-
-    Args:
-        num_classes: size of the output logits.
-        in_channels: channels of the input images.
-        image_size: side of the square input images (at least 8).
-
-    Raises:
-        TypeError, ValueError: see :class:`LabNet`.
-
-    Example:
-        Three floor poolings turn 28x28 Fashion-MNIST into 3x3, so the first
-        FC layer takes ``512·3·3`` inputs:
-
-        >>> net = mq.models.lab(in_channels=1, image_size=28)
-        >>> net.classifier[0].in_features, net.features[0].in_channels
-        (4608, 1)
-    """
+    """The LAB network for ``image_size`` x ``image_size`` inputs (at least 8)."""
     return LabNet(num_classes=num_classes, in_channels=in_channels, image_size=image_size)

@@ -1,22 +1,12 @@
-"""CIFAR ResNets (ResNet20/32/44/56/110), the MetaQuant paper's main networks.
+"""CIFAR ResNets (ResNet8/20/32/44/56/110), the MetaQuant paper's main networks.
 
-The depth-(6n+2) residual networks for 32x32 images from
-He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition",
-CVPR 2016 (arXiv:1512.03385), Section 4.2: a 3x3 stem convolution with 16
-channels, three stages of ``n`` BasicBlocks with 16, 32 and 64 channels (the
-first block of stages 2 and 3 halves the spatial size), global average
-pooling and a linear classifier.  MetaQuant (Chen, Wang, Pan, "MetaQuant:
-Learning to Quantize by Learning to Penetrate Non-differentiable
-Quantization", NeurIPS 2019) binarizes ResNet20/32/44/56 of this family.
-
-Two choices follow the original MetaQuant code rather than the 2016 paper,
-so that its pretrained checkpoints load with ``strict=True``:
-
-* the shortcut of a downsampling block is a strided 1x1 convolution +
-  BatchNorm (``downsample.0`` / ``downsample.1``), not zero-padding;
-* the parameter names are ``conv1``, ``bn1``, ``layer{1,2,3}.{i}.*``, ``fc``.
-
-Pooling is adaptive, so any input size works (e.g. 1x28x28 Fashion-MNIST).
+The depth-(6n+2) residual networks of He et al., CVPR 2016 (arXiv:1512.03385), §4.2: a 3x3 stem with 16
+channels, three stages of ``n`` BasicBlocks with 16, 32 and 64 channels (stages 2 and 3 halve the size),
+global average pooling and a linear classifier; MetaQuant (Chen, Wang, Pan, NeurIPS 2019) binarizes
+ResNet20/32/44/56. Two choices follow the original MetaQuant code rather than the paper, so its pretrained
+checkpoints load with ``strict=True``: downsampling shortcuts are a strided 1x1 convolution + BatchNorm
+(``downsample.0``/``.1``), not zero-padding; the parameter names are ``conv1``, ``bn1``, ``layer{1,2,3}.{i}.*``,
+``fc``. Pooling is adaptive, so any input size works (e.g. 1x28x28 Fashion-MNIST).
 """
 
 from __future__ import annotations
@@ -35,34 +25,12 @@ STAGE_CHANNELS: tuple[int, int, int] = (16, 32, 64)
 
 
 class CifarResNet(nn.Module):
-    """ResNet of depth ``6n + 2`` for small images.
-
-    Args:
-        depth: total number of weighted layers, ``6n + 2`` with ``n >= 1``
-            (20, 32, 44, 56, 110, ...): 1 stem conv + 3 stages x n blocks x
-            2 convs + 1 fc.
-        num_classes: size of the output logits.
-        in_channels: channels of the input images (3 for CIFAR, 1 for
-            Fashion-MNIST).
-
-    Shapes: input ``(B, in_channels, H, W)``, output ``(B, num_classes)``.
+    """ResNet of ``depth = 6n + 2`` weighted layers (1 stem conv + 3 stages × n blocks × 2 convs + 1 fc):
+    ``(B, in_channels, H, W)`` to ``(B, num_classes)``.
 
     Raises:
         TypeError: ``depth``, ``num_classes`` or ``in_channels`` is not an int.
-        ValueError: ``depth`` is not ``6n + 2`` with ``n >= 1``, or
-            ``num_classes`` / ``in_channels`` < 1.
-
-    Example:
-        Any image size works, e.g. 28x28 Fashion-MNIST:
-
-        >>> net = mq.models.CifarResNet(8, num_classes=10, in_channels=1)
-        >>> net(torch.randn(2, 1, 28, 28)).shape
-        torch.Size([2, 10])
-        >>> try:
-        ...     mq.models.CifarResNet(18)
-        ... except ValueError as err:
-        ...     print(err)
-        CIFAR ResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110), got 18
+        ValueError: ``depth`` is not ``6n + 2`` with ``n >= 1``, or ``num_classes``/``in_channels`` < 1.
     """
 
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
@@ -107,83 +75,30 @@ class CifarResNet(nn.Module):
 
 
 def resnet8(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet8 (n=1): not in the paper; the smallest of the family, for quick checks and tutorials.
-
-    Args:
-        num_classes: size of the output logits.
-        in_channels: channels of the input images.
-
-    Raises:
-        TypeError, ValueError: see :class:`CifarResNet`.
-
-    Example:
-        78,042 parameters: stem 432 + 32, stages 4,672 + 14,528 + 57,728, fc 650:
-
-        >>> net = mq.models.resnet8()
-        >>> net(torch.randn(2, 3, 32, 32)).shape, sum(p.numel() for p in net.parameters())
-        (torch.Size([2, 10]), 78042)
-        >>> [sum(p.numel() for p in stage.parameters()) for stage in (net.layer1, net.layer2, net.layer3)]
-        [4672, 14528, 57728]
-    """
+    """ResNet8 (n=1, 78,042 parameters for 10 classes): not in the paper; the smallest, for quick checks."""
     return CifarResNet(8, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet20 (n=3, about 0.27M parameters for 10 classes).
-
-    Args:
-        num_classes: size of the output logits.
-        in_channels: channels of the input images.
-
-    Raises:
-        TypeError, ValueError: see :class:`CifarResNet`.
-
-    Example:
-        Two more blocks per stage than ResNet8, each ``2 * 9c²`` conv weights
-        plus ``4c`` BatchNorm parameters for ``c`` = 16, 32, 64 channels:
-
-        >>> n8, n20 = (sum(p.numel() for p in f().parameters()) for f in (mq.models.resnet8, mq.models.resnet20))
-        >>> n20, n20 - n8 == 2 * sum(18 * c * c + 4 * c for c in (16, 32, 64))
-        (272474, True)
-    """
+    """ResNet20 (n=3, 272,474 parameters for 10 classes)."""
     return CifarResNet(20, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet32 (n=5): as :func:`resnet20` with 5 blocks per stage; same arguments and errors.
-
-    Example:
-        >>> mq.models.resnet32().blocks_per_stage
-        5
-    """
+    """ResNet32 (n=5)."""
     return CifarResNet(32, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet44(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet44 (n=7): as :func:`resnet20` with 7 blocks per stage; same arguments and errors.
-
-    Example:
-        >>> mq.models.resnet44().blocks_per_stage
-        7
-    """
+    """ResNet44 (n=7)."""
     return CifarResNet(44, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet56 (n=9): as :func:`resnet20` with 9 blocks per stage; same arguments and errors.
-
-    Example:
-        >>> mq.models.resnet56().blocks_per_stage
-        9
-    """
+    """ResNet56 (n=9)."""
     return CifarResNet(56, num_classes=num_classes, in_channels=in_channels)
 
 
 def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
-    """ResNet110 (n=18): as :func:`resnet20` with 18 blocks per stage; same arguments and errors.
-
-    Example:
-        >>> mq.models.resnet110().blocks_per_stage
-        18
-    """
+    """ResNet110 (n=18)."""
     return CifarResNet(110, num_classes=num_classes, in_channels=in_channels)

@@ -1,17 +1,10 @@
 """ResNet18 for ImageNet, the MetaQuant paper's large-scale network.
 
-The 18-layer residual network of He, Zhang, Ren, Sun, "Deep Residual
-Learning for Image Recognition", CVPR 2016 (arXiv:1512.03385), Table 1:
-a 7x7/2 stem convolution, BatchNorm, ReLU and 3x3/2 max pooling, four stages
-of two BasicBlocks with 64, 128, 256 and 512 channels (stages 2-4 start with
-a stride-2 block whose shortcut is a 1x1 convolution + BatchNorm), global
-average pooling and a linear classifier.  MetaQuant (NeurIPS 2019) reports
-binarized ResNet18 on ImageNet.
-
-Parameter names follow the torchvision convention (``conv1``, ``bn1``,
-``layer1``..``layer4``, ``downsample.0`` / ``.1``, ``fc``), so torchvision
-ResNet18 state_dicts load with ``strict=True``; torchvision itself is not
-needed.  With 1000 classes the model has 11,689,512 parameters.
+The 18-layer network of He et al., CVPR 2016 (arXiv:1512.03385), Table 1: a 7x7/2 stem convolution,
+BatchNorm, ReLU and 3x3/2 max pooling, four stages of two BasicBlocks with 64, 128, 256 and 512 channels
+(stages 2-4 start with a stride-2 block with a 1x1 convolution + BatchNorm shortcut), global average pooling
+and a linear classifier. The parameter names are torchvision's, so its ResNet18 state_dicts load with
+``strict=True`` (torchvision is not needed); 11,689,512 parameters for 1000 classes.
 """
 
 from __future__ import annotations
@@ -30,34 +23,12 @@ STAGE_CHANNELS: tuple[int, int, int, int] = (64, 128, 256, 512)
 
 
 class ImageNetResNet(nn.Module):
-    """BasicBlock ResNet with the ImageNet stem.
-
-    Args:
-        blocks_per_stage: number of BasicBlocks in each of the four stages
-            ((2, 2, 2, 2) is ResNet18).
-        num_classes: size of the output logits.
-        in_channels: channels of the input images.
-
-    Shapes: input ``(B, in_channels, H, W)``, output ``(B, num_classes)``;
-    for 224x224 inputs the stages see 56, 28, 14 and 7 pixels a side.
+    """BasicBlock ResNet with the ImageNet stem and ``blocks_per_stage`` blocks in each of its four stages:
+    ``(B, in_channels, H, W)`` to ``(B, num_classes)``; 224x224 inputs give stages of 56, 28, 14 and 7 pixels.
 
     Raises:
         TypeError: a block count, ``num_classes`` or ``in_channels`` is not an int.
-        ValueError: ``blocks_per_stage`` does not have 4 entries, or an entry,
-            ``num_classes`` or ``in_channels`` is < 1.
-
-    Example:
-        A ResNet10 (one block per stage) on a small input; in eval mode, since
-        BatchNorm cannot train on the 1x1 maps a single 64x64 image leaves:
-
-        >>> net = mq.models.ImageNetResNet((1, 1, 1, 1), num_classes=10).eval()
-        >>> net(torch.randn(1, 3, 64, 64)).shape
-        torch.Size([1, 10])
-        >>> try:
-        ...     mq.models.ImageNetResNet((2, 2, 2))
-        ... except ValueError as err:
-        ...     print(err)
-        blocks_per_stage must have 4 entries (one per stage), got (2, 2, 2)
+        ValueError: ``blocks_per_stage`` does not have 4 entries, or a value < 1.
     """
 
     def __init__(
@@ -107,22 +78,5 @@ class ImageNetResNet(nn.Module):
 
 
 def resnet18(num_classes: int = 1000, in_channels: int = 3) -> ImageNetResNet:
-    """ResNet18: two BasicBlocks per stage.
-
-    Args:
-        num_classes: size of the output logits.
-        in_channels: channels of the input images.
-
-    Raises:
-        TypeError, ValueError: see :class:`ImageNetResNet`.
-
-    Example:
-        torchvision's parameter count and names:
-
-        >>> net = mq.models.resnet18()
-        >>> sum(p.numel() for p in net.parameters()), tuple(net.layer2[0].downsample[0].weight.shape)
-        (11689512, (128, 64, 1, 1))
-        >>> net.eval()(torch.randn(1, 3, 32, 32)).shape
-        torch.Size([1, 1000])
-    """
+    """ResNet18: two BasicBlocks per stage."""
     return ImageNetResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels)
