@@ -112,3 +112,13 @@ def test_onnx_inference_compares_the_1_bit_model_with_the_float_one():
     assert out["speed_vs_float"] == models["float"]["ms_per_batch"] / models["1-bit"]["ms_per_batch"]
     assert out["size_ratio"] == models["float"]["bytes"] / models["1-bit"]["bytes"] > 4
     assert out["max_logit_difference"] < 1e-3  # the same network: the weights decoded to float
+
+
+def test_gpu_step_times_the_one_pass_quantizer_against_one_pass_per_weight():
+    out = _run_json(
+        "gpu_step.py", "--device", "cpu", "--steps", "1", "--repeats", "1", "--skip", "graphs", "compiled", "epoch"
+    )
+    assert set(out) == {"device", "torch", "quantizer"}
+    q = out["quantizer"]
+    assert q["speedup"] == q["per_layer"]["seconds"] / q["one_pass"]["seconds"]
+    assert 0 < q["one_pass"]["kernels"] < q["per_layer"]["kernels"]  # one pass per shared quantizer, not per weight

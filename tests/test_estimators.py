@@ -81,6 +81,15 @@ def test_fake_quantize_value_is_exactly_the_quantizer_output(name):
     assert torch.equal(fake_quantize(w, q), q(w.detach()))
 
 
+@pytest.mark.parametrize("name", list(QUANTIZERS))
+def test_fake_quantize_preprocessed_also_returns_the_detached_preprocessed_weight(name):
+    q = get_quantizer(name, QUANTIZERS[name].min_bits)
+    w = _w(6).float()
+    w_hat, w_tilde = mq.estimators.fake_quantize_preprocessed(w, q)
+    assert torch.equal(w_hat, q(w.detach())) and torch.equal(w_tilde, q.preprocess(w.detach()))
+    assert w_hat.requires_grad and w_tilde.grad_fn is None  # no graph from W̃ back to W
+
+
 @pytest.mark.parametrize("delta", [-1, True, float("nan"), "0.1"])
 def test_ewgs_rejects_a_delta_that_is_not_a_number_at_least_zero(delta):
     with pytest.raises(ValueError, match=f"delta must be a finite number >= 0, got {delta!r}"):

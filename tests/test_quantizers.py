@@ -12,6 +12,7 @@ from metaquant.quantizers import (
     Ternary,
     UniformSymmetric,
     get_quantizer,
+    quantizer_names,
 )
 
 ALL = [(name, bits) for name, cls in QUANTIZERS.items() for bits in range(cls.min_bits, cls.max_bits + 1)]
@@ -192,3 +193,50 @@ def test_an_all_zero_weight_quantizes_to_q_of_zero_with_a_scale_of_its_own(name,
         assert scale.item() == pytest.approx(1 / (2 ** (bits - 1) - 1))  # s = max|W| / L with max|W| = 1
     if name in ("bwn", "bwn-channel", "ternary", "uniform"):
         assert torch.equal(q(w), torch.zeros(3, 3))
+
+
+def test_the_registry_lists_the_names_in_registration_order():
+    assert quantizer_names() == ["dorefa", "bwn", "bwn-channel", "ternary", "uniform"]
+
+
+@pytest.mark.parametrize("name,bits", ALL)
+def test_backward_terms_equal_the_three_methods_to_the_bit(name, bits):
+    q = get_quantizer(name, bits)
+    w = _weight(7, dtype=torch.float32)
+    r, s, c = q.backward_terms(w, q.preprocess(w))
+    assert torch.equal(r, q.relaxed(w)) and torch.equal(c, q.calibration(w))
+    assert torch.equal(s, q.ste_scale(q.preprocess(w)))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_dorefa_relaxed_is_two_w_tilde_minus_one_and_within_half_a_step_of_w_hat(bits):
+    q = DoReFa(bits)
+    w = _weight(8)
+    torch.testing.assert_close(q.relaxed(w), 2 * q.preprocess(w) - 1, rtol=0, atol=1e-12)
+    assert (q(w) - q.relaxed(w)).abs().max() <= 1 / (2**bits - 1) + 1e-12  # half of the step 2 / (2^k − 1)
+
+
+def test_bwn_ste_scale_is_the_mean_absolute_weight_and_dorefa_s_is_one():
+    w = _weight(9)
+    assert torch.equal(BWN().ste_scale(w), w.abs().mean().reshape(1))
+    assert torch.equal(BWNPerChannel().ste_scale(w), w.abs().mean(dim=(1, 2, 3), keepdim=True))
+    assert DoReFa(2).ste_scale(w).item() == 1.0
+
+
+def test_codes_dtypes_and_scale_shapes():
+    w = _weight(10, shape=(8, 3, 3, 3), dtype=torch.float32)
+    assert DoReFa(2).encode(w).codes.dtype == torch.uint8 and DoReFa(2).encode(w).scale.shape == (1,)
+    assert BWN().encode(w).codes.dtype == torch.uint8
+    assert Ternary(2).encode(w).codes.dtype == torch.int8 and UniformSymmetric(3).encode(w).codes.dtype == torch.int8
+    assert BWNPerChannel().encode(w).scale.shape == (8, 1, 1, 1)
+    assert BWNPerChannel().with_channel_axis(1).encode(w).scale.shape == (1, 3, 1, 1)  # a ConvTranspose2d(8, 3, 3)
+    # BWN's code 1 is +a and 0 is −a
+    codes = torch.tensor([1, 0, 1], dtype=torch.uint8)
+    assert BWN().decode(Encoded(codes, torch.tensor([0.5]))).tolist() == [0.5, -0.5, 0.5]
+
+
+def test_a_per_layer_quantizer_ignores_the_channel_axis_and_the_per_channel_one_shows_it():
+    assert DoReFa(2).with_channel_axis(1) == DoReFa(2)
+    assert repr(BWNPerChannel().with_channel_axis(1)) == "BWNPerChannel(bits=1, axis=1)"
+    assert repr(BWNPerChannel()) == "BWNPerChannel(bits=1)"
+    assert (DoReFa(2).num_levels, Ternary(2).num_levels, UniformSymmetric(3).num_levels) == (4, 3, 7)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from metaquant.refine import refinement_for, with_derivative
+from metaquant.refine import refinement_for, sgd_direction, unwrap_optimizer, with_derivative
 
 CONFIGS = [
     (torch.optim.SGD, dict(lr=0.1)),
@@ -62,3 +62,16 @@ def test_unsupported_optimizers_are_named():
         refinement_for(torch.optim.SGD([p], lr=0.1, maximize=True))
     with pytest.raises(ValueError, match="allowed: residual, exact"):
         with_derivative(refinement_for(torch.optim.SGD([p], lr=0.1)), "approx")
+
+
+def test_unwrap_optimizer_follows_nested_wrappers_to_the_optimizer():
+    class Wrapper:  # like Accelerate's AcceleratedOptimizer: the groups and state are the wrapped optimizer's
+        def __init__(self, optimizer):
+            self.optimizer, self.param_groups, self.state = optimizer, optimizer.param_groups, optimizer.state
+
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    assert unwrap_optimizer(Wrapper(Wrapper(sgd))) is sgd and unwrap_optimizer(sgd) is sgd
+    assert refinement_for(Wrapper(sgd)) is sgd_direction
+    selfish = Wrapper(sgd)
+    selfish.optimizer = selfish  # a wrapper that holds itself ends the search
+    assert unwrap_optimizer(selfish) is selfish

@@ -1,17 +1,15 @@
 """Classical gradient estimators through the quantizer, and the fake-quantize operation that uses them.
 
-The forward pass uses ``Ŵ = Q(A(W))``; ``Q`` is a step function, so back-propagation needs a made-up derivative.
-A classical estimator is a fixed rule for the gradient w.r.t. the relaxed weight ``r = relaxed(W)`` (the path
-``W → Ŵ`` with the rounding removed, see ``quantizers``), given ``g_Ŵ = ∂ℓ/∂Ŵ``:
+``Q`` is a step function, so back-propagation needs a made-up derivative. A classical estimator is a fixed rule
+for the gradient w.r.t. the relaxed weight ``r = relaxed(W)``, given ``g_Ŵ = ∂ℓ/∂Ŵ``:
 
 * ``STE``      ``g_r = g_Ŵ ⊙ 1{|r| ≤ 1}``  clipped straight-through estimator, the paper's baseline (docs/design.md §4);
 * ``Identity`` ``g_r = g_Ŵ``                the unclipped straight-through estimator;
 * ``EWGS``     ``g_r = g_Ŵ ⊙ (1 + δ·sign(g_Ŵ) ⊙ (r − Ŵ))``  element-wise gradient scaling (Lee et al., CVPR
-  2021, Eq. 5): a descent step that moves ``r`` toward its code ``Ŵ`` is amplified, one away from it damped.
+  2021, Eq. 5).
 
-The weight gradient is then ``g_W = g_r ⊙ ste_scale(W̃) ⊙ c(W)``: for DoReFa with ``STE`` exactly the classical
-DoReFa STE gradient; for BWN the XNOR-Net rule ``a·g_Ŵ·1{|W| ≤ 1}``. Learned estimators (the meta quantizers)
-live in ``metaquant.meta``.
+Then ``g_W = g_r ⊙ ste_scale(W̃) ⊙ c(W)``: for DoReFa with ``STE`` the classical DoReFa STE, for BWN the XNOR-Net
+rule ``a·g_Ŵ·1{|W| ≤ 1}``. The learned estimators (meta quantizers) are in ``metaquant.meta``.
 """
 
 from __future__ import annotations
@@ -45,19 +43,7 @@ class ClassicalEstimator:
     """A fixed rule ``(g_Ŵ, r, Ŵ) -> g_r`` for the gradient through the quantizer's step.
 
     Subclasses are frozen dataclasses with a ``name`` (the key in ``CLASSICAL_ESTIMATORS``) that implement
-    ``__call__``. ``fake_quantize`` applies one in its backward pass and multiplies its result by
-    ``ste_scale(W̃) ⊙ c(W)`` to get ``g_W``; ``metaquant.Trainer`` takes one as its ``estimator``.
-
-    Example:
-        A custom rule, half the unclipped STE, with BWN (``c(W) = 1``, ``ste_scale = a = mean|W|``):
-
-        >>> class HalfSTE(mq.estimators.ClassicalEstimator):
-        ...     def __call__(self, grad_w_hat, w_relaxed, w_hat):
-        ...         return grad_w_hat / 2
-        >>> w = torch.randn(6, requires_grad=True)
-        >>> mq.fake_quantize(w, mq.quantizers.BWN(), HalfSTE()).sum().backward()
-        >>> torch.allclose(w.grad, w.detach().abs().mean() / 2 * torch.ones(6))
-        True
+    ``__call__``; ``fake_quantize`` multiplies the result by ``ste_scale(W̃) ⊙ c(W)``.
     """
 
     name: ClassVar[str] = ""
@@ -72,19 +58,7 @@ class ClassicalEstimator:
             cls.elementwise = False
 
     def __call__(self, grad_w_hat: Tensor, w_relaxed: Tensor, w_hat: Tensor) -> Tensor:  # pragma: no cover
-        """The gradient ``g_r`` w.r.t. the relaxed weight.
-
-        Args:
-            grad_w_hat: ``g_Ŵ = ∂ℓ/∂Ŵ``.
-            w_relaxed: ``r = quantizer.relaxed(W)``, same shape.
-            w_hat: ``Ŵ``, same shape.
-
-        Returns:
-            ``g_r``, same shape as ``grad_w_hat``.
-
-        Raises:
-            NotImplementedError: on the base class.
-        """
+        """The gradient ``g_r`` w.r.t. the relaxed weight ``r``, from ``g_Ŵ``, ``r`` and ``Ŵ`` (all of one shape)."""
         raise NotImplementedError
 
 
@@ -92,14 +66,12 @@ class ClassicalEstimator:
 class STE(ClassicalEstimator):
     """Clipped straight-through estimator: pass the gradient where ``|r| ≤ 1``, zero elsewhere (docs/design.md §4).
 
-    The paper's baseline and the quantized layers' default. DoReFa's ``r`` lies in ``[−1, 1]``, so the gate is
-    always open and ``g_W = g_Ŵ ⊙ c(W)``; with BWN it gives XNOR-Net's rule ``g_W = a·g_Ŵ·1{|W| ≤ 1}``.
+    The paper's baseline and the layers' default. DoReFa's ``r`` lies in ``[−1, 1]``, so the gate is always open;
+    with BWN it gives XNOR-Net's rule ``g_W = a·g_Ŵ·1{|W| ≤ 1}``.
 
     Example:
-        The gate alone, then XNOR-Net's rule for BWN, where ``a = mean|W| = 1.25``:
+        BWN, where ``a = mean|W| = 1.25``:
 
-        >>> mq.STE()(torch.ones(3), torch.tensor([-1.5, 0.5, 1.0]), torch.zeros(3)).tolist()
-        [0.0, 1.0, 1.0]
         >>> w = torch.tensor([-3.0, -0.5, 0.25, 1.25], requires_grad=True)
         >>> mq.fake_quantize(w, mq.quantizers.BWN(), mq.STE()).sum().backward()
         >>> w.grad.tolist()
@@ -115,13 +87,9 @@ class STE(ClassicalEstimator):
 
 @dataclass(frozen=True)
 class Identity(ClassicalEstimator):
-    """Unclipped straight-through estimator: ``g_r = g_Ŵ``.
-
-    The same as ``STE`` wherever ``|r| ≤ 1`` (so everywhere for DoReFa), and as ``EWGS(delta=0)``.
+    """Unclipped straight-through estimator: ``g_r = g_Ŵ`` (``STE`` wherever ``|r| ≤ 1``; ``EWGS(delta=0)``).
 
     Example:
-        BWN without the gate: every element gets ``a = mean|W| = 1.25``:
-
         >>> w = torch.tensor([-3.0, -0.5, 0.25, 1.25], requires_grad=True)
         >>> mq.fake_quantize(w, mq.quantizers.BWN(), mq.Identity()).sum().backward()
         >>> w.grad.tolist()
@@ -137,26 +105,18 @@ class Identity(ClassicalEstimator):
 
 @dataclass(frozen=True)
 class EWGS(ClassicalEstimator):
-    """Element-wise gradient scaling (Lee et al. 2021, Eq. 5) with scaling factor ``delta >= 0``.
+    """Element-wise gradient scaling (Lee et al. 2021, Eq. 5): ``g_r = g_Ŵ ⊙ (1 + δ·sign(g_Ŵ) ⊙ (r − Ŵ))``.
 
-    ``g_r = g_Ŵ ⊙ (1 + δ·sign(g_Ŵ) ⊙ (r − Ŵ))``. ``delta = 0`` is the unclipped STE. The paper tunes δ per layer
-    from a Hessian estimate; a fixed δ (its reported range is about 1e-3 .. 1e-2) is the simple, common form.
-
-    Args:
-        delta: the scaling factor δ, a number ``>= 0`` (default 1e-3).
+    A step toward ``r``'s code ``Ŵ`` is amplified, one away from it damped. The paper tunes δ per layer from a
+    Hessian estimate; a fixed ``delta`` (its range is about 1e-3 .. 1e-2) is the common form; 0 is the unclipped STE.
 
     Raises:
-        ValueError: ``delta`` is not a number, or is negative, infinite or NaN.
+        ValueError: ``delta`` is not a finite number ``>= 0``.
 
     Example:
-        ``r = 0.5`` below its code ``Ŵ = 1``: the step toward the code (``g_Ŵ < 0``) is amplified by
-        ``1 + 0.5·0.5``, the step away from it damped by ``1 − 0.5·0.5``:
-
         >>> g, r, w_hat = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 0.5]), torch.tensor([1.0, 1.0])
         >>> mq.EWGS(delta=0.5)(g, r, w_hat).tolist()
         [0.75, -2.5]
-        >>> torch.equal(mq.EWGS(delta=0)(g, r, w_hat), mq.Identity()(g, r, w_hat))
-        True
     """
 
     delta: float = 1e-3
@@ -210,49 +170,22 @@ class _FakeQuantize(torch.autograd.Function):
 def fake_quantize_preprocessed(
     w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEstimator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """``fake_quantize`` that also returns the pre-processed weight ``W̃ = A(W)`` (detached) it computed.
-
-    Args:
-        w: latent weight, any shape.
-        quantizer: the forward quantizer.
-        estimator: the classical backward rule (clipped STE by default).
-
-    Returns:
-        ``(Ŵ, W̃)``: ``Ŵ`` as ``fake_quantize`` gives it, ``W̃`` equal to ``quantizer.preprocess(w)`` in value,
-        without a gradient.
-
-    Example:
-        >>> q, w = mq.quantizers.DoReFa(), torch.randn(3, 4, requires_grad=True)
-        >>> w_hat, w_tilde = mq.estimators.fake_quantize_preprocessed(w, q)
-        >>> torch.equal(w_hat, q(w)), torch.equal(w_tilde, q.preprocess(w)), w_tilde.requires_grad
-        (True, True, False)
-    """
+    """``fake_quantize`` that also returns the pre-processed weight ``W̃ = A(W)`` it computed, detached: ``(Ŵ, W̃)``."""
     return _FakeQuantize.apply(w, quantizer, estimator if estimator is not None else STE())
 
 
 def fake_quantize(w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEstimator = STE()) -> Tensor:
-    """Quantized weight ``Ŵ = Q(A(W))`` whose gradient w.r.t. ``w`` follows ``estimator``.
+    """Quantized weight ``Ŵ = Q(A(W))`` (exactly ``quantizer(w)``) whose gradient follows ``estimator``.
 
-    Backward: ``g_W = estimator(g_Ŵ, relaxed(W), Ŵ) ⊙ ste_scale(W̃) ⊙ c(W)``, a classical estimator in place of
-    the meta quantizer's ``g_W = M_φ(g_Ŵ, W̃) ⊙ c(W)`` (Eq. 4-5). It is what the quantized layers compute with by
-    default (clipped STE).
-
-    Args:
-        w: latent weight, any shape.
-        quantizer: the forward quantizer.
-        estimator: the classical backward rule (clipped STE by default).
-
-    Returns:
-        ``Ŵ``, same shape and dtype as ``w``; exactly ``quantizer(w)`` in value.
+    Backward: ``g_W = estimator(g_Ŵ, relaxed(W), Ŵ) ⊙ ste_scale(W̃) ⊙ c(W)``, a classical estimator in place of the
+    meta quantizer's ``g_W = M_φ(g_Ŵ, W̃) ⊙ c(W)`` (Eq. 4-5). What the quantized layers compute with by default.
 
     Example:
-        With DoReFa the STE gradient is the derivative of ``relaxed`` (``c(W)``) applied to ``g_Ŵ``:
+        With DoReFa the STE gradient is ``g_Ŵ ⊙ c(W)``:
 
-        >>> q, w, g = mq.quantizers.DoReFa(), torch.randn(3, 4, requires_grad=True), torch.randn(3, 4)
-        >>> w_hat = mq.fake_quantize(w, q)
-        >>> (ste_grad,) = torch.autograd.grad(w_hat, w, g)
-        >>> (relaxed_grad,) = torch.autograd.grad(q.relaxed(w), w, g)
-        >>> torch.equal(w_hat, q(w)), torch.allclose(ste_grad, relaxed_grad)
+        >>> q, w = mq.quantizers.DoReFa(), torch.randn(3, 4, requires_grad=True)
+        >>> mq.fake_quantize(w, q).sum().backward()
+        >>> torch.equal(mq.fake_quantize(w, q), q(w)), torch.allclose(w.grad, q.calibration(w))
         (True, True)
     """
     return _FakeQuantize.apply(w, quantizer, estimator)[0]
@@ -261,11 +194,10 @@ def fake_quantize(w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEs
 class _FakeQuantizeSegments(torch.autograd.Function):
     """``_FakeQuantize`` of several weights that share a quantizer and an element-wise estimator, at once.
 
-    The weights are laid end to end in one flat vector (each in its memory order, so that the outputs keep the
-    weights' layouts) and every element-wise operation runs once over all of them; the per-weight statistic
-    (DoReFa's ``max|tanh W|``) comes from ``quantizer.preprocess_segments``. The values are those of
-    ``_FakeQuantize`` weight by weight, to the bit. Outputs ``(Ŵ_1..Ŵ_n, W̃_1..W̃_n)``; the ``W̃`` are not
-    differentiable, and a ``Ŵ`` the loss did not use gives its weight no gradient (None, as autograd would).
+    The weights lie end to end in one flat vector (each in its memory order, so the outputs keep their layouts);
+    the per-weight statistic comes from ``quantizer.preprocess_segments``. Values equal ``_FakeQuantize``'s weight
+    by weight, to the bit. Outputs ``(Ŵ_1..Ŵ_n, W̃_1..W̃_n)``; a ``Ŵ`` the loss did not use gives its weight no
+    gradient (None, as autograd would).
     """
 
     generate_vmap_rule = True
@@ -333,35 +265,15 @@ def fake_quantize_many(
     quantizers: Sequence[ForwardQuantizer],
     estimator: ClassicalEstimator | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """``fake_quantize_preprocessed`` of many weights, each with its quantizer, as few passes as possible.
+    """``fake_quantize_preprocessed`` of many weights, each with its quantizer, in as few passes as possible.
 
-    Weights that share a ``segmentable`` quantizer (and a device and dtype) are quantized together, as one flat
-    vector, when the estimator is element-wise: one pass of each operation for all of them instead of one per
-    weight. On a GPU, where a small layer's quantizer costs more to launch than to run, this is most of the
-    difference between a quantized training step and a full-precision one. Everything else is quantized weight
-    by weight. Values and gradients are those of ``fake_quantize_preprocessed`` weight by weight, to the bit.
-
-    Args:
-        weights: latent weights, any shapes and layouts.
-        quantizers: one forward quantizer per weight.
-        estimator: the classical backward rule (clipped STE by default).
-
-    Returns:
-        ``[(Ŵ, W̃), ...]`` in the order of ``weights``: ``Ŵ`` with ``weight``'s shape and memory layout, ``W̃``
-        detached.
+    With an element-wise estimator, weights that share a ``segmentable`` quantizer (and device and dtype) are
+    quantized as one flat vector: on a GPU, where a small layer's quantizer costs more to launch than to run, this
+    is most of the difference between a quantized step and a full-precision one. Values and gradients equal
+    ``fake_quantize_preprocessed``'s weight by weight, to the bit; ``Ŵ`` keeps each weight's layout.
 
     Raises:
         ValueError: ``weights`` and ``quantizers`` differ in length.
-
-    Example:
-        Two layers' weights at once, against one at a time:
-
-        >>> q, a, b = mq.quantizers.DoReFa(), torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)
-        >>> (ha, _), (hb, _) = mq.estimators.fake_quantize_many([a, b], [q, q])
-        >>> (ha * torch.arange(12.0).reshape(4, 3)).sum().backward()  # b's Ŵ unused: no gradient for b
-        >>> ga = torch.autograd.grad((mq.fake_quantize(a, q) * torch.arange(12.0).reshape(4, 3)).sum(), a)[0]
-        >>> torch.equal(ha, q(a)), torch.equal(hb, q(b)), torch.equal(a.grad, ga), b.grad is None
-        (True, True, True, True)
     """
     if len(weights) != len(quantizers):
         raise ValueError(f"{len(weights)} weight(s) but {len(quantizers)} quantizer(s)")

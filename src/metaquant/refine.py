@@ -1,15 +1,13 @@
 """The optimizer's refinement ``π``: the update direction ``torch.optim`` would make of a gradient.
 
-MetaQuant's look-ahead weight is ``W^t = W^{t−1} − α·π(g_W)`` (Algorithm 1, step 2, paper Eq. 6), where ``π``
-is the base optimizer's own rule applied with its state *before* this step. Each rule here is a pure,
-out-of-place function of the gradient, the parameter, the optimizer's per-parameter state and the group's
-hyperparameters, written to match ``torch.optim.SGD``, ``Adam`` and ``AdamW`` step for step: ``p − lr·π(g)`` is
-the value ``optimizer.step()`` gives. Nothing in the optimizer is changed.
+MetaQuant's look-ahead weight is ``W^t = W^{t−1} − α·π(g_W)`` (Algorithm 1 step 2, Eq. 6), ``π`` the base
+optimizer's own rule with its state *before* the step. Each rule is a pure, out-of-place function of the
+gradient, the parameter, the optimizer's per-parameter state and the group's hyperparameters, matching
+``torch.optim.SGD``, ``Adam`` and ``AdamW`` step for step (``p − lr·π(g)`` is what ``optimizer.step()`` gives).
 
-Because the functions are out of place and built from differentiable ops, autograd can differentiate through
-them (``through="exact"``). The paper's default (``through="residual"``) writes ``π(g) = g + r`` with the
-residual ``r = π(g) − g`` treated as a constant: the value is the optimizer's update, the derivative w.r.t. ``g``
-is the identity (exact for SGD without Nesterov or dampening).
+Built from differentiable ops, so autograd can go through them (``through="exact"``). The paper's default
+(``through="residual"``) writes ``π(g) = g + r`` with ``r = π(g) − g`` held constant: the optimizer's update as
+value, the identity as derivative w.r.t. ``g`` (exact for SGD without Nesterov or dampening).
 """
 
 from __future__ import annotations
@@ -40,38 +38,12 @@ THROUGH = ("residual", "exact")
 
 
 def sgd_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-    """``torch.optim.SGD``'s update direction: weight decay, momentum (with dampening), Nesterov.
+    """``torch.optim.SGD``'s direction ``π(g)`` (Eq. 6): weight decay, momentum with dampening, Nesterov.
 
-    ``π(g)`` of the look-ahead ``W^t = W^{t−1} − α·π(g_W)`` (Eq. 6) for SGD: ``p − lr·sgd_direction(...)`` is
-    the value ``optimizer.step()`` gives. Out of place: neither ``state`` nor ``param`` is changed. Without
-    momentum and weight decay the direction is ``grad`` itself.
-
-    Shapes: ``grad``, ``param`` and the momentum buffer are all the parameter's shape.
-
-    Args:
-        grad: the gradient ``g`` (may require grad: the result is differentiable w.r.t. it).
-        param: the parameter (only its value is used, for weight decay).
-        state: ``optimizer.state[param]`` before the step (its ``momentum_buffer``, if any; may be empty).
-        group: the parameter's group of a ``torch.optim.SGD``: ``weight_decay``, ``momentum``, ``dampening``,
-            ``nesterov``.
-
-    Returns:
-        The direction ``π(g)``, the parameter's shape.
+    ``state`` is ``optimizer.state[param]`` before the step (may be empty); neither it nor ``param`` is changed.
 
     Raises:
         KeyError: ``group`` lacks one of SGD's hyperparameters (e.g. a group of another optimizer).
-
-    Example:
-        One step of ``torch.optim.SGD`` with momentum, Nesterov and weight decay, from a filled momentum buffer:
-
-        >>> p = torch.nn.Parameter(torch.randn(3))
-        >>> opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
-        >>> p.grad = torch.randn(3); opt.step()
-        >>> p.grad = torch.randn(3)
-        >>> look_ahead = p.detach() - 0.1 * mq.refine.sgd_direction(p.grad, p, opt.state[p], opt.param_groups[0])
-        >>> opt.step()
-        >>> torch.allclose(p, look_ahead)
-        True
     """
     d = grad
     if group["weight_decay"] != 0:
@@ -86,40 +58,14 @@ def sgd_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: dic
 
 
 def adam_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: dict[str, Any]) -> Tensor:
-    """``torch.optim.Adam`` / ``AdamW``'s update direction, bias-corrected, with ``amsgrad``.
+    """``torch.optim.Adam`` / ``AdamW``'s direction ``π(g) = m̂ / (sqrt(v̂) + eps)`` (Eq. 6), with ``amsgrad``.
 
-    ``π(g)`` of the look-ahead ``W^t = W^{t−1} − α·π(g_W)`` (Eq. 6) for Adam and AdamW: the moments are
-    advanced with ``g`` from ``state`` (out of place; ``state`` is not changed), and
-    ``π(g) = m̂ / (sqrt(v̂) + eps)``, ``m̂``, ``v̂`` bias-corrected for the step about to be taken.
-
-    Adam adds ``weight_decay·p`` to the gradient (L2); AdamW (``decoupled_weight_decay``) shrinks the weight
-    by ``lr·weight_decay·p`` instead, which is the term ``weight_decay·p`` in the direction.
-
-    Args:
-        grad: the gradient ``g`` (may require grad: the result is differentiable w.r.t. it).
-        param: the parameter (only its value is used, for weight decay).
-        state: ``optimizer.state[param]`` before the step: ``step``, ``exp_avg``, ``exp_avg_sq``,
-            ``max_exp_avg_sq`` (may be empty: the first step).
-        group: the parameter's group of a ``torch.optim.Adam`` or ``AdamW``: ``betas``, ``eps``,
-            ``weight_decay``, ``amsgrad``, and ``decoupled_weight_decay`` (absent: False).
-
-    Returns:
-        The direction ``π(g)``, the parameter's shape.
+    The moments are advanced with ``g`` from ``state`` out of place and bias-corrected for the step about to be
+    taken. Adam adds ``weight_decay·p`` to the gradient; AdamW (``decoupled_weight_decay`` in the group) adds it to
+    the direction instead.
 
     Raises:
         KeyError: ``group`` lacks one of Adam's hyperparameters (e.g. a group of another optimizer).
-
-    Example:
-        One step of ``torch.optim.AdamW`` with ``amsgrad``, after a first step filled its state:
-
-        >>> p = torch.nn.Parameter(torch.randn(3))
-        >>> opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.1, amsgrad=True)
-        >>> p.grad = torch.randn(3); opt.step()
-        >>> p.grad = torch.randn(3)
-        >>> look_ahead = p.detach() - 1e-2 * mq.refine.adam_direction(p.grad, p, opt.state[p], opt.param_groups[0])
-        >>> opt.step()
-        >>> torch.allclose(p, look_ahead)
-        True
     """
     beta1, beta2 = group["betas"]
     eps, wd = group["eps"], group["weight_decay"]
@@ -149,24 +95,10 @@ def adam_direction(grad: Tensor, param: Tensor, state: dict[str, Any], group: di
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The optimizer a wrapper holds as ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``, Lightning's
-    ``LightningOptimizer``), followed through nested wrappers; ``optimizer`` itself when it wraps nothing.
+    ``LightningOptimizer``), through nested wrappers; ``optimizer`` itself when it wraps nothing.
 
-    A wrapper counts as one when its ``.optimizer`` has ``param_groups`` and ``state``: the wrapped optimizer
-    owns the update rule, so ``refinement_for`` decides from it.
-
-    Args:
-        optimizer: an optimizer or a wrapper of one.
-
-    Returns:
-        The innermost wrapped optimizer.
-
-    Example:
-        >>> class Wrapper:  # like Accelerate's AcceleratedOptimizer: the groups and state are the wrapped ones
-        ...     def __init__(self, optimizer):
-        ...         self.optimizer, self.param_groups, self.state = optimizer, optimizer.param_groups, optimizer.state
-        >>> sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
-        >>> mq.refine.unwrap_optimizer(Wrapper(Wrapper(sgd))) is sgd, mq.refine.unwrap_optimizer(sgd) is sgd
-        (True, True)
+    A wrapper counts as one when its ``.optimizer`` has ``param_groups`` and ``state``; the wrapped optimizer owns
+    the update rule.
     """
     for _ in range(16):  # a bound, not a loop forever on a wrapper that holds itself
         inner = getattr(optimizer, "optimizer", None)
@@ -177,31 +109,14 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def refinement_for(optimizer: torch.optim.Optimizer) -> Refinement:
-    """The refinement ``π`` (Eq. 6) matching ``optimizer``'s class and options.
+    """The refinement ``π`` (Eq. 6) for ``optimizer``: ``sgd_direction`` or ``adam_direction``.
 
-    Args:
-        optimizer: the base optimizer, ``torch.optim.SGD``, ``Adam`` or ``AdamW`` or a subclass that keeps its
-            ``step`` and ``_init_group`` (e.g. one that only sets defaults), or a wrapper of one (see
-            ``unwrap_optimizer``): the wrapped optimizer decides.
-
-    Returns:
-        ``sgd_direction`` or ``adam_direction`` (AdamW takes ``adam_direction``, its groups saying
-        ``decoupled_weight_decay``; on a torch whose AdamW is not an Adam subclass, a wrapper that sets it).
+    ``optimizer`` is an SGD, Adam or AdamW, a subclass that keeps its ``step`` and ``_init_group``, or a wrapper of
+    one (``unwrap_optimizer``). On a torch whose AdamW is not an Adam subclass, AdamW gets a wrapper of
+    ``adam_direction`` that sets ``decoupled_weight_decay``.
 
     Raises:
-        ValueError: an optimizer or option (``maximize``) without a refinement, or a subclass that overrides its
-            update (the message names the method); the message lists the supported.
-
-    Example:
-        >>> params = [torch.nn.Parameter(torch.zeros(2))]
-        >>> mq.refine.refinement_for(torch.optim.SGD(params, lr=0.1)) is mq.refine.sgd_direction
-        True
-        >>> mq.refine.refinement_for(torch.optim.Adam(params)) is mq.refine.adam_direction
-        True
-        >>> mq.refine.refinement_for(torch.optim.RMSprop(params))
-        Traceback (most recent call last):
-        ...
-        ValueError: MetaQuant needs the refinement π of the base optimizer; RMSprop is not supported; supported: ...
+        ValueError: an unsupported optimizer, a subclass that overrides its update (named), or ``maximize=True``.
     """
     optimizer = unwrap_optimizer(optimizer)
     cls = type(optimizer)
@@ -247,31 +162,13 @@ def _method(cls: type, name: str) -> Any:
 
 
 def with_derivative(rule: Refinement, mode: str) -> Refinement:
-    """Wrap ``rule`` so that autograd sees the paper's residual form (``residual``) or the rule itself (``exact``).
+    """``rule`` as autograd should see it in the look-ahead of Eq. 6, and so in ``∂ℓ/∂φ`` (Eq. 8).
 
-    How ``∂W^t/∂g_W`` is taken in the look-ahead of Eq. 6, and so how ``∂ℓ/∂φ`` (Eq. 8) flows through ``π``:
-    ``"residual"`` returns ``π(g).detach() + (g − g.detach())``, the value of ``π(g)`` with the identity as
-    its derivative w.r.t. ``g``; ``"exact"`` returns ``rule`` itself.
-
-    Args:
-        rule: a refinement (``sgd_direction``, ``adam_direction`` or one of the same signature).
-        mode: ``"residual"`` or ``"exact"`` (see ``THROUGH``).
-
-    Returns:
-        A refinement with the signature of ``rule``.
+    ``"residual"``: ``π(g).detach() + (g − g.detach())``, the value of ``π(g)`` with the identity as derivative
+    w.r.t. ``g``; ``"exact"``: ``rule`` itself.
 
     Raises:
-        ValueError: ``mode`` is not one of ``THROUGH`` (the message lists them).
-
-    Example:
-        >>> p = torch.nn.Parameter(torch.randn(3))
-        >>> group = torch.optim.Adam([p], lr=0.1).param_groups[0]
-        >>> g = torch.randn(3, requires_grad=True)
-        >>> d = mq.refine.with_derivative(mq.refine.adam_direction, "residual")(g, p, {}, group)
-        >>> torch.equal(d, mq.refine.adam_direction(g, p, {}, group)), torch.autograd.grad(d.sum(), g)[0].tolist()
-        (True, [1.0, 1.0, 1.0])
-        >>> mq.refine.with_derivative(mq.refine.adam_direction, "exact") is mq.refine.adam_direction
-        True
+        ValueError: ``mode`` is not one of ``THROUGH``.
     """
     if mode == "exact":
         return rule
