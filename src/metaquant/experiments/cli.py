@@ -30,7 +30,7 @@ from .config import DATA, META, OPTIMIZATION, QUANTIZATION, RELIABILITY, RunConf
 from .demo import DemoConfig, run_demo
 from .lifecycle import RunResult, describe_checkpoint, execute, resume
 from .naming import default_run_name
-from .options import OPTION_FIELDS, add_config_options, flag, parameter_flags, to_flags
+from .options import OPTION_FIELDS, add_config_options, add_dataclass_options, flag, parameter_flags, to_flags
 from .plots import plot_comparisons, plot_trace
 from .presets import resolve_preset
 from .report import collect, summarize, told_apart
@@ -75,7 +75,6 @@ def _add_run_options(p: argparse.ArgumentParser, *, task: str) -> None:
         help="run directory name, a plain name inside --run-dir (default: derived from the options)",
     )
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    out.add_argument("--debug", action="store_true", help="show tracebacks")
     groups[RELIABILITY].add_argument(
         "--resume",
         metavar="RUN_DIR",
@@ -115,32 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(demo: argparse.ArgumentParser) -> None:
-    defaults = DemoConfig()
-    demo.add_argument("--run-dir", default=defaults.run_dir, help="where the runs go (default: %(default)s)")
-    demo.add_argument(
-        "--train-size", type=int, default=defaults.train_size, help="training subset (default: %(default)s)"
-    )
-    demo.add_argument("--test-size", type=int, default=defaults.test_size, help="test subset (default: %(default)s)")
-    demo.add_argument(
-        "--pretrain-epochs",
-        type=int,
-        default=defaults.pretrain_epochs,
-        help="full-precision epochs (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--quantize-epochs",
-        type=int,
-        default=defaults.quantize_epochs,
-        help="quantization epochs per method, and of the float reference (default: %(default)s)",
-    )
-    demo.add_argument(
-        "-bs", "--batch-size", type=int, default=defaults.batch_size, help="batch size (default: %(default)s)"
-    )
-    demo.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
-    demo.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default: auto)")
-    demo.add_argument("--data-dir", default=None, help="where the Fashion-MNIST files are")
+    add_dataclass_options(demo, DemoConfig())
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    demo.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _add_export(export: argparse.ArgumentParser) -> None:
@@ -172,7 +147,6 @@ def _add_export(export: argparse.ArgumentParser) -> None:
         help="with --format onnx: the ONNX opset, at least 13; 21 stores the weights as INT4, 25 as INT2 for 1-bit "
         "and ternary weights (default: 21)",
     )
-    export.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _export(args: argparse.Namespace) -> int:

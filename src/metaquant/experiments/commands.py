@@ -72,7 +72,8 @@ def command_parser(
     sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
     presets = ", ".join(sorted(p.stem for p in _PRESETS.glob("*.toml")))
     for name, (summary, description) in _COMMANDS.items():
-        sub.add_parser(name, help=summary, description=description.format(presets=presets))
+        command = sub.add_parser(name, help=summary, description=description.format(presets=presets))
+        command.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = dict(sub.choices)
     _add_sweep(commands["sweep"])
     _add_report(commands["report"])
@@ -108,7 +109,6 @@ def _add_sweep(sweep: argparse.ArgumentParser) -> None:
         help="run N runs side by side, each in its own process, on the same GPU or sharing the CPU "
         "cores; the results are those of runs one after another (default: 1)",
     )
-    sweep.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _add_report(report: argparse.ArgumentParser) -> None:
@@ -116,13 +116,11 @@ def _add_report(report: argparse.ArgumentParser) -> None:
     report.add_argument("--out", default="report", help="output folder (default: report)")
     report.add_argument("--no-figures", dest="figures", action="store_false", help="table only")
     report.add_argument("--overwrite", action="store_true", help="replace the tables and figures already in --out")
-    report.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _add_plot(plot: argparse.ArgumentParser) -> None:
     plot.add_argument("run", help="the run directory")
     plot.add_argument("--out", default=None, help="output folder (default: the run directory)")
-    plot.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def _add_eval(ev: argparse.ArgumentParser) -> None:
@@ -142,4 +140,3 @@ def _add_eval(ev: argparse.ArgumentParser) -> None:
         help="first recompute the BatchNorm statistics from N batches of the run's training set (default: 0, "
         "the model's own)",
     )
-    ev.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -68,7 +68,7 @@ DATA, OPTIMIZATION, RELIABILITY, QUANTIZATION, META = (
 )
 
 
-def _option(default: Any, *flags: str, group: str, help: str, **argparse_options: Any) -> Any:
+def option(default: Any, *flags: str, group: str, help: str, **argparse_options: Any) -> Any:
     """A field with its command-line option: ``flags``, its ``group`` and ``help`` in ``--help`` (which adds the
     default unless ``help`` names it), and argparse's ``choices`` (a callable for a registry read when the parser
     is made), ``metavar``, ``type`` or ``const`` (a flag that sets this value)."""
@@ -109,17 +109,17 @@ class RunConfig:
     """
 
     task: str = "quantize"
-    model: str = _option("resnet20", "-m", "--model", group=DATA, help="architecture", choices=model_names)
-    dataset: str = _option("fashion-mnist", "-d", "--dataset", group=DATA, help="dataset", choices=DATASETS)
-    data_dir: str | None = _option(
+    model: str = option("resnet20", "-m", "--model", group=DATA, help="architecture", choices=model_names)
+    dataset: str = option("fashion-mnist", "-d", "--dataset", group=DATA, help="dataset", choices=DATASETS)
+    data_dir: str | None = option(
         None,
         "--data-dir",
         group=DATA,
         help="where the dataset files are, and only there (default: ~/.cache/metaquant/<dataset>, and for "
         "Fashion-MNIST also /usr/share/datasets/fashion-mnist from the Debian package dataset-fashion-mnist)",
     )
-    download: bool = _option(True, "--no-download", group=DATA, help="never download a missing dataset; fail instead")
-    augment: str = _option(
+    download: bool = option(True, "--no-download", group=DATA, help="never download a missing dataset; fail instead")
+    augment: str = option(
         "auto",
         "--augment",
         group=DATA,
@@ -127,44 +127,44 @@ class RunConfig:
         "crop_flip (pad 4, random crop, random horizontal flip)",
         choices=("auto", *AUGMENTATIONS),
     )
-    train_size: int | None = _option(
+    train_size: int | None = option(
         None, "--train-size", group=DATA, help="train on a fixed, seeded random subset of N examples (default: all)"
     )
-    test_size: int | None = _option(
+    test_size: int | None = option(
         None,
         "--test-size",
         group=DATA,
         help="evaluate on a fixed, seeded random subset of N test examples (default: all)",
     )
-    subset_seed: int | None = _option(
+    subset_seed: int | None = option(
         None,
         "--subset-seed",
         group=DATA,
         help="seed of the --train-size subset (default: --seed); fix it to keep the same images across trials",
     )
-    batch_size: int = _option(128, "-bs", "--batch-size", group=DATA, help="training batch size")
-    test_batch_size: int = _option(500, "--test-batch-size", group=DATA, help="evaluation batch size")
-    epochs: int = _option(10, "-n", "--epochs", group=OPTIMIZATION, help="number of epochs")
-    optimizer: str = _option("sgd", "-o", "--optimizer", group=OPTIMIZATION, help="base optimizer", choices=OPTIMIZERS)
-    lr: float = _option(1e-3, "--lr", group=OPTIMIZATION, help="initial learning rate")
-    momentum: float = _option(0.0, "--momentum", group=OPTIMIZATION, help="SGD momentum")
-    dampening: float = _option(0.0, "--dampening", group=OPTIMIZATION, help="SGD dampening")
-    nesterov: bool = _option(False, "--nesterov", group=OPTIMIZATION, help="Nesterov momentum (SGD)")
-    weight_decay: float = _option(0.0, "--weight-decay", group=OPTIMIZATION, help="weight decay")
-    lr_schedule: str = _option(
+    batch_size: int = option(128, "-bs", "--batch-size", group=DATA, help="training batch size")
+    test_batch_size: int = option(500, "--test-batch-size", group=DATA, help="evaluation batch size")
+    epochs: int = option(10, "-n", "--epochs", group=OPTIMIZATION, help="number of epochs")
+    optimizer: str = option("sgd", "-o", "--optimizer", group=OPTIMIZATION, help="base optimizer", choices=OPTIMIZERS)
+    lr: float = option(1e-3, "--lr", group=OPTIMIZATION, help="initial learning rate")
+    momentum: float = option(0.0, "--momentum", group=OPTIMIZATION, help="SGD momentum")
+    dampening: float = option(0.0, "--dampening", group=OPTIMIZATION, help="SGD dampening")
+    nesterov: bool = option(False, "--nesterov", group=OPTIMIZATION, help="Nesterov momentum (SGD)")
+    weight_decay: float = option(0.0, "--weight-decay", group=OPTIMIZATION, help="weight decay")
+    lr_schedule: str = option(
         "step", "--lr-schedule", group=OPTIMIZATION, help="learning-rate schedule", choices=SCHEDULES
     )
-    lr_step: int = _option(
+    lr_step: int = option(
         30,
         "-ad",
         "--lr-step",
         group=OPTIMIZATION,
         help="step schedule: divide the learning rate by 1/--lr-gamma every N epochs",
     )
-    lr_gamma: float = _option(0.1, "--lr-gamma", group=OPTIMIZATION, help="step schedule factor")
-    seed: int = _option(0, "--seed", group=OPTIMIZATION, help="random seed")
-    device: str = _option("auto", "--device", group=OPTIMIZATION, help="auto, cpu, cuda or cuda:N")
-    memory_format: str = _option(
+    lr_gamma: float = option(0.1, "--lr-gamma", group=OPTIMIZATION, help="step schedule factor")
+    seed: int = option(0, "--seed", group=OPTIMIZATION, help="random seed")
+    device: str = option("auto", "--device", group=OPTIMIZATION, help="auto, cpu, cuda or cuda:N")
+    memory_format: str = option(
         "auto",
         "--memory-format",
         group=OPTIMIZATION,
@@ -172,7 +172,7 @@ class RunConfig:
         "and CUDA), channels-last or contiguous",
         choices=MEMORY_FORMATS,
     )
-    amp: str = _option(
+    amp: str = option(
         "none",
         "--amp",
         group=OPTIMIZATION,
@@ -180,14 +180,14 @@ class RunConfig:
         "weights and the meta quantizer stay float32",
         choices=AMP_MODES,
     )
-    sync_bn: bool = _option(
+    sync_bn: bool = option(
         False,
         "--sync-bn",
         group=OPTIMIZATION,
         help="under torchrun: SyncBatchNorm (statistics over the whole batch) instead of each process's own "
         "BatchNorm statistics",
     )
-    precise_bn_batches: int = _option(
+    precise_bn_batches: int = option(
         0,
         "--precise-bn",
         group=OPTIMIZATION,
@@ -195,7 +195,7 @@ class RunConfig:
         "first N training batches instead of the running averages (default: %(default)s, off)",
         metavar="N",
     )
-    record_precise_bn: int = _option(
+    record_precise_bn: int = option(
         0,
         "--record-precise-bn",
         group=OPTIMIZATION,
@@ -203,7 +203,7 @@ class RunConfig:
         "(test_acc_precise_bn), on a copy: the run itself is unchanged (default: %(default)s, off)",
         metavar="N",
     )
-    ema_decay: float = _option(
+    ema_decay: float = option(
         0.0,
         "--ema-decay",
         group=OPTIMIZATION,
@@ -211,7 +211,7 @@ class RunConfig:
         "instead of the last ones; each test reports both; pair it with --precise-bn (default: %(default)s, off)",
         metavar="D",
     )
-    on_nonfinite: str = _option(
+    on_nonfinite: str = option(
         "raise",
         "--skip-nonfinite",
         group=RELIABILITY,
@@ -219,7 +219,7 @@ class RunConfig:
         "instead of stopping (also with --resume)",
         const="skip",
     )
-    max_skipped: int = _option(
+    max_skipped: int = option(
         10,
         "--max-skipped",
         group=RELIABILITY,
@@ -227,14 +227,14 @@ class RunConfig:
         "%(default)s; also with --resume)",
         metavar="N",
     )
-    checkpoint_every: int = _option(
+    checkpoint_every: int = option(
         0,
         "--checkpoint-every",
         group=RELIABILITY,
         help="also checkpoint every N steps within an epoch (default: %(default)s, at epoch ends only)",
         metavar="N",
     )
-    init: str | None = _option(
+    init: str | None = option(
         None,
         "--init",
         group=QUANTIZATION,
@@ -242,11 +242,11 @@ class RunConfig:
         "original MetaQuant code's state_dict, e.g. ResNet20-CIFAR10-pretrain.pth), or a quantization run to "
         "fine-tune (the weights it delivered: its average with --ema-decay)",
     )
-    quantizer: str = _option(
+    quantizer: str = option(
         "dorefa", "-q", "--quantizer", group=QUANTIZATION, help="forward quantizer", choices=_quantizer_choices
     )
-    bits: int = _option(1, "-bw", "--bits", group=QUANTIZATION, help="bit width")
-    estimator: str = _option(
+    bits: int = option(1, "-bw", "--bits", group=QUANTIZATION, help="bit width")
+    estimator: str = option(
         "ste",
         "-meta",
         "--estimator",
@@ -256,17 +256,17 @@ class RunConfig:
         choices=ESTIMATORS,
         type=_estimator_name,
     )
-    ewgs_delta: float = _option(1e-3, "--ewgs-delta", group=QUANTIZATION, help="EWGS scaling factor δ")
-    hidden_size: int = _option(100, "-hidden", "--hidden-size", group=META, help="hidden size")
-    num_fc: int = _option(
+    ewgs_delta: float = option(1e-3, "--ewgs-delta", group=QUANTIZATION, help="EWGS scaling factor δ")
+    hidden_size: int = option(100, "-hidden", "--hidden-size", group=META, help="hidden size")
+    num_fc: int = option(
         2,
         "-nfc",
         "--num-fc",
         group=META,
         help="number of FC layers of FC-Grad and MultiFC (default: %(default)s, the paper's)",
     )
-    num_lstm: int = _option(1, "-nlstm", "--num-lstm", group=META, help="number of LSTM layers of LSTMFC")
-    nonlinearity: str = _option(
+    num_lstm: int = option(1, "-nlstm", "--num-lstm", group=META, help="number of LSTM layers of LSTMFC")
+    nonlinearity: str = option(
         "none",
         "-nonlinear",
         "--nonlinearity",
@@ -274,23 +274,21 @@ class RunConfig:
         help="non-linearity between the FC layers",
         choices=NONLINEARITIES,
     )
-    meta_lr: float = _option(
+    meta_lr: float = option(
         1e-3,
         "--meta-lr",
         group=META,
         help="learning rate γ of the meta quantizer's Adam; follows the base schedule",
     )
-    meta_weight_decay: float = _option(
-        0.0, "--meta-weight-decay", group=META, help="weight decay of the meta optimizer"
-    )
-    step_order: str = _option(
+    meta_weight_decay: float = option(0.0, "--meta-weight-decay", group=META, help="weight decay of the meta optimizer")
+    step_order: str = option(
         "paper",
         "--step-order",
         group=META,
         help="paper: Algorithm 1; original: the original code's order, to reproduce its numbers",
         choices=STEP_ORDERS,
     )
-    through: str = _option(
+    through: str = option(
         "residual",
         "--through",
         group=META,
@@ -300,13 +298,13 @@ class RunConfig:
     )
     # from this epoch on the meta quantizer is frozen (the command line's --fix-meta and --fix-meta-epoch)
     freeze_meta_epoch: int | None = None
-    meta_init: str | None = _option(
+    meta_init: str | None = option(
         None,
         "--meta-init",
         group=META,
         help="start from a trained meta quantizer: a run directory, its meta.pt or a checkpoint",
     )
-    meta_init_scheme: str = _option(
+    meta_init_scheme: str = option(
         "paper",
         "--meta-init-scheme",
         group=META,
@@ -316,20 +314,20 @@ class RunConfig:
     )
     # the "equivalent STE": multiply lr by the mean gain that the FC-Grad run in this directory learned
     lr_gain_from: str | None = None
-    distill_weight: float = _option(
+    distill_weight: float = option(
         0.0,
         "--distill-weight",
         group=QUANTIZATION,
         help="knowledge distillation from the --init model (or --teacher): the share λ in [0, 1] of the loss that "
         "matches its softened predictions (default: %(default)s, labels only)",
     )
-    distill_temperature: float = _option(
+    distill_temperature: float = option(
         4.0,
         "--distill-temperature",
         group=QUANTIZATION,
         help="the temperature T of the distillation, in [0.01, 1000]",
     )
-    teacher: str | None = _option(
+    teacher: str | None = option(
         None,
         "--teacher",
         group=QUANTIZATION,

@@ -26,13 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from ..guards import StopFlag
-from .config import RunConfig
+from .config import RunConfig, option
 from .lifecycle import RunResult, execute, resume
 from .runs import RunDir
 
 __all__ = ["DemoConfig", "run_demo"]
 
 logger = logging.getLogger(__name__)
+#: The group of the demo's options in ``--help``.
+DEMO = "demo"
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,17 @@ class DemoConfig:
         ValueError: a value its runs' ``RunConfig`` refuses (e.g. ``train_size=0``); the message names it.
     """
 
-    run_dir: str = "runs/demo"
-    train_size: int = 10_000
-    test_size: int = 2_000
-    pretrain_epochs: int = 3
-    quantize_epochs: int = 4
-    batch_size: int = 128
-    seed: int = 0
-    device: str = "auto"
-    data_dir: str | None = None
+    run_dir: str = option("runs/demo", "--run-dir", group=DEMO, help="where the runs go")
+    train_size: int = option(10_000, "--train-size", group=DEMO, help="training subset")
+    test_size: int = option(2_000, "--test-size", group=DEMO, help="test subset")
+    pretrain_epochs: int = option(3, "--pretrain-epochs", group=DEMO, help="full-precision epochs")
+    quantize_epochs: int = option(
+        4, "--quantize-epochs", group=DEMO, help="quantization epochs per method, and of the float reference"
+    )
+    batch_size: int = option(128, "-bs", "--batch-size", group=DEMO, help="batch size")
+    seed: int = option(0, "--seed", group=DEMO, help="random seed")
+    device: str = option("auto", "--device", group=DEMO, help="auto, cpu, cuda or cuda:N")
+    data_dir: str | None = option(None, "--data-dir", group=DEMO, help="where the Fashion-MNIST files are")
 
     def __post_init__(self) -> None:
         self.stages()  # each stage's RunConfig validates the values it is given

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import META, QUANTIZATION, RunConfig
 
-__all__ = ["OPTION_FIELDS", "add_config_options", "flag", "parameter_flags", "to_flags"]
+__all__ = ["OPTION_FIELDS", "add_config_options", "add_dataclass_options", "flag", "parameter_flags", "to_flags"]
 
 #: The fields that are command-line options, in the order of ``--help``.
 OPTION_FIELDS = tuple(f for f in dataclasses.fields(RunConfig) if f.metadata.get("flags"))
@@ -33,10 +33,19 @@ def add_config_options(groups: Mapping[str, Any], task: str) -> None:
     defaults = RunConfig.for_task(task)
     for f in OPTION_FIELDS:
         if task == "quantize" or f.metadata["group"] not in QUANTIZE_ONLY:
-            default = getattr(defaults, f.name)
-            groups[f.metadata["group"]].add_argument(
-                *f.metadata["flags"], dest=f.name, default=default, **_kind(f, default)
-            )
+            _add(groups[f.metadata["group"]], f, getattr(defaults, f.name))
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser | Any, defaults: Any) -> None:
+    """Add to ``parser`` the option of each field of the dataclass instance ``defaults`` that declares one
+    (``config.option``), with the instance's value as its default."""
+    for f in dataclasses.fields(defaults):
+        if f.metadata.get("flags"):
+            _add(parser, f, getattr(defaults, f.name))
+
+
+def _add(parser: Any, f: dataclasses.Field, default: Any) -> None:
+    parser.add_argument(*f.metadata["flags"], dest=f.name, default=default, **_kind(f, default))
 
 
 def _kind(f: dataclasses.Field, default: Any) -> dict[str, Any]:
