@@ -54,6 +54,17 @@ def test_direct_uses_finds_the_weights_read_other_than_through_fake_quantize():
     assert direct_uses((x @ w.T).sum() + (x @ mq.fake_quantize(v, q).T).sum(), [w, v]) == [0]
 
 
+
+def test_a_compiled_region_is_opaque_and_a_direct_use_outside_it_is_still_found():
+    w, v = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    q, x = mq.quantizers.DoReFa(), torch.randn(2, 4)
+    through_w_hat = torch.compile(lambda x, w: (x @ mq.fake_quantize(w, q).T).sum(), backend="aot_eager")
+    loss = through_w_hat(x, w)
+    assert type(loss.grad_fn).__name__ == "CompiledFunctionBackward"  # fake_quantize's node is fused away
+    assert direct_uses(loss, [w, v]) == []  # not mistaken for a direct use
+    assert direct_uses(loss + 1e-3 * v.square().sum(), [w, v]) == [1]
+
+
 def test_trainer_warns_once_about_a_direct_use_and_names_the_weight(caplog):
     model = _lm()
     trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))

@@ -3,7 +3,8 @@ the layer's ``Ŵ`` (an output layer computed as ``F.linear(h, emb.weight)`` from
 penalty on ``W``).
 
 Such a use computes with the float ``W`` in training and evaluation, while ``load_packed`` and the ONNX export
-give every use of the weight ``Ŵ``. ``Trainer`` finds these uses in the loss's autograd graph (``direct_uses``);
+give every use of the weight ``Ŵ``. ``Trainer`` finds these uses in the loss's autograd graph (``direct_uses``;
+a ``torch.compile``d region of the graph is opaque, and what it reads is not reported);
 ``MetaQuant``, whose forward pass reaches ``W`` through nothing else, by the gradient ``W`` receives. Both say
 so once per weight (``warn_direct_uses``).
 """
@@ -61,7 +62,7 @@ def direct_uses(loss: Tensor, weights: Sequence[Tensor]) -> list[int]:
     stack = [loss.grad_fn] if loss.grad_fn is not None else []
     while stack:
         node = stack.pop()
-        own = is_fake_quantize_node(node)
+        own = is_fake_quantize_node(node) or _compiled(node)
         for child, _ in node.next_functions:
             if child is None:
                 continue
@@ -73,6 +74,12 @@ def direct_uses(loss: Tensor, weights: Sequence[Tensor]) -> list[int]:
                 seen.add(child)
                 stack.append(child)
     return sorted(found)
+
+
+def _compiled(node: object) -> bool:
+    """Whether ``node`` is the backward pass of a ``torch.compile``d region: the fake-quantize nodes inside it are
+    fused away, so what it reads cannot be told apart and is not reported (no false warning)."""
+    return type(node).__name__ == "CompiledFunctionBackward"
 
 
 def warn_direct_uses(names: Iterable[str], warned: set[str], consequence: str) -> None:
