@@ -54,7 +54,6 @@ def test_direct_uses_finds_the_weights_read_other_than_through_fake_quantize():
     assert direct_uses((x @ w.T).sum() + (x @ mq.fake_quantize(v, q).T).sum(), [w, v]) == [0]
 
 
-
 def test_a_compiled_region_is_opaque_and_a_direct_use_outside_it_is_still_found():
     w, v = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
     q, x = mq.quantizers.DoReFa(), torch.randn(2, 4)
