@@ -15,6 +15,7 @@ from typing import Any
 
 MODULES = [
     "metaquant.quantizers",
+    "metaquant.activations",
     "metaquant.estimators",
     "metaquant.layers",
     "metaquant.layout",

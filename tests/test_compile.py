@@ -66,3 +66,27 @@ def test_compiled_model_trains_as_one_graph_without_recompiling(method, step_ord
     assert counters["stats"]["unique_graphs"] == warm["unique_graphs"] == (2 if step_order == "original" else 1)
     torch.testing.assert_close(losses[0], expected, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(torch.stack(losses)).all() and not torch.equal(losses[0], losses[-1])
+
+
+def test_a_compiled_w4a4_model_computes_what_the_eager_one_does_without_graph_breaks():
+    config = mq.QuantConfig("uniform", 4, activations=mq.ActQuantConfig("lsq", 4))
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = mq.quantize_(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5)), config
+    )
+    x = torch.randn(8, 3, 6, 6)
+    model(x)  # the first training batch initialises the steps (eagerly)
+    compiled = torch.compile(model, backend="aot_eager")
+    for train in (True, False):
+        model.train(train)
+        eager = model(x)
+        assert torch.equal(compiled(x), eager)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = mq.Trainer(compiled, opt)
+    y = torch.randint(0, 5, (8,))
+    for _ in range(3):
+        trainer.step(lambda: F.cross_entropy(compiled(x), y))
+    assert dict(counters["graph_break"]) == {}

@@ -405,3 +405,94 @@ def test_eval_with_precise_bn_tests_the_model_with_statistics_recomputed_from_tr
         evaluate_artifact(tmp_path / "model.onnx", precise_bn_batches=3)
     assert main(["eval", str(run), "--precise-bn", "-1"]) != 0
     assert "got -1" in capsys.readouterr().err
+
+
+# --- quantized activations --------------------------------------------------------------------------------------
+ACTIVATIONS = {
+    "W1A1": mq.QuantConfig("dorefa", 1, activations=mq.ActQuantConfig("sign", 1, "approxsign")),
+    "W4A4-lsq": mq.QuantConfig("uniform", 4, activations=mq.ActQuantConfig("lsq", 4)),
+    "W2A4-pact": mq.QuantConfig("dorefa", 2, activations=mq.ActQuantConfig("pact", 4, first_layer_bits=None)),
+    "W4A3-lsq": mq.QuantConfig("uniform", 4, activations=mq.ActQuantConfig("lsq", 3, first_layer_bits=4)),
+}
+
+
+def _activation_model(config):
+    torch.manual_seed(1)
+    model = mq.quantize_(mq.models.resnet8(num_classes=10, in_channels=1), config)
+    for q in mq.layers.input_quantizers(model).values():
+        if q.name == "pact":
+            torch.nn.init.constant_(q.alpha, 2.0)  # inputs reach α: both ends of the range are used
+    return _with_batchnorm_statistics(model)  # the first training batch initialises the LSQ steps
+
+
+@pytest.mark.parametrize("case", list(ACTIVATIONS))
+def test_packed_file_records_the_input_quantizers_and_load_packed_gives_the_same_logits(tmp_path, case):
+    model = _activation_model(ACTIVATIONS[case])
+    export_packed(
+        model,
+        tmp_path / "m.safetensors",
+        architecture={"model": "resnet8", "num_classes": 10, "in_channels": 1, "image_size": 28},
+    )
+    header, _ = read_packed(tmp_path / "m.safetensors")
+    quantizers = mq.layers.input_quantizers(model)
+    assert header["activations"] == {name: q.spec() for name, q in quantizers.items()}
+    loaded = load_packed(tmp_path / "m.safetensors")
+    assert type(loaded.conv1).__name__ == "Conv2d"
+    rebuilt = mq.layers.input_quantizers(loaded)
+    assert list(rebuilt) == list(quantizers)
+    for name, q in quantizers.items():
+        assert all(torch.equal(a, b) for a, b in zip(q.state_dict().values(), rebuilt[name].state_dict().values()))
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_packed_file_without_activations_has_no_activations_entry(tmp_path):
+    model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 2))).eval()
+    export_packed(model, tmp_path / "m.safetensors")
+    header, _ = read_packed(tmp_path / "m.safetensors")
+    assert header["activations"] is None
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), framework="np") as f:
+        assert "activations" not in f.metadata()
+
+
+@pytest.mark.parametrize(
+    "case,opset", [("W1A1", 21), ("W4A4-lsq", 21), ("W2A4-pact", 21), ("W4A3-lsq", 21), ("W4A4-lsq", 17)]
+)
+def test_onnx_export_quantizes_the_activations_with_qdq_and_matches_the_model(tmp_path, case, opset):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from metaquant.export import export_onnx, onnx_session_options
+    from metaquant.export.onnx_activations import activation_type
+
+    model = _activation_model(ACTIVATIONS[case])
+    x = torch.randn(7, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+    export_onnx(model, tmp_path / "m.onnx", x[:2], opset=opset)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    quantize = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    quantizers = mq.layers.input_quantizers(model)
+    qdq = [q for q in quantizers.values() if q.name != "sign"]
+    # one QuantizeLinear per input quantizer (the exporter merges those of one input with equal steps, as a block's
+    # convolution and its shortcut's after the same first batch), each with its integer type
+    tensors = {t.name: t for t in proto.graph.initializer}
+    tensors |= {n.output[0]: n.attribute[0].t for n in proto.graph.node if n.op_type == "Constant"}
+    found = {(float(numpy_helper.to_array(tensors[n.input[1]])), tensors[n.input[2]].data_type) for n in quantize}
+    wanted = set()
+    for q in qdq:
+        scale, low, high = q.integer_form()
+        wanted.add((float(np.float32(scale)), getattr(onnx.TensorProto, activation_type(low, high, opset)[0])))
+    assert found == wanted and len(quantize) <= len(qdq)
+    if any(q.name == "sign" for q in quantizers.values()):
+        assert "Where" in [n.op_type for n in proto.graph.node] and "Sign" not in [n.op_type for n in proto.graph.node]
+    # onnxruntime with its QDQ transformations off (onnx_session_options) computes what the model computes; with
+    # its default options it runs the activations' Q/DQ pairs through other kernels, which round otherwise
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), onnx_session_options(), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))

@@ -277,3 +277,76 @@ def test_a_model_saved_whole_loads_and_names_its_layer_classes_by_their_public_p
     layers = {n for n in names if n.startswith("metaquant.layers")}
     assert {"metaquant.layers.QuantConv2d", "metaquant.layers.QuantLinear", "metaquant.layers.QuantLSTM"} <= layers
     assert "metaquant.layers.QuantWeight" in layers and all(n.count(".") == 2 for n in layers), layers
+
+
+# --- input quantizers (QuantConfig(activations=...)) -----------------------------------------------------------
+W1A1 = mq.QuantConfig("dorefa", 1, activations=mq.ActQuantConfig("sign", 1))
+
+
+def test_activations_install_an_input_quantizer_on_every_converted_layer_the_first_one_lsq():
+    from metaquant.activations import LSQActivation, SignActivation
+
+    net = mq.quantize_(Net(), W1A1)
+    quantizers = mq.layers.input_quantizers(net)
+    assert list(quantizers) == [n for n, _ in net.named_modules() if n in EXPECTED]  # module order
+    assert type(quantizers["stem"]) is LSQActivation and quantizers["stem"].bits == 8  # first_layer_bits
+    assert all(type(q) is SignActivation for name, q in quantizers.items() if name != "stem")
+    float_first = mq.QuantConfig("dorefa", 1, activations=mq.ActQuantConfig("sign", 1, first_layer_bits=None))
+    assert "stem" not in mq.layers.input_quantizers(mq.quantize_(Net(), float_first))
+    # filter_fn chooses the layers, as without activations: the first chosen one gets the first layer's quantizer
+    chosen = mq.quantize_(Net(), W1A1, filter_fn=lambda m, n: n in ("blocks.1.inner.0", "head.fc"))
+    assert [(n, q.name) for n, q in mq.layers.input_quantizers(chosen).items()] == [
+        ("blocks.1.inner.0", "lsq"),
+        ("head.fc", "sign"),
+    ]
+
+
+def test_a_layers_forward_applies_its_input_quantizer_before_the_quantized_weight():
+    torch.manual_seed(0)
+    net = mq.quantize_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(36, 2)), W1A1).eval()
+    x = torch.randn(2, 3, 5, 5)
+    conv, fc = net[0], net[2]
+    h = F.conv2d(conv.input_quantizer(x), conv.quantizer(conv.weight), conv.bias)
+    expected = F.linear(torch.where(h.flatten(1) >= 0, 1.0, -1.0), fc.quantizer(fc.weight), fc.bias)
+    assert torch.equal(net(x), expected)
+
+
+def test_without_activations_nothing_changes_and_dequantize_removes_the_input_quantizers():
+    torch.manual_seed(0)
+    net = Net().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(2, 3, 9, 9)
+    plain = mq.quantize_(Net().eval(), mq.QuantConfig("dorefa", 1))
+    plain.load_state_dict(before)
+    assert not mq.layers.input_quantizers(plain) and list(plain.state_dict()) == list(before)
+    mq.quantize_(net, W1A1)
+    assert any("input_quantizer" in k for k in net.state_dict())
+    mq.dequantize_(net)
+    assert not mq.layers.input_quantizers(net) and "input_quantizer" not in repr(net)
+    after = net.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    fresh = Net().eval()
+    fresh.load_state_dict(before)
+    assert torch.equal(net(x), fresh(x))
+
+
+def test_attention_recurrent_and_embedding_layers_take_no_input_quantizer():
+    net = nn.Sequential(nn.Embedding(10, 8), nn.LSTM(8, 8), nn.MultiheadAttention(8, 2), nn.Linear(8, 2))
+    mq.quantize_(net, W1A1, filter_fn=lambda m, n: n in ("0", "1", "2", "2.out_proj", "3"))
+    assert list(mq.layers.input_quantizers(net)) == ["3"]
+    with pytest.raises(ValueError, match="config.activations needs a convolution or linear layer"):
+        mq.quantize_(nn.Sequential(nn.LSTM(4, 4)), W1A1, filter_fn=lambda m, n: n == "0")
+
+
+def test_an_optimizer_without_the_input_quantizers_parameters_is_refused():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    early = torch.optim.SGD(net.parameters(), lr=0.1)  # built before quantize_ added the steps
+    mq.quantize_(net, mq.QuantConfig("dorefa", 1, activations=mq.ActQuantConfig("lsq", 4)))
+    for make in (lambda: mq.Trainer(net, early), lambda: mq.MetaQuant(net, early, mq.MultiFC(hidden=4))):
+        with pytest.raises(
+            ValueError, match=r"the optimizer does not hold 0\.input_quantizer\.step: .*after quantize_"
+        ):
+            make()
+    mq.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1))  # built after: accepted
+    net[2].input_quantizer.step.requires_grad_(False)  # a frozen step need not be in it
+    mq.Trainer(net, torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1))

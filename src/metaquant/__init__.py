@@ -3,7 +3,8 @@
 The public API in one place; see the README for a tour.
 """
 
-from . import averaging, batchnorm, data, distill, layout, models, precision, quantizers, schedules
+from . import activations, averaging, batchnorm, data, distill, layout, models, precision, quantizers, schedules
+from .activations import ActQuantConfig
 from .algorithm import MetaQuant
 from .averaging import ema_model
 from .batchnorm import recompute_batchnorm_stats
@@ -25,6 +26,7 @@ from .trainer import Trainer
 from .training import evaluate, fit, restore_fit
 
 __all__ = [
+    "activations",
     "averaging",
     "batchnorm",
     "data",
@@ -35,6 +37,7 @@ __all__ = [
     "quantizers",
     "schedules",
     "QuantConfig",
+    "ActQuantConfig",
     "QuantConv2d",
     "QuantLinear",
     "quantize_",

@@ -44,6 +44,7 @@ from .guards import (
     reject_step,
 )
 from .layers import QuantLayer, check_weight_hooks, forward_tensors, quantized_layers
+from .layers.inputs import check_optimizer_trains_inputs
 from .layout import flatten_in_memory_order, memory_order, unflatten_like
 from .meta import LSTMFC, FCGrad, IdentityMeta, MetaQuantizer, MultiFC
 from .quantizers import ForwardQuantizer
@@ -170,7 +171,8 @@ class MetaQuant:
             unknown ``step_order``, ``through`` or ``on_nonfinite``, ``meta_lr`` not a finite number > 0,
             ``meta_weight_decay`` not a finite number >= 0, ``freeze_meta_epoch`` not an integer >= 0, no
             quantized layer, a quantized weight the optimizer does not train or that is shared with another
-            module, or a trainable bias of a quantized layer that the optimizer does not train.
+            module, a trainable bias of a quantized layer or an input quantizer's Parameter that the optimizer
+            does not train.
 
     Example:
         >>> import torch, torch.nn.functional as F, metaquant as mq
@@ -218,6 +220,7 @@ class MetaQuant:
         check_optimizer(optimizer)
         check_trainer_inputs(model, grad_scaler, meta_optimizer=meta_optimizer)
         check_weight_hooks(model)
+        check_optimizer_trains_inputs(unwrap(model), optimizer)
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
         self.overflow_steps = 0

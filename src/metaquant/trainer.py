@@ -34,6 +34,7 @@ from .guards import (
     reject_step,
 )
 from .layers import QuantLayer, check_weight_hooks, forward_tensors, quantized_layers
+from .layers.inputs import check_optimizer_trains_inputs
 from .quantizers import ForwardQuantizer
 
 __all__ = ["Trainer"]
@@ -98,7 +99,8 @@ class Trainer:
         TypeError: ``estimator`` is not a ``ClassicalEstimator``, ``model`` not a module, ``optimizer`` not an
             optimizer, ``grad_scaler`` not a gradient scaler; a quantized weight that a forward pre-hook
             recomputes (pruning, the older ``weight_norm``/``spectral_norm``).
-        ValueError: ``on_nonfinite`` is not one of ``NONFINITE_POLICIES``.
+        ValueError: ``on_nonfinite`` is not one of ``NONFINITE_POLICIES``; ``optimizer`` lacks an input quantizer's
+            Parameter (build it after ``quantize_``).
 
     Example:
         Three STE steps of a 1-bit linear layer; with ``"skip"`` a NaN loss leaves the weights as they were:
@@ -130,6 +132,7 @@ class Trainer:
         check_optimizer(optimizer)
         check_trainer_inputs(model, grad_scaler)
         check_weight_hooks(model)
+        check_optimizer_trains_inputs(unwrap(model), optimizer)
         self.model = model
         self.optimizer = optimizer
         self.estimator = estimator

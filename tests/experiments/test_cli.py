@@ -198,6 +198,15 @@ SAME_AS_FOR_TASK = [
         ["quantize", "-meta", "ewgs", "--distill-weight", "0.5", "--teacher", "runs/t", "--weight-decay", "5e-4"],
         {"estimator": "ewgs", "distill_weight": 0.5, "teacher": "runs/t", "weight_decay": 5e-4},
     ),
+    (["quantize", "--act-quantizer", "lsq", "--act-bits", "4"], {"act_quantizer": "lsq", "act_bits": 4}),
+    (
+        ["quantize", "--act-quantizer", "Sign", "--act-backward", "approxsign", "--act-first-layer-bits", "none"],
+        {"act_quantizer": "sign", "act_bits": 1, "act_backward": "approxsign", "act_first_layer_bits": None},
+    ),
+    (
+        ["quantize", "--act-quantizer", "pact", "--act-first-layer-bits", "4"],
+        {"act_quantizer": "pact", "act_first_layer_bits": 4},
+    ),
 ]
 
 

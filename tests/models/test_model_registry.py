@@ -8,7 +8,17 @@ from torch import nn
 
 from metaquant.models import MODELS, CifarResNet, ImageNetResNet, LabNet, get_model, model_names
 
-ALL_NAMES = ["resnet8", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18", "lab"]
+ALL_NAMES = [
+    "resnet8",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet20-bireal",
+    "resnet18",
+    "lab",
+]
 
 
 def test_registry_holds_exactly_the_documented_names() -> None:

@@ -22,9 +22,10 @@ from ..distill import Distillation
 from ..distributed import init_from_env, wrap
 from ..estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
 from ..layers import QuantConfig, quantize_
+from ..layers.base import INPUT_QUANTIZER
 from ..layout import apply_memory_format, preferred_memory_format
 from ..meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
-from ..models import get_model, load_weights, read_checkpoint
+from ..models import extract_state_dict, get_model, load_weights, read_checkpoint
 from ..precision import make_grad_scaler
 from ..trainer import Trainer
 from ..training import seed_everything
@@ -140,13 +141,27 @@ def init_path(init: str) -> Path:
 
 
 def build_model(config: RunConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """The full-precision model, loaded from ``config.init`` when given, then quantized for ``quantize`` runs."""
+    """The full-precision model, loaded from ``config.init`` when given, then quantized for ``quantize`` runs
+    (weights, and activations with ``config.act_quantizer``). An ``init`` that holds activation quantizers (a run
+    that quantized them, fine-tuned here) is loaded into the quantized model: only that one has them."""
     model = get_model(config.model, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
-    if config.init:
-        load_weights(model, init_path(config.init))
+    init = init_path(config.init) if config.init else None
+    fine_tuning = init is not None and config.activations() is not None and _holds_input_quantizers(init)
+    if init is not None and not fine_tuning:
+        load_weights(model, init)
     if config.task == "quantize":
-        quantize_(model, QuantConfig(config.quantizer, config.bits))
+        quantize_(model, QuantConfig(config.quantizer, config.bits, activations=config.activations()))
+    if init is not None and fine_tuning:
+        load_weights(model, init)
     return model
+
+
+def _holds_input_quantizers(path: Path) -> bool:
+    try:
+        state = extract_state_dict(read_checkpoint(path))
+    except ValueError:
+        return False  # load_weights says what is wrong with it, naming the file
+    return any(f".{INPUT_QUANTIZER}." in key for key in state)
 
 
 def with_learned_gain(config: RunConfig) -> RunConfig:

@@ -26,7 +26,7 @@ from ..distributed import is_main, shutdown
 from ..guards import NonFiniteError, SkipLimitError, StopFlag, TrainingInterrupted
 from .artifacts import evaluate_artifact, export_run
 from .commands import command_parser
-from .config import DATA, META, OPTIMIZATION, QUANTIZATION, RELIABILITY, RunConfig
+from .config import ACTIVATIONS, DATA, META, OPTIMIZATION, QUANTIZATION, RELIABILITY, RunConfig
 from .demo import DemoConfig, run_demo
 from .lifecycle import RunResult, describe_checkpoint, execute, resume
 from .naming import default_run_name
@@ -65,6 +65,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, task: str) -> None:
     groups = {group: p.add_argument_group(group) for group in (DATA, OPTIMIZATION, "output", RELIABILITY)}
     if task == "quantize":
         groups[QUANTIZATION] = p.add_argument_group(QUANTIZATION)
+        groups[ACTIVATIONS] = p.add_argument_group(ACTIVATIONS)
         groups[META] = p.add_argument_group(f"{META} (with --estimator fc-grad, multifc or lstmfc)")
     add_config_options(groups, task)
     out = groups["output"]

@@ -9,6 +9,7 @@ defaults. Each bad value is refused in ``__post_init__`` with a ``ValueError`` t
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..activations import ACT_QUANTIZERS, SIGN_BACKWARDS, ActQuantConfig, LSQActivation, act_quantizer_names
 from ..algorithm import STEP_ORDERS
 from ..averaging import check_ema_decay
 from ..data import AUGMENTATIONS, DATASETS
@@ -58,14 +60,18 @@ SPLIT_SIZES = {
     "cifar100": (50000, 10000),
     "imagenet": (1281167, 50000),
 }
-#: The groups of options in ``--help``; the last two are the quantize command's only.
-DATA, OPTIMIZATION, RELIABILITY, QUANTIZATION, META = (
+#: The groups of options in ``--help``; the last three are the quantize command's only.
+DATA, OPTIMIZATION, RELIABILITY, QUANTIZATION, ACTIVATIONS, META = (
     "data and model",
     "optimization",
     "reliability",
     "quantization",
+    "activation quantization",
     "meta quantizer",
 )
+#: The activation width of a run that names an activation quantizer but no ``act_bits``, where the quantizer has
+#: a choice (sign has one width).
+ACT_DEFAULT_BITS = 4
 
 
 def option(default: Any, *flags: str, group: str, help: str, **argparse_options: Any) -> Any:
@@ -84,6 +90,22 @@ def _quantizer_choices() -> list[str]:
     return [*quantizer_names(), "bwn-f"]
 
 
+def _bits_or_none(text: str) -> int | None:
+    """``--act-first-layer-bits``: a bit width, or ``none`` for float."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a bit width or none, got {text!r}") from None
+
+
+def _check_width(name: str, value: Any, low: int, high: int, context: str, also: str = "") -> None:
+    if not (is_int(value) and low <= value <= high):
+        allowed = f"{low}" if low == high else f"{low}..{high}"
+        raise ValueError(f"`{name}` {value!r} is not supported {context}; allowed: {allowed}{also}")
+
+
 def _check_count(name: str, value: Any) -> None:
     # check_int(minimum=1) would say ">= 1"; messages of counts say "> 0"
     if not (is_int(value) and value > 0):
@@ -99,13 +121,16 @@ class RunConfig:
     and lower-cased, the original code's estimator spellings (``mlpfc``, ``fcgrad``, ``fc_grad``, ``lstm-fc``)
     becoming ours, so that equal runs have equal configurations; numbers are checked against their ranges. The
     fields are grouped as the command's options: data and model, optimization (``lr`` is ``α``), reliability,
-    quantization (docs/design.md §3-§4) and the meta quantizer (``meta_lr`` is ``γ``; ``step_order`` ``"paper"``
-    is Algorithm 1 of docs/design.md §5, ``"original"`` the original code's order, §5.1).
+    quantization (docs/design.md §3-§4), activation quantization (float activations unless ``act_quantizer``
+    names one of ``metaquant.activations``; ``act_bits`` is then set to the quantizer's default, 1 for sign and 4
+    for the others, when not given) and the meta quantizer (``meta_lr`` is ``γ``; ``step_order`` ``"paper"`` is
+    Algorithm 1 of docs/design.md §5, ``"original"`` the original code's order, §5.1).
 
     Raises:
         ValueError: a field of the wrong type or outside its registry or range (the message names the field, the
             value and what is allowed); ``nesterov`` without ``sgd``, momentum > 0 and dampening 0; ``meta_init``
-            or ``freeze_meta_epoch`` with a classical estimator.
+            or ``freeze_meta_epoch`` with a classical estimator; another ``act_*`` field than its default without
+            ``act_quantizer``, or ``act_quantizer`` on a pretrain run.
     """
 
     task: str = "quantize"
@@ -257,6 +282,38 @@ class RunConfig:
         type=_estimator_name,
     )
     ewgs_delta: float = option(1e-3, "--ewgs-delta", group=QUANTIZATION, help="EWGS scaling factor δ")
+    act_quantizer: str | None = option(
+        None,
+        "--act-quantizer",
+        group=ACTIVATIONS,
+        help="also quantize the input of each quantized layer: sign (1 bit), lsq or pact (2..8 bits) (default: none, "
+        "float activations)",
+        choices=act_quantizer_names,
+    )
+    act_bits: int | None = option(
+        None,
+        "--act-bits",
+        group=ACTIVATIONS,
+        help="bit width of the activations (default: 1 for sign, 4 for lsq and pact)",
+        metavar="N",
+    )
+    act_backward: str = option(
+        "ste",
+        "--act-backward",
+        group=ACTIVATIONS,
+        help="gradient of sign activations: ste (1 for |x| <= 1) or approxsign (Bi-Real's 2 - 2|x|); lsq and pact "
+        "have their own",
+        choices=SIGN_BACKWARDS,
+    )
+    act_first_layer_bits: int | None = option(
+        8,
+        "--act-first-layer-bits",
+        group=ACTIVATIONS,
+        help="bit width of the first quantized layer's input (the network's input: LSQ, 2..8 bits), or none to keep "
+        "it float",
+        type=_bits_or_none,
+        metavar="N|none",
+    )
     hidden_size: int = option(100, "-hidden", "--hidden-size", group=META, help="hidden size")
     num_fc: int = option(
         2,
@@ -346,14 +403,16 @@ class RunConfig:
             if f.type == "bool" and not isinstance(value, bool):
                 raise ValueError(f"{f.name} must be true or false, got {value!r}")
         # Registry names are case-insensitive: keep one spelling, so run names and reports group them.
-        for name in ("model", "dataset", "optimizer", "quantizer"):
-            setattr(self, name, getattr(self, name).lower())
+        for name in ("model", "dataset", "optimizer", "quantizer", "act_quantizer", "act_backward"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).lower())
         self.estimator = _estimator_name(self.estimator)
         check_choice("task", self.task, TASKS)
         self._check_data()
         self._check_optimization()
         self._check_reliability()
         self._check_quantization()
+        self._check_activations()
         self._check_meta_quantizer()
 
     def _check_data(self) -> None:
@@ -436,6 +495,41 @@ class RunConfig:
                 "(`distill_weight`)"
             )
 
+    def _check_activations(self) -> None:
+        if self.act_quantizer is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in ("act_bits", "act_backward", "act_first_layer_bits"):
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(
+                        f"`{name}` {getattr(self, name)!r} needs `act_quantizer` "
+                        f"({', '.join(act_quantizer_names())}); without it the activations stay float"
+                    )
+            return
+        if self.task != "quantize":  # a pretrain run has no quantized layers to put the quantizers in front of
+            raise ValueError(
+                f"`act_quantizer` {self.act_quantizer!r} applies to quantize runs, not to task {self.task!r}: the "
+                "activation quantizers sit in front of the quantized layers; pre-train with float activations and "
+                "quantize weights and activations from that model"
+            )
+        check_choice("`act_quantizer`", self.act_quantizer, act_quantizer_names())
+        cls = ACT_QUANTIZERS[self.act_quantizer]
+        if self.act_bits is None:  # stored as it runs: config.json says the width
+            self.act_bits = cls.min_bits if cls.min_bits == cls.max_bits else ACT_DEFAULT_BITS
+        _check_width(
+            "act_bits", self.act_bits, cls.min_bits, cls.max_bits, f"by `act_quantizer` {self.act_quantizer!r}"
+        )
+        check_choice("`act_backward`", self.act_backward, SIGN_BACKWARDS)
+        if self.act_backward != "ste" and self.act_quantizer != "sign":
+            raise ValueError(
+                f"`act_backward` {self.act_backward!r} is a gradient of sign activations, not of `act_quantizer` "
+                f"{self.act_quantizer!r} (which has its own); allowed with it: ste"
+            )
+        if self.act_first_layer_bits is not None:
+            low, high = LSQActivation.min_bits, LSQActivation.max_bits
+            first, context = self.act_first_layer_bits, "(LSQ on the network's input)"
+            _check_width("act_first_layer_bits", first, low, high, context, also=", or none for float")
+        self.activations()  # and the library's own checks, should they refuse more
+
     def _check_meta_quantizer(self) -> None:
         for name in ("hidden_size", "num_fc", "num_lstm"):
             _check_count(name, getattr(self, name))
@@ -466,6 +560,13 @@ class RunConfig:
         """
         check_choice("task", task, TASKS)
         return cls(task=task, **{**TASK_DEFAULTS[task], **fields})
+
+    def activations(self) -> ActQuantConfig | None:
+        """The library's activation quantization of this run, or None for float activations."""
+        if self.act_quantizer is None:
+            return None
+        assert self.act_bits is not None  # __post_init__ gives every activation quantizer its width
+        return ActQuantConfig(self.act_quantizer, self.act_bits, self.act_backward, self.act_first_layer_bits)
 
     @property
     def uses_meta(self) -> bool:

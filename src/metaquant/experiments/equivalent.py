@@ -27,8 +27,12 @@ from ..schedules import lr_factor
 
 __all__ = ["fc_grad_gain", "mean_gain", "learned_gain", "check_equivalent", "equivalent_sgd"]
 
-#: The options of the FC-Grad run that the equivalent STE must share (its update rule, but for the gain).
-SHARED = ("quantizer", "bits", "optimizer", "lr", "momentum", "dampening", "nesterov", "weight_decay")
+#: The options of the FC-Grad run that the equivalent STE must share (its update rule, but for the gain, and what
+#: it quantizes).
+SHARED = (
+    *("quantizer", "bits", "act_quantizer", "act_bits", "act_backward", "act_first_layer_bits"),
+    *("optimizer", "lr", "momentum", "dampening", "nesterov", "weight_decay"),
+)
 #: Per quantizer, the classical estimators whose weight gradient is FC-Grad's divided by its gain: DoReFa's
 #: ``c(W)`` is FC-Grad's, and the STE's gate is open for it; ternary and uniform have ``c(W) = 1`` and no scale,
 #: so only the ungated STE (``identity``) is. BWN's STE multiplies by the layer scale ``a``: none is.

@@ -15,14 +15,14 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .config import META, QUANTIZATION, RunConfig
+from .config import ACTIVATIONS, META, QUANTIZATION, RunConfig
 
 __all__ = ["OPTION_FIELDS", "add_config_options", "add_dataclass_options", "flag", "parameter_flags", "to_flags"]
 
 #: The fields that are command-line options, in the order of ``--help``.
 OPTION_FIELDS = tuple(f for f in dataclasses.fields(RunConfig) if f.metadata.get("flags"))
 #: The groups that only ``quantize`` has: a pretrain run quantizes nothing.
-QUANTIZE_ONLY = (QUANTIZATION, META)
+QUANTIZE_ONLY = (QUANTIZATION, ACTIVATIONS, META)
 _TYPES: dict[Any, type] = {"int": int, "int | None": int, "float": float}
 _PARAMETER = re.compile(r"`([a-z_][a-z0-9_]*)`")
 

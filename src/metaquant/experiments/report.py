@@ -48,7 +48,10 @@ __all__ = [
 
 OURS = "metaquant"
 ORIGINAL = "original code"
-_MODELS = {f"resnet{d}": f"ResNet{d}" for d in (18, 20, 32, 44, 56, 110)} | {"lab": "LAB"}
+_MODELS = {f"resnet{d}": f"ResNet{d}" for d in (18, 20, 32, 44, 56, 110)} | {
+    "lab": "LAB",
+    "resnet20-bireal": "ResNet20 (Bi-Real)",
+}
 _DATASETS = {
     "cifar10": "CIFAR10",
     "cifar100": "CIFAR100",
@@ -96,7 +99,10 @@ class TrialCurves:
         precise_acc: test accuracy after each epoch with BatchNorm statistics recomputed from training batches
             (``record_precise_bn``, or every test of a run with ``precise_bn_batches``), when the run has it.
         setting: ``(field, value)`` pairs of everything else that changes the experiment (learning rate, epochs,
-            precision, schedule, ...; ``first_epoch``); empty for a run of the original code.
+            precision, schedule, activation quantization, ...; ``first_epoch``); empty for a run of the original
+            code.
+        act_bits: the activations' bit width, None for float activations (the backward label names the
+            activation quantizer).
 
     Example:
         >>> from metaquant.experiments.report import TrialCurves
@@ -121,6 +127,7 @@ class TrialCurves:
     first_epoch: int = 0
     precise_acc: list[float] | None = None
     setting: tuple[tuple[str, Any], ...] = ()
+    act_bits: int | None = None
 
     @property
     def key(self) -> tuple[str, str, str, str, int, str, str, tuple[tuple[str, Any], ...]]:
@@ -146,6 +153,7 @@ class SummaryRow:
         final: mean and population variance over trials of each trial's final test accuracy.
         precise_final, precise_last: as ``final`` and ``last_*``, with BatchNorm statistics recomputed
             (``TrialCurves.precise_acc``), when every trial of the row has them; else None.
+        act_bits: the activations' bit width, None for float activations.
 
     Example:
         >>> from metaquant.experiments.report import TrialCurves
@@ -175,6 +183,7 @@ class SummaryRow:
     precise_final: tuple[float, float] | None = None
     precise_last: tuple[float, float] | None = None
     setting: tuple[tuple[str, Any], ...] = ()
+    act_bits: int | None = None
 
 
 # --- statistics (pure) -----------------------------------------------------------------------------------
@@ -337,6 +346,7 @@ def read_run(path: Path) -> TrialCurves | None:
         epochs_before,
         _precise_curve(config, metrics),
         _setting(config, epochs_before),
+        config.act_bits,
     )
 
 
@@ -621,6 +631,7 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
                 final_stats(precise) if complete else None,
                 last_k_stats(precise, last_k) if complete else None,
                 setting,
+                members[0].act_bits,  # read_run's setting holds it: the same for every member
             )
         )
     order = {"STE": 0, "FC-Grad": 2, "MultiFC": 3, "LSTMFC": 4}
@@ -631,6 +642,7 @@ def summarize(trials: Iterable[TrialCurves], last_k: int = 10) -> list[SummaryRo
             r.dataset,
             r.forward,
             r.bits,
+            (r.act_bits is not None, r.act_bits or 0),  # float activations first, then by width
             r.optimizer,
             order.get(r.backward, 1 if r.backward.startswith("STE") else 5),
             r.backward,

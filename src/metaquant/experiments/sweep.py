@@ -341,7 +341,7 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
 
 def _continuing(spec: SweepSpec, config: RunConfig, label: object, earlier: list[PlannedRun]) -> RunConfig:
     """``config`` starting from the earlier run of the same trial labelled ``label`` (and of the same model, data
-    set and quantizer; of the same optimizer when the label has runs of several): its weights as ``init``, its
+    set and quantizers; of the same optimizer when the label has runs of several): its weights as ``init``, its
     meta quantizer as ``meta_init`` (when both use one), the init model it replaces as the ``teacher``."""
     labelled = [r for r in earlier if r.label == label]
     if not labelled:
@@ -352,7 +352,7 @@ def _continuing(spec: SweepSpec, config: RunConfig, label: object, earlier: list
         )
 
     def key(c: RunConfig) -> tuple[Any, ...]:
-        return (c.model, c.dataset, c.quantizer, c.bits)
+        return (c.model, c.dataset, c.quantizer, c.bits, c.act_quantizer, c.act_bits)
 
     sources = [r for r in labelled if key(r.config) == key(config)]
     if len(sources) > 1:

@@ -1,6 +1,9 @@
 """The results tables: ``summarize``'s rows as Markdown (the seed's layout: mean (variance)) and CSV, and beside
 them, for runs that measured it, the accuracies with BatchNorm statistics recomputed.
 
+A table gains an ``Act Bits`` column after ``Bits`` only when one of its runs quantizes activations: the tables
+of weight-only runs keep their layout.
+
 Both files of a table are written together (``files.atomic_write_files``): a failure leaves the old pair whole.
 """
 
@@ -10,6 +13,7 @@ import csv
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..files import atomic_write_files
 from .report import SummaryRow
@@ -30,18 +34,32 @@ _COLUMNS = [
     "FP Acc",
     "Trials",
 ]
+_CSV_KEY = ["source", "model", "dataset", "forward", "bits", "backward", "optimizer"]
+_FLOAT_ACT_BITS = 32  # what the activations' column shows for float activations
+_ACT_NOTE = f" Act Bits: the activations' bit width ({_FLOAT_ACT_BITS}: float)."
 
 
-def _cells(row: SummaryRow) -> list[str]:
+def _quantizes_activations(rows: Sequence[SummaryRow]) -> bool:
+    return any(r.act_bits is not None for r in rows)
+
+
+def _with_act(key: list[Any], act: Any, activations: bool) -> list[Any]:
+    """``key`` (a row's experiment or the columns naming it) with ``act`` after the weights' bits, if shown."""
+    return key[:5] + [act] + key[5:] if activations else key
+
+
+def _key(row: SummaryRow, activations: bool) -> list[Any]:
+    """What names the row's experiment: source, model, data set, forward, bits (and the activations'), backward,
+    optimizer."""
+    act = _FLOAT_ACT_BITS if row.act_bits is None else row.act_bits
+    key = [row.source, row.model, row.dataset, row.forward, row.bits, row.backward, row.optimizer]
+    return _with_act(key, act, activations)
+
+
+def _cells(row: SummaryRow, activations: bool) -> list[str]:
     fp = f"{row.fp_acc:.2f}" if row.fp_acc is not None else "-"
     return [
-        row.source,
-        row.model,
-        row.dataset,
-        row.forward,
-        str(row.bits),
-        row.backward,
-        row.optimizer,
+        *map(str, _key(row, activations)),
         f"{row.best_mean:.3f} ({row.best_var:.3f})",
         f"{row.last_mean:.3f} ({row.last_var:.3f})",
         fp,
@@ -82,46 +100,28 @@ def write_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results") ->
         'metaquant,ResNet20,CIFAR10,dorefa,1,STE,SGD,79.5000,0.2500,78.0000,3.5000,,2,3'
     """
     out.mkdir(parents=True, exist_ok=True)
-    lines = ["| " + " | ".join(_COLUMNS) + " |", "|" + "|".join(" :---: " for _ in _COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    activations = _quantizes_activations(rows)
+    columns = _with_act(_COLUMNS, "Act Bits", activations)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" :---: " for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cells(r, activations)) + " |" for r in rows]
     lines.append("")
     lines.append(
         "Best Acc: mean (variance) over trials of each trial's best test accuracy. Last 10 Acc: mean "
         "(variance) of the last 10 epochs' test accuracies of all trials pooled. Variances are "
-        "population variances (ddof = 0)."
+        "population variances (ddof = 0)." + (_ACT_NOTE if activations else "")
     )
     md = out / f"{stem}.md"
     markdown = "\n".join(lines) + "\n"
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(
-        [
-            "source",
-            "model",
-            "dataset",
-            "forward",
-            "bits",
-            "backward",
-            "optimizer",
-            "best_mean",
-            "best_var",
-            "last10_mean",
-            "last10_var",
-            "fp_acc",
-            "trials",
-            "epochs",
-        ]
+        _with_act(_CSV_KEY, "act_bits", activations)
+        + ["best_mean", "best_var", "last10_mean", "last10_var", "fp_acc", "trials", "epochs"]
     )
     for r in rows:
         writer.writerow(
-            [
-                r.source,
-                r.model,
-                r.dataset,
-                r.forward,
-                r.bits,
-                r.backward,
-                r.optimizer,
+            _key(r, activations)
+            + [
                 f"{r.best_mean:.4f}",
                 f"{r.best_var:.4f}",
                 f"{r.last_mean:.4f}",
@@ -159,6 +159,7 @@ def write_precise_table(rows: Sequence[SummaryRow], out: Path, stem: str = "resu
     if not shown:
         return []
     out.mkdir(parents=True, exist_ok=True)
+    activations = _quantizes_activations(rows)  # as in the main table
 
     def pair(stats: tuple[float, float] | None) -> tuple[float, float]:
         assert stats is not None
@@ -167,18 +168,19 @@ def write_precise_table(rows: Sequence[SummaryRow], out: Path, stem: str = "resu
     cells = []
     for r in shown:
         stats = [r.final, pair(r.precise_final), (r.last_mean, r.last_var), pair(r.precise_last)]
-        cells.append((_cells(r)[:7], stats, r.trials))
-    lines = ["| " + " | ".join(_PRECISE_COLUMNS) + " |", "|" + "|".join(" :---: " for _ in _PRECISE_COLUMNS) + "|"]
+        cells.append((_key(r, activations), stats, r.trials))
+    columns = _with_act(_PRECISE_COLUMNS, "Act Bits", activations)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" :---: " for _ in columns) + "|"]
     lines += [
-        "| " + " | ".join(key + [f"{m:.3f} ({v:.3f})" for m, v in stats] + [str(trials)]) + " |"
+        "| " + " | ".join([*map(str, key)] + [f"{m:.3f} ({v:.3f})" for m, v in stats] + [str(trials)]) + " |"
         for key, stats, trials in cells
     ]
     md = out / f"{stem}.md"
-    markdown = "\n".join(lines) + "\n\n" + _PRECISE_NOTE + "\n"
+    markdown = "\n".join(lines) + "\n\n" + _PRECISE_NOTE + (_ACT_NOTE if activations else "") + "\n"
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     names = ["final", "final_precise_bn", "last10", "last10_precise_bn"]
-    header = ["source", "model", "dataset", "forward", "bits", "backward", "optimizer"]
+    header = _with_act(_CSV_KEY, "act_bits", activations)
     writer.writerow(header + [f"{n}_{s}" for n in names for s in ("mean", "var")] + ["trials"])
     for key, stats, trials in cells:
         writer.writerow(key + [f"{x:.4f}" for m, v in stats for x in (m, v)] + [trials])

@@ -26,8 +26,10 @@ The header's ``__metadata__`` (strings; the structured ones hold JSON): ``"forma
 "c"}``), ``"architecture"`` (``{"model", "num_classes", "in_channels", "image_size"}`` or ``null``),
 ``"input_normalization"`` (how inputs are prepared, e.g. ``{"rule": "(pixels / 255 - mean) / std", "mean",
 "std"}``, or ``null``), ``"codes"`` (for every ``L.weight``: ``{"shape", "offset", "signed"}``), ``"metadata"``
-(the caller's values) and ``"digest"`` (``"sha256:"`` and the SHA-256 of the file as written with 64 zeros in
-place of the digest's hex digits: ``integrity.seal``; every read checks it).
+(the caller's values), only when activations are quantized ``"activations"`` (for every layer ``L`` with an input
+quantizer: ``{"kind", "bits", ...}``, ``metaquant.activations.build_act_quantizer``'s argument; its learned tensors
+are the ``state_dict`` entries ``L.input_quantizer.*``) and ``"digest"`` (``"sha256:"`` and the SHA-256 of the
+file as written with 64 zeros in place of the digest's hex digits: ``integrity.seal``; every read checks it).
 
 Decoding a weight: unpack ``prod(shape)`` codes of ``bits`` bits, subtract ``offset`` (signed codes are stored
 plus ``offset`` so that they are non-negative) to get ``code``, reshape to ``shape``, and compute ``Ŵ = (a·code +

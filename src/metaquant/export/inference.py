@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers import QuantLayer, dequantize_, quantized_layers
+from ..layers import QuantLayer, dequantize_, input_quantizers, quantized_layers
+from ..layers.inputs import attach_input_quantizers
 
 
 def materialize(model: nn.Module) -> nn.Module:
@@ -60,4 +61,7 @@ def materialize(model: nn.Module) -> nn.Module:
                 own = nn.Parameter(values[quantizer], requires_grad=weight.requires_grad)
                 for layer in layers:
                     setattr(*layer.weight_location, own)
-    return dequantize_(inference).eval()
+    inputs = input_quantizers(inference)
+    dequantize_(inference)
+    attach_input_quantizers(inference, inputs)
+    return inference.eval()

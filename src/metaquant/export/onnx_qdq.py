@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..files import atomic_write_bytes
 from ..integrity import DIGEST_PLACEHOLDER, seal, verify_seal
+from .onnx_activations import export_activations_, quantize_activation_op, quantize_activation_translation
 from .onnx_graph import fold_batchnorm, name_weights, prune, store_levels
 from .onnx_weights import QuantizedWeight, dequantize_op, dequantized_inference
 
@@ -86,7 +87,9 @@ def export_onnx(
     has (INT4 at opset 21, INT2 from opset 25 for 1-bit and ternary levels) followed by ``DequantizeLinear``,
     whatever the exporter makes of the weight (transposed, split into attention projections, reordered into an
     ONNX LSTM's gates, tied). A BatchNorm after a convolution is folded into its scales, one per output channel
-    (one scale when they are all equal). A quantized weight the forward pass does not use for ``example`` is
+    (one scale when they are all equal). A layer's input quantizer is ``QuantizeLinear`` + ``DequantizeLinear``
+    (LSQ, PACT: levels in UINT8/INT8, UINT4/INT4 from opset 21, after a ``Clip`` where no type's range is the
+    levels') or ``Where(x >= 0, 1, -1)`` (sign). A quantized weight the forward pass does not use for ``example`` is
     not in the file (a warning names it). The batch dimension is dynamic; ``metadata`` is stored as the model's
     ``metadata_props`` (JSON values), with a content digest that ``read_onnx`` checks. Needs onnx, onnxscript
     and onnxruntime (the ``onnx`` extra).
@@ -137,6 +140,7 @@ def export_onnx(
         raise ImportError(f"ONNX export needs {ONNX_PACKAGES}") from None
 
     inference, weights = dequantized_inference(model, opset)
+    activations = export_activations_(inference)
     path = Path(path)
     proto = _run_exporter(inference, _exporter_inputs(inference, example), opset, path.with_name(f".{path.name}.tmp"))
     _check_exported(proto, opset)
@@ -150,7 +154,10 @@ def export_onnx(
     data = seal(proto.SerializeToString())
     atomic_write_bytes(path, data)
     logger.debug(
-        "ONNX export: %d quantized weights as integers (%s)", len(stored), ", ".join(sorted(set(stored.values())))
+        "ONNX export: %d quantized weights as integers (%s), %d quantized activations",
+        len(stored),
+        ", ".join(sorted(set(stored.values()))),
+        len(activations),
     )
     return len(data)
 
@@ -311,7 +318,10 @@ def _run_exporter(inference: nn.Module, inputs: _ExporterInputs, opset: int, tmp
                 external_data=False,
                 verbose=False,
                 opset_version=opset,
-                custom_translation_table={dequantize_op(): _dequantize_linear(opset)},
+                custom_translation_table={
+                    dequantize_op(): _dequantize_linear(opset),
+                    quantize_activation_op(): quantize_activation_translation(opset),
+                },
             )
         return onnx.load(str(tmp))
     finally:

@@ -18,9 +18,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor, nn
 
+from ..activations import build_act_quantizer
 from ..files import atomic_write_bytes
 from ..integrity import DIGEST_PLACEHOLDER, seal, verify_seal
-from ..layers import QuantLayer, dequantize_, quantized_layers, quantized_weight_keys
+from ..layers import QuantLayer, dequantize_, input_quantizers, quantized_layers, quantized_weight_keys
+from ..layers.inputs import attach_input_quantizers
 from ..models import get_model
 from ..quantizers import Encoded, get_quantizer
 from .bits import pack_bits, unpack_bits
@@ -133,6 +135,9 @@ def export_packed(
         "metadata": _compact(metadata or {}),
         "digest": DIGEST_PLACEHOLDER,
     }
+    activations = {name: q.spec() for name, q in input_quantizers(model).items()}
+    if activations:  # their learned tensors are state_dict entries, stored as they are
+        header["activations"] = _compact(activations)
     blob = seal(save(tensors, metadata=header))
     atomic_write_bytes(Path(path), blob)
     return len(blob)
@@ -196,9 +201,9 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         ``"architecture"``, ``"metadata"`` and ``"tensors"``, one entry per stored tensor with its ``"name"``
         and ``"kind"``: ``"float"`` (a ``state_dict`` entry), ``"codes"`` (a quantized weight, under the
         weight's own name, with ``"shape"``, ``"offset_code"`` and ``"signed"``) or ``"scale"``
-        (``<weight>.scale``); version 2 also ``"decode"``, ``"input_normalization"`` and ``"digest"`` (None in
-        files written before they existed). ``tensors`` maps those names to the stored tensors, codes as packed
-        bytes.
+        (``<weight>.scale``); version 2 also ``"decode"``, ``"input_normalization"``, ``"activations"``
+        (``{layer: its input quantizer's spec}``) and ``"digest"`` (None in files without them). ``tensors``
+        maps those names to the stored tensors, codes as packed bytes.
 
     Raises:
         FileNotFoundError: no such file.
@@ -256,7 +261,9 @@ def _read_safetensors(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[str,
         quantizer, architecture, codes, metadata = (
             json.loads(info[k]) for k in ("quantizer", "architecture", "codes", "metadata")
         )
-        extra = {k: json.loads(info[k]) if k in info else None for k in ("decode", "input_normalization")}
+        extra = {
+            k: json.loads(info[k]) if k in info else None for k in ("decode", "input_normalization", "activations")
+        }
         entries: list[dict[str, Any]] = []
         tensors: dict[str, Tensor] = {}
         for key, value in sorted(stored.items()):  # in name order, as safetensors lists them
@@ -401,6 +408,11 @@ def _build_packed(
             scale = tensors[e["name"] + ".scale"]
             state[e["name"]] = decode(codes, scale, rule) if rule else quantizer.decode(Encoded(codes, scale))
     _untie(model, {e["name"]: state[e["name"]] for e in header["tensors"] if e["kind"] == "codes"})
+    activations = header.get("activations") or {}
+    try:
+        attach_input_quantizers(model, {name: build_act_quantizer(spec) for name, spec in activations.items()})
+    except AttributeError as err:
+        raise ValueError(f"{path} does not fit the model: {err}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -24,6 +24,10 @@ layer is its own ``QuantLayer``; a module with several weights (attention, recur
 parameter-free ``QuantWeight`` per quantized weight, in its ``quantized_weights`` dict, that reads the module's
 own Parameter. ``quantized_layers`` lists them all: they are what training algorithms work on.
 
+With ``QuantConfig(activations=ActQuantConfig(...))`` each converted convolution and linear layer also holds an
+``input_quantizer`` (``metaquant.activations``) that its forward applies to its input (``input_quantizers``
+lists them).
+
 Every forward pass of a quantized model computes with ``Ŵ = Q(A(W))``. By default ``Ŵ`` back-propagates with
 the clipped STE. A training algorithm that needs other tensors in the forward pass (MetaQuant's look-ahead
 weight, another classical estimator) installs them for the duration of one forward pass, with
@@ -58,6 +62,7 @@ from .convert import FilterFn as FilterFn
 from .convert import check_weight_hooks as check_weight_hooks
 from .embedding import QuantEmbedding, QuantEmbeddingBag
 from .forward import forward_params_fn, forward_tensors
+from .inputs import TAKES_INPUT_QUANTIZER, input_quantizers
 from .linear import QuantLinear
 from .recurrent import QuantGRU, QuantLSTM, QuantRNN
 from .views import QuantWeight
@@ -87,6 +92,8 @@ __all__ = [
     "quantized_weight_keys",
     "forward_params_fn",
     "forward_tensors",
+    "input_quantizers",
+    "TAKES_INPUT_QUANTIZER",
 ]
 
 # Models saved whole (``torch.save(model)``) name their layers' classes: this path, wherever a class is defined.

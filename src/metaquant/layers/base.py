@@ -9,28 +9,32 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..activations import ActQuantConfig
 from ..estimators import STE, fake_quantize
 from ..quantizers import ForwardQuantizer, get_quantizer, quantizer_names
 
 #: ``fn(layer) -> (weight used in the forward pass, bias used in the forward pass)``
 ParamFn = Callable[["QuantLayer"], tuple[Tensor, Tensor | None]]
+#: The child module through which a layer quantizes its input (``QuantConfig(activations=...)``).
+INPUT_QUANTIZER = "input_quantizer"
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize weights: a forward quantizer by name and its bit width.
+    """How to quantize weights (a forward quantizer by name and its bit width) and, optionally, activations.
 
     Args:
         quantizer: one of ``metaquant.quantizers.quantizer_names()`` (``dorefa``, ``bwn``, ``bwn-channel``,
             ``ternary``, ``uniform``).
         bits: the bit width; each quantizer states the widths it supports.
+        activations: the input quantizer of every converted convolution and linear layer, or None (weights only).
 
     Attributes:
         forward_quantizer: the ``ForwardQuantizer`` built from ``quantizer`` and ``bits`` (not an argument).
 
     Raises:
         ValueError: unknown quantizer or unsupported bit width; the message names the allowed values.
-        TypeError: ``quantizer`` is not a string, or ``bits`` is not an ``int``.
+        TypeError: ``quantizer`` is not a string, ``bits`` not an ``int``, ``activations`` not an ``ActQuantConfig``.
 
     Example:
         >>> mq.QuantConfig("bwn-f").forward_quantizer
@@ -43,11 +47,14 @@ class QuantConfig:
 
     quantizer: str = "dorefa"
     bits: int = 1
+    activations: ActQuantConfig | None = None
     forward_quantizer: ForwardQuantizer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.quantizer, str):
             raise TypeError(f"quantizer must be a name ({', '.join(quantizer_names())}), got {self.quantizer!r}")
+        if self.activations is not None and not isinstance(self.activations, ActQuantConfig):
+            raise TypeError(f"activations must be an ActQuantConfig or None, got {self.activations!r:.80}")
         object.__setattr__(self, "forward_quantizer", get_quantizer(self.quantizer, self.bits))
 
 
@@ -119,6 +126,11 @@ class QuantLayer(nn.Module):
             return self.param_fn(self)
         bias: Tensor | None = self.bias  # type: ignore[assignment]
         return fake_quantize(self.weight, self.quantizer, STE()), bias
+
+    def quantized_input(self, input: Tensor) -> Tensor:
+        """``input`` through the layer's ``input_quantizer`` if it has one (convolutions and linear layers)."""
+        quantizer = self._modules.get(INPUT_QUANTIZER)
+        return input if quantizer is None else quantizer(input)
 
     def extra_repr(self) -> str:
         own = super().extra_repr()

@@ -26,7 +26,7 @@ class QuantConv1d(QuantLayer, nn.Conv1d):
     float_base = nn.Conv1d
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, *self.forward_params())
+        return self._conv_forward(self.quantized_input(input), *self.forward_params())
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
@@ -46,7 +46,7 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
     float_base = nn.Conv2d
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, *self.forward_params())
+        return self._conv_forward(self.quantized_input(input), *self.forward_params())
 
 
 class QuantConv3d(QuantLayer, nn.Conv3d):
@@ -64,7 +64,7 @@ class QuantConv3d(QuantLayer, nn.Conv3d):
     float_base = nn.Conv3d
 
     def forward(self, input: Tensor) -> Tensor:
-        return self._conv_forward(input, *self.forward_params())
+        return self._conv_forward(self.quantized_input(input), *self.forward_params())
 
 
 def _conv_transpose(layer: Any, input: Tensor, output_size: list[int] | None, dims: int, fn: Any) -> Tensor:
@@ -75,7 +75,16 @@ def _conv_transpose(layer: Any, input: Tensor, output_size: list[int] | None, di
         input, output_size, layer.stride, layer.padding, layer.kernel_size, dims, layer.dilation
     )
     weight, bias = layer.forward_params()
-    return fn(input, weight, bias, layer.stride, layer.padding, output_padding, layer.groups, layer.dilation)
+    return fn(
+        layer.quantized_input(input),
+        weight,
+        bias,
+        layer.stride,
+        layer.padding,
+        output_padding,
+        layer.groups,
+        layer.dilation,
+    )
 
 
 class QuantConvTranspose1d(QuantLayer, nn.ConvTranspose1d):

@@ -26,6 +26,7 @@ from .conv import (
     QuantConvTranspose3d,
 )
 from .embedding import QuantEmbedding, QuantEmbeddingBag, _embedding_problem
+from .inputs import TAKES_INPUT_QUANTIZER, input_quantizers, install_input_quantizers, remove_input_quantizer
 from .linear import QuantLinear
 from .recurrent import QuantGRU, QuantLSTM, QuantRNN
 from .views import _VIEWS, QuantWeight, _MultiWeight, _views
@@ -76,6 +77,7 @@ def _restore(module: nn.Module) -> None:
     for attr in ("quantizer", "float_type", "param_fn", "param_override"):
         module.__dict__.pop(attr, None)
     module._modules.pop(_VIEWS, None)
+    remove_input_quantizer(module)
 
 
 def _float_base(module: nn.Module) -> type[nn.Module] | None:
@@ -219,6 +221,11 @@ def quantize_(
     Attention modules and ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` that contain quantized
     layers never take their fused inference paths afterwards (see the module's description).
 
+    With ``config.activations``, every convolution and linear layer converted by this call gets an
+    ``input_quantizer`` applied to its input; the first of them in module order gets ``build_first()`` (float
+    when ``first_layer_bits`` is None). Attention's ``out_proj``, recurrent layers and embeddings get none.
+    Their step or ``α`` are Parameters of the model: build the optimizer after ``quantize_``.
+
     Args:
         model: any module; its submodules are converted where they sit (same objects, same Parameters).
         config: which quantizer and bit width (default: 1-bit DoReFa). Layers that are already quantized are
@@ -239,7 +246,8 @@ def quantize_(
             ``max_norm`` or ``sparse``), the model is wrapped in DDP/DataParallel,
             or the root module itself would need converting. Nothing is changed then.
         ValueError: ``include`` names an unknown kind or comes with a ``filter_fn``; or nothing to quantize (no
-            layer chosen and no quantized layer in ``model`` already; the message says what was left and why).
+            layer chosen and no quantized layer in ``model`` already; the message says what was left and why);
+            activations asked for and no layer to take them.
 
     Example:
         >>> import torch.nn as nn, metaquant as mq
@@ -262,6 +270,13 @@ def quantize_(
         raise ValueError("pass include= or filter_fn=, not both: filter_fn alone chooses among every layer kind")
     _refuse_wrapped(model)
     plan = _plan(model, config, filter_fn, kinds)
+    takes_input = [m for _, m, base in plan.chosen if _takes_input(plan, m, base)]
+    if config is not None and config.activations is not None and not takes_input and not input_quantizers(model):
+        raise ValueError(
+            "quantize_: config.activations needs a convolution or linear layer to convert (attention's out_proj, "
+            "recurrent layers and embeddings take no input quantizer); for a model quantized already without "
+            "activations, call dequantize_(model) first"
+        )
     quantizer = (config or QuantConfig()).forward_quantizer
     for _, module, base in plan.chosen:
         if isinstance(module, _MultiWeight):
@@ -275,9 +290,17 @@ def quantize_(
             attention = plan.attention_of[id(module)]
             if not isinstance(attention, QuantMultiheadAttention):
                 _convert(attention, QuantMultiheadAttention, None)
+    if config is not None and config.activations is not None:
+        install_input_quantizers(takes_input, config.activations)
     _turn_off_fused_paths(model)
     _report(model, plan)
     return model
+
+
+def _takes_input(plan: _Plan, module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether a chosen module's quantized class applies an input quantizer (attention's out_proj does not run
+    its own forward)."""
+    return issubclass(_KINDS[base][0], TAKES_INPUT_QUANTIZER) and id(module) not in plan.attention_of
 
 
 @dataclass
@@ -390,8 +413,9 @@ def _turn_off_fused_paths(model: nn.Module) -> None:
 
 def dequantize_(model: nn.Module) -> nn.Module:
     """Undo ``quantize_`` in place: quantized layers get their own ``torch.nn`` class back (e.g. ``nn.Conv2d``,
-    or attention's ``NonDynamicallyQuantizableLinear``) with the same Parameters, so ``model.state_dict()`` is
-    unchanged (the latent weights ``W``, not ``Ŵ``), and the fused inference paths are allowed again.
+    or attention's ``NonDynamicallyQuantizableLinear``) with the same Parameters and without input quantizers, so
+    ``model.state_dict()`` is the float model's (the latent weights ``W``, not ``Ŵ``), and the fused inference
+    paths are allowed again.
 
     A model without quantized layers is left as it is.
 

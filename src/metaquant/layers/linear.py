@@ -27,4 +27,4 @@ class QuantLinear(QuantLayer, nn.Linear):
     float_base = nn.Linear
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, *self.forward_params())
+        return F.linear(self.quantized_input(input), *self.forward_params())

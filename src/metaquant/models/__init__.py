@@ -5,6 +5,8 @@ afterwards, so nothing here knows about it:
 
 * CIFAR ResNets ``resnet8/20/32/44/56/110`` (He et al., CVPR 2016), with the original MetaQuant checkpoints'
   parameter names;
+* ``resnet20-bireal``: ResNet20 with a real-valued shortcut around every convolution (Bi-Real Net, Liu et al.,
+  ECCV 2018), for binary activations;
 * ImageNet ``resnet18`` (He et al., CVPR 2016), with torchvision's names;
 * ``lab``, the VGG-style network of Hou et al., ICLR 2017, in the MetaQuant paper's Table 4.
 
@@ -21,11 +23,13 @@ from torch import nn
 from ._checks import check_positive_int
 from .checkpoints import LoadResult, extract_state_dict, load_weights, read_checkpoint
 from .lab import LabNet, lab
+from .resnet_bireal import BiRealResNet, resnet20_bireal
 from .resnet_cifar import CifarResNet, resnet8, resnet20, resnet32, resnet44, resnet56, resnet110
 from .resnet_imagenet import ImageNetResNet, resnet18
 
 __all__ = [
     "MODELS",
+    "BiRealResNet",
     "CifarResNet",
     "ImageNetResNet",
     "LabNet",
@@ -43,9 +47,10 @@ __all__ = [
     "resnet44",
     "resnet56",
     "resnet110",
+    "resnet20_bireal",
 ]
 
-# Canonical (lower-case) name -> factory.  Every factory takes the keyword
+# Name -> factory (looked up by canonical spelling: lower case, no "-" or "_").  Every factory takes the keyword
 # arguments num_classes and in_channels; those that need the image size
 # (fully-connected layers after the convolutions) also take image_size.
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -55,6 +60,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet44": resnet44,
     "resnet56": resnet56,
     "resnet110": resnet110,
+    "resnet20-bireal": resnet20_bireal,
     "resnet18": resnet18,
     "lab": lab,
 }
@@ -83,8 +89,8 @@ def get_model(name: str, *, num_classes: int = 10, in_channels: int = 3, image_s
     """
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {name!r} ({type(name).__name__}); allowed: {model_names()}")
-    key = _canonical(name)
-    if key not in MODELS:
+    key = {_canonical(known): known for known in MODELS}.get(_canonical(name))
+    if key is None:
         raise ValueError(f"unknown model {name!r}; allowed names (case-insensitive): {', '.join(model_names())}")
     check_positive_int("num_classes", num_classes)
     check_positive_int("in_channels", in_channels)
