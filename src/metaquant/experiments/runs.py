@@ -76,7 +76,7 @@ logger = logging.getLogger(__name__)
 class RunExistsError(FileExistsError):
     """The run directory is taken: it already holds a run, or files that are not a run.
 
-    Raised by ``RunDir.create`` (and so by ``pipeline.execute``) before anything is written: a run, or anything
+    Raised by ``RunDir.create`` (and so by ``lifecycle.execute``) before anything is written: a run, or anything
     else in the way, is never overwritten. It is a ``FileExistsError``, so code that knows only the builtin
     types handles it too.
 
@@ -210,7 +210,7 @@ def _read_text(path: Path) -> str:
 class RunDir:
     """One run's directory. Create it with ``RunDir.create`` (refuses anything in the way) or open ``RunDir(path)``.
 
-    The layout is in the module docstring; ``pipeline.execute`` writes it, ``pipeline.resume`` and ``report``
+    The layout is in the module docstring; ``lifecycle.execute`` writes it, ``lifecycle.resume`` and ``report``
     read it. Opening a directory checks nothing: the accessors raise when a file is missing or malformed,
     with a message naming the file.
 

@@ -111,7 +111,7 @@ def run_sweep(
     root: str | Path,
     *,
     progress: bool = False,
-    echo: Callable[[str], None] = logger.info,
+    echo: Callable[[str], None] | None = None,
     stop: StopFlag | None = None,
     jobs: int = 1,
     only: Sequence[str] | None = None,
@@ -120,7 +120,7 @@ def run_sweep(
     per run via ``echo``.
 
     The shared pre-training runs (if ``spec.pretrain``) come first. A finished run is skipped, an interrupted
-    one resumed (``pipeline.resume``), a new one started (``pipeline.execute``).
+    one resumed (``lifecycle.resume``), a new one started (``lifecycle.execute``).
 
     With ``jobs > 1``, up to ``jobs`` runs go side by side, each in its own process (started fresh, so CUDA
     works in each; on one GPU they share it), the pre-training runs before the quantization runs; each
@@ -137,7 +137,7 @@ def run_sweep(
         progress: show a progress bar per epoch (only with ``jobs=1``).
         echo: receives one line per run (status, final and best test accuracy, seconds); by default they go to
             this module's logger at INFO level (the CLI prints them).
-        stop: a ``StopFlag``, as for ``pipeline.execute``.
+        stop: a ``StopFlag``, as for ``lifecycle.execute``.
         jobs: how many runs at a time (1: one after another, in this process).
         only: patterns of run directory names (``select_runs``); None: every run. Only the pre-training runs
             that the selected runs start (or distil) from are made.
@@ -151,7 +151,7 @@ def run_sweep(
             ``only``) and ``plan``'s.
         RunLockedError: another sweep is working in ``root`` (the sweep holds its lock while it runs).
         TrainingInterrupted: ``stop`` was set; running the sweep again resumes where it stopped.
-        FileNotFoundError: as ``pipeline.execute`` (e.g. the data set is not found).
+        FileNotFoundError: as ``lifecycle.execute`` (e.g. the data set is not found).
 
     Example:
         >>> for split in ("train", "t10k"):  # a tiny stand-in for MNIST, in its real format: 8 + 8 images
@@ -170,6 +170,7 @@ def run_sweep(
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    echo = echo if echo is not None else logger.info
     root = Path(root)
     runs = plan(spec, root)
     selected = runs if only is None else select_runs(runs, only)
