@@ -76,5 +76,8 @@ def test_api_page_is_up_to_date():
 def test_api_page_shows_annotations_as_written_and_no_control_characters():
     text = api_reference.render()
     assert "\x00" not in text and "ForwardRef(" not in text
-    assert "### `def get_quantizer(name: str, bits: int = 1) -> ForwardQuantizer`" in text
+    assert (
+        "### `def get_quantizer(name: str, bits: int = 1, *, group_size: int | None = None) -> ForwardQuantizer`"
+        in text
+    )
     assert "### `class Encoded(codes: Tensor, scale: Tensor)`" in text  # a NamedTuple, without "-> None"

@@ -8,6 +8,11 @@ from metaquant.estimators import EWGS, STE, Identity, fake_quantize
 from metaquant.quantizers import BWN, QUANTIZERS, DoReFa, get_quantizer
 
 
+def _shape(name):
+    """A convolution's weight, or a linear layer's for ``uniform-group`` (2-D weights only)."""
+    return (5, 36) if name == "uniform-group" else (5, 4, 3, 3)
+
+
 def _w(seed=0, shape=(5, 4, 3, 3)):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g, dtype=torch.float64) * 0.8).requires_grad_()
@@ -77,14 +82,14 @@ def test_ewgs_follows_its_formula():
 @pytest.mark.parametrize("name", list(QUANTIZERS))
 def test_fake_quantize_value_is_exactly_the_quantizer_output(name):
     q = get_quantizer(name, QUANTIZERS[name].min_bits)
-    w = _w(4).float()
+    w = _w(4, shape=_shape(name)).float()
     assert torch.equal(fake_quantize(w, q), q(w.detach()))
 
 
 @pytest.mark.parametrize("name", list(QUANTIZERS))
 def test_fake_quantize_preprocessed_also_returns_the_detached_preprocessed_weight(name):
     q = get_quantizer(name, QUANTIZERS[name].min_bits)
-    w = _w(6).float()
+    w = _w(6, shape=_shape(name)).float()
     w_hat, w_tilde = mq.estimators.fake_quantize_preprocessed(w, q)
     assert torch.equal(w_hat, q(w.detach())) and torch.equal(w_tilde, q.preprocess(w.detach()))
     assert w_hat.requires_grad and w_tilde.grad_fn is None  # no graph from W̃ back to W
@@ -251,7 +256,18 @@ def test_trainer_loss_is_the_models_own_with_a_quantizer_subclass_shared_by_laye
 
 
 # --- torch.func.vmap: per-sample gradients --------------------------------------------------------------------
-@pytest.mark.parametrize("name,bits", [("dorefa", 1), ("dorefa", 2), ("bwn", 1), ("bwn-channel", 1), ("uniform", 3)])
+@pytest.mark.parametrize(
+    "name,bits",
+    [
+        ("dorefa", 1),
+        ("dorefa", 2),
+        ("bwn", 1),
+        ("bwn-channel", 1),
+        ("uniform", 3),
+        ("uniform-channel", 3),
+        ("uniform-group", 3),
+    ],
+)
 def test_per_sample_gradients_by_vmap_equal_a_loop_over_samples(name, bits):
     from torch import nn
     from torch.func import functional_call, grad, vmap

@@ -41,7 +41,11 @@ CONFIGS = [(name, bits) for name, cls in QUANTIZERS.items() for bits in sorted({
 def test_exported_model_gives_the_quantized_models_logits_exactly(tmp_path, name, bits):
     torch.manual_seed(0)
     model = mq.models.resnet8(num_classes=10, in_channels=1)
-    mq.quantize_(model, mq.QuantConfig(name, bits), filter_fn=lambda m, n: n != "fc" and isinstance(m, torch.nn.Conv2d))
+    if name == "uniform-group":  # 2-D weights only: the linear layer, groups of 5 of its 64 inputs
+        mq.quantize_(model, mq.QuantConfig(name, bits, group_size=5), filter_fn=lambda m, n: n == "fc")
+    else:
+        convs = lambda m, n: n != "fc" and isinstance(m, torch.nn.Conv2d)  # noqa: E731
+        mq.quantize_(model, mq.QuantConfig(name, bits), filter_fn=convs)
     model.train()
     model(torch.randn(16, 1, 28, 28))  # non-trivial BatchNorm statistics
     model.eval()
@@ -496,3 +500,100 @@ def test_onnx_export_quantizes_the_activations_with_qdq_and_matches_the_model(tm
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), onnx_session_options(), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"images": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+# --- per-channel and per-group scales ------------------------------------------------------------------------------
+class _Small(torch.nn.Module):
+    """A transposed convolution (output channels along axis 1) and two linear layers, the last one's 10 inputs not a
+    multiple of the group size 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.ConvTranspose2d(2, 3, 2, stride=2)
+        self.fc1 = torch.nn.Linear(3 * 4 * 4, 10)
+        self.fc2 = torch.nn.Linear(10, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.up(x)).flatten(1))))
+
+
+def _small(name: str) -> torch.nn.Module:
+    torch.manual_seed(3)
+    model = _Small()
+    if name == "uniform-group":
+        config = mq.QuantConfig(name, 4, group_size=4)
+        return mq.quantize_(model, config, filter_fn=lambda m, n: isinstance(m, torch.nn.Linear)).eval()
+    return mq.quantize_(model, mq.QuantConfig(name, 3)).eval()
+
+
+@pytest.mark.parametrize("name", ["uniform-channel", "uniform-group"])
+def test_per_channel_and_per_group_scales_round_trip_through_a_packed_file_exactly(tmp_path, name):
+    model = _small(name)
+    export_packed(model, tmp_path / "m.safetensors")
+    header, tensors = read_packed(tmp_path / "m.safetensors")
+    loaded = load_packed(tmp_path / "m.safetensors", _Small())
+    for key, layer in mq.layers.quantized_weight_keys(model).items():
+        encoded = layer.quantizer.encode(layer.weight.detach())
+        assert torch.equal(tensors[f"{key}.scale"], encoded.scale)  # the scales themselves, bit for bit
+        with torch.no_grad():
+            assert torch.equal(loaded.state_dict()[key], layer.quantizer(layer.weight))
+    if name == "uniform-group":
+        assert header["decode"]["group_size"] == 4 and header["quantizer"] == {"name": name, "bits": 4, "group_size": 4}
+        assert tensors["fc2.weight.scale"].shape == (4, 3)  # groups of 4, 4 and 2 inputs
+    else:
+        assert "group_size" not in header["decode"] and tensors["up.weight.scale"].shape == (1, 3, 1, 1)
+    x = torch.randn(5, 2, 2, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_export_packed_refuses_two_group_sizes_in_one_model(tmp_path):
+    model = _small("uniform-group")
+    model.fc2.quantizer = mq.get_quantizer("uniform-group", 4, group_size=2)
+    with pytest.raises(ValueError, match=r"one quantizer configuration per model, found \[\('uniform-group', 4, 2\), "):
+        export_packed(model, tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("name,opset", [("uniform-channel", 13), ("uniform-channel", 21), ("uniform-group", 21)])
+def test_onnx_export_of_per_channel_and_per_group_scales_matches_the_model(tmp_path, name, opset):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import numpy_helper
+
+    from metaquant.export import export_onnx
+
+    model = _small(name)
+    x = torch.randn(6, 2, 2, 2)
+    export_onnx(model, tmp_path / "m.onnx", x[:2], opset=opset)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    nodes = {n.output[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    initializers = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for key, layer in mq.layers.quantized_weight_keys(model).items():
+        node = nodes[key]
+        encoded = layer.quantizer.encode(layer.weight.detach())
+        np.testing.assert_array_equal(initializers[node.input[0]], levels(encoded, layer.quantizer.bits).numpy())
+        np.testing.assert_array_equal(
+            initializers[node.input[1]], encoded.scale.reshape(-1 if "channel" in name else encoded.scale.shape).numpy()
+        )
+        attributes = {a.name: a.i for a in node.attribute}
+        if name == "uniform-group":
+            assert attributes == {"axis": 1, "block_size": 4}
+        else:
+            assert attributes == {"axis": 1 if key == "up.weight" else 0}
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_onnx_export_of_per_group_scales_needs_opset_21(tmp_path):
+    pytest.importorskip("onnxscript")
+    from metaquant.export import export_onnx
+
+    with pytest.raises(
+        ValueError, match=r"fc1.weight has one scale per group of 4 weights, .* from opset 21 .*got opset 20"
+    ):
+        export_onnx(_small("uniform-group"), tmp_path / "m.onnx", torch.zeros(2, 2, 2, 2), opset=20)
+    assert not (tmp_path / "m.onnx").exists()

@@ -13,7 +13,16 @@ import metaquant as mq
 import metaquant.export as export_package
 from metaquant.export import DECODE_RULES, export_packed, load_packed
 
-CONFIGS = [("dorefa", 1), ("dorefa", 3), ("bwn", 1), ("bwn-channel", 1), ("ternary", 2), ("uniform", 4)]
+CONFIGS = [
+    ("dorefa", 1),
+    ("dorefa", 3),
+    ("bwn", 1),
+    ("bwn-channel", 1),
+    ("ternary", 2),
+    ("uniform", 4),
+    ("uniform-channel", 3),
+    ("uniform-group", 4),
+]
 
 
 def rebuild_with_numpy(path):
@@ -31,15 +40,25 @@ def rebuild_with_numpy(path):
         stream = np.unpackbits(stored[f"{key}.codes"], bitorder="little")[: n * bits].reshape(n, bits)
         code = (stream.astype(np.int64) << np.arange(bits)).sum(1) - spec["offset"]
         scale = stored[f"{key}.scale"]
+        if "group_size" in rule:  # per group: each scale repeated over its group, the last one cut
+            scale = np.repeat(scale, rule["group_size"], axis=-1)[:, : spec["shape"][-1]]
         w = (rule["a"] * code + rule["b"]).astype(scale.dtype).reshape(spec["shape"]) * scale
         weights[key] = w + scale.dtype.type(rule["c"]) if rule["c"] else w
     return weights
 
 
+def _linear(module, name):
+    return isinstance(module, torch.nn.Linear)
+
+
 @pytest.mark.parametrize("name,bits", CONFIGS)
 def test_numpy_and_safetensors_alone_rebuild_a_packed_resnet20_bit_for_bit(tmp_path, name, bits):
     torch.manual_seed(0)
-    model = mq.quantize_(mq.models.resnet20(num_classes=10), mq.QuantConfig(name, bits)).eval()
+    model = mq.models.resnet20(num_classes=10)
+    if name == "uniform-group":  # groups of 6 over the 64 inputs of the linear layer: the last group holds 4
+        model = mq.quantize_(model, mq.QuantConfig(name, bits, group_size=6), filter_fn=_linear).eval()
+    else:
+        model = mq.quantize_(model, mq.QuantConfig(name, bits)).eval()
     arch = {"model": "resnet20", "num_classes": 10, "in_channels": 3, "image_size": 32}
     export_packed(model, tmp_path / "m.safetensors", architecture=arch)
     rebuilt = rebuild_with_numpy(tmp_path / "m.safetensors")

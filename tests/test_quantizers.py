@@ -1,5 +1,8 @@
 """Forward quantizers against independent computations: autograd for c(W), formulas for the value sets."""
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -10,7 +13,10 @@ from metaquant.quantizers import (
     DoReFa,
     Encoded,
     Ternary,
+    UniformPerChannel,
+    UniformPerGroup,
     UniformSymmetric,
+    expand_groups,
     get_quantizer,
     quantizer_names,
 )
@@ -18,9 +24,11 @@ from metaquant.quantizers import (
 ALL = [(name, bits) for name, cls in QUANTIZERS.items() for bits in range(cls.min_bits, cls.max_bits + 1)]
 
 
-def _weight(seed: int = 0, shape=(6, 3, 3, 3), dtype=torch.float64) -> torch.Tensor:
+def _weight(seed: int = 0, shape=(6, 3, 3, 3), dtype=torch.float64, q=None) -> torch.Tensor:
+    """A random weight; for a per-group quantizer ``q`` (2-D weights only) its rows flattened: ``[6, 27]``."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=dtype) * 0.7
+    w = torch.randn(shape, generator=g, dtype=dtype) * 0.7
+    return w.flatten(1) if isinstance(q, UniformPerGroup) else w
 
 
 def _relaxed_with_stats_detached(q, w):
@@ -34,7 +42,7 @@ def _relaxed_with_stats_detached(q, w):
 @pytest.mark.parametrize("name,bits", ALL)
 def test_calibration_equals_autograd_derivative_of_the_differentiable_path(name, bits):
     q = get_quantizer(name, bits)
-    w = _weight().requires_grad_()
+    w = _weight(q=q).requires_grad_()
     (grad,) = torch.autograd.grad(_relaxed_with_stats_detached(q, w).sum(), w)
     torch.testing.assert_close(q.calibration(w.detach()), grad, rtol=1e-12, atol=1e-12)
     # and the library's own relaxed path has the same derivative
@@ -45,7 +53,7 @@ def test_calibration_equals_autograd_derivative_of_the_differentiable_path(name,
 @pytest.mark.parametrize("name,bits", ALL)
 def test_decode_of_encode_equals_quantize_of_preprocess_exactly(name, bits):
     q = get_quantizer(name, bits)
-    w = _weight(1, dtype=torch.float32)
+    w = _weight(1, dtype=torch.float32, q=q)
     enc = q.encode(w)
     assert not enc.codes.is_floating_point()
     assert enc.codes.shape == w.shape
@@ -58,9 +66,10 @@ def test_decode_of_encode_equals_quantize_of_preprocess_exactly(name, bits):
 @pytest.mark.parametrize("name,bits", ALL)
 def test_values_lie_in_the_value_set(name, bits):
     q = get_quantizer(name, bits)
-    w = _weight(2, shape=(8, 4, 3, 3), dtype=torch.float32)
+    w = _weight(2, shape=(8, 4, 3, 3), dtype=torch.float32, q=q)
     w_hat = q(w)
-    groups = w_hat if isinstance(q, BWNPerChannel) else w_hat.reshape(1, -1)
+    # one scale per row (per channel, or per group of 128 >= the 36 inputs of a row), else one per layer
+    groups = w_hat if isinstance(q, BWNPerChannel | UniformPerChannel | UniformPerGroup) else w_hat.reshape(1, -1)
     for group in groups:
         assert group.unique().numel() <= q.num_levels
     if bits == 1:
@@ -114,6 +123,8 @@ def test_uniform_values_match_the_formula():
         ("bwn-channel", 3, "1"),
         ("ternary", 1, "2"),
         ("uniform", 1, "2..8"),
+        ("uniform-channel", 1, "2..8"),
+        ("uniform-group", 9, "2..8"),
     ],
 )
 def test_unsupported_bit_width_names_the_allowed_range(name, bits, allowed):
@@ -123,7 +134,9 @@ def test_unsupported_bit_width_names_the_allowed_range(name, bits, allowed):
 
 def test_unknown_quantizer_lists_the_registered_ones():
     with pytest.raises(
-        ValueError, match="unknown quantizer 'xnor'; allowed: dorefa, bwn, bwn-channel, ternary, uniform"
+        ValueError,
+        match="unknown quantizer 'xnor'; allowed: dorefa, bwn, bwn-channel, ternary, uniform, uniform-channel, "
+        "uniform-group$",
     ):
         get_quantizer("xnor", 1)
 
@@ -141,7 +154,18 @@ def test_all_zero_weight_is_finite():
 
 
 # --- a weight whose statistic is 0 ------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,bits", [("dorefa", 1), ("dorefa", 2), ("bwn", 1), ("ternary", 2), ("uniform", 3)])
+@pytest.mark.parametrize(
+    "name,bits",
+    [
+        ("dorefa", 1),
+        ("dorefa", 2),
+        ("bwn", 1),
+        ("ternary", 2),
+        ("uniform", 3),
+        ("uniform-channel", 3),
+        ("uniform-group", 3),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_an_all_zero_weight_takes_the_ste_step_g_times_one(name, bits, dtype):
     """docs/design.md §3: the statistic counts as 1 where it divides or scales a gradient. Oracle: one SGD step of
@@ -189,20 +213,28 @@ def test_an_all_zero_weight_quantizes_to_q_of_zero_with_a_scale_of_its_own(name,
     assert torch.equal(q.calibration(w), torch.ones(3, 3))
     codes, scale = q.encode(w)
     assert torch.equal(q.decode(Encoded(codes, scale)), q(w))
-    if name == "uniform":
-        assert scale.item() == pytest.approx(1 / (2 ** (bits - 1) - 1))  # s = max|W| / L with max|W| = 1
-    if name in ("bwn", "bwn-channel", "ternary", "uniform"):
+    if name.startswith("uniform"):  # s = max|W| / L with max|W| = 1, in every scale group
+        assert torch.equal(scale, torch.full_like(scale, 1 / (2 ** (bits - 1) - 1)))
+    if name in ("bwn", "bwn-channel", "ternary", "uniform", "uniform-channel", "uniform-group"):
         assert torch.equal(q(w), torch.zeros(3, 3))
 
 
 def test_the_registry_lists_the_names_in_registration_order():
-    assert quantizer_names() == ["dorefa", "bwn", "bwn-channel", "ternary", "uniform"]
+    assert quantizer_names() == [
+        "dorefa",
+        "bwn",
+        "bwn-channel",
+        "ternary",
+        "uniform",
+        "uniform-channel",
+        "uniform-group",
+    ]
 
 
 @pytest.mark.parametrize("name,bits", ALL)
 def test_backward_terms_equal_the_three_methods_to_the_bit(name, bits):
     q = get_quantizer(name, bits)
-    w = _weight(7, dtype=torch.float32)
+    w = _weight(7, dtype=torch.float32, q=q)
     r, s, c = q.backward_terms(w, q.preprocess(w))
     assert torch.equal(r, q.relaxed(w)) and torch.equal(c, q.calibration(w))
     assert torch.equal(s, q.ste_scale(q.preprocess(w)))
@@ -240,3 +272,124 @@ def test_a_per_layer_quantizer_ignores_the_channel_axis_and_the_per_channel_one_
     assert repr(BWNPerChannel().with_channel_axis(1)) == "BWNPerChannel(bits=1, axis=1)"
     assert repr(BWNPerChannel()) == "BWNPerChannel(bits=1)"
     assert (DoReFa(2).num_levels, Ternary(2).num_levels, UniformSymmetric(3).num_levels) == (4, 3, 7)
+
+
+# --- uniform per channel and per group: oracles written element by element ---------------------------------------
+def _uniform_by_hand(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """``s·clamp(round(W/s), −L, L)`` with ``s = max|W| / L`` (``1 / L`` for all zeros) over one scale group."""
+    half = 2 ** (bits - 1) - 1
+    peak = values.abs().max().item()
+    s = (peak if peak else 1.0) / half
+    return torch.tensor([min(max(round(v / s), -half), half) * s for v in values.tolist()], dtype=values.dtype)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis,shape", [(0, (5, 3, 2, 2)), (1, (3, 5, 2, 2)), (0, (7, 4)), (0, (6,))])
+def test_uniform_per_channel_quantizes_each_output_channel_with_its_own_max(bits, axis, shape):
+    q = UniformPerChannel(bits).with_channel_axis(axis)
+    w = _weight(11, shape=shape)
+    w.select(axis, 1).zero_() if w.dim() > 1 else None  # an all-zero channel: uniform's rule, 0 at s = 1 / L
+    expected = torch.empty_like(w)
+    if w.dim() == 1:  # a 1-D weight: one scale
+        expected = _uniform_by_hand(w, bits)
+    for o in range(w.shape[axis] if w.dim() > 1 else 0):
+        channel = w.select(axis, o)
+        expected.select(axis, o).copy_(_uniform_by_hand(channel.reshape(-1), bits).reshape(channel.shape))
+    assert torch.equal(q(w), expected)
+    scale = q.encode(w).scale
+    assert scale.shape == (tuple(n if d == axis else 1 for d, n in enumerate(shape)) if len(shape) > 1 else (1,))
+    if w.dim() > 1:
+        assert scale.select(axis, 1).item() == 1 / (2 ** (bits - 1) - 1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape,group_size", [((4, 12), 4), ((3, 10), 4), ((2, 5), 8), ((3, 7), 1)])
+def test_uniform_per_group_quantizes_each_group_of_a_row_with_its_own_max(bits, shape, group_size):
+    q = UniformPerGroup(bits, group_size=group_size)
+    w = _weight(12, shape=shape)
+    w[1, :group_size] = 0  # an all-zero group
+    expected = torch.empty_like(w)
+    for row in range(shape[0]):
+        for start in range(0, shape[1], group_size):  # the last group may be shorter
+            stop = min(start + group_size, shape[1])
+            expected[row, start:stop] = _uniform_by_hand(w[row, start:stop], bits)
+    assert torch.equal(q(w), expected)
+    codes, scale = q.encode(w)
+    assert scale.shape == (shape[0], -(-shape[1] // group_size)) and codes.dtype == torch.int8
+    assert scale[1, 0].item() == 1 / (2 ** (bits - 1) - 1) and not codes[1, :group_size].any()
+
+
+def test_expand_groups_repeats_each_scale_over_its_group_and_cuts_the_last():
+    scale = torch.tensor([[1.0, 2.0, 3.0]])
+    assert expand_groups(scale, 2, 5).tolist() == [[1.0, 1.0, 2.0, 2.0, 3.0]]
+
+
+@pytest.mark.parametrize("q", [UniformPerChannel(3), UniformPerChannel(4, axis=1), UniformPerGroup(3, group_size=4)])
+def test_grouped_scales_decode_their_codes_exactly_and_take_the_uniform_ste_gradient(q):
+    import metaquant as mq
+
+    w = _weight(13, shape=(6, 10), dtype=torch.float32) * 2  # some |W| > 1: the STE's gate closes there
+    enc = q.encode(w)
+    rebuilt = Encoded(torch.tensor(enc.codes.tolist(), dtype=torch.int8), torch.tensor(enc.scale.tolist()))
+    assert torch.equal(q.decode(rebuilt), q(w))
+    # the STE: g_W = g_Ŵ · 1{|relaxed| <= 1} · d relaxed / dW, relaxed the identity (scales held constant)
+    w.requires_grad_()
+    g = torch.randn(6, 10)
+    (grad,) = torch.autograd.grad((mq.fake_quantize(w, q) * g).sum(), w)
+    (d_relaxed,) = torch.autograd.grad((q.relaxed(w) * g).sum(), w)
+    assert torch.equal(grad, d_relaxed * (q.relaxed(w).detach().abs() <= 1))
+
+
+@pytest.mark.parametrize("group_size", [0, -4, True, 2.5, "8", None])
+def test_uniform_per_group_refuses_a_group_size_that_is_not_a_positive_int(group_size):
+    with pytest.raises(ValueError, match=rf"group_size must be an integer >= 1, got {group_size!r}$"):
+        UniformPerGroup(4, group_size=group_size)
+
+
+def test_get_quantizer_passes_group_size_to_the_grouped_quantizer_only():
+    assert get_quantizer("Uniform-Group", 4, group_size=64) == UniformPerGroup(4, group_size=64)
+    assert get_quantizer("uniform-group", 4) == UniformPerGroup(4, group_size=128)
+    with pytest.raises(ValueError, match=r"group_size=64 applies to quantizer uniform-group, not to 'uniform'$"):
+        get_quantizer("uniform", 4, group_size=64)
+    with pytest.raises(ValueError, match=r"group_size must be an integer >= 1, got 0$"):
+        get_quantizer("uniform-group", 4, group_size=0)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (8,), (2, 3, 4)])
+def test_uniform_per_group_refuses_a_weight_that_is_not_2d_and_says_how_to_leave_it_out(shape):
+    with pytest.raises(ValueError, match=rf"not a weight of shape {re.escape(str(shape))}: .*filter_fn"):
+        UniformPerGroup(4, group_size=4)(torch.randn(shape))
+
+
+def test_uniform_per_channel_refuses_an_axis_beyond_the_weight_and_shows_a_nonzero_axis():
+    with pytest.raises(ValueError, match=r"UniformPerChannel\(axis=2\) cannot quantize a weight of shape \(3, 4\)"):
+        UniformPerChannel(3, axis=2)(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"axis must be an int >= 0, got -1"):
+        UniformPerChannel(3).with_channel_axis(-1)
+    assert repr(UniformPerChannel(3).with_channel_axis(1)) == "UniformPerChannel(bits=3, axis=1)"
+    assert UniformPerGroup(3).with_channel_axis(1) == UniformPerGroup(3)
+    assert (UniformPerChannel(3).num_levels, UniformPerGroup(4).num_levels) == (7, 15)
+
+
+@pytest.mark.parametrize("name", ["uniform-channel", "uniform-group"])
+@pytest.mark.parametrize("method", ["ste", "ewgs", "meta"])
+def test_a_model_with_grouped_scales_trains(name, method):
+    import torch.nn.functional as F
+    from torch import nn
+
+    import metaquant as mq
+
+    torch.manual_seed(0)
+    config = mq.QuantConfig(name, 4, group_size=4) if name == "uniform-group" else mq.QuantConfig(name, 4)
+    model = mq.quantize_(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)), config)
+    assert model[0].quantizer == config.forward_quantizer
+    x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if method == "meta":
+        trainer = mq.MetaQuant(model, opt, mq.MultiFC(hidden=8))
+    else:
+        trainer = mq.Trainer(model, opt, estimator=mq.EWGS(1e-3) if method == "ewgs" else mq.STE())
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = [trainer.step(lambda: F.cross_entropy(model(x), y)).item() for _ in range(4)]
+    assert all(map(math.isfinite, losses))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -9,13 +9,14 @@ Each quantizer is a frozen dataclass of pure functions (docs/design.md §2-§3, 
 * ``ste_scale(W̃)``            the STE's factor on ``dŴ/d relaxed`` (1 for DoReFa, the layer scale ``a`` for BWN);
 * ``encode(W)``/``decode``    integer codes plus scale(s), exact: ``quantize`` itself is ``decode(encode)``.
 
-They hold only their bit width (and, per channel, the output-channel axis), so layers may share them.
-``get_quantizer(name, bits)`` builds one from the registry ``QUANTIZERS``.
+They hold only their bit width (and, per channel, the output-channel axis; per group, the group size), so layers
+may share them. ``get_quantizer(name, bits)`` builds one from the registry ``QUANTIZERS``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -23,7 +24,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from .validation import is_int
+from .validation import check_int, is_int
 
 __all__ = [
     "Encoded",
@@ -33,6 +34,9 @@ __all__ = [
     "BWNPerChannel",
     "Ternary",
     "UniformSymmetric",
+    "UniformPerChannel",
+    "UniformPerGroup",
+    "expand_groups",
     "QUANTIZERS",
     "get_quantizer",
     "quantizer_names",
@@ -43,7 +47,8 @@ class Encoded(NamedTuple):
     """A quantized weight as integer codes (``uint8`` unsigned, ``int8`` signed) and the scale(s) that decode them.
 
     ``scale`` broadcasts against ``codes``: ``[1]`` per layer; per channel ``[C_out, 1, ...]``, or
-    ``[1, C_out / groups, 1, ...]`` for a transposed convolution. The form in which a weight is exported.
+    ``[1, C_out / groups, 1, ...]`` for a transposed convolution. Per group (``UniformPerGroup``) it is
+    ``[C_out, ceil(C_in / group_size)]``, broadcast by ``expand_groups``. The form in which a weight is exported.
     """
 
     codes: Tensor
@@ -159,10 +164,17 @@ class ForwardQuantizer:
         """The largest number of distinct values ``Ŵ`` can take per scale group."""
         return 2**self.bits
 
+    @property
+    def scale_group_size(self) -> int | None:
+        """How many consecutive weights along the last axis share one scale (``expand_groups``), or None: one scale
+        per layer or per output channel, broadcast as it is."""
+        return None
+
     def with_channel_axis(self, axis: int) -> ForwardQuantizer:
         """This quantizer for a weight whose output channels lie along ``axis`` (1 for transposed convolutions).
 
-        Per-layer quantizers return themselves; ``BWNPerChannel`` returns a copy. ``quantize_`` calls it for each layer.
+        Per-layer and per-group quantizers return themselves; the per-channel ones (``BWNPerChannel``,
+        ``UniformPerChannel``) a copy. ``quantize_`` calls it for each layer.
 
         Raises:
             ValueError: ``axis`` is not an ``int >= 0``.
@@ -184,6 +196,22 @@ def _one_if_zero(statistic: Tensor) -> Tensor:
 def _check_axis(axis: object) -> None:
     if not (is_int(axis) and axis >= 0):
         raise ValueError(f"the output-channel axis must be an int >= 0, got {axis!r}")
+
+
+def _other_axes(quantizer: object, w: Tensor, axis: int) -> tuple[int, ...]:
+    """The axes of ``w`` (2 or more dimensions) other than its output-channel ``axis``: those a per-channel
+    statistic reduces."""
+    if axis >= w.dim():
+        raise ValueError(
+            f"{type(quantizer).__name__}(axis={axis}) cannot quantize a weight of shape {tuple(w.shape)}: "
+            f"its axes are 0..{w.dim() - 1}"
+        )
+    return tuple(d for d in range(w.dim()) if d != axis)
+
+
+def _channel_repr(quantizer: ForwardQuantizer, axis: int) -> str:
+    shown = f", axis={axis}" if axis else ""  # the usual axis 0 is not shown
+    return f"{type(quantizer).__name__}(bits={quantizer.bits}{shown})"
 
 
 @dataclass(frozen=True)
@@ -312,8 +340,7 @@ class BWNPerChannel(BWN):
         _check_axis(self.axis)
 
     def __repr__(self) -> str:
-        axis = f", axis={self.axis}" if self.axis else ""  # the usual axis 0 is not shown
-        return f"BWNPerChannel(bits={self.bits}{axis})"
+        return _channel_repr(self, self.axis)
 
     def with_channel_axis(self, axis: int) -> ForwardQuantizer:
         _check_axis(axis)
@@ -322,13 +349,7 @@ class BWNPerChannel(BWN):
     def _scale(self, w: Tensor) -> Tensor:
         if w.dim() < 2:
             return w.abs().mean().reshape(1)
-        if self.axis >= w.dim():
-            raise ValueError(
-                f"BWNPerChannel(axis={self.axis}) cannot quantize a weight of shape {tuple(w.shape)}: "
-                f"its axes are 0..{w.dim() - 1}"
-            )
-        others = tuple(d for d in range(w.dim()) if d != self.axis)
-        return w.abs().mean(dim=others, keepdim=True)
+        return w.abs().mean(dim=_other_axes(self, w, self.axis), keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -378,20 +399,110 @@ class UniformSymmetric(ForwardQuantizer):
     def num_levels(self) -> int:
         return 2 * self._half_levels + 1
 
+    def _peak(self, w_tilde: Tensor) -> Tensor:
+        """``max|W̃|`` of each scale group, shaped as the scale: ``[1]`` per layer."""
+        return torch.linalg.vector_norm(w_tilde, float("inf")).reshape(1)  # without a channels-last copy
+
+    def _scale(self, w_tilde: Tensor) -> Tensor:
+        """``s = max|W̃| / L`` of each scale group, ``1 / L`` where the group is all zero."""
+        # (a denormal peak divided by L may still underflow to 0)
+        return (_one_if_zero(self._peak(w_tilde)) / self._half_levels).clamp_min(torch.finfo(w_tilde.dtype).tiny)
+
     def encode_preprocessed(self, w_tilde: Tensor) -> Encoded:
         half = self._half_levels
-        peak = _one_if_zero(torch.linalg.vector_norm(w_tilde, float("inf")))  # max|W̃|, without a channels-last copy
-        # (a denormal peak divided by L may still underflow to 0)
-        scale = (peak / half).clamp_min(torch.finfo(w_tilde.dtype).tiny).reshape(1)
-        codes = torch.round(w_tilde / scale).clamp_(-half, half).to(torch.int8)
+        scale = self._scale(w_tilde)
+        codes = torch.round(w_tilde / self._broadcast(scale, w_tilde)).clamp_(-half, half).to(torch.int8)
         return Encoded(codes, scale)
 
+    def _broadcast(self, scale: Tensor, codes: Tensor) -> Tensor:
+        """The scale as it multiplies ``codes``: as it is, except per group (``expand_groups``)."""
+        return scale
+
     def decode(self, encoded: Encoded) -> Tensor:
-        return encoded.codes.to(encoded.scale.dtype) * encoded.scale
+        return encoded.codes.to(encoded.scale.dtype) * self._broadcast(encoded.scale, encoded.codes)
+
+
+@dataclass(frozen=True)
+class UniformPerChannel(UniformSymmetric):
+    """``uniform`` with one scale per output channel, ``s_o = max|W[o]| / L`` (``1 / L`` for an all-zero channel).
+
+    The output channels lie along ``axis`` as for ``BWNPerChannel`` (0, or 1 for transposed convolutions, set by
+    ``quantize_``); a 1-D weight gets one scale. ``c(W) = 1`` and the STE's factor is 1, as for ``uniform``.
+
+    Raises:
+        ValueError: ``axis`` is not an ``int >= 0``, or beyond the last axis of a weight of 2 or more dimensions.
+    """
+
+    name: ClassVar[str] = "uniform-channel"
+    axis: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_axis(self.axis)
+
+    def __repr__(self) -> str:
+        return _channel_repr(self, self.axis)
+
+    def with_channel_axis(self, axis: int) -> ForwardQuantizer:
+        _check_axis(axis)
+        return self if axis == self.axis else dataclasses.replace(self, axis=axis)
+
+    def _peak(self, w_tilde: Tensor) -> Tensor:
+        if w_tilde.dim() < 2:
+            return super()._peak(w_tilde)
+        others = _other_axes(self, w_tilde, self.axis)
+        return torch.linalg.vector_norm(w_tilde, float("inf"), dim=others, keepdim=True)
+
+
+def expand_groups(scale: Tensor, group_size: int, length: int) -> Tensor:
+    """Per-group scales ``[..., G]`` spread over the weights: each repeated ``group_size`` times along the last
+    axis, cut to ``length`` (the last group may be shorter): ``[..., length]``."""
+    return scale.repeat_interleave(group_size, dim=-1)[..., :length]
+
+
+@dataclass(frozen=True)
+class UniformPerGroup(UniformSymmetric):
+    """``uniform`` with one scale per group of ``group_size`` consecutive inputs of each output row of a 2-D
+    weight ``[C_out, C_in]`` (linear, embedding, recurrent and attention projections): ``s = max|group| / L``.
+
+    Groups run along the last axis; when ``group_size`` does not divide ``C_in`` the last group of a row is
+    shorter, as in ONNX's blocked ``DequantizeLinear``. Scales ``[C_out, ceil(C_in / group_size)]``; an all-zero
+    group gets ``1 / L``. ``c(W) = 1`` and the STE's factor is 1, as for ``uniform``.
+
+    Raises:
+        ValueError: ``group_size`` is not an integer >= 1; (when quantizing) a weight that is not 2-D.
+    """
+
+    name: ClassVar[str] = "uniform-group"
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("group_size", self.group_size, minimum=1)
+
+    @property
+    def scale_group_size(self) -> int:
+        return self.group_size
+
+    def _peak(self, w_tilde: Tensor) -> Tensor:
+        if w_tilde.dim() != 2:
+            raise ValueError(
+                f"quantizer 'uniform-group' groups the inputs of 2-D weights [C_out, C_in], not a weight of shape "
+                f"{tuple(w_tilde.shape)}: keep it to Linear layers with quantize_(..., filter_fn=...) (e.g. "
+                "lambda m, name: isinstance(m, torch.nn.Linear)), or use 'uniform-channel'"
+            )
+        rows, length = w_tilde.shape
+        groups = math.ceil(length / self.group_size)
+        # zeros pad the last group to full size without changing its max|·|
+        padded = torch.nn.functional.pad(w_tilde, (0, groups * self.group_size - length))
+        return torch.linalg.vector_norm(padded.reshape(rows, groups, self.group_size), float("inf"), dim=-1)
+
+    def _broadcast(self, scale: Tensor, codes: Tensor) -> Tensor:
+        return expand_groups(scale, self.group_size, codes.shape[-1])
 
 
 QUANTIZERS: dict[str, type[ForwardQuantizer]] = {
-    cls.name: cls for cls in (DoReFa, BWN, BWNPerChannel, Ternary, UniformSymmetric)
+    cls.name: cls for cls in (DoReFa, BWN, BWNPerChannel, Ternary, UniformSymmetric, UniformPerChannel, UniformPerGroup)
 }
 # The original code's spellings, accepted on input.
 _ALIASES = {"bwn-f": "bwn-channel", "bwn_f": "bwn-channel", "twn": "ternary"}
@@ -402,25 +513,36 @@ def quantizer_names() -> list[str]:
     return list(QUANTIZERS)
 
 
-def get_quantizer(name: str, bits: int = 1) -> ForwardQuantizer:
-    """Build a forward quantizer by name (``dorefa``, ``bwn``, ``bwn-channel``, ``ternary``, ``uniform``).
+def get_quantizer(name: str, bits: int = 1, *, group_size: int | None = None) -> ForwardQuantizer:
+    """Build a forward quantizer by name (``dorefa``, ``bwn``, ``bwn-channel``, ``ternary``, ``uniform``,
+    ``uniform-channel``, ``uniform-group``).
 
     Names are case-insensitive; the original spellings ``bwn-f``/``bwn_f`` and ``twn`` are accepted too. ``bits``:
-    ``ternary`` needs 2, ``uniform`` 2..8, ``dorefa`` 1..8.
+    ``ternary`` needs 2, ``uniform*`` 2..8, ``dorefa`` 1..8. ``group_size``: the weights per scale of
+    ``uniform-group`` (None: its default, 128); no other quantizer takes one.
 
     Raises:
-        ValueError: unknown name (the message lists the registered ones) or unsupported bit width.
+        ValueError: unknown name (the message lists the registered ones), unsupported bit width, a ``group_size``
+            that is not an integer >= 1, or one given to a quantizer without groups.
         TypeError: ``bits`` is not an ``int``.
 
     Example:
         >>> mq.get_quantizer("DoReFa", bits=2), mq.get_quantizer("twn", bits=2)
         (DoReFa(bits=2), Ternary(bits=2))
+        >>> mq.get_quantizer("uniform-group", 4, group_size=64)
+        UniformPerGroup(bits=4, group_size=64)
         >>> mq.get_quantizer("sign")
         Traceback (most recent call last):
         ...
-        ValueError: unknown quantizer 'sign'; allowed: dorefa, bwn, bwn-channel, ternary, uniform
+        ValueError: unknown quantizer 'sign'; allowed: dorefa, bwn, bwn-channel, ternary, uniform, ...
     """
     key = _ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else name
     if key not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {name!r}; allowed: {', '.join(QUANTIZERS)}")
-    return QUANTIZERS[key](bits=bits)
+    cls = QUANTIZERS[key]
+    if group_size is None:
+        return cls(bits=bits)
+    grouped = [n for n, c in QUANTIZERS.items() if "group_size" in {f.name for f in dataclasses.fields(c)}]
+    if key not in grouped:
+        raise ValueError(f"group_size={group_size!r} applies to quantizer {', '.join(grouped)}, not to {key!r}")
+    return cls(bits=bits, group_size=group_size)  # type: ignore[call-arg]  # a field of the grouped classes only

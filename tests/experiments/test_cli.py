@@ -11,6 +11,13 @@ from metaquant.experiments.cli import main
 TINY = ["-m", "resnet8", "--train-size", "64", "--test-size", "50", "-bs", "32", "--no-progress", "-n", "1"]
 
 
+@pytest.mark.parametrize("quantizer", [["-q", "uniform-channel"], ["-q", "uniform-group", "--group-size", "16"]])
+def test_quantize_with_finer_weight_scales(tmp_path, quantizer, fashion_mnist_available):
+    assert main(["quantize", *TINY, *quantizer, "-bw", "4", "--run-dir", str(tmp_path), "--name", "r"]) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["quantizer"] == quantizer[1] and config["group_size"] == (16 if len(quantizer) > 2 else None)
+
+
 def test_pretrain_then_quantize_writes_run_directories(tmp_path, capsys, fashion_mnist_available):
     assert main(["pretrain", *TINY, "--augment", "crop_flip", "--run-dir", str(tmp_path), "--name", "fp"]) == 0
     fp = tmp_path / "fp"
@@ -40,6 +47,11 @@ def test_quantize_with_other_classical_estimators(tmp_path, estimator, fashion_m
         (["quantize", "-bs", "0"], "batch_size must be an integer > 0, got 0"),
         (["pretrain", "--optimizer", "lion"], "invalid choice: 'lion'"),
         (["quantize", "--lr", "abc"], "invalid float value: 'abc'"),
+        (
+            ["quantize", "-q", "uniform", "-bw", "4", "--group-size", "8"],
+            "--group-size 8 applies to --quantizer 'uniform-group' only",
+        ),
+        (["quantize", "-q", "uniform-group", "-bw", "4", "--group-size", "-1"], "group_size must be an integer >= 1"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(argv, message, capsys):

@@ -33,6 +33,10 @@ from metaquant.experiments.config import TASK_DEFAULTS, RunConfig
         ({"nesterov": "yes"}, "nesterov must be true or false, got 'yes'"),
         ({"augment": "mixup"}, "augment 'mixup' is not supported; allowed: auto, none, crop_flip"),
         ({"augment": "none", "dataset": "imagenet"}, "ImageNet's training transforms are fixed"),
+        ({"group_size": 64}, "`group_size` 64 applies to `quantizer` 'uniform-group' only, not to 'dorefa'"),
+        ({"quantizer": "uniform-group", "bits": 4, "group_size": 0}, "group_size must be an integer >= 1, got 0"),
+        ({"quantizer": "uniform-group", "bits": 4, "group_size": True}, "group_size must be an integer >= 1, got True"),
+        ({"quantizer": "uniform-channel", "bits": 1}, "'uniform-channel' does not support bits=1; allowed: 2..8"),
     ],
 )
 def test_bad_values_are_refused_with_the_allowed_ones(kwargs, message):
@@ -110,3 +114,15 @@ def test_each_task_has_its_recipe_and_plain_configs_keep_their_defaults():
     assert set(TASK_DEFAULTS) == {"pretrain", "quantize"}
     with pytest.raises(ValueError, match="task 'finetune' is not supported; allowed: pretrain, quantize"):
         RunConfig.for_task("finetune")
+
+
+def test_a_per_group_run_stores_its_group_size_and_others_none(tmp_path):
+    config = RunConfig(quantizer="Uniform-Group", bits=4)
+    assert (config.quantizer, config.group_size) == ("uniform-group", 128)  # stored as it runs
+    config.save(tmp_path / "c.json")
+    assert RunConfig.load(tmp_path / "c.json") == config
+    assert RunConfig(quantizer="uniform-group", bits=4, group_size=32).group_size == 32
+    assert RunConfig(quantizer="uniform-channel", bits=4).group_size is None
+    data = RunConfig().to_dict()
+    del data["group_size"]  # a config.json written before the field existed
+    assert RunConfig.from_dict(data) == RunConfig()

@@ -150,10 +150,19 @@ def build_model(config: RunConfig, num_classes: int, in_channels: int, image_siz
     if init is not None and not fine_tuning:
         load_weights(model, init)
     if config.task == "quantize":
-        quantize_(model, QuantConfig(config.quantizer, config.bits, activations=config.activations()))
+        weights = QuantConfig(
+            config.quantizer, config.bits, activations=config.activations(), group_size=config.group_size
+        )
+        # per-group scales group the inputs of 2-D weights: the linear layers only, the convolutions stay float
+        linear_only = _linear if weights.forward_quantizer.scale_group_size is not None else None
+        quantize_(model, weights, filter_fn=linear_only)
     if init is not None and fine_tuning:
         load_weights(model, init)
     return model
+
+
+def _linear(module: nn.Module, name: str) -> bool:
+    return isinstance(module, nn.Linear)
 
 
 def _holds_input_quantizers(path: Path) -> bool:

@@ -271,6 +271,14 @@ class RunConfig:
         "dorefa", "-q", "--quantizer", group=QUANTIZATION, help="forward quantizer", choices=_quantizer_choices
     )
     bits: int = option(1, "-bw", "--bits", group=QUANTIZATION, help="bit width")
+    group_size: int | None = option(
+        None,
+        "--group-size",
+        group=QUANTIZATION,
+        help="weights per scale of --quantizer uniform-group, which quantizes the linear layers only (the "
+        "convolutions stay float) (default: 128)",
+        metavar="N",
+    )
     estimator: str = option(
         "ste",
         "-meta",
@@ -470,7 +478,15 @@ class RunConfig:
 
     def _check_quantization(self) -> None:
         _check_count("bits", self.bits)
-        get_quantizer(self.quantizer, self.bits)  # raises with the allowed names / bit widths
+        if self.group_size is not None and self.quantizer != "uniform-group":
+            raise ValueError(
+                f"`group_size` {self.group_size!r} applies to `quantizer` 'uniform-group' only, not to "
+                f"{self.quantizer!r}"
+            )
+        # raises with the allowed names / bit widths / group sizes
+        quantizer = get_quantizer(self.quantizer, self.bits, group_size=self.group_size)
+        if quantizer.scale_group_size is not None:  # stored as it runs: config.json says the size
+            self.group_size = quantizer.scale_group_size
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_number("ewgs_delta", self.ewgs_delta, low=0)
         if self.lr_gain_from is not None and (self.task != "quantize" or self.uses_meta):

@@ -65,15 +65,17 @@ def backward_label(config: RunConfig) -> str:
 
 def default_run_name(config: RunConfig) -> str:
     """A run's directory name: task, model, dataset, then what tells runs apart (``pretrain``: optimizer and seed;
-    ``quantize``: also quantizer, bits, the activations' width and quantizer (``-a4lsq``, only when they are
-    quantized), estimator, ``-ste-start`` and ``-original-order`` where they apply)."""
+    ``quantize``: also quantizer, bits, the group size (``-g128``, only per group), the activations' width and
+    quantizer (``-a4lsq``, only when they are quantized), estimator, ``-ste-start`` and ``-original-order`` where
+    they apply)."""
     base = f"{config.task}-{config.model}-{config.dataset}"
     if config.task == "pretrain":
         return f"{base}-{config.optimizer}-seed{config.seed}"
     order = "-original-order" if config.uses_meta and config.step_order == "original" else ""
     start = "-ste-start" if config.uses_meta and config.meta_init_scheme == "ste" else ""
+    groups = f"-g{config.group_size}" if config.group_size is not None else ""
     return (
-        f"{base}-{config.quantizer}{config.bits}{_activation_tag(config)}-{config.estimator}{start}{order}-"
+        f"{base}-{config.quantizer}{config.bits}{groups}{_activation_tag(config)}-{config.estimator}{start}{order}-"
         f"{config.optimizer}-seed{config.seed}"
     )
 

@@ -17,13 +17,15 @@ tensor                        content
 ``L.weight.codes``            ``uint8 [ceil(n·k / 8)]``: the ``n`` codes of ``k`` bits, bit-packed
                               (``pack_bits``: code ``i`` in bits ``i·k … i·k + k − 1`` of the stream,
                               least significant bit first, the last byte zero-padded)
-``L.weight.scale``            the float scale(s) of ``Encoded.scale`` (``[1]``, or ``[C_out, 1, ...]``)
+``L.weight.scale``            the float scale(s) of ``Encoded.scale`` (``[1]``, ``[C_out, 1, ...]``, or per
+                              group ``[C_out, ceil(C_in / g)]``)
 any other name                a ``state_dict`` entry, as it is
 ============================  ===========================================================================
 
 The header's ``__metadata__`` (strings; the structured ones hold JSON): ``"format"`` (``FORMAT``),
-``"format_version"`` (``"2"``), ``"quantizer"`` (``{"name", "bits"}``), ``"decode"`` (``{"rule", "a", "b",
-"c"}``), ``"architecture"`` (``{"model", "num_classes", "in_channels", "image_size"}`` or ``null``),
+``"format_version"`` (``"2"``), ``"quantizer"`` (``{"name", "bits"}``, per group also ``"group_size"``),
+``"decode"`` (``{"rule", "a", "b", "c"}``, per group also ``"group_size"``), ``"architecture"`` (``{"model",
+"num_classes", "in_channels", "image_size"}`` or ``null``),
 ``"input_normalization"`` (how inputs are prepared, e.g. ``{"rule": "(pixels / 255 - mean) / std", "mean",
 "std"}``, or ``null``), ``"codes"`` (for every ``L.weight``: ``{"shape", "offset", "signed"}``), ``"metadata"``
 (the caller's values), only when activations are quantized ``"activations"`` (for every layer ``L`` with an input
@@ -34,17 +36,21 @@ file as written with 64 zeros in place of the digest's hex digits: ``integrity.s
 Decoding a weight: unpack ``prod(shape)`` codes of ``bits`` bits, subtract ``offset`` (signed codes are stored
 plus ``offset`` so that they are non-negative) to get ``code``, reshape to ``shape``, and compute ``Ŵ = (a·code +
 b)·scale + c`` in the scale's float type, in that order (``+ c`` only when ``c`` is not 0), the scale broadcast
-against the codes:
+against the codes. Per group (``uniform-group``; ``"decode"`` and ``"quantizer"`` then hold ``"group_size"``,
+``g``) the scale is ``[C_out, ceil(C_in / g)]``: repeat each one ``g`` times along the last axis and keep the first
+``C_in`` (numpy: ``np.repeat(scale, g, axis=-1)[:, :C_in]``; the last group of a row may be shorter):
 
-===============  ==========  =====================================================  ==============================
-quantizer        (a, b, c)   Ŵ                                                      scale
-===============  ==========  =====================================================  ==============================
-``dorefa`` k     (1, 0, −1)  ``code·scale − 1``, code in 0..2^k − 1                 ``2 / (2^k − 1)``
-``bwn``          (2, −1, 0)  ``(2·code − 1)·scale``, code 0 or 1                    mean|W|, ``[1]``
-``bwn-channel``  (2, −1, 0)  as ``bwn``                                             mean|W| per output channel
-``ternary``      (1, 0, 0)   ``code·scale``, code in −1..1                          mean of the kept |W|
-``uniform`` k    (1, 0, 0)   ``code·scale``, code in −(2^(k−1) − 1)..2^(k−1) − 1    max|W| / (2^(k−1) − 1)
-===============  ==========  =====================================================  ==============================
+===================  ==========  =====================================================  ==========================
+quantizer            (a, b, c)   Ŵ                                                      scale
+===================  ==========  =====================================================  ==========================
+``dorefa`` k         (1, 0, −1)  ``code·scale − 1``, code in 0..2^k − 1                 ``2 / (2^k − 1)``
+``bwn``              (2, −1, 0)  ``(2·code − 1)·scale``, code 0 or 1                    mean|W|, ``[1]``
+``bwn-channel``      (2, −1, 0)  as ``bwn``                                             mean|W| per output channel
+``ternary``          (1, 0, 0)   ``code·scale``, code in −1..1                          mean of the kept |W|
+``uniform`` k        (1, 0, 0)   ``code·scale``, code in −(2^(k−1) − 1)..2^(k−1) − 1    max|W| / (2^(k−1) − 1)
+``uniform-channel``  (1, 0, 0)   as ``uniform``                                         the same, per output channel
+``uniform-group``    (1, 0, 0)   as ``uniform``                                         the same, per group of ``g``
+===================  ==========  =====================================================  ==========================
 
 A 1-bit DoReFa weight is thus ``±1`` (scale 2) and a BWN weight ``±mean|W|``. ``load_packed`` decodes the same
 way; files written before the header held ``"decode"`` and ``"digest"`` decode with the quantizer's own rule
@@ -54,7 +60,8 @@ JSON header) still load.
 **ONNX** (``export_onnx``). The inference model with BatchNorm folded into the convolutions, where every
 quantized weight is an integer initializer (INT4 by default, INT2 with ``opset >= 25`` for codes in [−2, 1],
 INT8 or INT16 for wider codes) followed by a ``DequantizeLinear`` with one scale per output channel (the
-folded BatchNorm makes them differ) or one per layer: the standard "QDQ" form that ONNX runtimes and
+folded BatchNorm makes them differ; ``axis``), one per group (``uniform-group``: ``block_size``, from opset 21)
+or one per layer: the standard "QDQ" form that ONNX runtimes and
 converters recognise. Its logits equal the quantized model's up to float rounding. Its ``metadata_props`` hold
 a content digest under ``DIGEST_KEY``; ``read_onnx`` checks it.
 """

@@ -112,12 +112,14 @@ def _attribute(node: Any, name: str, default: Any) -> Any:
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def _set_axis(node: Any, axis: int | None) -> None:
+def _set_axis(node: Any, axis: int | None, block_size: int = 0) -> None:
     import onnx
 
-    del node.attribute[:]  # the others (block_size, output_dtype) at their defaults
+    del node.attribute[:]  # the others (output_dtype) at their defaults
     if axis is not None:
         node.attribute.append(onnx.helper.make_attribute("axis", axis))
+    if axis is not None and block_size:
+        node.attribute.append(onnx.helper.make_attribute("block_size", block_size))
 
 
 def _output_axis(layer: Any) -> int | None:
@@ -152,7 +154,8 @@ def fold_batchnorm(proto: Any, weights: dict[str, Any]) -> None:
         if dequantize is None or axis is None or readers.get(layer.input[1]) != 1 or any(s is None for s in stats):
             continue
         scale = _array(graph, dequantize.input[1])
-        if scale is None or (scale.ndim and _attribute(dequantize, "axis", 1) != axis):
+        blocked = _attribute(dequantize, "block_size", 0)  # per-group scales: not folded, the BatchNorm stays
+        if scale is None or blocked or (scale.ndim and _attribute(dequantize, "axis", 1) != axis):
             continue
         gamma, beta, mean, var = (np.asarray(s, dtype=np.float64) for s in stats)
         factor = gamma / np.sqrt(var + _attribute(norm, "epsilon", 1e-5))
@@ -186,7 +189,8 @@ def store_levels(proto: Any, weights: dict[str, Any], opset: int) -> dict[str, s
         if scale.ndim and np.all(scale == scale.reshape(-1)[0]):
             _set_array(graph, node.input[1], np.array(scale.reshape(-1)[0], dtype=np.float32))
             scale = scale.reshape(-1)[0]
-        _set_axis(node, _attribute(node, "axis", 1) if np.ndim(scale) else None)
+        blocked = _attribute(node, "block_size", 0)
+        _set_axis(node, _attribute(node, "axis", 1) if np.ndim(scale) else None, blocked)
         if len(node.input) > 2:  # no zero point: the levels are symmetric around 0
             del node.input[2:]
     return types

@@ -87,9 +87,10 @@ def export_onnx(
     has (INT4 at opset 21, INT2 from opset 25 for 1-bit and ternary levels) followed by ``DequantizeLinear``,
     whatever the exporter makes of the weight (transposed, split into attention projections, reordered into an
     ONNX LSTM's gates, tied). A BatchNorm after a convolution is folded into its scales, one per output channel
-    (one scale when they are all equal). A layer's input quantizer is ``QuantizeLinear`` + ``DequantizeLinear``
-    (LSQ, PACT: levels in UINT8/INT8, UINT4/INT4 from opset 21, after a ``Clip`` where no type's range is the
-    levels') or ``Where(x >= 0, 1, -1)`` (sign). A quantized weight the forward pass does not use for ``example`` is
+    (one scale when they are all equal); per-group scales are a blocked ``DequantizeLinear`` (``block_size``). A
+    layer's input quantizer is ``QuantizeLinear`` + ``DequantizeLinear`` (LSQ, PACT: levels in UINT8/INT8,
+    UINT4/INT4 from opset 21, after a ``Clip`` where no type's range is the levels') or ``Where(x >= 0, 1, -1)``
+    (sign). A quantized weight the forward pass does not use for ``example`` is
     not in the file (a warning names it). The batch dimension is dynamic; ``metadata`` is stored as the model's
     ``metadata_props`` (JSON values), with a content digest that ``read_onnx`` checks. Needs onnx, onnxscript
     and onnxruntime (the ``onnx`` extra).
@@ -112,6 +113,7 @@ def export_onnx(
     Raises:
         ImportError: onnx or onnxscript is not installed.
         ValueError: ``opset`` is below 13; levels no integer type of ``opset`` holds (8-bit DoReFa below 21);
+            scales per group (``uniform-group``: ``DequantizeLinear``'s ``block_size``) below opset 21;
             ``metadata`` uses the key ``DIGEST_KEY``.
 
     Example:
@@ -285,7 +287,9 @@ def _dequantize_linear(opset: int) -> Any:
 
     op = onnxscript.values.Opset("", opset)
 
-    def dequantize_linear(levels: Any, scale: Any, axis: int) -> Any:
+    def dequantize_linear(levels: Any, scale: Any, axis: int, block_size: int) -> Any:
+        if block_size:  # an attribute from opset 21 on (dequantized_inference refuses a lower one)
+            return op.DequantizeLinear(levels, scale, axis=axis, block_size=block_size)
         return op.DequantizeLinear(levels, scale, axis=axis)
 
     return dequantize_linear

@@ -62,7 +62,14 @@ def onnx_int_type(low: int, high: int, opset: int) -> str | None:
     return next((name for name, _, lo, hi, since in ONNX_INTS if since <= opset and lo <= low and high <= hi), None)
 
 
-def _dequantize(q: Tensor, scale: Tensor, axis: int) -> Tensor:
+#: The first opset whose ``DequantizeLinear`` takes ``block_size`` (one scale per group of weights).
+BLOCK_OPSET = 21
+
+
+def _dequantize(q: Tensor, scale: Tensor, axis: int, block_size: int) -> Tensor:
+    if block_size:  # blocked: scale [..., ceil(D / B), ...] along axis, each repeated over its block of B
+        scale = scale.repeat_interleave(block_size, dim=axis).narrow(axis, 0, q.shape[axis])
+        return q.to(torch.float32) * scale
     shape = [1] * q.dim()
     if scale.dim():
         shape[axis] = -1
@@ -71,17 +78,18 @@ def _dequantize(q: Tensor, scale: Tensor, axis: int) -> Tensor:
 
 @functools.cache
 def dequantize_op() -> Any:
-    """``metaquant::dequantize_linear(levels, scale, axis)``: ``levels · scale`` along ``axis``, in float32; an
-    operator of its own so that the exporter writes it as one ``DequantizeLinear`` (registered on first use)."""
+    """``metaquant::dequantize_linear(levels, scale, axis, block_size)``: ``levels · scale`` along ``axis`` (per
+    block of ``block_size`` when it is not 0), in float32; an operator of its own so that the exporter writes it as
+    one ``DequantizeLinear`` (registered on first use)."""
     if hasattr(torch.ops.metaquant, "dequantize_linear"):  # registered by an earlier import of this module
         return torch.ops.metaquant.dequantize_linear.default
 
     @torch.library.custom_op("metaquant::dequantize_linear", mutates_args=())
-    def dequantize_linear(levels: Tensor, scale: Tensor, axis: int) -> Tensor:
-        return _dequantize(levels, scale, axis)
+    def dequantize_linear(levels: Tensor, scale: Tensor, axis: int, block_size: int) -> Tensor:
+        return _dequantize(levels, scale, axis, block_size)
 
     @dequantize_linear.register_fake
-    def _(levels: Tensor, scale: Tensor, axis: int) -> Tensor:
+    def _(levels: Tensor, scale: Tensor, axis: int, block_size: int) -> Tensor:
         return levels.new_empty(levels.shape, dtype=torch.float32)
 
     return torch.ops.metaquant.dequantize_linear.default
@@ -93,17 +101,19 @@ class _Dequantize(nn.Module):
     levels: Tensor
     scale: Tensor
 
-    def __init__(self, q: Tensor, scale: Tensor, axis: int) -> None:
+    def __init__(self, q: Tensor, scale: Tensor, axis: int, block_size: int = 0) -> None:
         super().__init__()
         self.register_buffer("levels", q.to(torch.int8 if q.abs().max() <= 127 else torch.int16))
         self.register_buffer("scale", scale)
         self.axis = axis
+        self.block_size = block_size
 
     def forward(self, _: Tensor) -> Tensor:
-        return dequantize_op()(self.levels, self.scale, self.axis)
+        return dequantize_op()(self.levels, self.scale, self.axis, self.block_size)
 
     def same_levels(self, other: _Dequantize) -> bool:
-        return self.axis == other.axis and self.holds(other.levels.numpy(), other.scale.numpy())
+        same_axis = (self.axis, self.block_size) == (other.axis, other.block_size)
+        return same_axis and self.holds(other.levels.numpy(), other.scale.numpy())
 
     def holds(self, q: Any, scale: Any) -> bool:
         """Whether the arrays ``q`` and ``scale`` (or None) are this weight's levels and scale."""
@@ -126,11 +136,32 @@ class QuantizedWeight:
 
 
 def _scales(w_hat: Tensor, q: Tensor, axis: int | None) -> Tensor | None:
-    """The float32 ``s`` (one, or one per slice along ``axis``) with ``w_hat = q · s`` to float rounding, or None.
-
-    ``s`` is read where each group's level is largest; every element must then agree."""
+    """The float32 ``s`` (one, or one per slice along ``axis``) with ``w_hat = q · s`` to float rounding, or None."""
     w = (w_hat if axis is None else w_hat.movedim(axis, 0)).reshape(1 if axis is None else w_hat.shape[axis], -1)
-    levels_ = (q if axis is None else q.movedim(axis, 0)).reshape(w.shape).double()
+    scale = _row_scales(w, (q if axis is None else q.movedim(axis, 0)).reshape(w.shape))
+    if scale is None:
+        return None
+    return scale.reshape(-1) if axis is not None else scale.reshape(())
+
+
+def _group_scales(w_hat: Tensor, q: Tensor, group_size: int) -> Tensor | None:
+    """``_scales`` per group of ``group_size`` along the last axis of a 2-D weight: ``[rows, ceil(D / B)]``."""
+    rows, length = w_hat.shape
+    groups = -(-length // group_size)
+    pad = groups * group_size - length  # zero levels pad the last group: they do not decide its scale
+
+    def blocks(t: Tensor) -> Tensor:
+        return torch.nn.functional.pad(t, (0, pad)).reshape(rows * groups, group_size)
+
+    scale = _row_scales(blocks(w_hat), blocks(q))
+    return None if scale is None else scale.reshape(rows, groups)
+
+
+def _row_scales(w: Tensor, q: Tensor) -> Tensor | None:
+    """One float32 scale per row of ``w`` with ``w = q · s`` to float rounding (``[rows, 1]``), or None.
+
+    ``s`` is read where each row's level is largest; every element must then agree."""
+    levels_ = q.double()
     w = w.double()
     at = levels_.abs().argmax(1, keepdim=True)
     pivot = levels_.gather(1, at)
@@ -138,17 +169,17 @@ def _scales(w_hat: Tensor, q: Tensor, axis: int | None) -> Tensor | None:
     error = (w - levels_ * scale.double()).abs().amax(1)
     if bool((error > 1e-5 * w.abs().amax(1) + 1e-30).any()):
         return None
-    return scale.reshape(-1) if axis is not None else scale.reshape(())
+    return scale
 
 
 def dequantized_inference(model: nn.Module, opset: int) -> tuple[nn.Module, list[QuantizedWeight]]:
     """``materialize(model)`` in float32 whose quantized weights are computed by ``metaquant::dequantize_linear``.
 
-    A weight whose ``Ŵ`` is not integer levels times one scale per layer or per output channel (a quantizer
-    whose decode is not of that form) stays a float weight, named in a warning.
+    A weight whose ``Ŵ`` is not integer levels times one scale per layer, per output channel or per group (a
+    quantizer whose decode is not of that form) stays a float weight, named in a warning.
 
     Raises:
-        ValueError: levels that no ONNX integer type of ``opset`` holds.
+        ValueError: levels that no ONNX integer type of ``opset`` holds; scales per group below opset 21.
     """
     inference = materialize(model).cpu()
     kinds = {p.dtype for p in (*inference.parameters(), *inference.buffers()) if p.is_floating_point()}
@@ -166,8 +197,18 @@ def dequantized_inference(model: nn.Module, opset: int) -> tuple[nn.Module, list
         with torch.no_grad():
             encoded = layer.quantizer.encode(layer.weight.detach().cpu())
         q = levels(encoded, layer.quantizer.bits)
-        axis = next((d for d, size in enumerate(encoded.scale.shape) if size > 1), None)
-        scale = _scales(params[keys[0]].detach(), q, axis)
+        block = layer.quantizer.scale_group_size or 0
+        if block and opset < BLOCK_OPSET:
+            raise ValueError(
+                f"export_onnx: {keys[0]} has one scale per group of {block} weights, which DequantizeLinear holds "
+                f"from opset {BLOCK_OPSET} on (block_size); got opset {opset}"
+            )
+        if block:  # along the weight's last axis, as the quantizer groups it
+            axis: int | None = q.dim() - 1
+            scale = _group_scales(params[keys[0]].detach(), q, block)
+        else:
+            axis = next((d for d, size in enumerate(encoded.scale.shape) if size > 1), None)
+            scale = _scales(params[keys[0]].detach(), q, axis)
         if scale is None:
             floats += keys
             continue
@@ -176,7 +217,7 @@ def dequantized_inference(model: nn.Module, opset: int) -> tuple[nn.Module, list
             raise ValueError(
                 f"export_onnx: levels in [{low}, {high}] ({keys[0]}) fit no ONNX integer type of opset {opset}"
             )
-        dequantize = _Dequantize(q, scale, axis or 0)
+        dequantize = _Dequantize(q, scale, axis or 0, block)
         done: set[tuple[int, str]] = set()  # a module shared under several names holds the weight once
         for key in keys:
             owner, _, attr = key.rpartition(".")
@@ -188,7 +229,7 @@ def dequantized_inference(model: nn.Module, opset: int) -> tuple[nn.Module, list
     if floats:
         logger.warning(
             "ONNX export: stored in float: %s (their quantized weight is not integer levels times a scale per "
-            "layer or per output channel)",
+            "layer, per output channel or per group)",
             ", ".join(floats),
         )
     return inference, found

@@ -24,7 +24,7 @@ from ..integrity import DIGEST_PLACEHOLDER, seal, verify_seal
 from ..layers import QuantLayer, dequantize_, input_quantizers, quantized_layers, quantized_weight_keys
 from ..layers.inputs import attach_input_quantizers
 from ..models import get_model
-from ..quantizers import Encoded, get_quantizer
+from ..quantizers import Encoded, expand_groups, get_quantizer
 from .bits import pack_bits, unpack_bits
 
 FORMAT = "metaquant packed model"
@@ -38,6 +38,8 @@ DECODE_RULES: dict[str, tuple[int, int, int]] = {
     "bwn-channel": (2, -1, 0),
     "ternary": (1, 0, 0),
     "uniform": (1, 0, 0),
+    "uniform-channel": (1, 0, 0),
+    "uniform-group": (1, 0, 0),
 }
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,10 @@ logger = logging.getLogger(__name__)
 
 def decode(codes: Tensor, scale: Tensor, rule: dict[str, Any]) -> Tensor:
     """``(a·codes + b)·scale + c`` in the scale's dtype, in this order (``+ c`` only when ``c`` is not 0), for
-    ``rule`` = the header's ``{"a", "b", "c"}``: the quantized weight, bit for bit."""
+    ``rule`` = the header's ``{"a", "b", "c"}`` and, per group, ``"group_size"`` (each scale repeated that many
+    times along the last axis, ``expand_groups``): the quantized weight, bit for bit."""
+    if rule.get("group_size"):
+        scale = expand_groups(scale, rule["group_size"], codes.shape[-1])
     w = (rule["a"] * codes.to(torch.int64) + rule["b"]).to(scale.dtype) * scale
     return w + rule["c"] if rule["c"] else w
 
@@ -55,14 +60,16 @@ def _offset(encoded: Encoded, bits: int) -> int:
     return 2 ** (bits - 1) - 1 if encoded.codes.dtype == torch.int8 else 0
 
 
-def _single_config(layers: dict[str, QuantLayer], what: str) -> tuple[str, int]:
+def _single_config(layers: dict[str, QuantLayer], what: str) -> tuple[str, int, int | None]:
+    """The quantizer name, bit width and group size (None: no groups) that every quantized layer shares."""
     if not layers:
         raise ValueError(f"{what} needs a model converted by quantize_ (no quantized layer found)")
-    configs = {(layer.quantizer.name, layer.quantizer.bits) for layer in layers.values()}
+    configs = {(q.name, q.bits, q.scale_group_size) for q in (layer.quantizer for layer in layers.values())}
     if len(configs) > 1:
-        raise ValueError(f"{what} supports one quantizer configuration per model, found {sorted(configs)}")
-    ((name, bits),) = configs
-    return name, bits
+        found = sorted((name, bits) + ((group,) if group else ()) for name, bits, group in configs)
+        raise ValueError(f"{what} supports one quantizer configuration per model, found {found}")
+    ((name, bits, group_size),) = configs
+    return name, bits, group_size
 
 
 def export_packed(
@@ -117,17 +124,19 @@ def export_packed(
         uint8 (256,) {'shape': [32, 64], 'offset': 0, 'signed': False}
     """
 
-    name, bits = _single_config(quantized_layers(model), "export_packed")
+    name, bits, group_size = _single_config(quantized_layers(model), "export_packed")
     if name not in DECODE_RULES:
         raise ValueError(
             f"export_packed: quantizer {name!r} has no decode rule of the format; allowed: {', '.join(DECODE_RULES)}"
         )
-    rule = dict(zip("abc", DECODE_RULES[name]))
+    rule: dict[str, int] = dict(zip("abc", DECODE_RULES[name]))
+    groups = {"group_size": group_size} if group_size else {}  # only per group: the other files stay as they were
+    rule.update(groups)
     tensors, codes = _packed_tensors(model, bits, rule)
     header = {
         "format": FORMAT,
         "format_version": str(VERSION),
-        "quantizer": _compact({"name": name, "bits": bits}),
+        "quantizer": _compact({"name": name, "bits": bits, **groups}),
         "decode": _compact({"rule": "(a * code + b) * scale + c", **rule}),
         "architecture": _compact(architecture),
         "input_normalization": _compact(input_normalization),
@@ -395,7 +404,8 @@ def _build_packed(
         )
     else:
         dequantize_(model)
-    quantizer = get_quantizer(header["quantizer"]["name"], header["quantizer"]["bits"])
+    spec = header["quantizer"]
+    quantizer = get_quantizer(spec["name"], spec["bits"], group_size=spec.get("group_size"))
     rule = header.get("decode")  # files written before the header held the rule: the quantizer's own decode
     state = {}
     for e in header["tensors"]:

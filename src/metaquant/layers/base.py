@@ -25,20 +25,24 @@ class QuantConfig:
 
     Args:
         quantizer: one of ``metaquant.quantizers.quantizer_names()`` (``dorefa``, ``bwn``, ``bwn-channel``,
-            ``ternary``, ``uniform``).
+            ``ternary``, ``uniform``, ``uniform-channel``, ``uniform-group``).
         bits: the bit width; each quantizer states the widths it supports.
         activations: the input quantizer of every converted convolution and linear layer, or None (weights only).
+        group_size: the weights per scale of ``uniform-group`` (None: its default, 128); only with it.
 
     Attributes:
         forward_quantizer: the ``ForwardQuantizer`` built from ``quantizer`` and ``bits`` (not an argument).
 
     Raises:
-        ValueError: unknown quantizer or unsupported bit width; the message names the allowed values.
+        ValueError: unknown quantizer or unsupported bit width; the message names the allowed values. A
+            ``group_size`` that is not an integer >= 1, or one given with another quantizer.
         TypeError: ``quantizer`` is not a string, ``bits`` not an ``int``, ``activations`` not an ``ActQuantConfig``.
 
     Example:
         >>> mq.QuantConfig("bwn-f").forward_quantizer
         BWNPerChannel(bits=1)
+        >>> mq.QuantConfig("uniform-group", 4, group_size=64).forward_quantizer  # for Linear layers (filter_fn)
+        UniformPerGroup(bits=4, group_size=64)
         >>> mq.QuantConfig("ternary")
         Traceback (most recent call last):
         ...
@@ -48,6 +52,7 @@ class QuantConfig:
     quantizer: str = "dorefa"
     bits: int = 1
     activations: ActQuantConfig | None = None
+    group_size: int | None = None
     forward_quantizer: ForwardQuantizer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -55,7 +60,8 @@ class QuantConfig:
             raise TypeError(f"quantizer must be a name ({', '.join(quantizer_names())}), got {self.quantizer!r}")
         if self.activations is not None and not isinstance(self.activations, ActQuantConfig):
             raise TypeError(f"activations must be an ActQuantConfig or None, got {self.activations!r:.80}")
-        object.__setattr__(self, "forward_quantizer", get_quantizer(self.quantizer, self.bits))
+        quantizer = get_quantizer(self.quantizer, self.bits, group_size=self.group_size)
+        object.__setattr__(self, "forward_quantizer", quantizer)
 
 
 class QuantLayer(nn.Module):
