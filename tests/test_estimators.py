@@ -255,6 +255,27 @@ def test_trainer_loss_is_the_models_own_with_a_quantizer_subclass_shared_by_laye
     assert trainer.step(lambda: torch.nn.functional.cross_entropy(model(x), y)).item() == expected.item()
 
 
+def test_trainer_applies_a_non_element_wise_estimator_subclass_weight_by_weight():
+    # Oracle: the same network written with fake_quantize_preprocessed per weight, and torch.optim.SGD's step.
+    torch.manual_seed(0)
+    model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)))
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]  # w1, b1, w2, b2
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), estimator=_LayerNormalised())
+    trainer.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+
+    w1, b1, w2, b2 = params
+    q = mq.quantizers.DoReFa(1)
+    w1_hat = mq.estimators.fake_quantize_preprocessed(w1, q, _LayerNormalised())[0]
+    w2_hat = mq.estimators.fake_quantize_preprocessed(w2, q, _LayerNormalised())[0]
+    logits = torch.nn.functional.linear(torch.tanh(torch.nn.functional.linear(x, w1_hat, b1)), w2_hat, b2)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    reference = torch.optim.SGD(params, lr=0.1)
+    reference.step()
+    for got, want in zip(model.parameters(), params):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
 # --- torch.func.vmap: per-sample gradients --------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name,bits",

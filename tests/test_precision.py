@@ -135,7 +135,7 @@ def test_a_non_finite_meta_quantizer_output_under_a_grad_scaler_follows_on_nonfi
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
-@pytest.mark.parametrize("kind", ["ste", "multifc"])
+@pytest.mark.parametrize("kind", ["ste", "multifc", "lstmfc"])
 def test_an_overflow_step_leaves_batchnorm_statistics_as_every_skipped_step_does(kind):
     # Oracle: the buffers as they were before the overflowing step (a skipped step changes nothing).
     g = torch.Generator().manual_seed(5)
@@ -143,10 +143,11 @@ def test_an_overflow_step_leaves_batchnorm_statistics_as_every_skipped_step_does
     model = bn_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    metas = {"multifc": lambda: mq.MultiFC(hidden=4), "lstmfc": lambda: mq.LSTMFC(hidden=4)}
     trainer = (
         mq.Trainer(model, opt, grad_scaler=scaler)
         if kind == "ste"
-        else mq.MetaQuant(model, opt, mq.MultiFC(hidden=4), grad_scaler=scaler)
+        else mq.MetaQuant(model, opt, metas[kind](), grad_scaler=scaler)
     )
     for _ in range(2):
         trainer.step(lambda: F.cross_entropy(model(x), y))
