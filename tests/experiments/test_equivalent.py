@@ -6,7 +6,11 @@ import pytest
 import torch
 
 import metaquant as mq
-from metaquant.experiments.equivalent import equivalent_sgd, fc_grad_gain, learned_gain, mean_gain
+from metaquant.experiments.config import RunConfig
+from metaquant.experiments.equivalent import equivalent_sgd, fc_grad_gain, gain_tensor, learned_gain, mean_gain
+from metaquant.experiments.lifecycle import execute, resume
+from metaquant.experiments.trace import MetaTrace
+from metaquant.guards import StopFlag, TrainingInterrupted
 from tests.conftest import save_as_from_a_gpu
 
 
@@ -175,3 +179,66 @@ def test_a_sweep_refuses_an_equivalent_ste_under_adam_when_it_is_planned(tmp_pat
     with pytest.raises(ValueError, match="sweep 'eq': the equivalent STE is defined for SGD"):
         plan(spec, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# --- the per-step gain a run records ---------------------------------------------------------------------------
+class _Steps(mq.Callback):
+    """The oracle's record: each step's rate, and the gain the meta quantizer has after it."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_step_end(self, loop, step):
+        self.rows.append((loop.trainer.optimizer.param_groups[0]["lr"], fc_grad_gain(loop.trainer.meta.state_dict())))
+
+
+def test_the_trace_records_the_rate_weighted_mean_of_the_gain_each_step_used(tmp_path):
+    torch.manual_seed(0)
+    model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.FCGrad(hidden=4), meta_lr=1e-2)
+    batches = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(4)]
+    trace = MetaTrace(tmp_path / "trace.pt", 2, lambda meta: gain_tensor(meta.state_dict()))
+    steps = _Steps()
+    mq.fit(
+        model,
+        trainer,
+        batches,
+        batches,
+        epochs=2,
+        schedule=lambda e: [1.0, 0.1][e],
+        callbacks=[trace, steps],
+        progress=False,
+    )
+    # step t ≥ 1 computes with the gain the meta quantizer had after step t − 1 (step 0 moves no quantized weight)
+    rates, gains = [lr for lr, _ in steps.rows], [k for _, k in steps.rows]
+    expected = sum(lr * k for lr, k in zip(rates[1:], gains[:-1])) / sum(rates[1:])
+    recorded = torch.load(tmp_path / "trace.pt", weights_only=True)["gain"]
+    assert recorded["steps"] == 7 and len(set(gains)) == 8  # the gain moved at every step
+    assert recorded["lr_weighted_sum"] / recorded["lr_sum"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_resumed_run_records_the_gain_of_the_uninterrupted_one_and_learned_gain_reads_it(tmp_path, tiny_mnist):
+    config = RunConfig(
+        model="resnet8",
+        dataset="mnist",
+        data_dir=tiny_mnist[3],
+        download=False,
+        batch_size=16,
+        epochs=2,
+        estimator="fc-grad",
+        hidden_size=4,
+        device="cpu",
+        lr_schedule="step",
+        lr_step=1,
+    )
+    stop = StopFlag()
+    stop.request(2)  # as if SIGINT arrived during the first step
+    with pytest.raises(TrainingInterrupted):
+        execute(config, tmp_path / "resumed", progress=False, stop=stop)
+    resume(tmp_path / "resumed", progress=False)
+    execute(config, tmp_path / "straight", progress=False)
+    gains = [torch.load(tmp_path / name / "trace.pt", weights_only=True)["gain"] for name in ("resumed", "straight")]
+    assert gains[0]["steps"] == gains[1]["steps"] == 7  # 2 epochs of 4 steps, the first moving no quantized weight
+    assert gains[0]["lr_weighted_sum"] == pytest.approx(gains[1]["lr_weighted_sum"], rel=1e-12)
+    assert gains[0]["lr_sum"] == pytest.approx(gains[1]["lr_sum"], rel=1e-12)
+    assert learned_gain(tmp_path / "straight") == pytest.approx(gains[1]["lr_weighted_sum"] / gains[1]["lr_sum"])

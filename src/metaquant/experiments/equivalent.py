@@ -6,11 +6,11 @@ FC-Grad without a non-linearity computes ``g_W̃ = FCs_φ(g_Ŵ) = k·g_Ŵ`` with
 ``α·k`` and the decay ``λ/k`` on the STE's gradient takes the same steps, momentum, dampening and Nesterov
 included. If a meta quantizer's gain over STE came only from that scale, the equivalent STE would match it.
 
-``k̄`` is the learning-rate-weighted mean of ``k`` over the run's epochs, from the snapshots of the meta quantizer
-its trace holds (``trace.pt``: after epochs 0, 1, 2, 5, 10, ... and the last): within epoch ``e`` the gain is
-the mean of its values at the epoch's start and end, linearly interpolated between snapshots, and epoch ``e``
-weighs as much as its learning-rate factor. It estimates the per-step mean only as well as ``k`` is linear
-between snapshots.
+``k̄`` is the learning-rate-weighted mean of ``k`` over the run's steps, ``Σ_t α_t·k_t / Σ_t α_t`` with ``k_t``
+the gain step ``t`` used, which the run's trace records (``trace.pt``'s ``gain``). A trace written before that
+record existed gives the estimate from its snapshots of the meta quantizer (after epochs 0, 1, 2, 5, 10, ... and
+the last): within epoch ``e`` the gain is the mean of its values at the epoch's start and end, linearly
+interpolated between snapshots, and epoch ``e`` weighs as much as its learning-rate factor.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..schedules import lr_factor
 
-__all__ = ["fc_grad_gain", "mean_gain", "learned_gain", "check_equivalent", "equivalent_sgd"]
+__all__ = ["fc_grad_gain", "gain_tensor", "mean_gain", "learned_gain", "check_equivalent", "equivalent_sgd"]
 
 #: The options of the FC-Grad run that the equivalent STE must share (its update rule, but for the gain, and what
 #: it quantizes).
@@ -60,16 +60,21 @@ def fc_grad_gain(meta_state: Mapping[str, Tensor], init_scheme: str = "paper") -
         >>> torch.allclose(meta(g, torch.zeros(2))[0], k * g)
         True
     """
+    return float(gain_tensor(meta_state, init_scheme))
+
+
+def gain_tensor(meta_state: Mapping[str, Tensor], init_scheme: str = "paper") -> Tensor:
+    """``fc_grad_gain`` as a float64 scalar tensor on the state's device (read without waiting for it)."""
     keys = sorted(
         (k for k in meta_state if k.startswith("net.layers.") and k.endswith(".weight")),
         key=lambda k: int(k.split(".")[2]),
     )
     if not keys:
         raise ValueError(f"not an FC-Grad state: no net.layers.<i>.weight among {sorted(meta_state)[:5]}")
-    product = meta_state[keys[0]].double()
+    product = meta_state[keys[0]].detach().double()
     for key in keys[1:]:
-        product = meta_state[key].double() @ product
-    return float(product.reshape(())) + (1.0 if init_scheme == "ste" else 0.0)
+        product = meta_state[key].detach().double() @ product
+    return product.reshape(()) + (1.0 if init_scheme == "ste" else 0.0)
 
 
 def mean_gain(gains: Mapping[int, float], epochs: int, lr_factor: Callable[[int], float]) -> float:
@@ -229,6 +234,9 @@ def learned_gain(run_dir: str | Path, ste: Mapping[str, Any] | None = None) -> f
         gains = {int(e): fc_grad_gain(s["meta"], scheme) for e, s in data["snapshots"].items()}
     except Exception as err:  # noqa: BLE001 - any damage to the file is reported as such
         raise ValueError(f"{trace_path} is not a readable trace of an FC-Grad run: {err}") from None
+    recorded = data.get("gain", {})
+    if recorded.get("steps"):  # the per-step record (docs/design.md §6.2); older traces: the snapshots
+        return recorded["lr_weighted_sum"] / recorded["lr_sum"]
     epochs = int(config["epochs"])
     schedule = config.get("lr_schedule", "step")
     step, gamma = int(config.get("lr_step", 30)), float(config.get("lr_gamma", 0.1))

@@ -11,10 +11,12 @@ import contextvars
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from torch import Tensor, nn
 
 from ..algorithm import MetaQuant
 from ..distributed import any_process, init_from_env, is_main
@@ -23,6 +25,7 @@ from ..guards import StopFlag
 from ..training import FitState, fit, precise_bn_metrics, restore_fit, step_schedule
 from .builders import Session, init_path, prepare_session, teacher_path
 from .config import RunConfig
+from .equivalent import gain_tensor
 from .meta_files import META_FILE, meta_config, save_meta
 from .runs import DAMAGED_CHECKPOINT, RUN_FILES, RunDir, RunLock, RunLockedError
 from .trace import TRACE_FILE, MetaTrace
@@ -72,11 +75,20 @@ def _extra(config: RunConfig, teacher_digest: str | None = None) -> dict[str, An
 
 
 def _train(
-    config: RunConfig, session: Session, run: RunDir | None, state: FitState, progress: bool, stop: StopFlag | None
+    config: RunConfig,
+    session: Session,
+    run: RunDir | None,
+    state: FitState,
+    progress: bool,
+    stop: StopFlag | None,
+    checkpoint: dict[str, Any] | None = None,
 ) -> RunResult:
     callbacks = []
     if run is not None and isinstance(session.trainer, MetaQuant):  # snapshots of what the meta quantizer learns
-        callbacks.append(MetaTrace(run.path / TRACE_FILE, config.epochs))
+        trace = MetaTrace(run.path / TRACE_FILE, config.epochs, _gain_of(config))
+        if checkpoint is not None:
+            trace.load_checkpoint_state(checkpoint)
+        callbacks.append(trace)
     state = fit(
         session.model,
         session.trainer,
@@ -109,6 +121,13 @@ def _train(
     return RunResult(
         run_dir=run.path if run else None, final_acc=state.last_acc, best_acc=state.best_acc, epochs=state.epoch
     )
+
+
+def _gain_of(config: RunConfig) -> Callable[[nn.Module], Tensor] | None:
+    """The gain ``k`` of the run's meta quantizer where it has one (FC-Grad without a non-linearity), else None."""
+    if config.estimator != "fc-grad" or config.nonlinearity != "none":
+        return None
+    return lambda meta: gain_tensor(meta.state_dict(), config.meta_init_scheme)
 
 
 def execute(
@@ -487,7 +506,7 @@ def resume(
         logger.info("resuming %s at epoch %d, step %d", run.path, state.epoch + 1, state.batch)
         recording = _CONFIG_EDITS.set(tuple(edits))
         try:
-            result = _train(config, session, writer, state, progress, stop)
+            result = _train(config, session, writer, state, progress, stop, checkpoint)
         finally:
             _CONFIG_EDITS.reset(recording)
     return dataclasses.replace(result, run_dir=run.path)

@@ -3,7 +3,10 @@
 ``MetaTrace`` snapshots a run with a run directory before the first epoch and after epochs 1, 2, 5, 10, 20,
 50, ... and the last: the meta quantizer's parameters, for LSTMFC the LSTM state of a fixed sample of weight
 coordinates of the first quantized layer (with their ``W̃``), and a histogram of every quantized layer's
-latent weights ``W``, in ``trace.pt`` in the run directory (a few hundred kilobytes at most).
+latent weights ``W``, in ``trace.pt`` in the run directory (a few hundred kilobytes at most). Given a ``gain``
+(FC-Grad without a non-linearity), it also records ``Σ_t α_t·k_t`` and ``Σ_t α_t`` over the steps that moved
+the weights (``gain``: the equivalent STE's ``k̄``, docs/design.md §6.2), carried in the checkpoints so that a
+resumed run's record is the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ from torch import nn
 from ..distributed import unwrap
 from ..files import atomic_write_bytes
 from ..layers import quantized_layers
-from ..loop import Callback, FitLoop
+from ..loop import Callback, FitLoop, StepResult
 from ..meta import LSTMFC
 
 logger = logging.getLogger(__name__)
@@ -50,9 +54,14 @@ class MetaTrace(Callback):
     from resuming.
     """
 
-    def __init__(self, path: Path, epochs: int) -> None:
+    def __init__(self, path: Path, epochs: int, gain: Callable[[nn.Module], torch.Tensor] | None = None) -> None:
         self.path = Path(path)
         self.epochs = epochs
+        self.gain = gain  # meta quantizer -> its gain k (a scalar tensor), or None: no record
+        # Σ α_t·k_t, Σ α_t, steps; and the gain the next step uses (None before the first step, which moves no
+        # quantized weight). Tensors, so that a step does not wait for the device.
+        self.sums: list[Any] = [0.0, 0.0, 0]
+        self.next_gain: torch.Tensor | None = None
         self.data: dict[str, Any] = {"snapshots": {}, "bins": {}}
         if self.path.exists():  # a resumed run continues its trace
             try:
@@ -77,8 +86,35 @@ class MetaTrace(Callback):
         if loop.state.epoch == 0 and loop.state.batch == 0:  # before training; a resumed run has it already
             self.snapshot(0, loop.trainer, unwrap(loop.model))
 
+    def on_step_end(self, loop: FitLoop, step: StepResult) -> None:
+        if self.gain is None or not step.updated:
+            return
+        if self.next_gain is not None:  # step t used the gain the meta quantizer had after step t − 1
+            lr = loop.trainer.optimizer.param_groups[0]["lr"]
+            self.sums = [self.sums[0] + lr * self.next_gain, self.sums[1] + lr, self.sums[2] + 1]
+        trainer: Any = loop.trainer  # a MetaQuant: the loop knows it as a StepTrainer
+        self.next_gain = self.gain(trainer.meta)
+
     def on_epoch_end(self, loop: FitLoop, record: dict[str, Any]) -> None:
+        if self.gain is not None:
+            lr_k, lr, steps = self.sums
+            self.data["gain"] = {"lr_weighted_sum": float(lr_k), "lr_sum": float(lr), "steps": int(steps)}
         self.snapshot(loop.state.epoch, loop.trainer, unwrap(loop.model))
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        if self.gain is None:
+            return {}
+        lr_k, lr, steps = self.sums
+        next_gain = None if self.next_gain is None else float(self.next_gain)
+        return {"trace_gain": {"sums": [float(lr_k), float(lr), int(steps)], "next_gain": next_gain}}
+
+    def load_checkpoint_state(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("trace_gain")
+        if self.gain is not None and saved is not None:
+            self.sums = list(saved["sums"])
+            self.next_gain = (
+                None if saved["next_gain"] is None else torch.tensor(saved["next_gain"], dtype=torch.float64)
+            )
 
     def snapshot(self, epoch: int, trainer: Any, model: nn.Module) -> None:
         """Record the state after ``epoch`` epochs (0: before training) if it is a snapshot epoch not yet taken;
