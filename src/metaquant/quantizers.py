@@ -198,20 +198,33 @@ def _check_axis(axis: object) -> None:
         raise ValueError(f"the output-channel axis must be an int >= 0, got {axis!r}")
 
 
-def _other_axes(quantizer: object, w: Tensor, axis: int) -> tuple[int, ...]:
-    """The axes of ``w`` (2 or more dimensions) other than its output-channel ``axis``: those a per-channel
-    statistic reduces."""
-    if axis >= w.dim():
-        raise ValueError(
-            f"{type(quantizer).__name__}(axis={axis}) cannot quantize a weight of shape {tuple(w.shape)}: "
-            f"its axes are 0..{w.dim() - 1}"
-        )
-    return tuple(d for d in range(w.dim()) if d != axis)
+@dataclass(frozen=True)
+class _PerChannel:
+    """The output-channel ``axis`` of a per-channel quantizer (``BWNPerChannel``, ``UniformPerChannel``): listed
+    before the quantizer among the bases, so that ``axis`` follows its ``bits``."""
 
+    axis: int = 0
 
-def _channel_repr(quantizer: ForwardQuantizer, axis: int) -> str:
-    shown = f", axis={axis}" if axis else ""  # the usual axis 0 is not shown
-    return f"{type(quantizer).__name__}(bits={quantizer.bits}{shown})"
+    def __post_init__(self) -> None:
+        super().__post_init__()  # type: ignore[misc]  # the quantizer's own checks
+        _check_axis(self.axis)
+
+    def __repr__(self) -> str:
+        shown = f", axis={self.axis}" if self.axis else ""  # the usual axis 0 is not shown
+        return f"{type(self).__name__}(bits={self.bits}{shown})"  # type: ignore[attr-defined]
+
+    def with_channel_axis(self, axis: int) -> ForwardQuantizer:
+        _check_axis(axis)
+        return self if axis == self.axis else dataclasses.replace(self, axis=axis)  # type: ignore[return-value]
+
+    def _other_axes(self, w: Tensor) -> tuple[int, ...]:
+        """The axes of ``w`` (2 or more dimensions) other than ``axis``: those a per-channel statistic reduces."""
+        if self.axis >= w.dim():
+            raise ValueError(
+                f"{type(self).__name__}(axis={self.axis}) cannot quantize a weight of shape {tuple(w.shape)}: "
+                f"its axes are 0..{w.dim() - 1}"
+            )
+        return tuple(d for d in range(w.dim()) if d != self.axis)
 
 
 @dataclass(frozen=True)
@@ -320,8 +333,8 @@ class BWN(ForwardQuantizer):
         return signs * encoded.scale
 
 
-@dataclass(frozen=True)
-class BWNPerChannel(BWN):
+@dataclass(frozen=True, repr=False)  # _PerChannel's repr
+class BWNPerChannel(_PerChannel, BWN):
     """BWN with one scale per output channel, ``a_o = mean|W[o]|`` (the original code's "BWN-F", also ``bwn-f``).
 
     The output channels lie along ``axis``: 0 for convolutions, linear, recurrent and embedding weights, 1 for
@@ -333,23 +346,11 @@ class BWNPerChannel(BWN):
     """
 
     name: ClassVar[str] = "bwn-channel"
-    axis: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_axis(self.axis)
-
-    def __repr__(self) -> str:
-        return _channel_repr(self, self.axis)
-
-    def with_channel_axis(self, axis: int) -> ForwardQuantizer:
-        _check_axis(axis)
-        return self if axis == self.axis else dataclasses.replace(self, axis=axis)
 
     def _scale(self, w: Tensor) -> Tensor:
         if w.dim() < 2:
             return w.abs().mean().reshape(1)
-        return w.abs().mean(dim=_other_axes(self, w, self.axis), keepdim=True)
+        return w.abs().mean(dim=self._other_axes(w), keepdim=True)
 
 
 @dataclass(frozen=True)
@@ -422,8 +423,8 @@ class UniformSymmetric(ForwardQuantizer):
         return encoded.codes.to(encoded.scale.dtype) * self._broadcast(encoded.scale, encoded.codes)
 
 
-@dataclass(frozen=True)
-class UniformPerChannel(UniformSymmetric):
+@dataclass(frozen=True, repr=False)  # _PerChannel's repr
+class UniformPerChannel(_PerChannel, UniformSymmetric):
     """``uniform`` with one scale per output channel, ``s_o = max|W[o]| / L`` (``1 / L`` for an all-zero channel).
 
     The output channels lie along ``axis`` as for ``BWNPerChannel`` (0, or 1 for transposed convolutions, set by
@@ -434,23 +435,11 @@ class UniformPerChannel(UniformSymmetric):
     """
 
     name: ClassVar[str] = "uniform-channel"
-    axis: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_axis(self.axis)
-
-    def __repr__(self) -> str:
-        return _channel_repr(self, self.axis)
-
-    def with_channel_axis(self, axis: int) -> ForwardQuantizer:
-        _check_axis(axis)
-        return self if axis == self.axis else dataclasses.replace(self, axis=axis)
 
     def _peak(self, w_tilde: Tensor) -> Tensor:
         if w_tilde.dim() < 2:
             return super()._peak(w_tilde)
-        others = _other_axes(self, w_tilde, self.axis)
+        others = self._other_axes(w_tilde)
         return torch.linalg.vector_norm(w_tilde, float("inf"), dim=others, keepdim=True)
 
 
