@@ -281,6 +281,7 @@ def test_under_data_parallelism_every_process_starts_from_the_averaged_step(tmp_
 # --- training with quantized activations ----------------------------------------------------------------------
 W1A1 = mq.QuantConfig("dorefa", 1, activations=ActQuantConfig("sign", 1, backward="approxsign"))
 W4A4 = mq.QuantConfig("uniform", 4, activations=ActQuantConfig("lsq", 4))
+W4A4_LEARNED = mq.QuantConfig("lsq", 4, activations=ActQuantConfig("lsq", 4))  # learned weight steps too
 
 
 def small_net(config, seed=0):
@@ -312,13 +313,15 @@ def step(trainer, model, x, y):
     return trainer.step(lambda: F.cross_entropy(model(x), y))
 
 
-@pytest.mark.parametrize("config", [W1A1, W4A4], ids=["W1A1", "W4A4"])
+@pytest.mark.parametrize("config", [W1A1, W4A4, W4A4_LEARNED], ids=["W1A1", "W4A4", "W4A4-learned-weight-steps"])
 @pytest.mark.parametrize("method", ["ste", "metaquant"])
 def test_training_moves_the_activation_parameters_and_resumes_bit_for_bit(config, method):
     model = small_net(config)
     trainer = make_trainer(model, method)
     data = batches()
-    first = {k: v.clone() for k, v in model.state_dict().items() if "input_quantizer.step" in k}
+    learned = ("input_quantizer.step", "weight_step")
+    first = {k: v.clone() for k, v in model.state_dict().items() if k.endswith(learned)}
+    assert sum(k.endswith("weight_step") for k in first) == (3 if config is W4A4_LEARNED else 0)
     for x, y in data[:2]:
         step(trainer, model, x, y)
     moved = {k: v for k, v in model.state_dict().items() if k in first}

@@ -68,8 +68,9 @@ def test_compiled_model_trains_as_one_graph_without_recompiling(method, step_ord
     assert torch.isfinite(torch.stack(losses)).all() and not torch.equal(losses[0], losses[-1])
 
 
-def test_a_compiled_w4a4_model_computes_what_the_eager_one_does_without_graph_breaks():
-    config = mq.QuantConfig("uniform", 4, activations=mq.ActQuantConfig("lsq", 4))
+@pytest.mark.parametrize("weights", ["uniform", "lsq"])
+def test_a_compiled_w4a4_model_computes_what_the_eager_one_does_without_graph_breaks(weights):
+    config = mq.QuantConfig(weights, 4, activations=mq.ActQuantConfig("lsq", 4))
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
@@ -87,6 +88,9 @@ def test_a_compiled_w4a4_model_computes_what_the_eager_one_does_without_graph_br
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     trainer = mq.Trainer(compiled, opt)
     y = torch.randint(0, 5, (8,))
+    steps = [p.clone() for p in mq.layers.learned_quantizer_parameters(model).values()]
     for _ in range(3):
         trainer.step(lambda: F.cross_entropy(compiled(x), y))
     assert dict(counters["graph_break"]) == {}
+    learned = mq.layers.learned_quantizer_parameters(model).values()
+    assert all(not torch.equal(a, b) for a, b in zip(steps, learned))  # every learned step trained

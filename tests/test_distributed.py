@@ -24,10 +24,11 @@ def _data():
     return [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(STEPS)]
 
 
-def _train(estimator: str, rank: int, world: int) -> dict[str, torch.Tensor]:
+def _train(estimator: str, rank: int, world: int, weights: str = "dorefa") -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     # no BatchNorm: the result must not depend on how a batch is split
-    model = mq.quantize_(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)))
+    config = mq.QuantConfig(weights, 1 if weights == "dorefa" else 4)
+    model = mq.quantize_(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), config)
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=estimator != "ste")
@@ -49,19 +50,20 @@ def _train(estimator: str, rank: int, world: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def _worker(rank: int, world: int, init_file: str, estimator: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, estimator: str, out_dir: str, weights: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        state = _train(estimator, rank, world)
+        state = _train(estimator, rank, world, weights)
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("estimator", ["ste", "multifc"])
-def test_two_processes_on_half_batches_equal_one_process_on_whole_batches(tmp_path, estimator):
-    reference = _train(estimator, 0, 1)
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), estimator, str(tmp_path)), nprocs=2, join=True)
+# (lsq: each layer's learned weight step is a Parameter that the processes average like the others)
+@pytest.mark.parametrize("estimator,weights", [("ste", "dorefa"), ("multifc", "dorefa"), ("multifc", "lsq")])
+def test_two_processes_on_half_batches_equal_one_process_on_whole_batches(tmp_path, estimator, weights):
+    reference = _train(estimator, 0, 1, weights)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), estimator, str(tmp_path), weights), nprocs=2, join=True)
     for rank in (0, 1):
         state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert state.keys() == reference.keys()

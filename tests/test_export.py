@@ -417,12 +417,16 @@ ACTIVATIONS = {
     "W4A4-lsq": mq.QuantConfig("uniform", 4, activations=mq.ActQuantConfig("lsq", 4)),
     "W2A4-pact": mq.QuantConfig("dorefa", 2, activations=mq.ActQuantConfig("pact", 4, first_layer_bits=None)),
     "W4A3-lsq": mq.QuantConfig("uniform", 4, activations=mq.ActQuantConfig("lsq", 3, first_layer_bits=4)),
+    "W4A4-lsq-weights": mq.QuantConfig("lsq", 4, activations=mq.ActQuantConfig("lsq", 4)),
 }
 
 
 def _activation_model(config):
     torch.manual_seed(1)
     model = mq.quantize_(mq.models.resnet8(num_classes=10, in_channels=1), config)
+    with torch.no_grad():  # learned weight steps as training leaves them: away from their first value
+        for step in mq.layers.learned_weight_parameters(model).values():
+            step.mul_(torch.empty_like(step).uniform_(0.5, 1.5))
     for q in mq.layers.input_quantizers(model).values():
         if q.name == "pact":
             torch.nn.init.constant_(q.alpha, 2.0)  # inputs reach α: both ends of the range are used
@@ -463,7 +467,8 @@ def test_a_packed_file_without_activations_has_no_activations_entry(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case,opset", [("W1A1", 21), ("W4A4-lsq", 21), ("W2A4-pact", 21), ("W4A3-lsq", 21), ("W4A4-lsq", 17)]
+    "case,opset",
+    [("W1A1", 21), ("W4A4-lsq", 21), ("W2A4-pact", 21), ("W4A3-lsq", 21), ("W4A4-lsq", 17), ("W4A4-lsq-weights", 21)],
 )
 def test_onnx_export_quantizes_the_activations_with_qdq_and_matches_the_model(tmp_path, case, opset):
     onnx = pytest.importorskip("onnx")

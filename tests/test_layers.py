@@ -350,3 +350,13 @@ def test_an_optimizer_without_the_input_quantizers_parameters_is_refused():
     mq.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1))  # built after: accepted
     net[2].input_quantizer.step.requires_grad_(False)  # a frozen step need not be in it
     mq.Trainer(net, torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1))
+
+
+def test_an_optimizer_without_the_learned_weight_steps_is_refused():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    early = torch.optim.SGD(net.parameters(), lr=0.1)  # built before quantize_ added the steps
+    mq.quantize_(net, mq.QuantConfig("lsq", 4))
+    for make in (lambda: mq.Trainer(net, early), lambda: mq.MetaQuant(net, early, mq.MultiFC(hidden=4))):
+        with pytest.raises(ValueError, match=r"the optimizer does not hold 0\.weight_step: .*after quantize_"):
+            make()
+    mq.MetaQuant(net, torch.optim.SGD(net.parameters(), lr=0.1), mq.MultiFC(hidden=4))  # built after: accepted

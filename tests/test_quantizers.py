@@ -6,8 +6,10 @@ import re
 import pytest
 import torch
 
+import metaquant as mq
 from metaquant.quantizers import (
     BWN,
+    LSQ,
     QUANTIZERS,
     BWNPerChannel,
     DoReFa,
@@ -36,6 +38,9 @@ def _relaxed_with_stats_detached(q, w):
     if isinstance(q, DoReFa):
         t = torch.tanh(w)
         return 2 * (t / (2 * t.abs().max().detach()) + 0.5) - 1
+    if isinstance(q, LSQ):  # unbound: LSQ's first step 2·mean|W|/√L, r = W in units of the clipping level s·L
+        half = 2 ** (q.bits - 1) - 1
+        return w / (2 * w.abs().mean().detach() / math.sqrt(half) * half)
     return w  # BWN, ternary, uniform: A is the identity and the scale is a constant
 
 
@@ -136,7 +141,7 @@ def test_unknown_quantizer_lists_the_registered_ones():
     with pytest.raises(
         ValueError,
         match="unknown quantizer 'xnor'; allowed: dorefa, bwn, bwn-channel, ternary, uniform, uniform-channel, "
-        "uniform-group$",
+        "uniform-group, lsq$",
     ):
         get_quantizer("xnor", 1)
 
@@ -215,7 +220,7 @@ def test_an_all_zero_weight_quantizes_to_q_of_zero_with_a_scale_of_its_own(name,
     assert torch.equal(q.decode(Encoded(codes, scale)), q(w))
     if name.startswith("uniform"):  # s = max|W| / L with max|W| = 1, in every scale group
         assert torch.equal(scale, torch.full_like(scale, 1 / (2 ** (bits - 1) - 1)))
-    if name in ("bwn", "bwn-channel", "ternary", "uniform", "uniform-channel", "uniform-group"):
+    if name in ("bwn", "bwn-channel", "ternary", "uniform", "uniform-channel", "uniform-group", "lsq"):
         assert torch.equal(q(w), torch.zeros(3, 3))
 
 
@@ -228,6 +233,7 @@ def test_the_registry_lists_the_names_in_registration_order():
         "uniform",
         "uniform-channel",
         "uniform-group",
+        "lsq",
     ]
 
 
@@ -393,3 +399,80 @@ def test_a_model_with_grouped_scales_trains(name, method):
     losses = [trainer.step(lambda: F.cross_entropy(model(x), y)).item() for _ in range(4)]
     assert all(map(math.isfinite, losses))
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# --- LSQ: a learned step ----------------------------------------------------------------------------------------
+def _lsq_layer(bits, step_factor, seed=0):
+    """A linear layer quantized by LSQ, its step set to ``step_factor`` times LSQ's first value (small: clipping)."""
+    torch.manual_seed(seed)
+    layer = torch.nn.Sequential(torch.nn.Linear(24, 10)).double()
+    mq.quantize_(layer, mq.QuantConfig("lsq", bits))
+    with torch.no_grad():
+        layer[0].weight_step.mul_(step_factor)
+    return layer[0]
+
+
+def _lsq_reference(w, step, half):
+    """LSQ as Esser et al. write it: ``ŵ = round_ste(clamp(w/s', −L, L))·s'`` with ``s' = gradscale(s, 1/√(N·L))``,
+    differentiated by autograd."""
+    g = 1 / math.sqrt(w.numel() * half)
+    scaled = (step - step * g).detach() + step * g  # value s, gradient times g
+    x = torch.clamp(w / scaled, -half, half)
+    return (x + (x.round() - x).detach()) * scaled  # round with the straight-through gradient
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("step_factor", [1.0, 0.05])
+def test_lsq_value_and_gradients_of_weight_and_step_equal_autograd_of_the_papers_expression(bits, step_factor):
+    layer, half = _lsq_layer(bits, step_factor), 2 ** (bits - 1) - 1
+    upstream = torch.randn(10, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w_hat, _ = layer.forward_params()
+    (w_hat * upstream).sum().backward()
+    w = layer.weight.detach().clone().requires_grad_()
+    s = layer.weight_step.detach().clone().requires_grad_()
+    expected = _lsq_reference(w, s, half)
+    (expected * upstream).sum().backward()
+    assert torch.equal(w_hat.detach(), expected.detach())
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-12, atol=0)  # g_Ŵ ⊙ 1{|W/s| ≤ L}
+    torch.testing.assert_close(layer.weight_step.grad, s.grad, rtol=1e-12, atol=1e-15)
+    if step_factor < 1:  # the case covers both sides of the clipping level
+        assert bool(((w / s).abs() > half).any()) and bool(((w / s).abs() < half).any())
+
+
+def test_lsq_first_step_is_the_papers_and_the_codes_use_the_learned_step():
+    layer = _lsq_layer(4, 1.0)
+    w = layer.weight.detach()
+    torch.testing.assert_close(layer.weight_step, (2 * w.abs().mean() / math.sqrt(7)).reshape(1))
+    with torch.no_grad():
+        layer.weight_step.fill_(0.01)
+    encoded = layer.quantizer.encode(w)
+    assert torch.equal(encoded.scale, torch.tensor([0.01], dtype=w.dtype))
+    assert torch.equal(encoded.codes, torch.clamp(torch.round(w / 0.01), -7, 7).to(torch.int8))
+    assert torch.equal(layer.quantizer(w), encoded.codes.double() * 0.01)
+
+
+def test_lsq_with_ewgs_scales_the_gradient_by_the_distance_to_the_level_in_steps():
+    layer, delta = _lsq_layer(3, 0.5), 0.2
+    upstream = torch.randn(10, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (mq.fake_quantize(layer.weight, layer.quantizer, mq.EWGS(delta)) * upstream).sum().backward()
+    s, half = layer.weight_step.detach(), 3
+    x = layer.weight.detach() / s
+    # EWGS (Lee et al., Eq. 5) on the integer grid normalised to [-1, 1]: (x − clamp(round x)) / L, no clipping gate
+    expected = upstream * (1 + delta * torch.sign(upstream) * (x - x.round().clamp(-half, half)) / half)
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_lsq_steps_belong_to_their_layers_and_go_with_the_quantizer():
+    net = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)), mq.QuantConfig("lsq", 4))
+    first, second = net[0].quantizer, net[1].quantizer
+    assert first.step is net[0].weight_step and second.step is net[1].weight_step and first != second
+    assert first == net[0].quantizer and hash(first) == hash(net[0].quantizer)  # bound to the same Parameter
+    assert list(mq.layers.learned_weight_parameters(net)) == ["0.weight_step", "1.weight_step"]
+    mq.quantize_(net, mq.QuantConfig("lsq", 4))  # quantized already, with the same configuration: kept
+    assert net[0].quantizer.step is first.step
+    with pytest.raises(ValueError, match=r"already quantized with LSQ\(bits=4\), not LSQ\(bits=3\)"):
+        mq.quantize_(net, mq.QuantConfig("lsq", 3))
+    net[1].quantizer = mq.get_quantizer("dorefa", 1)  # the step goes with the quantizer that needed it
+    assert "weight_step" not in dict(net[1].named_parameters())
+    mq.dequantize_(net)
+    assert list(net.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]

@@ -44,7 +44,7 @@ from .guards import (
     reject_step,
 )
 from .layers import QuantLayer, check_weight_hooks, forward_tensors, quantized_layers
-from .layers.inputs import check_optimizer_trains_inputs
+from .layers.convert import check_optimizer_trains_quantizers
 from .layout import flatten_in_memory_order, memory_order, unflatten_like
 from .meta import LSTMFC, FCGrad, IdentityMeta, MetaQuantizer, MultiFC
 from .quantizers import ForwardQuantizer
@@ -220,7 +220,7 @@ class MetaQuant:
         check_optimizer(optimizer)
         check_trainer_inputs(model, grad_scaler, meta_optimizer=meta_optimizer)
         check_weight_hooks(model)
-        check_optimizer_trains_inputs(unwrap(model), optimizer)
+        check_optimizer_trains_quantizers(unwrap(model), optimizer)
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
         self.overflow_steps = 0

@@ -163,7 +163,7 @@ class _FakeQuantize(torch.autograd.Function):
     def backward(ctx: Any, grad_w_hat: Tensor, _grad_w_tilde: Tensor | None) -> tuple[Tensor | None, None, None]:
         w, w_hat, w_tilde = ctx.saved_tensors
         relaxed, ste_scale, calibration = ctx.quantizer.backward_terms(w, w_tilde)
-        grad_relaxed = ctx.estimator(grad_w_hat, relaxed, w_hat)
+        grad_relaxed = ctx.estimator(grad_w_hat, relaxed, ctx.quantizer.relaxed_units(w_hat, w_tilde))
         return grad_relaxed * ste_scale * calibration, None, None
 
 
@@ -171,14 +171,16 @@ def fake_quantize_preprocessed(
     w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEstimator | None = None
 ) -> tuple[Tensor, Tensor]:
     """``fake_quantize`` that also returns the pre-processed weight ``W̃ = A(W)`` it computed, detached: ``(Ŵ, W̃)``."""
-    return _FakeQuantize.apply(w, quantizer, estimator if estimator is not None else STE())
+    w_hat, w_tilde = _FakeQuantize.apply(w, quantizer, estimator if estimator is not None else STE())
+    return quantizer.learned_gradient(w_hat, w), w_tilde
 
 
 def fake_quantize(w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEstimator = STE()) -> Tensor:
     """Quantized weight ``Ŵ = Q(A(W))`` (exactly ``quantizer(w)``) whose gradient follows ``estimator``.
 
     Backward: ``g_W = estimator(g_Ŵ, relaxed(W), Ŵ) ⊙ ste_scale(W̃) ⊙ c(W)``, a classical estimator in place of the
-    meta quantizer's ``g_W = M_φ(g_Ŵ, W̃) ⊙ c(W)`` (Eq. 4-5). What the quantized layers compute with by default.
+    meta quantizer's ``g_W = M_φ(g_Ŵ, W̃) ⊙ c(W)`` (Eq. 4-5); a quantizer's learned tensors (``LSQ``'s step) get
+    their own gradient (``learned_gradient``). What the quantized layers compute with by default.
 
     Example:
         With DoReFa the STE gradient is ``g_Ŵ ⊙ c(W)``:
@@ -188,7 +190,7 @@ def fake_quantize(w: Tensor, quantizer: ForwardQuantizer, estimator: ClassicalEs
         >>> torch.equal(mq.fake_quantize(w, q), q(w)), torch.allclose(w.grad, q.calibration(w))
         (True, True)
     """
-    return _FakeQuantize.apply(w, quantizer, estimator)[0]
+    return fake_quantize_preprocessed(w, quantizer, estimator)[0]
 
 
 class _FakeQuantizeSegments(torch.autograd.Function):
@@ -240,7 +242,7 @@ class _FakeQuantizeSegments(torch.autograd.Function):
             )
 
         relaxed, ste_scale, calibration = ctx.quantizer.backward_terms_segments(flat(ws), numels)
-        grad_relaxed = ctx.estimator(flat(grad_w_hats), relaxed, flat(w_hats))
+        grad_relaxed = ctx.estimator(flat(grad_w_hats), relaxed, flat(w_hats))  # segmentable: Ŵ in r's units
         # the order of _FakeQuantize's backward; a missing ste_scale is one, and x·1 is x exactly
         grad_w = grad_relaxed * calibration if ste_scale is None else grad_relaxed * ste_scale * calibration
         pieces = _unflatten(grad_w, ws, orders)

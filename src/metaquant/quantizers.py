@@ -10,7 +10,9 @@ Each quantizer is a frozen dataclass of pure functions (docs/design.md §2-§3, 
 * ``encode(W)``/``decode``    integer codes plus scale(s), exact: ``quantize`` itself is ``decode(encode)``.
 
 They hold only their bit width (and, per channel, the output-channel axis; per group, the group size), so layers
-may share them. ``get_quantizer(name, bits)`` builds one from the registry ``QUANTIZERS``.
+may share them. A quantizer with learned tensors (``LSQ``'s step) declares them in ``learned``: each quantized
+layer holds them as Parameters and hands them to its quantizer (``bind``) at every use, so the Parameters stay
+the module's. ``get_quantizer(name, bits)`` builds one from the registry ``QUANTIZERS``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "UniformSymmetric",
     "UniformPerChannel",
     "UniformPerGroup",
+    "LSQ",
     "expand_groups",
     "QUANTIZERS",
     "get_quantizer",
@@ -141,6 +144,28 @@ class ForwardQuantizer:
     def backward_terms_segments(self, x: Tensor, numels: Sequence[int]) -> tuple[Tensor, Tensor | None, Tensor]:
         """``backward_terms`` of each segment of a flat vector; only where ``segmentable`` (``ste_scale`` None: one)."""
         raise NotImplementedError(f"quantizer {self.name!r} does not process flat segments")
+
+    def relaxed_units(self, w_hat: Tensor, w_tilde: Tensor) -> Tensor:
+        """``Ŵ`` in the units of ``relaxed`` (what an estimator compares with ``r``, e.g. ``EWGS``'s ``r − Ŵ``);
+        ``Ŵ`` itself unless overridden (``LSQ``'s ``r`` is ``W`` in steps of the clipping level)."""
+        return w_hat
+
+    # --- learned tensors (none unless overridden) ------------------------------------------------------
+    #: The names of the tensors the quantizer learns; a quantized layer holds each as ``weight_<name>``.
+    learned: ClassVar[tuple[str, ...]] = ()
+
+    def initial_learned(self, w: Tensor) -> dict[str, Tensor]:
+        """The first value of each ``learned`` tensor for the weight ``w`` (``{}`` when it learns nothing)."""
+        return {}
+
+    def bind(self, learned: dict[str, Tensor]) -> ForwardQuantizer:
+        """This quantizer computing with the given ``learned`` tensors (a layer's Parameters); itself by default."""
+        return self
+
+    def learned_gradient(self, w_hat: Tensor, w: Tensor) -> Tensor:
+        """``Ŵ`` (its value unchanged) with the derivative of ``Ŵ`` w.r.t. the bound learned tensors added to its
+        graph; ``w_hat`` itself for a quantizer that learns nothing (``fake_quantize`` calls it)."""
+        return w_hat
 
     def encode(self, w: Tensor) -> Encoded:
         """Integer codes and scales of ``Q(A(W))``; ``decode(encode(W))`` equals ``Q(A(W))`` bit for bit."""
@@ -490,8 +515,85 @@ class UniformPerGroup(UniformSymmetric):
         return expand_groups(scale, self.group_size, codes.shape[-1])
 
 
+#: The smallest step ``LSQ`` quantizes with (its Parameter may be trained past zero; the gradient still reaches it).
+LSQ_STEP_FLOOR = 1e-8
+
+
+@dataclass(frozen=True, eq=False, repr=False)  # equal and hashed by bit width and the identity of its step
+class LSQ(UniformSymmetric):
+    """Uniform symmetric k-bit weights with a learned step (LSQ, Esser et al. 2020), k = 2..8:
+    ``Ŵ = s·clamp(round(W/s), −L, L)``, ``L = 2^(k−1) − 1``, ``int8`` codes as ``uniform``'s.
+
+    ``s`` is a Parameter of each quantized layer (``weight_step``, ``[1]``), first set to LSQ's ``2·mean|W|/√L``
+    and trained by the optimizer with LSQ's gradient (Eq. 3), ``Σ g_Ŵ ⊙ (code − W/s ⊙ 1{|W/s| ≤ L})``, scaled by
+    ``1/√(N·L)`` (Eq. 5, ``N`` weights). The levels are symmetric (LSQ's extra negative level is left out), so
+    the codes export as ``uniform``'s. A quantizer not bound to a layer (``step`` None) uses the first value.
+
+    ``r = W/(s·L)``: the clipped STE's gate ``|r| ≤ 1`` is LSQ's clipping, ``ste_scale = s·L`` and ``c(W) =
+    1/(s·L)``, so the classical estimators give ``g_W = g_Ŵ ⊙ 1{|W/s| ≤ L}`` (LSQ's) and a meta quantizer
+    ``M_φ(g_Ŵ, W̃)/(s·L)`` (it learns the rest of the factor, as with BWN's ``a``).
+    """
+
+    name: ClassVar[str] = "lsq"
+    learned: ClassVar[tuple[str, ...]] = ("step",)
+    step: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"LSQ(bits={self.bits})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.bits == self.bits and other.step is self.step
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.bits, id(self.step)))
+
+    def initial_learned(self, w: Tensor) -> dict[str, Tensor]:
+        return {"step": self._first_step(w.detach())}
+
+    def bind(self, learned: dict[str, Tensor]) -> ForwardQuantizer:
+        return dataclasses.replace(self, step=learned["step"])
+
+    def _first_step(self, w: Tensor) -> Tensor:
+        """LSQ's ``2·mean|W| / √L`` (``1/L`` for an all-zero weight), ``[1]``."""
+        first = 2 * w.abs().mean().reshape(1) / math.sqrt(self._half_levels)
+        return torch.where(first == 0, 1 / self._half_levels, first).clamp_min(LSQ_STEP_FLOOR)
+
+    def _scale(self, w_tilde: Tensor) -> Tensor:
+        if self.step is None:
+            return self._first_step(w_tilde.detach())  # a statistic held constant, as the other scales
+        return self.step.detach().reshape(1).to(w_tilde.device, w_tilde.dtype).clamp_min(LSQ_STEP_FLOOR)
+
+    def _clip(self, w: Tensor) -> Tensor:
+        """The clipping level ``s·L``."""
+        return self._scale(w) * self._half_levels
+
+    def relaxed(self, w: Tensor) -> Tensor:
+        return w / self._clip(w)
+
+    def calibration(self, w: Tensor) -> Tensor:
+        return torch.ones_like(w) / self._clip(w)
+
+    def ste_scale(self, w_tilde: Tensor) -> Tensor:
+        return self._clip(w_tilde)
+
+    def relaxed_units(self, w_hat: Tensor, w_tilde: Tensor) -> Tensor:
+        return w_hat / self._clip(w_tilde)
+
+    def learned_gradient(self, w_hat: Tensor, w: Tensor) -> Tensor:
+        if self.step is None or not self.step.requires_grad:
+            return w_hat
+        with torch.no_grad():
+            x = w / self._scale(w)
+            half = self._half_levels
+            # ∂Ŵ/∂s (LSQ Eq. 3): round(x) − x inside the levels, ±L outside; times LSQ's g = 1/√(N·L) (Eq. 5)
+            slope = (x.round().clamp(-half, half) - x * (x.abs() <= half)) / math.sqrt(w.numel() * half)
+        step = self.step.reshape(1).to(w_hat.dtype)
+        return w_hat + (step - step.detach()) * slope  # adds zero: the value is Ŵ's to the bit
+
+
 QUANTIZERS: dict[str, type[ForwardQuantizer]] = {
-    cls.name: cls for cls in (DoReFa, BWN, BWNPerChannel, Ternary, UniformSymmetric, UniformPerChannel, UniformPerGroup)
+    cls.name: cls
+    for cls in (DoReFa, BWN, BWNPerChannel, Ternary, UniformSymmetric, UniformPerChannel, UniformPerGroup, LSQ)
 }
 # The original code's spellings, accepted on input.
 _ALIASES = {"bwn-f": "bwn-channel", "bwn_f": "bwn-channel", "twn": "ternary"}
@@ -504,10 +606,10 @@ def quantizer_names() -> list[str]:
 
 def get_quantizer(name: str, bits: int = 1, *, group_size: int | None = None) -> ForwardQuantizer:
     """Build a forward quantizer by name (``dorefa``, ``bwn``, ``bwn-channel``, ``ternary``, ``uniform``,
-    ``uniform-channel``, ``uniform-group``).
+    ``uniform-channel``, ``uniform-group``, ``lsq``).
 
     Names are case-insensitive; the original spellings ``bwn-f``/``bwn_f`` and ``twn`` are accepted too. ``bits``:
-    ``ternary`` needs 2, ``uniform*`` 2..8, ``dorefa`` 1..8. ``group_size``: the weights per scale of
+    ``ternary`` needs 2, ``uniform*`` and ``lsq`` 2..8, ``dorefa`` 1..8. ``group_size``: the weights per scale of
     ``uniform-group`` (None: its default, 128); no other quantizer takes one.
 
     Raises:

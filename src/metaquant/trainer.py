@@ -34,7 +34,7 @@ from .guards import (
     reject_step,
 )
 from .layers import QuantLayer, check_weight_hooks, forward_tensors, quantized_layers
-from .layers.inputs import check_optimizer_trains_inputs
+from .layers.convert import check_optimizer_trains_quantizers
 from .quantizers import ForwardQuantizer
 
 __all__ = ["Trainer"]
@@ -132,7 +132,7 @@ class Trainer:
         check_optimizer(optimizer)
         check_trainer_inputs(model, grad_scaler)
         check_weight_hooks(model)
-        check_optimizer_trains_inputs(unwrap(model), optimizer)
+        check_optimizer_trains_quantizers(unwrap(model), optimizer)
         self.model = model
         self.optimizer = optimizer
         self.estimator = estimator

@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+import metaquant as mq
 from metaquant.experiments.builders import build_model, prepare_session
 from metaquant.experiments.cli import main
 from metaquant.experiments.config import RunConfig
@@ -202,15 +203,15 @@ def test_the_preset_lists_its_runs(tmp_path, capsys):
             4,
         )
         assert c.init == str(pretrain_path(tmp_path, c.model, c.dataset))
-        found.setdefault((c.model, c.bits, c.act_quantizer, c.act_bits, c.act_backward), set()).add(
+        found.setdefault((c.model, c.quantizer, c.bits, c.act_quantizer, c.act_bits, c.act_backward), set()).add(
             (c.estimator, run.trial)
         )
     every = {(e, t) for e in ("ste", "multifc") for t in (1, 2, 3)}
     assert found == {
-        ("resnet20-bireal", 1, "sign", 1, "approxsign"): every,
-        ("resnet20-bireal", 1, None, None, "ste"): every,
-        ("resnet20", 2, "lsq", 2, "ste"): every,
-        ("resnet20", 4, "lsq", 4, "ste"): every,
+        ("resnet20-bireal", "dorefa", 1, "sign", 1, "approxsign"): every,
+        ("resnet20-bireal", "dorefa", 1, None, None, "ste"): every,
+        ("resnet20", "lsq", 2, "lsq", 2, "ste"): every,
+        ("resnet20", "lsq", 4, "lsq", 4, "ste"): every,
     }
     study = load_sweep(resolve_preset("fashion-mnist-full"))
     for model in ("resnet20", "resnet20-bireal"):  # the study's pre-training recipe, for each model
@@ -244,8 +245,9 @@ def _state(run):
     return checkpoint["model"], metrics
 
 
-def test_a_tiny_run_with_lsq_activations_trains_resumes_exactly_and_exports(tmp_path, tiny_mnist, capsys):
-    tiny = [*tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "2", "--seed", "3", "--no-progress"]
+@pytest.mark.parametrize("weights", [[], ["--quantizer", "lsq", "--bits", "4"]], ids=["dorefa1", "lsq4"])
+def test_a_tiny_run_with_lsq_activations_trains_resumes_exactly_and_exports(tmp_path, tiny_mnist, capsys, weights):
+    tiny = [*tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "2", "--seed", "3", "--no-progress", *weights]
     argv = ["quantize", *tiny, "--act-quantizer", "lsq", "--act-bits", "4", "--run-dir", str(tmp_path)]
     assert main([*argv, "--name", "straight"]) == 0
     straight = tmp_path / "straight"
@@ -254,12 +256,15 @@ def test_a_tiny_run_with_lsq_activations_trains_resumes_exactly_and_exports(tmp_
     model, metrics = _state(straight)
     steps = {k: v for k, v in model.items() if k.endswith("input_quantizer.step")}
     assert len(steps) > 5 and all(model[k.replace(".step", ".initialized")] for k in steps)
+    weight_steps = [k for k in model if k.endswith(".weight_step")]
+    assert len(weight_steps) == (len(steps) if weights else 0)  # one per quantized layer, as the input quantizers
 
     # the optimizer is built once the quantizers are there: it trains their steps
     session = prepare_session(config)
     trained = {id(p) for group in session.trainer.optimizer.param_groups for p in group["params"]}
     quantizers = [m for n, m in session.model.named_modules() if n.endswith("input_quantizer")]
     assert quantizers and all(id(q.step) in trained for q in quantizers)
+    assert all(id(p) in trained for p in mq.layers.learned_weight_parameters(session.model).values())
 
     stopped = tmp_path / "stopped"
     with pytest.raises(TrainingInterrupted):
@@ -272,7 +277,7 @@ def test_a_tiny_run_with_lsq_activations_trains_resumes_exactly_and_exports(tmp_
     # fine-tuning it: its learned steps are loaded with its weights
     tuned = RunConfig.from_dict({**config.to_dict(), "init": str(straight)})
     tuned_model = build_model(tuned, num_classes=10, in_channels=1, image_size=28).state_dict()
-    assert all(torch.equal(tuned_model[k], model[k]) for k in steps)
+    assert all(torch.equal(tuned_model[k], model[k]) for k in [*steps, *weight_steps])
     assert main([*argv, "--init", str(straight), "-n", "1", "--name", "tuned"]) == 0
 
     # the exported file holds the activation quantizers: it scores what the run recorded

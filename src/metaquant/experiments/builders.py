@@ -22,11 +22,12 @@ from ..distill import Distillation
 from ..distributed import init_from_env, wrap
 from ..estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
 from ..layers import QuantConfig, quantize_
-from ..layers.base import INPUT_QUANTIZER
+from ..layers.base import INPUT_QUANTIZER, LEARNED_PREFIX
 from ..layout import apply_memory_format, preferred_memory_format
 from ..meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
 from ..models import extract_state_dict, get_model, load_weights, read_checkpoint
 from ..precision import make_grad_scaler
+from ..quantizers import QUANTIZERS
 from ..trainer import Trainer
 from ..training import seed_everything
 from .config import RunConfig
@@ -142,11 +143,12 @@ def init_path(init: str) -> Path:
 
 def build_model(config: RunConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """The full-precision model, loaded from ``config.init`` when given, then quantized for ``quantize`` runs
-    (weights, and activations with ``config.act_quantizer``). An ``init`` that holds activation quantizers (a run
-    that quantized them, fine-tuned here) is loaded into the quantized model: only that one has them."""
+    (weights, and activations with ``config.act_quantizer``). An ``init`` that holds what quantizers learn (input
+    quantizers, or learned weight steps: a quantized run, fine-tuned here) is loaded into the quantized model: only
+    that one has them."""
     model = get_model(config.model, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     init = init_path(config.init) if config.init else None
-    fine_tuning = init is not None and config.activations() is not None and _holds_input_quantizers(init)
+    fine_tuning = init is not None and config.task == "quantize" and _holds_quantizer_state(init)
     if init is not None and not fine_tuning:
         load_weights(model, init)
     if config.task == "quantize":
@@ -165,12 +167,13 @@ def _linear(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def _holds_input_quantizers(path: Path) -> bool:
+def _holds_quantizer_state(path: Path) -> bool:
     try:
         state = extract_state_dict(read_checkpoint(path))
     except ValueError:
         return False  # load_weights says what is wrong with it, naming the file
-    return any(f".{INPUT_QUANTIZER}." in key for key in state)
+    learned = tuple(f".{LEARNED_PREFIX}{name}" for cls in QUANTIZERS.values() for name in cls.learned)
+    return any(f".{INPUT_QUANTIZER}." in key or key.endswith(learned) for key in state)
 
 
 def with_learned_gain(config: RunConfig) -> RunConfig:

@@ -21,7 +21,14 @@ from torch import Tensor, nn
 from ..activations import build_act_quantizer
 from ..files import atomic_write_bytes
 from ..integrity import DIGEST_PLACEHOLDER, seal, verify_seal
-from ..layers import QuantLayer, dequantize_, input_quantizers, quantized_layers, quantized_weight_keys
+from ..layers import (
+    QuantLayer,
+    dequantize_,
+    input_quantizers,
+    learned_weight_parameters,
+    quantized_layers,
+    quantized_weight_keys,
+)
 from ..layers.inputs import attach_input_quantizers
 from ..models import get_model
 from ..quantizers import Encoded, expand_groups, get_quantizer
@@ -40,6 +47,7 @@ DECODE_RULES: dict[str, tuple[int, int, int]] = {
     "uniform": (1, 0, 0),
     "uniform-channel": (1, 0, 0),
     "uniform-group": (1, 0, 0),
+    "lsq": (1, 0, 0),
 }
 
 logger = logging.getLogger(__name__)
@@ -174,7 +182,10 @@ def _packed_tensors(
     with torch.no_grad():
         for key in weight_keys:  # the codes' names first, so that a clash is reported whatever the order
             tensors[f"{key}.codes"] = tensors[f"{key}.scale"] = torch.empty(0)
-        for key, value in model.state_dict().items():
+        folded = {id(p) for p in learned_weight_parameters(model).values()}  # in the scales: not stored again
+        for key, value in model.state_dict(keep_vars=True).items():
+            if id(value) in folded:
+                continue
             layer = weight_keys.get(key)
             if layer is None:
                 put(key, value)

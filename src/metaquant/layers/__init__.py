@@ -24,6 +24,9 @@ layer is its own ``QuantLayer``; a module with several weights (attention, recur
 parameter-free ``QuantWeight`` per quantized weight, in its ``quantized_weights`` dict, that reads the module's
 own Parameter. ``quantized_layers`` lists them all: they are what training algorithms work on.
 
+A quantizer that learns tensors (``LSQ``'s step) has them held by each layer as Parameters (``weight_step``),
+listed by ``learned_weight_parameters``; build the optimizer after ``quantize_`` so that it trains them.
+
 With ``QuantConfig(activations=ActQuantConfig(...))`` each converted convolution and linear layer also holds an
 ``input_quantizer`` (``metaquant.activations``) that its forward applies to its input (``input_quantizers``
 lists them).
@@ -54,6 +57,8 @@ from .convert import (
     INCLUDE,
     SUPPORTED,
     dequantize_,
+    learned_quantizer_parameters,
+    learned_weight_parameters,
     quantize_,
     quantized_layers,
     quantized_weight_keys,
@@ -90,6 +95,8 @@ __all__ = [
     "dequantize_",
     "quantized_layers",
     "quantized_weight_keys",
+    "learned_weight_parameters",
+    "learned_quantizer_parameters",
     "forward_params_fn",
     "forward_tensors",
     "input_quantizers",

@@ -17,6 +17,8 @@ from ..quantizers import ForwardQuantizer, get_quantizer, quantizer_names
 ParamFn = Callable[["QuantLayer"], tuple[Tensor, Tensor | None]]
 #: The child module through which a layer quantizes its input (``QuantConfig(activations=...)``).
 INPUT_QUANTIZER = "input_quantizer"
+#: A layer holds each tensor its quantizer learns (``ForwardQuantizer.learned``) as the Parameter ``weight_<name>``.
+LEARNED_PREFIX = "weight_"
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class QuantConfig:
 
 
 class QuantLayer(nn.Module):
-    """One quantized weight: a layer whose forward uses ``Ŵ = Q(A(W))``. Holds the quantizer, no tensors of its own.
+    """One quantized weight: a layer whose forward uses ``Ŵ = Q(A(W))``. Holds the quantizer and the tensors it
+    learns (``LSQ``'s ``weight_step``), no others of its own.
 
     Listed first among the bases of the quantized layer classes; ``isinstance(m, QuantLayer)`` is how the
     library finds quantized weights. ``weight`` is the latent weight ``W`` and ``bias`` the bias computed with
@@ -94,6 +97,7 @@ class QuantLayer(nn.Module):
     """
 
     weight: Tensor
+    _quantizer: ForwardQuantizer  # as configured; ``quantizer`` binds it to the layer's learned Parameters
     float_base: ClassVar[type[nn.Module]] = nn.Module
     channel_axis: ClassVar[int] = 0
 
@@ -103,14 +107,38 @@ class QuantLayer(nn.Module):
 
     def _quant_init(self, quantizer: ForwardQuantizer | None, float_type: type[nn.Module]) -> None:
         """Set the quantized layer's attributes (construction, or a module converted in place by ``quantize_``)."""
-        quantizer = quantizer if quantizer is not None else QuantConfig().forward_quantizer
-        self.quantizer: ForwardQuantizer = quantizer.with_channel_axis(self.channel_axis)
+        self.quantizer = quantizer if quantizer is not None else QuantConfig().forward_quantizer
         self.float_type: type[nn.Module] = float_type
         # Set only inside ``forward_params_fn``; None means "Q(A(W)) with the clipped STE, and the bias".
         self.param_fn: ParamFn | None = None
         # Set only inside ``forward_tensors``: tensors computed before the forward pass, used as they are. A plain
         # attribute read (no Python callable), so that a compiled forward pass keeps one graph.
         self.param_override: tuple[Tensor, Tensor | None] | None = None
+
+    @property
+    def quantizer(self) -> ForwardQuantizer:
+        """The layer's forward quantizer, bound to the layer's learned Parameters (``weight_step`` for ``LSQ``)."""
+        # (a layer saved whole by an earlier metaquant holds its quantizer as ``quantizer``)
+        spec: ForwardQuantizer = self.__dict__.get("_quantizer") or self.__dict__["quantizer"]
+        if not spec.learned:
+            return spec
+        return spec.bind({name: self._parameters[LEARNED_PREFIX + name] for name in spec.learned})  # type: ignore[misc]
+
+    @quantizer.setter
+    def quantizer(self, quantizer: ForwardQuantizer) -> None:
+        """Quantize with ``quantizer`` from now on: set to the layer's channel axis; the learned tensors it needs
+        and the layer lacks start from the weight (``initial_learned``), those it does not need are removed."""
+        quantizer = quantizer.with_channel_axis(self.channel_axis)
+        weight = self.weight.detach()
+        first = quantizer.initial_learned(weight)
+        old = self.__dict__.get("_quantizer")
+        for name in old.learned if old is not None else ():
+            if name not in first:
+                del self._parameters[LEARNED_PREFIX + name]
+        for name, value in first.items():
+            if self._parameters.get(LEARNED_PREFIX + name) is None:
+                self.register_parameter(LEARNED_PREFIX + name, nn.Parameter(value.to(weight.dtype)))
+        self.__dict__["_quantizer"] = quantizer
 
     @property
     def weight_location(self) -> tuple[nn.Module, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ..guards import check_requantization
 from .attention import QuantMultiheadAttention
-from .base import QuantConfig, QuantLayer, _convert
+from .base import INPUT_QUANTIZER, LEARNED_PREFIX, QuantConfig, QuantLayer, _convert
 from .conv import (
     QuantConv1d,
     QuantConv2d,
@@ -74,7 +74,10 @@ def _restore(module: nn.Module) -> None:
     """Undo ``_convert``: the module's own class again, without the quantized layer's attributes."""
     # a module saved whole by an earlier metaquant has no float_type: its class's torch.nn class then
     module.__class__ = module.__dict__.get("float_type", type(module).float_base)  # type: ignore[attr-defined,assignment]
-    for attr in ("quantizer", "float_type", "param_fn", "param_override"):
+    spec = module.__dict__.get("_quantizer")
+    for name in spec.learned if spec is not None else ():
+        module._parameters.pop(LEARNED_PREFIX + name, None)
+    for attr in ("_quantizer", "quantizer", "float_type", "param_fn", "param_override"):
         module.__dict__.pop(attr, None)
     module._modules.pop(_VIEWS, None)
     remove_input_quantizer(module)
@@ -327,7 +330,7 @@ def _plan(model: nn.Module, asked: QuantConfig | None, filter_fn: FilterFn | Non
                 # quantized already: asking for another quantizer must not silently keep the first one
                 # (compared as the layer would hold it: a per-channel quantizer on the layer's channel axis)
                 requested = asked.forward_quantizer.with_channel_axis(module.channel_axis)
-                check_requantization(name or "<root>", module.quantizer, requested)
+                check_requantization(name or "<root>", module._quantizer, requested)  # as configured, unbound
         elif isinstance(module, _MultiWeight) and _views(module):
             pass  # quantized already (an attention module with a quantized out_proj only may gain views)
         else:
@@ -496,3 +499,39 @@ def quantized_weight_keys(model: nn.Module) -> dict[str, QuantLayer]:
             found[f"{name}.weight" if name else "weight"] = module
     order = {key: i for i, key in enumerate(model.state_dict(keep_vars=True))}
     return dict(sorted(((k, v) for k, v in found.items() if k in order), key=lambda kv: order[kv[0]]))
+
+
+def learned_weight_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{qualified name: Parameter}`` of the tensors the weight quantizers of ``model`` learn (``LSQ``'s
+    ``weight_step``), in module order."""
+    found = {}
+    for name, layer in quantized_layers(model).items():
+        for learned in layer._quantizer.learned:
+            found[f"{name}.{LEARNED_PREFIX}{learned}"] = layer._parameters[LEARNED_PREFIX + learned]
+    return found  # type: ignore[return-value]
+
+
+def learned_quantizer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{qualified name: Parameter}`` of what the quantizers of ``model`` learn: the weight quantizers' tensors
+    (``learned_weight_parameters``) and the input quantizers' (an LSQ step, PACT's ``α``), in module order."""
+    found = learned_weight_parameters(model)
+    for name, quantizer in input_quantizers(model).items():
+        for param_name, param in quantizer.named_parameters():
+            found[f"{name}.{INPUT_QUANTIZER}.{param_name}"] = param
+    return found
+
+
+def check_optimizer_trains_quantizers(model: nn.Module, optimizer: Any) -> None:
+    """Refuse an optimizer that lacks a trainable Parameter of a quantizer of ``model`` (one built before
+    ``quantize_`` added them would leave a learned step or ``α`` at its first value).
+
+    Raises:
+        ValueError: the message names the Parameter.
+    """
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for name, param in learned_quantizer_parameters(model).items():
+        if param.requires_grad and id(param) not in held:
+            raise ValueError(
+                f"the optimizer does not hold {name}: when a quantizer learns a step or a clipping level, build "
+                "the optimizer after quantize_ (e.g. torch.optim.SGD(model.parameters(), ...))"
+            )

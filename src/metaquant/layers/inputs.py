@@ -77,20 +77,3 @@ def attach_input_quantizers(model: nn.Module, quantizers: dict[str, ActQuantizer
         remove_input_quantizer(layer)
         layer.add_module(INPUT_QUANTIZER, quantizer)
         layer.register_forward_pre_hook(_quantize_input)
-
-
-def check_optimizer_trains_inputs(model: nn.Module, optimizer: Any) -> None:
-    """Refuse an optimizer that lacks a trainable Parameter of an input quantizer of ``model`` (one built before
-    ``quantize_`` added them would leave the step or ``α`` at its first value).
-
-    Raises:
-        ValueError: the message names the Parameter.
-    """
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for name, quantizer in input_quantizers(model).items():
-        for param_name, param in quantizer.named_parameters():
-            if param.requires_grad and id(param) not in held:
-                raise ValueError(
-                    f"the optimizer does not hold {name}.{INPUT_QUANTIZER}.{param_name}: when activations are "
-                    "quantized, build the optimizer after quantize_ (e.g. torch.optim.SGD(model.parameters(), ...))"
-                )

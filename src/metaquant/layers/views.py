@@ -35,12 +35,16 @@ class QuantWeight(QuantLayer):
         (True, True, 'weight_ih_l0')
     """
 
+    weight_name: str
+    bias_name: str | None
+
     def __init__(
         self, owner: nn.Module, weight_name: str, bias_name: str | None, quantizer: ForwardQuantizer | None = None
     ) -> None:
-        super().__init__(quantizer=quantizer)
+        # set first: the quantized layer's set-up reads the weight (a quantizer with learned tensors starts from it)
         object.__setattr__(self, "_owner", owner)  # a plain reference: the owner is not a child of its view
-        self.weight_name = weight_name
+        object.__setattr__(self, "weight_name", weight_name)
+        super().__init__(quantizer=quantizer)
         self.bias_name = bias_name
 
     @property
