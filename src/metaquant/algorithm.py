@@ -566,7 +566,7 @@ class MetaQuant:
         weights = _flatten(slots, [slot.weight.detach() for slot in slots])  # W^{t−1}, [N]
         plan = self._plan()
         with torch.set_grad_enabled(learn_meta):
-            grad_w, meta_state = self._meta_gradient()  # step 1 (Eq. 4-5)
+            grad_w, meta_state = self._meta_gradient(weights)  # step 1 (Eq. 4-5)
             look_ahead = self._look_ahead(grad_w, weights, plan)  # step 2 (Eq. 6), a function of φ
         # split, not a slice per slot: its backward is one concatenation, not a zero-filled [N] per slot
         forward_weights = [slot.unflat(w) for slot, w in zip(slots, look_ahead.split(self._numels))]
@@ -587,11 +587,11 @@ class MetaQuant:
         self._keep(grads, [w_tilde for _, w_tilde in forward], used, meta_state)
         return loss, None
 
-    def _meta_gradient(self) -> tuple[Tensor, Any]:
-        """Step 1 (Eq. 4-5): the flat ``g_W = M_φ(g_Ŵ^{t−1}, W̃^{t−1}) ⊙ c(W^{t−1})`` and the meta state it leaves."""
+    def _meta_gradient(self, weights: Tensor) -> tuple[Tensor, Any]:
+        """Step 1 (Eq. 4-5): the flat ``g_W = M_φ(g_Ŵ^{t−1}, W̃^{t−1}) ⊙ c(W^{t−1})`` and the meta state it leaves,
+        from the flat weights ``W^{t−1}``."""
         slots = self._slots
-        with torch.no_grad():
-            calibration = _flatten(slots, [slot.quantizer.calibration(slot.weight) for slot in slots])  # c(W)
+        calibration = self._calibration(weights)
         if type(self.meta) in _COORDINATEWISE:  # one call for the coordinates of every layer
             grad_w_tilde, meta_state = self.meta(self._grad_w_hat, self._w_tilde, self._meta_state)
             return grad_w_tilde * calibration, meta_state
@@ -614,6 +614,15 @@ class MetaQuant:
                 for i in range(len(states[0]))
             )
         return torch.cat(outputs) * calibration, meta_state
+
+    @torch.no_grad()
+    def _calibration(self, weights: Tensor) -> Tensor:
+        """The flat ``c(W)`` of the flat weights: in one pass when every layer shares a quantizer that processes
+        flat segments (``ForwardQuantizer.segmentable``: the same values, to the bit), else layer by layer."""
+        quantizers = {slot.quantizer for slot in self._slots}
+        if len(quantizers) == 1 and (quantizer := next(iter(quantizers))).segmentable:
+            return quantizer.backward_terms_segments(weights, self._numels)[2]
+        return _flatten(self._slots, [slot.quantizer.calibration(slot.weight) for slot in self._slots])
 
     def _look_ahead(self, grad_w: Tensor, weights: Tensor, plan: _Plan) -> Tensor:
         """Step 2 (Eq. 6): the flat weights of the forward pass, ``W^{t−1} − α·π(g_W)`` (see the original order)."""
