@@ -38,9 +38,9 @@ def _relaxed_with_stats_detached(q, w):
     if isinstance(q, DoReFa):
         t = torch.tanh(w)
         return 2 * (t / (2 * t.abs().max().detach()) + 0.5) - 1
-    if isinstance(q, LSQ):  # unbound: LSQ's first step 2·mean|W|/√L, r = W in units of the clipping level s·L
-        half = 2 ** (q.bits - 1) - 1
-        return w / (2 * w.abs().mean().detach() / math.sqrt(half) * half)
+    if isinstance(q, LSQ):  # unbound: LSQ's first step s = 2·mean|W|/√Q_P; r maps [−Q_N, Q_P] onto [−1, 1]
+        q_p = 2 ** (q.bits - 1) - 1
+        return (w / (2 * w.abs().mean().detach() / math.sqrt(q_p)) + 0.5) / (q_p + 0.5)
     return w  # BWN, ternary, uniform: A is the identity and the scale is a constant
 
 
@@ -412,31 +412,34 @@ def _lsq_layer(bits, step_factor, seed=0):
     return layer[0]
 
 
-def _lsq_reference(w, step, half):
-    """LSQ as Esser et al. write it: ``ŵ = round_ste(clamp(w/s', −L, L))·s'`` with ``s' = gradscale(s, 1/√(N·L))``,
-    differentiated by autograd."""
-    g = 1 / math.sqrt(w.numel() * half)
+def _lsq_reference(w, step, bits):
+    """LSQ as Esser et al. write it: ``ŵ = round_ste(clamp(w/s', −Q_N, Q_P))·s'`` with ``s' = gradscale(s,
+    1/√(N·Q_P))``, ``Q_N = 2^(b−1)``, ``Q_P = 2^(b−1) − 1``, differentiated by autograd."""
+    q_n, q_p = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    g = 1 / math.sqrt(w.numel() * q_p)
     scaled = (step - step * g).detach() + step * g  # value s, gradient times g
-    x = torch.clamp(w / scaled, -half, half)
+    x = torch.clamp(w / scaled, -q_n, q_p)
     return (x + (x.round() - x).detach()) * scaled  # round with the straight-through gradient
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("step_factor", [1.0, 0.05])
 def test_lsq_value_and_gradients_of_weight_and_step_equal_autograd_of_the_papers_expression(bits, step_factor):
-    layer, half = _lsq_layer(bits, step_factor), 2 ** (bits - 1) - 1
+    layer = _lsq_layer(bits, step_factor)
     upstream = torch.randn(10, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     w_hat, _ = layer.forward_params()
     (w_hat * upstream).sum().backward()
     w = layer.weight.detach().clone().requires_grad_()
     s = layer.weight_step.detach().clone().requires_grad_()
-    expected = _lsq_reference(w, s, half)
+    expected = _lsq_reference(w, s, bits)
     (expected * upstream).sum().backward()
     assert torch.equal(w_hat.detach(), expected.detach())
-    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-12, atol=0)  # g_Ŵ ⊙ 1{|W/s| ≤ L}
+    torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-12, atol=0)  # g_Ŵ ⊙ 1{−Q_N ≤ W/s ≤ Q_P}
     torch.testing.assert_close(layer.weight_step.grad, s.grad, rtol=1e-12, atol=1e-15)
-    if step_factor < 1:  # the case covers both sides of the clipping level
-        assert bool(((w / s).abs() > half).any()) and bool(((w / s).abs() < half).any())
+    if step_factor < 1:  # the case covers both ends of the range and its inside
+        x = w / s
+        assert bool((x < -(2 ** (bits - 1))).any()) and bool((x > 2 ** (bits - 1) - 1).any())
+        assert bool((x.abs() < 2 ** (bits - 1) - 1).any())
 
 
 def test_lsq_first_step_is_the_papers_and_the_codes_use_the_learned_step():
@@ -447,7 +450,8 @@ def test_lsq_first_step_is_the_papers_and_the_codes_use_the_learned_step():
         layer.weight_step.fill_(0.01)
     encoded = layer.quantizer.encode(w)
     assert torch.equal(encoded.scale, torch.tensor([0.01], dtype=w.dtype))
-    assert torch.equal(encoded.codes, torch.clamp(torch.round(w / 0.01), -7, 7).to(torch.int8))
+    assert torch.equal(encoded.codes, torch.clamp(torch.round(w / 0.01), -8, 7).to(torch.int8))
+    assert int(encoded.codes.min()) == -8 and int(encoded.codes.max()) == 7  # LSQ's 16 levels, both ends used
     assert torch.equal(layer.quantizer(w), encoded.codes.double() * 0.01)
 
 
@@ -455,10 +459,11 @@ def test_lsq_with_ewgs_scales_the_gradient_by_the_distance_to_the_level_in_steps
     layer, delta = _lsq_layer(3, 0.5), 0.2
     upstream = torch.randn(10, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     (mq.fake_quantize(layer.weight, layer.quantizer, mq.EWGS(delta)) * upstream).sum().backward()
-    s, half = layer.weight_step.detach(), 3
+    s = layer.weight_step.detach()
     x = layer.weight.detach() / s
-    # EWGS (Lee et al., Eq. 5) on the integer grid normalised to [-1, 1]: (x − clamp(round x)) / L, no clipping gate
-    expected = upstream * (1 + delta * torch.sign(upstream) * (x - x.round().clamp(-half, half)) / half)
+    # EWGS (Lee et al., Eq. 5) with r and the level in one unit, the range [−4, 3] mapped onto [−1, 1] (half width
+    # 3.5): (x − clamp(round x)) / 3.5; no clipping gate
+    expected = upstream * (1 + delta * torch.sign(upstream) * (x - x.round().clamp(-4, 3)) / 3.5)
     torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-12, atol=1e-15)
 
 
@@ -476,3 +481,62 @@ def test_lsq_steps_belong_to_their_layers_and_go_with_the_quantizer():
     assert "weight_step" not in dict(net[1].named_parameters())
     mq.dequantize_(net)
     assert list(net.state_dict()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+
+def test_lsq_in_float16_keeps_a_positive_step_when_training_takes_it_past_zero():
+    w = torch.tensor([0.0, 0.02, -0.3, 5.0], dtype=torch.half, requires_grad=True)
+    for value in (-0.01, 3e-8, 0.0):
+        step = torch.nn.Parameter(torch.tensor([value], dtype=torch.half))
+        w_hat = mq.fake_quantize(w, LSQ(3, step=step))
+        w_hat.sum().backward()
+        assert torch.isfinite(w_hat).all() and torch.isfinite(step.grad).all() and torch.isfinite(w.grad).all()
+        tiny = torch.finfo(torch.half).tiny  # the floor: float16's smallest normal number
+        assert torch.equal(w_hat.detach(), (w.detach() / tiny).round().clamp(-4, 3) * tiny)
+        w.grad = None
+
+
+def test_lsq_step_has_no_gradient_path_without_autograd():
+    layer = _lsq_layer(4, 1.0)
+    with torch.no_grad():
+        w_hat, _ = layer.forward_params()
+    assert w_hat.grad_fn is None
+
+
+def test_layers_tied_to_one_weight_share_its_step_and_metaquant_trains_them():
+    emb, out = torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False)
+    out.weight = emb.weight  # tied input and output embeddings
+    net = mq.quantize_(torch.nn.ModuleDict({"emb": emb, "out": out}), mq.QuantConfig("lsq", 4), include=("embedding",))
+    assert net["emb"].weight_step is net["out"].weight_step and net["emb"].quantizer == net["out"].quantizer
+    trainer = mq.MetaQuant(net, torch.optim.SGD(net.parameters(), lr=0.1), mq.MultiFC(hidden=4))
+    first = net["emb"].weight_step.detach().clone()
+    tokens = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    for _ in range(3):
+        trainer.step(
+            lambda: torch.nn.functional.cross_entropy(net["out"](net["emb"](tokens)).flatten(0, 1), tokens.flatten())
+        )
+    assert not torch.equal(first, net["emb"].weight_step)
+
+
+def test_a_new_bit_width_restarts_the_step_in_the_same_parameter():
+    layer = _lsq_layer(4, 0.3)
+    step = layer.weight_step
+    layer.quantizer = mq.get_quantizer("lsq", 4)  # the same configuration: the learned value stays
+    assert layer.weight_step is step and torch.equal(step, _lsq_layer(4, 0.3).weight_step)
+    layer.quantizer = mq.get_quantizer("lsq", 2)  # another: LSQ's first value for 2 bits, in place (optimizers keep it)
+    assert layer.weight_step is step
+    torch.testing.assert_close(step.detach(), (2 * layer.weight.detach().abs().mean() / 1.0).reshape(1))
+
+
+def test_a_layer_saved_whole_by_an_earlier_version_trains_requantizes_and_exports(tmp_path):
+    from metaquant.export import export_packed
+
+    net = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 3)), mq.QuantConfig("uniform", 4))
+    layer = net[0]
+    layer.__dict__["quantizer"] = layer.__dict__.pop("_quantizer")  # as earlier versions held it
+    assert layer.quantizer == UniformSymmetric(4)
+    mq.quantize_(net, mq.QuantConfig("uniform", 4))  # the same configuration: accepted
+    assert mq.layers.learned_weight_parameters(net) == {}
+    mq.Trainer(net, torch.optim.SGD(net.parameters(), lr=0.1)).step(lambda: net(torch.randn(2, 4)).sum())
+    export_packed(net, tmp_path / "m.safetensors")
+    layer.quantizer = mq.get_quantizer("lsq", 4)  # set again: held as today's layers hold it
+    assert "quantizer" not in layer.__dict__ and layer.configured_quantizer == LSQ(4)

@@ -515,23 +515,24 @@ class UniformPerGroup(UniformSymmetric):
         return expand_groups(scale, self.group_size, codes.shape[-1])
 
 
-#: The smallest step ``LSQ`` quantizes with (its Parameter may be trained past zero; the gradient still reaches it).
+#: The smallest step ``LSQ`` quantizes with (its Parameter may be trained past zero; the gradient still reaches it),
+#: or the dtype's smallest normal number where that is larger (float16).
 LSQ_STEP_FLOOR = 1e-8
 
 
 @dataclass(frozen=True, eq=False, repr=False)  # equal and hashed by bit width and the identity of its step
 class LSQ(UniformSymmetric):
-    """Uniform symmetric k-bit weights with a learned step (LSQ, Esser et al. 2020), k = 2..8:
-    ``Ŵ = s·clamp(round(W/s), −L, L)``, ``L = 2^(k−1) − 1``, ``int8`` codes as ``uniform``'s.
+    """k-bit weights with a learned step (LSQ, Esser et al. 2020), k = 2..8: ``Ŵ = s·clamp(round(W/s), −Q_N,
+    Q_P)`` with LSQ's signed range ``Q_N = 2^(k−1)``, ``Q_P = 2^(k−1) − 1`` (``2^k`` levels), ``int8`` codes.
 
-    ``s`` is a Parameter of each quantized layer (``weight_step``, ``[1]``), first set to LSQ's ``2·mean|W|/√L``
-    and trained by the optimizer with LSQ's gradient (Eq. 3), ``Σ g_Ŵ ⊙ (code − W/s ⊙ 1{|W/s| ≤ L})``, scaled by
-    ``1/√(N·L)`` (Eq. 5, ``N`` weights). The levels are symmetric (LSQ's extra negative level is left out), so
-    the codes export as ``uniform``'s. A quantizer not bound to a layer (``step`` None) uses the first value.
+    ``s`` is a Parameter of each quantized layer (``weight_step``, ``[1]``), first set to LSQ's ``2·mean|W|/√Q_P``
+    and trained by the optimizer with LSQ's gradient (Eq. 3) ``Σ g_Ŵ ⊙ ∂Ŵ/∂s``, ``∂Ŵ/∂s = round(W/s) − W/s``
+    inside the range, ``−Q_N`` or ``Q_P`` outside, scaled by ``1/√(N·Q_P)`` (Eq. 5, ``N`` weights). A quantizer
+    not bound to a layer (``step`` None) uses the first value.
 
-    ``r = W/(s·L)``: the clipped STE's gate ``|r| ≤ 1`` is LSQ's clipping, ``ste_scale = s·L`` and ``c(W) =
-    1/(s·L)``, so the classical estimators give ``g_W = g_Ŵ ⊙ 1{|W/s| ≤ L}`` (LSQ's) and a meta quantizer
-    ``M_φ(g_Ŵ, W̃)/(s·L)`` (it learns the rest of the factor, as with BWN's ``a``).
+    ``r = (W/s − m)/h`` maps the range onto ``[−1, 1]`` (``m = −1/2`` its midpoint, ``h = (2^k − 1)/2`` its half
+    width), so the clipped STE's gate ``|r| ≤ 1`` is LSQ's: ``ste_scale = s·h`` and ``c(W) = 1/(s·h)`` give the
+    STE ``g_W = g_Ŵ ⊙ 1{−Q_N ≤ W/s ≤ Q_P}`` (LSQ's), and a meta quantizer ``M_φ(g_Ŵ, W̃)/(s·h)``, ``W̃ = W``.
     """
 
     name: ClassVar[str] = "lsq"
@@ -547,6 +548,15 @@ class LSQ(UniformSymmetric):
     def __hash__(self) -> int:
         return hash((type(self), self.bits, id(self.step)))
 
+    @property
+    def num_levels(self) -> int:
+        return 2**self.bits
+
+    @property
+    def _range(self) -> tuple[int, int]:
+        """``(Q_N, Q_P)``: the codes run from ``−Q_N`` to ``Q_P``."""
+        return 2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
+
     def initial_learned(self, w: Tensor) -> dict[str, Tensor]:
         return {"step": self._first_step(w.detach())}
 
@@ -554,41 +564,59 @@ class LSQ(UniformSymmetric):
         return dataclasses.replace(self, step=learned["step"])
 
     def _first_step(self, w: Tensor) -> Tensor:
-        """LSQ's ``2·mean|W| / √L`` (``1/L`` for an all-zero weight), ``[1]``."""
-        first = 2 * w.abs().mean().reshape(1) / math.sqrt(self._half_levels)
-        return torch.where(first == 0, 1 / self._half_levels, first).clamp_min(LSQ_STEP_FLOOR)
+        """LSQ's ``2·mean|W| / √Q_P``, ``[1]``; ``1/h`` for an all-zero weight (then ``c(W) = 1``, the rule of the
+        other quantizers for a statistic of 0)."""
+        first = 2 * w.abs().mean().reshape(1) / math.sqrt(self._range[1])
+        return torch.where(first == 0, 1 / self._half_width, first).clamp_min(_step_floor(w.dtype))
 
     def _scale(self, w_tilde: Tensor) -> Tensor:
         if self.step is None:
             return self._first_step(w_tilde.detach())  # a statistic held constant, as the other scales
-        return self.step.detach().reshape(1).to(w_tilde.device, w_tilde.dtype).clamp_min(LSQ_STEP_FLOOR)
+        step = self.step.detach().reshape(1).to(w_tilde.device, w_tilde.dtype)
+        return step.clamp_min(_step_floor(w_tilde.dtype))
 
-    def _clip(self, w: Tensor) -> Tensor:
-        """The clipping level ``s·L``."""
-        return self._scale(w) * self._half_levels
+    @property
+    def _half_width(self) -> float:
+        """``h = (Q_N + Q_P)/2``; the range's midpoint is ``(Q_P − Q_N)/2 = −1/2``."""
+        return (self.num_levels - 1) / 2
+
+    def _to_relaxed(self, v: Tensor, scale: Tensor) -> Tensor:
+        """``(v/s + 1/2)/h``: a weight or level in the units of ``r``."""
+        return (v / scale + 0.5) / self._half_width
+
+    def encode_preprocessed(self, w_tilde: Tensor) -> Encoded:
+        q_n, q_p = self._range
+        scale = self._scale(w_tilde)
+        return Encoded(torch.round(w_tilde / scale).clamp_(-q_n, q_p).to(torch.int8), scale)
 
     def relaxed(self, w: Tensor) -> Tensor:
-        return w / self._clip(w)
+        return self._to_relaxed(w, self._scale(w))
 
     def calibration(self, w: Tensor) -> Tensor:
-        return torch.ones_like(w) / self._clip(w)
+        return torch.ones_like(w) / (self._scale(w) * self._half_width)
 
     def ste_scale(self, w_tilde: Tensor) -> Tensor:
-        return self._clip(w_tilde)
+        return self._scale(w_tilde) * self._half_width
 
     def relaxed_units(self, w_hat: Tensor, w_tilde: Tensor) -> Tensor:
-        return w_hat / self._clip(w_tilde)
+        return self._to_relaxed(w_hat, self._scale(w_tilde))  # the level, mapped as r is
 
     def learned_gradient(self, w_hat: Tensor, w: Tensor) -> Tensor:
-        if self.step is None or not self.step.requires_grad:
+        if self.step is None or not (self.step.requires_grad and torch.is_grad_enabled()):
             return w_hat
+        q_n, q_p = self._range
         with torch.no_grad():
-            x = w / self._scale(w)
-            half = self._half_levels
-            # ∂Ŵ/∂s (LSQ Eq. 3): round(x) − x inside the levels, ±L outside; times LSQ's g = 1/√(N·L) (Eq. 5)
-            slope = (x.round().clamp(-half, half) - x * (x.abs() <= half)) / math.sqrt(w.numel() * half)
-        step = self.step.reshape(1).to(w_hat.dtype)
+            steps = w / self._scale(w)
+            inside = self.relaxed(w).abs() <= 1  # the gate W's gradient passes, to the bit
+            # ∂Ŵ/∂s (LSQ Eq. 3): round(W/s) − W/s inside, −Q_N or Q_P outside; times g = 1/√(N·Q_P) (Eq. 5)
+            slope = torch.where(inside, steps.round() - steps, steps.round().clamp(-q_n, q_p))
+            slope /= math.sqrt(w.numel() * q_p)
+        step = self.step.reshape(1).to(w_hat.device, w_hat.dtype)
         return w_hat + (step - step.detach()) * slope  # adds zero: the value is Ŵ's to the bit
+
+
+def _step_floor(dtype: torch.dtype) -> float:
+    return max(LSQ_STEP_FLOOR, torch.finfo(dtype).tiny)
 
 
 QUANTIZERS: dict[str, type[ForwardQuantizer]] = {

@@ -59,7 +59,14 @@ _DATASETS = {
     "mnist": "MNIST",
     "imagenet": "ImageNet",
 }
-_FORWARD = {"dorefa": "dorefa", "bwn": "BWN", "bwn-channel": "BWN-F", "ternary": "ternary", "uniform": "uniform"}
+_FORWARD = {
+    "dorefa": "dorefa",
+    "bwn": "BWN",
+    "bwn-channel": "BWN-F",
+    "ternary": "ternary",
+    "uniform": "uniform",
+    "lsq": "LSQ",
+}
 _OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 _ORIGINAL_META = {"MLPFC": "MultiFC", "MultiFC": "MultiFC", "FC-Grad": "FC-Grad", "LSTMFC": "LSTMFC"}
 _ORIGINAL_RUN = re.compile(

@@ -63,9 +63,10 @@ def decode(codes: Tensor, scale: Tensor, rule: dict[str, Any]) -> Tensor:
     return w + rule["c"] if rule["c"] else w
 
 
-def _offset(encoded: Encoded, bits: int) -> int:
-    # Signed codes (ternary, uniform) are shifted to be non-negative: [-(2^(k-1)-1), 2^(k-1)-1] → [0, 2^k - 2].
-    return 2 ** (bits - 1) - 1 if encoded.codes.dtype == torch.int8 else 0
+def _offset(encoded: Encoded, num_levels: int) -> int:
+    # Signed codes are shifted to be non-negative: ternary and uniform [-(2^(k-1)-1), 2^(k-1)-1] → [0, 2^k - 2],
+    # lsq [-2^(k-1), 2^(k-1)-1] → [0, 2^k - 1]; half the number of levels, rounded down, in both cases.
+    return num_levels // 2 if encoded.codes.dtype == torch.int8 else 0
 
 
 def _single_config(layers: dict[str, QuantLayer], what: str) -> tuple[str, int, int | None]:
@@ -196,7 +197,7 @@ def _packed_tensors(
                     f"export_packed: the quantizer of {key} ({type(layer.quantizer).__name__}) does not decode as "
                     f"its name's rule (a * code + b) * scale + c with {rule}"
                 )
-            shift = _offset(encoded, bits)
+            shift = _offset(encoded, layer.quantizer.num_levels)
             del tensors[f"{key}.codes"], tensors[f"{key}.scale"]
             put(f"{key}.codes", pack_bits(encoded.codes.to(torch.int64) + shift, bits))
             put(f"{key}.scale", encoded.scale)

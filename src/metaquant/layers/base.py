@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ..activations import ActQuantConfig
@@ -118,27 +119,39 @@ class QuantLayer(nn.Module):
     @property
     def quantizer(self) -> ForwardQuantizer:
         """The layer's forward quantizer, bound to the layer's learned Parameters (``weight_step`` for ``LSQ``)."""
-        # (a layer saved whole by an earlier metaquant holds its quantizer as ``quantizer``)
-        spec: ForwardQuantizer = self.__dict__.get("_quantizer") or self.__dict__["quantizer"]
+        spec = self.configured_quantizer
         if not spec.learned:
             return spec
         return spec.bind({name: self._parameters[LEARNED_PREFIX + name] for name in spec.learned})  # type: ignore[misc]
 
     @quantizer.setter
     def quantizer(self, quantizer: ForwardQuantizer) -> None:
-        """Quantize with ``quantizer`` from now on: set to the layer's channel axis; the learned tensors it needs
-        and the layer lacks start from the weight (``initial_learned``), those it does not need are removed."""
+        """Quantize with ``quantizer`` from now on, set to the layer's channel axis. The learned tensors it needs
+        start from the weight (``initial_learned``): new Parameters, or (an existing one, for another quantizer
+        configuration) their new value in place, so that an optimizer holding them keeps training them. Those it
+        does not need are removed."""
         quantizer = quantizer.with_channel_axis(self.channel_axis)
         weight = self.weight.detach()
         first = quantizer.initial_learned(weight)
-        old = self.__dict__.get("_quantizer")
+        old = self.__dict__.get("_quantizer") or self.__dict__.get("quantizer")
         for name in old.learned if old is not None else ():
             if name not in first:
                 del self._parameters[LEARNED_PREFIX + name]
         for name, value in first.items():
-            if self._parameters.get(LEARNED_PREFIX + name) is None:
+            held = self._parameters.get(LEARNED_PREFIX + name)
+            if held is None:
                 self.register_parameter(LEARNED_PREFIX + name, nn.Parameter(value.to(weight.dtype)))
+            elif old != quantizer:
+                with torch.no_grad():
+                    held.copy_(value)
         self.__dict__["_quantizer"] = quantizer
+        self.__dict__.pop("quantizer", None)  # a layer saved whole by an earlier metaquant held it there
+
+    @property
+    def configured_quantizer(self) -> ForwardQuantizer:
+        """The quantizer as configured (``quantizer`` without the layer's learned Parameters bound to it)."""
+        # (a layer saved whole by an earlier metaquant holds it as ``quantizer``)
+        return self.__dict__.get("_quantizer") or self.__dict__["quantizer"]
 
     @property
     def weight_location(self) -> tuple[nn.Module, str]:

@@ -15,6 +15,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..guards import check_requantization
+from ..quantizers import ForwardQuantizer
 from .attention import QuantMultiheadAttention
 from .base import INPUT_QUANTIZER, LEARNED_PREFIX, QuantConfig, QuantLayer, _convert
 from .conv import (
@@ -81,6 +82,19 @@ def _restore(module: nn.Module) -> None:
         module.__dict__.pop(attr, None)
     module._modules.pop(_VIEWS, None)
     remove_input_quantizer(module)
+
+
+def _share_learned_tensors(model: nn.Module) -> None:
+    """Layers that compute with one tied weight and one quantizer configuration share its learned tensors (the
+    first layer's): one ``Ŵ`` per weight, as a weight tied in the float model is one weight."""
+    first: dict[tuple[int, ForwardQuantizer], QuantLayer] = {}
+    for layer in quantized_layers(model).values():
+        spec = layer.configured_quantizer
+        if not spec.learned:
+            continue
+        owner = first.setdefault((id(layer.weight), spec), layer)
+        for name in spec.learned:
+            layer._parameters[LEARNED_PREFIX + name] = owner._parameters[LEARNED_PREFIX + name]
 
 
 def _float_base(module: nn.Module) -> type[nn.Module] | None:
@@ -293,6 +307,7 @@ def quantize_(
             attention = plan.attention_of[id(module)]
             if not isinstance(attention, QuantMultiheadAttention):
                 _convert(attention, QuantMultiheadAttention, None)
+    _share_learned_tensors(model)
     if config is not None and config.activations is not None:
         install_input_quantizers(takes_input, config.activations)
     _turn_off_fused_paths(model)
@@ -330,7 +345,7 @@ def _plan(model: nn.Module, asked: QuantConfig | None, filter_fn: FilterFn | Non
                 # quantized already: asking for another quantizer must not silently keep the first one
                 # (compared as the layer would hold it: a per-channel quantizer on the layer's channel axis)
                 requested = asked.forward_quantizer.with_channel_axis(module.channel_axis)
-                check_requantization(name or "<root>", module._quantizer, requested)  # as configured, unbound
+                check_requantization(name or "<root>", module.configured_quantizer, requested)
         elif isinstance(module, _MultiWeight) and _views(module):
             pass  # quantized already (an attention module with a quantized out_proj only may gain views)
         else:
@@ -506,7 +521,7 @@ def learned_weight_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     ``weight_step``), in module order."""
     found = {}
     for name, layer in quantized_layers(model).items():
-        for learned in layer._quantizer.learned:
+        for learned in layer.configured_quantizer.learned:
             found[f"{name}.{LEARNED_PREFIX}{learned}"] = layer._parameters[LEARNED_PREFIX + learned]
     return found  # type: ignore[return-value]
 
