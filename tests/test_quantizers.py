@@ -540,3 +540,19 @@ def test_a_layer_saved_whole_by_an_earlier_version_trains_requantizes_and_export
     export_packed(net, tmp_path / "m.safetensors")
     layer.quantizer = mq.get_quantizer("lsq", 4)  # set again: held as today's layers hold it
     assert "quantizer" not in layer.__dict__ and layer.configured_quantizer == LSQ(4)
+
+
+def test_lsq_step_gradient_at_the_ends_of_the_range_is_the_papers_outside_value():
+    # LSQ Eq. 3: round(v/s) − v/s for −Q_N < v/s < Q_P, −Q_N for v/s ≤ −Q_N, Q_P for v/s ≥ Q_P; 3 bits: [−4, 3]
+    step = torch.nn.Parameter(torch.tensor([0.5], dtype=torch.float64))
+    w = torch.tensor([-2.5, -2.0, -1.2, 0.0, 0.7, 1.5, 2.0], dtype=torch.float64)  # v/s: −5, −4, −2.4, 0, 1.4, 3, 4
+    mq.fake_quantize(w, LSQ(3, step=step)).backward(torch.ones_like(w))
+    slopes = torch.tensor([-4.0, -4.0, -2.0 + 2.4, 0.0, 1.0 - 1.4, 3.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(step.grad, slopes.sum().reshape(1) / math.sqrt(7 * 3), rtol=1e-12, atol=1e-15)
+    # and the layer the activations use, LSQActivation, agrees on the same values
+    act = mq.activations.LSQActivation(3, signed=True).double()
+    with torch.no_grad():
+        act.step.fill_(0.5)
+        act.initialized.fill_(True)
+    act.train()(w.unsqueeze(0)).sum().backward()  # N: the 7 features of one example
+    torch.testing.assert_close(act.step.grad, slopes.sum() / math.sqrt(7 * 3), rtol=1e-12, atol=1e-15)

@@ -532,7 +532,8 @@ class LSQ(UniformSymmetric):
 
     ``r = (W/s − m)/h`` maps the range onto ``[−1, 1]`` (``m = −1/2`` its midpoint, ``h = (2^k − 1)/2`` its half
     width), so the clipped STE's gate ``|r| ≤ 1`` is LSQ's: ``ste_scale = s·h`` and ``c(W) = 1/(s·h)`` give the
-    STE ``g_W = g_Ŵ ⊙ 1{−Q_N ≤ W/s ≤ Q_P}`` (LSQ's), and a meta quantizer ``M_φ(g_Ŵ, W̃)/(s·h)``, ``W̃ = W``.
+    STE ``g_W = g_Ŵ ⊙ 1{−Q_N ≤ W/s ≤ Q_P}`` (LSQ's, but for the two ends, which the clipped STE lets through and
+    LSQ's step gradient counts as outside), and a meta quantizer ``M_φ(g_Ŵ, W̃)/(s·h)``, ``W̃ = W``.
     """
 
     name: ClassVar[str] = "lsq"
@@ -607,8 +608,9 @@ class LSQ(UniformSymmetric):
         q_n, q_p = self._range
         with torch.no_grad():
             steps = w / self._scale(w)
-            inside = self.relaxed(w).abs() <= 1  # the gate W's gradient passes, to the bit
-            # ∂Ŵ/∂s (LSQ Eq. 3): round(W/s) − W/s inside, −Q_N or Q_P outside; times g = 1/√(N·Q_P) (Eq. 5)
+            # ∂Ŵ/∂s (LSQ Eq. 3): round(W/s) − W/s strictly inside, −Q_N at and below the range, Q_P at and above
+            # (as LSQActivation); times g = 1/√(N·Q_P) (Eq. 5)
+            inside = (steps > -q_n) & (steps < q_p)
             slope = torch.where(inside, steps.round() - steps, steps.round().clamp(-q_n, q_p))
             slope /= math.sqrt(w.numel() * q_p)
         step = self.step.reshape(1).to(w_hat.device, w_hat.dtype)
