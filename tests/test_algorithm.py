@@ -611,3 +611,16 @@ def test_an_optimizer_subclass_that_changes_its_step_is_refused_by_name(base):
     model = mq.quantize_(conv_net())
     with pytest.raises(ValueError, match=f"Clipped overrides {base.__name__}.step, so its update rule may not be"):
         mq.MetaQuant(model, Clipped(model.parameters(), lr=0.1), mq.MultiFC(hidden=4))
+
+
+@pytest.mark.parametrize("config", [mq.QuantConfig("dorefa", 1), mq.QuantConfig("lsq", 4)], ids=["dorefa", "lsq"])
+def test_metaquant_refuses_to_go_on_when_the_model_holds_new_weights(config):
+    torch.manual_seed(0)
+    model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 3)), config)
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=4))
+    x = torch.randn(5, 4)
+    trainer.step(lambda: model(x).sum())
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(fresh, assign=True)  # new Parameters: the optimizer and MetaQuant hold the old ones
+    with pytest.raises(RuntimeError, match=r"layer 0 was replaced after MetaQuant was built .*build the optimizer"):
+        trainer.step(lambda: model(x).sum())

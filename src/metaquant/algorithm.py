@@ -476,6 +476,7 @@ class MetaQuant:
                 "gradients; MetaQuant accumulates by itself: call step([closure_1, ..., closure_k]) once per k "
                 "micro-batches, outside accumulate() (gradient_accumulation_steps=1)"
             )
+        self._check_slots()
         if self.meta_optimizer is not None:
             base = self._group(self._slots[0])
             lr0 = float(base.get("initial_lr", self._base_lr0))
@@ -508,6 +509,19 @@ class MetaQuant:
             scaler.update() if self._scaler_recorded else scaler.update(scaler.get_scale())
         self.iteration += 1
         return loss
+
+    def _check_slots(self) -> None:
+        """Refuse to train tensors the model no longer holds: a quantized weight or learned step replaced since
+        construction (``load_state_dict(assign=True)``, ``to_empty``) would be trained here while the model
+        computes with the new one."""
+        for slot in self._slots:
+            name, layer = slot.layers[0]
+            if getattr(*layer.weight_location) is not slot.weight or layer.quantizer != slot.quantizer:
+                raise RuntimeError(
+                    f"the quantized weight (or its quantizer's learned step) of layer {name} was replaced after "
+                    "MetaQuant was built (e.g. by load_state_dict(..., assign=True)): build the optimizer and "
+                    "MetaQuant again for the model's new tensors"
+                )
 
     def _check(self, loss: Tensor, meta_outputs: list[Tensor], grad_w_hat: list[Tensor | None]) -> str | None:
         """What, if anything, is non-finite after the backward pass (checked before any update)."""
