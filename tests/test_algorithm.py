@@ -624,3 +624,40 @@ def test_metaquant_refuses_to_go_on_when_the_model_holds_new_weights(config):
     model.load_state_dict(fresh, assign=True)  # new Parameters: the optimizer and MetaQuant hold the old ones
     with pytest.raises(RuntimeError, match=r"layer 0 was replaced after MetaQuant was built .*build the optimizer"):
         trainer.step(lambda: model(x).sum())
+
+
+# Finer scales and learned steps: uniform per output channel, per group of inputs, and LSQ's learned step.
+FINE_SCALES = [("uniform-channel", 3, None), ("uniform-group", 4, 4), ("lsq", 3, None)]
+
+
+@pytest.mark.parametrize("name,bits,group_size", FINE_SCALES, ids=[c[0] for c in FINE_SCALES])
+def test_finer_scales_take_the_oracle_meta_step_and_train_with_every_method(name, bits, group_size):
+    torch.manual_seed(5)
+    config = mq.QuantConfig(name, bits, group_size=group_size)
+    model = mq.quantize_(nn.Sequential(nn.Linear(10, 4, bias=False)), config).double()
+    layer, lr = model[0], 0.1
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=lr), mq.MultiFC(hidden=6, init_scheme="ste"))
+    (x0, y0), (x1, y1) = [(torch.randn(8, 10, dtype=torch.float64), torch.randint(0, 4, (8,))) for _ in range(2)]
+    w0, q0 = layer.weight.detach().clone(), layer.quantizer
+    w_hat0 = q0(w0).requires_grad_()
+    (g0,) = torch.autograd.grad(F.cross_entropy(x0 @ w_hat0.T, y0), w_hat0)
+    trainer.step(lambda: F.cross_entropy(model(x0), y0))  # t = 0: W stays (a learned step moves, as a bias would)
+    assert torch.equal(layer.weight.detach(), w0)
+    c = layer.quantizer.calibration(w0)  # c(W) of step 1, with the step as it is now
+    trainer.step(lambda: F.cross_entropy(model(x1), y1))
+    # the STE start: M_φ(g, ·) = g at step 1, so W^1 = W^0 − α·g_Ŵ^0 ⊙ c(W^0) (Eq. 4-6), committed as it is
+    torch.testing.assert_close(layer.weight.detach(), w0 - lr * g0 * c, rtol=1e-12, atol=1e-15)
+
+    for make in (
+        lambda m, o: mq.Trainer(m, o),
+        lambda m, o: mq.Trainer(m, o, mq.EWGS(1e-2)),
+        lambda m, o: mq.MetaQuant(m, o, mq.MultiFC(hidden=6, nonlinearity="tanh")),
+        lambda m, o: mq.MetaQuant(m, o, mq.LSTMFC(hidden=4)),
+    ):
+        torch.manual_seed(5)
+        model = mq.quantize_(nn.Sequential(nn.Linear(10, 4, bias=False)), config).double()
+        trainer, first = make(model, torch.optim.SGD(model.parameters(), lr=lr)), model.state_dict()
+        first = {k: v.clone() for k, v in first.items()}
+        losses = [trainer.step(lambda: F.cross_entropy(model(x1), y1)) for _ in range(4)]
+        assert torch.isfinite(torch.stack(losses)).all()
+        assert all(not torch.equal(first[k], v) for k, v in model.state_dict().items())  # weights and steps move
