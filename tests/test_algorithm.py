@@ -658,6 +658,6 @@ def test_finer_scales_take_the_oracle_meta_step_and_train_with_every_method(name
         model = mq.quantize_(nn.Sequential(nn.Linear(10, 4, bias=False)), config).double()
         trainer, first = make(model, torch.optim.SGD(model.parameters(), lr=lr)), model.state_dict()
         first = {k: v.clone() for k, v in first.items()}
-        losses = [trainer.step(lambda: F.cross_entropy(model(x1), y1)) for _ in range(4)]
+        losses = [trainer.step(lambda model=model: F.cross_entropy(model(x1), y1)) for _ in range(4)]
         assert torch.isfinite(torch.stack(losses)).all()
         assert all(not torch.equal(first[k], v) for k, v in model.state_dict().items())  # weights and steps move
