@@ -448,9 +448,10 @@ class MetaQuant:
         Raises:
             NonFiniteError: (``on_nonfinite="raise"``) the loss, a gradient, the meta quantizer's output or a
                 gradient of ``φ`` is not finite; nothing was updated.
-            RuntimeError: the loss depends on no quantized layer; a closure called ``backward``
-                itself; the model holds another quantized weight or learned step than at construction; the optimizer is an Accelerate optimizer inside ``accelerator.accumulate`` on a step that
-                does not synchronize (MetaQuant accumulates itself: pass the micro-batches' closures as a list).
+            RuntimeError: the loss depends on no quantized layer; a closure called ``backward`` itself; the
+                model holds another quantized weight or learned step than at construction; the optimizer is an
+                Accelerate optimizer inside ``accelerator.accumulate`` on a step that does not synchronize
+                (MetaQuant accumulates itself: pass the micro-batches' closures as a list).
             TypeError: ``closure`` is not callable nor a non-empty list of callables; ``before_update`` not callable.
 
         Example:
