@@ -13,6 +13,7 @@ from metaquant.quantizers import (
     QUANTIZERS,
     BWNPerChannel,
     DoReFa,
+    DoReFaPerChannel,
     Encoded,
     Ternary,
     UniformPerChannel,
@@ -35,6 +36,9 @@ def _weight(seed: int = 0, shape=(6, 3, 3, 3), dtype=torch.float64, q=None) -> t
 
 def _relaxed_with_stats_detached(q, w):
     """The differentiable path written out independently of ``q.relaxed``: scale statistics detached."""
+    if isinstance(q, DoReFaPerChannel):  # the max of each output channel (axis 0)
+        t = torch.tanh(w)
+        return 2 * (t / (2 * t.abs().flatten(1).max(1).values.detach().reshape(-1, 1, 1, 1)) + 0.5) - 1
     if isinstance(q, DoReFa):
         t = torch.tanh(w)
         return 2 * (t / (2 * t.abs().max().detach()) + 0.5) - 1
@@ -141,7 +145,7 @@ def test_unknown_quantizer_lists_the_registered_ones():
     with pytest.raises(
         ValueError,
         match="unknown quantizer 'xnor'; allowed: dorefa, bwn, bwn-channel, ternary, uniform, uniform-channel, "
-        "uniform-group, lsq$",
+        "uniform-group, lsq, dorefa-channel$",
     ):
         get_quantizer("xnor", 1)
 
@@ -234,6 +238,7 @@ def test_the_registry_lists_the_names_in_registration_order():
         "uniform-channel",
         "uniform-group",
         "lsq",
+        "dorefa-channel",
     ]
 
 
@@ -556,3 +561,26 @@ def test_lsq_step_gradient_at_the_ends_of_the_range_is_the_papers_outside_value(
         act.initialized.fill_(True)
     act.train()(w.unsqueeze(0)).sum().backward()  # N: the 7 features of one example
     torch.testing.assert_close(act.step.grad, slopes.sum() / math.sqrt(7 * 3), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_dorefa_per_channel_normalises_each_output_channel_by_its_own_max(bits):
+    w = _weight(7)
+    w[2] *= 0.01  # a channel much smaller than the others: per layer it would use the middle levels only
+    t = torch.tanh(w)
+    w_tilde = t / (2 * t.abs().amax(dim=(1, 2, 3), keepdim=True)) + 0.5
+    levels = 2**bits - 1
+    expected = 2 * torch.round(w_tilde * levels) / levels - 1
+    q = get_quantizer("dorefa-channel", bits)
+    torch.testing.assert_close(q(w), expected, rtol=0, atol=1e-15)
+    if bits == 1:  # the signs do not depend on the scale: DoReFa's Ŵ
+        assert torch.equal(q(w), DoReFa(1)(w))
+    else:
+        assert q(w)[2].unique().numel() > DoReFa(bits)(w)[2].unique().numel()
+    # a transposed convolution's output channels lie along axis 1
+    up = torch.nn.Sequential(torch.nn.ConvTranspose2d(3, 4, 2)).double()
+    mq.quantize_(up, mq.QuantConfig("dorefa-channel", bits))
+    wt = up[0].weight.detach()
+    tt = torch.tanh(wt)
+    expected_t = 2 * torch.round((tt / (2 * tt.abs().amax(dim=(0, 2, 3), keepdim=True)) + 0.5) * levels) / levels - 1
+    torch.testing.assert_close(up[0].quantizer(wt), expected_t, rtol=0, atol=1e-15)

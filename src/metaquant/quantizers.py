@@ -32,6 +32,7 @@ __all__ = [
     "Encoded",
     "ForwardQuantizer",
     "DoReFa",
+    "DoReFaPerChannel",
     "BWN",
     "BWNPerChannel",
     "Ternary",
@@ -333,6 +334,27 @@ class DoReFa(ForwardQuantizer):
         return encoded.codes.to(encoded.scale.dtype) * encoded.scale - 1
 
 
+@dataclass(frozen=True, repr=False)  # _PerChannel's repr
+class DoReFaPerChannel(_PerChannel, DoReFa):
+    """DoReFa with ``max|tanh W|`` taken per output channel: ``W̃[o] = tanh(W[o]) / (2·max|tanh W[o]|) + 1/2``.
+
+    Each channel spreads over all ``2^k`` levels, whatever its magnitude next to the others (the levels stay
+    ``[−1, 1]``: a following BatchNorm absorbs the per-channel factor); at 1 bit the signs, hence ``Ŵ``, are
+    DoReFa's. ``c(W) = (1 − tanh²W) / max|tanh W[o]|``; codes and scale export as ``dorefa``'s. The output channels
+    lie along ``axis`` as for ``BWNPerChannel``; a 1-D weight gets one statistic.
+
+    Raises:
+        ValueError: ``axis`` is not an ``int >= 0``, or beyond the last axis of a weight of 2 or more dimensions.
+    """
+
+    name: ClassVar[str] = "dorefa-channel"
+
+    def _abs_max(self, t: Tensor) -> Tensor:  # type: ignore[override]  # per channel, so not a staticmethod
+        if t.dim() < 2:
+            return DoReFa._abs_max(t)
+        return _one_if_zero(torch.linalg.vector_norm(t, float("inf"), dim=self._other_axes(t), keepdim=True))
+
+
 @dataclass(frozen=True)
 class BWN(ForwardQuantizer):
     """Binary-weight networks (XNOR-Net, Rastegari et al. 2016): ``Ŵ = a·sign(W)``, ``a = mean|W|`` per layer.
@@ -623,7 +645,17 @@ def _step_floor(dtype: torch.dtype) -> float:
 
 QUANTIZERS: dict[str, type[ForwardQuantizer]] = {
     cls.name: cls
-    for cls in (DoReFa, BWN, BWNPerChannel, Ternary, UniformSymmetric, UniformPerChannel, UniformPerGroup, LSQ)
+    for cls in (
+        DoReFa,
+        BWN,
+        BWNPerChannel,
+        Ternary,
+        UniformSymmetric,
+        UniformPerChannel,
+        UniformPerGroup,
+        LSQ,
+        DoReFaPerChannel,
+    )
 }
 # The original code's spellings, accepted on input.
 _ALIASES = {"bwn-f": "bwn-channel", "bwn_f": "bwn-channel", "twn": "ternary"}
@@ -636,10 +668,10 @@ def quantizer_names() -> list[str]:
 
 def get_quantizer(name: str, bits: int = 1, *, group_size: int | None = None) -> ForwardQuantizer:
     """Build a forward quantizer by name (``dorefa``, ``bwn``, ``bwn-channel``, ``ternary``, ``uniform``,
-    ``uniform-channel``, ``uniform-group``, ``lsq``).
+    ``uniform-channel``, ``uniform-group``, ``lsq``, ``dorefa-channel``).
 
     Names are case-insensitive; the original spellings ``bwn-f``/``bwn_f`` and ``twn`` are accepted too. ``bits``:
-    ``ternary`` needs 2, ``uniform*`` and ``lsq`` 2..8, ``dorefa`` 1..8. ``group_size``: the weights per scale of
+    ``ternary`` needs 2, ``uniform*`` and ``lsq`` 2..8, ``dorefa*`` 1..8. ``group_size``: the weights per scale of
     ``uniform-group`` (None: its default, 128); no other quantizer takes one.
 
     Raises:

@@ -7,7 +7,14 @@ import torch
 
 import metaquant as mq
 from metaquant.experiments.config import RunConfig
-from metaquant.experiments.equivalent import equivalent_sgd, fc_grad_gain, gain_tensor, learned_gain, mean_gain
+from metaquant.experiments.equivalent import (
+    ESTIMATORS_FOR,
+    equivalent_sgd,
+    fc_grad_gain,
+    gain_tensor,
+    learned_gain,
+    mean_gain,
+)
 from metaquant.experiments.lifecycle import execute, resume
 from metaquant.experiments.trace import MetaTrace
 from metaquant.guards import StopFlag, TrainingInterrupted
@@ -155,7 +162,12 @@ def test_the_equivalent_ste_divides_the_weight_decay_by_the_gain(tmp_path):
         ({"optimizer": "adam"}, {"optimizer": "adam"}, "defined for SGD: Adam divides each coordinate's gradient"),
         ({"optimizer": "adamw"}, {"optimizer": "adamw"}, "allowed: 'sgd'"),
         ({"step_order": "original"}, {}, "uses `step_order` 'original'.*defined for `step_order` 'paper'"),
-        ({"quantizer": "bwn"}, {"quantizer": "bwn"}, "`quantizer` 'bwn'.*allowed: `quantizer` dorefa, ternary"),
+        (
+            {"quantizer": "bwn"},
+            {"quantizer": "bwn"},
+            "`quantizer` 'bwn'.*allowed: `quantizer` dorefa, dorefa-channel, ternary, uniform, uniform-channel, "
+            "uniform-group$",
+        ),
         ({}, {"estimator": "ewgs"}, "`estimator` 'ewgs' is not FC-Grad's divided by its gain; allowed: `estimator`"),
         ({"quantizer": "ternary", "bits": 2}, {"quantizer": "ternary", "bits": 2}, "allowed: `estimator` 'identity'"),
         ({"lr": 1e-2}, {}, "its `lr` is 0.01, this run's 0.001"),
@@ -242,3 +254,14 @@ def test_a_resumed_run_records_the_gain_of_the_uninterrupted_one_and_learned_gai
     assert gains[0]["lr_weighted_sum"] == pytest.approx(gains[1]["lr_weighted_sum"], rel=1e-12)
     assert gains[0]["lr_sum"] == pytest.approx(gains[1]["lr_sum"], rel=1e-12)
     assert learned_gain(tmp_path / "straight") == pytest.approx(gains[1]["lr_weighted_sum"] / gains[1]["lr_sum"])
+
+
+@pytest.mark.parametrize("name,estimator", [(q, e) for q, estimators in ESTIMATORS_FOR.items() for e in estimators])
+def test_each_listed_estimator_gives_fc_grads_gradient_divided_by_its_gain(name, estimator):
+    # FC-Grad without a non-linearity is g_W = k·g_Ŵ ⊙ c(W) (Eq. 4-5); the listed estimator must give g_Ŵ ⊙ c(W)
+    q = mq.get_quantizer(name, 2 if name == "ternary" else 3, group_size=4 if name == "uniform-group" else None)
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(6, 8, generator=g, dtype=torch.float64) * 0.7).requires_grad_()
+    upstream = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    (mq.fake_quantize(w, q, mq.estimators.CLASSICAL_ESTIMATORS[estimator]()) * upstream).sum().backward()
+    torch.testing.assert_close(w.grad, upstream * q.calibration(w.detach()), rtol=1e-12, atol=1e-15)

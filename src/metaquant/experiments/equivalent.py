@@ -34,9 +34,17 @@ SHARED = (
     *("optimizer", "lr", "momentum", "dampening", "nesterov", "weight_decay"),
 )
 #: Per quantizer, the classical estimators whose weight gradient is FC-Grad's divided by its gain: DoReFa's
-#: ``c(W)`` is FC-Grad's, and the STE's gate is open for it; ternary and uniform have ``c(W) = 1`` and no scale,
-#: so only the ungated STE (``identity``) is. BWN's STE multiplies by the layer scale ``a``: none is.
-ESTIMATORS_FOR = {"dorefa": ("ste", "identity"), "ternary": ("identity",), "uniform": ("identity",)}
+#: ``c(W)`` is FC-Grad's, and the STE's gate is open for it (per channel too); ternary and uniform (per channel,
+#: per group) have ``c(W) = 1`` and no scale, so only the ungated STE (``identity``) is. BWN's STE multiplies by
+#: the layer scale ``a`` and LSQ's ``c(W)`` by ``1/(s·h)`` with a learned ``s``: none is.
+ESTIMATORS_FOR = {
+    "dorefa": ("ste", "identity"),
+    "dorefa-channel": ("ste", "identity"),
+    "ternary": ("identity",),
+    "uniform": ("identity",),
+    "uniform-channel": ("identity",),
+    "uniform-group": ("identity",),
+}
 
 
 def fc_grad_gain(meta_state: Mapping[str, Tensor], init_scheme: str = "paper") -> float:

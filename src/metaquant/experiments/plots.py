@@ -261,7 +261,7 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
     ax = fig.subplots()
     if isinstance(meta, MultiFC):
         # the range of W̃: DoReFa's A maps into [0, 1]; the identity pre-processing keeps the weights' range
-        lo, hi = (0.0, 1.0) if config.quantizer == "dorefa" else (-1.0, 1.0)
+        lo, hi = (0.0, 1.0) if config.quantizer in ("dorefa", "dorefa-channel") else (-1.0, 1.0)
         grid = torch.linspace(lo, hi, 200)
         for (epoch, snap), color in zip(snapshots.items(), colors):
             meta.load_state_dict(snap["meta"])

@@ -51,6 +51,7 @@ quantizer            (a, b, c)   Ŵ                                             
 ``uniform-channel``  (1, 0, 0)   as ``uniform``                                         the same, per output channel
 ``uniform-group``    (1, 0, 0)   as ``uniform``                                         the same, per group of ``g``
 ``lsq`` k            (1, 0, 0)   ``code·scale``, code in −2^(k−1)..2^(k−1) − 1          the learned step, ``[1]``
+``dorefa-channel`` k (1, 0, −1)  as ``dorefa``                                          as ``dorefa``
 ===================  ==========  =====================================================  ==========================
 
 A 1-bit DoReFa weight is thus ``±1`` (scale 2) and a BWN weight ``±mean|W|``. ``load_packed`` decodes the same
