@@ -628,7 +628,13 @@ def test_metaquant_refuses_to_go_on_when_the_model_holds_new_weights(config):
 
 # Finer scales and learned steps: uniform per output channel, per group of inputs, LSQ's learned step, DoReFa per
 # output channel.
-FINE_SCALES = [("uniform-channel", 3, None), ("uniform-group", 4, 4), ("lsq", 3, None), ("dorefa-channel", 2, None)]
+FINE_SCALES = [
+    ("uniform-channel", 3, None),
+    ("uniform-group", 4, 4),
+    ("lsq", 3, None),
+    ("lsq-channel", 3, None),
+    ("dorefa-channel", 2, None),
+]
 
 
 @pytest.mark.parametrize("name,bits,group_size", FINE_SCALES, ids=[c[0] for c in FINE_SCALES])

@@ -40,6 +40,7 @@ __all__ = [
     "UniformPerChannel",
     "UniformPerGroup",
     "LSQ",
+    "LSQPerChannel",
     "expand_groups",
     "QUANTIZERS",
     "get_quantizer",
@@ -589,14 +590,22 @@ class LSQ(UniformSymmetric):
     def _first_step(self, w: Tensor) -> Tensor:
         """LSQ's ``2·mean|W| / √Q_P``, ``[1]``; ``1/h`` for an all-zero weight (then ``c(W) = 1``, the rule of the
         other quantizers for a statistic of 0)."""
-        first = 2 * w.abs().mean().reshape(1) / math.sqrt(self._range[1])
+        first = 2 * self._mean_abs(w) / math.sqrt(self._range[1])
         return torch.where(first == 0, 1 / self._half_width, first).clamp_min(_step_floor(w.dtype))
 
     def _scale(self, w_tilde: Tensor) -> Tensor:
         if self.step is None:
             return self._first_step(w_tilde.detach())  # a statistic held constant, as the other scales
-        step = self.step.detach().reshape(1).to(w_tilde.device, w_tilde.dtype)
+        step = self._shaped(self.step.detach(), w_tilde).to(w_tilde.device, w_tilde.dtype)
         return step.clamp_min(_step_floor(w_tilde.dtype))
+
+    def _mean_abs(self, w: Tensor) -> Tensor:
+        """``mean|W|`` of each step's weights, shaped as the step: ``[1]``."""
+        return w.abs().mean().reshape(1)
+
+    def _shaped(self, step: Tensor, w: Tensor) -> Tensor:
+        """The step as it broadcasts against ``w``: ``[1]``."""
+        return step.reshape(1)
 
     @property
     def _half_width(self) -> float:
@@ -634,9 +643,41 @@ class LSQ(UniformSymmetric):
             # (as LSQActivation); times g = 1/√(N·Q_P) (Eq. 5)
             inside = (steps > -q_n) & (steps < q_p)
             slope = torch.where(inside, steps.round() - steps, steps.round().clamp(-q_n, q_p))
-            slope /= math.sqrt(w.numel() * q_p)
-        step = self.step.reshape(1).to(w_hat.device, w_hat.dtype)
+            slope /= math.sqrt(w.numel() // self.step.numel() * q_p)  # N: the weights of one step
+        step = self._shaped(self.step, w).to(w_hat.device, w_hat.dtype)
         return w_hat + (step - step.detach()) * slope  # adds zero: the value is Ŵ's to the bit
+
+
+@dataclass(frozen=True, eq=False, repr=False)  # _PerChannel's repr; equal by bit width, axis and step
+class LSQPerChannel(_PerChannel, LSQ):
+    """``lsq`` with a learned step per output channel, ``Ŵ[o] = s_o·clamp(round(W[o]/s_o), −Q_N, Q_P)``.
+
+    The layer's ``weight_step`` is ``[C_out, 1, …]`` (``[1, C_out / groups, 1, …]`` for a transposed
+    convolution), first ``2·mean|W[o]|/√Q_P``; each step's gradient is scaled by ``1/√(N_o·Q_P)``, ``N_o`` the
+    weights of its channel. The output channels lie along ``axis`` as for ``BWNPerChannel``; a 1-D weight gets
+    one step. Exported with one scale per channel (``DequantizeLinear``'s ``axis``).
+
+    Raises:
+        ValueError: ``axis`` is not an ``int >= 0``, or beyond the last axis of a weight of 2 or more dimensions.
+    """
+
+    name: ClassVar[str] = "lsq-channel"
+
+    def __eq__(self, other: object) -> bool:
+        return LSQ.__eq__(self, other) and other.axis == self.axis  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((LSQ.__hash__(self), self.axis))
+
+    def _mean_abs(self, w: Tensor) -> Tensor:
+        if w.dim() < 2:
+            return super()._mean_abs(w)
+        return w.abs().mean(dim=self._other_axes(w), keepdim=True)
+
+    def _shaped(self, step: Tensor, w: Tensor) -> Tensor:
+        if w.dim() < 2:
+            return step.reshape(1)
+        return step.reshape([size if d == self.axis else 1 for d, size in enumerate(w.shape)])
 
 
 def _step_floor(dtype: torch.dtype) -> float:
@@ -654,6 +695,7 @@ QUANTIZERS: dict[str, type[ForwardQuantizer]] = {
         UniformPerChannel,
         UniformPerGroup,
         LSQ,
+        LSQPerChannel,
         DoReFaPerChannel,
     )
 }
@@ -668,10 +710,10 @@ def quantizer_names() -> list[str]:
 
 def get_quantizer(name: str, bits: int = 1, *, group_size: int | None = None) -> ForwardQuantizer:
     """Build a forward quantizer by name (``dorefa``, ``bwn``, ``bwn-channel``, ``ternary``, ``uniform``,
-    ``uniform-channel``, ``uniform-group``, ``lsq``, ``dorefa-channel``).
+    ``uniform-channel``, ``uniform-group``, ``lsq``, ``lsq-channel``, ``dorefa-channel``).
 
     Names are case-insensitive; the original spellings ``bwn-f``/``bwn_f`` and ``twn`` are accepted too. ``bits``:
-    ``ternary`` needs 2, ``uniform*`` and ``lsq`` 2..8, ``dorefa*`` 1..8. ``group_size``: the weights per scale of
+    ``ternary`` needs 2, ``uniform*`` and ``lsq*`` 2..8, ``dorefa*`` 1..8. ``group_size``: the weights per scale of
     ``uniform-group`` (None: its default, 128); no other quantizer takes one.
 
     Raises:

@@ -51,6 +51,7 @@ quantizer            (a, b, c)   Ŵ                                             
 ``uniform-channel``  (1, 0, 0)   as ``uniform``                                         the same, per output channel
 ``uniform-group``    (1, 0, 0)   as ``uniform``                                         the same, per group of ``g``
 ``lsq`` k            (1, 0, 0)   ``code·scale``, code in −2^(k−1)..2^(k−1) − 1          the learned step, ``[1]``
+``lsq-channel`` k    (1, 0, 0)   as ``lsq``                                             the learned steps, per channel
 ``dorefa-channel`` k (1, 0, −1)  as ``dorefa``                                          as ``dorefa``
 ===================  ==========  =====================================================  ==========================
 

@@ -48,6 +48,7 @@ DECODE_RULES: dict[str, tuple[int, int, int]] = {
     "uniform-channel": (1, 0, 0),
     "uniform-group": (1, 0, 0),
     "lsq": (1, 0, 0),
+    "lsq-channel": (1, 0, 0),
     "dorefa-channel": (1, 0, -1),
 }
 
