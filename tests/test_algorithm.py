@@ -668,3 +668,36 @@ def test_finer_scales_take_the_oracle_meta_step_and_train_with_every_method(name
         losses = [trainer.step(lambda model=model: F.cross_entropy(model(x1), y1)) for _ in range(4)]
         assert torch.isfinite(torch.stack(losses)).all()
         assert all(not torch.equal(first[k], v) for k, v in model.state_dict().items())  # weights and steps move
+
+
+def test_metaquant_takes_a_quantizer_changed_between_steps_and_refuses_what_it_cannot_train():
+    torch.manual_seed(0)
+    model = mq.quantize_(nn.Sequential(nn.Linear(6, 3)), mq.QuantConfig("lsq", 4))
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.MultiFC(hidden=4))
+    x = torch.randn(5, 6)
+    seen = []
+    for _ in range(2):
+        trainer.step(lambda: model(x).sum())
+    model[0].quantizer = mq.get_quantizer("lsq", 2)  # fewer bits: the same step Parameter, restarted in place
+
+    def closure():
+        seen.append(model[0].forward_params()[0].detach())  # the Ŵ the step computes with
+        return model(x).sum()
+
+    trainer.step(closure)
+    assert seen[0].unique().numel() <= 4  # 2 bits: the new quantizer's levels
+    model[0].quantizer = mq.get_quantizer("lsq-channel", 2)  # a new step Parameter the optimizer does not hold
+    with pytest.raises(ValueError, match=r"the optimizer does not hold 0\.weight_step"):
+        trainer.step(lambda: model(x).sum())
+
+
+def test_metaquant_refuses_tied_layers_given_different_quantizers_between_steps():
+    emb, out = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
+    out.weight = emb.weight
+    net = mq.quantize_(nn.ModuleDict({"emb": emb, "out": out}), mq.QuantConfig("uniform", 4), include=("embedding",))
+    trainer = mq.MetaQuant(net, torch.optim.SGD(net.parameters(), lr=0.1), mq.MultiFC(hidden=4))
+    tokens = torch.tensor([[0, 1, 2]])
+    trainer.step(lambda: net["out"](net["emb"](tokens)).sum())
+    net["out"].quantizer = mq.get_quantizer("uniform", 3)
+    with pytest.raises(RuntimeError, match=r"share one weight but are now quantized differently"):
+        trainer.step(lambda: net["out"](net["emb"](tokens)).sum())

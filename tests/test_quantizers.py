@@ -592,3 +592,23 @@ def test_dorefa_per_channel_normalises_each_output_channel_by_its_own_max(bits):
     tt = torch.tanh(wt)
     expected_t = 2 * torch.round((tt / (2 * tt.abs().amax(dim=(0, 2, 3), keepdim=True)) + 0.5) * levels) / levels - 1
     torch.testing.assert_close(up[0].quantizer(wt), expected_t, rtol=0, atol=1e-15)
+
+
+def test_the_quantizer_setter_keeps_replaces_or_restarts_the_step_as_its_shape_and_configuration_say():
+    net = mq.quantize_(torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3)), mq.QuantConfig("lsq", 4))
+    layer = net[0]
+    with torch.no_grad():
+        layer.weight_step.mul_(0.5)  # as training leaves it
+    trained, step = layer.weight_step.detach().clone(), layer.weight_step
+    layer.quantizer = layer.quantizer  # the same configuration, bound: nothing changes
+    assert layer.weight_step is step and torch.equal(step, trained) and layer.configured_quantizer.step is None
+    layer.quantizer = get_quantizer("lsq-channel", 4)  # another shape: a new Parameter, per channel
+    assert layer.weight_step is not step and layer.weight_step.shape == (4, 1, 1, 1)
+    torch.testing.assert_close(
+        layer.weight_step.detach(), 2 * layer.weight.detach().abs().mean(dim=(1, 2, 3), keepdim=True) / math.sqrt(7)
+    )
+    layer.quantizer = get_quantizer("lsq", 4)
+    assert layer.weight_step.shape == (1,)
+    x = torch.randn(2, 2, 5, 5)
+    assert torch.isfinite(net(x)).all()
+    assert LSQPerChannel(4, 1).axis == 1  # positional arguments: bits, axis, as the other per-channel quantizers

@@ -512,17 +512,30 @@ class MetaQuant:
         return loss
 
     def _check_slots(self) -> None:
-        """Refuse to train tensors the model no longer holds: a quantized weight or learned step replaced since
-        construction (``load_state_dict(assign=True)``, ``to_empty``) would be trained here while the model
-        computes with the new one."""
+        """Take each layer's quantizer as it is now (a user may change it between steps), and refuse to train
+        tensors the model no longer holds: a quantized weight replaced since construction
+        (``load_state_dict(assign=True)``, ``to_empty``) would be trained here while the model computes with the
+        new one; so would a learned step the optimizer does not hold."""
+        changed = False
         for slot in self._slots:
             name, layer = slot.layers[0]
-            if getattr(*layer.weight_location) is not slot.weight or layer.quantizer != slot.quantizer:
+            if getattr(*layer.weight_location) is not slot.weight:
                 raise RuntimeError(
-                    f"the quantized weight (or its quantizer's learned step) of layer {name} was replaced after "
-                    "MetaQuant was built (e.g. by load_state_dict(..., assign=True)): build the optimizer and "
-                    "MetaQuant again for the model's new tensors"
+                    f"the quantized weight of layer {name} was replaced after MetaQuant was built (e.g. by "
+                    "load_state_dict(..., assign=True)): build the optimizer and MetaQuant again for the model's "
+                    "new tensors"
                 )
+            quantizers = {other.quantizer for _, other in slot.layers}
+            if len(quantizers) > 1:
+                raise RuntimeError(
+                    f"the layers {', '.join(n for n, _ in slot.layers)} share one weight but are now quantized "
+                    f"differently ({', '.join(sorted(map(repr, quantizers)))}); MetaQuant needs one Ŵ per weight"
+                )
+            (quantizer,) = quantizers
+            if quantizer != slot.quantizer:
+                slot.quantizer, changed = quantizer, True
+        if changed:
+            check_optimizer_trains_quantizers(unwrap(self.model), self.optimizer)
 
     def _check(self, loss: Tensor, meta_outputs: list[Tensor], grad_w_hat: list[Tensor | None]) -> str | None:
         """What, if anything, is non-finite after the backward pass (checked before any update)."""

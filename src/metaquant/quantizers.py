@@ -164,6 +164,10 @@ class ForwardQuantizer:
         """This quantizer computing with the given ``learned`` tensors (a layer's Parameters); itself by default."""
         return self
 
+    def unbound(self) -> ForwardQuantizer:
+        """This quantizer's configuration, without learned tensors bound to it; itself by default."""
+        return self
+
     def learned_gradient(self, w_hat: Tensor, w: Tensor) -> Tensor:
         """``Ŵ`` (its value unchanged) with the derivative of ``Ŵ`` w.r.t. the bound learned tensors added to its
         graph; ``w_hat`` itself for a quantizer that learns nothing (``fake_quantize`` calls it)."""
@@ -561,7 +565,7 @@ class LSQ(UniformSymmetric):
 
     name: ClassVar[str] = "lsq"
     learned: ClassVar[tuple[str, ...]] = ("step",)
-    step: Tensor | None = None
+    step: Tensor | None = dataclasses.field(default=None, kw_only=True)  # bound by a layer (``bind``)
 
     def __repr__(self) -> str:
         return f"LSQ(bits={self.bits})"
@@ -586,6 +590,9 @@ class LSQ(UniformSymmetric):
 
     def bind(self, learned: dict[str, Tensor]) -> ForwardQuantizer:
         return dataclasses.replace(self, step=learned["step"])
+
+    def unbound(self) -> ForwardQuantizer:
+        return self if self.step is None else dataclasses.replace(self, step=None)
 
     def _first_step(self, w: Tensor) -> Tensor:
         """LSQ's ``2·mean|W| / √Q_P``, ``[1]``; ``1/h`` for an all-zero weight (then ``c(W) = 1``, the rule of the

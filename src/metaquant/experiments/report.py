@@ -66,7 +66,7 @@ _FORWARD = {
     "ternary": "ternary",
     "uniform": "uniform",
     "lsq": "LSQ",
-    "lsq-channel": "LSQ-F",
+    "lsq-channel": "LSQ-channel",
 }
 _OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW"}
 _ORIGINAL_META = {"MLPFC": "MultiFC", "MultiFC": "MultiFC", "FC-Grad": "FC-Grad", "LSTMFC": "LSTMFC"}

@@ -126,11 +126,11 @@ class QuantLayer(nn.Module):
 
     @quantizer.setter
     def quantizer(self, quantizer: ForwardQuantizer) -> None:
-        """Quantize with ``quantizer`` from now on, set to the layer's channel axis. The learned tensors it needs
-        start from the weight (``initial_learned``): new Parameters, or (an existing one, for another quantizer
-        configuration) their new value in place, so that an optimizer holding them keeps training them. Those it
-        does not need are removed."""
-        quantizer = quantizer.with_channel_axis(self.channel_axis)
+        """Quantize with ``quantizer``'s configuration from now on, set to the layer's channel axis. The learned
+        tensors it needs keep their values for the same configuration; for another they start from the weight
+        (``initial_learned``): in place where the shape is the same, so that an optimizer holding them keeps
+        training them, else as new Parameters (build the optimizer again). Those it does not need are removed."""
+        quantizer = quantizer.unbound().with_channel_axis(self.channel_axis)
         weight = self.weight.detach()
         first = quantizer.initial_learned(weight)
         old = self.__dict__.get("_quantizer") or self.__dict__.get("quantizer")
@@ -139,7 +139,7 @@ class QuantLayer(nn.Module):
                 del self._parameters[LEARNED_PREFIX + name]
         for name, value in first.items():
             held = self._parameters.get(LEARNED_PREFIX + name)
-            if held is None:
+            if held is None or held.shape != value.shape:
                 self.register_parameter(LEARNED_PREFIX + name, nn.Parameter(value.to(weight.dtype)))
             elif old != quantizer:
                 with torch.no_grad():

@@ -548,5 +548,6 @@ def check_optimizer_trains_quantizers(model: nn.Module, optimizer: Any) -> None:
         if param.requires_grad and id(param) not in held:
             raise ValueError(
                 f"the optimizer does not hold {name}: when a quantizer learns a step or a clipping level, build "
-                "the optimizer after quantize_ (e.g. torch.optim.SGD(model.parameters(), ...))"
+                "the optimizer after quantize_ (e.g. torch.optim.SGD(model.parameters(), ...)) and after giving a "
+                "layer a quantizer whose learned tensors are new"
             )
