@@ -182,12 +182,17 @@ def test_torchrun_failure_ends_every_rank_with_one_line_and_status_1(tmp_path, f
         "ddp",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    failed = subprocess.run([*torchrun, *args], capture_output=True, text=True, env=env, timeout=300)
+    # each rank's output in its own files (on one shared stream, the two ranks' lines could interleave mid-line)
+    logs = ["--log-dir", str(tmp_path / "logs"), "--redirects", "3"]
+    failed = subprocess.run([*torchrun, *logs, *args], capture_output=True, text=True, env=env, timeout=300)
     assert failed.returncode == 1, failed.stderr[-3000:]
-    # one message per rank (the two processes share stderr, so their lines may interleave)
-    assert (
-        failed.stderr.count("metaquant: error: 2 steps skipped for non-finite values, more than the limit of 1") == 2
-    ), failed.stderr[-3000:]
+    ranks = sorted((tmp_path / "logs").rglob("stderr.log"))
+    assert len(ranks) == 2, ranks
+    for log in ranks:  # one message per rank, and no crash
+        text = log.read_text()
+        message = "metaquant: error: 2 steps skipped for non-finite values, more than the limit of 1"
+        assert text.count(message) == 1, text[-3000:]
+        assert "SIGABRT" not in text and "terminate called" not in text
     assert failed.stderr.count("exitcode  : 1") == 2  # torchrun's summary: both ranks exited with status 1
     assert "SIGABRT" not in failed.stderr and "terminate called" not in failed.stderr
     assert not (tmp_path / "ddp" / "done").exists()

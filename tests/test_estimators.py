@@ -320,3 +320,18 @@ def test_per_sample_gradients_by_vmap_equal_a_loop_over_samples(name, bits):
         ga, gb = grad(many, argnums=(0, 1))(a, b, x[i])
         torch.testing.assert_close(batched[0][i], ga)
         torch.testing.assert_close(batched[1][i], gb)
+
+
+def test_trainer_refuses_a_step_once_a_changed_quantizer_learns_a_step_the_optimizer_lacks():
+    torch.manual_seed(0)
+    model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(6, 3)), mq.QuantConfig("lsq", 4))
+    trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(5, 6)
+    trainer.step(lambda: model(x).sum())
+    model[0].quantizer = mq.get_quantizer("lsq", 2)  # the same step Parameter, restarted: still trained
+    step = model[0].weight_step.detach().clone()
+    trainer.step(lambda: model(x).sum())
+    assert not torch.equal(step, model[0].weight_step)
+    model[0].quantizer = mq.get_quantizer("lsq-channel", 2)  # a new Parameter: the optimizer does not hold it
+    with pytest.raises(ValueError, match=r"the optimizer does not hold 0\.weight_step"):
+        trainer.step(lambda: model(x).sum())

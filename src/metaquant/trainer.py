@@ -143,6 +143,8 @@ class Trainer:
         self._forward_weights: list[Tensor] = []  # the latent weights of this step's Ŵ
         self._uses_checked = False  # the first step looks for direct uses of quantized weights
         self._uses_warned: set[str] = set()
+        # the layers' quantizer configurations the optimizer was last checked against (a user may change them)
+        self._configurations: list[ForwardQuantizer] = []
 
     def _quantized_forward(self) -> contextlib.AbstractContextManager[Any]:
         """A scope in which every quantized layer computes with this step's ``Ŵ``, made for all layers at once.
@@ -155,7 +157,12 @@ class Trainer:
         # keyed by id, the tensor kept alive beside it: a weight computed on access (a parametrization) is a
         # new tensor each time, and a freed one's id could be reused by the next layer's
         by_weight: dict[tuple[int, ForwardQuantizer], tuple[Tensor, list[QuantLayer]]] = {}
-        for layer in quantized_layers(unwrap(self.model)).values():
+        layers = quantized_layers(unwrap(self.model)).values()
+        configurations = [layer.configured_quantizer for layer in layers]
+        if configurations != self._configurations:  # a new learned step must be trained: refuse one the
+            check_optimizer_trains_quantizers(unwrap(self.model), self.optimizer)  # optimizer lacks
+            self._configurations = configurations
+        for layer in layers:
             if layer.param_fn is None and layer.param_override is None:
                 w = layer.weight
                 by_weight.setdefault((id(w), layer.quantizer), (w, []))[1].append(layer)
