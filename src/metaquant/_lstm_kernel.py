@@ -15,28 +15,34 @@ from torch.autograd.function import once_differentiable
 # For a network of N weights (N ≈ 270k for ResNet20) and hidden size H (100), LSTMFC's step is the largest
 # piece of work in a MetaQuant iteration: the gate product h·W_hhᵀ alone is N·H·4H multiply-adds, twice a ResNet20
 # forward pass on a CIFAR batch. ``nn.LSTM`` keeps, for its backward pass, the gates and more tensors of N × H.
-# The functions below compute the same step block by block of rows (``chunk_size`` coordinates at a time): each
-# block of gates ``[rows, 4H]`` is one matrix product (plus the input term, of size 1: an outer product) into a
-# reused buffer, turned into the new state by in-place element-wise operations while it is still in cache. The
-# autograd function saves tensors that exist anyway (the input, the old and the new state, the parameters) and
-# the gates of a share ``keep_gates`` of the coordinates; its backward pass recomputes the other blocks of gates
-# (one more matrix product) instead of keeping all N × 4H gates: time against memory, 0 (nothing kept beyond the
-# new state and a few block-sized buffers) to 1 (no recomputation). Then per block: ∂/∂gates in place of the
-# gates, and two products for the gradients of the weights.
+# The functions below compute the same step block by block of rows (``chunk_size`` coordinates at a time). Each
+# block's operand ``A = [input | 1 | h]`` ``[rows, in + 1 + H]`` is laid out once, so that one matrix product
+# with ``[W_ihᵀ; b; W_hhᵀ]`` gives the gates' pre-activations (input term and bias included) and, in the
+# backward pass, one product ``Aᵀ·∂gates`` gives the gradients of all three. The gates are then activated and
+# turned into the new state by in-place element-wise operations on the block, while it is still in cache: after a
+# matrix product, what a CPU spends its time on is passes over blocks of N × H floats, so every operation below
+# is counted. The autograd function saves tensors that exist anyway (the input, the old and the new state, the
+# parameters) and the gates of a share ``keep_gates`` of the coordinates; its backward pass recomputes the other
+# blocks of gates (one more matrix product) instead of keeping all N × 4H gates: time against memory, 0 (nothing
+# kept beyond the new state and a few block-sized buffers) to 1 (no recomputation). Then per block: ∂/∂gates in
+# place of the gates, and one product for the gradients of the weights.
 #
-# One sigmoid call makes all four gates: the cell gate's weights and bias are doubled and tanh(x) = 2·σ(2x) − 1
-# (a CPU computes a sigmoid several times faster than a tanh; the two differ by rounding, at most 2e-7 in float32).
+# The gates' columns are ordered ``i, f, o, g`` inside the kernel (``nn.LSTM``: ``i, f, g, o``) so that one
+# sigmoid call covers the first 3H columns and one tanh the last H; the weights' gradients are put back in
+# ``nn.LSTM``'s order.
 
-#: Rows of N processed at once on a CPU: a block of gates (4096 x 400 floats, 6.5 MB) stays in cache between its
-#: matrix product and the element-wise work that follows. On a machine whose cores are oversubscribed (other
-#: work), OpenMP threads spin at the end of every operation waiting for a descheduled peer, which made the step
-#: 4x slower on 2 shared cores: ``OMP_WAIT_POLICY=PASSIVE`` in the environment cures it, and larger blocks
-#: (``chunk_size=65536``: fewer operations) lessen it (benchmarks/lstmfc_time.py measures both).
-CPU_CHUNK_ROWS = 4096
+#: Rows of N processed at once on a CPU. Each operation on a block costs a fixed overhead (dispatch, waking the
+#: OpenMP threads), which dominates blocks of under a few thousand rows; beyond 16384 rows the blocks no longer
+#: gain, and their buffers grow (16384 x 400 floats: 26 MB). On a machine whose cores are oversubscribed (other
+#: work), OpenMP threads spin at the end of every operation waiting for a descheduled peer: ``OMP_WAIT_POLICY=
+#: PASSIVE`` in the environment cures it (benchmarks/lstmfc_time.py measures block sizes).
+CPU_CHUNK_ROWS = 16384
 #: On a GPU, larger blocks: fewer kernel launches, a bounded buffer (65536 x 400 floats: 100 MB).
 GPU_CHUNK_ROWS = 65536
 #: The share of coordinates whose gates ``LSTMFC`` keeps for the backward pass by default (see ``keep_gates``).
-KEEP_GATES = 0.5
+#: None: on a CPU, writing the kept gates to memory and reading them back costs about what recomputing them
+#: (one matrix product, the activations) saves, so the default is the leanest.
+KEEP_GATES = 0.0
 
 
 def default_chunk_rows(device: torch.device) -> int:
@@ -50,42 +56,72 @@ def _lstm_weights(lstm: nn.LSTM) -> list[Tensor]:
     return [getattr(lstm, f"{kind}_l{layer}") for layer in range(lstm.num_layers) for kind in kinds]
 
 
-def _cell_weights(weights: list[Tensor]) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """Per layer ``(W_ihᵀ, W_hhᵀ, b_ih + b_hh)``, the cell gate's columns doubled (``tanh(x) = 2σ(2x) − 1``)."""
+#: Inside the kernel the gates' columns are ``i, f, o, g``: this permutation of blocks takes ``nn.LSTM``'s order
+#: (``i, f, g, o``) to it, and back (it is its own inverse).
+_SWAP_G_O = (0, 1, 3, 2)
+
+
+def _gate_columns(t: Tensor, order: tuple[int, ...]) -> Tensor:
+    """``t`` ``[..., 4H]`` with its four blocks of H columns in ``order``."""
+    return torch.cat([t[..., k * (t.shape[-1] // 4) : (k + 1) * (t.shape[-1] // 4)] for k in order], dim=-1)
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One LSTM layer's weights as the kernel uses them: ``w = [W_ihᵀ; b_ih + b_hh; W_hhᵀ]`` ``[in + 1 + H, 4H]``
+    in the kernel's gate order; a block's operand ``A = [input | 1 | h]`` multiplies it (``A[:, :in + 1]`` and
+    ``w[:in + 1]`` for a zero state)."""
+
+    w: Tensor
+    inputs: int  # in: 1 for the first layer, H above
+
+    @property
+    def w_ih_t(self) -> Tensor:
+        return self.w[: self.inputs]
+
+    @property
+    def w_hh_t(self) -> Tensor:
+        return self.w[self.inputs + 1 :]
+
+    def width(self, zero_state: bool) -> int:
+        """The columns of ``A`` that count: ``[input | 1]`` for a zero state, else all."""
+        return self.inputs + 1 if zero_state else self.w.shape[0]
+
+
+def _cells(weights: Sequence[Tensor]) -> list[_Cell]:
+    """A ``_Cell`` per layer from ``weight_ih, weight_hh, bias_ih, bias_hh`` of every layer (detached)."""
     cells = []
     for layer in range(len(weights) // 4):
         w_ih, w_hh, b_ih, b_hh = (w.detach() for w in weights[4 * layer : 4 * layer + 4])
-        hidden = w_hh.shape[1]
-        w_ih_t, w_hh_t, bias = w_ih.t().clone(), w_hh.t().clone(), b_ih + b_hh
-        for t in (w_ih_t, w_hh_t, bias):
-            t[..., 2 * hidden : 3 * hidden] *= 2
-        cells.append((w_ih_t, w_hh_t, bias))
+        w = torch.cat([w_ih.t(), (b_ih + b_hh)[None], w_hh.t()])
+        cells.append(_Cell(_gate_columns(w, _SWAP_G_O), w_ih.shape[1]))
     return cells
 
 
-def _gates(out: Tensor, inp: Tensor, h0: Tensor | None, cell: tuple[Tensor, Tensor, Tensor]) -> list[Tensor]:
-    """The activated gates ``i, f, g, o`` of one LSTM layer for a block of rows, computed into ``out`` ``[n, 4H]``.
+def _operand_buffer(like: Tensor, rows: int, cell: _Cell) -> Tensor:
+    """A buffer for the blocks' operands ``[input | 1 | h]`` ``[rows, in + 1 + H]``, its column of ones set."""
+    buffer = like.new_empty(rows, cell.w.shape[0])
+    buffer[:, cell.inputs].fill_(1)
+    return buffer
 
-    ``inp`` is ``[n]`` for the first layer (input size 1: an outer product with ``W_ih``) or ``[n, H]``; ``h0``
-    is ``[n, H]``, or None for a zero state. The four returned tensors are views of ``out``.
-    """
-    w_ih_t, w_hh_t, bias = cell
-    if inp.dim() == 1:
-        torch.addcmul(bias, inp[:, None], w_ih_t, out=out)  # b + x·W_ihᵀ
-    else:
-        torch.addmm(bias, inp, w_ih_t, out=out)
+
+def _operand(buffer: Tensor, inp: Tensor, h0: Tensor | None, cell: _Cell) -> Tensor:
+    """``A = [inp | 1 | h0]`` of a block in ``buffer`` (``[inp | 1]`` when ``h0`` is None, a zero state)."""
+    n = inp.shape[0]
+    buffer[:n, : cell.inputs].copy_(inp[:, None] if inp.dim() == 1 else inp)
     if h0 is not None:
-        out.addmm_(h0, w_hh_t)
-    out.sigmoid_()
-    i, f, g, o = out.chunk(4, dim=1)
-    g.mul_(2).sub_(1)  # g = 2σ(2x) − 1 = tanh(x)
-    return [i, f, g, o]
+        buffer[:n, cell.inputs + 1 :].copy_(h0)
+    return buffer[:n, : cell.width(h0 is None)]
 
 
-def _tanh(x: Tensor, out: Tensor) -> Tensor:
-    """``tanh(x) = 2·σ(2x) − 1`` into ``out``: a CPU computes a sigmoid several times faster than a tanh."""
-    torch.mul(x, 2, out=out).sigmoid_()
-    return out.mul_(2).sub_(1)
+def _gates(out: Tensor, a: Tensor, cell: _Cell) -> list[Tensor]:
+    """The activated gates ``i, f, o, g`` of one LSTM layer for a block, computed into ``out`` ``[n, 4H]`` from
+    the block's operand ``a`` (``_operand``). The four returned tensors are views of ``out``."""
+    torch.mm(a, cell.w[: a.shape[1]], out=out)
+    hidden = out.shape[1] // 4
+    out[:, : 3 * hidden].sigmoid_()
+    out[:, 3 * hidden :].tanh_()
+    return list(out.split(hidden, dim=1))
 
 
 @dataclass(frozen=True)
@@ -156,36 +192,38 @@ def _lstmfc_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``scale = FC(act(h'))`` ``[N]`` and the new state ``h', c'`` ``[L, N, H]`` of one LSTM step (no autograd).
 
-    The fourth result holds the activated gates of the first ``kept_rows`` rows, ``[L, kept_rows, 4H]`` (None
-    for 0); those of the other rows are made in a buffer of one block and not kept.
+    The fourth result holds the activated gates (kernel order ``i, f, o, g``) of the first ``kept_rows`` rows,
+    ``[L, kept_rows, 4H]`` (None for 0); those of the other rows are made in a buffer of one block and not kept.
     """
     layers, n_total, hidden = len(weights) // 4, x.shape[0], w_fc.shape[-1]
     h_new = x.new_empty(layers, n_total, hidden)
     c_new = x.new_empty(layers, n_total, hidden)
     scale = x.new_empty(n_total)
-    cells = _cell_weights(weights)
+    cells = _cells(weights)
     w_fc = w_fc.detach().reshape(-1)
     rows = _block_rows(rows, n_total)
     kept = x.new_empty(layers, kept_rows, 4 * hidden) if kept_rows else None
     gate_buffer = x.new_empty(rows, 4 * hidden) if kept_rows < n_total else None
+    operands = [_operand_buffer(x, rows, cell) for cell in cells]
     act_buffer = None if act.identity else x.new_empty(rows, hidden)
     for start in range(0, n_total, rows):
         block = slice(start, min(start + rows, n_total))
         n = block.stop - start
         inp = x[block]
-        for k in range(layers):
+        for k, cell in enumerate(cells):
             if kept is not None and start < kept_rows:
                 out = kept[k, block]
             else:
                 assert gate_buffer is not None  # made whenever some rows are not kept
                 out = gate_buffer[:n]
-            i, f, g, o = _gates(out, inp, None if h0 is None else h0[k, block], cells[k])
+            a = _operand(operands[k], inp, None if h0 is None else h0[k, block], cell)
+            i, f, o, g = _gates(out, a, cell)
             c, h = c_new[k, block], h_new[k, block]
             if c0 is None:
                 torch.mul(i, g, out=c)
             else:
                 torch.mul(f, c0[k, block], out=c).addcmul_(i, g)  # c' = f·c + i·g
-            _tanh(c, out=h).mul_(o)  # h' = o·tanh(c')
+            torch.tanh(c, out=h).mul_(o)  # h' = o·tanh(c')
             inp = h
         a = act.forward(inp, act_buffer[:n] if act_buffer is not None else inp)
         torch.mv(a, w_fc, out=scale[block])
@@ -229,22 +267,19 @@ class _LSTMFCStep(torch.autograd.Function):
         act: _HeadActivation = ctx.act
         if d_scale is None:
             d_scale = x.new_zeros(n_total)
-        cells = _cell_weights(weights)
+        cells = _cells(weights)
         w_fc_flat = w_fc.reshape(-1)
         g_fc = torch.zeros_like(w_fc_flat) if need_fc else None
-        # per layer: d(W_ihᵀ | b) as [in + 1, 4H] (in = 1 for the first layer) and d W_hhᵀ as [H, 4H]
         any_w = any(need_w)
-        # (empty lists when no weight needs a gradient: they are read only under ``if any_w``)
-        g_in = [x.new_zeros((1 if k == 0 else hidden) + 1, 4 * hidden) for k in range(layers)] if any_w else []
-        g_hh = [x.new_zeros(hidden, 4 * hidden) for _ in range(layers)] if any_w else []
+        # per layer: ∂/∂[W_ihᵀ; b; W_hhᵀ] (kernel gate order), accumulated block by block as Aᵀ·∂gates
+        g_cat = [torch.zeros_like(cell.w) for cell in cells] if any_w else []
         g_x = torch.empty_like(x) if need_x else None
         g_h0 = torch.empty_like(h0) if need_h0 else None
         g_c0 = torch.empty_like(c0) if need_c0 else None
         rows = _block_rows(ctx.rows, n_total)
         gate_buffer = x.new_empty(rows, 4 * hidden)
         dh_buffer, dc_buffer, t_buffer = (x.new_empty(rows, hidden) for _ in range(3))
-        # [input | 1] of each layer, so that one product gives the gradients of W_ih and of the bias
-        in_buffers = [x.new_ones(rows, (1 if k == 0 else hidden) + 1) for k in range(layers)] if any_w else []
+        operands = [_operand_buffer(x, rows, cell) for cell in cells]
         for start in range(0, n_total, rows):
             block = slice(start, min(start + rows, n_total))
             n = block.stop - start
@@ -259,32 +294,32 @@ class _LSTMFCStep(torch.autograd.Function):
             if d_h_new is not None:
                 dh.add_(d_h_new[layers - 1, block])
             for k in reversed(range(layers)):
+                cell = cells[k]
                 inp = x[block] if k == 0 else h_new[k - 1, block]
                 h_prev = None if h0 is None else h0[k, block]
                 c_prev = None if c0 is None else c0[k, block]
+                operand = _operand(operands[k], inp, h_prev, cell) if any_w or start >= ctx.kept_rows else None
                 if start < ctx.kept_rows:  # kept by the forward pass (copied: a second backward pass needs them)
-                    gates: Sequence[Tensor] = G.copy_(kept[k, block]).chunk(4, dim=1)
+                    gates: Sequence[Tensor] = G.copy_(kept[k, block]).split(hidden, dim=1)
                 else:
-                    gates = _gates(G, inp, h_prev, cells[k])
+                    assert operand is not None
+                    gates = _gates(G, operand, cell)
                 d_c = None if d_c_new is None else d_c_new[k, block]
                 g_c = None if g_c0 is None else g_c0[k, block]
                 _gate_grads(gates, dh, dc, t, c_new[k, block], c_prev, d_c, g_c)
                 # G now holds the gradient of the gates' pre-activations.
                 if any_w:
-                    inb = in_buffers[k][:n]
-                    inb[:, :-1].copy_(inp[:, None] if k == 0 else inp)
-                    g_in[k].addmm_(inb.t(), G)
-                    if h_prev is not None:
-                        g_hh[k].addmm_(h_prev.t(), G)
+                    assert operand is not None
+                    g_cat[k][: operand.shape[1]].addmm_(operand.t(), G)
                 if g_h0 is not None:
-                    torch.mm(G, weights[4 * k + 1], out=g_h0[k, block])
+                    torch.mm(G, cell.w_hh_t.t(), out=g_h0[k, block])
                 if k > 0:
-                    torch.mm(G, weights[4 * k], out=dh)  # ∂/∂h' of the layer below
+                    torch.mm(G, cell.w_ih_t.t(), out=dh)  # ∂/∂h' of the layer below
                     if d_h_new is not None:
                         dh.add_(d_h_new[k - 1, block])
                 elif g_x is not None:
-                    torch.mv(G, weights[0].reshape(-1), out=g_x[block])
-        g_w = _weight_grads(g_in, g_hh, need_w) if any_w else [None] * len(weights)
+                    torch.mv(G, cell.w_ih_t.reshape(-1), out=g_x[block])
+        g_w = _weight_grads(g_cat, cells, need_w) if any_w else [None] * len(weights)
         return (g_x, g_h0, g_c0, None if g_fc is None else g_fc.view_as(w_fc), None, None, None, *g_w)
 
 
@@ -298,14 +333,15 @@ def _gate_grads(
     d_c_new: Tensor | None,
     g_c0: Tensor | None,
 ) -> None:
-    """The gradient of one layer's gates' pre-activations for a block, in place of its activated gates.
+    """The gradient of one layer's gates' pre-activations for a block, in place of its activated gates
+    (``i, f, o, g``).
 
     ``dh`` holds ∂/∂h' on entry; it, ``dc`` and ``t`` are overwritten (``dc`` ends as ∂/∂c'). ``c_prev`` is the
     old cell state (None: zeros), ``d_c_new`` a gradient reaching ``c'`` from outside, ``g_c0`` where ∂/∂c goes.
     """
-    i, f, g, o = gates
+    i, f, o, g = gates
     # With T = tanh(c'), u = dh·o, v = u·T:
-    _tanh(c_new, out=t)  # as in the forward pass, to the bit
+    torch.tanh(c_new, out=t)  # as in the forward pass, to the bit
     torch.mul(dh, o, out=dc)  # u
     torch.mul(dc, t, out=dh)  # v
     torch.addcmul(dc, dh, t, value=-1, out=dc)  # ∂/∂c' = u − v·T = dh·o·(1 − T²)
@@ -325,13 +361,14 @@ def _gate_grads(
     torch.addcmul(dh, dh, i, value=-1, out=i)  # i's: r − r·i = dc·g·i(1 − i)
 
 
-def _weight_grads(g_in: list[Tensor], g_hh: list[Tensor], need_w: tuple[bool, ...]) -> list[Tensor | None]:
+def _weight_grads(g_cat: list[Tensor], cells: list[_Cell], need_w: tuple[bool, ...]) -> list[Tensor | None]:
     """The gradients of ``weight_ih, weight_hh, bias_ih, bias_hh`` of every layer from the accumulated
-    ``d(W_ihᵀ | b)`` ``[in + 1, 4H]`` and ``d W_hhᵀ`` ``[H, 4H]``; None where no gradient is needed."""
+    ``∂/∂[W_ihᵀ; b; W_hhᵀ]`` (kernel gate order); None where no gradient is needed."""
     g_w: list[Tensor | None] = []
-    for g_in_k, g_hh_k in zip(g_in, g_hh):
-        g_w.append(g_in_k[:-1].t().contiguous())
-        g_w.append(g_hh_k.t().contiguous())  # zeros from a zero state
-        g_w.append(g_in_k[-1].clone())
-        g_w.append(g_in_k[-1].clone())  # b_ih and b_hh enter the gates the same way
+    for g, cell in zip(g_cat, cells):
+        g = _gate_columns(g, _SWAP_G_O)
+        g_w.append(g[: cell.inputs].t().contiguous())
+        g_w.append(g[cell.inputs + 1 :].t().contiguous())  # zeros from a zero state
+        g_w.append(g[cell.inputs].clone())
+        g_w.append(g[cell.inputs].clone())  # b_ih and b_hh enter the gates the same way
     return [gw if need else None for gw, need in zip(g_w, need_w)]
