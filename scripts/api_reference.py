@@ -53,6 +53,7 @@ MODULES = [
     "metaquant.experiments.equivalent",
     "metaquant.experiments.report",
     "metaquant.experiments.tables",
+    "metaquant.experiments.paired",
     "metaquant.experiments.trace",
     "metaquant.experiments.plots",
 ]

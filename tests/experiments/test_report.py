@@ -300,7 +300,7 @@ def test_rows_are_experiments_and_a_trial_counts_once(tmp_path, caplog):
     assert {r.backward: r.trials for r in again} == {k: r.trials for k, r in rows.items()}
 
 
-def _write_precise_run(root, name, accs, precise, **config):
+def _write_precise_run(root, name, accs, precise=None, **config):
     run = root / name
     run.mkdir(parents=True)
     RunConfig(**config).save(run / "config.json")

@@ -31,13 +31,14 @@ from .demo import DemoConfig, run_demo
 from .lifecycle import RunResult, describe_checkpoint, execute, resume
 from .naming import default_run_name
 from .options import OPTION_FIELDS, add_config_options, add_dataclass_options, flag, parameter_flags, to_flags
+from .paired import paired_differences
 from .plots import plot_comparisons, plot_trace
 from .presets import resolve_preset
 from .report import collect, summarize, told_apart
 from .runs import RunDir, RunExistsError, RunLockedError
 from .scheduler import run_sweep
 from .sweep import load_sweep, plan, run_state, select_runs
-from .tables import write_precise_table, write_table
+from .tables import write_paired_table, write_precise_table, write_table
 
 __all__ = ["main", "build_parser"]
 
@@ -229,6 +230,10 @@ def _report(args: argparse.Namespace) -> int:
     if precise:
         print(precise[0].read_text())
         written += precise
+    paired = write_paired_table(paired_differences(trials), out)
+    if paired:
+        print(paired[0].read_text())
+        written += paired
     if args.figures:
         try:
             written += plot_comparisons(trials, out)

@@ -1,5 +1,6 @@
 """The results tables: ``summarize``'s rows as Markdown (the seed's layout: mean (variance)) and CSV, and beside
-them, for runs that measured it, the accuracies with BatchNorm statistics recomputed.
+them, for runs that measured it, the accuracies with BatchNorm statistics recomputed, and the trial-by-trial
+differences with the STE (``paired``).
 
 A table gains an ``Act Bits`` column after ``Bits`` only when one of its runs quantizes activations: the tables
 of weight-only runs keep their layout.
@@ -11,14 +12,16 @@ from __future__ import annotations
 
 import csv
 import io
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_files
+from .paired import PairedRow
 from .report import SummaryRow
 
-__all__ = ["write_table", "write_precise_table"]
+__all__ = ["write_table", "write_precise_table", "write_paired_table"]
 
 
 _COLUMNS = [
@@ -184,6 +187,62 @@ def write_precise_table(rows: Sequence[SummaryRow], out: Path, stem: str = "resu
     writer.writerow(header + [f"{n}_{s}" for n in names for s in ("mean", "var")] + ["trials"])
     for key, stats, trials in cells:
         writer.writerow(key + [f"{x:.4f}" for m, v in stats for x in (m, v)] + [trials])
+    csv_path = out / f"{stem}.csv"
+    atomic_write_files({md: markdown.encode(), csv_path: buffer.getvalue().encode()})
+    return [md, csv_path]
+
+
+_PAIRED_COLUMNS = ["Model", "Dataset", "Forward", "Bits", "Optimizer", "Backward", "Against", "Trials"]
+_PAIRED_STATS = [
+    ("Δ Last 10", "last10", "last"),
+    ("Δ Last 10 (BN recomputed)", "last10_precise_bn", "precise_last"),
+    ("Δ Final", "final", "final"),
+    ("Δ Final (BN recomputed)", "final_precise_bn", "precise_final"),
+]
+_PAIRED_NOTE = (
+    "Trial by trial against the STE experiment of the same settings (trial n of both share a seed: the same data "
+    "order, augmentation and start): each cell is the mean over the paired trials of the difference (method − "
+    "STE), in points, then each trial's difference in trial order. Last 10: the mean of a trial's last 10 test "
+    "accuracies; (BN recomputed): with BatchNorm statistics recomputed from training batches before each test; "
+    "-: not measured by every trial of both."
+)
+
+
+def write_paired_table(rows: Sequence[PairedRow], out: Path, stem: str = "results-paired") -> list[Path]:
+    """``<stem>.md`` and ``<stem>.csv``: ``paired.paired_differences``'s comparisons; nothing (an empty list)
+    when there is none."""
+    if not rows:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    activations = any(r.act_bits is not None for r in rows)
+    act = ["Act Bits"] if activations else []
+    columns = _PAIRED_COLUMNS[:4] + act + _PAIRED_COLUMNS[4:]
+    lines = [
+        "| " + " | ".join(columns + [title for title, _, _ in _PAIRED_STATS]) + " |",
+        "|" + "|".join(" :---: " for _ in range(len(columns) + len(_PAIRED_STATS))) + "|",
+    ]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    header = ["model", "dataset", "forward", "bits"] + (["act_bits"] if activations else [])
+    header += ["optimizer", "backward", "against", "trials"]
+    writer.writerow(header + [f"d_{name}_{part}" for _, name, _ in _PAIRED_STATS for part in ("mean", "per_trial")])
+    for r in rows:
+        act_bits = [_FLOAT_ACT_BITS if r.act_bits is None else r.act_bits] if activations else []
+        key = [r.model, r.dataset, r.forward, r.bits, *act_bits, r.optimizer, r.backward, r.baseline]
+        key.append(" ".join(map(str, r.trials)))
+        values = [getattr(r, attr) for _, _, attr in _PAIRED_STATS]
+        cells = [
+            "-" if v is None else f"{statistics.fmean(v):+.3f} ({', '.join(f'{d:+.2f}' for d in v)})" for v in values
+        ]
+        lines.append("| " + " | ".join([*map(str, key)] + cells) + " |")
+        csv_values = [
+            x
+            for v in values
+            for x in (("", "") if v is None else (f"{statistics.fmean(v):.4f}", " ".join(f"{d:.4f}" for d in v)))
+        ]
+        writer.writerow(key + csv_values)
+    md = out / f"{stem}.md"
+    markdown = "\n".join(lines) + "\n\n" + _PAIRED_NOTE + (_ACT_NOTE if activations else "") + "\n"
     csv_path = out / f"{stem}.csv"
     atomic_write_files({md: markdown.encode(), csv_path: buffer.getvalue().encode()})
     return [md, csv_path]
