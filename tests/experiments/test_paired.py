@@ -87,3 +87,40 @@ def test_the_report_command_writes_the_paired_table_only_when_there_is_a_pair(tm
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "b"), "--no-figures"]) == 0
     assert "| MultiFC | STE | 1 | +2.500 (+2.50) |" in (tmp_path / "b" / "results-paired.md").read_text()
     assert "results-paired.csv" in capsys.readouterr().out
+
+
+def test_a_report_of_other_runs_leaves_no_paired_table_of_the_runs_before(tmp_path):
+    from metaquant.experiments.cli import main
+
+    _run(tmp_path / "a", "ste-trial-1", [80.0, 81.0], [80.0, 81.0], estimator="ste", record_precise_bn=10)
+    _run(tmp_path / "a", "multifc-trial-1", [82.0, 84.0], [82.0, 84.0], estimator="multifc", record_precise_bn=10)
+    _run(tmp_path / "b", "ste-trial-1", [70.0, 71.0], estimator="ste")
+    out = tmp_path / "out"
+    assert main(["report", str(tmp_path / "a"), "--out", str(out), "--no-figures"]) == 0
+    assert (out / "results-paired.md").exists() and (out / "results-precise-bn.csv").exists()
+    assert main(["report", str(tmp_path / "b"), "--out", str(out), "--no-figures", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.md"]
+
+
+def test_trials_are_paired_only_with_the_same_seeds_and_an_equivalent_ste_only_with_its_run(tmp_path):
+    adam = {"optimizer": "adam", "lr": 1e-3}
+    for t in (1, 2):
+        _run(tmp_path, f"ste-trial-{t}", [80.0, 80.0 + t], estimator="ste", seed=t - 1, **adam)
+        _run(tmp_path, f"fc-grad-trial-{t}", [81.0, 83.0 + t], estimator="fc-grad", seed=t - 1, **adam)
+        # the equivalent STE of FC-Grad's trial t: its baseline, and itself compared with the STE
+        gain = {"lr_gain_from": str(tmp_path / f"fc-grad-trial-{t}"), "label": "STE (FC-Grad's gain)"}
+        _run(tmp_path, f"equivalent-trial-{t}", [81.0, 82.0 + t], estimator="ste", seed=t - 1, **gain, **adam)
+        # another sweep's seeds: trial t of it is not trial t of this one
+        _run(tmp_path / "other", f"multifc-trial-{t}", [85.0, 90.0], estimator="multifc", seed=100 + t, **adam)
+    rows = {(r.backward, r.baseline): r for r in paired_differences(told_apart(collect([tmp_path])), last_k=1)}
+    assert sorted(rows) == [
+        ("FC-Grad", "STE"),
+        ("FC-Grad", "STE (FC-Grad's gain)"),
+        ("STE (FC-Grad's gain)", "STE"),
+    ]
+    assert rows[("FC-Grad", "STE (FC-Grad's gain)")].final == pytest.approx((1.0, 1.0))
+    assert rows[("STE (FC-Grad's gain)", "STE")].trials == (1, 2)
+    # a run that does not start where the STE started (another full-precision model) is not paired either
+    _run(tmp_path / "late", "multifc-trial-1", [85.0, 90.0], estimator="multifc", init="elsewhere", **adam)
+    rows = paired_differences(told_apart(collect([tmp_path / "late", tmp_path / "ste-trial-1"])))
+    assert rows == []

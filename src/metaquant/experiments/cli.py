@@ -213,6 +213,10 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The tables ``report`` writes only when the runs have what they show.
+_OPTIONAL_TABLES = ("results-precise-bn", "results-paired")
+
+
 def _report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     taken = [p.name for p in (out / "results.md", out / "results.csv") if p.exists()]
@@ -226,14 +230,13 @@ def _report(args: argparse.Namespace) -> int:
     md, csv_path = write_table(rows, out)
     print(md.read_text())
     written = [md, csv_path]
-    precise = write_precise_table(rows, out)
-    if precise:
-        print(precise[0].read_text())
-        written += precise
-    paired = write_paired_table(paired_differences(trials), out)
-    if paired:
-        print(paired[0].read_text())
-        written += paired
+    for optional in (write_precise_table(rows, out), write_paired_table(paired_differences(trials), out)):
+        if optional:
+            print(optional[0].read_text())
+            written += optional
+    for stale in (out / f"{stem}.{ext}" for stem in _OPTIONAL_TABLES for ext in ("md", "csv")):
+        if stale not in written:  # a table of the runs reported before, which these runs do not make
+            stale.unlink(missing_ok=True)
     if args.figures:
         try:
             written += plot_comparisons(trials, out)

@@ -2,7 +2,7 @@
 under the same settings, trial n against trial n.
 
 A sweep gives trial n of every configuration the same seed, so the same data order, augmentation and starting
-point: the difference between two configurations in one trial is free of the spread between trials, which in a
+point (pairs whose seeds or start differ are not compared): the difference between two configurations in one trial is free of the spread between trials, which in a
 1-bit network is often larger than the effect being measured. The statistics are those of the tables, per trial:
 the mean of its last ``k`` test accuracies and its final one, and the same with BatchNorm statistics recomputed
 when both trials have them; a comparison reports each pair's difference (method − STE) and their mean.
@@ -99,12 +99,24 @@ def _is_baseline(setting: tuple[tuple[str, Any], ...]) -> bool:
     return dict(setting).get("estimator") == BASELINE
 
 
+def _comparable(ours: TrialCurves, theirs: TrialCurves) -> bool:
+    """Whether two trials of the same number may be compared: the same seeds and start, and a baseline that takes
+    its gain from a run (an equivalent STE) only against that run; an equivalent STE only against the STE."""
+    if ours.start != theirs.start:
+        return False
+    if theirs.gain_from is not None:
+        return ours.gain_from is None and ours.path is not None and ours.path.name == theirs.gain_from
+    return True
+
+
 def paired_differences(trials: Iterable[TrialCurves], last_k: int = 10) -> list[PairedRow]:
     """Every experiment of another estimator than the STE against every STE experiment whose settings are its
     own except ``METHOD_FIELDS`` (the same model, data, quantizer, optimizer, schedule, ...), trial by trial.
 
-    Runs of the original code (no settings recorded) and experiments without a common trial number with any
-    STE experiment are left out. Give it the trials the tables use (``report.told_apart(report.collect(...))``)
+    Trial ``n`` of both must share their seeds and start (``TrialCurves.start``); an equivalent STE (an STE that
+    takes its gain from a run) is the baseline of the run it takes the gain from only, and is itself compared with
+    the STE. Runs of the original code (no settings recorded) and experiments without such a pair of trials are
+    left out. Give it the trials the tables use (``report.told_apart(report.collect(...))``)
     so that the labels agree.
 
     Example:
@@ -125,14 +137,14 @@ def paired_differences(trials: Iterable[TrialCurves], last_k: int = 10) -> list[
     rows = []
     for key, ours in groups.items():
         setting = key[7]
-        if not setting or _is_baseline(setting):
-            continue
+        if not setting or (_is_baseline(setting) and not any(t.gain_from for t in ours.values())):
+            continue  # the original code's runs, and the STE itself
         for other, theirs in groups.items():
             if not _is_baseline(other[7]) or other[:5] + other[6:7] + other[8:] != key[:5] + key[6:7] + key[8:]:
                 continue
             if _without_method(other[7]) != _without_method(setting):
                 continue
-            common = sorted(set(ours) & set(theirs))
+            common = [n for n in sorted(set(ours) & set(theirs)) if _comparable(ours[n], theirs[n])]
             if not common:
                 continue
             diffs = _differences([ours[n] for n in common], [theirs[n] for n in common], last_k)

@@ -111,6 +111,9 @@ class TrialCurves:
             code.
         act_bits: the activations' bit width, None for float activations (the backward label names the
             activation quantizer).
+        start: what trial ``n`` of two experiments must share to be compared trial by trial (``paired``): the
+            seeds, and the names of the run it starts from and of its teacher; empty when not known.
+        gain_from: for an equivalent STE, the name of the run whose gain it takes; else None.
 
     Example:
         >>> from metaquant.experiments.report import TrialCurves
@@ -136,6 +139,8 @@ class TrialCurves:
     precise_acc: list[float] | None = None
     setting: tuple[tuple[str, Any], ...] = ()
     act_bits: int | None = None
+    start: tuple[Any, ...] = ()
+    gain_from: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str, str, int, str, str, tuple[tuple[str, Any], ...]]:
@@ -355,7 +360,14 @@ def read_run(path: Path) -> TrialCurves | None:
         _precise_curve(config, metrics),
         _setting(config, epochs_before),
         config.act_bits,
+        (config.seed, config.subset_seed, _name(config.init), _name(config.teacher)),
+        _name(config.lr_gain_from),
     )
+
+
+def _name(path: str | None) -> str | None:
+    """The last part of a run's or file's path (a sweep's folder may have moved), or None."""
+    return Path(path).name if path else None
 
 
 def _setting(config: RunConfig, first_epoch: int) -> tuple[tuple[str, Any], ...]:
