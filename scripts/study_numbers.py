@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                         gains.append(f"{t.trial}: {learned_gain(t.path):.3f}")
                     except FileNotFoundError:  # the run's trace.pt was not kept with it
                         gains.append(f"{t.trial}: - (no trace.pt)")
+                    except ValueError as err:  # e.g. under Adam, where no learning rate is equivalent
+                        gains.append(f"{t.trial}: - ({str(err).split(':')[0]})")
                 print(f"    learned gain k̄ per trial: {', '.join(gains)}")
             fp = members[0].fp_acc
             if best is None or mean > best[0]:

@@ -51,5 +51,11 @@ def test_study_numbers_by_hand(tmp_path, capsys):
     assert (
         f"best Last-10 mean: {fc_mean:.3f}, FC-Grad (SGD); full precision 90.00, difference {fc_mean - 90:+.3f}" in out
     )
+    # an FC-Grad run under Adam has no equivalent STE, so no gain to report: said, not a failure
+    adam = "fc-grad-resnet20-fashion-mnist-dorefa1-adam-trial-1"
+    _run(tmp_path / "runs", adam, "fc-grad", "adam", [80.0] * 12, [1.0] * 12, pre)
+    (tmp_path / "runs" / adam / "trace.pt").touch()
+    assert study_numbers.main([str(tmp_path / "runs")]) == 0
+    assert "learned gain k̄ per trial: 1: - (the equivalent STE is defined for SGD)" in capsys.readouterr().out
     assert study_numbers.main([str(tmp_path / "nothing")]) == 1
     assert "study_numbers: error:" in capsys.readouterr().err
