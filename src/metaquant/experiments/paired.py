@@ -2,10 +2,11 @@
 under the same settings, trial n against trial n.
 
 A sweep gives trial n of every configuration the same seed, so the same data order, augmentation and starting
-point (pairs whose seeds or start differ are not compared): the difference between two configurations in one trial is free of the spread between trials, which in a
-1-bit network is often larger than the effect being measured. The statistics are those of the tables, per trial:
-the mean of its last ``k`` test accuracies and its final one, and the same with BatchNorm statistics recomputed
-when both trials have them; a comparison reports each pair's difference (method − STE) and their mean.
+point (pairs whose seeds or start differ are not compared): the difference between two configurations in one
+trial is free of the spread between trials, which in a 1-bit network is often larger than the effect being
+measured. The statistics are those of the tables, per trial: the mean of its last ``k`` test accuracies and its
+final one, and the same with BatchNorm statistics recomputed when both trials have them; a comparison reports
+each pair's difference (method − STE) and their mean.
 """
 
 from __future__ import annotations
