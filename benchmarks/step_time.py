@@ -9,7 +9,9 @@ batch (``--batch-size`` x 3 x 32 x 32, default 128), plain SGD (lr 1e-3), float3
                  ``mq.Trainer`` (clipped STE): the paper's baseline;
 * ``fc-grad``, ``multifc``, ``lstmfc``, ``lstmfc-16``   the same quantized network trained by ``mq.MetaQuant``
                  with ``FCGrad(hidden=100)``, ``MultiFC(hidden=100)``, ``LSTMFC(hidden=100)`` (the paper's) and
-                 ``LSTMFC(hidden=16)``, ``meta_lr=1e-3``;
+                 ``LSTMFC(hidden=16)``, ``meta_lr=1e-3``; ``lstmfc-keep``: ``LSTMFC(hidden=100, keep_gates=1)``,
+                 which keeps the gates instead of recomputing them (fastest where freed memory is reused,
+                 docs/performance.md);
 * ``ste-kd``     STE on the loss of knowledge distillation (``mq.Distillation``, weight 0.9, temperature 4) from
                  the full-precision ResNet20 as teacher: the cost of the teacher's forward pass.
 
@@ -51,13 +53,14 @@ import torch.nn.functional as F
 
 import metaquant as mq
 
-METHODS = ("fp", "ste", "fc-grad", "multifc", "lstmfc", "lstmfc-16", "ste-kd")
+METHODS = ("fp", "ste", "fc-grad", "multifc", "lstmfc", "lstmfc-keep", "lstmfc-16", "ste-kd")
 LAYOUTS = ("python", "cli")
 WARMUP_STEPS = 3
 META = {
     "fc-grad": lambda: mq.FCGrad(hidden=100),
     "multifc": lambda: mq.MultiFC(hidden=100),
     "lstmfc": lambda: mq.LSTMFC(hidden=100),
+    "lstmfc-keep": lambda: mq.LSTMFC(hidden=100, keep_gates=1.0),
     "lstmfc-16": lambda: mq.LSTMFC(hidden=16),
 }
 

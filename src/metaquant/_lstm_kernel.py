@@ -40,8 +40,9 @@ CPU_CHUNK_ROWS = 16384
 #: On a GPU, larger blocks: fewer kernel launches, a bounded buffer (65536 x 400 floats: 100 MB).
 GPU_CHUNK_ROWS = 65536
 #: The share of coordinates whose gates ``LSTMFC`` keeps for the backward pass by default (see ``keep_gates``).
-#: On a CPU, writing the kept gates to memory and reading them back costs about what recomputing them (one
-#: matrix product, the activations) saves, so the default is the leanest (not measured on a GPU).
+#: 0, the leanest: on a CPU with glibc's defaults, the fresh pages the kept gates need at every step cost about
+#: what recomputing them (one matrix product, the activations) saves; where freed memory is reused, 1 is faster
+#: (docs/performance.md; not measured on a GPU).
 KEEP_GATES = 0.0
 
 

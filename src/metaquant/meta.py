@@ -235,7 +235,7 @@ class LSTMFC(MetaQuantizer):
         chunk_size: coordinates processed at once (None: ``default_chunk_rows(device)``); speed and memory only.
         keep_gates: the share of coordinates in ``[0, 1]`` whose gates are kept for the backward pass (the others
             are recomputed): 0 the leanest; 1 skips one matrix product for ``N·4·hidden·num_lstm`` more floats,
-            which on a CPU costs about what it saves (docs/performance.md).
+            the fastest where the allocator reuses freed memory (docs/performance.md).
         init_scheme: ``"paper"`` or ``"ste"`` (``1 + FC_φ(·)``, the FC starting at zero).
 
     Raises:
