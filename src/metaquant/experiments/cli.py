@@ -38,7 +38,7 @@ from .report import collect, summarize, told_apart
 from .runs import RunDir, RunExistsError, RunLockedError
 from .scheduler import run_sweep
 from .sweep import load_sweep, plan, run_state, select_runs
-from .tables import write_paired_table, write_precise_table, write_table
+from .tables import OPTIONAL_TABLES, write_paired_table, write_precise_table, write_table
 
 __all__ = ["main", "build_parser"]
 
@@ -213,10 +213,6 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-#: The tables ``report`` writes only when the runs have what they show.
-_OPTIONAL_TABLES = ("results-precise-bn", "results-paired")
-
-
 def _report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     taken = [p.name for p in (out / "results.md", out / "results.csv") if p.exists()]
@@ -234,7 +230,7 @@ def _report(args: argparse.Namespace) -> int:
         if optional:
             print(optional[0].read_text())
             written += optional
-    for stale in (out / f"{stem}.{ext}" for stem in _OPTIONAL_TABLES for ext in ("md", "csv")):
+    for stale in (out / f"{stem}.{ext}" for stem in OPTIONAL_TABLES for ext in ("md", "csv")):
         if stale not in written:  # a table of the runs reported before, which these runs do not make
             stale.unlink(missing_ok=True)
     if args.figures:

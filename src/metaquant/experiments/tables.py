@@ -21,7 +21,11 @@ from ..files import atomic_write_files
 from .paired import PairedRow
 from .report import SummaryRow
 
-__all__ = ["write_table", "write_precise_table", "write_paired_table"]
+__all__ = ["write_table", "write_precise_table", "write_paired_table", "OPTIONAL_TABLES"]
+
+PRECISE_STEM, PAIRED_STEM = "results-precise-bn", "results-paired"
+#: The tables written only when the runs have what they show (each as ``<stem>.md`` and ``<stem>.csv``).
+OPTIONAL_TABLES = (PRECISE_STEM, PAIRED_STEM)
 
 
 _COLUMNS = [
@@ -155,7 +159,7 @@ _PRECISE_NOTE = (
 )
 
 
-def write_precise_table(rows: Sequence[SummaryRow], out: Path, stem: str = "results-precise-bn") -> list[Path]:
+def write_precise_table(rows: Sequence[SummaryRow], out: Path, stem: str = PRECISE_STEM) -> list[Path]:
     """``<stem>.md`` and ``<stem>.csv``: the rows whose trials all measured their accuracy with BatchNorm
     statistics recomputed, raw and recomputed side by side; nothing (an empty list) when no row has them."""
     shown = [r for r in rows if r.precise_final is not None and r.precise_last is not None]
@@ -208,7 +212,7 @@ _PAIRED_NOTE = (
 )
 
 
-def write_paired_table(rows: Sequence[PairedRow], out: Path, stem: str = "results-paired") -> list[Path]:
+def write_paired_table(rows: Sequence[PairedRow], out: Path, stem: str = PAIRED_STEM) -> list[Path]:
     """``<stem>.md`` and ``<stem>.csv``: ``paired.paired_differences``'s comparisons; nothing (an empty list)
     when there is none."""
     if not rows:
