@@ -34,7 +34,9 @@ machine, and ratios are taken against the limit (``x_limit``) and STE in the sam
     python benchmarks/step_time.py --methods fp ste --layouts cli --steps 5 --repeats 2 --device cuda
 
 On a CPU shared with other work, OpenMP threads spin while they wait for each other and wall-clock times swing;
-``OMP_WAIT_POLICY=PASSIVE`` removes most of that, and ``--threads 1 --cpu-time`` gives the steadiest ratios.
+``OMP_WAIT_POLICY=PASSIVE`` removes most of that, and ``--threads 1 --cpu-time`` gives the steadiest ratios. On
+an idle machine leave the policy alone: a passive thread is woken for every parallel operation (about 50 us), which
+slows the quantized steps, made of more small operations, more than the plain one (docs/performance.md).
 """
 
 from __future__ import annotations
