@@ -25,7 +25,8 @@ from torch.autograd.function import once_differentiable
 # parameters) and the gates of a share ``keep_gates`` of the coordinates; its backward pass recomputes the other
 # blocks of gates (one more matrix product) instead of keeping all N × 4H gates: time against memory, 0 (nothing
 # kept beyond the new state and a few block-sized buffers) to 1 (no recomputation). Then per block: ∂/∂gates in
-# place of the gates, and one product for the gradients of the weights.
+# place of the gates (of the kept ones too, which the first backward pass thus uses up: a second one, with
+# ``retain_graph``, recomputes them), and one product for the gradients of the weights.
 #
 # The gates' columns are ordered ``i, f, o, g`` inside the kernel (``nn.LSTM``: ``i, f, g, o``) so that one
 # sigmoid call covers the first 3H columns and one tanh the last H; the weights' gradients are put back in
@@ -234,8 +235,9 @@ def _lstmfc_forward(
 class _LSTMFCStep(torch.autograd.Function):
     """``(x, h, c, W_fc, W_ih, W_hh, b_ih, b_hh, …) → (FC(act(h')), h', c')`` with a lean backward pass.
 
-    Saves the tensors that live anyway (inputs, parameters and the new state) and the gates of the first
-    ``kept_rows`` rows; the backward pass recomputes the other blocks of gates. Gradients reach every input, and
+    Saves the tensors that live anyway (inputs, parameters and the new state) and holds the gates of the first
+    ``kept_rows`` rows, which the first backward pass turns into their gradients in place; the other blocks of
+    gates, and all of them in a second backward pass, are recomputed. Gradients reach every input, and
     the new state may receive gradients too (``set_materialize_grads(False)``: the usual case, none on the
     state, costs nothing).
     """
@@ -253,15 +255,18 @@ class _LSTMFCStep(torch.autograd.Function):
         *weights: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         scale, h_new, c_new, kept = _lstmfc_forward(x, h0, c0, list(weights), w_fc, act, rows, kept_rows)
-        ctx.act, ctx.rows, ctx.kept_rows = act, rows, kept_rows
+        ctx.act, ctx.rows = act, rows
+        ctx.kept = kept  # an intermediate, held by the context: the backward pass overwrites it
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, h0, c0, w_fc, h_new, c_new, kept, *weights)
+        ctx.save_for_backward(x, h0, c0, w_fc, h_new, c_new, *weights)
         return scale, h_new, c_new
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, d_scale: Tensor | None, d_h_new: Tensor | None, d_c_new: Tensor | None) -> tuple:
-        x, h0, c0, w_fc, h_new, c_new, kept, *weights = ctx.saved_tensors
+        x, h0, c0, w_fc, h_new, c_new, *weights = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None  # used up below: a second backward pass recomputes every block
+        kept_rows = 0 if kept is None else kept.shape[1]
         need_x, need_h0, need_c0, need_fc = ctx.needs_input_grad[:4]
         need_w = ctx.needs_input_grad[7:]
         layers, n_total, hidden = h_new.shape
@@ -278,13 +283,13 @@ class _LSTMFCStep(torch.autograd.Function):
         g_h0 = torch.empty_like(h0) if need_h0 else None
         g_c0 = torch.empty_like(c0) if need_c0 else None
         rows = _block_rows(ctx.rows, n_total)
-        gate_buffer = x.new_empty(rows, 4 * hidden)
+        gate_buffer = x.new_empty(rows, 4 * hidden) if kept_rows < n_total else None
         dh_buffer, dc_buffer, t_buffer = (x.new_empty(rows, hidden) for _ in range(3))
         operands = [_operand_buffer(x, rows, cell) for cell in cells]
         for start in range(0, n_total, rows):
             block = slice(start, min(start + rows, n_total))
             n = block.stop - start
-            G, dh, dc, t = gate_buffer[:n], dh_buffer[:n], dc_buffer[:n], t_buffer[:n]
+            dh, dc, t = dh_buffer[:n], dc_buffer[:n], t_buffer[:n]
             ds = d_scale[block]
             # the head: scale = act(h') · w_fc
             a = act.forward(h_new[layers - 1, block], t)
@@ -299,10 +304,14 @@ class _LSTMFCStep(torch.autograd.Function):
                 inp = x[block] if k == 0 else h_new[k - 1, block]
                 h_prev = None if h0 is None else h0[k, block]
                 c_prev = None if c0 is None else c0[k, block]
-                operand = _operand(operands[k], inp, h_prev, cell) if any_w or start >= ctx.kept_rows else None
-                if start < ctx.kept_rows:  # kept by the forward pass (copied: a second backward pass needs them)
-                    gates: Sequence[Tensor] = G.copy_(kept[k, block]).split(hidden, dim=1)
+                operand = _operand(operands[k], inp, h_prev, cell) if any_w or start >= kept_rows else None
+                if start < kept_rows:  # kept by the forward pass: their gradients replace them
+                    assert kept is not None
+                    G = kept[k, block]
+                    gates: Sequence[Tensor] = G.split(hidden, dim=1)
                 else:
+                    assert gate_buffer is not None  # made whenever some rows are not kept
+                    G = gate_buffer[:n]
                     assert operand is not None
                     gates = _gates(G, operand, cell)
                 d_c = None if d_c_new is None else d_c_new[k, block]
