@@ -4,6 +4,7 @@ reference expressions, finite differences), their configuration, initialisation,
 import copy
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from metaquant.activations import (
     SignActivation,
     act_quantizer_names,
     build_act_quantizer,
+    check_initialized,
 )
 
 
@@ -37,6 +39,14 @@ def lsq(bits=3, signed=True, step=0.5):
 def test_sign_is_plus_or_minus_one_and_plus_one_at_zero():
     x = torch.tensor([-2.0, -1e-30, 0.0, -0.0, 1e-30, 3.0])
     assert SignActivation()(x).tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_sign_propagates_nan_and_keeps_the_sign_of_infinities():
+    x = torch.tensor([math.nan, -math.inf, -1.0, -0.0, 0.0, 1.0, math.inf])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        out = SignActivation()(x.to(dtype))
+        assert out.dtype == dtype and out[0].isnan()
+        assert out[1:].tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0, 1.0]
 
 
 def test_sign_ste_passes_the_gradient_where_the_input_is_within_one():
@@ -107,8 +117,9 @@ def test_lsq_gradients_equal_autograd_of_the_papers_reference_expression():
 def test_lsq_first_training_batch_sets_the_step_and_the_sign_mode():
     x = torch.tensor([[0.0, 1.0, 3.0], [2.0, 0.5, 1.5]])  # all >= 0: unsigned, Q_P = 15
     q = LSQActivation(4).eval()
-    q(x)
-    assert not q.initialized and q.step.item() == 1.0  # evaluation does not initialise
+    with pytest.warns(UserWarning, match="never|no training-mode batch"):
+        q(x)
+    assert not q.initialized and q.step.item() == 1.0  # evaluation does not initialise (it warns)
     q.train()(x)
     assert bool(q.initialized) and not bool(q.signed)
     torch.testing.assert_close(q.step.detach(), 2 * x.abs().mean() / math.sqrt(15))
@@ -123,11 +134,28 @@ def test_lsq_first_training_batch_sets_the_step_and_the_sign_mode():
     assert not bool(fixed.signed)
 
 
-def test_lsq_all_zero_first_batch_keeps_the_step_positive_and_everything_finite():
+@pytest.mark.parametrize(
+    "first",
+    [torch.zeros(4, 8), torch.full((4, 8), math.nan), torch.full((4, 8), math.inf), torch.empty(0, 8)],
+    ids=["zeros", "nan", "inf", "empty"],
+)
+def test_lsq_does_not_initialise_from_a_batch_without_a_usable_mean(first):
     q = LSQActivation(4).train()
-    zeros = torch.zeros(4, 8, requires_grad=True)
-    q(zeros).sum().backward()
-    assert q.step.item() == pytest.approx(STEP_FLOOR) and q.step.item() > 0
+    x = first.clone().requires_grad_()
+    out = q(x)
+    out.sum().backward()
+    assert not bool(q.initialized) and q.step.item() == 1.0  # the step of an uninitialised quantizer
+    assert out.shape == first.shape
+    later = torch.tensor([[-1.0, 2.0], [0.5, 3.0]])  # the next usable batch: signed, Q_P = 7
+    q(later)
+    assert bool(q.initialized) and bool(q.signed)
+    torch.testing.assert_close(q.step.detach(), 2 * later.abs().mean() / math.sqrt(7))
+
+
+def test_lsq_step_below_the_floor_keeps_everything_finite():
+    q = LSQActivation(4).train()
+    q(torch.full((4, 8), 1e-9))  # a tiny first batch: the step floor
+    assert bool(q.initialized) and q.step.item() == pytest.approx(STEP_FLOOR)
     x = torch.randn(4, 8, requires_grad=True)
     out = q(x)
     out.sum().backward()
@@ -169,6 +197,66 @@ def test_quantizers_compute_in_float32_under_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             q(y).float().sum().backward()
         assert y.grad.dtype == torch.bfloat16 and all(p.grad.dtype == torch.float32 for p in q.parameters())
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (0, 3, 2, 2), (2, 0, 3), (0,)])
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batches_pass_through_every_quantizer(shape, training):
+    for q in (LSQActivation(4), lsq(4, True, 0.5), PACTActivation(4), SignActivation()):
+        x = torch.randn(shape, requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an uninitialised LSQ in evaluation mode
+            out = q.train(training)(x)
+        out.sum().backward()
+        assert out.shape == x.shape and x.grad.shape == x.shape
+        assert all(torch.isfinite(p.grad).all() for p in q.parameters())
+
+
+def test_lsq_step_gradient_scale_takes_dim_0_as_the_batch():
+    v = torch.randn(5, 2, 3)  # [T, B, D]: N = B·D = 6
+    q = lsq(4, True, 0.3)
+    q(v.requires_grad_()).sum().backward()
+    r = v.detach() / 0.3
+    d_step = torch.where(r <= -8, -8.0, torch.where(r >= 7, 7.0, r.round() - r))
+    torch.testing.assert_close(q.step.grad, d_step.sum() / math.sqrt(6 * 7), rtol=1e-5, atol=1e-7)
+
+
+def test_lsq_evaluation_before_initialisation_warns_once_per_quantizer():
+    x = torch.rand(3, 4)
+    first, second = LSQActivation(4).eval(), LSQActivation(4).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for q in (first, first, second):
+            q(x)
+    messages = [str(w.message) for w in caught if w.category is UserWarning]
+    assert len(messages) == 2 and all("one training-mode forward pass" in m for m in messages)
+    initialised = LSQActivation(4).train()
+    initialised(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        initialised.eval()(x)  # no warning once a training-mode batch has set the step
+        lsq(4).eval()(x)
+
+
+def test_check_initialized_names_the_layer_of_an_uninitialised_lsq_step():
+    check_initialized({"a": lsq(4), "b": PACTActivation(4), "c": SignActivation()}, "export")
+    with pytest.raises(ValueError, match=r"^export: the input quantizer of b \(LSQActivation\) was never init.*train"):
+        check_initialized({"a": lsq(4), "b": LSQActivation(4)}, "export")
+
+
+def test_lsq_cache_follows_a_buffer_replaced_by_load_state_dict_with_assign():
+    q = LSQActivation(4).train()
+    fresh = copy.deepcopy(q.state_dict())
+    q(torch.rand(3, 5))
+    assert q._is_initialized()
+    flag = fresh["initialized"]
+    while flag._version < q.initialized._version:  # the new buffer's version counter equals the old one's
+        flag.fill_(False)
+    q.load_state_dict(fresh, assign=True)
+    assert q.initialized is flag and not q._is_initialized()
+    x = torch.rand(3, 5) * 7
+    q(x)  # initialised again, from this batch
+    torch.testing.assert_close(q.step.detach(), 2 * x.abs().mean() / math.sqrt(15))
 
 
 def test_lsq_state_dict_resumes_without_initialising_again():
@@ -218,6 +306,19 @@ def test_registry_and_builders():
 
 
 @pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"kind": "sign", "bits": 4}, "activation quantizer 'sign' does not support bits=4; allowed: 1"),
+        ({"kind": "lsq", "bits": 9, "signed": None}, "'lsq' does not support bits=9; allowed: 2..8"),
+        ({"kind": "pact", "bits": 1}, "'pact' does not support bits=1; allowed: 2..8"),
+    ],
+)
+def test_build_act_quantizer_refuses_a_bit_width_its_kind_does_not_have(spec, message):
+    with pytest.raises(ValueError, match=message):
+        build_act_quantizer(spec)
+
+
+@pytest.mark.parametrize(
     "kwargs, error, message",
     [
         (
@@ -264,6 +365,12 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         x = torch.arange(12.0).reshape(3, 4) * (rank + 1) - (5.0 if rank == 1 else 0.0)  # negatives on rank 1 only
         q(x)
         torch.save(q.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+        # an empty batch on one process: no process initialises; then an all-zero one: the average is usable
+        late = LSQActivation(4).train()
+        late(torch.empty(0, 4) if rank == 0 else x)
+        skipped = copy.deepcopy(late.state_dict())
+        late(torch.zeros(3, 4) if rank == 0 else x)
+        torch.save({"skipped": skipped, "late": late.state_dict()}, os.path.join(out, f"late{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -276,6 +383,10 @@ def test_under_data_parallelism_every_process_starts_from_the_averaged_step(tmp_
         state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert bool(state["signed"]) and bool(state["initialized"])  # rank 1's negatives make both signed
         torch.testing.assert_close(state["step"], 2 * mean_abs / math.sqrt(7))
+        late = torch.load(tmp_path / f"late{rank}.pt", weights_only=True)
+        assert not bool(late["skipped"]["initialized"]) and late["skipped"]["step"].item() == 1.0
+        assert bool(late["late"]["initialized"]) and bool(late["late"]["signed"])
+        torch.testing.assert_close(late["late"]["step"], 2 * (batches[1].abs().mean() / 2) / math.sqrt(7))
 
 
 # --- training with quantized activations ----------------------------------------------------------------------

@@ -701,3 +701,137 @@ def test_metaquant_refuses_tied_layers_given_different_quantizers_between_steps(
     net["out"].quantizer = mq.get_quantizer("uniform", 3)
     with pytest.raises(RuntimeError, match=r"share one weight but are now quantized differently"):
         trainer.step(lambda: net["out"](net["emb"](tokens)).sum())
+
+
+# --- what a saved state must agree on --------------------------------------------------------------------------
+def _stepped_state(meta, steps=3):
+    model = mq.quantize_(conv_net())
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), meta)
+    for x, y in batches(steps):
+        trainer.step(closure(model, x, y))
+    return trainer.state_dict()
+
+
+@pytest.mark.parametrize(
+    "saved,loading,message",
+    [
+        (lambda: mq.MultiFC(4), lambda: mq.MultiFC(4, init_scheme="ste"), "init_scheme='paper', .* uses 'ste'"),
+        (lambda: mq.FCGrad(4, init_scheme="ste"), lambda: mq.FCGrad(4), "init_scheme='ste', .* uses 'paper'"),
+        (lambda: mq.LSTMFC(3), lambda: mq.LSTMFC(3, init_scheme="ste"), "init_scheme='paper', .* uses 'ste'"),
+        (lambda: mq.MultiFC(4), lambda: mq.MultiFC(4, nonlinearity="tanh"), "nonlinearity='none', .* uses 'tanh'"),
+        (lambda: mq.FCGrad(4), lambda: mq.MultiFC(4), "meta_quantizer='FCGrad', .* uses 'MultiFC'"),
+    ],
+    ids=["multifc-scheme", "fc-grad-scheme", "lstmfc-scheme", "nonlinearity", "kind"],
+)
+def test_a_state_of_a_meta_quantizer_computing_another_function_is_refused(saved, loading, message):
+    # φ's shapes agree in each pair, so the parameters alone would load; the meta outputs would differ.
+    state = _stepped_state(saved())
+    model = mq.quantize_(conv_net())
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), loading())
+    before = copy.deepcopy(trainer.meta.state_dict())
+    with pytest.raises(ValueError, match=f"MetaQuant state was saved with {message}"):
+        trainer.load_state_dict(state)
+    assert trainer.iteration == 0 and all(torch.equal(before[k], v) for k, v in trainer.meta.state_dict().items())
+    # a state written before these settings were saved does not tell them: it loads as before
+    for key in ("meta_quantizer", "init_scheme", "nonlinearity"):
+        del state[key]
+    trainer.load_state_dict(state)
+    assert trainer.iteration == 3
+
+
+def test_a_meta_quantizer_without_those_settings_saves_none_and_loads():
+    state = _stepped_state(mq.IdentityMeta())
+    assert (state["meta_quantizer"], state["init_scheme"], state["nonlinearity"]) == ("IdentityMeta", None, None)
+    model = mq.quantize_(conv_net())
+    trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.IdentityMeta())
+    trainer.load_state_dict(state)
+    assert trainer.iteration == 3
+
+
+def test_a_run_resumed_after_a_hand_decayed_rate_keeps_the_meta_rate_of_the_uninterrupted_run():
+    # γ_t = γ·α_t/α_0: without a scheduler the group has no initial_lr, so α_0 must come from the checkpoint,
+    # not from the rate of the optimizer the resumed trainer is built with.
+    data = batches(7, seed=3)
+
+    def make(model):
+        torch.manual_seed(5)  # the same φ at the start of both runs
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return opt, mq.MetaQuant(model, opt, mq.MultiFC(hidden=4), meta_lr=1e-2)
+
+    model = mq.quantize_(conv_net(bn=True))
+    opt, trainer = make(model)
+    for i, (x, y) in enumerate(data[:4]):
+        if i == 2:
+            for group in opt.param_groups:
+                group["lr"] *= 0.1  # decayed by hand
+        trainer.step(closure(model, x, y))
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "trainer": trainer.state_dict()})
+    for x, y in data[4:]:
+        trainer.step(closure(model, x, y))
+
+    resumed = mq.quantize_(conv_net(seed=9, bn=True))
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    resumed_opt.load_state_dict(saved["opt"])  # its rate is the decayed one, 0.01
+    torch.manual_seed(5)
+    resumed_trainer = mq.MetaQuant(resumed, resumed_opt, mq.MultiFC(hidden=4), meta_lr=1e-2)
+    resumed_trainer.load_state_dict(saved["trainer"])
+    for x, y in data[4:]:
+        resumed_trainer.step(closure(resumed, x, y))
+    assert resumed_trainer.meta_optimizer.param_groups[0]["lr"] == trainer.meta_optimizer.param_groups[0]["lr"]
+    for a, b in zip(
+        [*model.parameters(), *trainer.meta.parameters()], [*resumed.parameters(), *resumed_trainer.meta.parameters()]
+    ):
+        assert torch.equal(a, b)
+
+
+# --- learning rates --------------------------------------------------------------------------------------------
+def _two_groups(model, lrs):
+    return [{"params": [model[0].weight], "lr": lrs[0]}, {"params": [model[3].weight], "lr": lrs[1]}]
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -0.1])
+def test_a_learning_rate_that_is_not_a_finite_number_at_least_zero_is_refused_by_group(lr):
+    # torch.optim lets NaN through (nan < 0 is False) and never sees a rate set on a group later
+    message = rf"optimizer param group 1 has lr={lr!r}; a learning rate must be a finite number >= 0"
+    model = mq.quantize_(conv_net())
+    opt = torch.optim.SGD(_two_groups(model, [0.1, 0.1]))
+    opt.param_groups[1]["lr"] = lr
+    with pytest.raises(ValueError, match=message):
+        mq.MetaQuant(model, opt, mq.MultiFC(4))
+    # set between steps: refused before anything moves (a NaN is not blamed on the meta gradients)
+    opt.param_groups[1]["lr"] = 0.1
+    trainer = mq.MetaQuant(model, opt, mq.MultiFC(4))
+    data = batches(3)
+    for x, y in data[:2]:
+        trainer.step(closure(model, x, y))
+    before = [p.detach().clone() for p in [*model.parameters(), *trainer.meta.parameters()]]
+    opt.param_groups[1]["lr"] = lr
+    with pytest.raises(ValueError, match=message):
+        trainer.step(closure(model, *data[2]))
+    assert all(torch.equal(a, b) for a, b in zip(before, [*model.parameters(), *trainer.meta.parameters()]))
+    assert trainer.iteration == 2
+
+
+def test_a_meta_optimizer_with_a_bad_rate_is_refused():
+    model = mq.quantize_(conv_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="meta_optimizer param group 0 has lr=nan"):
+        mq.MetaQuant(model, opt, mq.MultiFC(4), meta_optimizer=lambda ps: torch.optim.SGD(ps, lr=float("nan")))
+
+
+def test_a_schedule_that_stops_at_a_zero_rate_is_allowed():
+    # oracle: torch.optim with lr 0 leaves every weight where it is; the meta rate follows to 0 as well
+    model = mq.quantize_(conv_net())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    trainer = mq.MetaQuant(model, opt, mq.MultiFC(4))
+    data = batches(4)
+    for x, y in data[:2]:
+        trainer.step(closure(model, x, y))
+    schedule.step()
+    before = [p.detach().clone() for p in [*model.parameters(), *trainer.meta.parameters()]]
+    for x, y in data[2:]:
+        trainer.step(closure(model, x, y))
+    assert opt.param_groups[0]["lr"] == 0 and trainer.meta_optimizer.param_groups[0]["lr"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, [*model.parameters(), *trainer.meta.parameters()]))

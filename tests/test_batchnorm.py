@@ -2,6 +2,7 @@
 
 import copy
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import metaquant as mq
-from metaquant.batchnorm import batchnorm_layers, recompute_batchnorm_stats
+from metaquant.batchnorm import batchnorm_layers, recompute_batchnorm_stats, recompute_batchnorm_stats_counted
 from metaquant.experiments.runs import RunDir
 from metaquant.export import materialize
 from metaquant.training import precise_bn_metrics
@@ -163,15 +164,26 @@ def test_the_recomputed_statistics_make_evaluation_match_the_population_normalis
     torch.testing.assert_close(standardised.var((0, 2, 3)), torch.ones(4), atol=1e-3, rtol=0)
 
 
-def test_fewer_batches_than_asked_uses_them_all_and_a_model_without_batchnorm_reads_nothing():
+def test_fewer_batches_than_asked_uses_them_all_says_so_and_a_model_without_batchnorm_reads_nothing(caplog):
     net, batches = _net(), _batches(n=2)
-    assert recompute_batchnorm_stats(net, batches, num_batches=100) == 12
+    with caplog.at_level(logging.WARNING, logger="metaquant.batchnorm"):
+        assert recompute_batchnorm_stats(net, batches, num_batches=100) == 12
+    assert [r.getMessage() for r in caplog.records] == [
+        "recompute_batchnorm_stats: num_batches is 100 but only 2 batches were available; the statistics are "
+        "recomputed from those"
+    ]
+    assert recompute_batchnorm_stats_counted(_net(), batches, num_batches=100) == (2, 12)
+    caplog.clear()
+    assert recompute_batchnorm_stats_counted(_net(), _batches(n=5), num_batches=3) == (3, 18)
+    assert recompute_batchnorm_stats_counted(_net(), batches, num_batches=2) == (2, 12)
+    assert not caplog.records  # as many batches as asked, or more: nothing to say
 
     def never():
         raise AssertionError("iterated")
         yield
 
     assert recompute_batchnorm_stats(nn.Linear(3, 2), never(), num_batches=5) == 0
+    assert recompute_batchnorm_stats_counted(nn.Linear(3, 2), never(), num_batches=5) == (0, 0)
     no_stats = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2, track_running_stats=False))
     assert recompute_batchnorm_stats(no_stats, never(), num_batches=5) == 0
 
@@ -293,6 +305,16 @@ def test_fit_with_a_shuffling_dataloader_trains_the_same_with_precise_bn():
     precise, _ = _fit(3, train=train())
     for (name, a), b in zip(precise.named_parameters(), plain.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 1.5, True])
+def test_precise_bn_metrics_refuses_a_bad_number_of_batches_when_called(bad):
+    def untouched():
+        raise AssertionError("iterated")
+        yield
+
+    with pytest.raises(ValueError, match=f"num_batches must be an integer >= 1, got {bad!r}"):
+        precise_bn_metrics(untouched(), untouched(), bad)
 
 
 def test_fit_refuses_precise_bn_with_a_one_shot_iterator():

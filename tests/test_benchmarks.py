@@ -114,6 +114,17 @@ def test_onnx_inference_compares_the_1_bit_model_with_the_float_one():
     assert out["max_logit_difference"] < 1e-3  # the same network: the weights decoded to float
 
 
+def test_onnx_activations_compares_the_default_session_with_the_options_on_a_trained_model():
+    out = _run_json("onnx_activations.py", "--steps", "2", "--test-size", "100", "--act-bits", "8")
+    for name in ("default", "options"):
+        r = out[name]
+        assert 0 <= r["top1_agreement"] <= 1 and r["ms_per_100_images"] > 0
+        assert 0 <= r["median_abs_difference"] <= r["max_abs_difference"]
+        assert 0 <= r["rows_beyond_1e-5_of_max_logit"] <= 100
+    assert out["options"]["top1_agreement"] >= 0.95  # computed in float as the model computes
+    assert out["max_abs_logit"] > 0 and "W4 lsq / A8 lsq, 2 steps, 100 test images" in out["settings"]
+
+
 def test_gpu_step_times_the_one_pass_quantizer_against_one_pass_per_weight():
     out = _run_json(
         "gpu_step.py", "--device", "cpu", "--steps", "1", "--repeats", "1", "--skip", "graphs", "compiled", "epoch"

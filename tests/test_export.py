@@ -455,6 +455,19 @@ def test_packed_file_records_the_input_quantizers_and_load_packed_gives_the_same
         assert torch.equal(loaded(x), model(x))
 
 
+def test_export_packed_refuses_an_lsq_input_quantizer_no_training_batch_initialised(tmp_path):
+    config = mq.QuantConfig("dorefa", 1, activations=mq.ActQuantConfig("sign", 1, first_layer_bits=4))
+    model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)), config).eval()
+    with pytest.raises(ValueError, match=r"^export_packed: the input quantizer of 0 \(LSQActivation\) was never init"):
+        export_packed(model, tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())
+    model.train()(torch.randn(8, 4))  # one training-mode batch initialises the step
+    export_packed(model.eval(), tmp_path / "m.safetensors")
+    x = torch.randn(3, 4)
+    loaded = load_packed(tmp_path / "m.safetensors", torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
+    assert torch.equal(loaded(x), model(x))
+
+
 def test_a_packed_file_without_activations_has_no_activations_entry(tmp_path):
     model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 2))).eval()
     export_packed(model, tmp_path / "m.safetensors")

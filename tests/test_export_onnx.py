@@ -2,15 +2,18 @@
 3-D inputs, recurrent weights, tied and shared weights, a ViT) as integers followed by ``DequantizeLinear``, and
 says which weights the file does not hold, and why."""
 
+import functools
 import logging
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import metaquant as mq
-from metaquant.export import export_onnx, levels
+from metaquant.export import export_onnx, levels, onnx_session_options, read_onnx
 from metaquant.layers import quantized_weight_keys
 from tests.models.zoo import ZOO
 
@@ -176,3 +179,75 @@ def test_a_batch_size_the_forward_pass_fixes_is_said(tmp_path, caplog):
     assert "the batch size of images is fixed to the example's" in caplog.text
     shape = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape
     assert [d.dim_value for d in shape.dim] == [2, 4]
+
+
+# --- quantized activations ------------------------------------------------------------------------------------------
+W4A4 = mq.QuantConfig("lsq", 4, activations=mq.ActQuantConfig("lsq", 4))
+
+
+def _trained_w4a4_cnn():
+    """4-bit LSQ weights and activations, a few training steps in; biases from the folded BatchNorms and a Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 5 * 5, 10),
+    )
+    mq.quantize_(model, W4A4)
+    trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    data = [(torch.randn(16, 1, 14, 14), torch.randint(0, 10, (16,))) for _ in range(3)]
+    for x, y in data:
+        trainer.step(functools.partial(lambda x, y: F.cross_entropy(model(x), y), x, y))
+    return model.eval()
+
+
+def test_with_quantized_activations_and_biases_the_session_options_give_the_models_logits(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = _trained_w4a4_cnn()
+    export_onnx(model, tmp_path / "m.onnx", torch.zeros(2, 1, 14, 14))
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert "BatchNormalization" not in [n.op_type for n in graph.node]
+    assert [len(n.input) for n in graph.node if n.op_type in ("Conv", "Gemm")] == [3, 3, 3]  # each with a bias
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == 3
+    session = ort.InferenceSession(read_onnx(tmp_path / "m.onnx"), onnx_session_options())
+    x = torch.randn(64, 1, 14, 14)
+    (logits,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    # docs/guide.md: within 1e-5·max|logit|, but for the rare input where a float rounding of the other summation
+    # order moves an activation across a rounding threshold (none here: at most a few on other CPUs)
+    within = (torch.from_numpy(logits) - expected).abs().amax(1) <= 1e-5 * expected.abs().max()
+    assert within.float().mean() >= 0.9 and torch.equal(torch.from_numpy(logits).argmax(1), expected.argmax(1))
+
+
+def test_sign_activations_keep_nan_and_the_sign_of_infinities_in_onnx(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    # the first layer (float input) passes its input on, the second one's output is the sign of it
+    model = nn.Sequential(nn.Conv1d(7, 7, 1, groups=7, bias=False), nn.Conv1d(7, 7, 1, groups=7, bias=False))
+    for conv in model:
+        nn.init.ones_(conv.weight)
+    config = mq.QuantConfig("dorefa", 1, activations=mq.ActQuantConfig("sign", 1, first_layer_bits=None))
+    mq.quantize_(model, config).eval()
+    x = torch.tensor([math.nan, -math.inf, -1.0, -0.0, 0.0, 1.0, math.inf]).reshape(1, 7, 1)
+    expected = np.array([math.nan, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0], dtype=np.float32)
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(x).flatten().numpy(), expected)
+    export_onnx(model, tmp_path / "m.onnx", torch.zeros(2, 7, 1))
+    data = read_onnx(tmp_path / "m.onnx")
+    for options in (onnx_session_options(), ort.SessionOptions()):
+        (out,) = ort.InferenceSession(data, options).run(None, {"images": x.numpy()})
+        np.testing.assert_array_equal(out.flatten(), expected)
+
+
+def test_an_lsq_input_quantizer_no_training_batch_initialised_is_refused(tmp_path):
+    model = mq.quantize_(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), W4A4).eval()
+    with pytest.raises(ValueError, match=r"^export_onnx: the input quantizer of 0 \(LSQActivation\) was never"):
+        export_onnx(model, tmp_path / "m.onnx", torch.zeros(2, 4))
+    assert not list(tmp_path.iterdir())
+    model.train()(torch.randn(8, 4))  # one training-mode batch initialises the steps
+    export_onnx(model.eval(), tmp_path / "m.onnx", torch.zeros(2, 4))

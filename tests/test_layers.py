@@ -330,6 +330,38 @@ def test_without_activations_nothing_changes_and_dequantize_removes_the_input_qu
     assert torch.equal(net(x), fresh(x))
 
 
+def test_quantizing_again_with_other_activations_is_refused_and_with_the_same_ones_changes_nothing():
+    def mlp():
+        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+    lsq4 = mq.QuantConfig("dorefa", 1, activations=mq.ActQuantConfig("lsq", 4))
+    net = mq.quantize_(mlp(), lsq4)
+    before = {name: q for name, q in mq.layers.input_quantizers(net).items()}
+    assert mq.quantize_(net, lsq4) is net and mq.layers.input_quantizers(net) == before  # the same objects
+    others = {
+        "pact": mq.QuantConfig("dorefa", 1, activations=mq.ActQuantConfig("pact", 2)),
+        "bits": mq.QuantConfig("dorefa", 1, activations=mq.ActQuantConfig("lsq", 3)),
+        "first": mq.QuantConfig("dorefa", 1, activations=mq.ActQuantConfig("lsq", 4, first_layer_bits=None)),
+        "none": mq.QuantConfig("dorefa", 1),
+    }
+    for config in others.values():
+        with pytest.raises(ValueError, match=r"^layer \d already has the input quantizer .*call dequantize_\(model\)"):
+            mq.quantize_(net, config)
+    assert mq.layers.input_quantizers(net) == before
+    with pytest.raises(
+        ValueError, match=r"layer 2 already has the input quantizer LSQActivation\(bits=4, signed=None\), n"
+    ):
+        mq.quantize_(net, others["pact"])
+    plain = mq.quantize_(mlp(), others["none"])
+    with pytest.raises(ValueError, match=r"layer 0 .* None, not LSQActivation\(bits=8, signed=None\) or PACTAct"):
+        mq.quantize_(plain, others["pact"])
+    mq.quantize_(plain, others["none"])  # the same: nothing changes
+    two_passes = mq.quantize_(mlp(), lsq4, filter_fn=lambda m, name: name == "4")  # then the others
+    mq.quantize_(two_passes, lsq4)
+    mq.quantize_(two_passes, lsq4)
+    assert [q.bits for q in mq.layers.input_quantizers(two_passes).values()] == [8, 4, 8]
+
+
 def test_attention_recurrent_and_embedding_layers_take_no_input_quantizer():
     net = nn.Sequential(nn.Embedding(10, 8), nn.LSTM(8, 8), nn.MultiheadAttention(8, 2), nn.Linear(8, 2))
     mq.quantize_(net, W1A1, filter_fn=lambda m, n: n in ("0", "1", "2", "2.out_proj", "3"))

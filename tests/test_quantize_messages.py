@@ -46,3 +46,24 @@ def test_a_models_own_parameters_are_named_and_the_model_is_not_called_unsupport
     )
     assert "not a layer type" not in message
     assert len(mq.quantized_layers(model)) == 6
+
+
+@pytest.mark.parametrize("quantizer, bits", [("dorefa", 1), ("bwn-channel", 1), ("uniform-channel", 4), ("lsq", 4)])
+def test_an_empty_weight_is_left_in_float_with_the_reason_and_the_model_still_runs(caplog, quantizer, bits):
+    model = nn.Sequential(nn.Linear(0, 4), nn.ReLU(), nn.Linear(4, 2))
+    with caplog.at_level(logging.WARNING, logger="metaquant.layers"):
+        mq.quantize_(model, mq.QuantConfig(quantizer, bits))
+    assert [r.getMessage() for r in caplog.records] == [
+        "quantize_: left in full precision: 0 (Linear): its weight is empty: nothing to quantize"
+    ]
+    assert type(model[0]) is nn.Linear and isinstance(model[2], mq.layers.QuantLinear)
+    x = torch.randn(3, 0)
+    expected = nn.functional.linear(torch.relu(model[0](x)), model[2].quantizer(model[2].weight), model[2].bias)
+    assert torch.equal(model(x), expected)
+
+
+def test_a_model_whose_only_layer_has_an_empty_weight_has_nothing_to_quantize():
+    with pytest.raises(ValueError, match=re.escape("its weight is empty: nothing to quantize")):
+        mq.quantize_(nn.Sequential(nn.Linear(0, 4)))
+    with pytest.raises(TypeError, match=re.escape("cannot quantize 0 (Linear): its weight is empty")):
+        mq.quantize_(nn.Sequential(nn.Linear(4, 0)), filter_fn=lambda module, name: isinstance(module, nn.Linear))

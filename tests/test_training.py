@@ -169,3 +169,42 @@ def test_real_fashion_mnist_full_precision_run_is_far_above_chance(pretrained_re
     # chance is 10%; the exact figure depends on the processor (its convolution kernels' order of sums changes
     # the last bits of every step, and 200 steps at a constant rate amplify them): 69.2% on one, over 70% on another
     assert accuracy > 60.0
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -0.5])
+def test_trainer_refuses_a_learning_rate_that_is_not_a_finite_number_at_least_zero(lr):
+    # torch.optim lets NaN through (nan < 0 is False) and never sees a rate set on a group later
+    message = rf"optimizer param group 1 has lr={lr!r}; a learning rate must be a finite number >= 0"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters()}], lr=0.1)
+    opt.param_groups[1]["lr"] = lr
+    with pytest.raises(ValueError, match=message):
+        Trainer(model, opt)
+    opt.param_groups[1]["lr"] = 0.1
+    trainer = Trainer(model, opt)
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    trainer.step(lambda: F.cross_entropy(model(x), y))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[1]["lr"] = lr  # set between steps: refused before anything moves
+    with pytest.raises(ValueError, match=message):
+        trainer.step(lambda: F.cross_entropy(model(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_trainer_follows_a_schedule_down_to_a_zero_rate():
+    # oracle: torch.optim with lr 0 leaves the parameters where they are; a CPU tensor rate is checked as well
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=torch.tensor(0.1))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    trainer = Trainer(model, opt)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    trainer.step(lambda: F.cross_entropy(model(x), y))
+    schedule.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.step(lambda: F.cross_entropy(model(x), y))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.param_groups[0]["lr"].fill_(float("nan"))
+    with pytest.raises(ValueError, match="optimizer param group 0 has lr=nan"):
+        trainer.step(lambda: F.cross_entropy(model(x), y))

@@ -2,7 +2,8 @@
 
 Each is an ``nn.Module`` (``ActQuantizer``) whose gradient is a custom autograd Function (docs/design.md §9):
 
-* ``SignActivation``: ``sign(x)`` with ``sign(0) = +1``; backward the clipped STE or ApproxSign (Bi-Real Net);
+* ``SignActivation``: ``sign(x)`` with ``sign(0) = +1`` (NaN stays NaN); backward the clipped STE or ApproxSign
+  (Bi-Real Net);
 * ``LSQActivation``: LSQ (Esser et al., ICLR 2020), a learned step initialised from the first training batch;
 * ``PACTActivation``: PACT (Choi et al., 2018), a learned clipping level ``α``.
 
@@ -13,6 +14,8 @@ They compute in float32 (float64 for float64 inputs) whatever autocast does, and
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,10 +37,11 @@ __all__ = [
     "ActQuantConfig",
     "act_quantizer_names",
     "build_act_quantizer",
+    "check_initialized",
 ]
 
-#: The smallest LSQ step and PACT ``α`` a forward pass uses (``max(s, ε)``): an all-zero first batch or an
-#: update past zero leaves them finite and > 0, and their gradient still reaches the Parameter.
+#: The smallest LSQ step and PACT ``α`` a forward pass uses (``max(s, ε)``): a tiny first batch or an update past
+#: zero leaves them finite and > 0, and their gradient still reaches the Parameter.
 STEP_FLOOR = 1e-6
 #: The backward rules of ``SignActivation``.
 SIGN_BACKWARDS = ("ste", "approxsign")
@@ -83,12 +87,12 @@ def _check_bits(name: str, bits: Any, low: int, high: int) -> int:
 
 # --- sign -----------------------------------------------------------------------------------------------
 class _Sign(torch.autograd.Function):
-    """``sign(x)`` (``+1`` at 0) forward; the clipped STE ``1{|x| ≤ 1}`` or ApproxSign ``max(2 − 2|x|, 0)``
+    """``sign(x)`` (``+1`` at 0, NaN at NaN) forward; the clipped STE ``1{|x| ≤ 1}`` or ApproxSign ``max(2 − 2|x|, 0)``
     (``2 + 2x`` on ``[−1, 0)``, ``2 − 2x`` on ``[0, 1)``: the derivative of ``2x + x²`` / ``2x − x²``) backward."""
 
     @staticmethod
     def forward(x: Tensor, approx: bool) -> Tensor:
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        return torch.where(x >= 0, 1.0, torch.where(x < 0, -1.0, x))  # NaN is neither: it stays NaN
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -105,7 +109,7 @@ class _Sign(torch.autograd.Function):
 
 
 class SignActivation(ActQuantizer):
-    """Binary activations ``sign(x) ∈ {−1, +1}``, ``sign(0) = +1``.
+    """Binary activations ``sign(x) ∈ {−1, +1}``, ``sign(0) = +1``; NaN stays NaN, ``±inf`` give ``±1``.
 
     Args:
         backward: ``"ste"`` (gradient 1 for ``|x| ≤ 1``, else 0) or ``"approxsign"`` (Bi-Real Net's
@@ -158,10 +162,12 @@ class _LSQ(torch.autograd.Function):
 class LSQActivation(ActQuantizer):
     """LSQ activations: ``v̂ = round(clip(v/s, −Q_N, Q_P))·s`` with a learned step ``s``.
 
-    Unsigned ``[0, 2^b − 1]`` or signed ``[−2^(b−1), 2^(b−1) − 1]``. The first training-mode batch sets
-    ``s = max(2·mean|v|/√Q_P, STEP_FLOOR)`` (averaged over the processes of a ``torch.distributed`` group) and,
-    with ``signed=None``, the sign mode (unsigned if every value is ≥ 0); the buffers ``initialized`` and
-    ``signed`` keep both in the ``state_dict``. Before that the step is 1.
+    Unsigned ``[0, 2^b − 1]`` or signed ``[−2^(b−1), 2^(b−1) − 1]``. The first training-mode batch whose
+    ``mean|v|`` (averaged over the processes of a ``torch.distributed`` group) is finite and > 0 sets ``s =
+    max(2·mean|v|/√Q_P, STEP_FLOOR)`` and, with ``signed=None``, the sign mode (unsigned if every value is ≥ 0);
+    the buffers ``initialized`` and ``signed`` keep both in the ``state_dict``. Before that the step is 1: an
+    evaluation-mode forward pass warns (once), and the export refuses the quantizer (``check_initialized``).
+    Dim 0 is the batch: the step's gradient scale takes ``N`` as the product of the other dims.
 
     Args:
         bits: 2..8.
@@ -172,6 +178,8 @@ class LSQActivation(ActQuantizer):
     min_bits, max_bits = 2, 8
     initialized: Tensor
     signed: Tensor
+    _warned = False  # class defaults: an instance pickled by an earlier version lacks them
+    _ready_flag: Tensor | None = None
 
     def __init__(self, bits: int = 4, signed: bool | None = None) -> None:
         super().__init__(bits)
@@ -181,8 +189,8 @@ class LSQActivation(ActQuantizer):
         self.step = nn.Parameter(torch.ones(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("signed", torch.tensor(bool(signed)))
-        # ``initialized`` read once per change of the buffer (its version counter), not at every step: reading a
-        # GPU tensor waits for the device. Under torch.compile the Python value is used (a guard).
+        # ``initialized`` read once per change of the buffer (its identity and version counter), not at every
+        # step: reading a GPU tensor waits for the device. Under torch.compile the Python value is used (a guard).
         self._ready, self._ready_version = False, -1
 
     def integer_range(self) -> tuple[Tensor, Tensor]:
@@ -193,36 +201,57 @@ class LSQActivation(ActQuantizer):
         return q_n.to(self.step.dtype), q_p.to(self.step.dtype)
 
     def quantize(self, x: Tensor) -> Tensor:
-        if self.training and not self._is_initialized():
-            self._initialize(x)
+        if not self._is_initialized():
+            if self.training:
+                self._initialize(x)
+            elif not self._warned:
+                self._warn_uninitialized()
         q_n, q_p = self.integer_range()
-        features = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()  # N: features per example
+        features = math.prod(x.shape[1:]) if x.dim() > 1 else x.numel()  # N: features per example
         return _LSQ.apply(x, self.step.to(x.dtype), q_n.to(x.dtype), q_p.to(x.dtype), max(features, 1))
 
     def _is_initialized(self) -> bool:
         if torch.compiler.is_compiling():
             return self._ready
-        if self.initialized._version != self._ready_version:
-            self._ready, self._ready_version = bool(self.initialized), self.initialized._version
+        # load_state_dict(assign=True) and .to() replace the buffer by a tensor whose version may be the same
+        if self.initialized is not self._ready_flag or self.initialized._version != self._ready_version:
+            self._remember()
         return self._ready
+
+    def _remember(self) -> None:
+        flag = self.initialized
+        self._ready, self._ready_flag, self._ready_version = bool(flag), flag, flag._version
 
     @torch.compiler.disable
     def _initialize(self, x: Tensor) -> None:
-        """The first batch's step (and sign mode), the statistics averaged over the processes."""
+        """The step (and sign mode) from a batch, its statistics averaged over the processes; none from a batch
+        whose mean |x| is 0 or not finite (empty, all zero, NaN, inf): a later one sets them."""
         if bool(self.initialized):  # loaded from a state_dict since the cached value was read
-            self._ready, self._ready_version = True, self.initialized._version
+            self._remember()
             return
         with torch.no_grad():
             v = x.detach().float()
-            stats = torch.stack([v.abs().mean(), (v < 0).any().float()])
+            mean_abs = v.abs().mean() if v.numel() else v.new_tensor(math.nan)
+            stats = torch.stack([mean_abs, (v < 0).any().float()])
             if dist.is_available() and dist.is_initialized():
-                all_reduce_mean_([stats])
+                all_reduce_mean_([stats])  # every process takes part, and all decide alike
+            if not bool(torch.isfinite(stats[0]) & (stats[0] > 0)):
+                return
             if self.signed_mode is None:
                 self.signed.fill_(bool(stats[1] > 0))
             _, q_p = self.integer_range()
-            self.step.copy_((2 * stats[0] / q_p.sqrt()).clamp_min(STEP_FLOOR).nan_to_num(STEP_FLOOR))
+            self.step.copy_((2 * stats[0] / q_p.sqrt()).clamp_min(STEP_FLOOR))
             self.initialized.fill_(True)
-        self._ready, self._ready_version = True, self.initialized._version
+        self._remember()
+
+    def _warn_uninitialized(self) -> None:
+        self._warned = True
+        warnings.warn(
+            "LSQActivation: evaluating with a step no training-mode batch has initialised (1, unsigned range): "
+            "one training-mode forward pass on representative data initialises it (model.train(); model(batch))",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def integer_form(self) -> tuple[float, int, int]:
         """``(s, −Q_N, Q_P)`` with ``v̂ = clip(round(v/s), −Q_N, Q_P)·s`` (the ONNX export's form)."""
@@ -303,16 +332,33 @@ def build_act_quantizer(spec: dict[str, Any]) -> ActQuantizer:
     """An activation quantizer from its ``spec()`` (``{"kind", "bits", ...}``), its tensors at their initial values.
 
     Raises:
-        ValueError: unknown kind or options.
+        ValueError: unknown kind or options, or ``bits`` out of the kind's range.
+        TypeError: ``bits`` is not an int.
     """
     options = dict(spec)
     kind = check_choice("activation quantizer", options.pop("kind", None), act_quantizer_names())
     cls = ACT_QUANTIZERS[kind]
-    bits = options.pop("bits", 1)
+    bits = _check_bits(kind, options.pop("bits", 1), cls.min_bits, cls.max_bits)
     try:
         return cls(**options) if cls is SignActivation else cls(bits, **options)
     except TypeError as err:
         raise ValueError(f"activation quantizer {kind!r}: unknown options in {spec!r} ({err})") from None
+
+
+def check_initialized(quantizers: Mapping[str, ActQuantizer], what: str) -> None:
+    """Refuse an ``LSQActivation`` among ``quantizers`` (``{layer name: quantizer}``) whose step no training-mode
+    batch has initialised, for ``what`` (the function that asks, named in the message).
+
+    Raises:
+        ValueError: the message names the layer and how to initialise the step.
+    """
+    for name, quantizer in quantizers.items():
+        if isinstance(quantizer, LSQActivation) and not quantizer._is_initialized():
+            raise ValueError(
+                f"{what}: the input quantizer of {name or '<root>'} (LSQActivation) was never initialised (its "
+                "step is still 1): one training-mode forward pass on representative data initialises it "
+                "(model.train(); model(batch)), as does loading a state_dict that holds it"
+            )
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from .meta import LSTMFC, FCGrad, IdentityMeta, MetaQuantizer, MultiFC
 from .quantizers import ForwardQuantizer
 from .refine import THROUGH, refinement_for, with_derivative
 from .schedules import scale_lr
-from .trainer import check_no_backward, closures_of, grad_marks
+from .trainer import check_learning_rates, check_no_backward, closures_of, grad_marks
 from .validation import check_choice, is_int, is_number
 
 __all__ = ["MetaQuant", "STEP_ORDERS"]
@@ -125,6 +125,19 @@ def _bias(layer: QuantLayer) -> Tensor | None:
     return cast("Tensor | None", layer.bias)
 
 
+def _meta_settings(meta: MetaQuantizer) -> dict[str, str | None]:
+    """What defines the meta quantizer's function beside ``φ``: its class, ``init_scheme`` and ``nonlinearity``
+    (None for an attribute it does not have)."""
+    net = getattr(meta, "net", None)  # FCGrad's and MultiFC's CoordinateMLP holds their nonlinearity
+    nonlinearity = getattr(meta, "nonlinearity", getattr(net, "nonlinearity", None))
+    scheme = getattr(meta, "init_scheme", None)
+    return {
+        "meta_quantizer": type(meta).__name__,
+        "init_scheme": scheme if isinstance(scheme, str) else None,
+        "nonlinearity": nonlinearity if isinstance(nonlinearity, str) else None,
+    }
+
+
 def _flatten(slots: Sequence[_Slot], tensors: Sequence[Tensor]) -> Tensor:
     """One ``[N]`` vector from a tensor per slot (each of the slot weight's shape)."""
     return torch.cat([slot.flat(t) for slot, t in zip(slots, tensors)])
@@ -172,7 +185,7 @@ class MetaQuant:
             ``meta_weight_decay`` not a finite number >= 0, ``freeze_meta_epoch`` not an integer >= 0, no
             quantized layer, a quantized weight the optimizer does not train or that is shared with another
             module, a trainable bias of a quantized layer or an input quantizer's Parameter that the optimizer
-            does not train.
+            does not train, a param group's ``lr`` (of ``optimizer`` or the meta optimizer) not a finite number >= 0.
 
     Example:
         >>> import torch, torch.nn.functional as F, metaquant as mq
@@ -218,6 +231,7 @@ class MetaQuant:
             raise ValueError(f"freeze_meta_epoch must be an integer >= 0 or None, got {freeze_meta_epoch!r}")
         check_policy(on_nonfinite)
         check_optimizer(optimizer)
+        check_learning_rates(optimizer)
         check_trainer_inputs(model, grad_scaler, meta_optimizer=meta_optimizer)
         check_weight_hooks(model)
         check_optimizer_trains_quantizers(unwrap(model), optimizer)
@@ -243,6 +257,8 @@ class MetaQuant:
         meta_params = [p for p in self.meta.parameters() if p.requires_grad]
         make = meta_optimizer or (lambda ps: torch.optim.Adam(ps, lr=meta_lr, weight_decay=meta_weight_decay))
         self.meta_optimizer = make(meta_params) if meta_params else None
+        if self.meta_optimizer is not None:
+            check_learning_rates(self.meta_optimizer, "meta_optimizer")
         if is_distributed():  # every process starts from rank 0's φ
             for p in self.meta.parameters():
                 torch.distributed.broadcast(p.data, src=0)
@@ -453,6 +469,7 @@ class MetaQuant:
                 Accelerate optimizer inside ``accelerator.accumulate`` on a step that does not synchronize
                 (MetaQuant accumulates itself: pass the micro-batches' closures as a list).
             TypeError: ``closure`` is not callable nor a non-empty list of callables; ``before_update`` not callable.
+            ValueError: a param group's ``lr`` is not a finite number >= 0 (e.g. set by hand since the last step).
 
         Example:
             >>> import torch.nn.functional as F
@@ -478,11 +495,13 @@ class MetaQuant:
                 "micro-batches, outside accumulate() (gradient_accumulation_steps=1)"
             )
         self._check_slots()
+        check_learning_rates(self.optimizer)  # a rate set on a group since the last step
         if self.meta_optimizer is not None:
             base = self._group(self._slots[0])
             lr0 = float(base.get("initial_lr", self._base_lr0))
             # γ_t = γ·α_t/α_0; a base rate that starts at 0 has no schedule to follow: γ stays.
             scale_lr(self.meta_optimizer, float(base["lr"]) / lr0 if lr0 != 0 else 1.0)
+            check_learning_rates(self.meta_optimizer, "meta_optimizer")
         scaler = self.grad_scaler
         # a skipped step (non-finite with "skip", or an fp16 overflow) undoes the forward pass's BatchNorm statistics
         snapshot = BufferSnapshot(self.model) if self.on_nonfinite == "skip" or scaler is not None else None
@@ -958,11 +977,13 @@ class MetaQuant:
 
         Returns:
             A dict (``iteration``, ``meta``, ``meta_optimizer``, ``meta_frozen``, ``step_order``, ``through``,
-            ``skipped_steps``, ``records``) of tensors and plain values; ``records`` has one entry per trained
-            quantized layer (``grad_w_hat``, ``w_tilde`` in the weight's shape, ``meta_state`` as
-            ``[num_lstm, numel, hidden]`` pairs in the order of ``weight.reshape(-1)``, and the original order's
-            ``prev_direction``, ``prev_bias_direction``); a layer tied to an earlier one holds only its bias
-            direction. The base optimizer's and the model's states are saved separately.
+            ``meta_quantizer`` (its class name), ``init_scheme`` and ``nonlinearity`` (the meta quantizer's, None
+            without one), ``base_lr0`` (the ``lr_0`` that ``γ_t`` is scaled by), ``skipped_steps``, ``records``)
+            of tensors and plain values; ``records`` has one entry per trained quantized layer (``grad_w_hat``,
+            ``w_tilde`` in the weight's shape, ``meta_state`` as ``[num_lstm, numel, hidden]`` pairs in the order
+            of ``weight.reshape(-1)``, and the original order's ``prev_direction``, ``prev_bias_direction``); a
+            layer tied to an earlier one holds only its bias direction. The base optimizer's and the model's
+            states are saved separately.
         """
         records: dict[str, dict[str, Any]] = {}
         for slot in self._slots:
@@ -991,6 +1012,8 @@ class MetaQuant:
             "meta_frozen": self.meta_frozen,
             "step_order": self.step_order,
             "through": self.through,
+            **_meta_settings(self.meta),
+            "base_lr0": self._base_lr0,
             "skipped_steps": self.skipped_steps,
             "records": records,
         }
@@ -1003,7 +1026,8 @@ class MetaQuant:
 
         Raises:
             ValueError: the state belongs to a model with other quantized layers or layers of other shapes, was
-                saved with another ``step_order`` or ``through``, or disagrees on whether the meta quantizer has
+                saved with another ``step_order`` or ``through``, another kind of meta quantizer or one with
+                another ``init_scheme`` or ``nonlinearity``, or disagrees on whether the meta quantizer has
                 an optimizer. Nothing is changed then.
         """
         if not isinstance(state, dict) or not isinstance(state.get("records"), dict):
@@ -1014,13 +1038,7 @@ class MetaQuant:
                 "MetaQuant state does not match this model's quantized layers: "
                 f"{sorted(set(state['records']) ^ names)[:5]} differ"
             )
-        for key in ("step_order", "through"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(
-                    f"MetaQuant state was saved with {key}={state[key]!r}, this trainer uses {getattr(self, key)!r}"
-                )
-        if (state["meta_optimizer"] is None) != (self.meta_optimizer is None):
-            raise ValueError("MetaQuant state and this trainer disagree on whether the meta quantizer has an optimizer")
+        self._check_settings(state)
         device = self._slots[0].weight.device
         records = state["records"]
         for slot in self._slots:
@@ -1061,6 +1079,8 @@ class MetaQuant:
         if self.meta_optimizer is not None and state["meta_optimizer"] is not None:
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.skipped_steps = state.get("skipped_steps", 0)
+        if state.get("base_lr0") is not None:  # absent from states written before it was saved: keep this run's
+            self._base_lr0 = float(state["base_lr0"])
         self.meta_frozen = state["meta_frozen"]
         self.iteration = state["iteration"]
         self._grad_w_hat, self._w_tilde, self._prev_direction, self._meta_state = (
@@ -1074,3 +1094,18 @@ class MetaQuant:
             for name, record in records.items()
             if record.get("prev_bias_direction") is not None
         }
+
+    def _check_settings(self, state: dict[str, Any]) -> None:
+        """Refuse a state saved under settings that change what the steps compute."""
+        ours: dict[str, str | None] = {"step_order": self.step_order, "through": self.through}
+        # The meta quantizer's function depends on its kind, init_scheme and nonlinearity, which φ's shapes do not
+        # tell. A state written before they were saved has no such key (unknown), and a meta quantizer without the
+        # attribute saves None: compared only when both are known.
+        for key, value in _meta_settings(self.meta).items():
+            if value is not None and state.get(key) is not None:
+                ours[key] = value
+        for key, value in ours.items():
+            if key in state and state[key] != value:
+                raise ValueError(f"MetaQuant state was saved with {key}={state[key]!r}, this trainer uses {value!r}")
+        if (state["meta_optimizer"] is None) != (self.meta_optimizer is None):
+            raise ValueError("MetaQuant state and this trainer disagree on whether the meta quantizer has an optimizer")

@@ -13,6 +13,7 @@ import itertools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from .distributed import all_reduce_sum, unwrap
 from .validation import check_int
 
-__all__ = ["batchnorm_layers", "recompute_batchnorm_stats"]
+__all__ = ["StatsSource", "batchnorm_layers", "recompute_batchnorm_stats", "recompute_batchnorm_stats_counted"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,9 @@ def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[tuple[Tensor, 
     inside a model in training mode is taken as frozen and keeps its statistics. Iterating a ``DataLoader`` draws
     from the global generators (``fit`` saves and restores them around the pass).
 
-    Returns the number of examples used (all processes); 0, reading nothing, without BatchNorm statistics.
+    Returns the number of examples used (all processes); 0, reading nothing, without BatchNorm statistics. When
+    ``batches`` holds fewer than ``num_batches`` batches, all are used and a warning is logged
+    (``recompute_batchnorm_stats_counted`` returns the number of batches too).
 
     Raises:
         ValueError: ``num_batches`` is not an integer >= 1; ``batches`` yielded nothing.
@@ -61,17 +64,36 @@ def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[tuple[Tensor, 
         >>> torch.allclose(bn.running_mean, x.mean(0)), torch.allclose(bn.running_var, x.var(0))
         (True, True)
     """
+    return recompute_batchnorm_stats_counted(model, batches, num_batches).examples
+
+
+class StatsSource(NamedTuple):
+    """What the statistics were recomputed from: this process's batches and the examples of all processes."""
+
+    batches: int
+    examples: int
+
+
+def recompute_batchnorm_stats_counted(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_batches: int
+) -> StatsSource:
+    """``recompute_batchnorm_stats``, returning the number of batches it read (at most ``num_batches``) as well as
+    the number of examples.
+
+    Raises:
+        ValueError: as ``recompute_batchnorm_stats``.
+    """
     num_batches = check_int("num_batches", num_batches, minimum=1)
     net = unwrap(model)
     # a layer left in eval mode inside a model in training mode is frozen (fine-tuning): it keeps its statistics
     layers = [bn for bn in batchnorm_layers(net) if bn.training or not net.training]
     if not layers:
-        return 0
+        return StatsSource(0, 0)
     moments = [_Moments() for _ in layers]
     was_training = {m: m.training for m in net.modules()}
     saved = [(bn.momentum, _buffer(bn, "num_batches_tracked").clone()) for bn in layers]
     hooks = [bn.register_forward_pre_hook(layer_moments.hook) for bn, layer_moments in zip(layers, moments)]
-    examples = 0
+    examples = read = 0
     try:
         net.eval()
         for bn in layers:
@@ -81,6 +103,7 @@ def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[tuple[Tensor, 
             for x, _ in itertools.islice(batches, num_batches):
                 net(x)
                 examples += x.shape[0]
+                read += 1
     finally:
         for hook in hooks:
             hook.remove()
@@ -111,8 +134,15 @@ def recompute_batchnorm_stats(model: nn.Module, batches: Iterable[tuple[Tensor, 
         running_mean, running_var = _buffer(bn, "running_mean"), _buffer(bn, "running_var")
         running_mean.copy_(mean.to(running_mean.dtype))
         running_var.copy_(var.to(running_var.dtype))
+    if read < num_batches:
+        logger.warning(
+            "recompute_batchnorm_stats: num_batches is %d but only %d batches were available; the statistics "
+            "are recomputed from those",
+            num_batches,
+            read,
+        )
     logger.debug("recomputed the statistics of %d BatchNorm layers from %d examples", len(layers), examples)
-    return examples
+    return StatsSource(read, examples)
 
 
 def _buffer(bn: nn.Module, name: str) -> Tensor:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .batchnorm import recompute_batchnorm_stats
 from .distributed import all_reduce_sum, unwrap
+from .validation import check_int
 
 __all__ = ["evaluate", "precise_bn_metrics"]
 
@@ -59,7 +60,12 @@ def precise_bn_metrics(
     train_loader: Iterable[tuple[Tensor, Tensor]], test_loader: Iterable[tuple[Tensor, Tensor]], num_batches: int
 ) -> Callable[[nn.Module], dict[str, float]]:
     """``fit``'s ``extra_metrics``: ``test_loss_precise_bn`` and ``test_acc_precise_bn``, measured with
-    BatchNorm statistics recomputed from ``num_batches`` training batches on a copy of the network."""
+    BatchNorm statistics recomputed from ``num_batches`` training batches on a copy of the network.
+
+    Raises:
+        ValueError: ``num_batches`` is not an integer >= 1 (at once, not after the first epoch has trained).
+    """
+    num_batches = check_int("num_batches", num_batches, minimum=1)
 
     def measure(network: nn.Module) -> dict[str, float]:
         network = copy.deepcopy(unwrap(network))

@@ -36,6 +36,7 @@ from .guards import (
 from .layers import QuantLayer, check_weight_hooks, forward_tensors, quantized_layers
 from .layers.convert import check_optimizer_trains_quantizers
 from .quantizers import ForwardQuantizer
+from .validation import is_number
 
 __all__ = ["Trainer"]
 
@@ -54,6 +55,26 @@ def closures_of(closure: Closure | Sequence[Closure]) -> list[Closure]:
             "step(closure) needs a closure, or a non-empty list of closures (one per micro-batch); got an empty list"
         )
     return [check_closure(c) for c in closures]
+
+
+def check_learning_rates(optimizer: Any, name: str = "optimizer") -> None:
+    """Raise unless each param group's ``lr`` is a finite number >= 0 (0 is allowed: a schedule may stop a group).
+
+    ``torch.optim`` lets a NaN rate through (``nan < 0`` is False) and never sees one set on a group later; a
+    negative rate would ascend the loss. A tensor rate is read only on the CPU (elsewhere reading it would wait
+    for the device).
+
+    Raises:
+        ValueError: names ``name``, the group's index and its rate.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if isinstance(lr, Tensor):
+            if lr.device.type != "cpu" or lr.numel() != 1:
+                continue
+            lr = lr.item()
+        if lr is not None and not (is_number(lr) and lr >= 0):
+            raise ValueError(f"{name} param group {i} has lr={lr!r}; a learning rate must be a finite number >= 0")
 
 
 GradMarks = list[tuple[int, int] | None]
@@ -100,7 +121,7 @@ class Trainer:
             optimizer, ``grad_scaler`` not a gradient scaler; a quantized weight that a forward pre-hook
             recomputes (pruning, the older ``weight_norm``/``spectral_norm``).
         ValueError: ``on_nonfinite`` is not one of ``NONFINITE_POLICIES``; ``optimizer`` lacks an input quantizer's
-            Parameter (build it after ``quantize_``).
+            Parameter (build it after ``quantize_``); a param group's ``lr`` is not a finite number >= 0.
 
     Example:
         Three STE steps of a 1-bit linear layer; with ``"skip"`` a NaN loss leaves the weights as they were:
@@ -130,6 +151,7 @@ class Trainer:
             raise TypeError(f"estimator must be a ClassicalEstimator (STE, Identity, EWGS), got {estimator!r}")
         check_policy(on_nonfinite)
         check_optimizer(optimizer)
+        check_learning_rates(optimizer)
         check_trainer_inputs(model, grad_scaler)
         check_weight_hooks(model)
         check_optimizer_trains_quantizers(unwrap(model), optimizer)
@@ -211,6 +233,7 @@ class Trainer:
             NonFiniteError: the loss or a gradient is not finite (``on_nonfinite="raise"``); nothing was updated.
             RuntimeError: a closure called ``backward`` itself.
             TypeError: ``closure`` is not callable nor a non-empty list of callables; ``before_update`` not callable.
+            ValueError: a param group's ``lr`` is not a finite number >= 0 (e.g. set by hand since the last step).
 
         Example:
             Clipping the gradients between the backward pass and the update, over two micro-batches:
@@ -228,6 +251,7 @@ class Trainer:
         closures = closures_of(closure)
         if before_update is not None:
             check_trainer_inputs(self.model, before_update=before_update)
+        check_learning_rates(self.optimizer)  # a rate set on a group since the last step
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.grad_scaler
         # a skipped step (non-finite with "skip", or an fp16 overflow) undoes the forward pass's BatchNorm statistics

@@ -277,3 +277,18 @@ def test_messages_name_parameters_and_the_command_prints_its_flags(tmp_path, cap
     assert flags["precise_bn_batches"] == "--precise-bn" and flags["from_previous"] == "--from-previous"
     message = "`init` x: the init model; give `teacher` or `nothing_known`"
     assert to_flags(message, flags) == "--init x: the init model; give --teacher or `nothing_known`"
+
+
+def test_eval_with_precise_bn_says_how_many_training_batches_it_used(tmp_path, tiny_mnist, capsys, caplog):
+    # 64 training images in batches of 32: two batches, whatever --precise-bn asks for
+    args = ["quantize", *tiny_mnist, "-m", "resnet8", "-bs", "32", "-n", "1", "--no-progress"]
+    assert main([*args, "--run-dir", str(tmp_path), "--name", "q"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "q"), "--device", "cpu", "--precise-bn", "100"]) == 0
+    assert (
+        "BatchNorm statistics recomputed from 2 training batches (64 examples; --precise-bn asked for 100, the "
+        "training set has no more)" in capsys.readouterr().out
+    )
+    assert "num_batches is 100 but only 2 batches were available" in caplog.text
+    assert main(["eval", str(tmp_path / "q"), "--device", "cpu", "--precise-bn", "1"]) == 0
+    assert "BatchNorm statistics recomputed from 1 training batches (32 examples)" in capsys.readouterr().out

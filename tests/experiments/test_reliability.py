@@ -549,7 +549,7 @@ def test_resume_with_skip_nonfinite_applies_and_counts_the_skipped_steps(world, 
     assert records[2]["train_loss"] > 0
 
 
-def _toy(policy, lr):
+def _toy(policy, lr, weight_decay=0.0):
     from metaquant.data import DatasetInfo, ImageTensors, TensorLoader
 
     data = ImageTensors(torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8), torch.tensor([0, 1] * 4))
@@ -557,7 +557,9 @@ def _toy(policy, lr):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2), torch.nn.BatchNorm1d(2))
     import metaquant as mq
 
-    trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), on_nonfinite=policy)
+    trainer = mq.Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay), on_nonfinite=policy
+    )
     return model, trainer, loader
 
 
@@ -567,7 +569,7 @@ def test_an_update_that_overflows_the_weights_is_skipped_and_undone(tmp_path):
     from metaquant.experiments.runs import RunDir
 
     torch.manual_seed(0)
-    model, trainer, loader = _toy("skip", float("inf"))
+    model, trainer, loader = _toy("skip", 10.0, weight_decay=1e38)  # finite rates; 10·1e38·w overflows float32
     before = {k: v.clone() for k, v in model.state_dict().items()}
     run = RunDir.create(tmp_path / "r", RunConfig())
     state = mq.fit(
@@ -587,7 +589,7 @@ def test_without_skipping_an_overflowing_update_stops_the_run_naming_the_step():
     from metaquant.guards import NonFiniteError
 
     torch.manual_seed(0)
-    model, trainer, loader = _toy("raise", float("inf"))
+    model, trainer, loader = _toy("raise", 10.0, weight_decay=1e38)  # finite rates; 10·1e38·w overflows float32
     expected = (
         r"^non-finite weights after the update at epoch 1, step 1 \(iteration 1\); last good checkpoint: none yet$"
     )

@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..batchnorm import recompute_batchnorm_stats
+from ..batchnorm import recompute_batchnorm_stats_counted
 from ..data import dataset_info, make_loaders, make_test_loader
 from ..export import (
     DIGEST_KEY,
@@ -226,7 +226,9 @@ def evaluate_artifact(
 
     Returns:
         ``{"top1", "top5", "loss", "recorded"}``: top-1 and top-5 accuracy in percent, mean cross-entropy,
-        and the run's recorded final test accuracy (None if it has none).
+        and the run's recorded final test accuracy (None if it has none); with ``precise_bn_batches`` also
+        ``"precise_bn_batches"`` and ``"precise_bn_examples"``: the training batches and examples the statistics
+        were recomputed from (fewer than asked when the training set has fewer).
 
     Raises:
         FileNotFoundError: no run in the directory, no such file, or the data set is not found.
@@ -282,10 +284,12 @@ def evaluate_artifact(
         recorded = header["metadata"].get("test_acc")
         data_dir = data_dir or _local_data_dir(path)
     test_loader = _test_loader(config, device, data_dir)
+    used: dict[str, int] = {}
     if precise_bn_batches:
-        recompute_batchnorm_stats(model, _train_loader(config, device, data_dir), precise_bn_batches)
+        source = recompute_batchnorm_stats_counted(model, _train_loader(config, device, data_dir), precise_bn_batches)
+        used = {"precise_bn_batches": source.batches, "precise_bn_examples": source.examples}
     result = evaluate(model, test_loader)
-    return {**result, "recorded": recorded}
+    return {**result, "recorded": recorded, **used}
 
 
 def _local_data_dir(path: Path) -> str | None:

@@ -175,7 +175,15 @@ def _eval(args: argparse.Namespace) -> int:
     )
     recorded = result["recorded"]
     note = f" (the run recorded {recorded:.2f}%)" if recorded is not None else ""
-    bn = f", BatchNorm statistics recomputed from {args.precise_bn} training batches" if args.precise_bn else ""
+    bn = ""
+    if args.precise_bn:  # what was read: the training set may hold fewer batches than asked
+        used, examples = result["precise_bn_batches"], result["precise_bn_examples"]
+        short = (
+            f"; --precise-bn asked for {args.precise_bn}, the training set has no more"
+            if used < args.precise_bn
+            else ""
+        )
+        bn = f", BatchNorm statistics recomputed from {used} training batches ({examples} examples{short})"
     print(f"{args.path}: test accuracy {result['top1']:.2f}% top-1, {result['top5']:.2f}% top-5{bn}{note}")
     return 0
 

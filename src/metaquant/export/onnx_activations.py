@@ -1,6 +1,6 @@
 """The input quantizers of the network the ONNX export traces: LSQ and PACT as ``QuantizeLinear`` followed by
 ``DequantizeLinear`` (one operator, ``metaquant::quantize_activation``, that the exporter translates), sign as
-``Where(x >= 0, 1, -1)`` (ONNX's ``Sign`` gives 0 at 0; ours gives +1)."""
+``Where(x >= 0, 1, Where(x < 0, -1, x))`` (ONNX's ``Sign`` gives 0 at 0, ours +1; NaN stays NaN)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class _QDQ(nn.Module):
 
 class _Sign(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
-        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        return torch.where(x >= 0, 1.0, torch.where(x < 0, -1.0, x))  # as SignActivation: NaN stays NaN
 
 
 def export_activations_(inference: nn.Module) -> dict[str, str]:

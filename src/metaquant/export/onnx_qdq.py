@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..activations import check_initialized
 from ..files import atomic_write_bytes
 from ..integrity import DIGEST_PLACEHOLDER, seal, verify_seal
+from ..layers import input_quantizers
 from .onnx_activations import export_activations_, quantize_activation_op, quantize_activation_translation
 from .onnx_graph import fold_batchnorm, name_weights, prune, store_levels
 from .onnx_weights import QuantizedWeight, dequantize_op, dequantized_inference
@@ -89,9 +91,9 @@ def export_onnx(
     ONNX LSTM's gates, tied). A BatchNorm after a convolution is folded into its scales, one per output channel
     (one scale when they are all equal); per-group scales are a blocked ``DequantizeLinear`` (``block_size``). A
     layer's input quantizer is ``QuantizeLinear`` + ``DequantizeLinear`` (LSQ, PACT: levels in UINT8/INT8,
-    UINT4/INT4 from opset 21, after a ``Clip`` where no type's range is the levels') or ``Where(x >= 0, 1, -1)``
-    (sign). A quantized weight the forward pass does not use for ``example`` is
-    not in the file (a warning names it). The batch dimension is dynamic; ``metadata`` is stored as the model's
+    UINT4/INT4 from opset 21, after a ``Clip`` where no type's range is the levels') or ``Where(x >= 0, 1,
+    Where(x < 0, -1, x))`` (sign; NaN stays NaN). A quantized weight the forward pass does not use for ``example``
+    is not in the file (a warning names it). The batch dimension is dynamic; ``metadata`` is stored as the model's
     ``metadata_props`` (JSON values), with a content digest that ``read_onnx`` checks. Needs onnx, onnxscript
     and onnxruntime (the ``onnx`` extra).
 
@@ -114,7 +116,8 @@ def export_onnx(
         ImportError: onnx or onnxscript is not installed.
         ValueError: ``opset`` is below 13; levels no integer type of ``opset`` holds (8-bit DoReFa below 21);
             scales per group (``uniform-group``: ``DequantizeLinear``'s ``block_size``) below opset 21;
-            ``metadata`` uses the key ``DIGEST_KEY``.
+            ``metadata`` uses the key ``DIGEST_KEY``; an LSQ input quantizer that no training-mode batch has
+            initialised (``check_initialized``).
 
     Example:
         Exporting takes seconds (``torch.export``); ``export_onnx(model, "model.onnx", torch.zeros(1, 1, 28,
@@ -140,6 +143,7 @@ def export_onnx(
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError:
         raise ImportError(f"ONNX export needs {ONNX_PACKAGES}") from None
+    check_initialized(input_quantizers(model), "export_onnx")
 
     inference, weights = dequantized_inference(model, opset)
     activations = export_activations_(inference)
@@ -210,9 +214,9 @@ def _integer_weights(proto: Any, inference: nn.Module, weights: list[QuantizedWe
 def read_onnx(path: str | Path) -> bytes:
     """The bytes of an ONNX file written by ``export_onnx``, after checking its content digest.
 
-    Load the model from the returned bytes (``onnxruntime.InferenceSession(data)``, ``onnx.load_from_string``),
-    so that the bytes checked are the bytes used. A file without digest (written by an earlier metaquant, or
-    by another program) is returned unchecked, with a log line that says so.
+    Load the model from the returned bytes (``onnxruntime.InferenceSession(data, onnx_session_options())``,
+    ``onnx.load_from_string``), so that the bytes checked are the bytes used. A file without digest (written by
+    an earlier metaquant, or by another program) is returned unchecked, with a log line that says so.
 
     Args:
         path: the ``.onnx`` file.
@@ -226,10 +230,11 @@ def read_onnx(path: str | Path) -> bytes:
 
     Example:
         >>> import onnxruntime
-        >>> from metaquant.export import export_onnx, read_onnx
+        >>> from metaquant.export import export_onnx, onnx_session_options, read_onnx
         >>> model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(4, 2))).eval()
         >>> _ = export_onnx(model, "tiny.onnx", torch.zeros(2, 4))
-        >>> session = onnxruntime.InferenceSession(read_onnx("tiny.onnx"))  # the bytes checked are the bytes run
+        >>> data = read_onnx("tiny.onnx")  # the bytes checked are the bytes run
+        >>> session = onnxruntime.InferenceSession(data, onnx_session_options())  # computes as the model does
         >>> x = torch.randn(3, 4)
         >>> torch.allclose(torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model(x), atol=1e-6)
         True

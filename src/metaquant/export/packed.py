@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor, nn
 
-from ..activations import build_act_quantizer
+from ..activations import build_act_quantizer, check_initialized
 from ..files import atomic_write_bytes
 from ..integrity import DIGEST_PLACEHOLDER, seal, verify_seal
 from ..layers import (
@@ -109,8 +109,9 @@ def export_packed(
 
     Raises:
         ValueError: no quantized layer, several quantizer configurations, a quantizer whose decode is not one of
-            ``DECODE_RULES``, or a ``state_dict`` entry whose name is that of a layer's codes or scale
-            (``<layer>.weight.codes``, ``<layer>.weight.scale``).
+            ``DECODE_RULES``, a ``state_dict`` entry whose name is that of a layer's codes or scale
+            (``<layer>.weight.codes``, ``<layer>.weight.scale``), or an LSQ input quantizer that no training-mode
+            batch has initialised (``check_initialized``).
         TypeError: ``architecture``, ``input_normalization`` or ``metadata`` holds a value JSON cannot represent.
         OSError: the file cannot be written.
 
@@ -136,6 +137,7 @@ def export_packed(
     """
 
     name, bits, group_size = _single_config(quantized_layers(model), "export_packed")
+    check_initialized(input_quantizers(model), "export_packed")
     if name not in DECODE_RULES:
         raise ValueError(
             f"export_packed: quantizer {name!r} has no decode rule of the format; allowed: {', '.join(DECODE_RULES)}"

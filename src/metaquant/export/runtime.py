@@ -6,6 +6,9 @@ a quantized operator) and, with float activations, runs it at every inference: a
 2.4x slower than the same network with float weights. ``session.disable_quant_qdq = 1`` lets onnxruntime fold
 each weight's ``DequantizeLinear`` into a float constant once, when the session is created: the network then runs
 as the float one does, while the file keeps its integer weights (``benchmarks/onnx_inference.py`` measures it).
+With quantized activations the default options also rewrite each layer for integer arithmetic (its bias rounded
+to int32), whose outputs differ from the model's; the option keeps the model's arithmetic
+(``benchmarks/onnx_activations.py`` measures both).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ __all__ = ["onnx_session_options"]
 
 
 def onnx_session_options(threads: int | None = None) -> Any:
-    """``onnxruntime.SessionOptions`` for an exported model with integer weights and float activations.
+    """``onnxruntime.SessionOptions`` for an exported model: weights folded to float once, and quantized
+    activations computed in float as the model computes them (not rewritten for integer kernels).
 
     Args:
         threads: intra-op threads (None: onnxruntime's default).

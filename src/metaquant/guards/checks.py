@@ -3,7 +3,7 @@ a later step."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -220,6 +220,25 @@ def check_requantization(name: str, current: Any, requested: Any) -> None:
     if current != requested:
         raise ValueError(
             f"layer {name or '<root>'} is already quantized with {current!r}, not {requested!r}; "
+            "call dequantize_(model) first to change it"
+        )
+
+
+def check_input_requantization(name: str, current: Any, requested: Sequence[Any]) -> None:
+    """Raise if a quantized layer whose input quantizer is ``current`` (None: none) is asked for another one.
+
+    As for the weights, ``quantize_`` leaves a quantized layer's input quantizer as it is: asking for other
+    activations must not be silently ignored. ``requested`` holds what the request gives a layer (the first
+    layer's and the others' input quantizer, None for none), compared by ``spec()``.
+
+    Raises:
+        ValueError: ``current`` is none of ``requested``; the message names the layer and both.
+    """
+    specs = [None if q is None else q.spec() for q in requested]
+    if (None if current is None else current.spec()) not in specs:
+        wanted = " or ".join(dict.fromkeys(repr(q) for q in requested))
+        raise ValueError(
+            f"layer {name or '<root>'} already has the input quantizer {current!r}, not {wanted}; "
             "call dequantize_(model) first to change it"
         )
 

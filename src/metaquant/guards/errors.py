@@ -33,7 +33,8 @@ class SkipLimitError(NonFiniteError):
         >>> info = mq.data.DatasetInfo("toy", 2, 1, 2, (0.5,), (0.5,), "none")
         >>> loader = mq.data.TensorLoader(data, info, 2, train=True)
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
-        >>> trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=float("inf")), on_nonfinite="skip")
+        >>> _ = model[1].bias.data.fill_(float("nan"))  # every loss is NaN
+        >>> trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), on_nonfinite="skip")
         >>> try:
         ...     mq.fit(model, trainer, loader, loader, epochs=1, schedule=lambda e: 1.0, progress=False, max_skipped=1)
         ... except mq.guards.SkipLimitError as err:

@@ -15,6 +15,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..guards import check_requantization
+from ..guards.checks import check_input_requantization
 from ..quantizers import ForwardQuantizer
 from .attention import QuantMultiheadAttention
 from .base import INPUT_QUANTIZER, LEARNED_PREFIX, QuantConfig, QuantLayer, _convert
@@ -137,6 +138,10 @@ def _problem(module: nn.Module, base: type[nn.Module]) -> tuple[str | None, bool
         return hook, True
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "it is a lazy layer not initialized yet; run one forward pass before quantize_", False
+    empty = [n for n, p in module.named_parameters(recurse=False) if n.endswith("weight") and p.numel() == 0]
+    if empty and not (isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()):
+        # a scale statistic (max, mean) of no values is undefined, and there is nothing to gain
+        return f"its {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty: nothing to quantize", False
     if type(module).forward is not base.forward and not isinstance(module, _MultiWeight):
         return f"its class overrides {base.__name__}.forward, which may not compute with the quantized weight", False
     if base in (nn.Embedding, nn.EmbeddingBag):
@@ -246,7 +251,8 @@ def quantize_(
     Args:
         model: any module; its submodules are converted where they sit (same objects, same Parameters).
         config: which quantizer and bit width (default: 1-bit DoReFa). Layers that are already quantized are
-            left as they are; a per-channel quantizer is set to each layer's output-channel axis.
+            left as they are (asking for another quantizer or other activations for them is an error); a
+            per-channel quantizer is set to each layer's output-channel axis.
         filter_fn: ``filter_fn(module, qualified_name) -> bool`` chooses the layers among every module of
             ``model``, whatever its kind, first and last layer included. Attention's ``out_proj`` is a module of
             its own: choosing it alone quantizes that projection (its attention module then computes with it).
@@ -264,7 +270,8 @@ def quantize_(
             or the root module itself would need converting. Nothing is changed then.
         ValueError: ``include`` names an unknown kind or comes with a ``filter_fn``; or nothing to quantize (no
             layer chosen and no quantized layer in ``model`` already; the message says what was left and why);
-            activations asked for and no layer to take them.
+            activations asked for and no layer to take them; a quantized layer asked for another quantizer or
+            input quantizer (``check_requantization``).
 
     Example:
         >>> import torch.nn as nn, metaquant as mq
@@ -339,6 +346,8 @@ def _plan(model: nn.Module, asked: QuantConfig | None, filter_fn: FilterFn | Non
     chosen module that cannot be converted, or a quantized one that ``asked`` for another quantizer."""
     modules = list(model.named_modules())
     plan = _Plan(modules, {id(m.out_proj): m for _, m in modules if isinstance(m, nn.MultiheadAttention)})
+    activations = asked.activations if asked is not None else None
+    inputs = [None] if activations is None else [activations.build_first(), activations.build()]
     for name, module in modules:
         if isinstance(module, QuantLayer):
             if asked is not None and (filter_fn is None or filter_fn(module, name)):
@@ -346,6 +355,8 @@ def _plan(model: nn.Module, asked: QuantConfig | None, filter_fn: FilterFn | Non
                 # (compared as the layer would hold it: a per-channel quantizer on the layer's channel axis)
                 requested = asked.forward_quantizer.with_channel_axis(module.channel_axis)
                 check_requantization(name or "<root>", module.configured_quantizer, requested)
+                if isinstance(module, TAKES_INPUT_QUANTIZER) and id(module) not in plan.attention_of:
+                    check_input_requantization(name or "<root>", module._modules.get(INPUT_QUANTIZER), inputs)
         elif isinstance(module, _MultiWeight) and _views(module):
             pass  # quantized already (an attention module with a quantized out_proj only may gain views)
         else:
