@@ -193,7 +193,10 @@ def test_torchrun_failure_ends_every_rank_with_one_line_and_status_1(tmp_path, f
         message = "metaquant: error: 2 steps skipped for non-finite values, more than the limit of 1"
         assert text.count(message) == 1, text[-3000:]
         assert "SIGABRT" not in text and "terminate called" not in text
-    assert failed.stderr.count("exitcode  : 1") == 2  # torchrun's summary: both ranks exited with status 1
+    # torchrun's summary: a rank exited with status 1; once one has exited, torchrun stops the others (SIGTERM), so
+    # whether the second is summarised as "exitcode 1" or as stopped depends on timing. Neither crashed.
+    assert failed.stderr.count("exitcode  : 1") >= 1
+    assert "exitcode  : -6" not in failed.stderr and "SIGABRT" not in failed.stderr
     assert "SIGABRT" not in failed.stderr and "terminate called" not in failed.stderr
     assert not (tmp_path / "ddp" / "done").exists()
 

@@ -18,15 +18,16 @@ At ``t = 0`` nothing is recorded yet: the forward pass uses ``Q(A(W))``, the bac
 ``step_order="original"`` reproduces the order of the paper's original code instead (docs/design.md §5.1): the forward
 weight is the committed weight moved once more along the previous update direction ``G_{t−1}`` (with the
 derivative of ``−α·g_W``), and the commit is ``W ← W − α·π(g_W)``. Everything else is shared.
+
+The step works on one flat vector of the coordinates of all quantized weights (``metaquant.slots``); what an
+iteration leaves for the next, and how the trainer's state is saved, are in ``metaquant.records``.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,11 +46,24 @@ from .guards import (
 )
 from .layers import QuantLayer, check_weight_hooks, forward_tensors, quantized_layers
 from .layers.convert import check_optimizer_trains_quantizers
-from .layout import flatten_in_memory_order, memory_order, unflatten_like
 from .meta import LSTMFC, FCGrad, IdentityMeta, MetaQuantizer, MultiFC
-from .quantizers import ForwardQuantizer
+from .records import Records, carry_state, check_state, meta_settings
 from .refine import THROUGH, refinement_for, with_derivative
 from .schedules import scale_lr
+from .slots import (
+    Plan,
+    Slot,
+    call_per_slot,
+    check_slots,
+    flat_calibration,
+    flatten,
+    make_plan,
+    make_slots,
+    param_groups_of,
+    pieces_of,
+    trained_weights,
+    update_directions,
+)
 from .trainer import check_learning_rates, check_no_backward, closures_of, grad_marks
 from .validation import check_choice, is_int, is_number
 
@@ -62,85 +76,6 @@ Closure = Callable[[], Tensor]
 #: The meta quantizers known to work coordinate by coordinate: called once for all layers (docs/design.md §5.0).
 #: Any other class, a subclass of these too, is called layer by layer.
 _COORDINATEWISE = (IdentityMeta, FCGrad, MultiFC, LSTMFC)
-
-
-@dataclass
-class _Slot:
-    """One trained quantized weight, the layers that compute with it, and its place in the flat vectors.
-
-    Algorithm 1 works coordinate by coordinate, so every per-coordinate quantity of all layers (``g_Ŵ``, ``W̃``,
-    ``g_W``, the look-ahead, LSTMFC's state) lives in one flat vector of ``N = Σ numel`` coordinates and the
-    meta quantizer is called once per step. A slot's coordinates are ``[start, start + numel)``, in the weight's
-    *memory* order (``perm``: its dimensions from the largest stride to the smallest), so that flattening a
-    channels-last weight, its gradient or its optimizer state is a view, not a copy.
-    """
-
-    weight: Tensor
-    layers: list[tuple[str, QuantLayer]]  # a weight tied between layers is one slot with several layers
-    quantizer: ForwardQuantizer
-    group: int  # index of the weight's optimizer param group
-    start: int
-    perm: tuple[int, ...]
-
-    @property
-    def name(self) -> str:
-        return self.layers[0][0]
-
-    @property
-    def numel(self) -> int:
-        return self.weight.numel()
-
-    @property
-    def stop(self) -> int:
-        return self.start + self.numel
-
-    def flat(self, t: Tensor) -> Tensor:
-        """``t`` (the weight's shape) as ``[numel]`` in this slot's coordinate order (a view when it can be)."""
-        return flatten_in_memory_order(t, self.perm)
-
-    def unflat(self, flat: Tensor) -> Tensor:
-        """``[numel]`` in this slot's order → the weight's shape (a view with the weight's strides)."""
-        return unflatten_like(flat, self.weight.shape, self.perm)
-
-    def state_to_logical(self, s: Tensor) -> Tensor:
-        """LSTMFC state ``[L, numel, H]`` in slot order → the order of ``weight.reshape(-1)`` (checkpoints)."""
-        inverse = sorted(range(len(self.perm)), key=self.perm.__getitem__)
-        shape = [s.shape[0], *(self.weight.shape[d] for d in self.perm), s.shape[-1]]
-        dims = [0, *(1 + d for d in inverse), len(shape) - 1]
-        return s.reshape(shape).permute(dims).reshape(s.shape[0], self.numel, s.shape[-1])
-
-    def state_from_logical(self, s: Tensor) -> Tensor:
-        """The inverse of ``state_to_logical``."""
-        shape = [s.shape[0], *self.weight.shape, s.shape[-1]]
-        dims = [0, *(1 + d for d in self.perm), len(shape) - 1]
-        return s.reshape(shape).permute(dims).reshape(s.shape[0], self.numel, s.shape[-1])
-
-
-#: The refinement's pieces: ``(param group, its slots, their flat optimizer state)``.
-_Plan = list[tuple[dict[str, Any], list[_Slot], dict[str, Any]]]
-
-
-def _bias(layer: QuantLayer) -> Tensor | None:
-    """The layer's bias (``nn.Module`` attributes are typed loosely)."""
-    return cast("Tensor | None", layer.bias)
-
-
-def _meta_settings(meta: MetaQuantizer) -> dict[str, str | None]:
-    """What defines the meta quantizer's function beside ``φ``: its class, ``init_scheme`` and ``nonlinearity``
-    (None for an attribute it does not have)."""
-    net = getattr(meta, "net", None)  # FCGrad's and MultiFC's CoordinateMLP holds their nonlinearity
-    nonlinearity = getattr(meta, "nonlinearity", getattr(net, "nonlinearity", None))
-    scheme = getattr(meta, "init_scheme", None)
-    return {
-        "meta_quantizer": type(meta).__name__,
-        "init_scheme": scheme if isinstance(scheme, str) else None,
-        "nonlinearity": nonlinearity if isinstance(nonlinearity, str) else None,
-    }
-
-
-def _flatten(slots: Sequence[_Slot], tensors: Sequence[Tensor]) -> Tensor:
-    """One ``[N]`` vector from a tensor per slot (each of the slot weight's shape)."""
-    return torch.cat([slot.flat(t) for slot, t in zip(slots, tensors)])
 
 
 class MetaQuant:
@@ -268,149 +203,22 @@ class MetaQuant:
         self.freeze_meta_epoch = freeze_meta_epoch
         self.meta_frozen = False
         self.iteration = 0
-        # What iteration t leaves for t+1 (all detached, flat [N] in slot order): g_Ŵ^t, W̃^t, LSTMFC's (h, c)
-        # each [num_lstm, N, hidden]; for the original order also G_t, the last committed update direction.
-        self._grad_w_hat: Tensor | None = None
-        self._w_tilde: Tensor | None = None
-        self._meta_state: Any = None
-        self._prev_direction: Tensor | None = None
-        self._prev_bias_direction: dict[str, Tensor] = {}
+        self._records = Records()  # what iteration t leaves for t+1
         self._weight_names = watched_weights(unwrap(model))  # for the warning about a direct use of W
         self._uses_warned: set[str] = set()
 
-    # --- set-up helpers -----------------------------------------------------------------------------------
-    def _make_slots(self) -> list[_Slot]:
-        """One slot per trained quantized weight, ordered by param group so each group is one flat range."""
-        group_of = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
-        by_weight: dict[int, tuple[Tensor, list[tuple[str, QuantLayer]]]] = {}
-        frozen = []
-        for name, layer in self.layers.items():
-            w = layer.weight
-            if not w.requires_grad:
-                frozen.append(name)
-                continue
-            if id(w) not in group_of:
-                raise ValueError(
-                    f"the quantized weight {name}.weight requires grad but is not in the optimizer: pass it to the "
-                    "optimizer, freeze it (requires_grad_(False)), or leave the layer in full precision with "
-                    "quantize_(..., filter_fn=...)"
-                )
-            if layer.bias is not None and layer.bias.requires_grad and id(layer.bias) not in group_of:
-                raise ValueError(
-                    f"the bias {name}.bias of a quantized layer requires grad but is not in the "
-                    "optimizer: pass it to the optimizer or freeze it (requires_grad_(False))"
-                )
-            by_weight.setdefault(id(w), (w, []))[1].append((name, layer))
+    # --- set-up ---------------------------------------------------------------------------------------------
+    def _make_slots(self) -> list[Slot]:
+        """One slot per trained quantized weight; a frozen quantized layer keeps its weight."""
+        group_of = param_groups_of(self.optimizer)
+        weights, frozen = trained_weights(self.layers, group_of)
         if frozen:
             logger.info(
                 "MetaQuant: %d frozen quantized layer(s) keep their weights: %s",
                 len(frozen),
                 ", ".join(frozen[:10]) + (" ..." if len(frozen) > 10 else ""),
             )
-        if not by_weight:
-            raise ValueError("MetaQuant found no trainable quantized weight: every quantized layer is frozen")
-        owners: dict[int, int] = {}  # how many distinct modules hold each parameter
-        for module in unwrap(self.model).modules():
-            for p in module._parameters.values():
-                if p is not None:
-                    owners[id(p)] = owners.get(id(p), 0) + 1
-        slots: list[_Slot] = []
-        for w, layers in by_weight.values():
-            quantizers = {layer.quantizer for _, layer in layers}
-            if len(quantizers) > 1:
-                names = ", ".join(n for n, _ in layers)
-                used = ", ".join(sorted(repr(q) for q in quantizers))
-                raise ValueError(
-                    f"the weight tied between the quantized layers {names} is quantized differently by them "
-                    f"({used}), and MetaQuant needs one Ŵ per weight: give them one quantizer with one scale per "
-                    "layer (a per-channel quantizer runs along each layer's own output channels), or untie the weight"
-                )
-            if owners[id(w)] > len(layers):
-                names = ", ".join(n for n, _ in layers)
-                raise ValueError(
-                    f"the quantized weight of {names} is also used by a layer that is not quantized: "
-                    "quantize both layers or neither"
-                )
-            slots.append(_Slot(w, layers, layers[0][1].quantizer, group_of[id(w)], 0, memory_order(w)))
-        slots.sort(key=lambda slot: slot.group)  # stable: module order within a group
-        start = 0
-        for slot in slots:
-            slot.start, start = start, start + slot.numel
-        kinds = {(slot.weight.device, slot.weight.dtype) for slot in slots}
-        if len(kinds) > 1:
-            raise ValueError(
-                "MetaQuant needs every quantized weight on one device and in one dtype, found "
-                f"{sorted(map(str, kinds))}"
-            )
-        return slots
-
-    def _group(self, slot: _Slot) -> dict[str, Any]:
-        return self.optimizer.param_groups[slot.group]
-
-    def _group_ranges(self) -> list[tuple[dict[str, Any], list[_Slot]]]:
-        """The slots of each param group (consecutive in the flat vectors), with the group."""
-        ranges: list[tuple[dict[str, Any], list[_Slot]]] = []
-        for slot in self._slots:
-            if ranges and ranges[-1][1][-1].group == slot.group:
-                ranges[-1][1].append(slot)
-            else:
-                ranges.append((self._group(slot), [slot]))
-        return ranges
-
-    def _flat_state(self, slots: list[_Slot]) -> dict[str, Any] | None:
-        """The optimizer state of ``slots`` as one flat state, or None when their states differ in kind."""
-        states = [self.optimizer.state.get(slot.weight, {}) for slot in slots]
-        keys = set(states[0])
-        if any(set(state) != keys for state in states):
-            return None
-        flat: dict[str, Any] = {}
-        for key in keys:
-            values = [state[key] for state in states]
-            if key == "step":
-                steps = {float(v) for v in values}
-                if len(steps) > 1:
-                    return None
-                flat[key] = values[0]
-            elif all(v is None for v in values):
-                flat[key] = None
-            elif all(isinstance(v, Tensor) and v.shape == slot.weight.shape for v, slot in zip(values, slots)):
-                flat[key] = _flatten(slots, values)
-            else:
-                return None
-        return flat
-
-    def _plan(self) -> _Plan:
-        """The pieces the refinement works on: ``(group, slots, their flat optimizer state)``, in flat order.
-
-        One piece per param group whose weights have states of one kind (the usual case: one piece in all);
-        otherwise one per weight. The rules are element-wise, so the result equals a per-layer computation.
-        """
-        plan = []
-        for group, slots in self._group_ranges():
-            state = self._flat_state(slots)
-            if state is not None:
-                plan.append((group, slots, state))
-            else:
-                plan += [(group, [slot], self._flat_state([slot]) or {}) for slot in slots]
-        return plan
-
-    @staticmethod
-    def _pieces(flat: Tensor, plan: _Plan) -> list[Tensor]:
-        """``flat`` cut into the plan's pieces (one split: a single backward node)."""
-        if len(plan) == 1:
-            return [flat]
-        return list(flat.split([sum(slot.numel for slot in slots) for _, slots, _ in plan]))
-
-    def _directions(
-        self,
-        grad_w: Tensor,
-        weights: Tensor,
-        rule: Callable[..., Tensor],
-        plan: _Plan,
-    ) -> list[Tensor]:
-        """``π(g_W)`` (Eq. 6) on each piece of the plan, from the flat ``g_W`` and ``W``."""
-        pieces = zip(self._pieces(grad_w, plan), self._pieces(weights, plan), plan)
-        return [rule(grad, weight, state, group) for grad, weight, (group, _, state) in pieces]
+        return make_slots(weights, group_of, unwrap(self.model))
 
     # --- public -------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -494,10 +302,10 @@ class MetaQuant:
                 "gradients; MetaQuant accumulates by itself: call step([closure_1, ..., closure_k]) once per k "
                 "micro-batches, outside accumulate() (gradient_accumulation_steps=1)"
             )
-        self._check_slots()
+        check_slots(self._slots, unwrap(self.model), self.optimizer)
         check_learning_rates(self.optimizer)  # a rate set on a group since the last step
         if self.meta_optimizer is not None:
-            base = self._group(self._slots[0])
+            base = self.optimizer.param_groups[self._slots[0].group]
             lr0 = float(base.get("initial_lr", self._base_lr0))
             # γ_t = γ·α_t/α_0; a base rate that starts at 0 has no schedule to follow: γ stays.
             scale_lr(self.meta_optimizer, float(base["lr"]) / lr0 if lr0 != 0 else 1.0)
@@ -530,32 +338,6 @@ class MetaQuant:
         self.iteration += 1
         return loss
 
-    def _check_slots(self) -> None:
-        """Take each layer's quantizer as it is now (a user may change it between steps), and refuse to train
-        tensors the model no longer holds: a quantized weight replaced since construction
-        (``load_state_dict(assign=True)``, ``to_empty``) would be trained here while the model computes with the
-        new one; so would a learned step the optimizer does not hold."""
-        changed = False
-        for slot in self._slots:
-            name, layer = slot.layers[0]
-            if getattr(*layer.weight_location) is not slot.weight:
-                raise RuntimeError(
-                    f"the quantized weight of layer {name} was replaced after MetaQuant was built (e.g. by "
-                    "load_state_dict(..., assign=True)): build the optimizer and MetaQuant again for the model's "
-                    "new tensors"
-                )
-            quantizers = {other.quantizer for _, other in slot.layers}
-            if len(quantizers) > 1:
-                raise RuntimeError(
-                    f"the layers {', '.join(n for n, _ in slot.layers)} share one weight but are now quantized "
-                    f"differently ({', '.join(sorted(map(repr, quantizers)))}); MetaQuant needs one Ŵ per weight"
-                )
-            (quantizer,) = quantizers
-            if quantizer != slot.quantizer:
-                slot.quantizer, changed = quantizer, True
-        if changed:
-            check_optimizer_trains_quantizers(unwrap(self.model), self.optimizer)
-
     def _check(self, loss: Tensor, meta_outputs: list[Tensor], grad_w_hat: list[Tensor | None]) -> str | None:
         """What, if anything, is non-finite after the backward pass (checked before any update)."""
         return first_nonfinite(
@@ -579,20 +361,7 @@ class MetaQuant:
         if bad is not None:
             return loss, bad
         if self.step_order == "original":
-            # G_0 and B_0: the plain STE gradients of iteration 0 (docs/design.md, the original order).
-            self._prev_direction = _flatten(
-                self._slots,
-                [
-                    slot.weight.grad if slot.weight.grad is not None else torch.zeros_like(slot.weight)
-                    for slot in self._slots
-                ],
-            ).detach()
-            self._prev_bias_direction = {
-                name: bias.grad.detach().clone()
-                for slot in self._slots
-                for name, layer in slot.layers
-                if (bias := _bias(layer)) is not None and bias.grad is not None
-            }
+            self._records.start_directions(self._slots)  # G_0, B_0 (docs/design.md, the original order)
         for slot in self._slots:
             slot.weight.grad = None  # quantized weights do not move at t = 0 (torch.optim skips grad None)
         if hook is not None:
@@ -600,7 +369,7 @@ class MetaQuant:
         if self.step_order == "paper":
             self.optimizer.step()  # the other parameters do
         self.optimizer.zero_grad(set_to_none=True)
-        self._keep(grads, [w_tilde for _, w_tilde in forward], used, meta_state=None)
+        self._records.keep(self._slots, grads, [w_tilde for _, w_tilde in forward], used, None, self.meta)
         return loss, None
 
     # --- iterations t >= 1 --------------------------------------------------------------------------------
@@ -610,8 +379,8 @@ class MetaQuant:
             self.meta_optimizer.zero_grad(set_to_none=True)
         learn_meta = self.meta_optimizer is not None and not self.meta_frozen
         slots = self._slots
-        weights = _flatten(slots, [slot.weight.detach() for slot in slots])  # W^{t−1}, [N]
-        plan = self._plan()
+        weights = flatten(slots, [slot.weight.detach() for slot in slots])  # W^{t−1}, [N]
+        plan = make_plan(self.optimizer, slots)
         with torch.set_grad_enabled(learn_meta):
             grad_w, meta_state = self._meta_gradient(weights)  # step 1 (Eq. 4-5)
             look_ahead = self._look_ahead(grad_w, weights, plan)  # step 2 (Eq. 6), a function of φ
@@ -631,60 +400,37 @@ class MetaQuant:
             assert self.meta_optimizer is not None  # learn_meta implies it
             self.meta_optimizer.step()
         self._commit(grad_w, weights, forward_weights, used, changed, plan)  # step 6
-        self._keep(grads, [w_tilde for _, w_tilde in forward], used, meta_state)
+        self._records.keep(slots, grads, [w_tilde for _, w_tilde in forward], used, meta_state, self.meta)
         return loss, None
 
     def _meta_gradient(self, weights: Tensor) -> tuple[Tensor, Any]:
         """Step 1 (Eq. 4-5): the flat ``g_W = M_φ(g_Ŵ^{t−1}, W̃^{t−1}) ⊙ c(W^{t−1})`` and the meta state it leaves,
         from the flat weights ``W^{t−1}``."""
-        slots = self._slots
-        calibration = self._calibration(weights)
+        records = self._records
+        calibration = flat_calibration(self._slots, weights)
         if type(self.meta) in _COORDINATEWISE:  # one call for the coordinates of every layer
-            grad_w_tilde, meta_state = self.meta(self._grad_w_hat, self._w_tilde, self._meta_state)
-            return grad_w_tilde * calibration, meta_state
-        # any other meta quantizer is called per layer, as its interface says, on the layer's own flat order
-        assert self._grad_w_hat is not None and self._w_tilde is not None  # recorded at t = 0
-        outputs, states = [], []
-        for slot in slots:
-            a, b = slot.start, slot.stop
-            old = (
-                None if self._meta_state is None else tuple(slot.state_to_logical(s[:, a:b]) for s in self._meta_state)
+            grad_w_tilde, meta_state = self.meta(records.grad_w_hat, records.w_tilde, records.meta_state)
+        else:  # any other meta quantizer is called per layer, as its interface says, on the layer's own order
+            assert records.grad_w_hat is not None and records.w_tilde is not None  # recorded at t = 0
+            grad_w_tilde, meta_state = call_per_slot(
+                self.meta, self._slots, records.grad_w_hat, records.w_tilde, records.meta_state
             )
-            records = (slot.unflat(r[a:b]).reshape(-1) for r in (self._grad_w_hat, self._w_tilde))
-            out, state = self.meta(*records, old)
-            outputs.append(slot.flat(out.reshape(slot.weight.shape)))
-            states.append(state)
-        meta_state = None
-        if states[0] is not None:
-            meta_state = tuple(
-                torch.cat([slot.state_from_logical(s[i]) for slot, s in zip(slots, states)], 1)
-                for i in range(len(states[0]))
-            )
-        return torch.cat(outputs) * calibration, meta_state
+        return grad_w_tilde * calibration, meta_state
 
-    @torch.no_grad()
-    def _calibration(self, weights: Tensor) -> Tensor:
-        """The flat ``c(W)`` of the flat weights: in one pass when every layer shares a quantizer that processes
-        flat segments (``ForwardQuantizer.segmentable``: the same values, to the bit), else layer by layer."""
-        quantizers = {slot.quantizer for slot in self._slots}
-        if len(quantizers) == 1 and (quantizer := next(iter(quantizers))).segmentable:
-            return quantizer.backward_terms_segments(weights, self._numels)[2]
-        return _flatten(self._slots, [slot.quantizer.calibration(slot.weight) for slot in self._slots])
-
-    def _look_ahead(self, grad_w: Tensor, weights: Tensor, plan: _Plan) -> Tensor:
+    def _look_ahead(self, grad_w: Tensor, weights: Tensor, plan: Plan) -> Tensor:
         """Step 2 (Eq. 6): the flat weights of the forward pass, ``W^{t−1} − α·π(g_W)`` (see the original order)."""
         if self.step_order == "paper":
-            directions = self._directions(grad_w, weights, self._refine_for_meta, plan)
+            directions = update_directions(grad_w, weights, self._refine_for_meta, plan)
         else:
             # value W − α·G_{t−1}, derivative that of −α·g_W (docs/design.md, the original order)
-            assert self._prev_direction is not None  # recorded at t = 0
-            moved = grad_w + (self._prev_direction - grad_w).detach()
-            directions = self._pieces(moved, plan)
+            assert self._records.prev_direction is not None  # recorded at t = 0
+            moved = grad_w + (self._records.prev_direction - grad_w).detach()
+            directions = pieces_of(moved, plan)
         # torch.add(..., alpha=-lr) rounds as torch.optim's add_ does, so the commit is the optimizer's own value
         # to the bit for plain SGD.
         pieces = [
             torch.add(w, d, alpha=-group["lr"])
-            for w, d, (group, _, _) in zip(self._pieces(weights, plan), directions, plan)
+            for w, d, (group, _, _) in zip(pieces_of(weights, plan), directions, plan)
         ]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -721,7 +467,7 @@ class MetaQuant:
                 for slot, u in zip(slots, used)
             ]
         if any(changed):  # the commit's direction is that of the gradients the weights hold now
-            grad_w = _flatten(
+            grad_w = flatten(
                 slots,
                 [
                     slot.weight.grad.detach() if slot.weight.grad is not None else torch.zeros_like(slot.weight)
@@ -730,7 +476,7 @@ class MetaQuant:
             )
         return grad_w, changed
 
-    def _say_direct_uses(self, slots: list[_Slot]) -> None:
+    def _say_direct_uses(self, slots: list[Slot]) -> None:
         names = [self._weight_names.get(id(slot.weight), f"{slot.name}.weight") for slot in slots]
         warn_direct_uses(
             names,
@@ -746,7 +492,7 @@ class MetaQuant:
         forward_weights: list[Tensor],
         used: list[bool],
         changed: list[bool],
-        plan: _Plan,
+        plan: Plan,
     ) -> None:
         """Step 6: the base optimizer's step; ``W ← W^t`` for every weight that keeps its look-ahead."""
         if self.step_order == "original":
@@ -765,44 +511,30 @@ class MetaQuant:
                     torch._foreach_copy_([p for p, _ in moved], [w for _, w in moved])
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _record_original_directions(
-        self,
-        grad_w: Tensor,
-        weights: Tensor,
-        used: list[bool],
-        plan: _Plan,
-    ) -> None:
+    def _record_original_directions(self, grad_w: Tensor, weights: Tensor, used: list[bool], plan: Plan) -> None:
         """G_t and B_t of the original order: the directions of the update about to be committed."""
-        directions = self._directions(grad_w, weights, self._refine, plan)
-        flat = directions[0] if len(directions) == 1 else torch.cat(directions)
-        flat = flat.detach().clone()
-        if not all(used):
-            for slot, is_used in zip(self._slots, used):
-                if not is_used:
-                    assert self._prev_direction is not None  # recorded at t = 0
-                    flat[slot.start : slot.stop] = self._prev_direction[slot.start : slot.stop]
-        self._prev_direction = flat
-        for slot in self._slots:
-            for name, layer in slot.layers:
-                bias = _bias(layer)
-                if bias is not None and bias.grad is not None:
-                    state = self.optimizer.state.get(bias, {})
-                    group = self.optimizer.param_groups[self._bias_group(bias)]
-                    self._prev_bias_direction[name] = self._refine(bias.grad, bias, state, group).detach().clone()
+        directions = update_directions(grad_w, weights, self._refine, plan)
+        bias_directions = {
+            name: self._refine(bias.grad, bias, self.optimizer.state.get(bias, {}), self._bias_group(bias))
+            for slot in self._slots
+            for name, bias in slot.biases()
+            if bias is not None and bias.grad is not None
+        }
+        direction = directions[0] if len(directions) == 1 else torch.cat(directions)
+        self._records.keep_directions(self._slots, direction, used, bias_directions)
 
-    def _bias_group(self, bias: Tensor) -> int:
-        return next(i for i, g in enumerate(self.optimizer.param_groups) if any(p is bias for p in g["params"]))
+    def _bias_group(self, bias: Tensor) -> dict[str, Any]:
+        return next(g for g in self.optimizer.param_groups if any(p is bias for p in g["params"]))
 
     def _biases(self) -> dict[str, Tensor | None]:
         """The bias each layer's forward pass uses: its own; the original order moves it one step ahead."""
         biases: dict[str, Tensor | None] = {}
         for slot in self._slots:
-            for name, layer in slot.layers:
-                bias = _bias(layer)
-                ahead = self._prev_bias_direction.get(name)
+            for name, bias in slot.biases():
+                ahead = self._records.prev_bias_direction.get(name)
                 if self.step_order == "original" and bias is not None and bias.requires_grad and ahead is not None:
                     # the original code also evaluates the bias one previous step ahead: b − α·B_{t−1}
-                    lr = self.optimizer.param_groups[self._bias_group(bias)]["lr"]
+                    lr = self._bias_group(bias)["lr"]
                     bias = bias - lr * ahead
                 biases[name] = bias
         return biases
@@ -867,43 +599,6 @@ class MetaQuant:
             )
         return loss, grads, used
 
-    def _keep(self, grads: list[Tensor | None], w_tildes: list[Tensor], used: list[bool], meta_state: Any) -> None:
-        """Record ``g_Ŵ^t``, ``W̃^t`` and the meta state for iteration ``t+1``; an unused slot keeps its records."""
-        slots = self._slots
-        old_g, old_w = self._grad_w_hat, self._w_tilde
-        self._grad_w_hat = _flatten(
-            slots,
-            [
-                g
-                if g is not None
-                else (torch.zeros_like(slot.weight) if old_g is None else slot.unflat(old_g[slot.start : slot.stop]))
-                for slot, g in zip(slots, grads)
-            ],
-        ).detach()
-        self._w_tilde = _flatten(
-            slots,
-            [
-                w if u or old_w is None else slot.unflat(old_w[slot.start : slot.stop])
-                for slot, w, u in zip(slots, w_tildes, used)
-            ],
-        ).detach()
-        if meta_state is None:
-            return
-        # LSTMFC's state is carried to the next iteration but not differentiated through.
-        new = tuple(s.detach() for s in meta_state)
-        first = slots[0].weight
-        # an unused slot keeps its state: before its first use, the initial one
-        kept = self._meta_state
-        if kept is None and not all(used):
-            kept = self.meta.initial_state(sum(self._numels), first.device, first.dtype)
-        if not all(used) and kept is not None:
-            new = tuple(s.clone() for s in new)
-            for slot, is_used in zip(slots, used):
-                if not is_used:
-                    for s, old in zip(new, kept):
-                        s[:, slot.start : slot.stop] = old[:, slot.start : slot.stop]
-        self._meta_state = new
-
     # --- persistence ----------------------------------------------------------------------------------------
     def attach(self, module: nn.Module, name: str = "metaquant") -> None:
         """Carry this trainer's state in ``module.state_dict()``, so that a framework's checkpoint of the module
@@ -946,31 +641,7 @@ class MetaQuant:
         if name in module.state_dict():
             raise ValueError(f"attach: {name!r} is already a key of the module's state_dict; choose another name")
 
-        def save(mod: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-            buffer = io.BytesIO()
-            torch.save(self.state_dict(), buffer)
-            state[prefix + name] = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-
-        def load(
-            mod: nn.Module,
-            state: dict[str, Any],
-            prefix: str,
-            local_metadata: Any,
-            strict: bool,
-            missing: list[str],
-            unexpected: list[str],
-            errors: list[str],
-        ) -> None:
-            packed = state.pop(prefix + name, None)  # popped: not an unexpected key of the module
-            if packed is None:
-                missing.append(prefix + name)
-                return
-            device = self._slots[0].weight.device
-            raw = io.BytesIO(packed.cpu().numpy().tobytes())
-            self.load_state_dict(torch.load(raw, map_location=device, weights_only=True))
-
-        module.register_state_dict_post_hook(save)
-        module.register_load_state_dict_pre_hook(load)
+        carry_state(module, name, self.state_dict, self.load_state_dict, lambda: self._slots[0].weight.device)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: φ, its optimizer, the records and LSTM states, ``t``.
@@ -985,26 +656,6 @@ class MetaQuant:
             layer tied to an earlier one holds only its bias direction. The base optimizer's and the model's
             states are saved separately.
         """
-        records: dict[str, dict[str, Any]] = {}
-        for slot in self._slots:
-            for i, (name, _) in enumerate(slot.layers):
-                record: dict[str, Any] = dict.fromkeys(
-                    ("grad_w_hat", "w_tilde", "meta_state", "prev_direction", "prev_bias_direction")
-                )
-                if i == 0:
-                    a, b = slot.start, slot.stop
-                    for key, flat in (
-                        ("grad_w_hat", self._grad_w_hat),
-                        ("w_tilde", self._w_tilde),
-                        ("prev_direction", self._prev_direction),
-                    ):
-                        if flat is not None:
-                            record[key] = slot.unflat(flat[a:b]).clone()
-                    if self._meta_state is not None:
-                        record["meta_state"] = tuple(slot.state_to_logical(s[:, a:b]).clone() for s in self._meta_state)
-                if name in self._prev_bias_direction:
-                    record["prev_bias_direction"] = self._prev_bias_direction[name].clone()
-                records[name] = record
         return {
             "iteration": self.iteration,
             "meta": self.meta.state_dict(),
@@ -1012,10 +663,10 @@ class MetaQuant:
             "meta_frozen": self.meta_frozen,
             "step_order": self.step_order,
             "through": self.through,
-            **_meta_settings(self.meta),
+            **meta_settings(self.meta),
             "base_lr0": self._base_lr0,
             "skipped_steps": self.skipped_steps,
-            "records": records,
+            "records": self._records.per_layer(self._slots),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1030,51 +681,9 @@ class MetaQuant:
                 another ``init_scheme`` or ``nonlinearity``, or disagrees on whether the meta quantizer has
                 an optimizer. Nothing is changed then.
         """
-        if not isinstance(state, dict) or not isinstance(state.get("records"), dict):
-            raise ValueError("not a MetaQuant state: it has no 'records' (a checkpoint of another kind of run?)")
-        names = {name for slot in self._slots for name, _ in slot.layers}
-        if set(state["records"]) != names:
-            raise ValueError(
-                "MetaQuant state does not match this model's quantized layers: "
-                f"{sorted(set(state['records']) ^ names)[:5]} differ"
-            )
-        self._check_settings(state)
-        device = self._slots[0].weight.device
-        records = state["records"]
-        for slot in self._slots:
-            record = records[slot.name]
-            for key in ("grad_w_hat", "w_tilde", "prev_direction"):
-                value = record.get(key)
-                if value is not None and tuple(value.shape) != tuple(slot.weight.shape):
-                    raise ValueError(
-                        f"MetaQuant state for {slot.name}: {key} has shape {tuple(value.shape)}, the "
-                        f"layer's weight {tuple(slot.weight.shape)}"
-                    )
-            meta_state = record.get("meta_state")
-            if meta_state is not None and any(s.shape[1] != slot.numel for s in meta_state):
-                raise ValueError(
-                    f"MetaQuant state for {slot.name}: the meta quantizer's state is for "
-                    f"{meta_state[0].shape[1]} weights, the layer has {slot.numel}"
-                )
-
-        def gather(key: str) -> Tensor | None:
-            values = [records[slot.name].get(key) for slot in self._slots]
-            if all(v is None for v in values):
-                return None
-            if any(v is None for v in values):
-                raise ValueError(f"MetaQuant state: {key} is recorded for some layers only")
-            return _flatten(self._slots, [v.to(device) for v in values])
-
-        grad_w_hat, w_tilde, prev_direction = gather("grad_w_hat"), gather("w_tilde"), gather("prev_direction")
-        meta_states = [records[slot.name].get("meta_state") for slot in self._slots]
-        meta_state = None
-        if any(s is not None for s in meta_states):
-            if any(s is None for s in meta_states):
-                raise ValueError("MetaQuant state: the meta quantizer's state is recorded for some layers only")
-            meta_state = tuple(
-                torch.cat([slot.state_from_logical(s[i].to(device)) for slot, s in zip(self._slots, meta_states)], 1)
-                for i in range(2)
-            )
+        settings = {"step_order": self.step_order, "through": self.through}
+        check_state(state, self._slots, settings, self.meta, self.meta_optimizer)
+        records = Records.from_per_layer(self._slots, state["records"], self._slots[0].weight.device)
         self.meta.load_state_dict(state["meta"])
         if self.meta_optimizer is not None and state["meta_optimizer"] is not None:
             self.meta_optimizer.load_state_dict(state["meta_optimizer"])
@@ -1083,29 +692,4 @@ class MetaQuant:
             self._base_lr0 = float(state["base_lr0"])
         self.meta_frozen = state["meta_frozen"]
         self.iteration = state["iteration"]
-        self._grad_w_hat, self._w_tilde, self._prev_direction, self._meta_state = (
-            grad_w_hat,
-            w_tilde,
-            prev_direction,
-            meta_state,
-        )
-        self._prev_bias_direction = {
-            name: record["prev_bias_direction"].to(device)
-            for name, record in records.items()
-            if record.get("prev_bias_direction") is not None
-        }
-
-    def _check_settings(self, state: dict[str, Any]) -> None:
-        """Refuse a state saved under settings that change what the steps compute."""
-        ours: dict[str, str | None] = {"step_order": self.step_order, "through": self.through}
-        # The meta quantizer's function depends on its kind, init_scheme and nonlinearity, which φ's shapes do not
-        # tell. A state written before they were saved has no such key (unknown), and a meta quantizer without the
-        # attribute saves None: compared only when both are known.
-        for key, value in _meta_settings(self.meta).items():
-            if value is not None and state.get(key) is not None:
-                ours[key] = value
-        for key, value in ours.items():
-            if key in state and state[key] != value:
-                raise ValueError(f"MetaQuant state was saved with {key}={state[key]!r}, this trainer uses {value!r}")
-        if (state["meta_optimizer"] is None) != (self.meta_optimizer is None):
-            raise ValueError("MetaQuant state and this trainer disagree on whether the meta quantizer has an optimizer")
+        self._records = records

@@ -409,10 +409,18 @@ class FitLoop:
             fit_state.update(
                 epoch_loss_sum=sums[0], epoch_correct=int(sums[1]), epoch_seen=int(sums[2]), epoch_objective_sum=sums[3]
             )
+        model_state = unwrap(self.model).state_dict()
+        # Under torchrun every process decides (only rank 0 writes): all stop together, none waits in a collective.
+        if (self.run is not None or is_distributed()) and any_process(not all_finite(model_state.values())):
+            at = f"epoch {state.epoch + 1}, step {state.batch}" if mid_epoch else f"the end of epoch {state.epoch}"
+            raise NonFiniteError(
+                f"non-finite weights at {at} (iteration {state.iteration}); not saved (last good checkpoint: "
+                f"{self.last_good()})"
+            )
         if self.run is None:
             return
         checkpoint: dict[str, Any] = {
-            "model": unwrap(self.model).state_dict(),
+            "model": model_state,
             "optimizer": self.trainer.optimizer.state_dict(),
             "trainer": self.trainer.state_dict(),
             "epoch": state.epoch,
@@ -423,12 +431,6 @@ class FitLoop:
         }
         for callback in self.callbacks:
             checkpoint.update(callback.checkpoint_state())
-        if not all_finite(checkpoint["model"].values()):
-            at = f"epoch {state.epoch + 1}, step {state.batch}" if mid_epoch else f"the end of epoch {state.epoch}"
-            raise NonFiniteError(
-                f"non-finite weights at {at} (iteration {state.iteration}); refusing to save "
-                f"them over {self.run.checkpoint_path}, the last good checkpoint"
-            )
         save_checkpoint(self.run.checkpoint_path, checkpoint)
 
     def position(self, *, next_step: bool = False) -> str:

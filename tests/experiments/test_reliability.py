@@ -7,6 +7,7 @@ status, the one-line message (naming the file or value), and that every file is 
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -582,6 +583,42 @@ def test_an_update_that_overflows_the_weights_is_skipped_and_undone(tmp_path):
     assert "NaN" not in text and "Infinity" not in text
     records = [_strict_json(line) for line in text.splitlines()]
     assert [(r["skipped_steps"], r["train_loss"], r["train_acc"]) for r in records] == [(2, None, None)] * 2
+
+
+def test_non_finite_batchnorm_statistics_are_not_saved_over_the_last_good_checkpoint(tmp_path):
+    import metaquant as mq
+    from metaquant.experiments.config import RunConfig
+    from metaquant.experiments.runs import RunDir
+    from metaquant.guards import NonFiniteError
+    from metaquant.loop import Callback
+
+    class PoisonStatistics(Callback):  # statistics that overflow after the epoch's last step was checked
+        def on_evaluate(self, loop, test):
+            if loop.state.epoch == 1:
+                loop.model[2].running_var.fill_(float("inf"))
+            return test
+
+    torch.manual_seed(0)
+    model, trainer, loader = _toy("raise", 0.1)
+    run = RunDir.create(tmp_path / "r", RunConfig())
+    last_good = re.escape(str(run.checkpoint_path))
+    expected = (
+        rf"^non-finite weights at the end of epoch 2 \(iteration 4\); not saved \(last good checkpoint: {last_good}\)$"
+    )
+    with pytest.raises(NonFiniteError, match=expected):
+        mq.fit(
+            model,
+            trainer,
+            loader,
+            loader,
+            epochs=2,
+            schedule=lambda e: 1.0,
+            progress=False,
+            run=run,
+            callbacks=[PoisonStatistics()],
+        )
+    saved = torch.load(run.checkpoint_path, weights_only=False)
+    assert saved["epoch"] == 1 and torch.isfinite(saved["model"]["2.running_var"]).all()
 
 
 def test_without_skipping_an_overflowing_update_stops_the_run_naming_the_step():

@@ -49,9 +49,10 @@ EXIT_FAILURE = 1
 class CLIError(Exception):
     """A failure to report as one line, with an exit status."""
 
-    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+    def __init__(self, message: str, status: int = EXIT_FAILURE, *, printed: bool = False) -> None:
         super().__init__(message)
         self.status = status
+        self.printed = printed  # said already (by every process of a group, before they left it together)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -430,16 +431,20 @@ def _make_run(
         raise CLIError(
             f"metaquant: {err}; continue with: metaquant {args.command} --resume {run_dir}", 128 + err.signum
         ) from None
-    except SkipLimitError as err:
-        raise CLIError(
+    except (SkipLimitError, NonFiniteError) as err:
+        # Every process meets these at the same step (the checks are collective): each says so, then they leave
+        # together (a barrier), so that torchrun, which stops the others once one has exited, stops none unsaid.
+        failure = CLIError(
             f"metaquant: error: {err}; to allow more skipped steps, continue with: metaquant "
             f"{args.command} --resume {run_dir} --max-skipped N"
-        ) from None
-    except NonFiniteError as err:
-        raise CLIError(
-            f"metaquant: error: {err}; to skip such steps, continue with: metaquant {args.command} "
-            f"--resume {run_dir} --skip-nonfinite"
-        ) from None
+            if isinstance(err, SkipLimitError)
+            else f"metaquant: error: {err}; to skip such steps, continue with: metaquant {args.command} "
+            f"--resume {run_dir} --skip-nonfinite",
+            printed=True,
+        )
+        print(to_flags(str(failure), process.flags), file=sys.stderr, flush=True)
+        clean = True
+        raise failure from None
     except RunLockedError as err:
         raise CLIError(f"metaquant: error: {err}") from None
     except OSError as err:
@@ -510,7 +515,8 @@ def _main(argv: Sequence[str] | None, process: _Process) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except CLIError as err:
-        print(to_flags(str(err), process.flags), file=sys.stderr)
+        if not err.printed:
+            print(to_flags(str(err), process.flags), file=sys.stderr)
         return err.status
     except KeyboardInterrupt:
         _ignore_stop_signals()  # a second Ctrl-C while this prints must not end in a traceback
