@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, images = _trained_model(args)
     with torch.no_grad():
         reference = model(images).numpy()
-    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    folder = tempfile.TemporaryDirectory()
+    path = Path(folder.name) / "model.onnx"
     mq.export.export_onnx(model, path, images[:2])
     results: dict[str, Any] = {}
     for name, options in (("default", onnxruntime.SessionOptions()), ("options", mq.export.onnx_session_options())):
@@ -92,6 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"W{args.weight_bits} {args.weights} / A{args.act_bits} lsq, {args.steps} steps, {len(images)} test images, "
         f"{args.threads} thread(s), onnxruntime {onnxruntime.__version__}, torch {torch.__version__}"
     )
+    folder.cleanup()
     return results
 
 

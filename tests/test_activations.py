@@ -238,6 +238,20 @@ def test_lsq_evaluation_before_initialisation_warns_once_per_quantizer():
         lsq(4).eval()(x)
 
 
+def test_the_warning_names_the_range_in_use_and_a_compiled_model_loaded_initialised_does_not_warn():
+    with pytest.warns(UserWarning, match=r"\(1, signed range\)"):
+        LSQActivation(4, signed=True).eval()(torch.randn(3, 4))
+    trained = LSQActivation(4).train()
+    trained(torch.randn(3, 4))
+    loaded = LSQActivation(4)
+    loaded.load_state_dict(trained.state_dict())
+    compiled = torch.compile(loaded.eval(), backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(torch.randn(3, 4))
+    assert out.shape == (3, 4) and not [w for w in caught if "LSQActivation" in str(w.message)]
+
+
 def test_check_initialized_names_the_layer_of_an_uninitialised_lsq_step():
     check_initialized({"a": lsq(4), "b": PACTActivation(4), "c": SignActivation()}, "export")
     with pytest.raises(ValueError, match=r"^export: the input quantizer of b \(LSQActivation\) was never init.*train"):

@@ -15,6 +15,7 @@ from torch import nn
 
 import metaquant as mq
 from metaquant import distributed
+from metaquant.guards import NonFiniteError
 
 STEPS = 4
 
@@ -71,6 +72,60 @@ def test_two_processes_on_half_batches_equal_one_process_on_whole_batches(tmp_pa
             torch.testing.assert_close(state[k], reference[k], rtol=1e-5, atol=1e-5, msg=k)
     assert not torch.equal(reference["model.0.weight"], _initial_conv_weight())
     assert not torch.equal(reference["average.0.weight"], reference["model.0.weight"])  # an average, not a copy
+
+
+class _PoisonStatistics(mq.Callback):
+    """Running variances that overflow after the epoch's last step was checked (the step guard passes)."""
+
+    def on_evaluate(self, loop, test):
+        loop.model[2].running_var.fill_(float("inf"))
+        return test
+
+
+def _save_worker(rank: int, world: int, init_file: str, out_dir: str, writer: bool) -> None:
+    from metaquant.data import DatasetInfo, ImageTensors, TensorLoader
+    from metaquant.experiments.config import RunConfig
+    from metaquant.experiments.runs import RunDir
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        data = ImageTensors(torch.randint(0, 256, (8, 1, 4, 4), dtype=torch.uint8), torch.tensor([0, 1] * 4))
+        loader = TensorLoader(data, DatasetInfo("toy", 2, 1, 4, (0.5,), (0.5,), "none"), 4, train=True)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2), nn.BatchNorm1d(2))
+        trainer = mq.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        run = RunDir.create(os.path.join(out_dir, "run"), RunConfig()) if writer and rank == 0 else None
+        try:
+            mq.fit(
+                model,
+                trainer,
+                loader,
+                loader,
+                epochs=1,
+                schedule=lambda e: 1.0,
+                progress=False,
+                run=run,
+                callbacks=[_PoisonStatistics()],
+            )
+            outcome = "finished"
+        except NonFiniteError as err:
+            outcome = str(err)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("writer", [True, False])
+def test_every_process_refuses_to_save_non_finite_statistics_where_rank_0_writes(tmp_path, writer):
+    mp.spawn(_save_worker, args=(2, str(tmp_path / "init"), str(tmp_path), writer), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    if not writer:  # nothing would be saved: no process stops
+        assert outcomes == ["finished", "finished"]
+        return
+    head = "non-finite weights at the end of epoch 1 (iteration 2); not saved (last good checkpoint: "
+    assert outcomes == [head + "none yet)", head + "the one rank 0 keeps)"]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
 def _initial_conv_weight():

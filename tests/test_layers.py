@@ -353,8 +353,12 @@ def test_quantizing_again_with_other_activations_is_refused_and_with_the_same_on
     ):
         mq.quantize_(net, others["pact"])
     plain = mq.quantize_(mlp(), others["none"])
-    with pytest.raises(ValueError, match=r"layer 0 .* None, not LSQActivation\(bits=8, signed=None\) or PACTAct"):
+    with pytest.raises(ValueError, match=r"layer 0 already has no input quantizer, not LSQActivation\(bits=8, signed="):
         mq.quantize_(plain, others["pact"])
+    # a float first layer may have none; the layers after it may not
+    pact_float_first = mq.QuantConfig("dorefa", 1, activations=mq.ActQuantConfig("pact", 2, first_layer_bits=None))
+    with pytest.raises(ValueError, match=r"^layer 2 already has no input quantizer, not PACTActivation\(bits=2"):
+        mq.quantize_(plain, pact_float_first)
     mq.quantize_(plain, others["none"])  # the same: nothing changes
     two_passes = mq.quantize_(mlp(), lsq4, filter_fn=lambda m, name: name == "4")  # then the others
     mq.quantize_(two_passes, lsq4)

@@ -1,10 +1,12 @@
 """The training loop: evaluation against an independent count, and a real Fashion-MNIST run."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaquant.layers import quantize_
 from metaquant.trainer import Trainer
 from metaquant.training import FitState, evaluate, fit
 
@@ -190,6 +192,22 @@ def test_trainer_refuses_a_learning_rate_that_is_not_a_finite_number_at_least_ze
     with pytest.raises(ValueError, match=message):
         trainer.step(lambda: F.cross_entropy(model(x), y))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("rate", [np.float32(0.5), np.float64(0.5), np.int64(1)])
+def test_trainer_takes_a_numpy_rate_as_torch_optim_does(rate):
+    # oracle: the same steps with the rate as a Python number (0.5 and 1 are exact in every type)
+    x, y = torch.randn(5, 4), torch.randint(0, 2, (5,))
+    weights = []
+    for lr in (rate, float(rate)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+        quantize_(model)
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=lr))
+        for _ in range(2):
+            trainer.step(lambda m=model: F.cross_entropy(m(x), y))
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
 
 
 def test_trainer_follows_a_schedule_down_to_a_zero_rate():

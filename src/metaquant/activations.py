@@ -204,7 +204,7 @@ class LSQActivation(ActQuantizer):
         if not self._is_initialized():
             if self.training:
                 self._initialize(x)
-            elif not self._warned:
+            elif not self._warned and not torch.compiler.is_compiling():  # compiled: _ready may be stale
                 self._warn_uninitialized()
         q_n, q_p = self.integer_range()
         features = math.prod(x.shape[1:]) if x.dim() > 1 else x.numel()  # N: features per example
@@ -247,7 +247,8 @@ class LSQActivation(ActQuantizer):
     def _warn_uninitialized(self) -> None:
         self._warned = True
         warnings.warn(
-            "LSQActivation: evaluating with a step no training-mode batch has initialised (1, unsigned range): "
+            f"LSQActivation: evaluating with a step no training-mode batch has initialised (1, "
+            f"{'signed' if bool(self.signed) else 'unsigned'} range): "
             "one training-mode forward pass on representative data initialises it (model.train(); model(batch))",
             UserWarning,
             stacklevel=2,

@@ -410,8 +410,7 @@ class FitLoop:
                 epoch_loss_sum=sums[0], epoch_correct=int(sums[1]), epoch_seen=int(sums[2]), epoch_objective_sum=sums[3]
             )
         model_state = unwrap(self.model).state_dict()
-        # Under torchrun every process decides (only rank 0 writes): all stop together, none waits in a collective.
-        if (self.run is not None or is_distributed()) and any_process(not all_finite(model_state.values())):
+        if self._unsaveable(model_state):
             at = f"epoch {state.epoch + 1}, step {state.batch}" if mid_epoch else f"the end of epoch {state.epoch}"
             raise NonFiniteError(
                 f"non-finite weights at {at} (iteration {state.iteration}); not saved (last good checkpoint: "
@@ -433,14 +432,25 @@ class FitLoop:
             checkpoint.update(callback.checkpoint_state())
         save_checkpoint(self.run.checkpoint_path, checkpoint)
 
+    def _unsaveable(self, model_state: dict[str, Tensor]) -> bool:
+        """Whether a checkpoint of ``model_state`` would be written with non-finite values. Under torchrun every
+        process decides (only rank 0 writes): all stop together, and none waits in a collective."""
+        if not is_distributed():
+            return self.run is not None and not all_finite(model_state.values())
+        bad, writers = all_reduce_sum([float(not all_finite(model_state.values())), float(self.run is not None)])
+        return bad > 0 and writers > 0
+
     def position(self, *, next_step: bool = False) -> str:
         """The step just done (or the next one), for messages: ``"epoch E, step B (iteration I)"``, counted from 1."""
         state, ahead = self.state, int(next_step)
         return f"epoch {state.epoch + 1}, step {state.batch + ahead} (iteration {state.iteration + ahead})"
 
     def last_good(self) -> str:
-        """The last checkpoint written, for messages; ``"none yet"`` without one."""
+        """The last checkpoint written, for messages; ``"none yet"`` without one (under torchrun, on the processes
+        that do not write: the one rank 0 keeps)."""
         run = self.run
+        if run is None and is_distributed():
+            return "the one rank 0 keeps"
         return str(run.checkpoint_path) if run is not None and run.checkpoint_path.exists() else "none yet"
 
 

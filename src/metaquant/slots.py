@@ -33,6 +33,8 @@ __all__ = [
     "make_plan",
     "pieces_of",
     "update_directions",
+    "call_per_slot",
+    "flat_calibration",
 ]
 
 

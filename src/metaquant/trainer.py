@@ -14,6 +14,8 @@ optimizer update every parameter, exactly as a ``torch.optim`` training loop wou
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
@@ -36,7 +38,6 @@ from .guards import (
 from .layers import QuantLayer, check_weight_hooks, forward_tensors, quantized_layers
 from .layers.convert import check_optimizer_trains_quantizers
 from .quantizers import ForwardQuantizer
-from .validation import is_number
 
 __all__ = ["Trainer"]
 
@@ -73,8 +74,13 @@ def check_learning_rates(optimizer: Any, name: str = "optimizer") -> None:
             if lr.device.type != "cpu" or lr.numel() != 1:
                 continue
             lr = lr.item()
-        if lr is not None and not (is_number(lr) and lr >= 0):
+        if lr is not None and not (_is_real(lr) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"{name} param group {i} has lr={lr!r}; a learning rate must be a finite number >= 0")
+
+
+def _is_real(value: Any) -> bool:
+    """A real number as ``torch.optim`` takes one (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 GradMarks = list[tuple[int, int] | None]

@@ -184,7 +184,11 @@ def _eval(args: argparse.Namespace) -> int:
             if used < args.precise_bn
             else ""
         )
-        bn = f", BatchNorm statistics recomputed from {used} training batches ({examples} examples{short})"
+        bn = (
+            f", BatchNorm statistics recomputed from {used} training batches ({examples} examples{short})"
+            if used
+            else ", no BatchNorm statistics to recompute"  # a model without BatchNorm reads no batch
+        )
     print(f"{args.path}: test accuracy {result['top1']:.2f}% top-1, {result['top5']:.2f}% top-5{bn}{note}")
     return 0
 

@@ -64,9 +64,10 @@ JSON header) still load.
 quantized weight is an integer initializer (INT4 by default, INT2 with ``opset >= 25`` for codes in [−2, 1],
 INT8 or INT16 for wider codes) followed by a ``DequantizeLinear`` with one scale per output channel (the
 folded BatchNorm makes them differ; ``axis``), one per group (``uniform-group``: ``block_size``, from opset 21)
-or one per layer: the standard "QDQ" form that ONNX runtimes and converters recognise. Its logits equal the
-quantized model's up to float rounding when onnxruntime runs it with ``onnx_session_options()`` (with quantized
-activations, its default options compute in integers). Its ``metadata_props`` hold a content digest under
+or one per layer: the standard "QDQ" form that ONNX runtimes and converters recognise. Run by onnxruntime with
+``onnx_session_options()``, its logits equal the quantized model's up to float rounding (with quantized
+activations, up to an activation that a different summation order puts across a rounding threshold; the default
+options compute those in integers). Its ``metadata_props`` hold a content digest under
 ``DIGEST_KEY``; ``read_onnx`` checks it.
 """
 

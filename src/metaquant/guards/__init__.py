@@ -18,6 +18,7 @@ instead of a failure deep inside a later step.
 from .checks import (
     NONFINITE_POLICIES,
     check_closure,
+    check_input_requantization,
     check_loss,
     check_optimizer,
     check_policy,
@@ -48,6 +49,7 @@ __all__ = [
     "check_loss",
     "check_state_shapes",
     "check_requantization",
+    "check_input_requantization",
 ]
 
 # Tracebacks and pickles (an error sent from a worker process) name these classes by this path.

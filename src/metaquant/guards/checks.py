@@ -236,10 +236,10 @@ def check_input_requantization(name: str, current: Any, requested: Sequence[Any]
     """
     specs = [None if q is None else q.spec() for q in requested]
     if (None if current is None else current.spec()) not in specs:
-        wanted = " or ".join(dict.fromkeys(repr(q) for q in requested))
+        wanted = " or ".join(dict.fromkeys("no input quantizer" if q is None else repr(q) for q in requested))
+        has = "no input quantizer" if current is None else f"the input quantizer {current!r}"
         raise ValueError(
-            f"layer {name or '<root>'} already has the input quantizer {current!r}, not {wanted}; "
-            "call dequantize_(model) first to change it"
+            f"layer {name or '<root>'} already has {has}, not {wanted}; call dequantize_(model) first to change it"
         )
 
 

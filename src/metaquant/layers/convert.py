@@ -14,8 +14,7 @@ from torch.nn.utils import prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..guards import check_requantization
-from ..guards.checks import check_input_requantization
+from ..guards import check_input_requantization, check_requantization
 from ..quantizers import ForwardQuantizer
 from .attention import QuantMultiheadAttention
 from .base import INPUT_QUANTIZER, LEARNED_PREFIX, QuantConfig, QuantLayer, _convert
@@ -139,7 +138,7 @@ def _problem(module: nn.Module, base: type[nn.Module]) -> tuple[str | None, bool
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "it is a lazy layer not initialized yet; run one forward pass before quantize_", False
     empty = [n for n, p in module.named_parameters(recurse=False) if n.endswith("weight") and p.numel() == 0]
-    if empty and not (isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()):
+    if empty:
         # a scale statistic (max, mean) of no values is undefined, and there is nothing to gain
         return f"its {', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty: nothing to quantize", False
     if type(module).forward is not base.forward and not isinstance(module, _MultiWeight):
@@ -347,7 +346,8 @@ def _plan(model: nn.Module, asked: QuantConfig | None, filter_fn: FilterFn | Non
     modules = list(model.named_modules())
     plan = _Plan(modules, {id(m.out_proj): m for _, m in modules if isinstance(m, nn.MultiheadAttention)})
     activations = asked.activations if asked is not None else None
-    inputs = [None] if activations is None else [activations.build_first(), activations.build()]
+    first, others = (None, None) if activations is None else (activations.build_first(), activations.build())
+    seen = 0  # quantized layers that take an input quantizer, chosen by filter_fn, before this one
     for name, module in modules:
         if isinstance(module, QuantLayer):
             if asked is not None and (filter_fn is None or filter_fn(module, name)):
@@ -356,7 +356,11 @@ def _plan(model: nn.Module, asked: QuantConfig | None, filter_fn: FilterFn | Non
                 requested = asked.forward_quantizer.with_channel_axis(module.channel_axis)
                 check_requantization(name or "<root>", module.configured_quantizer, requested)
                 if isinstance(module, TAKES_INPUT_QUANTIZER) and id(module) not in plan.attention_of:
-                    check_input_requantization(name or "<root>", module._modules.get(INPUT_QUANTIZER), inputs)
+                    # the first layer's quantizer is accepted anywhere (quantize_ in passes with filter_fn gives
+                    # each pass a first layer), but its absence (first_layer_bits=None) only in first place
+                    allowed = [others] if first is None and seen else [first, others]
+                    check_input_requantization(name or "<root>", module._modules.get(INPUT_QUANTIZER), allowed)
+                    seen += 1
         elif isinstance(module, _MultiWeight) and _views(module):
             pass  # quantized already (an attention module with a quantized out_proj only may gain views)
         else:
