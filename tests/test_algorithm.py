@@ -140,11 +140,11 @@ def test_a_meta_quantizer_started_at_the_ste_returns_its_input_gradient(make_met
 @pytest.mark.parametrize(
     "make_meta",
     [
-        lambda: mq.FCGrad(hidden=4, nonlinearity="tanh"),
-        lambda: mq.FCGrad(hidden=4),
-        lambda: mq.MultiFC(hidden=4, num_layers=3, nonlinearity="relu"),
-        lambda: mq.MultiFC(hidden=4),
-        lambda: mq.LSTMFC(hidden=3, num_lstm=2),
+        lambda: mq.FCGrad(hidden=4, nonlinearity="tanh", init_scheme="paper"),
+        lambda: mq.FCGrad(hidden=4, init_scheme="paper"),
+        lambda: mq.MultiFC(hidden=4, num_layers=3, nonlinearity="relu", init_scheme="paper"),
+        lambda: mq.MultiFC(hidden=4, init_scheme="paper"),
+        lambda: mq.LSTMFC(hidden=3, num_lstm=2, init_scheme="paper"),
         lambda: mq.FCGrad(hidden=4, init_scheme="ste"),
         lambda: mq.FCGrad(hidden=4, nonlinearity="tanh", init_scheme="ste"),
         lambda: mq.MultiFC(hidden=4, init_scheme="ste"),
@@ -715,9 +715,9 @@ def _stepped_state(meta, steps=3):
 @pytest.mark.parametrize(
     "saved,loading,message",
     [
-        (lambda: mq.MultiFC(4), lambda: mq.MultiFC(4, init_scheme="ste"), "init_scheme='paper', .* uses 'ste'"),
-        (lambda: mq.FCGrad(4, init_scheme="ste"), lambda: mq.FCGrad(4), "init_scheme='ste', .* uses 'paper'"),
-        (lambda: mq.LSTMFC(3), lambda: mq.LSTMFC(3, init_scheme="ste"), "init_scheme='paper', .* uses 'ste'"),
+        (lambda: mq.MultiFC(4, init_scheme="paper"), lambda: mq.MultiFC(4), "init_scheme='paper', .* uses 'ste'"),
+        (lambda: mq.FCGrad(4), lambda: mq.FCGrad(4, init_scheme="paper"), "init_scheme='ste', .* uses 'paper'"),
+        (lambda: mq.LSTMFC(3, init_scheme="paper"), lambda: mq.LSTMFC(3), "init_scheme='paper', .* uses 'ste'"),
         (lambda: mq.MultiFC(4), lambda: mq.MultiFC(4, nonlinearity="tanh"), "nonlinearity='none', .* uses 'tanh'"),
         (lambda: mq.FCGrad(4), lambda: mq.MultiFC(4), "meta_quantizer='FCGrad', .* uses 'MultiFC'"),
     ],

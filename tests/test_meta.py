@@ -40,15 +40,35 @@ def test_coordinate_mlp_is_a_stack_of_bias_free_layers(nonlinearity, num_layers)
 def test_fcgrad_and_multifc_formulas():
     torch.manual_seed(1)
     g, w = torch.randn(30), torch.rand(30)
-    fc = FCGrad(hidden=5)
+    fc = FCGrad(hidden=5, init_scheme="paper")
     torch.testing.assert_close(fc(g, w)[0], fc.net(g))
-    mf = MultiFC(hidden=5, nonlinearity="tanh")
+    mf = MultiFC(hidden=5, nonlinearity="tanh", init_scheme="paper")
     torch.testing.assert_close(mf(g, w)[0], g * mf.net(w))
+
+
+def test_the_ste_start_forms_are_the_ste_plus_a_learned_correction():
+    # The default start: g + FCs(g), g ⊙ (1 + FCs(W̃)), g ⊙ (1 + FC(LSTM(W̃))), here with trained (non-zero)
+    # last layers, so the correction is not zero.
+    torch.manual_seed(3)
+    g, w = torch.randn(30, dtype=torch.float64), torch.rand(30, dtype=torch.float64)
+    fc, mf, lstm = FCGrad(hidden=5).double(), MultiFC(hidden=5, nonlinearity="relu").double(), LSTMFC(hidden=4).double()
+    assert fc.init_scheme == mf.init_scheme == lstm.init_scheme == "ste"
+    with torch.no_grad():
+        for last in (fc.net.layers[-1].weight, mf.net.layers[-1].weight, lstm.fc.weight):
+            assert torch.count_nonzero(last) == 0  # where the STE starts
+            last.normal_()
+    torch.testing.assert_close(fc(g, w)[0], g + fc.net(g))
+    torch.testing.assert_close(mf(g, w)[0], g * (1 + mf.net(w)))
+    paper = LSTMFC(hidden=4, init_scheme="paper").double()
+    paper.load_state_dict(lstm.state_dict())  # the same φ: the paper's form is the correction alone
+    (h_ste, c_ste), (h_paper, c_paper) = lstm(g, w)[1], paper(g, w)[1]
+    torch.testing.assert_close(lstm(g, w)[0], g + paper(g, w)[0], rtol=1e-12, atol=1e-12)
+    assert torch.equal(h_ste, h_paper) and torch.equal(c_ste, c_paper)
 
 
 def test_lstmfc_runs_one_lstm_step_per_coordinate_from_the_given_state():
     torch.manual_seed(2)
-    meta = LSTMFC(hidden=6, num_lstm=2).double()
+    meta = LSTMFC(hidden=6, num_lstm=2, init_scheme="paper").double()
     n = 11
     g, w = torch.randn(n, dtype=torch.float64), torch.rand(n, dtype=torch.float64)
     state = (torch.randn(2, n, 6, dtype=torch.float64), torch.randn(2, n, 6, dtype=torch.float64))
@@ -122,9 +142,14 @@ def _inputs(n, hidden, num_lstm, dtype, zero_state=False, seed=0):
 def test_lstmfc_values_and_parameter_gradients_equal_nn_lstm(dtype, zero_state, nonlinearity, num_lstm, keep_gates):
     torch.manual_seed(3)
     n, hidden = 37, 6  # blocks of 8 rows: with keep_gates=0.5 the first 3 blocks are kept, the other 2 recomputed
-    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity=nonlinearity, chunk_size=8, keep_gates=keep_gates).to(
-        dtype
-    )
+    meta = LSTMFC(
+        hidden=hidden,
+        num_lstm=num_lstm,
+        nonlinearity=nonlinearity,
+        chunk_size=8,
+        keep_gates=keep_gates,
+        init_scheme="paper",
+    ).to(dtype)
     g, w, state = _inputs(n, hidden, num_lstm, dtype, zero_state)
     out, (h, c) = meta(g, w, state)
     ref, (ref_h, ref_c) = _nn_lstm_forward(meta, g, w, state)
@@ -151,7 +176,9 @@ def test_lstmfc_gradients_reach_the_inputs_and_the_state_like_nn_lstm(num_lstm):
     # Not what MetaQuant asks for (it detaches the state), but the step is a complete autograd function.
     torch.manual_seed(4)
     n, hidden = 19, 5
-    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity="tanh", chunk_size=7, keep_gates=0.4).double()
+    meta = LSTMFC(
+        hidden=hidden, num_lstm=num_lstm, nonlinearity="tanh", chunk_size=7, keep_gates=0.4, init_scheme="paper"
+    ).double()
     g, w, state = _inputs(n, hidden, num_lstm, torch.float64)
     leaves = [g.requires_grad_(), w.requires_grad_(), *(s.requires_grad_() for s in state)]
     out, (h, c) = meta(g, w, state)
@@ -170,7 +197,9 @@ def test_lstmfc_gradients_reach_the_inputs_and_the_state_like_nn_lstm(num_lstm):
 def test_lstmfc_gradcheck(nonlinearity):
     torch.manual_seed(5)
     n, hidden, num_lstm = 5, 3, 2
-    meta = LSTMFC(hidden=hidden, num_lstm=num_lstm, nonlinearity=nonlinearity, chunk_size=2, keep_gates=0.5).double()
+    meta = LSTMFC(
+        hidden=hidden, num_lstm=num_lstm, nonlinearity=nonlinearity, chunk_size=2, keep_gates=0.5, init_scheme="paper"
+    ).double()
     g, w, state = _inputs(n, hidden, num_lstm, torch.float64)
     names = [name for name, _ in meta.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in meta.parameters()]
@@ -185,7 +214,7 @@ def test_lstmfc_gradcheck(nonlinearity):
 
 def test_lstmfc_block_size_and_kept_gates_change_nothing_but_rounding():
     torch.manual_seed(6)
-    meta = LSTMFC(hidden=4, num_lstm=2).double()
+    meta = LSTMFC(hidden=4, num_lstm=2, init_scheme="paper").double()
     g, w, state = _inputs(23, 4, 2, torch.float64)
     results = []
     for rows, keep in ((1, 0.0), (5, 0.3), (5, 1.0), (23, 0.5), (1000, 0.0), (None, 0.5)):
@@ -263,7 +292,7 @@ def test_lstmfc_state_dict_is_that_of_nn_lstm_and_fc():
     # Checkpoints made when LSTMFC ran nn.LSTM itself load as they are, and give the same function.
     torch.manual_seed(9)
     reference = torch.nn.ModuleDict({"lstm": torch.nn.LSTM(1, 6, 2), "fc": torch.nn.Linear(6, 1, bias=False)})
-    meta = LSTMFC(hidden=6, num_lstm=2)
+    meta = LSTMFC(hidden=6, num_lstm=2, init_scheme="paper")
     meta.load_state_dict(reference.state_dict())
     assert list(meta.state_dict()) == list(reference.state_dict())
     g, w, state = _inputs(9, 6, 2, torch.float32)

@@ -8,11 +8,12 @@ pre-processed weight ``W̃`` to ``g_W̃`` (paper §3.2):
 * ``LSTMFC``  ``g_W̃ = g_Ŵ ⊙ FC_φ(LSTM_φ(W̃))``, one LSTM state per weight coordinate, carried by the caller
 * ``IdentityMeta`` ``g_W̃ = g_Ŵ``, no parameters: with DoReFa, MetaQuant reduces to the STE, one step late.
 
-``init_scheme="paper"`` starts from PyTorch's default initialisation, as the paper (a random multiple of
-``g_Ŵ`` at first). ``"ste"`` makes the learned part a correction of the STE (``g_Ŵ + FCs_φ(g_Ŵ)``,
+``init_scheme="ste"`` (the default) makes the learned part a correction of the STE (``g_Ŵ + FCs_φ(g_Ŵ)``,
 ``g_Ŵ ⊙ (1 + FCs_φ(W̃))``, ``g_Ŵ ⊙ (1 + FC_φ(act(LSTM_φ(W̃))))``) whose last layer starts at zero, so step 1 is
 exactly the STE, as in zero-initialised residual branches (Fixup, ReZero, LoRA); the paper's bias-free forms
-cannot start there (``FCs_φ(0) = 0``).
+cannot start there (``FCs_φ(0) = 0``). ``"paper"`` is the paper's form from PyTorch's default initialisation:
+a random multiple of ``g_Ŵ`` at first, negative for some seeds, which then climbs the loss until ``φ`` has
+learned its sign (docs/results/fashion-mnist-ste-start: under Adam it costs about a point of accuracy).
 
 Every weight element is one sample of size 1 (inputs are flat ``[N]`` tensors); one instance serves all
 quantized layers; FC layers have no bias (the paper's setting); the LSTM state is passed in and returned.
@@ -52,12 +53,15 @@ __all__ = [
     "IdentityMeta",
     "NONLINEARITIES",
     "INIT_SCHEMES",
+    "DEFAULT_INIT_SCHEME",
     "CoordinateMLP",
 ]
 
 NONLINEARITIES = ("none", "relu", "tanh")
 #: Where a learned meta quantizer starts (see the module's description).
 INIT_SCHEMES = ("paper", "ste")
+#: Where a meta quantizer starts unless told: at the STE (see the module's description).
+DEFAULT_INIT_SCHEME = "ste"
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 LSTMState = tuple[Tensor, Tensor]
@@ -158,7 +162,7 @@ class FCGrad(MetaQuantizer):
     """``g_W̃ = FCs_φ(g_Ŵ)``, the "FC-Grad" of docs/design.md §4 (paper: two layers, hidden 100, no non-linearity).
 
     It sees the incoming gradient only; without a non-linearity it is one learned scale times ``g_Ŵ``.
-    ``init_scheme``: ``"paper"`` or ``"ste"`` (see the module's description).
+    ``init_scheme``: ``"ste"`` (the default) or ``"paper"`` (see the module's description).
 
     Raises:
         ValueError: as ``CoordinateMLP``, or an unknown ``init_scheme``.
@@ -168,14 +172,17 @@ class FCGrad(MetaQuantizer):
         >>> sum(p.numel() for p in meta.parameters())  # 1 → 100 → 1, no bias
         200
         >>> g = torch.tensor([0.5, -1.0, 2.0])
-        >>> torch.allclose(meta(g, torch.rand(3))[0], g * meta.net(torch.ones(1)))
+        >>> torch.equal(meta(g, torch.rand(3))[0], g)  # the STE until φ learns
+        True
+        >>> paper = mq.FCGrad(init_scheme="paper")
+        >>> torch.allclose(paper(g, torch.rand(3))[0], g * paper.net(torch.ones(1)))  # a random multiple of g
         True
     """
 
     name: ClassVar[str] = "fc-grad"
 
     def __init__(
-        self, hidden: int = 100, num_layers: int = 2, nonlinearity: str = "none", init_scheme: str = "paper"
+        self, hidden: int = 100, num_layers: int = 2, nonlinearity: str = "none", init_scheme: str = DEFAULT_INIT_SCHEME
     ) -> None:
         super().__init__()
         check_choice("init_scheme", init_scheme, INIT_SCHEMES)
@@ -193,7 +200,7 @@ class MultiFC(MetaQuantizer):
     """``g_W̃ = g_Ŵ ⊙ FCs_φ(W̃)``, the "MultiFC" of docs/design.md §4 (paper: two layers, hidden 100, no non-linearity).
 
     A learned function of the weight scales the incoming gradient element-wise (the original code used three
-    layers). ``init_scheme``: ``"paper"`` or ``"ste"`` (see the module's description).
+    layers). ``init_scheme``: ``"ste"`` (the default) or ``"paper"`` (see the module's description).
 
     Raises:
         ValueError: as ``CoordinateMLP``, or an unknown ``init_scheme``.
@@ -201,14 +208,17 @@ class MultiFC(MetaQuantizer):
     Example:
         >>> meta = mq.MultiFC(hidden=8, nonlinearity="tanh")
         >>> g, w_tilde = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.1, 0.5, 0.9])
-        >>> torch.allclose(meta(g, w_tilde)[0], g * meta.net(w_tilde))
+        >>> torch.allclose(meta(g, w_tilde)[0], g * (1 + meta.net(w_tilde)))
+        True
+        >>> paper = mq.MultiFC(hidden=8, nonlinearity="tanh", init_scheme="paper")
+        >>> torch.allclose(paper(g, w_tilde)[0], g * paper.net(w_tilde))
         True
     """
 
     name: ClassVar[str] = "multifc"
 
     def __init__(
-        self, hidden: int = 100, num_layers: int = 2, nonlinearity: str = "none", init_scheme: str = "paper"
+        self, hidden: int = 100, num_layers: int = 2, nonlinearity: str = "none", init_scheme: str = DEFAULT_INIT_SCHEME
     ) -> None:
         super().__init__()
         check_choice("init_scheme", init_scheme, INIT_SCHEMES)
@@ -236,7 +246,7 @@ class LSTMFC(MetaQuantizer):
         keep_gates: the share of coordinates in ``[0, 1]`` whose gates are kept for the backward pass (the others
             are recomputed): 0 the leanest; 1 skips one matrix product for ``N·4·hidden·num_lstm`` more floats,
             the fastest where the allocator reuses freed memory (docs/performance.md).
-        init_scheme: ``"paper"`` or ``"ste"`` (``1 + FC_φ(·)``, the FC starting at zero).
+        init_scheme: ``"ste"`` (``1 + FC_φ(·)``, the FC starting at zero; the default) or ``"paper"``.
 
     Raises:
         ValueError: ``hidden``, ``num_lstm`` or ``chunk_size`` not an integer >= 1, ``keep_gates`` not in ``[0, 1]``,
@@ -261,7 +271,7 @@ class LSTMFC(MetaQuantizer):
         nonlinearity: str = "none",
         chunk_size: int | None = None,
         keep_gates: float = KEEP_GATES,
-        init_scheme: str = "paper",
+        init_scheme: str = DEFAULT_INIT_SCHEME,
     ) -> None:
         super().__init__()
         check_choice("init_scheme", init_scheme, INIT_SCHEMES)

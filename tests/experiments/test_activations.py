@@ -122,8 +122,11 @@ def test_names_and_labels_gain_the_activations_only_when_they_are_quantized():
     sign = RunConfig(
         model="resnet20", estimator="multifc", optimizer="adam", act_quantizer="sign", act_backward="approxsign"
     )
-    assert default_run_name(sign) == "quantize-resnet20-fashion-mnist-dorefa1-a1sign-approxsign-multifc-adam-seed0"
-    assert backward_label(sign) == "MultiFC + A1 sign (ApproxSign)"
+    assert (
+        default_run_name(sign)
+        == "quantize-resnet20-fashion-mnist-dorefa1-a1sign-approxsign-multifc-ste-start-adam-seed0"
+    )
+    assert backward_label(sign) == "MultiFC (STE start) + A1 sign (ApproxSign)"
     pact = RunConfig(act_quantizer="pact", act_first_layer_bits=None, momentum=0.9)
     assert backward_label(pact) == "STE + A4 PACT (first layer float) + momentum 0.9"
 

@@ -170,7 +170,8 @@ def test_a_meta_quantizer_started_at_the_ste_with_recorded_precise_bn(tmp_path, 
     snapshots = torch.load(tmp_path / "s" / "trace.pt", weights_only=True)["snapshots"]
     assert torch.count_nonzero(snapshots[0]["meta"]["net.layers.1.weight"]) == 0  # it started at the STE
     # the same weights under the paper's form are another function: reusing them across the two is refused
-    assert main(["quantize", *common, "--meta-init", str(tmp_path / "s"), "--name", "p"]) == 1
+    paper = ["--meta-init-scheme", "paper", "--name", "p"]
+    assert main(["quantize", *common, "--meta-init", str(tmp_path / "s"), *paper]) == 1
     assert "'init_scheme': 'ste'" in capsys.readouterr().err
     assert main(["quantize", *common, "--meta-init-scheme", "zero"]) == 2
     assert "invalid choice: 'zero'" in capsys.readouterr().err

@@ -98,6 +98,18 @@ def test_a_config_written_before_meta_init_scheme_existed_reads_back_as_the_pape
         RunConfig(meta_init_scheme="zero")
 
 
+def test_a_new_run_starts_its_meta_quantizer_at_the_ste_as_the_library_does():
+    import metaquant as mq
+
+    assert RunConfig().meta_init_scheme == RunConfig.from_fields({}).meta_init_scheme == "ste"
+    assert RunConfig.for_task("quantize").meta_init_scheme == "ste"
+    assert {cls().init_scheme for cls in (mq.FCGrad, mq.MultiFC, mq.LSTMFC)} == {"ste"}
+    with pytest.raises(
+        ValueError, match=r"unknown configuration keys \['meta_init_schem'\]; allowed: .*meta_init_scheme"
+    ):
+        RunConfig.from_fields({"meta_init_schem": "paper"})
+
+
 @pytest.mark.parametrize("name", ["init", "teacher", "meta_init", "lr_gain_from"])
 @pytest.mark.parametrize("blank", ["", "  "])
 def test_a_blank_path_is_refused_rather_than_read_as_none(name, blank):

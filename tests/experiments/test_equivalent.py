@@ -24,11 +24,11 @@ from tests.conftest import save_as_from_a_gpu
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
 def test_fc_grad_gain_is_the_scale_fc_grad_applies(num_layers):
     torch.manual_seed(num_layers)
-    meta = mq.FCGrad(hidden=5, num_layers=num_layers)
+    meta = mq.FCGrad(hidden=5, num_layers=num_layers, init_scheme="paper")
     g = torch.randn(7)
     out, _ = meta(g, torch.randn(7))
     # oracle: the meta quantizer itself, on the incoming gradient
-    torch.testing.assert_close(out, fc_grad_gain(meta.state_dict()) * g)
+    torch.testing.assert_close(out, fc_grad_gain(meta.state_dict(), "paper") * g)
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
@@ -62,7 +62,7 @@ def _fake_run(tmp_path, estimator="fc-grad", done=True, gains=(0.5, 1.5), **opti
     )
     snapshots = {}
     for epoch, k in zip((0, 2), gains):
-        meta = mq.FCGrad(hidden=1, num_layers=1)
+        meta = mq.FCGrad(hidden=1, num_layers=1, init_scheme="paper")  # as the config (no meta_init_scheme) says
         with torch.no_grad():
             meta.net.layers[0].weight.fill_(k)
         snapshots[epoch] = {"meta": meta.state_dict(), "weights": {}}
@@ -201,7 +201,9 @@ class _Steps(mq.Callback):
         self.rows = []
 
     def on_step_end(self, loop, step):
-        self.rows.append((loop.trainer.optimizer.param_groups[0]["lr"], fc_grad_gain(loop.trainer.meta.state_dict())))
+        self.rows.append(
+            (loop.trainer.optimizer.param_groups[0]["lr"], fc_grad_gain(loop.trainer.meta.state_dict(), "ste"))
+        )
 
 
 def test_the_trace_records_the_rate_weighted_mean_of_the_gain_each_step_used(tmp_path):
@@ -209,7 +211,7 @@ def test_the_trace_records_the_rate_weighted_mean_of_the_gain_each_step_used(tmp
     model = mq.quantize_(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)))
     trainer = mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), mq.FCGrad(hidden=4), meta_lr=1e-2)
     batches = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(4)]
-    trace = MetaTrace(tmp_path / "trace.pt", 2, lambda meta: gain_tensor(meta.state_dict()))
+    trace = MetaTrace(tmp_path / "trace.pt", 2, lambda meta: gain_tensor(meta.state_dict(), "ste"))
     steps = _Steps()
     mq.fit(
         model,

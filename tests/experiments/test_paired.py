@@ -32,9 +32,17 @@ def _study(root):
             **adam,
         )
     for t in (2, 3, 4):  # trials 2 and 3 pair with the STE's; trial 4 has no STE partner
-        _run(root, f"multifc-adam-trial-{t}", [70.0 + t, 75.0, 77.0 + t], estimator="multifc", **adam)
+        _run(
+            root,
+            f"multifc-adam-trial-{t}",
+            [70.0 + t, 75.0, 77.0 + t],
+            estimator="multifc",
+            meta_init_scheme="paper",
+            **adam,
+        )
     # the same estimator under another learning rate or another number of epochs: another experiment
-    _run(root, "fc-grad-other-lr-trial-1", [50.0, 60.0, 70.0], estimator="fc-grad", optimizer="adam", lr=1e-2)
+    other_lr = {"optimizer": "adam", "lr": 1e-2, "meta_init_scheme": "paper"}
+    _run(root, "fc-grad-other-lr-trial-1", [50.0, 60.0, 70.0], estimator="fc-grad", **other_lr)
     _run(root, "ewgs-long-trial-1", [50.0] * 4, estimator="ewgs", optimizer="adam", lr=1e-3, epochs=4)
     # an STE under SGD pairs with nothing of Adam's
     _run(root, "ste-sgd-trial-1", [10.0, 20.0, 30.0], estimator="ste", optimizer="sgd")
@@ -85,7 +93,7 @@ def test_the_report_command_writes_the_paired_table_only_when_there_is_a_pair(tm
     assert not (tmp_path / "a" / "results-paired.md").exists()
     _run(tmp_path / "runs", "multifc-trial-1", [82.0, 84.0], estimator="multifc")
     assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "b"), "--no-figures"]) == 0
-    assert "| MultiFC | STE | 1 | +2.500 (+2.50) |" in (tmp_path / "b" / "results-paired.md").read_text()
+    assert "| MultiFC (STE start) | STE | 1 | +2.500 (+2.50) |" in (tmp_path / "b" / "results-paired.md").read_text()
     assert "results-paired.csv" in capsys.readouterr().out
 
 
@@ -114,11 +122,11 @@ def test_trials_are_paired_only_with_the_same_seeds_and_an_equivalent_ste_only_w
         _run(tmp_path / "other", f"multifc-trial-{t}", [85.0, 90.0], estimator="multifc", seed=100 + t, **adam)
     rows = {(r.backward, r.baseline): r for r in paired_differences(told_apart(collect([tmp_path])), last_k=1)}
     assert sorted(rows) == [
-        ("FC-Grad", "STE"),
-        ("FC-Grad", "STE (FC-Grad's gain)"),
+        ("FC-Grad (STE start)", "STE"),
+        ("FC-Grad (STE start)", "STE (FC-Grad's gain)"),
         ("STE (FC-Grad's gain)", "STE"),
     ]
-    assert rows[("FC-Grad", "STE (FC-Grad's gain)")].final == pytest.approx((1.0, 1.0))
+    assert rows[("FC-Grad (STE start)", "STE (FC-Grad's gain)")].final == pytest.approx((1.0, 1.0))
     assert rows[("STE (FC-Grad's gain)", "STE")].trials == (1, 2)
     # a run that does not start where the STE started (another full-precision model) is not paired either
     _run(tmp_path / "late", "multifc-trial-1", [85.0, 90.0], estimator="multifc", init="elsewhere", **adam)

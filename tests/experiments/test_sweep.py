@@ -55,12 +55,12 @@ def test_plan_expands_the_grid_with_trials_and_overrides(tmp_path):
     runs = plan(spec, tmp_path / "runs")
     assert len(runs) == (4 + 1) * 2
     names = [r.path.name for r in runs]
-    assert "multifc-resnet20-fashion-mnist-dorefa1-adam-trial-2" in names
+    assert "multifc-ste-start-resnet20-fashion-mnist-dorefa1-adam-trial-2" in names  # the default start, named
     assert "ste-momentum-resnet20-fashion-mnist-dorefa1-sgd-trial-1" in names
     adam = next(r for r in runs if r.config.optimizer == "adam")
     assert adam.config.weight_decay == 5e-4 and adam.config.init.endswith("pretrain-resnet20-fashion-mnist")
     assert sorted({r.config.seed for r in runs}) == [5, 6]
-    assert {r.label for r in runs} == {"STE", "MultiFC", "STE + momentum"}
+    assert {r.label for r in runs} == {"STE", "MultiFC (STE start)", "STE + momentum"}
 
 
 def test_optimizer_overrides_apply_whatever_the_spelling_of_the_optimizer(tmp_path):
@@ -160,6 +160,21 @@ def test_presets_load():
     assert len(cifar10) == 3 * 2 * 4 * 2 * 5
     with pytest.raises(FileNotFoundError, match="neither a sweep file nor a preset; presets: fashion-mnist"):
         resolve_preset("nope")
+
+
+@pytest.mark.parametrize(
+    "preset, scheme",
+    [
+        (name, "paper")
+        for name in ("paper-cifar10", "paper-cifar100", "paper-imagenet", "fashion-mnist", "fashion-mnist-full")
+    ]
+    + [("fashion-mnist-ste-start", "ste"), ("fashion-mnist-act", "ste")],
+)
+def test_the_reproduction_presets_keep_the_paper_start_of_the_meta_quantizers(preset, scheme):
+    runs = plan(load_sweep(resolve_preset(preset)), resolve_preset(preset).parent)
+    metas = [r for r in runs if r.config.uses_meta]
+    assert metas and {r.config.meta_init_scheme for r in metas} == {scheme}
+    assert all(("-ste-start-" in r.path.name) == (scheme == "ste") for r in metas)  # names say the start by value
 
 
 def test_dry_run_says_where_each_run_stands_and_names_a_changed_configuration(tmp_path, capsys):
@@ -564,7 +579,7 @@ def test_only_refuses_to_leave_out_an_unfinished_run_that_a_selected_one_starts_
     grid = [
         {"estimator": "fc-grad"},
         {"estimator": "ste", "equivalent_of": "fc-grad"},
-        {"estimator": "ste", "label": "tuned", "continue_from": "FC-Grad", "lr": 1e-5},
+        {"estimator": "ste", "label": "tuned", "continue_from": "FC-Grad (STE start)", "lr": 1e-5},
     ]
     spec = SweepSpec("chain", 1, 0, None, {"dataset": "cifar10"}, grid=grid, optimizer_overrides={})
     root = tmp_path / "runs"
@@ -622,8 +637,8 @@ def test_only_makes_the_selected_runs_and_the_pre_training_they_start_from(tmp_p
     root = tmp_path / "runs"
     assert main(["sweep", str(write(tmp_path, text)), "--run-dir", str(root), "--only", "multifc-*-trial-2"]) == 0
     out = capsys.readouterr().out
-    assert "[4/4] MultiFC | resnet8 dorefa1 sgd | trial 2: done" in out
+    assert "[4/4] MultiFC (STE start) | resnet8 dorefa1 sgd | trial 2: done" in out
     assert f"the 1 selected run(s) of sweep part finished; summarize it with: metaquant report {root}" in out
-    made = "multifc-resnet8-mnist-dorefa1-sgd-trial-2"
+    made = "multifc-ste-start-resnet8-mnist-dorefa1-sgd-trial-2"
     assert sorted(p.name for p in root.iterdir()) == [made, "pretrain-resnet8-mnist"]
     assert (root / made / "done").exists()

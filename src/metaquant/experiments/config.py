@@ -25,7 +25,7 @@ from ..distill import check_distillation
 from ..estimators import CLASSICAL_ESTIMATORS
 from ..guards import NONFINITE_POLICIES
 from ..layout import MEMORY_FORMATS
-from ..meta import INIT_SCHEMES, META_QUANTIZERS, NONLINEARITIES
+from ..meta import DEFAULT_INIT_SCHEME, INIT_SCHEMES, META_QUANTIZERS, NONLINEARITIES
 from ..models import model_names
 from ..precision import AMP_MODES
 from ..quantizers import get_quantizer, quantizer_names
@@ -370,11 +370,12 @@ class RunConfig:
         help="start from a trained meta quantizer: a run directory, its meta.pt or a checkpoint",
     )
     meta_init_scheme: str = option(
-        "paper",
+        DEFAULT_INIT_SCHEME,
         "--meta-init-scheme",
         group=META,
-        help="where the meta quantizer starts: paper (random, the paper's) or ste (a learned correction of the STE "
-        "whose last layer starts at zero: the first steps are STE steps)",
+        help="where the meta quantizer starts: ste (a learned correction of the STE whose last layer starts at "
+        "zero: the first steps are STE steps) or paper (the paper's random start, a random multiple of the STE's "
+        "gradient at first)",
         choices=INIT_SCHEMES,
     )
     # the "equivalent STE": multiply lr by the mean gain that the FC-Grad run in this directory learned
@@ -602,11 +603,21 @@ class RunConfig:
         Raises:
             ValueError: an unknown key (the message lists the allowed ones), or a value ``RunConfig`` refuses.
         """
+        return cls.from_fields({**ABSENT_MEANS, **data})
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Any]) -> RunConfig:
+        """A validated configuration of a new run from some of its fields (a sweep file's); the others take
+        their defaults, today's (``from_dict`` reads a stored configuration).
+
+        Raises:
+            ValueError: an unknown key (the message lists the allowed ones), or a value ``RunConfig`` refuses.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(fields) - known)
         if unknown:
             raise ValueError(f"unknown configuration keys {unknown}; allowed: {', '.join(sorted(known))}")
-        return cls(**{**ABSENT_MEANS, **data})
+        return cls(**fields)
 
     def save(self, path: str | Path) -> None:
         """Write the configuration as indented JSON to ``path``."""

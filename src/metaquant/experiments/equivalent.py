@@ -47,13 +47,13 @@ ESTIMATORS_FOR = {
 }
 
 
-def fc_grad_gain(meta_state: Mapping[str, Tensor], init_scheme: str = "paper") -> float:
+def fc_grad_gain(meta_state: Mapping[str, Tensor], init_scheme: str) -> float:
     """The gain ``k`` of an FC-Grad meta quantizer without a non-linearity, from its state dict:
     ``W_L ⋯ W_1``, plus 1 for ``init_scheme="ste"`` (``g + FCs_φ(g)``).
 
     Args:
         meta_state: ``FCGrad.state_dict()`` (keys ``net.layers.<i>.weight``).
-        init_scheme: the ``init_scheme`` the FC-Grad was made with.
+        init_scheme: the ``init_scheme`` the FC-Grad was made with (its state dict does not say it).
 
     Returns:
         ``k``: ``FCGrad(g, ·) = k·g`` for every ``g``.
@@ -62,8 +62,8 @@ def fc_grad_gain(meta_state: Mapping[str, Tensor], init_scheme: str = "paper") -
         ValueError: the state holds no FC layers (not an FC-Grad state).
 
     Example:
-        >>> meta = mq.FCGrad(hidden=4)
-        >>> k = mq.experiments.equivalent.fc_grad_gain(meta.state_dict())
+        >>> meta = mq.FCGrad(hidden=4, init_scheme="paper")
+        >>> k = mq.experiments.equivalent.fc_grad_gain(meta.state_dict(), "paper")
         >>> g = torch.tensor([0.5, -2.0])
         >>> torch.allclose(meta(g, torch.zeros(2))[0], k * g)
         True
@@ -71,7 +71,7 @@ def fc_grad_gain(meta_state: Mapping[str, Tensor], init_scheme: str = "paper") -
     return float(gain_tensor(meta_state, init_scheme))
 
 
-def gain_tensor(meta_state: Mapping[str, Tensor], init_scheme: str = "paper") -> Tensor:
+def gain_tensor(meta_state: Mapping[str, Tensor], init_scheme: str) -> Tensor:
     """``fc_grad_gain`` as a float64 scalar tensor on the state's device (read without waiting for it)."""
     keys = sorted(
         (k for k in meta_state if k.startswith("net.layers.") and k.endswith(".weight")),

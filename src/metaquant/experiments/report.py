@@ -504,7 +504,7 @@ def collect(paths: Iterable[str | Path]) -> list[TrialCurves]:
         ...     run.mark_done()
         >>> _ = mq.experiments.runs.RunDir.create("results/unfinished", RunConfig())  # left out
         >>> sorted((t.backward, t.trial, t.test_acc) for t in collect(["results", "results/multifc-trial-1"]))
-        [('MultiFC', 1, [81.0]), ('MultiFC', 2, [82.0])]
+        [('MultiFC (STE start)', 1, [81.0]), ('MultiFC (STE start)', 2, [82.0])]
     """
     found: list[TrialCurves] = []
     seen: set[Path] = set()

@@ -240,7 +240,7 @@ def pretrain_config(spec: SweepSpec, model: str, dataset: str) -> RunConfig:
             "every model of the grid; remove it"
         )
     fields.update(task="pretrain", model=model, dataset=dataset)
-    return RunConfig.from_dict(fields)
+    return RunConfig.from_fields(fields)
 
 
 def pretrain_path(root: Path, model: str, dataset: str) -> Path:
@@ -276,8 +276,8 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
         ...     print(run.path.name, run.config.weight_decay)
         ste-resnet20-cifar10-dorefa1-sgd-trial-1 0.0
         ste-resnet20-cifar10-dorefa1-adam-trial-1 0.0005
-        multifc-resnet20-cifar10-dorefa1-sgd-trial-1 0.0
-        multifc-resnet20-cifar10-dorefa1-adam-trial-1 0.0005
+        multifc-ste-start-resnet20-cifar10-dorefa1-sgd-trial-1 0.0
+        multifc-ste-start-resnet20-cifar10-dorefa1-adam-trial-1 0.0005
     """
     unknown = sorted(set(spec.optimizer_overrides) - set(OPTIMIZERS))
     if unknown:
@@ -393,7 +393,7 @@ def _planned(
 ) -> tuple[Path, RunConfig, str]:
     """The directory, configuration and label of one run of the sweep."""
     try:
-        config = RunConfig.from_dict({**fields, "task": "quantize", "seed": spec.seed + trial - 1})
+        config = RunConfig.from_fields({**fields, "task": "quantize", "seed": spec.seed + trial - 1})
     except ValueError as err:
         raise ValueError(f"sweep {spec.name!r}: {err}") from None
     if spec.pretrain is not None and config.init is None:
@@ -480,7 +480,7 @@ def select_runs(runs: list[PlannedRun], patterns: Sequence[str]) -> list[Planned
         >>> spec = SweepSpec(name="demo", trials=2, seed=0, pretrain=None, base={"dataset": "cifar10"},
         ...                  grid=[{"estimator": ["ste", "multifc"]}], optimizer_overrides={})
         >>> [r.path.name for r in select_runs(plan(spec, pathlib.Path("sweeps/demo")), ["*-trial-2"])]
-        ['ste-resnet20-cifar10-dorefa1-sgd-trial-2', 'multifc-resnet20-cifar10-dorefa1-sgd-trial-2']
+        ['ste-resnet20-cifar10-dorefa1-sgd-trial-2', 'multifc-ste-start-resnet20-cifar10-dorefa1-sgd-trial-2']
     """
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
