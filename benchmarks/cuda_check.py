@@ -39,11 +39,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def _metas() -> dict[str, Any]:
+    # the paper's random start: every layer of φ has a gradient from the first step, so all of it is compared
     return {
         "ste": None,
-        "fc-grad": lambda: mq.FCGrad(hidden=100),
-        "multifc": lambda: mq.MultiFC(hidden=100),
-        "lstmfc": lambda: mq.LSTMFC(hidden=100),
+        "fc-grad": lambda: mq.FCGrad(hidden=100, init_scheme="paper"),
+        "multifc": lambda: mq.MultiFC(hidden=100, init_scheme="paper"),
+        "lstmfc": lambda: mq.LSTMFC(hidden=100, init_scheme="paper"),
     }
 
 

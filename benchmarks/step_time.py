@@ -8,7 +8,8 @@ batch (``--batch-size`` x 3 x 32 x 32, default 128), plain SGD (lr 1e-3), float3
 * ``ste``        1-bit DoReFa weights on every layer (``mq.quantize_(model, mq.QuantConfig("dorefa", 1))``),
                  ``mq.Trainer`` (clipped STE): the paper's baseline;
 * ``fc-grad``, ``multifc``, ``lstmfc``, ``lstmfc-16``   the same quantized network trained by ``mq.MetaQuant``
-                 with ``FCGrad(hidden=100)``, ``MultiFC(hidden=100)``, ``LSTMFC(hidden=100)`` (the paper's) and
+                 with ``FCGrad(hidden=100)``, ``MultiFC(hidden=100)``, ``LSTMFC(hidden=100)`` (the paper's sizes,
+                 the default STE start: one element-wise operation more than the paper's form) and
                  ``LSTMFC(hidden=16)``, ``meta_lr=1e-3``; ``lstmfc-keep``: ``LSTMFC(hidden=100, keep_gates=1)``,
                  which keeps the gates instead of recomputing them (fastest where freed memory is reused,
                  docs/performance.md);

@@ -732,11 +732,26 @@ def test_a_state_of_a_meta_quantizer_computing_another_function_is_refused(saved
     with pytest.raises(ValueError, match=f"MetaQuant state was saved with {message}"):
         trainer.load_state_dict(state)
     assert trainer.iteration == 0 and all(torch.equal(before[k], v) for k, v in trainer.meta.state_dict().items())
-    # a state written before these settings were saved does not tell them: it loads as before
+
+
+def test_a_state_saved_before_the_settings_were_recorded_is_one_of_the_paper_start():
+    # Such a state does not tell its kind or nonlinearity (φ's shapes are checked), and its start was the
+    # paper's, the only one of that time: loaded into a meta quantizer started at the STE, it would compute
+    # another function.
+    state = _stepped_state(mq.MultiFC(4, init_scheme="paper"))
     for key in ("meta_quantizer", "init_scheme", "nonlinearity"):
         del state[key]
-    trainer.load_state_dict(state)
-    assert trainer.iteration == 3
+
+    def trainer_with(meta):
+        model = mq.quantize_(conv_net())
+        return mq.MetaQuant(model, torch.optim.SGD(model.parameters(), lr=0.1), meta)
+
+    with pytest.raises(ValueError, match="saved with init_scheme='paper', this trainer uses 'ste'"):
+        trainer_with(mq.MultiFC(4)).load_state_dict(state)
+    for meta in (mq.MultiFC(4, init_scheme="paper"), mq.MultiFC(4, nonlinearity="tanh", init_scheme="paper")):
+        trainer = trainer_with(meta)
+        trainer.load_state_dict(state)
+        assert trainer.iteration == 3
 
 
 def test_a_meta_quantizer_without_those_settings_saves_none_and_loads():

@@ -1,7 +1,8 @@
 """Meta quantizers ``M_φ``: small networks that produce the gradient through the quantizer (docs/design.md §4).
 
 A meta quantizer maps, coordinate by coordinate, the gradient reaching the quantized weight ``g_Ŵ`` and the
-pre-processed weight ``W̃`` to ``g_W̃`` (paper §3.2):
+pre-processed weight ``W̃`` to ``g_W̃`` (paper §3.2; the paper's forms, which the default start below rewrites as
+corrections of the STE):
 
 * ``FCGrad``  ``g_W̃ = FCs_φ(g_Ŵ)``
 * ``MultiFC`` ``g_W̃ = g_Ŵ ⊙ FCs_φ(W̃)``

@@ -180,6 +180,10 @@ class Records:
         return cls(grad_w_hat, w_tilde, meta_state, prev_direction, bias_directions)
 
 
+#: What a MetaQuant state saved before the meta quantizer's settings were recorded was made with.
+STATE_ABSENT_MEANS = {"init_scheme": "paper"}
+
+
 def meta_settings(meta: MetaQuantizer) -> dict[str, str | None]:
     """What defines the meta quantizer's function beside ``φ``: its class, ``init_scheme`` and ``nonlinearity``
     (None for an attribute it does not have)."""
@@ -217,14 +221,16 @@ def check_state(
         )
     ours: dict[str, str | None] = dict(settings)
     # The meta quantizer's function depends on its kind, init_scheme and nonlinearity, which φ's shapes do not
-    # tell. A state written before they were saved has no such key (unknown), and a meta quantizer without the
-    # attribute saves None: compared only when both are known.
+    # tell. A state written before they were saved has no such key: its kind and nonlinearity are unknown, its
+    # init_scheme the paper's (the only one of that time); a meta quantizer without the attribute saves None:
+    # compared only when both are known.
+    saved = {**{k: v for k, v in STATE_ABSENT_MEANS.items() if "meta_quantizer" not in state}, **state}
     for key, value in meta_settings(meta).items():
-        if value is not None and state.get(key) is not None:
+        if value is not None and saved.get(key) is not None:
             ours[key] = value
     for key, value in ours.items():
-        if key in state and state[key] != value:
-            raise ValueError(f"MetaQuant state was saved with {key}={state[key]!r}, this trainer uses {value!r}")
+        if key in saved and saved[key] != value:
+            raise ValueError(f"MetaQuant state was saved with {key}={saved[key]!r}, this trainer uses {value!r}")
     if (state["meta_optimizer"] is None) != (meta_optimizer is None):
         raise ValueError("MetaQuant state and this trainer disagree on whether the meta quantizer has an optimizer")
 

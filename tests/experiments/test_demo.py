@@ -75,3 +75,10 @@ def test_demo_runs_three_runs_prints_them_and_reuses_them(tmp_path, capsys, fash
     assert main(argv) == 0
     assert capsys.readouterr().out == out
     assert {p: p.read_bytes() for p in tmp_path.rglob("metrics.jsonl")} == before
+    # a stage's run made with other settings (an earlier demo's, with the paper's start) is not shown as this one
+    stored = tmp_path / "quantize-multifc" / "config.json"
+    stored.write_text(json.dumps({**json.loads(stored.read_text()), "meta_init_scheme": "paper"}))
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'quantize-multifc'} holds a run of another configuration (meta_init_scheme differ" in err
+    assert "Traceback" not in err

@@ -1,14 +1,18 @@
 """Sweeps: planning a grid, skipping finished runs, restarting an interrupted one."""
 
+import dataclasses
+import json
 import shutil
 
 import pytest
 import torch
 
+from metaquant.experiments.config import RunConfig
 from metaquant.experiments.presets import preset_names, resolve_preset
 from metaquant.experiments.runs import RunDir
 from metaquant.experiments.scheduler import run_sweep
-from metaquant.experiments.sweep import load_sweep, plan
+from metaquant.experiments.sweep import load_sweep, plan, pretrain_config, run_state
+from tests.conftest import REPO
 
 SWEEP = """
 name = "tiny"
@@ -160,6 +164,29 @@ def test_presets_load():
     assert len(cifar10) == 3 * 2 * 4 * 2 * 5
     with pytest.raises(FileNotFoundError, match="neither a sweep file nor a preset; presets: fashion-mnist"):
         resolve_preset("nope")
+
+
+def test_a_stored_run_without_a_meta_quantizer_is_the_planned_one_whatever_the_meta_defaults(tmp_path):
+    def stored(config, **changes):
+        path = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
+        path.mkdir()
+        data = {**config.to_dict(), **changes}
+        del data["meta_init_scheme"]  # written before the field existed: the paper's start
+        (path / "config.json").write_text(json.dumps(data))
+        (path / "done").touch()
+        return path
+
+    ste = RunConfig(estimator="ste", dataset="cifar10")
+    assert run_state(stored(ste, hidden_size=7, step_order="original"), ste) == "done"
+    assert run_state(stored(ste, epochs=3), ste) == "another configuration (epochs differ)"
+    multifc = dataclasses.replace(ste, estimator="multifc")
+    assert run_state(stored(multifc), multifc) == "another configuration (meta_init_scheme differ)"
+    assert run_state(stored(multifc), dataclasses.replace(multifc, meta_init_scheme="paper")) == "done"
+    # the published full-precision model is the pre-training of the studies that start from it
+    for name in ("fashion-mnist-full", "fashion-mnist-ste-start", "fashion-mnist-act"):
+        spec = load_sweep(resolve_preset(name))
+        published = REPO / "docs/results/fashion-mnist-full/runs/pretrain-resnet20-fashion-mnist"
+        assert run_state(published, pretrain_config(spec, "resnet20", "fashion-mnist")) == "done", name
 
 
 @pytest.mark.parametrize(

@@ -272,7 +272,7 @@ def _demo(args: argparse.Namespace) -> int:
         "full precision": f"float weights, SGD + momentum, {args.pretrain_epochs} epochs",
         "full precision, tuned": f"float weights from it, {recipe}: the reference",
         "STE": f"1-bit DoReFa from it, clipped STE, {recipe}",
-        "MetaQuant (MultiFC)": "1-bit DoReFa from it, MultiFC meta quantizer, same recipe",
+        "MetaQuant (MultiFC)": "1-bit DoReFa from it, MultiFC (STE start), same recipe",
     }
     print(f"{'method':<22} {'final acc':>10} {'best acc':>9}  {'what it is':<58} run directory")
     for name, result in results.items():

@@ -3,8 +3,10 @@
 ``RunConfig`` is what the command line builds and what a run directory stores (``config.json``). Each field
 with an option carries it in its metadata: flags, help text and group (``metaquant.experiments.options`` makes
 the ``pretrain`` and ``quantize`` parsers from them). ``RunConfig.for_task`` starts from a task's recipe
-(``TASK_DEFAULTS``, the command line's defaults); ``RunConfig(...)`` and ``from_dict`` keep the dataclass
-defaults. Each bad value is refused in ``__post_init__`` with a ``ValueError`` that names it and what is allowed.
+(``TASK_DEFAULTS``, the command line's defaults); ``RunConfig(...)`` and ``from_fields`` (a sweep file's runs)
+keep the dataclass defaults, and ``from_dict`` (a stored ``config.json``) gives a field added since the file was
+written the value its run had (``ABSENT_MEANS``). Each bad value is refused in ``__post_init__`` with a
+``ValueError`` that names it and what is allowed.
 """
 
 from __future__ import annotations
@@ -48,6 +50,13 @@ ESTIMATORS = tuple(CLASSICAL_ESTIMATORS) + META_ESTIMATORS
 #: Spellings of the original code, accepted on input.
 ESTIMATOR_ALIASES = {"mlpfc": "multifc", "fcgrad": "fc-grad", "fc_grad": "fc-grad", "lstm-fc": "lstmfc"}
 DEVICES = ("auto", "cpu", "cuda")
+#: The meta quantizer's settings and its step's: they change nothing in a run without a meta quantizer.
+META_FIELDS = frozenset(
+    {
+        *("hidden_size", "num_fc", "num_lstm", "nonlinearity", "meta_lr", "meta_weight_decay", "step_order"),
+        *("through", "freeze_meta_epoch", "meta_init", "meta_init_scheme"),
+    }
+)
 #: Fields added after runs were made, with the value that reproduces a run whose config.json lacks them.
 ABSENT_MEANS: dict[str, Any] = {"meta_init_scheme": "paper"}
 #: Seeds reach NumPy's global generator, which takes 32-bit seeds.
@@ -589,6 +598,22 @@ class RunConfig:
     def uses_meta(self) -> bool:
         """Whether this run trains a meta quantizer (MetaQuant) rather than a classical estimator."""
         return self.task == "quantize" and self.estimator in META_ESTIMATORS
+
+    def differences(self, other: RunConfig) -> list[str]:
+        """The fields in which ``other`` makes another run: those that differ, except the meta quantizer's own
+        (``META_FIELDS``) when neither run has one (a default of theirs may change; the run does not).
+
+        Example:
+            >>> from metaquant.experiments.config import RunConfig
+            >>> RunConfig(estimator="ste", hidden_size=50).differences(RunConfig(estimator="ste", epochs=3))
+            ['epochs']
+        """
+        ignored = META_FIELDS if not (self.uses_meta or other.uses_meta) else frozenset()
+        return [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name not in ignored and getattr(self, f.name) != getattr(other, f.name)
+        ]
 
     # --- persistence --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 from ..guards import StopFlag
 from .config import RunConfig, option
 from .lifecycle import RunResult, execute, resume
-from .runs import RunDir
+from .runs import RunDir, RunExistsError
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -113,6 +113,13 @@ _RECIPE = ("init", "epochs", "optimizer", "lr", "momentum", "weight_decay", "lr_
 
 def _stage(path: Path, config: RunConfig, progress: bool, stop: StopFlag | None) -> RunResult:
     run = RunDir(path)
+    if run.config_path.exists():  # a run of an earlier demo: reused only if it is this stage's
+        differ = run.config().differences(config)
+        if differ:
+            raise RunExistsError(
+                f"{path} holds a run of another configuration ({', '.join(differ)} differ; made by another "
+                "version of the demo?): give another --run-dir, or remove it to run the stage anew"
+            )
     if run.is_done():
         logger.info("reusing the finished run %s", path)
         metrics = run.metrics()

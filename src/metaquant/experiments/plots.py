@@ -267,14 +267,16 @@ def plot_trace(run_dir: str | Path, out: str | Path | None = None) -> list[Path]
             meta.load_state_dict(snap["meta"])
             ax.plot(grid, _multiplier(meta, grid), color=color, label=f"epoch {epoch}")
         ax.set_xlabel("W̃ = A(W)")
-        ax.set_ylabel("multiplier of g_Ŵ  (g_W̃ = g_Ŵ · FCs(W̃))")
+        form = "1 + FCs(W̃)" if meta.init_scheme == "ste" else "FCs(W̃)"
+        ax.set_ylabel(f"multiplier of g_Ŵ  (g_W̃ = g_Ŵ · ({form}))")
     elif isinstance(meta, FCGrad):
         for (epoch, snap), color in zip(snapshots.items(), colors):
             meta.load_state_dict(snap["meta"])
             grid, curve = _fc_grad_curve(meta)
             ax.plot(grid, curve, color=color, label=f"epoch {epoch}")
         ax.set_xlabel("g_Ŵ (scaled to [-1, 1])")
-        ax.set_ylabel("g_W̃ = FCs(g_Ŵ) (same scale)")
+        form = "g_Ŵ + FCs(g_Ŵ)" if meta.init_scheme == "ste" else "FCs(g_Ŵ)"
+        ax.set_ylabel(f"g_W̃ = {form} (same scale)")
     else:
         epochs, values = [], []
         for epoch, snap in snapshots.items():

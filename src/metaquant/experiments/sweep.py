@@ -408,10 +408,6 @@ def _planned(
     return _run_path(root, name, config, trial), config, name
 
 
-def _differences(a: RunConfig, b: RunConfig) -> list[str]:
-    return [f.name for f in dataclasses.fields(RunConfig) if getattr(a, f.name) != getattr(b, f.name)]
-
-
 def run_state(path: str | Path, config: RunConfig) -> str:
     """Where the planned run ``config`` stands in ``path``, as ``sweep --dry-run`` lists it.
 
@@ -433,7 +429,7 @@ def run_state(path: str | Path, config: RunConfig) -> str:
     run = RunDir(path)
     if run.config_path.exists():
         try:
-            differ = _differences(run.config(), config)
+            differ = run.config().differences(config)
         except (ValueError, TypeError, OSError):
             return "unreadable configuration"
         if differ:
