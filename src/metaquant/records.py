@@ -224,7 +224,7 @@ def check_state(
     # tell. A state written before they were saved has no such key: its kind and nonlinearity are unknown, its
     # init_scheme the paper's (the only one of that time); a meta quantizer without the attribute saves None:
     # compared only when both are known.
-    saved = {**{k: v for k, v in STATE_ABSENT_MEANS.items() if "meta_quantizer" not in state}, **state}
+    saved = {**STATE_ABSENT_MEANS, **state}
     for key, value in meta_settings(meta).items():
         if value is not None and saved.get(key) is not None:
             ours[key] = value

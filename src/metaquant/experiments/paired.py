@@ -17,18 +17,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .config import META_FIELDS
 from .report import TrialCurves
 
 __all__ = ["PairedRow", "paired_differences", "METHOD_FIELDS"]
 
 #: Run settings that make the backward method, which a comparison with the STE is about: everything else (data,
-#: model, optimizer, schedule, epochs, precision, ...) must be equal for two experiments to be paired.
-METHOD_FIELDS = frozenset(
-    {
-        *("estimator", "ewgs_delta", "hidden_size", "num_fc", "num_lstm", "nonlinearity", "meta_lr"),
-        *("meta_weight_decay", "step_order", "through", "freeze_meta_epoch", "meta_init_scheme"),
-    }
-)
+#: model, optimizer, schedule, epochs, precision, ...) must be equal for two experiments to be paired. A run started
+#: from a trained meta quantizer (``meta_init``) is another experiment.
+METHOD_FIELDS = frozenset({"estimator", "ewgs_delta", *META_FIELDS} - {"meta_init"})
 BASELINE = "ste"
 
 
