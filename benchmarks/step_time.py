@@ -18,15 +18,19 @@ batch (``--batch-size`` x 3 x 32 x 32, default 128), plain SGD (lr 1e-3), float3
 
 Each method runs in two layouts:
 
-* ``python``     as the README's quick start writes it: the model and the batches as PyTorch makes them
-                 (contiguous, NCHW), everything else left to the library's defaults;
-* ``cli``        as ``metaquant quantize`` runs it: channels-last model and batches (``mq.layout``); for ``fp``,
-                 the plain step with ``model.to(memory_format=torch.channels_last)`` and channels-last batches.
+* ``python``     the model and the batches as PyTorch makes them (contiguous, NCHW), everything else left to
+                 the library's defaults (the README's quick start without ``mq.layout.use_fast_layout``);
+* ``cli``        as the ``metaquant`` program runs it: channels-last model and batches (``mq.layout``), in a
+                 process whose allocator keeps freed memory for reuse (``allocator.reuse_freed_memory``), LSTMFC
+                 keeping the gates the program lets it keep (``builders.lstm_keep_share``); for ``fp``, the
+                 plain step with ``model.to(memory_format=torch.channels_last)`` and channels-last batches, in
+                 the same process.
 
-The limit is the faster of the two plain steps. Every method and layout is built in this one process and
-timed in rounds (each one ``--steps`` steps per round, after three warm-up steps: MetaQuant's first step is a
-plain one); a time is the fastest of its rounds (``--repeats``), which removes most of the drift of a shared
-machine, and ratios are taken against the limit (``x_limit``) and STE in the same layout (``x_ste``).
+Each layout is measured in a process of its own (the allocator's settings are the process's), and the limit
+is the faster of the two plain steps. In a layout's process every method is built and timed in rounds (each
+one ``--steps`` steps per round, after three warm-up steps: MetaQuant's first step is a plain one); a time is
+the fastest of its rounds (``--repeats``), which removes most of the drift of a shared machine, and ratios are
+taken against the limit (``x_limit``) and STE in the same layout (``x_ste``).
 ``--memory`` also measures each one's peak memory in a process of its own (peak RSS on a CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA).
 
@@ -55,6 +59,8 @@ import torch
 import torch.nn.functional as F
 
 import metaquant as mq
+from metaquant.experiments.allocator import reuse_freed_memory
+from metaquant.experiments.builders import lstm_keep_share, quantized_numel
 
 METHODS = ("fp", "ste", "fc-grad", "multifc", "lstmfc", "lstmfc-keep", "lstmfc-16", "ste-kd")
 LAYOUTS = ("python", "cli")
@@ -103,7 +109,7 @@ def build(method: str, layout: str, args: argparse.Namespace) -> Callable[[], An
     elif method in ("ste", "ste-kd"):
         step = mq.Trainer(model, opt).step
     else:
-        step = mq.MetaQuant(model, opt, meta=META[method](), meta_lr=1e-3).step
+        step = mq.MetaQuant(model, opt, meta=_meta(method, layout, model), meta_lr=1e-3).step
     criterion: Callable[..., Any] = lambda logits, y, x: F.cross_entropy(logits, y)  # noqa: E731
     if method == "ste-kd":
         teacher = mq.models.resnet20(num_classes=10).to(device)
@@ -119,6 +125,16 @@ def build(method: str, layout: str, args: argparse.Namespace) -> Callable[[], An
         return criterion(forward(x), y, x)
 
     return lambda: step(closure)
+
+
+def _meta(method: str, layout: str, model: torch.nn.Module) -> mq.MetaQuantizer:
+    """``method``'s meta quantizer; in the ``cli`` layout an LSTMFC keeps the gates the program keeps."""
+    meta = META[method]()
+    if layout == "cli" and method in ("lstmfc", "lstmfc-16"):
+        assert isinstance(meta, mq.LSTMFC)
+        keep = lstm_keep_share(quantized_numel(model), meta.hidden, meta.num_lstm)
+        meta = mq.LSTMFC(hidden=meta.hidden, keep_gates=keep)
+    return meta
 
 
 def _sync(device: str) -> None:
@@ -148,6 +164,8 @@ def peak_memory(method: str, layout: str, args: argparse.Namespace) -> float:
 
 
 def _peak_child(method: str, layout: str, args: argparse.Namespace) -> float:
+    if layout == "cli":
+        reuse_freed_memory()
     step = build(method, layout, args)
     for _ in range(WARMUP_STEPS + 2):
         step()
@@ -157,7 +175,43 @@ def _peak_child(method: str, layout: str, args: argparse.Namespace) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every method in every layout, interleaved in rounds; the fastest round of each."""
+    """Every method in every layout, each layout in a process of its own; the limit the faster plain step."""
+    if len(args.layouts) == 1:
+        return run_layout(args)
+    parts = [_layout_child(layout, args) for layout in args.layouts]
+    plain = [(part["limit"]["layout"], part["limit"]["seconds_per_step"]) for part in parts if part["limit"]]
+    limit = min(plain, key=lambda item: item[1]) if plain else None
+    methods: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for method, layouts in part["methods"].items():
+            for layout, entry in layouts.items():
+                entry["x_limit"] = entry["seconds_per_step"] / limit[1] if limit else None
+                methods.setdefault(method, {})[layout] = entry
+    return {
+        "limit": None if limit is None else {"layout": limit[0], "seconds_per_step": limit[1]},
+        "methods": methods,
+        "settings": settings(args),
+    }
+
+
+def _layout_child(layout: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``run_layout`` of ``layout`` in a process of its own, with the same options."""
+    cmd = [sys.executable, __file__, "--json", "--layouts", layout, "--methods", *args.methods]
+    cmd += ["--steps", str(args.steps), "--repeats", str(args.repeats), "--batch-size", str(args.batch_size)]
+    cmd += ["--device", args.device, "--amp", args.amp] + (["--compile"] if args.compile else [])
+    cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--cpu-time"] if args.cpu_time else [])
+    cmd += ["--memory"] if args.memory else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"the {layout} layout failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_layout(args: argparse.Namespace) -> dict[str, Any]:
+    """Every method in the one layout of ``args``, interleaved in rounds; the fastest round of each."""
+    if args.layouts == ["cli"]:
+        reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = {(m, layout): build(m, layout, args) for m in args.methods for layout in args.layouts}

@@ -69,7 +69,7 @@ def main() -> None:
     cli = runpy.run_module("metaquant.experiments.cli", alter_sys=True)
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        status: str | int | None = cli["main"](args)
+        status: str | int | None = cli["run_program"](args)
     except SystemExit as done:
         status = done.code
     except KeyboardInterrupt:

@@ -269,6 +269,22 @@ def test_fit_with_precise_bn_trains_the_same_and_tests_with_the_recomputed_stati
     assert last["test_loss"] != with_running_averages["loss"]
 
 
+def test_fit_with_more_precise_bn_batches_than_the_loader_holds_says_so_once_and_uses_them_all(caplog, tmp_path):
+    train, _, _, _ = toy_loaders()
+    with caplog.at_level(logging.WARNING):
+        short, _ = _fit(len(train) + 5, epochs=3)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        (
+            "metaquant.training",
+            f"precise_bn_batches is {len(train) + 5} but train_loader has {len(train)} batches; the statistics are "
+            "recomputed from those",
+        )
+    ]
+    exact, _ = _fit(len(train), epochs=3)  # the same statistics as asking for exactly the batches there are
+    for a, b in zip(batchnorm_layers(short), batchnorm_layers(exact)):
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+
+
 def test_recorded_precise_bn_metrics_leave_the_run_as_it_is_and_equal_a_recomputation(tmp_path):
     plain, test = _fit(0, run_dir=tmp_path / "plain")
     train, _, _, _ = toy_loaders()

@@ -232,6 +232,22 @@ def test_an_all_zero_weight_quantizes_to_q_of_zero_with_a_scale_of_its_own(name,
         assert torch.equal(q(w), torch.zeros(3, 3))
 
 
+@pytest.mark.parametrize("name,bits", ALL)
+@pytest.mark.parametrize("shape", [(0, 5), (4, 0), (0,), (4, 0, 3, 3), (0, 3, 3, 3)])
+def test_an_empty_weight_quantizes_encodes_and_differentiates_to_empty_tensors(name, bits, shape):
+    q = get_quantizer(name, bits)
+    if isinstance(q, UniformPerGroup) and len(shape) != 2:
+        return  # refused with its own message (test below)
+    w = torch.empty(shape, dtype=torch.float64, requires_grad=True)
+    codes, scale = q.encode(w)
+    assert codes.shape == w.shape and torch.isfinite(scale).all()
+    assert torch.equal(q.decode(Encoded(codes, scale)), q(w))
+    r, _, c = q.backward_terms(w, q.preprocess(w))
+    assert r.shape == c.shape == w.shape
+    q.preprocess(w).sum().backward()
+    assert w.grad is not None and w.grad.shape == w.shape
+
+
 def test_the_registry_lists_the_names_in_registration_order():
     assert quantizer_names() == [
         "dorefa",

@@ -21,7 +21,7 @@ from ..data import make_loaders
 from ..distill import Distillation
 from ..distributed import init_from_env, wrap
 from ..estimators import CLASSICAL_ESTIMATORS, EWGS, ClassicalEstimator
-from ..layers import QuantConfig, quantize_
+from ..layers import QuantConfig, quantize_, quantized_weight_keys
 from ..layers.base import INPUT_QUANTIZER, LEARNED_PREFIX
 from ..layout import apply_memory_format, preferred_memory_format
 from ..meta import LSTMFC, META_QUANTIZERS, MetaQuantizer
@@ -40,6 +40,8 @@ __all__ = [
     "build_optimizer",
     "classical_estimator",
     "build_meta",
+    "lstm_keep_share",
+    "quantized_numel",
     "build_model",
     "build_trainer",
     "build_teacher",
@@ -90,12 +92,40 @@ def classical_estimator(config: RunConfig) -> ClassicalEstimator:
     return CLASSICAL_ESTIMATORS[config.estimator]()
 
 
-def build_meta(config: RunConfig) -> MetaQuantizer:
-    """The meta quantizer named by ``config.estimator`` with its options."""
+#: How much memory (bytes) the command line lets LSTMFC keep its gates in for the backward pass instead of
+#: recomputing them (a third of its matrix products): all of them for ResNet20 with hidden 100 (433 MB), a share
+#: of a larger network's. Kept or recomputed, the values are the same to the bit; with freed memory reused
+#: (``allocator.reuse_freed_memory``, which the command line sets) keeping them is the faster.
+KEPT_GATES_BYTES = 2**30
+
+
+def lstm_keep_share(num_weights: int, hidden: int, num_lstm: int, dtype: torch.dtype = torch.float32) -> float:
+    """The share of coordinates whose gates an LSTMFC over ``num_weights`` quantized weights keeps within
+    ``KEPT_GATES_BYTES`` (``N × 4·hidden`` gates per LSTM layer)."""
+    size = num_weights * 4 * hidden * num_lstm * torch.finfo(dtype).bits // 8
+    return 1.0 if size <= KEPT_GATES_BYTES else KEPT_GATES_BYTES / size
+
+
+def build_meta(config: RunConfig, num_weights: int = 0) -> MetaQuantizer:
+    """The meta quantizer named by ``config.estimator`` with its options; an LSTMFC for ``num_weights`` quantized
+    weights keeps the gates that fit in ``KEPT_GATES_BYTES`` (none when 0: it is built before the model)."""
     cls = META_QUANTIZERS[config.estimator]
     if cls is LSTMFC:
-        return LSTMFC(config.hidden_size, config.num_lstm, config.nonlinearity, init_scheme=config.meta_init_scheme)
+        keep = lstm_keep_share(num_weights, config.hidden_size, config.num_lstm) if num_weights else 0.0
+        return LSTMFC(
+            config.hidden_size,
+            config.num_lstm,
+            config.nonlinearity,
+            keep_gates=keep,
+            init_scheme=config.meta_init_scheme,
+        )
     return cls(config.hidden_size, config.num_fc, config.nonlinearity, init_scheme=config.meta_init_scheme)
+
+
+def quantized_numel(model: nn.Module) -> int:
+    """The number of latent weights of ``model``'s quantized layers (a tied weight counted once)."""
+    tensors = model.state_dict(keep_vars=True)
+    return sum({id(tensors[key]): tensors[key].numel() for key in quantized_weight_keys(model)}.values())
 
 
 def build_trainer(config: RunConfig, model: nn.Module, optimizer: torch.optim.Optimizer) -> Trainer | MetaQuant:
@@ -115,7 +145,7 @@ def build_trainer(config: RunConfig, model: nn.Module, optimizer: torch.optim.Op
         return Trainer(
             model, optimizer, classical_estimator(config), on_nonfinite=config.on_nonfinite, grad_scaler=scaler
         )
-    meta = build_meta(config)
+    meta = build_meta(config, quantized_numel(model))
     if config.meta_init:
         load_meta(meta, config.meta_init, meta_config(config))
     return MetaQuant(

@@ -24,6 +24,7 @@ from .. import __version__
 from ..data.errors import DatasetError
 from ..distributed import is_main, shutdown
 from ..guards import NonFiniteError, SkipLimitError, StopFlag, TrainingInterrupted
+from .allocator import reuse_freed_memory
 from .artifacts import evaluate_artifact, export_run
 from .commands import command_parser
 from .config import ACTIVATIONS, DATA, META, OPTIMIZATION, QUANTIZATION, RELIABILITY, RunConfig
@@ -40,7 +41,7 @@ from .scheduler import run_sweep
 from .sweep import load_sweep, plan, run_state, select_runs
 from .tables import OPTIONAL_TABLES, write_paired_table, write_precise_table, write_table
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "run_program", "build_parser"]
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -502,6 +503,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.shutdown()
         os._exit(status)
     return status
+
+
+def run_program(argv: Sequence[str] | None = None) -> int:
+    """``main`` as the ``metaquant`` program runs it, in a process of its own: with glibc keeping freed memory for
+    the next step's large tensors (``allocator.reuse_freed_memory``), a setting of the whole process."""
+    reuse_freed_memory()
+    return main(argv)
 
 
 def _main(argv: Sequence[str] | None, process: _Process) -> int:

@@ -185,6 +185,25 @@ def _overrides(quantizer: object, base: type, names: Sequence[str]) -> bool:
     return any(getattr(type(quantizer), name) is not getattr(base, name) for name in names)
 
 
+def _max_abs(t: Tensor, dim: int | tuple[int, ...] | None = None, keepdim: bool = True) -> Tensor:
+    """``max|t|`` over ``dim`` (all axes when None, a 0-d result), 0 over an empty reduction (an empty weight).
+
+    ``vector_norm(·, inf)`` is ``max|t|`` without the copy that ``abs().max()`` makes of a channels-last tensor;
+    it refuses an empty tensor, whose sum (0, of the reduced shape) stands for its max here.
+    """
+    if t.numel() == 0:
+        return t.sum() if dim is None else t.sum(dim=dim, keepdim=keepdim)
+    return torch.linalg.vector_norm(t, float("inf"), dim=dim, keepdim=keepdim if dim is not None else False)
+
+
+def _mean_abs(t: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
+    """``mean|t|`` over ``dim`` (all axes when None, a 0-d result; kept dimensions otherwise), 0 over an empty
+    reduction, where ``mean`` would give NaN: an empty weight has no scale."""
+    if t.numel() == 0:
+        return t.sum() if dim is None else t.sum(dim=dim, keepdim=True)
+    return t.abs().mean() if dim is None else t.abs().mean(dim=dim, keepdim=True)
+
+
 def _one_if_zero(statistic: Tensor) -> Tensor:
     """A per-layer (or per-channel) statistic, with 0 replaced by 1: a weight that is all zero has no scale."""
     return torch.where(statistic == 0, torch.ones_like(statistic), statistic)

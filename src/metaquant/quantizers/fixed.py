@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_int
-from .base import Encoded, ForwardQuantizer, _one_if_zero, _overrides, _PerChannel
+from .base import Encoded, ForwardQuantizer, _max_abs, _mean_abs, _one_if_zero, _overrides, _PerChannel
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,7 @@ class DoReFa(ForwardQuantizer):
     @staticmethod
     def _abs_max(t: Tensor) -> Tensor:
         """``max|tanh W|`` from ``t = tanh W``; 1 for an all-zero weight (docs/design.md §3)."""
-        # vector_norm(·, inf) is max|t| without the copy that abs().max() makes of a channels-last tensor
-        return _one_if_zero(torch.linalg.vector_norm(t, float("inf")))
+        return _one_if_zero(_max_abs(t))
 
     # Each function computes tanh W once: it is the costly part of the quantizer on a CPU.
     def preprocess(self, w: Tensor) -> Tensor:
@@ -114,7 +113,7 @@ class DoReFaPerChannel(_PerChannel, DoReFa):
     def _abs_max(self, t: Tensor) -> Tensor:  # type: ignore[override]  # per channel, so not a staticmethod
         if t.dim() < 2:
             return DoReFa._abs_max(t)
-        return _one_if_zero(torch.linalg.vector_norm(t, float("inf"), dim=self._other_axes(t), keepdim=True))
+        return _one_if_zero(_max_abs(t, dim=self._other_axes(t)))
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,7 @@ class BWN(ForwardQuantizer):
     name: ClassVar[str] = "bwn"
 
     def _scale(self, w: Tensor) -> Tensor:
-        return w.abs().mean().reshape(1)
+        return _mean_abs(w).reshape(1)
 
     def ste_scale(self, w_tilde: Tensor) -> Tensor:
         # a = 0 (an all-zero weight, or channel) would stop the STE's gradient for good: it takes 1 there
@@ -158,8 +157,8 @@ class BWNPerChannel(_PerChannel, BWN):
 
     def _scale(self, w: Tensor) -> Tensor:
         if w.dim() < 2:
-            return w.abs().mean().reshape(1)
-        return w.abs().mean(dim=self._other_axes(w), keepdim=True)
+            return _mean_abs(w).reshape(1)
+        return _mean_abs(w, dim=self._other_axes(w))
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,7 @@ class Ternary(ForwardQuantizer):
         return 3
 
     def encode_preprocessed(self, w_tilde: Tensor) -> Encoded:
-        delta = 0.7 * w_tilde.abs().mean()
+        delta = 0.7 * _mean_abs(w_tilde)
         mask = w_tilde.abs() > delta
         codes = (torch.sign(w_tilde) * mask).to(torch.int8)
         kept = mask.sum().clamp_min(1)
@@ -211,7 +210,7 @@ class UniformSymmetric(ForwardQuantizer):
 
     def _peak(self, w_tilde: Tensor) -> Tensor:
         """``max|W̃|`` of each scale group, shaped as the scale: ``[1]`` per layer."""
-        return torch.linalg.vector_norm(w_tilde, float("inf")).reshape(1)  # without a channels-last copy
+        return _max_abs(w_tilde).reshape(1)
 
     def _scale(self, w_tilde: Tensor) -> Tensor:
         """``s = max|W̃| / L`` of each scale group, ``1 / L`` where the group is all zero."""
@@ -249,7 +248,7 @@ class UniformPerChannel(_PerChannel, UniformSymmetric):
         if w_tilde.dim() < 2:
             return super()._peak(w_tilde)
         others = self._other_axes(w_tilde)
-        return torch.linalg.vector_norm(w_tilde, float("inf"), dim=others, keepdim=True)
+        return _max_abs(w_tilde, dim=others)
 
 
 def expand_groups(scale: Tensor, group_size: int, length: int) -> Tensor:
@@ -293,7 +292,7 @@ class UniformPerGroup(UniformSymmetric):
         groups = math.ceil(length / self.group_size)
         # zeros pad the last group to full size without changing its max|·|
         padded = torch.nn.functional.pad(w_tilde, (0, groups * self.group_size - length))
-        return torch.linalg.vector_norm(padded.reshape(rows, groups, self.group_size), float("inf"), dim=-1)
+        return _max_abs(padded.reshape(rows, groups, self.group_size), dim=-1, keepdim=False)
 
     def _broadcast(self, scale: Tensor, codes: Tensor) -> Tensor:
         return expand_groups(scale, self.group_size, codes.shape[-1])

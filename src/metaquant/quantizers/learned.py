@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import Encoded, ForwardQuantizer, _PerChannel
+from .base import Encoded, ForwardQuantizer, _mean_abs, _PerChannel
 from .fixed import UniformSymmetric
 
 #: The smallest step ``LSQ`` quantizes with (its Parameter may be trained past zero; the gradient still reaches it),
@@ -79,7 +79,7 @@ class LSQ(UniformSymmetric):
 
     def _mean_abs(self, w: Tensor) -> Tensor:
         """``mean|W|`` of each step's weights, shaped as the step: ``[1]``."""
-        return w.abs().mean().reshape(1)
+        return _mean_abs(w).reshape(1)
 
     def _shaped(self, step: Tensor, w: Tensor) -> Tensor:
         """The step as it broadcasts against ``w``: ``[1]``."""
@@ -150,7 +150,7 @@ class LSQPerChannel(_PerChannel, LSQ):
     def _mean_abs(self, w: Tensor) -> Tensor:
         if w.dim() < 2:
             return super()._mean_abs(w)
-        return w.abs().mean(dim=self._other_axes(w), keepdim=True)
+        return _mean_abs(w, dim=self._other_axes(w))
 
     def _shaped(self, step: Tensor, w: Tensor) -> Tensor:
         if w.dim() < 2:

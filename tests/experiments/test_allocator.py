@@ -1,0 +1,56 @@
+"""The program's allocator settings: glibc keeps freed memory for reuse, unless the environment chose otherwise."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from metaquant.experiments import allocator
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+# Allocates 64 MB and prints what reuse_freed_memory returned and the bytes glibc holds in memory mappings before
+# and after (mallinfo2's hblkhd): a fresh mapping serves the block unless freed memory is kept for reuse.
+PROBE = """
+import ctypes, json, sys
+import torch
+from metaquant.experiments.allocator import reuse_freed_memory
+
+class Info(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+done = reuse_freed_memory() if sys.argv[1] == "reuse" else None
+before = libc.mallinfo2().hblkhd
+block = torch.empty(64 * 2**20, dtype=torch.uint8)
+print(json.dumps({"done": done, "mapped": libc.mallinfo2().hblkhd - before}))
+"""
+
+
+def _probe(mode, **env):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
+    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=environ)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_a_large_block_comes_from_reused_heap_memory_instead_of_a_fresh_mapping():
+    assert _probe("none")["mapped"] >= 64 * 2**20  # glibc's default: a mapping of its own
+    assert _probe("reuse") == {"done": True, "mapped": 0}
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+@pytest.mark.parametrize("env", [{"MALLOC_ARENA_MAX": "2"}, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}])
+def test_the_environment_s_own_malloc_settings_stand(env):
+    result = _probe("reuse", **env)
+    assert result["done"] is False and result["mapped"] >= 64 * 2**20
+
+
+def test_off_glibc_nothing_is_changed(monkeypatch):
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    assert allocator.reuse_freed_memory() is False
