@@ -11,7 +11,7 @@ from metaquant.experiments.config import RunConfig
 from metaquant.experiments.presets import preset_names, resolve_preset
 from metaquant.experiments.runs import RunDir
 from metaquant.experiments.scheduler import run_sweep
-from metaquant.experiments.sweep import load_sweep, plan, pretrain_config, run_state
+from metaquant.experiments.sweep import SweepSpec, load_sweep, plan, pretrain_config, run_state
 from tests.conftest import REPO
 
 SWEEP = """
@@ -451,6 +451,36 @@ def test_equivalent_ste_runs_take_the_fc_grad_run_of_their_trial(tmp_path):
     )
     with pytest.raises(ValueError, match="lr_gain_from .* applies to quantize runs with a classical estimator"):
         plan(meta, tmp_path)
+
+
+def test_an_equivalent_ste_takes_the_fc_grad_run_of_its_settings_whatever_meta_settings_that_entry_sets(tmp_path):
+    def spec(*grid):
+        return SweepSpec("eq", 2, 0, None, {"dataset": "cifar10", "lr": 1e-3}, grid=list(grid), optimizer_overrides={})
+
+    fc_grad = {"estimator": "fc-grad", "hidden_size": 50, "meta_lr": 1e-4}
+    equivalent = {"estimator": "ste", "equivalent_of": "fc-grad"}
+    other = {"estimator": "fc-grad", "weight_decay": 1e-4, "label": "FC-Grad wd"}  # not the source of a gain here
+    wide = {**fc_grad, "hidden_size": 100, "label": "FC-Grad 100"}
+    runs = plan(spec(other, fc_grad, equivalent), tmp_path)
+    sources = {r.trial: r for r in runs if r.config.estimator == "fc-grad" and r.config.hidden_size == 50}
+    for run in (r for r in runs if r.config.lr_gain_from is not None):
+        assert run.config.lr_gain_from == str(sources[run.trial].path)
+    # two FC-Grad runs of the STE's settings but for their meta quantizers: the STE entry's own ones decide
+    runs = plan(spec(fc_grad, wide, {**equivalent, "hidden_size": 100, "meta_lr": 1e-4}), tmp_path / "b")
+    for run in (r for r in runs if r.config.lr_gain_from is not None):
+        assert RunConfig.from_dict(_config_of(runs, run.config.lr_gain_from)).hidden_size == 100
+    with pytest.raises(
+        ValueError, match=r"more than one such run is planned \(fc-grad-ste-start-resnet20-.*-trial-1, fc-grad-100-"
+    ):
+        plan(spec(fc_grad, wide, equivalent), tmp_path / "c")
+    with pytest.raises(ValueError, match="no such run is planned: put the FC-Grad entry first"):
+        plan(spec(equivalent, fc_grad), tmp_path / "d")
+    with pytest.raises(ValueError, match="no such run is planned"):
+        plan(spec(other, equivalent), tmp_path / "e")
+
+
+def _config_of(runs, path):
+    return next(r.config.to_dict() for r in runs if str(r.path) == path)
 
 
 def test_side_by_side_a_run_waits_for_the_run_whose_result_it_needs(tmp_path):

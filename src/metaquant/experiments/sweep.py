@@ -26,8 +26,9 @@ A sweep file has four parts (see ``presets/`` for complete ones)::
 A ``[[grid]]`` entry (or ``[base]``) may set ``label`` to name its backward method in reports (default: derived
 from the estimator, step order and momentum); ``seed`` and ``task`` are the sweep's to set. An entry with
 ``equivalent_of = "fc-grad"`` (and a classical estimator) is the *equivalent STE* of the FC-Grad run of the
-same trial and options (``metaquant.equivalent``): its learning rate is multiplied by the mean gain that run
-learned, so the FC-Grad entry must come first. An entry with ``continue_from = "<label>"`` fine-tunes the run
+same trial and options but for the meta quantizer's (``metaquant.equivalent``; among several such runs, the one
+of the entry's own meta settings): its learning rate is multiplied by the mean gain that run learned, so the
+FC-Grad entry must come first. An entry with ``continue_from = "<label>"`` fine-tunes the run
 of the same trial that an earlier entry labelled so: it starts from that run's model (``init``: its delivered
 weights; with a meta quantizer, also ``meta_init``: the trained meta quantizer), and a distilling run keeps the
 sweep's pre-trained model as its ``teacher``; it starts once that run has finished. Runs that are
@@ -52,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import OPTIMIZERS, RunConfig
+from .config import META_FIELDS, OPTIMIZERS, RunConfig
 from .equivalent import check_equivalent
 from .meta_files import meta_config
 from .naming import backward_label
@@ -320,11 +321,10 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
             for trial in range(1, spec.trials + 1):
                 path, config, name = _planned(spec, root, fields, label, trial)
                 if equivalent_of is not None:
-                    # the run of this trial that differs only in its estimator: FC-Grad, run before this one
-                    sibling, source, _ = _planned(spec, root, {**fields, "estimator": equivalent_of}, None, trial)
-                    config = dataclasses.replace(config, lr_gain_from=str(sibling))
+                    source = _gain_source(spec, config, equivalent_of, [r for r in runs if r.trial == trial])
+                    config = dataclasses.replace(config, lr_gain_from=str(source.path))
                     try:
-                        check_equivalent(config.to_dict(), source.to_dict())
+                        check_equivalent(config.to_dict(), source.config.to_dict())
                     except ValueError as err:
                         raise ValueError(f"sweep {spec.name!r}: {err}") from None
                     name = label or backward_label(config)
@@ -337,6 +337,34 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
                 seen.add(path)
                 runs.append(PlannedRun(path, config, name, trial))
     return runs
+
+
+#: What an equivalent STE and the FC-Grad run whose gain it takes may differ in: the backward method.
+_METHOD = frozenset({"estimator", "label", "ewgs_delta", *META_FIELDS})
+
+
+def _gain_source(spec: SweepSpec, config: RunConfig, estimator: str, earlier: list[PlannedRun]) -> PlannedRun:
+    """The run of an earlier entry, same trial, that the equivalent STE ``config`` takes its gain from: the one
+    of ``estimator`` that differs from it only in the backward method (``_METHOD``); among several, the one of
+    the STE entry's own meta settings."""
+    if config.uses_meta:
+        raise ValueError(
+            f"sweep {spec.name!r}: equivalent_of sets lr_gain_from (the equivalent STE), which applies to quantize "
+            f"runs with a classical estimator (ste, identity, ewgs), not to estimator {config.estimator!r}"
+        )
+    found = [r for r in earlier if r.config.estimator == estimator and set(config.differences(r.config)) <= _METHOD]
+    exact = [r for r in found if not set(config.differences(r.config)) - {"estimator", "label", "ewgs_delta"}]
+    for candidates in (found, exact):
+        if len(candidates) == 1:
+            return candidates[0]
+    which = "no" if not found else "more than one"
+    raise ValueError(
+        f"sweep {spec.name!r}: the equivalent STE {config.label!r} takes the gain of an {estimator} run of the same "
+        f"settings but for the method, from an earlier entry of the same trial; {which} such run is planned"
+        + ("" if not found else f" ({', '.join(r.path.name for r in found)})")
+        + ": put the FC-Grad entry first, and give the equivalent STE entry its meta quantizer's settings "
+        f"({', '.join(sorted(META_FIELDS))}) where several differ"
+    )
 
 
 def _continuing(spec: SweepSpec, config: RunConfig, label: object, earlier: list[PlannedRun]) -> RunConfig:
