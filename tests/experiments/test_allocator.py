@@ -13,28 +13,30 @@ from metaquant.experiments import allocator
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # Allocates 64 MB and prints what reuse_freed_memory returned and the bytes glibc holds in memory mappings before
-# and after (mallinfo2's hblkhd): a fresh mapping serves the block unless freed memory is kept for reuse.
+# and after (mallinfo2's hblkhd): a fresh mapping serves the block unless freed memory is kept for reuse. The
+# module needs the standard library only, so the probe runs it without importing torch.
 PROBE = """
-import ctypes, json, sys
-import torch
-from metaquant.experiments.allocator import reuse_freed_memory
+import ctypes, json, runpy, sys
 
 class Info(ctypes.Structure):
     names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
     _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
 
 libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = Info
+libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
+reuse_freed_memory = runpy.run_path(sys.argv[2])["reuse_freed_memory"]
 done = reuse_freed_memory() if sys.argv[1] == "reuse" else None
 before = libc.mallinfo2().hblkhd
-block = torch.empty(64 * 2**20, dtype=torch.uint8)
+block = libc.malloc(64 * 2**20)
 print(json.dumps({"done": done, "mapped": libc.mallinfo2().hblkhd - before}))
 """
 
 
 def _probe(mode, **env):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
-    done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=environ)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, mode, allocator.__file__], capture_output=True, text=True, check=True, env=environ
+    )
     return json.loads(done.stdout.splitlines()[-1])
 
 
