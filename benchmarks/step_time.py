@@ -187,10 +187,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for layout, entry in layouts.items():
                 entry["x_limit"] = entry["seconds_per_step"] / limit[1] if limit else None
                 methods.setdefault(method, {})[layout] = entry
+    reused = [layout for part in parts for layout in part["freed_memory_reused"]]
     return {
         "limit": None if limit is None else {"layout": limit[0], "seconds_per_step": limit[1]},
         "methods": methods,
-        "settings": settings(args),
+        "freed_memory_reused": reused,
+        "settings": settings(args, reused),
     }
 
 
@@ -210,8 +212,7 @@ def _layout_child(layout: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def run_layout(args: argparse.Namespace) -> dict[str, Any]:
     """Every method in the one layout of ``args``, interleaved in rounds; the fastest round of each."""
-    if args.layouts == ["cli"]:
-        reuse_freed_memory()
+    reused = args.layouts == ["cli"] and reuse_freed_memory()  # False where the environment sets malloc's own
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = {(m, layout): build(m, layout, args) for m in args.methods for layout in args.layouts}
@@ -239,13 +240,16 @@ def run_layout(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "limit": None if limit is None else {"layout": limit[0], "seconds_per_step": limit[1]},
         "methods": methods,
-        "settings": settings(args),
+        "freed_memory_reused": args.layouts if reused else [],
+        "settings": settings(args, args.layouts if reused else []),
     }
 
 
-def settings(args: argparse.Namespace) -> str:
+def settings(args: argparse.Namespace, reused: list[str]) -> str:
     return ", ".join(
         [f"ResNet20, 1-bit DoReFa, batch {args.batch_size}, {args.steps} timed steps on {args.device}"]
+        + [f"freed memory reused in the {layout} layout" for layout in reused]
+        + [f"glibc's defaults in the {layout} layout" for layout in args.layouts if layout not in reused]
         + (["torch.compile"] if args.compile else [])
         + ([f"autocast {args.amp}"] if args.amp != "none" else [])
         + ([f"{args.threads} thread(s)"] if args.threads else [])

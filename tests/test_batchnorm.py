@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import metaquant as mq
-from metaquant.batchnorm import batchnorm_layers, recompute_batchnorm_stats, recompute_batchnorm_stats_counted
+from metaquant.batchnorm import (
+    batches_to_read,
+    batchnorm_layers,
+    recompute_batchnorm_stats,
+    recompute_batchnorm_stats_counted,
+)
 from metaquant.experiments.runs import RunDir
 from metaquant.export import materialize
 from metaquant.training import precise_bn_metrics
@@ -275,14 +280,55 @@ def test_fit_with_more_precise_bn_batches_than_the_loader_holds_says_so_once_and
         short, _ = _fit(len(train) + 5, epochs=3)
     assert [(r.name, r.getMessage()) for r in caplog.records] == [
         (
-            "metaquant.training",
-            f"precise_bn_batches is {len(train) + 5} but train_loader has {len(train)} batches; the statistics are "
+            "metaquant.batchnorm",
+            f"precise_bn_batches is {len(train) + 5} but only {len(train)} batches are available; the statistics are "
             "recomputed from those",
         )
     ]
     exact, _ = _fit(len(train), epochs=3)  # the same statistics as asking for exactly the batches there are
     for a, b in zip(batchnorm_layers(short), batchnorm_layers(exact)):
         assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+
+
+@pytest.mark.parametrize(
+    "kind, known",
+    [("list", True), ("map-style DataLoader", True), ("iterable DataLoader", False), ("generator function", False)],
+)
+def test_batches_to_read_caps_at_a_known_length_and_tells_each_short_length_once(caplog, kind, known):
+    pairs = [(torch.randn(2, 3), torch.zeros(2)) for _ in range(3)]
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(pairs)
+
+    class Reiterable:
+        def __iter__(self):
+            return iter(pairs)
+
+    batches = {
+        "list": pairs,
+        "map-style DataLoader": torch.utils.data.DataLoader(pairs, batch_size=None),
+        "iterable DataLoader": torch.utils.data.DataLoader(Stream(), batch_size=None),
+        "generator function": Reiterable(),
+    }[kind]
+    told: set[int] = set()
+    with caplog.at_level(logging.WARNING, logger="metaquant.batchnorm"):
+        assert [batches_to_read(batches, n, told) for n in (2, 3, 5, 7)] == [2, 3, 3 if known else 5, 3 if known else 7]
+    assert len(caplog.records) == (1 if known else 0) and told == ({3} if known else set())
+    if known:
+        pairs.pop()  # the loader got shorter: told again, for the new length
+        with caplog.at_level(logging.WARNING, logger="metaquant.batchnorm"):
+            assert batches_to_read(batches, 5, told) == 2 and batches_to_read(batches, 5, told) == 2
+        assert len(caplog.records) == 2 and told == {2, 3}
+
+
+def test_recorded_precise_bn_metrics_with_a_short_loader_say_so_once(caplog):
+    train, test, _, _ = toy_loaders()
+    metrics = precise_bn_metrics(train, test, len(train) + 1)
+    model = mq.models.resnet8(num_classes=3, in_channels=1)
+    with caplog.at_level(logging.WARNING):
+        first, second = metrics(model), metrics(model)
+    assert first == second and len(caplog.records) == 1
 
 
 def test_recorded_precise_bn_metrics_leave_the_run_as_it_is_and_equal_a_recomputation(tmp_path):

@@ -1,11 +1,24 @@
 """The benchmark scripts run and report what their docstrings promise (tiny sizes: a smoke test, not a timing)."""
 
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
+from metaquant.experiments import allocator
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def reuse_possible() -> bool:
+    """Whether the program's allocator settings apply here: glibc, and an environment that sets none of them."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    chosen = any(n in os.environ for n in allocator.USER_SETTINGS) or any(
+        t in tunables for t in allocator.USER_TUNABLES
+    )
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and not chosen
 
 
 def _run_json(script, *args):
@@ -29,11 +42,12 @@ def test_step_time_reports_both_layouts_of_every_method_against_the_plain_step()
         "fp",
         "ste",
         "multifc",
+        "lstmfc-16",
         "ste-kd",
         "--memory",
     )
     methods = out["methods"]
-    assert list(methods) == ["fp", "ste", "multifc", "ste-kd"]
+    assert list(methods) == ["fp", "ste", "multifc", "lstmfc-16", "ste-kd"]
     plain = {layout: r["seconds_per_step"] for layout, r in methods["fp"].items()}
     assert set(plain) == {"python", "cli"}
     assert out["limit"] == {"layout": min(plain, key=plain.get), "seconds_per_step": min(plain.values())}
@@ -45,6 +59,9 @@ def test_step_time_reports_both_layouts_of_every_method_against_the_plain_step()
             assert abs(r["x_limit"] - r["seconds_per_step"] / min(plain.values())) < 1e-12
             assert abs(r["x_ste"] - r["seconds_per_step"] / methods["ste"][layout]["seconds_per_step"]) < 1e-12
     assert min(r["x_limit"] for r in methods["fp"].values()) == 1.0
+    # the cli layout runs with the program's allocator settings, where glibc's are there to set
+    assert out["freed_memory_reused"] == (["cli"] if reuse_possible() else [])
+    assert ("freed memory reused in the cli layout" in out["settings"]) == reuse_possible()
 
 
 def test_lstmfc_time_compares_the_fused_step_with_nn_lstm():

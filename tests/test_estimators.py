@@ -111,6 +111,7 @@ def _weights(seed=0):
         torch.randn(5, 7, generator=g) * 0.1,
         torch.randn(6, generator=g),
         torch.zeros(3, 2),  # DoReFa's all-zero weight: max|tanh W| is guarded
+        torch.empty(0, 4),  # an empty weight: no max at all
     ]
 
 
@@ -122,7 +123,7 @@ def test_fake_quantize_many_equals_one_weight_at_a_time_to_the_bit(estimator, bi
     one = [w.clone().requires_grad_() for w in _weights()]
     g = torch.Generator().manual_seed(1)
     upstream = [torch.randn(w.shape, generator=g) for w in many]
-    used = [True, True, False, True, True]  # the third Ŵ is not used by the loss
+    used = [True, True, False, True, True, True]  # the third Ŵ is not used by the loss
 
     out_many = mq.estimators.fake_quantize_many(many, [q] * len(many), estimator)
     out_one = [mq.estimators.fake_quantize_preprocessed(w, q, estimator) for w in one]
@@ -151,6 +152,7 @@ def test_fake_quantize_many_groups_by_quantizer_and_leaves_the_others_weight_by_
         mq.quantizers.BWNPerChannel(),
         mq.quantizers.DoReFa(1),
         mq.quantizers.DoReFa(2),
+        mq.quantizers.DoReFa(1),
     ]
     for estimator in (mq.STE(), Halved()):
         many = [w.clone().requires_grad_() for w in _weights(3)]

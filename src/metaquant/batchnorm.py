@@ -11,21 +11,55 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
 
 from .distributed import all_reduce_sum, unwrap
 from .validation import check_int
 
-__all__ = ["StatsSource", "batchnorm_layers", "recompute_batchnorm_stats", "recompute_batchnorm_stats_counted"]
+__all__ = [
+    "StatsSource",
+    "batchnorm_layers",
+    "batches_to_read",
+    "recompute_batchnorm_stats",
+    "recompute_batchnorm_stats_counted",
+]
 
 logger = logging.getLogger(__name__)
 
 _CHUNK_VALUES = 1 << 24  # values per float64 copy in the statistics' sums: 128 MB
+
+
+def batches_to_read(batches: Iterable[Any], num_batches: int, told: set[int], name: str = "num_batches") -> int:
+    """``num_batches``, or fewer where ``batches`` is known to hold fewer (its ``len``; not for a ``DataLoader``
+    of an iterable dataset), saying so once per length: ``told`` holds the lengths already told (the caller keeps it
+    from one pass to the next, so that a loader read after every epoch is not reported every epoch).
+    """
+    length = _known_length(batches)
+    if length is None or length >= num_batches:
+        return num_batches
+    if length not in told:
+        told.add(length)
+        logger.warning(
+            "%s is %d but only %d batches are available; the statistics are recomputed from those",
+            name,
+            num_batches,
+            length,
+        )
+    return max(length, 1)  # an empty loader is refused by the recomputation, with its own message
+
+
+def _known_length(batches: Iterable[Any]) -> int | None:
+    """How many batches ``batches`` yields, where that is known before reading them: its ``len``, except for a
+    ``DataLoader`` of an iterable dataset, whose length need not be what its workers yield."""
+    if isinstance(batches, DataLoader) and isinstance(batches.dataset, IterableDataset):
+        return None
+    return len(batches) if isinstance(batches, Sized) else None
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

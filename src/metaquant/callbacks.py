@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from .batchnorm import batchnorm_layers, recompute_batchnorm_stats
+from .batchnorm import batches_to_read, batchnorm_layers, recompute_batchnorm_stats
 from .distributed import unwrap
 from .guards import SkipLimitError
 from .loop import Callback, FitLoop, StepResult
@@ -69,6 +69,7 @@ class PreciseBatchNorm(Callback):
 
     def __init__(self, precise_bn_batches: int) -> None:
         self.precise_bn_batches = check_int("precise_bn_batches", precise_bn_batches, minimum=0)
+        self._told: set[int] = set()  # the short lengths of train_loader already reported
 
     def on_fit_start(self, loop: FitLoop) -> None:
         if self.precise_bn_batches and isinstance(loop.train_loader, Iterator):
@@ -77,30 +78,12 @@ class PreciseBatchNorm(Callback):
                 f"training; a one-shot {type(loop.train_loader).__name__} cannot be: pass a loader or a list"
             )
 
-        available = _length(loop.train_loader)
-        if available is not None and 0 < available < self.precise_bn_batches:
-            logger.warning(
-                "precise_bn_batches is %d but train_loader has %d batches; the statistics are recomputed from those",
-                self.precise_bn_batches,
-                available,
-            )
-
     def before_evaluation(self, loop: FitLoop, network: nn.Module) -> None:
         if self.precise_bn_batches:
             generators = rng_state()  # a DataLoader draws from them: the training that follows must not change
-            # the warning of a short loader once, above, not after every epoch
-            available = _length(loop.train_loader)
-            num_batches = self.precise_bn_batches if not available else min(available, self.precise_bn_batches)
+            num_batches = batches_to_read(loop.train_loader, self.precise_bn_batches, self._told, "precise_bn_batches")
             recompute_batchnorm_stats(network, loop.train_loader, num_batches)
             set_rng_state(generators)
-
-
-def _length(batches: object) -> int | None:
-    """``len(batches)``, or None for an iterable without a length."""
-    try:
-        return len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 class ExtraMetrics(Callback):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .batchnorm import recompute_batchnorm_stats
+from .batchnorm import batches_to_read, recompute_batchnorm_stats
 from .distributed import all_reduce_sum, unwrap
 from .validation import check_int
 
@@ -66,10 +66,11 @@ def precise_bn_metrics(
         ValueError: ``num_batches`` is not an integer >= 1 (at once, not after the first epoch has trained).
     """
     num_batches = check_int("num_batches", num_batches, minimum=1)
+    told: set[int] = set()  # a short train_loader is reported once, not after every epoch
 
     def measure(network: nn.Module) -> dict[str, float]:
         network = copy.deepcopy(unwrap(network))
-        recompute_batchnorm_stats(network, train_loader, num_batches)
+        recompute_batchnorm_stats(network, train_loader, batches_to_read(train_loader, num_batches, told))
         result = evaluate(network, test_loader)
         return {"test_loss_precise_bn": result["loss"], "test_acc_precise_bn": result["top1"]}
 

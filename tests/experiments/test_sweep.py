@@ -473,10 +473,30 @@ def test_an_equivalent_ste_takes_the_fc_grad_run_of_its_settings_whatever_meta_s
         ValueError, match=r"more than one such run is planned \(fc-grad-ste-start-resnet20-.*-trial-1, fc-grad-100-"
     ):
         plan(spec(fc_grad, wide, equivalent), tmp_path / "c")
-    with pytest.raises(ValueError, match="no such run is planned: put the FC-Grad entry first"):
+    with pytest.raises(ValueError, match="no such run is planned: put the fc-grad entry before this one"):
         plan(spec(equivalent, fc_grad), tmp_path / "d")
-    with pytest.raises(ValueError, match="no such run is planned"):
+    with pytest.raises(
+        ValueError, match=r"no such run is planned \(fc-grad-wd-resnet20-.*-1 differs in weight_decay\)"
+    ):
         plan(spec(other, equivalent), tmp_path / "e")
+
+
+def test_an_equivalent_ste_that_continues_a_run_takes_the_gain_of_the_fc_grad_run_that_continues_it(tmp_path):
+    spec = SweepSpec(
+        "eq",
+        1,
+        0,
+        None,
+        {"dataset": "cifar10", "lr": 1e-3},
+        grid=[
+            {"estimator": "fc-grad", "label": "A"},
+            {"estimator": "fc-grad", "label": "A2", "continue_from": "A"},
+            {"estimator": "ste", "equivalent_of": "fc-grad", "continue_from": "A"},
+        ],
+        optimizer_overrides={},
+    )
+    a, a2, ste = plan(spec, tmp_path)
+    assert ste.config.init == a2.config.init == str(a.path) and ste.config.lr_gain_from == str(a2.path)
 
 
 def _config_of(runs, path):

@@ -23,23 +23,28 @@ logger = logging.getLogger(__name__)
 # glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-#: Free memory at the top of the heap beyond this is given back to the system (glibc: 128 kB, raised up to
-#: 32 MB as it goes): the largest value mallopt takes, 2 GiB.
+#: Free memory at the top of the heap beyond this is given back to the system (glibc: 128 kB, raised as large
+#: blocks are freed): the largest value mallopt takes, 2 GiB.
 _TRIM_THRESHOLD = 2**31 - 1
+#: The environment variables that set the two parameters (or the threshold they depend on): where the user set
+#: one, their choice stands. Others (``MALLOC_ARENA_MAX``, common in containers) do not interfere.
+USER_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+USER_TUNABLES = ("glibc.malloc.mmap_max", "glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold")
 
 
 def _user_settings() -> list[str]:
-    """The environment variables by which the user already chose glibc malloc's behaviour: theirs stands."""
-    names = [name for name in os.environ if name.startswith("MALLOC_")]
-    return names + (["GLIBC_TUNABLES"] if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") else [])
+    """The settings by which the user already chose what ``reuse_freed_memory`` would set: theirs stands."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return [name for name in USER_SETTINGS if name in os.environ] + [t for t in USER_TUNABLES if t in tunables]
 
 
 def reuse_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse (no memory mappings, no trimming); True when it was set.
 
     Nothing is changed, and False returned, off glibc (macOS, musl, Windows) or when the environment already sets
-    malloc's parameters (``MALLOC_*`` variables, ``glibc.malloc`` tunables). With another allocator preloaded
-    (jemalloc, tcmalloc) the call reaches glibc's unused one, or a no-op, and changes nothing.
+    these parameters (``USER_SETTINGS``, ``USER_TUNABLES``). With another allocator preloaded (jemalloc,
+    tcmalloc) the call reaches glibc's unused one, or a stub, and changes nothing (True may still be returned).
+    Only the main arena is concerned: large blocks allocated by other threads are still mapped afresh.
     """
     chosen = _user_settings()
     if chosen:

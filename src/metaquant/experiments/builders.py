@@ -92,10 +92,11 @@ def classical_estimator(config: RunConfig) -> ClassicalEstimator:
     return CLASSICAL_ESTIMATORS[config.estimator]()
 
 
-#: How much memory (bytes) the command line lets LSTMFC keep its gates in for the backward pass instead of
-#: recomputing them (a third of its matrix products): all of them for ResNet20 with hidden 100 (433 MB), a share
-#: of a larger network's. Kept or recomputed, the values are the same to the bit; with freed memory reused
-#: (``allocator.reuse_freed_memory``, which the command line sets) keeping them is the faster.
+#: How much memory (bytes) the command line lets LSTMFC keep its gates in, on a CPU, for the backward pass instead
+#: of recomputing them (a third of its matrix products): all of them for ResNet20 with hidden 100 (433 MB), a
+#: share of a larger network's (rounded up to whole blocks of rows). Kept or recomputed, the values are the same
+#: to the bit; with freed memory reused (``allocator.reuse_freed_memory``, which the program sets) keeping them is
+#: the faster, with glibc's defaults about as fast (docs/performance.md). Not on a GPU, where it was not measured.
 KEPT_GATES_BYTES = 2**30
 
 
@@ -106,12 +107,13 @@ def lstm_keep_share(num_weights: int, hidden: int, num_lstm: int, dtype: torch.d
     return 1.0 if size <= KEPT_GATES_BYTES else KEPT_GATES_BYTES / size
 
 
-def build_meta(config: RunConfig, num_weights: int = 0) -> MetaQuantizer:
+def build_meta(config: RunConfig, num_weights: int = 0, dtype: torch.dtype = torch.float32) -> MetaQuantizer:
     """The meta quantizer named by ``config.estimator`` with its options; an LSTMFC for ``num_weights`` quantized
-    weights keeps the gates that fit in ``KEPT_GATES_BYTES`` (none when 0: it is built before the model)."""
+    weights of ``dtype`` keeps the gates that fit in ``KEPT_GATES_BYTES`` (none for 0: off a CPU, or when it is
+    built without a model)."""
     cls = META_QUANTIZERS[config.estimator]
     if cls is LSTMFC:
-        keep = lstm_keep_share(num_weights, config.hidden_size, config.num_lstm) if num_weights else 0.0
+        keep = lstm_keep_share(num_weights, config.hidden_size, config.num_lstm, dtype) if num_weights else 0.0
         return LSTMFC(
             config.hidden_size,
             config.num_lstm,
@@ -137,15 +139,15 @@ def build_trainer(config: RunConfig, model: nn.Module, optimizer: torch.optim.Op
             quantizer or one of another architecture.
         FileNotFoundError: ``meta_init`` names no ``meta.pt``, checkpoint or run directory.
     """
-    device = next(model.parameters()).device
-    scaler = make_grad_scaler(config.amp, device)  # fp16 only
+    weight = next(model.parameters())
+    scaler = make_grad_scaler(config.amp, weight.device)  # fp16 only
     if config.task == "pretrain":
         return Trainer(model, optimizer, on_nonfinite=config.on_nonfinite, grad_scaler=scaler)
     if config.estimator in CLASSICAL_ESTIMATORS:
         return Trainer(
             model, optimizer, classical_estimator(config), on_nonfinite=config.on_nonfinite, grad_scaler=scaler
         )
-    meta = build_meta(config, quantized_numel(model))
+    meta = build_meta(config, quantized_numel(model) if weight.device.type == "cpu" else 0, weight.dtype)
     if config.meta_init:
         load_meta(meta, config.meta_init, meta_config(config))
     return MetaQuant(

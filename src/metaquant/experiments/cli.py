@@ -564,4 +564,4 @@ def _main(argv: Sequence[str] | None, process: _Process) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(run_program())

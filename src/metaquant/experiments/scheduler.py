@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..guards import StopFlag, TrainingInterrupted
+from .allocator import reuse_freed_memory
 from .config import RunConfig
 from .lifecycle import execute, resume
 from .runs import RunDir, RunLock
@@ -192,6 +193,7 @@ def _worker(path: str, config: RunConfig, threads: int, conn: Connection) -> Non
     """One run in a process of its own; sends ``("done", status, final, best)``, ``("interrupted", signum)`` or
     ``("error", module, class name, message)``."""
     torch.set_num_threads(threads)
+    reuse_freed_memory()  # a spawned process starts with glibc's defaults: the program's settings, as in run_program
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     stop = StopFlag()
     with stop.installed():

@@ -320,8 +320,11 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
                 )
             for trial in range(1, spec.trials + 1):
                 path, config, name = _planned(spec, root, fields, label, trial)
+                earlier = [r for r in runs if r.trial == trial]
+                if continue_from is not None:  # first: its starting point is one of the settings compared below
+                    config = _continuing(spec, config, continue_from, earlier)
                 if equivalent_of is not None:
-                    source = _gain_source(spec, config, equivalent_of, [r for r in runs if r.trial == trial])
+                    source = _gain_source(spec, config, equivalent_of, earlier)
                     config = dataclasses.replace(config, lr_gain_from=str(source.path))
                     try:
                         check_equivalent(config.to_dict(), source.config.to_dict())
@@ -330,8 +333,6 @@ def plan(spec: SweepSpec, root: Path) -> list[PlannedRun]:
                     name = label or backward_label(config)
                     config = dataclasses.replace(config, label=name)
                     path = _run_path(root, name, config, trial)
-                if continue_from is not None:
-                    config = _continuing(spec, config, continue_from, [r for r in runs if r.trial == trial])
                 if path in seen:
                     raise ValueError(f"sweep {spec.name!r}: two runs would share the directory {path.name}")
                 seen.add(path)
@@ -357,13 +358,24 @@ def _gain_source(spec: SweepSpec, config: RunConfig, estimator: str, earlier: li
     for candidates in (found, exact):
         if len(candidates) == 1:
             return candidates[0]
-    which = "no" if not found else "more than one"
-    raise ValueError(
+    intro = (
         f"sweep {spec.name!r}: the equivalent STE {config.label!r} takes the gain of an {estimator} run of the same "
-        f"settings but for the method, from an earlier entry of the same trial; {which} such run is planned"
-        + ("" if not found else f" ({', '.join(r.path.name for r in found)})")
-        + ": put the FC-Grad entry first, and give the equivalent STE entry its meta quantizer's settings "
-        f"({', '.join(sorted(META_FIELDS))}) where several differ"
+        "settings but for the method, from an earlier entry of the same trial"
+    )
+    if found:
+        raise ValueError(
+            f"{intro}; more than one such run is planned ({', '.join(r.path.name for r in found)}): give the "
+            "equivalent STE entry the meta quantizer's settings of the one it is equivalent to "
+            f"({', '.join(sorted(META_FIELDS))})"
+        )
+    others = [
+        f"{r.path.name} differs in {', '.join(sorted(set(config.differences(r.config)) - _METHOD))}"
+        for r in earlier
+        if r.config.estimator == estimator
+    ]
+    raise ValueError(
+        f"{intro}; no such run is planned"
+        + (f" ({'; '.join(others)})" if others else f": put the {estimator} entry before this one")
     )
 
 

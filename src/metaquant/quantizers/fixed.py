@@ -60,9 +60,11 @@ class DoReFa(ForwardQuantizer):
     def _segment_abs_max(t: Tensor, numels: Sequence[int]) -> Tensor:
         """``max|tanh W|`` of each segment: ``[L]``."""
         pieces = t.split(list(numels))
-        if t.device.type == "cpu" and all(numels):
+        if not all(numels):  # an empty segment (an empty weight) has no max, and the fused reductions refuse it
+            return _one_if_zero(torch.stack([_max_abs(piece) for piece in pieces]))
+        if t.device.type == "cpu":
             # On a CPU the inf-norm is a slow generic reduction (4x the time of |t| and a max); on CUDA it is
-            # one fused kernel. An empty segment has no max: the norm's 0 stands for it.
+            # one fused kernel.
             return _one_if_zero(torch.stack(torch._foreach_max(torch._foreach_abs(pieces))))
         return _one_if_zero(torch.stack(torch._foreach_norm(pieces, float("inf"))))
 
