@@ -232,12 +232,17 @@ def test_an_all_zero_weight_quantizes_to_q_of_zero_with_a_scale_of_its_own(name,
         assert torch.equal(q(w), torch.zeros(3, 3))
 
 
-@pytest.mark.parametrize("name,bits", ALL)
-@pytest.mark.parametrize("shape", [(0, 5), (4, 0), (0,), (4, 0, 3, 3), (0, 3, 3, 3)])
+@pytest.mark.parametrize(
+    "name,bits,shape",
+    [
+        (name, bits, shape)
+        for name, bits in ALL
+        for shape in [(0, 5), (4, 0), (0,), (4, 0, 3, 3), (0, 3, 3, 3)]
+        if name != "uniform-group" or len(shape) == 2  # which refuses other weights with its own message
+    ],
+)
 def test_an_empty_weight_quantizes_encodes_and_differentiates_to_empty_tensors(name, bits, shape):
     q = get_quantizer(name, bits)
-    if isinstance(q, UniformPerGroup) and len(shape) != 2:
-        pytest.skip("uniform-group refuses a weight that is not 2-D, with its own message (test below)")
     w = torch.empty(shape, dtype=torch.float64, requires_grad=True)
     codes, scale = q.encode(w)
     assert codes.shape == w.shape and torch.isfinite(scale).all()
