@@ -67,11 +67,14 @@ def _time(session: Any, batch: np.ndarray) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder:  # removed whatever happens
+        return _run(args, Path(folder) / "model.onnx")
+
+
+def _run(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     model, images = _trained_model(args)
     with torch.no_grad():
         reference = model(images).numpy()
-    folder = tempfile.TemporaryDirectory()
-    path = Path(folder.name) / "model.onnx"
     mq.export.export_onnx(model, path, images[:2])
     results: dict[str, Any] = {}
     for name, options in (("default", onnxruntime.SessionOptions()), ("options", mq.export.onnx_session_options())):
@@ -93,7 +96,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"W{args.weight_bits} {args.weights} / A{args.act_bits} lsq, {args.steps} steps, {len(images)} test images, "
         f"{args.threads} thread(s), onnxruntime {onnxruntime.__version__}, torch {torch.__version__}"
     )
-    folder.cleanup()
     return results
 
 

@@ -50,9 +50,13 @@ def _time(session: Any, batch: np.ndarray, args: argparse.Namespace) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder:  # removed whatever happens
+        return _run(args, Path(folder))
+
+
+def _run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     model = mq.quantize_(mq.models.resnet20(num_classes=10), mq.QuantConfig("dorefa", 1)).eval()
-    folder = Path(tempfile.mkdtemp())
     example = torch.zeros(2, 3, 32, 32)
     files = {"1-bit": folder / "one-bit.onnx", "float": folder / "float.onnx"}
     mq.export.export_onnx(model, files["1-bit"], example)
